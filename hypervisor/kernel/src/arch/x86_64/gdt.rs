@@ -1,0 +1,117 @@
+//! GDT and TSS of the boot CPU, with IST stacks for NMI, #DF and #MC.
+//!
+//! The selector order is fixed by SYSCALL/SYSRET: kernel code, kernel data,
+//! then user data and user code at STAR[63:48] + 8 and + 16.
+
+use super::layout::IST_STACK_SIZE;
+use core::arch::asm;
+use core::mem::size_of;
+use spin::Once;
+
+pub const KERNEL_CS: u16 = 0x08;
+pub const KERNEL_DS: u16 = 0x10;
+pub const USER_DS: u16 = 0x18 | 3;
+pub const USER_CS: u16 = 0x20 | 3;
+const TSS_SELECTOR: u16 = 0x28;
+/// STAR[63:48]: SYSRET loads CS from this + 16 and SS from this + 8.
+pub const SYSRET_BASE: u16 = 0x10;
+
+pub const IST_DOUBLE_FAULT: u8 = 1;
+pub const IST_NMI: u8 = 2;
+pub const IST_MACHINE_CHECK: u8 = 3;
+const IST_COUNT: usize = 3;
+
+const CODE64: u64 = 0x0020_9a00_0000_0000;
+const DATA: u64 = 0x0000_9200_0000_0000;
+const DPL3: u64 = 3 << 45;
+
+#[repr(C, packed(4))]
+#[derive(Default)]
+pub struct Tss {
+    reserved0: u32,
+    pub rsp: [u64; 3],
+    reserved1: u64,
+    pub ist: [u64; 7],
+    reserved2: u64,
+    reserved3: u16,
+    iomap_base: u16,
+}
+
+#[repr(C, align(16))]
+struct IstStacks([[u8; IST_STACK_SIZE]; IST_COUNT]);
+
+static mut IST_STACKS: IstStacks = IstStacks([[0; IST_STACK_SIZE]; IST_COUNT]);
+static TSS: Once<Tss> = Once::new();
+static GDT: Once<[u64; 7]> = Once::new();
+
+#[repr(C, packed(2))]
+struct DescriptorPointer {
+    limit: u16,
+    base: u64,
+}
+
+fn tss_descriptor(tss: &Tss) -> [u64; 2] {
+    let base = tss as *const Tss as u64;
+    let limit = (size_of::<Tss>() - 1) as u64;
+    let low = (limit & 0xffff)
+        | ((base & 0xff_ffff) << 16)
+        | (0x89 << 40) // present, 64-bit available TSS
+        | (((limit >> 16) & 0xf) << 48)
+        | (((base >> 24) & 0xff) << 56);
+    [low, base >> 32]
+}
+
+/// Loads the GDT and TSS; `kernel_stack_top` is where the CPU switches to on
+/// an interrupt from user mode.
+pub fn init(kernel_stack_top: u64) {
+    let ist_base = core::ptr::addr_of!(IST_STACKS) as u64;
+    let tss = TSS.call_once(|| {
+        let mut tss = Tss {
+            iomap_base: size_of::<Tss>() as u16,
+            ..Tss::default()
+        };
+        tss.rsp[0] = kernel_stack_top;
+        for slot in 0..IST_COUNT {
+            tss.ist[slot] = ist_base + ((slot + 1) * IST_STACK_SIZE) as u64;
+        }
+        tss
+    });
+    let [tss_low, tss_high] = tss_descriptor(tss);
+    let gdt = GDT.call_once(|| {
+        [
+            0,
+            CODE64,
+            DATA,
+            DATA | DPL3,
+            CODE64 | DPL3,
+            tss_low,
+            tss_high,
+        ]
+    });
+    let pointer = DescriptorPointer {
+        limit: (size_of::<[u64; 7]>() - 1) as u16,
+        base: gdt.as_ptr() as u64,
+    };
+    // SAFETY: the GDT is a static that lives forever, its code and data
+    // descriptors match the selectors in use (CS 0x08, data 0x10), and the
+    // far return reloads CS from the new table.
+    unsafe {
+        asm!(
+            "lgdt [{pointer}]",
+            "push {cs}",
+            "lea {tmp}, [rip + 2f]",
+            "push {tmp}",
+            "retfq",
+            "2:",
+            "mov ds, {ds:e}",
+            "mov es, {ds:e}",
+            "mov ss, {ds:e}",
+            "ltr {tss:x}",
+            pointer = in(reg) &pointer,
+            cs = const KERNEL_CS as u64,
+            ds = in(reg) KERNEL_DS as u32,
+            tss = in(reg) TSS_SELECTOR,
+            tmp = out(reg) _,
+        );
+    }
+}

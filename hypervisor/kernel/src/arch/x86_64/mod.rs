@@ -1,0 +1,16 @@
+//! Everything specific to x86_64 hardware.
+
+pub mod acpi;
+pub mod boot;
+pub mod cpu;
+pub mod entry;
+pub mod features;
+pub mod gdt;
+pub mod idt;
+pub mod lapic;
+pub mod layout;
+pub mod pit;
+pub mod serial;
+pub mod svm;
+pub mod trap;
+pub mod vmx;

@@ -1,0 +1,121 @@
+//! What happens after an entry: exceptions, interrupts and system calls.
+
+use super::entry::{TrapFrame, SYSCALL_VECTOR};
+use super::{cpu, lapic};
+use crate::console;
+
+pub const VECTOR_TIMER: u64 = 0x20;
+pub const VECTOR_SPURIOUS: u64 = 0xff;
+
+const EXCEPTION_NAMES: [&str; 32] = [
+    "#DE divide error",
+    "#DB debug",
+    "NMI",
+    "#BP breakpoint",
+    "#OF overflow",
+    "#BR bound range",
+    "#UD invalid opcode",
+    "#NM device not available",
+    "#DF double fault",
+    "coprocessor segment overrun",
+    "#TS invalid TSS",
+    "#NP segment not present",
+    "#SS stack fault",
+    "#GP general protection",
+    "#PF page fault",
+    "reserved 15",
+    "#MF x87 floating point",
+    "#AC alignment check",
+    "#MC machine check",
+    "#XM SIMD floating point",
+    "#VE virtualization",
+    "#CP control protection",
+    "reserved 22",
+    "reserved 23",
+    "reserved 24",
+    "reserved 25",
+    "reserved 26",
+    "reserved 27",
+    "#HV hypervisor injection",
+    "#VC VMM communication",
+    "#SX security",
+    "reserved 31",
+];
+
+pub fn exception_name(vector: u64) -> &'static str {
+    usize::try_from(vector)
+        .ok()
+        .and_then(|v| EXCEPTION_NAMES.get(v))
+        .copied()
+        .unwrap_or("interrupt")
+}
+
+pub extern "C" fn interrupt_dispatch(frame: &mut TrapFrame) {
+    match frame.vector {
+        0..=31 if frame.from_user() => crate::task::user_exception(frame),
+        0..=31 => kernel_exception(frame),
+        VECTOR_TIMER => {
+            lapic::timer_tick();
+            lapic::end_of_interrupt();
+        }
+        VECTOR_SPURIOUS => {}
+        vector => {
+            log::warn!("unexpected interrupt vector {vector:#x}");
+            lapic::end_of_interrupt();
+        }
+    }
+}
+
+pub extern "C" fn syscall_dispatch(frame: &mut TrapFrame) {
+    debug_assert_eq!(frame.vector, SYSCALL_VECTOR);
+    crate::syscall::dispatch(frame);
+}
+
+/// An exception in kernel mode is a kernel bug: print everything and stop.
+fn kernel_exception(frame: &TrapFrame) -> ! {
+    let cr2 = cpu::read_cr2();
+    console::write_emergency(format_args!(
+        "\n!!! exception in kernel mode: {} (vector {}), error code {:#x}\n",
+        exception_name(frame.vector),
+        frame.vector,
+        frame.error_code
+    ));
+    dump(frame, cr2);
+    crate::stop(crate::StopReason::KernelFault)
+}
+
+pub fn dump(frame: &TrapFrame, cr2: u64) {
+    let f = frame;
+    console::write_emergency(format_args!(
+        "    rip {:#018x}  cs {:#06x}  rflags {:#010x}  rsp {:#018x}  ss {:#06x}\n\
+         \x20   rax {:#018x}  rbx {:#018x}  rcx {:#018x}  rdx {:#018x}\n\
+         \x20   rsi {:#018x}  rdi {:#018x}  rbp {:#018x}  r8  {:#018x}\n\
+         \x20   r9  {:#018x}  r10 {:#018x}  r11 {:#018x}  r12 {:#018x}\n\
+         \x20   r13 {:#018x}  r14 {:#018x}  r15 {:#018x}  cr2 {:#018x}\n\
+         \x20   cr0 {:#x}  cr3 {:#x}  cr4 {:#x}\n",
+        f.rip,
+        f.cs,
+        f.rflags,
+        f.rsp,
+        f.ss,
+        f.rax,
+        f.rbx,
+        f.rcx,
+        f.rdx,
+        f.rsi,
+        f.rdi,
+        f.rbp,
+        f.r8,
+        f.r9,
+        f.r10,
+        f.r11,
+        f.r12,
+        f.r13,
+        f.r14,
+        f.r15,
+        cr2,
+        cpu::read_cr0(),
+        cpu::read_cr3(),
+        cpu::read_cr4()
+    ));
+}

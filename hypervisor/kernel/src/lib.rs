@@ -1,0 +1,8 @@
+//! Kernel logic that does not touch the hardware, so it runs and is tested on
+//! the host as well as in the kernel binary.
+#![cfg_attr(not(test), no_std)]
+
+pub mod elf;
+pub mod frame;
+pub mod multiboot;
+pub mod paging;

@@ -1,0 +1,180 @@
+//! The Moat kernel: boots from Multiboot, discovers the platform, turns on
+//! VMX or SVM and starts the root task in ring 3.
+#![no_std]
+#![no_main]
+
+mod arch;
+mod console;
+mod memory;
+mod syscall;
+mod task;
+mod util;
+
+use arch::x86_64::{
+    acpi, boot, cpu, entry, features, gdt, idt, lapic, layout, pit, svm, trap, vmx,
+};
+use core::sync::atomic::{AtomicBool, Ordering};
+use features::Virtualization;
+use moat_kernel::multiboot::{self, BootInfo, PhysRead};
+
+/// Set by the `debug-exit` command-line word: when the kernel stops it ends
+/// the emulator through QEMU's isa-debug-exit port and Bochs' 0x8900 port.
+static DEBUG_EXIT: AtomicBool = AtomicBool::new(false);
+const QEMU_DEBUG_EXIT_PORT: u16 = 0xf4;
+const QEMU_EXIT_SUCCESS: u8 = 0x10;
+const QEMU_EXIT_FAILURE: u8 = 0x11;
+const BOCHS_SHUTDOWN_PORT: u16 = 0x8900;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// Every task has ended.
+    NoTasks,
+    /// The kernel cannot go on (bad boot information, no memory).
+    Fatal,
+    /// An exception in kernel mode.
+    KernelFault,
+    /// A Rust panic in the kernel.
+    Panic,
+}
+
+/// Physical memory as the boot page tables show it (the first 4 GiB).
+pub struct BootDirectMap;
+
+impl PhysRead for BootDirectMap {
+    fn read(&self, phys: u64, buf: &mut [u8]) -> Result<(), ()> {
+        let end = phys.checked_add(buf.len() as u64).ok_or(())?;
+        if end > layout::BOOT_DIRECT_MAP_SIZE {
+            return Err(());
+        }
+        // SAFETY: [phys, end) is inside the direct map, which maps the first
+        // 4 GiB for the kernel's whole life; reading RAM there is harmless.
+        let source = unsafe {
+            core::slice::from_raw_parts(layout::phys_to_virt(phys) as *const u8, buf.len())
+        };
+        buf.copy_from_slice(source);
+        Ok(())
+    }
+}
+
+fn boot_stack_top() -> u64 {
+    core::ptr::addr_of!(boot::BOOT_STACK) as u64 + layout::BOOT_STACK_SIZE as u64
+}
+
+extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
+    console::init();
+    log::info!("moat {}: booting", env!("CARGO_PKG_VERSION"));
+    let stack_top = boot_stack_top();
+    gdt::init(stack_top);
+    idt::init();
+    cpu::init_boot_cpu(stack_top);
+
+    let boot_info = match BootInfo::parse(&BootDirectMap, magic, info.into()) {
+        Ok(info) => info,
+        Err(error) => {
+            log::error!("multiboot: {error}");
+            stop(StopReason::Fatal);
+        }
+    };
+    let mut cmdline_buffer = [0u8; 512];
+    let cmdline = boot_info
+        .cmdline
+        .as_ref()
+        .and_then(|s| multiboot::read_str(&BootDirectMap, s, &mut cmdline_buffer).ok())
+        .unwrap_or("");
+    if cmdline.split_whitespace().any(|word| word == "debug-exit") {
+        DEBUG_EXIT.store(true, Ordering::Relaxed);
+    }
+    log::info!("cmdline: {cmdline}");
+
+    let features = features::detect();
+    if let Err(error) = memory::init(&boot_info, features.no_execute) {
+        log::error!("memory: {error}");
+        stop(StopReason::Fatal);
+    }
+    features::log_banner(&features);
+
+    match acpi::discover() {
+        Ok(platform) => acpi::log_banner(&platform),
+        Err(error) => log::warn!("acpi: {error}"),
+    }
+
+    pit::mask_legacy_pic();
+    let timer = lapic::init(
+        features.x2apic,
+        trap::VECTOR_TIMER as u8,
+        trap::VECTOR_SPURIOUS as u8,
+    );
+    log::info!(
+        "lapic: {} mode, id {}, timer {} kHz, tsc {} MHz, tick {} Hz",
+        if timer.x2apic { "x2apic" } else { "xapic" },
+        timer.id,
+        timer.timer_hz / 1000,
+        timer.tsc_hz / 1_000_000,
+        lapic::TICK_HZ
+    );
+
+    enable_virtualization(&features);
+    entry::init_syscall();
+
+    task::start_root_task(&boot_info)
+}
+
+fn enable_virtualization(features: &features::Features) {
+    match features.virtualization {
+        Virtualization::Vmx(_) => {
+            let Some((phys, page)) = memory::alloc_zeroed_page() else {
+                log::error!("vmx: off: no memory for the VMXON region");
+                return;
+            };
+            match vmx::enable(phys, page) {
+                Ok(()) => log::info!("vmx: on"),
+                Err(error) => log::error!("vmx: off: {error}"),
+            }
+        }
+        Virtualization::Svm(_) => {
+            let Some((phys, _)) = memory::alloc_zeroed_page() else {
+                log::error!("svm: off: no memory for the host save area");
+                return;
+            };
+            match svm::enable(phys) {
+                Ok(()) => log::info!("svm: on"),
+                Err(error) => log::error!("svm: off: {error}"),
+            }
+        }
+        Virtualization::None => log::warn!("no virtualization: guests cannot run"),
+    }
+}
+
+/// Ends the kernel's work: prints why, then ends the emulator when asked
+/// to (`debug-exit`), else halts.
+pub fn stop(reason: StopReason) -> ! {
+    match reason {
+        StopReason::NoTasks => log::info!(
+            "moat: no tasks left, stopping after {} timer ticks",
+            lapic::ticks()
+        ),
+        StopReason::Fatal => log::error!("moat: cannot continue, stopping"),
+        StopReason::KernelFault | StopReason::Panic => {
+            console::write_emergency(format_args!("moat: kernel halted\n"))
+        }
+    }
+    console::drain();
+    if DEBUG_EXIT.load(Ordering::Relaxed) {
+        let code = if reason == StopReason::NoTasks {
+            QEMU_EXIT_SUCCESS
+        } else {
+            QEMU_EXIT_FAILURE
+        };
+        cpu::outb(QEMU_DEBUG_EXIT_PORT, code);
+        for byte in b"Shutdown" {
+            cpu::outb(BOCHS_SHUTDOWN_PORT, *byte);
+        }
+    }
+    cpu::halt_forever()
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    console::write_emergency(format_args!("\n!!! KERNEL PANIC: {info}\n"));
+    stop(StopReason::Panic)
+}

@@ -1,0 +1,32 @@
+//! The raw `syscall` instruction, per argument count.
+
+use core::arch::asm;
+use moat_abi::{Call, Status};
+
+fn status(rax: usize) -> Status {
+    // A code this runtime does not know is still a failure.
+    Status::from_code(rax).unwrap_or(Status::BadCall)
+}
+
+pub fn call2(call: Call, a0: usize, a1: usize) -> Status {
+    let rax: usize;
+    // SAFETY: `syscall` enters the kernel, which preserves every register but
+    // rax (status), rcx and r11 (clobbered by the instruction) and touches no
+    // memory of ours except through the documented pointer arguments.
+    unsafe {
+        asm!(
+            "syscall",
+            inlateout("rax") call.number() => rax,
+            in("rdi") a0,
+            in("rsi") a1,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    status(rax)
+}
+
+pub fn call1(call: Call, a0: usize) -> Status {
+    call2(call, a0, 0)
+}
