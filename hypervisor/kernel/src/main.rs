@@ -15,7 +15,7 @@ use arch::x86_64::{
 };
 use core::sync::atomic::{AtomicBool, Ordering};
 use features::Virtualization;
-use moat_kernel::multiboot::{self, BootInfo, PhysRead};
+use moat_kernel::multiboot::{self, BootInfo, PhysRead, Unreadable};
 
 /// Set by the `debug-exit` command-line word: when the kernel stops it ends
 /// the emulator through QEMU's isa-debug-exit port and Bochs' 0x8900 port.
@@ -41,10 +41,10 @@ pub enum StopReason {
 pub struct BootDirectMap;
 
 impl PhysRead for BootDirectMap {
-    fn read(&self, phys: u64, buf: &mut [u8]) -> Result<(), ()> {
-        let end = phys.checked_add(buf.len() as u64).ok_or(())?;
+    fn read(&self, phys: u64, buf: &mut [u8]) -> Result<(), Unreadable> {
+        let end = phys.checked_add(buf.len() as u64).ok_or(Unreadable)?;
         if end > layout::BOOT_DIRECT_MAP_SIZE {
-            return Err(());
+            return Err(Unreadable);
         }
         // SAFETY: [phys, end) is inside the direct map, which maps the first
         // 4 GiB for the kernel's whole life; reading RAM there is harmless.
@@ -54,6 +54,10 @@ impl PhysRead for BootDirectMap {
         buf.copy_from_slice(source);
         Ok(())
     }
+}
+
+fn has_word(cmdline: &str, word: &str) -> bool {
+    cmdline.split_whitespace().any(|w| w == word)
 }
 
 fn boot_stack_top() -> u64 {
@@ -81,7 +85,7 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
         .as_ref()
         .and_then(|s| multiboot::read_str(&BootDirectMap, s, &mut cmdline_buffer).ok())
         .unwrap_or("");
-    if cmdline.split_whitespace().any(|word| word == "debug-exit") {
+    if has_word(cmdline, "debug-exit") {
         DEBUG_EXIT.store(true, Ordering::Relaxed);
     }
     log::info!("cmdline: {cmdline}");
@@ -115,6 +119,13 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
 
     enable_virtualization(&features);
     entry::init_syscall();
+
+    if has_word(cmdline, "kernel-fault-test") {
+        log::warn!("kernel-fault-test: executing ud2 in kernel mode on purpose");
+        // SAFETY: not safe: this raises #UD in the kernel deliberately, to
+        // show the exception path prints the registers and halts cleanly.
+        unsafe { core::arch::asm!("ud2") };
+    }
 
     task::start_root_task(&boot_info)
 }

@@ -34,12 +34,12 @@ const FLAG_MMAP: u32 = 1 << 6;
 pub trait PhysRead {
     /// Fills `buf` from `[phys, phys + buf.len())`; `Err` if any of it lies
     /// outside readable memory (including a range that wraps around).
-    #[expect(
-        clippy::result_unit_err,
-        reason = "the only failure is \"not readable\"; callers map it to their own error"
-    )]
-    fn read(&self, phys: u64, buf: &mut [u8]) -> Result<(), ()>;
+    fn read(&self, phys: u64, buf: &mut [u8]) -> Result<(), Unreadable>;
 }
+
+/// A physical range that a [`PhysRead`] cannot read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unreadable;
 
 /// A NUL-terminated string in physical memory, checked to be UTF-8 at parse
 /// time. `len` excludes the NUL.
@@ -484,9 +484,9 @@ mod tests {
     struct FakeMem(Vec<u8>);
 
     impl PhysRead for FakeMem {
-        fn read(&self, phys: u64, buf: &mut [u8]) -> Result<(), ()> {
-            let start = usize::try_from(phys).map_err(|_| ())?;
-            let src = self.0.get(start..start + buf.len()).ok_or(())?;
+        fn read(&self, phys: u64, buf: &mut [u8]) -> Result<(), Unreadable> {
+            let start = usize::try_from(phys).map_err(|_| Unreadable)?;
+            let src = self.0.get(start..start + buf.len()).ok_or(Unreadable)?;
             buf.copy_from_slice(src);
             Ok(())
         }

@@ -6,6 +6,7 @@ use crate::console;
 
 pub const VECTOR_TIMER: u64 = 0x20;
 pub const VECTOR_SPURIOUS: u64 = 0xff;
+const NMI: u64 = 2;
 
 const EXCEPTION_NAMES: [&str; 32] = [
     "#DE divide error",
@@ -52,7 +53,8 @@ pub fn exception_name(vector: u64) -> &'static str {
 
 pub extern "C" fn interrupt_dispatch(frame: &mut TrapFrame) {
     match frame.vector {
-        0..=31 if frame.from_user() => crate::task::user_exception(frame),
+        NMI => log::warn!("NMI at rip {:#x}", frame.rip),
+        0..=31 if frame.is_user() => crate::task::user_exception(frame),
         0..=31 => kernel_exception(frame),
         VECTOR_TIMER => {
             lapic::timer_tick();
