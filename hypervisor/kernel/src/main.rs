@@ -117,6 +117,14 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
         lapic::TICK_HZ
     );
 
+    match lapic::wait_for_ticks(2, timer.tsc_hz) {
+        Some(cycles) => log::info!(
+            "lapic: timer interrupts arrive: 2 ticks in {} us by the TSC",
+            cycles * 1_000_000 / timer.tsc_hz.max(1)
+        ),
+        None => log::error!("lapic: no timer interrupt within a second"),
+    }
+
     enable_virtualization(&features);
     entry::init_syscall();
 

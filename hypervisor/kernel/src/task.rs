@@ -24,6 +24,8 @@ const MAX_ARGS: usize = 256;
 pub struct Task {
     name: Name,
     space: AddressSpace,
+    /// Free frames before the task was loaded: all must be back when it ends.
+    frames_before: usize,
 }
 
 static CURRENT: Mutex<Option<Task>> = Mutex::new(None);
@@ -118,6 +120,7 @@ pub fn start_root_task(boot: &BootInfo) -> ! {
 /// everything it took.
 fn load(name: &str, bytes: &[u8], args: &str) -> Result<TrapFrame, LoadError> {
     let image = ElfImage::parse(bytes, USER_START..USER_END).map_err(LoadError::Elf)?;
+    let frames_before = memory::free_frames();
     let mem = &mut KernelTables;
     let mut space = AddressSpace::new(mem)?;
     space.share_top_entries(mem, memory::kernel_root(), UPPER_HALF);
@@ -125,14 +128,15 @@ fn load(name: &str, bytes: &[u8], args: &str) -> Result<TrapFrame, LoadError> {
     match result {
         Ok(frame) => {
             log::info!(
-                "task '{name}': entry {:#x}, {} segment(s), {} frames free",
+                "task '{name}': entry {:#x}, {} segment(s), {} frames",
                 image.entry,
                 image.segments().count(),
-                memory::free_frames()
+                frames_before - memory::free_frames()
             );
             *CURRENT.lock() = Some(Task {
                 name: Name::new(name),
                 space,
+                frames_before,
             });
             Ok(frame)
         }
@@ -325,13 +329,16 @@ pub fn user_exception(frame: &TrapFrame) -> ! {
 fn finish(how: fmt::Arguments) -> ! {
     // SAFETY: the kernel's tables map everything the kernel uses.
     unsafe { cpu::write_cr3(memory::kernel_root()) };
-    if let Some(task) = CURRENT.lock().take() {
+    let task = CURRENT.lock().take();
+    if let Some(task) = task {
+        log::info!("task '{}' {how}", task.name);
         release(task.space);
-        log::info!(
-            "task '{}' {how}; {} frames free",
-            task.name,
-            memory::free_frames()
-        );
+        let lost = task.frames_before.saturating_sub(memory::free_frames());
+        if lost == 0 {
+            log::info!("task '{}': all its memory is free again", task.name);
+        } else {
+            log::error!("task '{}': {lost} frames leaked", task.name);
+        }
     }
     stop(StopReason::NoTasks)
 }

@@ -4,7 +4,7 @@
 
 pub use moat_abi as abi;
 
-mod syscall;
+pub mod syscall;
 
 pub mod console;
 mod rt;

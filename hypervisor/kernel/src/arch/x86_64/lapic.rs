@@ -117,6 +117,24 @@ pub fn init(use_x2apic: bool, timer_vector: u8, spurious_vector: u8) -> Calibrat
     }
 }
 
+/// Waits with interrupts on for `count` timer ticks, at most one second by
+/// the TSC; returns the TSC cycles they took, or None if they did not come.
+pub fn wait_for_ticks(count: u64, tsc_hz: u64) -> Option<u64> {
+    let first = ticks();
+    let start = rdtsc();
+    let mut elapsed = 0;
+    // SAFETY: the IDT and the timer vector's handler are set up; the kernel
+    // holds no lock here that the handler takes.
+    unsafe { core::arch::asm!("sti", options(nomem, nostack)) };
+    while ticks() < first + count && elapsed < tsc_hz {
+        core::hint::spin_loop();
+        elapsed = rdtsc().wrapping_sub(start);
+    }
+    // SAFETY: back to the kernel's rule: interrupts off in kernel mode.
+    unsafe { core::arch::asm!("cli", options(nomem, nostack)) };
+    (ticks() >= first + count).then_some(elapsed)
+}
+
 pub fn end_of_interrupt() {
     write(REG_EOI, 0);
 }
