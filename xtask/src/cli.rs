@@ -1,0 +1,224 @@
+//! The command line: a small hand-written parser, no dependencies.
+
+use crate::emu::Emulator;
+use crate::{Error, Result};
+
+pub const USAGE: &str = "\
+usage: cargo xtask <command> [options]
+
+commands:
+  setup                 install missing host tools (apt packages, rustup targets)
+  build [--release]     build the kernel and user tasks (always release) and
+                        assemble target/image/ (kernel, modules, qemu.args, moat.iso)
+  run [options] [-- KERNEL ARGS...]
+                        setup, build, then boot with the serial console here
+      --emu qemu|bochs  emulator (default: qemu)
+      --kvm             QEMU with KVM and -cpu host (default: only if the host
+                        can nest virtualization; otherwise TCG with -cpu max)
+  test [options]        setup, host unit tests, build, system tests on QEMU and Bochs
+      --emu qemu|bochs  run the system tests on this emulator only
+      --filter NAME     only system tests whose name contains NAME
+      --no-host         skip the host unit tests
+  help                  this text";
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Cmd {
+    Help,
+    Setup,
+    Build,
+    Run(RunOpts),
+    Test(TestOpts),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct RunOpts {
+    pub emu: Emulator,
+    /// `--kvm` given: use KVM even if detection says no.
+    pub force_kvm: bool,
+    /// Extra kernel command-line words (after `--`).
+    pub kernel_args: Vec<String>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct TestOpts {
+    pub emu: Option<Emulator>,
+    pub filter: Option<String>,
+    pub host: bool,
+}
+
+pub fn parse(args: &[String]) -> Result<Cmd> {
+    let Some((cmd, rest)) = args.split_first() else {
+        return Ok(Cmd::Help);
+    };
+    let mut opts = Options::new(rest);
+    let cmd = match cmd.as_str() {
+        "help" | "-h" | "--help" => Cmd::Help,
+        "setup" => Cmd::Setup,
+        "build" => {
+            // Release is the only profile the image is built from.
+            opts.flag("--release");
+            Cmd::Build
+        }
+        "run" => Cmd::Run(RunOpts {
+            emu: opts.emulator()?.unwrap_or(Emulator::Qemu),
+            force_kvm: opts.flag("--kvm"),
+            kernel_args: opts.trailing(),
+        }),
+        "test" => Cmd::Test(TestOpts {
+            emu: opts.emulator()?,
+            filter: opts.value("--filter")?,
+            host: !opts.flag("--no-host"),
+        }),
+        other => return Err(Error::Usage(format!("unknown command `{other}`"))),
+    };
+    opts.finish()?;
+    Ok(cmd)
+}
+
+/// The options after the command word; each accessor removes what it used,
+/// and `finish` rejects whatever is left.
+struct Options {
+    args: Vec<String>,
+    trailing: Option<Vec<String>>,
+}
+
+impl Options {
+    fn new(args: &[String]) -> Self {
+        match args.iter().position(|a| a == "--") {
+            Some(i) => Options {
+                args: args[..i].to_vec(),
+                trailing: Some(args[i + 1..].to_vec()),
+            },
+            None => Options {
+                args: args.to_vec(),
+                trailing: None,
+            },
+        }
+    }
+
+    fn flag(&mut self, name: &str) -> bool {
+        let before = self.args.len();
+        self.args.retain(|a| a != name);
+        self.args.len() != before
+    }
+
+    /// `--name VALUE` or `--name=VALUE`; the last one wins.
+    fn value(&mut self, name: &str) -> Result<Option<String>> {
+        let mut found = None;
+        let mut i = 0;
+        while i < self.args.len() {
+            let arg = &self.args[i];
+            if arg == name {
+                if i + 1 >= self.args.len() || self.args[i + 1].starts_with("--") {
+                    return Err(Error::Usage(format!("{name} needs a value")));
+                }
+                found = Some(self.args.remove(i + 1));
+                self.args.remove(i);
+            } else if let Some(v) = arg.strip_prefix(name).and_then(|v| v.strip_prefix('=')) {
+                found = Some(v.to_string());
+                self.args.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        Ok(found)
+    }
+
+    fn emulator(&mut self) -> Result<Option<Emulator>> {
+        match self.value("--emu")? {
+            None => Ok(None),
+            Some(name) => Emulator::from_name(&name).map(Some).ok_or_else(|| {
+                Error::Usage(format!(
+                    "unknown emulator `{name}` (expected qemu or bochs)"
+                ))
+            }),
+        }
+    }
+
+    fn trailing(&mut self) -> Vec<String> {
+        self.trailing.take().unwrap_or_default()
+    }
+
+    fn finish(self) -> Result<()> {
+        if let Some(arg) = self.args.first() {
+            return Err(Error::Usage(format!("unexpected argument `{arg}`")));
+        }
+        if self.trailing.is_some() {
+            return Err(Error::Usage("this command takes no `--` arguments".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(line: &str) -> Result<Cmd> {
+        let args: Vec<String> = line.split_whitespace().map(String::from).collect();
+        parse(&args)
+    }
+
+    #[test]
+    fn no_arguments_is_help() {
+        assert_eq!(p("").unwrap(), Cmd::Help);
+        assert_eq!(p("--help").unwrap(), Cmd::Help);
+    }
+
+    #[test]
+    fn build_accepts_release() {
+        assert_eq!(p("build").unwrap(), Cmd::Build);
+        assert_eq!(p("build --release").unwrap(), Cmd::Build);
+        assert!(p("build --debug").is_err());
+    }
+
+    #[test]
+    fn run_defaults_and_options() {
+        assert_eq!(
+            p("run").unwrap(),
+            Cmd::Run(RunOpts {
+                emu: Emulator::Qemu,
+                force_kvm: false,
+                kernel_args: vec![],
+            })
+        );
+        assert_eq!(
+            p("run --emu=bochs --kvm -- log=debug x").unwrap(),
+            Cmd::Run(RunOpts {
+                emu: Emulator::Bochs,
+                force_kvm: true,
+                kernel_args: vec!["log=debug".into(), "x".into()],
+            })
+        );
+    }
+
+    #[test]
+    fn test_options() {
+        assert_eq!(
+            p("test").unwrap(),
+            Cmd::Test(TestOpts {
+                emu: None,
+                filter: None,
+                host: true,
+            })
+        );
+        assert_eq!(
+            p("test --emu qemu --filter boot --no-host").unwrap(),
+            Cmd::Test(TestOpts {
+                emu: Some(Emulator::Qemu),
+                filter: Some("boot".into()),
+                host: false,
+            })
+        );
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        assert!(p("frobnicate").is_err());
+        assert!(p("test --emu").is_err());
+        assert!(p("test --emu vmware").is_err());
+        assert!(p("test --filter --no-host").is_err());
+        assert!(p("test extra").is_err());
+        assert!(p("setup -- x").is_err());
+    }
+}

@@ -1,0 +1,528 @@
+//! The emulators: QEMU and Bochs command lines, Bochs configuration, and
+//! supervising a run (timeout, serial capture or streaming, exit status).
+
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::image::BootSpec;
+use crate::util::describe;
+use crate::{Context, Result};
+
+/// How long a system test may run before it is killed.
+const QEMU_TIMEOUT: Duration = Duration::from_secs(60);
+const BOCHS_TIMEOUT: Duration = Duration::from_secs(300);
+const POLL: Duration = Duration::from_millis(50);
+
+/// The isa-debug-exit device: the kernel writes `v` to this port and QEMU
+/// exits with status `(v << 1) | 1`.
+const DEBUG_EXIT_DEVICE: &str = "isa-debug-exit,iobase=0xf4,iosize=0x04";
+/// Value the kernel writes when nothing is left to run.
+const DEBUG_EXIT_DONE: i32 = 0x10;
+/// Value the kernel writes after a kernel panic.
+const DEBUG_EXIT_PANIC: i32 = 0x11;
+
+const fn qemu_status(value: i32) -> i32 {
+    (value << 1) | 1
+}
+
+/// Bochs exits with this status on power-off, the shutdown port, a panic
+/// (`panic: action=fatal`) and when its debugger reads end of input.
+const BOCHS_STOP_STATUS: i32 = 1;
+/// How Bochs' log marks the event that stopped it.
+const BOCHS_PANIC_MARK: &str = ">>PANIC<<";
+
+const BOCHS_BIOS: &str = "/usr/share/bochs/BIOS-bochs-latest";
+const BOCHS_VGA_BIOS: &str = "/usr/share/vgabios/vgabios.bin";
+/// Time between two Bochs starts, and how often to try one that lost the
+/// race for an rfb port (see [`run_bochs`]).
+const BOCHS_START_GAP: Duration = Duration::from_secs(1);
+const BOCHS_START_ATTEMPTS: u32 = 3;
+const BOCHS_RFB_BIND_FAILURE: &str = "RFB could not bind any port";
+static LAST_BOCHS_START: Mutex<Option<Instant>> = Mutex::new(None);
+/// Bochs' built-in debugger reads its first commands from this file: continue.
+const BOCHS_DEBUGGER_RC: &str = "c\n";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Emulator {
+    /// QEMU TCG with `-cpu max`: AMD SVM.
+    Qemu,
+    /// Bochs with `corei7_skylake_x`: Intel VMX.
+    Bochs,
+}
+
+impl Emulator {
+    pub const ALL: [Emulator; 2] = [Emulator::Qemu, Emulator::Bochs];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Emulator::Qemu => "qemu",
+            Emulator::Bochs => "bochs",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.name() == name)
+    }
+
+    pub fn timeout(self) -> Duration {
+        match self {
+            Emulator::Qemu => QEMU_TIMEOUT,
+            Emulator::Bochs => BOCHS_TIMEOUT,
+        }
+    }
+
+    /// Whether the emulator ended the way `debug-exit` makes it end when the
+    /// kernel has nothing left to run. (Bochs cannot tell that from a panic.)
+    pub fn is_clean_exit(self, status: ExitStatus) -> bool {
+        let clean = match self {
+            Emulator::Qemu => qemu_status(DEBUG_EXIT_DONE),
+            Emulator::Bochs => BOCHS_STOP_STATUS,
+        };
+        status.code() == Some(clean)
+    }
+
+    /// The exit status in words.
+    pub fn describe_exit(self, status: ExitStatus) -> String {
+        let Some(code) = status.code() else {
+            return format!("{status}");
+        };
+        let meaning = match self {
+            Emulator::Qemu if code == qemu_status(DEBUG_EXIT_DONE) => "debug-exit: done",
+            Emulator::Qemu if code == qemu_status(DEBUG_EXIT_PANIC) => "debug-exit: kernel panic",
+            Emulator::Qemu if code == 0 => "triple fault, reset or power-off",
+            Emulator::Bochs if code == BOCHS_STOP_STATUS => "stopped",
+            _ => return format!("status {code}"),
+        };
+        format!("status {code}, {meaning}")
+    }
+}
+
+/// Why Bochs stopped, from its log: it reports the shutdown port, power-off
+/// and a triple fault (with `reset_on_triple_fault=0`) as panics.
+pub fn bochs_stop_reason(log: &Path) -> Option<String> {
+    let text = fs::read(log).ok()?;
+    let text = String::from_utf8_lossy(&text);
+    let line = text.lines().rev().find(|l| l.contains(BOCHS_PANIC_MARK))?;
+    let (_, reason) = line.split_once(BOCHS_PANIC_MARK)?;
+    Some(reason.trim().to_string())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    Tcg,
+    Kvm,
+}
+
+/// KVM is worth using only if `/dev/kvm` opens and the host CPU lends its
+/// virtualization extensions to guests (the kernel under test needs them).
+/// Here `/dev/kvm` is PVM, whose host shows neither `vmx` nor `svm`.
+pub fn detect_kvm() -> bool {
+    let opens = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    opens && cpuinfo_nests(&cpuinfo, nested_param)
+}
+
+fn nested_param(module: &str) -> Option<String> {
+    fs::read_to_string(format!("/sys/module/{module}/parameters/nested")).ok()
+}
+
+/// True if the CPU flags show vmx or svm and the matching KVM module does not
+/// say nesting is off.
+fn cpuinfo_nests(cpuinfo: &str, nested: impl Fn(&str) -> Option<String>) -> bool {
+    let flags = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, f)| f.split_whitespace().collect::<Vec<_>>())
+        .unwrap_or_default();
+    let module = if flags.contains(&"vmx") {
+        "kvm_intel"
+    } else if flags.contains(&"svm") {
+        "kvm_amd"
+    } else {
+        return false;
+    };
+    match nested(module) {
+        Some(v) => matches!(v.trim(), "Y" | "y" | "1"),
+        None => true,
+    }
+}
+
+/// Where QEMU's first serial port goes.
+pub enum Serial<'a> {
+    Stdio,
+    File(&'a Path),
+}
+
+pub fn qemu_args(boot: &BootSpec, accel: Accel, serial: Serial<'_>) -> Result<Vec<String>> {
+    let mut args: Vec<String> = [
+        "-machine",
+        "pc",
+        "-m",
+        "512M",
+        "-smp",
+        "1",
+        "-no-reboot",
+        "-device",
+        DEBUG_EXIT_DEVICE,
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+    ]
+    .map(String::from)
+    .to_vec();
+    let (accel, cpu) = match accel {
+        Accel::Tcg => ("tcg", "max"),
+        Accel::Kvm => ("kvm", "host"),
+    };
+    args.extend(["-accel", accel, "-cpu", cpu].map(String::from));
+    let serial = match serial {
+        Serial::Stdio => "stdio".to_string(),
+        Serial::File(path) => format!("file:{}", path.display()),
+    };
+    args.extend(["-serial".to_string(), serial]);
+    args.extend(boot.qemu_boot_args()?);
+    Ok(args)
+}
+
+pub fn qemu_command(args: &[String]) -> Command {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(args);
+    cmd
+}
+
+/// The files of one Bochs run.
+pub struct BochsFiles {
+    pub iso: PathBuf,
+    pub serial: PathBuf,
+    /// Bochs' own log.
+    pub log: PathBuf,
+    pub bochsrc: PathBuf,
+    pub debugger_rc: PathBuf,
+}
+
+/// A Bochs configuration that boots `iso` from CD with COM1 going to a file.
+///
+/// Debian's Bochs has no `nogui`; `rfb` with `timeout=0` runs without waiting
+/// for a VNC client. Each instance takes the first free port from 5900 on, so
+/// concurrent runs do not collide. A triple fault stops Bochs instead of
+/// rebooting into GRUB (QEMU's `-no-reboot`).
+pub fn bochsrc(files: &BochsFiles) -> String {
+    format!(
+        "\
+display_library: rfb, options=\"timeout=0\"
+cpu: model=corei7_skylake_x, count=1, ips=50000000, reset_on_triple_fault=0
+megs: 512
+romimage: file={BOCHS_BIOS}
+vgaromimage: file={BOCHS_VGA_BIOS}
+ata0-master: type=cdrom, path={iso}, status=inserted
+boot: cdrom
+clock: sync=none, time0=local
+com1: enabled=1, mode=file, dev={serial}
+sound: driver=dummy
+log: {log}
+panic: action=fatal
+error: action=report
+info: action=ignore
+",
+        iso = files.iso.display(),
+        serial = files.serial.display(),
+        log = files.log.display(),
+    )
+}
+
+/// Writes the bochsrc and debugger script, and removes a stale serial log.
+pub fn prepare_bochs(files: &BochsFiles) -> Result<()> {
+    for path in [&files.bochsrc, &files.debugger_rc] {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).context(|| format!("cannot create {}", dir.display()))?;
+        }
+    }
+    fs::write(&files.bochsrc, bochsrc(files))
+        .context(|| format!("cannot write {}", files.bochsrc.display()))?;
+    fs::write(&files.debugger_rc, BOCHS_DEBUGGER_RC)
+        .context(|| format!("cannot write {}", files.debugger_rc.display()))?;
+    remove_stale(&files.serial)
+}
+
+pub fn bochs_command(files: &BochsFiles) -> Command {
+    let mut cmd = Command::new("bochs");
+    cmd.arg("-q")
+        .arg("-f")
+        .arg(&files.bochsrc)
+        .arg("-rc")
+        .arg(&files.debugger_rc);
+    cmd
+}
+
+pub fn remove_stale(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(e).context(|| format!("cannot remove {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Starts `cmd` with no input and its stdout and stderr in `output`.
+fn spawn_logged(cmd: &mut Command, output: &Path) -> Result<Child> {
+    let out = File::create(output).context(|| format!("cannot create {}", output.display()))?;
+    let err = out
+        .try_clone()
+        .context(|| "cannot duplicate a file handle".into())?;
+    cmd.stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .context(|| format!("cannot start `{}`", describe(cmd)))
+}
+
+/// Runs QEMU with the given arguments, its own output going to `output`.
+pub fn run_qemu(args: &[String], timeout: Option<Duration>, output: &Path) -> Result<Outcome> {
+    let child = spawn_logged(&mut qemu_command(args), output)?;
+    supervise(child, timeout, None)
+}
+
+/// Runs Bochs, its own output going to `output`; with `echo`, streams the
+/// serial log to stdout.
+///
+/// Bochs 2.7's rfb server reuses one socket while it looks for a free port:
+/// when two instances bind 5900 at the same moment (SO_REUSEADDR lets both),
+/// the loser's `listen` fails and every later `bind` on that socket does too,
+/// so it panics with "RFB could not bind any port". Starts are therefore
+/// spaced apart, and a run that lost the race anyway is started again.
+pub fn run_bochs(
+    files: &BochsFiles,
+    timeout: Option<Duration>,
+    echo: bool,
+    output: &Path,
+) -> Result<Outcome> {
+    let mut attempt = 1;
+    loop {
+        remove_stale(&files.serial)?;
+        remove_stale(&files.log)?;
+        let child = {
+            let mut last = LAST_BOCHS_START
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(gap) = last.and_then(|t| BOCHS_START_GAP.checked_sub(t.elapsed())) {
+                thread::sleep(gap);
+            }
+            let child = spawn_logged(&mut bochs_command(files), output)?;
+            *last = Some(Instant::now());
+            child
+        };
+        let outcome = supervise(child, timeout, echo.then_some(files.serial.as_path()))?;
+        let lost_race = bochs_stop_reason(&files.log)
+            .is_some_and(|reason| reason.contains(BOCHS_RFB_BIND_FAILURE));
+        if !lost_race || attempt == BOCHS_START_ATTEMPTS {
+            return Ok(outcome);
+        }
+        attempt += 1;
+    }
+}
+
+/// How a supervised run ended.
+pub enum Exit {
+    Status(ExitStatus),
+    TimedOut,
+}
+
+pub struct Outcome {
+    pub exit: Exit,
+    pub elapsed: Duration,
+}
+
+/// Waits for `child`, killing it after `timeout`. With `echo`, bytes appended
+/// to that file are copied to stdout while the child runs (Bochs' serial port).
+pub fn supervise(
+    mut child: Child,
+    timeout: Option<Duration>,
+    echo: Option<&Path>,
+) -> Result<Outcome> {
+    let start = Instant::now();
+    let mut follower = echo.map(Follower::new);
+    let exit = loop {
+        if let Some(f) = &mut follower {
+            f.pump();
+        }
+        if let Some(status) = child
+            .try_wait()
+            .context(|| "cannot wait for emulator".into())?
+        {
+            break Exit::Status(status);
+        }
+        if timeout.is_some_and(|t| start.elapsed() >= t) {
+            // Already exited if kill fails; the wait below reaps it either way.
+            let _ = child.kill();
+            let _ = child.wait();
+            break Exit::TimedOut;
+        }
+        thread::sleep(POLL);
+    };
+    if let Some(f) = &mut follower {
+        f.pump();
+    }
+    Ok(Outcome {
+        exit,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// `tail -f` for one file that may not exist yet.
+struct Follower {
+    path: PathBuf,
+    offset: u64,
+}
+
+impl Follower {
+    fn new(path: &Path) -> Self {
+        Follower {
+            path: path.to_path_buf(),
+            offset: 0,
+        }
+    }
+
+    fn pump(&mut self) {
+        let Ok(mut file) = File::open(&self.path) else {
+            return;
+        };
+        let mut buf = Vec::new();
+        if file.seek(SeekFrom::Start(self.offset)).is_ok() && file.read_to_end(&mut buf).is_ok() {
+            self.offset += buf.len() as u64;
+            let mut out = io::stdout().lock();
+            // Losing console output is not worth failing the run over.
+            let _ = out.write_all(&buf).and_then(|()| out.flush());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::Module;
+
+    fn boot() -> BootSpec {
+        BootSpec {
+            kernel: "target/image/moat-kernel".into(),
+            kernel_args: vec!["debug-exit".into()],
+            modules: vec![Module {
+                name: "roottask".into(),
+                file: "target/image/roottask".into(),
+                args: vec!["fault".into()],
+            }],
+        }
+    }
+
+    #[test]
+    fn qemu_tcg_command_line() {
+        let args = qemu_args(&boot(), Accel::Tcg, Serial::File(Path::new("t/x.log"))).unwrap();
+        assert_eq!(
+            args.join(" "),
+            "-machine pc -m 512M -smp 1 -no-reboot \
+             -device isa-debug-exit,iobase=0xf4,iosize=0x04 -display none -monitor none \
+             -accel tcg -cpu max -serial file:t/x.log \
+             -kernel target/image/moat-kernel -append debug-exit \
+             -initrd target/image/roottask fault"
+        );
+    }
+
+    #[test]
+    fn qemu_kvm_uses_host_cpu() {
+        let args = qemu_args(&boot(), Accel::Kvm, Serial::Stdio).unwrap();
+        let text = args.join(" ");
+        assert!(
+            text.contains("-accel kvm -cpu host -serial stdio"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn exit_statuses() {
+        assert_eq!(qemu_status(DEBUG_EXIT_DONE), 33);
+        assert_eq!(qemu_status(DEBUG_EXIT_PANIC), 35);
+    }
+
+    #[test]
+    fn bochs_reason_from_log() {
+        let dir = std::env::temp_dir().join(format!("xtask-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("bochs.log");
+        fs::write(
+            &log,
+            "00000000000i[      ] reading configuration\n\
+             00231076521p[UNMAP ] >>PANIC<< Shutdown port: shutdown requested\n",
+        )
+        .unwrap();
+        assert_eq!(
+            bochs_stop_reason(&log).as_deref(),
+            Some("Shutdown port: shutdown requested")
+        );
+        assert_eq!(bochs_stop_reason(&dir.join("absent")), None);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn supervise_kills_at_timeout() {
+        let child = Command::new("sleep").arg("30").spawn().unwrap();
+        let outcome = supervise(child, Some(Duration::from_millis(200)), None).unwrap();
+        assert!(matches!(outcome.exit, Exit::TimedOut));
+        assert!(outcome.elapsed < Duration::from_secs(10));
+        let child = Command::new("true").spawn().unwrap();
+        let outcome = supervise(child, Some(Duration::from_secs(30)), None).unwrap();
+        assert!(matches!(outcome.exit, Exit::Status(s) if s.success()));
+    }
+
+    #[test]
+    fn kvm_needs_nesting_flags() {
+        let no_nested = |_: &str| None;
+        assert!(!cpuinfo_nests("flags\t\t: fpu sse hypervisor\n", no_nested));
+        assert!(cpuinfo_nests("flags\t\t: fpu vmx sse\n", no_nested));
+        assert!(cpuinfo_nests("flags\t: svm\n", |m: &str| {
+            assert_eq!(m, "kvm_amd");
+            Some("1\n".into())
+        }));
+        assert!(!cpuinfo_nests("flags\t: vmx\n", |_: &str| Some(
+            "N\n".into()
+        )));
+        assert!(!cpuinfo_nests("", no_nested));
+    }
+
+    #[test]
+    fn bochsrc_text() {
+        let files = BochsFiles {
+            iso: "target/systest/boot.iso".into(),
+            serial: "target/systest/boot-bochs.log".into(),
+            log: "target/systest/boot-bochs.bochslog".into(),
+            bochsrc: "target/systest/boot.bochsrc".into(),
+            debugger_rc: "target/systest/bochs.rc".into(),
+        };
+        let rc = bochsrc(&files);
+        for line in [
+            "display_library: rfb, options=\"timeout=0\"\n",
+            "cpu: model=corei7_skylake_x, count=1, ips=50000000, reset_on_triple_fault=0\n",
+            "ata0-master: type=cdrom, path=target/systest/boot.iso, status=inserted\n",
+            "com1: enabled=1, mode=file, dev=target/systest/boot-bochs.log\n",
+            "log: target/systest/boot-bochs.bochslog\n",
+            "boot: cdrom\n",
+            "panic: action=fatal\n",
+        ] {
+            assert!(rc.contains(line), "{line:?} not in\n{rc}");
+        }
+        let cmd = bochs_command(&files);
+        assert_eq!(
+            describe(&cmd),
+            "bochs -q -f target/systest/boot.bochsrc -rc target/systest/bochs.rc"
+        );
+    }
+}

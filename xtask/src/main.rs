@@ -1,0 +1,110 @@
+//! `cargo xtask`: host setup, build, boot images, run and test Moat.
+//!
+//! Every path below is relative to the workspace root, which becomes the
+//! current directory at start-up; child processes inherit it, so the paths
+//! written into `qemu.args`, `grub.cfg` and `bochsrc` files work as printed.
+
+#![forbid(unsafe_code)]
+
+mod build;
+mod cli;
+mod emu;
+mod harness;
+mod image;
+mod run;
+mod setup;
+mod systest;
+mod util;
+
+use std::fmt;
+use std::io;
+use std::path::Path;
+use std::process::{ExitCode, ExitStatus};
+
+use cli::Cmd;
+
+/// Everything that can stop an xtask command.
+#[derive(Debug)]
+pub enum Error {
+    /// The command line could not be understood.
+    Usage(String),
+    /// A file system or process operation failed.
+    Io { context: String, source: io::Error },
+    /// A child process ran and failed.
+    Command { command: String, status: ExitStatus },
+    /// Anything else, already phrased for the user.
+    Other(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Usage(msg) => write!(f, "{msg}"),
+            Error::Io { context, source } => write!(f, "{context}: {source}"),
+            Error::Command { command, status } => write!(f, "`{command}` failed ({status})"),
+            Error::Other(msg) => write!(f, "{msg}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Attaches a description of what was being done to an `io::Error`.
+pub trait Context<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> Context<T> for io::Result<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| Error::Io {
+            context: what(),
+            source,
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cmd = match cli::parse(&args) {
+        Ok(cmd) => cmd,
+        Err(e) => {
+            eprintln!("xtask: {e}\n\n{}", cli::USAGE);
+            return ExitCode::from(2);
+        }
+    };
+    if let Cmd::Help = cmd {
+        println!("{}", cli::USAGE);
+        return ExitCode::SUCCESS;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root");
+    if let Err(e) = std::env::set_current_dir(root) {
+        eprintln!("xtask: cannot enter {}: {e}", root.display());
+        return ExitCode::FAILURE;
+    }
+    match dispatch(cmd) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cmd: Cmd) -> Result<ExitCode> {
+    match cmd {
+        Cmd::Help => unreachable!("handled before entering the workspace"),
+        Cmd::Setup => setup::run().map(|()| ExitCode::SUCCESS),
+        Cmd::Build => {
+            let artifacts = build::build_all()?;
+            let image = image::assemble(&artifacts)?;
+            println!("build: image ready in {}", image.dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Run(opts) => run::run(&opts),
+        Cmd::Test(opts) => harness::run(&opts),
+    }
+}

@@ -1,0 +1,84 @@
+//! `cargo xtask run`: setup, build, and boot the default image with the
+//! serial console on this terminal.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::cli::RunOpts;
+use crate::emu::{self, Accel, BochsFiles, Emulator, Exit, Serial};
+use crate::image::{self, DEBUG_EXIT_ARG, IMAGE_DIR};
+use crate::util::{self, describe};
+use crate::{build, setup, Context, Result};
+
+/// `cargo xtask run`: setup, build, and boot the default image here.
+pub fn run(opts: &RunOpts) -> Result<ExitCode> {
+    setup::run()?;
+    let artifacts = build::build_all()?;
+    let image = image::assemble(&artifacts)?;
+    let mut boot = image.boot.clone();
+    boot.kernel_args.extend(opts.kernel_args.iter().cloned());
+    debug_assert!(boot.kernel_args.iter().any(|a| a == DEBUG_EXIT_ARG));
+
+    let mut bochs_log = None;
+    let outcome = match opts.emu {
+        Emulator::Qemu => {
+            let accel = if opts.force_kvm || emu::detect_kvm() {
+                Accel::Kvm
+            } else {
+                Accel::Tcg
+            };
+            let mut cmd = emu::qemu_command(&emu::qemu_args(&boot, accel, Serial::Stdio)?);
+            println!("run: {}", describe(&cmd));
+            let child = cmd
+                .spawn()
+                .context(|| format!("cannot start `{}`", describe(&cmd)))?;
+            emu::supervise(child, None, None)?
+        }
+        Emulator::Bochs => {
+            let dir = Path::new(IMAGE_DIR);
+            let iso = if opts.kernel_args.is_empty() {
+                image.iso.clone()
+            } else {
+                let iso = dir.join("run.iso");
+                boot.make_iso(&dir.join("run-iso"), &iso)?;
+                iso
+            };
+            let files = BochsFiles {
+                iso,
+                serial: dir.join("bochs-serial.log"),
+                log: dir.join("bochs.log"),
+                bochsrc: dir.join("bochsrc"),
+                debugger_rc: dir.join("bochs.rc"),
+            };
+            emu::prepare_bochs(&files)?;
+            let output = dir.join("bochs.out");
+            println!(
+                "run: {} (serial below; Bochs' output in {}, its log in {})",
+                describe(&emu::bochs_command(&files)),
+                output.display(),
+                files.log.display()
+            );
+            let outcome = emu::run_bochs(&files, None, true, &output)?;
+            bochs_log = Some(files.log);
+            outcome
+        }
+    };
+    let Exit::Status(status) = outcome.exit else {
+        unreachable!("no timeout was set");
+    };
+    let mut exit = opts.emu.describe_exit(status);
+    if let Some(reason) = bochs_log.and_then(|log| emu::bochs_stop_reason(&log)) {
+        exit = format!("{exit}: {reason}");
+    }
+    println!(
+        "\nrun: {} exited ({exit}) after {}",
+        opts.emu.name(),
+        util::secs(outcome.elapsed)
+    );
+    let clean = opts.emu.is_clean_exit(status);
+    Ok(if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

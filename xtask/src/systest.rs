@@ -1,0 +1,623 @@
+//! System tests: boot descriptions run on QEMU and Bochs, judged only by
+//! their serial output.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::thread;
+
+use crate::build::Artifacts;
+use crate::emu::{self, Accel, BochsFiles, Emulator, Exit, Serial};
+use crate::image::{BootSpec, Module, DEBUG_EXIT_ARG, IMAGE_DIR, KERNEL_NAME};
+use crate::util;
+use crate::{Context, Error, Result};
+
+pub const SYSTEST_DIR: &str = "target/systest";
+/// Emulator instances at a time (the machines here have two cores).
+const PARALLEL_RUNS: usize = 2;
+/// Serial lines shown for a failed run.
+const FAILURE_TAIL: usize = 30;
+
+/// Never acceptable on the serial console, unless a test expects it.
+const FORBIDDEN: &[&str] = &[
+    "KERNEL PANIC",
+    "exception in kernel mode",
+    "frames leaked",
+    "no timer interrupt",
+    "roottask: probe '",
+];
+
+/// What a boot module contains.
+pub enum Content {
+    /// A user task binary, as built.
+    Task(&'static str),
+    /// The first `len` bytes of a user task binary, written under
+    /// `target/systest/<dir>/`.
+    Truncated {
+        task: &'static str,
+        len: usize,
+        dir: &'static str,
+    },
+    /// Literal bytes, written under `target/systest/<dir>/`.
+    Text {
+        text: &'static str,
+        dir: &'static str,
+    },
+}
+
+pub struct ModuleSpec {
+    pub name: &'static str,
+    pub content: Content,
+    pub args: &'static [&'static str],
+}
+
+/// A string the serial output must contain, on one emulator or on all.
+pub struct Expect {
+    pub text: &'static str,
+    pub only: Option<Emulator>,
+}
+
+const fn all(text: &'static str) -> Expect {
+    Expect { text, only: None }
+}
+
+const fn on(emu: Emulator, text: &'static str) -> Expect {
+    Expect {
+        text,
+        only: Some(emu),
+    }
+}
+
+pub struct SysTest {
+    pub name: &'static str,
+    pub modules: &'static [ModuleSpec],
+    /// Added to `debug-exit`, which every test passes.
+    pub kernel_args: &'static [&'static str],
+    /// Must all appear, in this order.
+    pub expect: &'static [Expect],
+    /// Must not appear, in addition to [`FORBIDDEN`].
+    pub forbid: &'static [&'static str],
+}
+
+impl SysTest {
+    pub fn expected_on(&self, emu: Emulator) -> Vec<&'static str> {
+        self.expect
+            .iter()
+            .filter(|e| e.only.is_none_or(|only| only == emu))
+            .map(|e| e.text)
+            .collect()
+    }
+
+    /// [`FORBIDDEN`] less what this test expects, plus its own list.
+    pub fn forbidden(&self) -> Vec<&'static str> {
+        FORBIDDEN
+            .iter()
+            .filter(|f| !self.expect.iter().any(|e| e.text.contains(**f)))
+            .chain(self.forbid)
+            .copied()
+            .collect()
+    }
+}
+
+const ROOTTASK: ModuleSpec = ModuleSpec {
+    name: "roottask",
+    content: Content::Task("roottask"),
+    args: &[],
+};
+
+const HELLO: &str = "roottask: hello from ring 3";
+const NO_TASKS_LEFT: &str = "moat: no tasks left";
+const MEMORY_RETURNED: &str = "all its memory is free again";
+
+pub const TESTS: &[SysTest] = &[
+    SysTest {
+        name: "boot",
+        modules: &[ROOTTASK],
+        kernel_args: &[],
+        expect: &[
+            on(Emulator::Qemu, "cpu: svm, npt yes"),
+            on(
+                Emulator::Bochs,
+                "cpu: vmx, ept yes, vpid yes, unrestricted guest yes",
+            ),
+            on(Emulator::Bochs, "cpu: x2apic yes"),
+            all("acpi: 1 cpu(s), ioapic"),
+            on(Emulator::Qemu, "lapic: xapic mode"),
+            on(Emulator::Bochs, "lapic: x2apic mode"),
+            all("lapic: timer interrupts arrive"),
+            on(Emulator::Qemu, "svm: on"),
+            on(Emulator::Bochs, "vmx: on"),
+            all(HELLO),
+            all("task 'roottask' exited with code 0"),
+            all(MEMORY_RETURNED),
+            all(NO_TASKS_LEFT),
+        ],
+        forbid: &[],
+    },
+    SysTest {
+        name: "syscall_probes",
+        modules: &[ModuleSpec {
+            args: &["probe-syscalls"],
+            ..ROOTTASK
+        }],
+        kernel_args: &[],
+        expect: &[
+            all(HELLO),
+            all("syscall probes got their documented status"),
+            all("task 'roottask' exited with code 0"),
+            all(MEMORY_RETURNED),
+            all(NO_TASKS_LEFT),
+        ],
+        forbid: &[],
+    },
+    SysTest {
+        name: "kernel_fault",
+        modules: &[ROOTTASK],
+        kernel_args: &["kernel-fault-test"],
+        expect: &[
+            all("exception in kernel mode: #UD"),
+            all("rip 0xffffffff8"),
+            all("moat: kernel halted"),
+        ],
+        forbid: &[HELLO],
+    },
+    SysTest {
+        name: "user_fault",
+        modules: &[ModuleSpec {
+            args: &["fault"],
+            ..ROOTTASK
+        }],
+        kernel_args: &[],
+        expect: &[
+            all(HELLO),
+            all("user fault in 'roottask': #PF"),
+            all("killed after the fault"),
+            all(MEMORY_RETURNED),
+            all(NO_TASKS_LEFT),
+        ],
+        forbid: &[],
+    },
+    SysTest {
+        name: "no_modules",
+        modules: &[],
+        kernel_args: &[],
+        expect: &[all("root task module missing"), all(NO_TASKS_LEFT)],
+        forbid: &[],
+    },
+    SysTest {
+        name: "truncated_module",
+        modules: &[ModuleSpec {
+            name: "roottask",
+            content: Content::Truncated {
+                task: "roottask",
+                len: 3000,
+                dir: "truncated",
+            },
+            args: &[],
+        }],
+        kernel_args: &[],
+        expect: &[
+            all("boot module 'roottask'"),
+            all("truncated:"),
+            all(NO_TASKS_LEFT),
+        ],
+        forbid: &[],
+    },
+    SysTest {
+        name: "not_elf_module",
+        modules: &[ModuleSpec {
+            name: "notelf",
+            content: Content::Text {
+                text: "moat system test: a module of plain text\n",
+                dir: "notelf",
+            },
+            args: &[],
+        }],
+        kernel_args: &[],
+        expect: &[
+            all("boot module 'notelf'"),
+            all("not an ELF file"),
+            all(NO_TASKS_LEFT),
+        ],
+        forbid: &[],
+    },
+];
+
+/// Checks serial output: every expected string in order, no forbidden one.
+/// The error explains the first problem of each kind.
+pub fn judge(serial: &str, expect: &[&str], forbid: &[&str]) -> Result<(), String> {
+    let mut problems = Vec::new();
+    let mut pos = 0;
+    for (i, want) in expect.iter().enumerate() {
+        match serial[pos..].find(want) {
+            Some(at) => pos += at + want.len(),
+            None => {
+                let place = if i == 0 {
+                    String::new()
+                } else {
+                    format!(" after {:?}", expect[i - 1])
+                };
+                let seen = if serial.contains(want) {
+                    " (only earlier: out of order)"
+                } else {
+                    ""
+                };
+                problems.push(format!("missing {want:?}{place}{seen}"));
+                break;
+            }
+        }
+    }
+    let found: Vec<String> = forbid
+        .iter()
+        .filter(|f| serial.contains(*f))
+        .map(|f| format!("{f:?}"))
+        .collect();
+    if !found.is_empty() {
+        problems.push(format!("forbidden {}", found.join(", ")));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+/// One test on one emulator, ready to start.
+struct Job<'a> {
+    test: &'a SysTest,
+    emu: Emulator,
+    serial: PathBuf,
+    /// How to launch, or why it cannot be.
+    launch: Result<Launch, String>,
+}
+
+enum Launch {
+    Qemu(Vec<String>),
+    Bochs(BochsFiles),
+}
+
+pub struct RunResult {
+    pub test: &'static str,
+    pub emu: Emulator,
+    pub passed: bool,
+    /// The PASS/FAIL line.
+    pub line: String,
+    pub serial: PathBuf,
+}
+
+impl RunResult {
+    /// The end of the serial log, for a failure report.
+    pub fn serial_tail(&self) -> Vec<String> {
+        let text = fs::read(&self.serial)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        util::tail(&text, FAILURE_TAIL)
+            .into_iter()
+            .map(String::from)
+            .collect()
+    }
+}
+
+/// Selects tests by name substring; an unmatched filter is an error.
+pub fn select(filter: Option<&str>) -> Result<Vec<&'static SysTest>> {
+    let tests: Vec<_> = TESTS
+        .iter()
+        .filter(|t| filter.is_none_or(|f| t.name.contains(f)))
+        .collect();
+    if tests.is_empty() {
+        let names: Vec<_> = TESTS.iter().map(|t| t.name).collect();
+        return Err(Error::Usage(format!(
+            "no system test matches {:?} (tests: {})",
+            filter.unwrap_or_default(),
+            names.join(", ")
+        )));
+    }
+    Ok(tests)
+}
+
+/// Prepares and runs `tests` on `emus`, at most two at a time, printing one
+/// line per run as it finishes.
+pub fn run_all(
+    tests: &[&'static SysTest],
+    emus: &[Emulator],
+    artifacts: &Artifacts,
+) -> Result<Vec<RunResult>> {
+    let dir = Path::new(SYSTEST_DIR);
+    fs::create_dir_all(dir).context(|| format!("cannot create {}", dir.display()))?;
+    let mut jobs = Vec::new();
+    for &test in tests {
+        let boot = boot_spec(test, artifacts);
+        // Bochs runs are the long ones: start them first.
+        for &emu in emus.iter().rev() {
+            let serial = dir.join(format!("{}-{}.log", test.name, emu.name()));
+            let launch = match &boot {
+                Ok(boot) => prepare(test, emu, boot, &serial).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            jobs.push(Job {
+                test,
+                emu,
+                serial,
+                launch,
+            });
+        }
+    }
+    jobs.sort_by_key(|j| j.emu != Emulator::Bochs);
+
+    let next = AtomicUsize::new(0);
+    let results = Mutex::new(Vec::new());
+    thread::scope(|s| {
+        for _ in 0..PARALLEL_RUNS.min(jobs.len()) {
+            s.spawn(|| {
+                while let Some(job) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    let result = execute(job);
+                    println!("{}", result.line);
+                    results.lock().expect("a run thread panicked").push(result);
+                }
+            });
+        }
+    });
+    let mut results = results.into_inner().expect("a run thread panicked");
+    results.sort_by_key(|r| (TESTS.iter().position(|t| t.name == r.test), r.emu.name()));
+    Ok(results)
+}
+
+/// The boot description of a test, writing the module files it generates.
+fn boot_spec(test: &SysTest, artifacts: &Artifacts) -> Result<BootSpec> {
+    let mut modules = Vec::new();
+    for m in test.modules {
+        let task = |name: &str| {
+            artifacts
+                .task(name)
+                .ok_or_else(|| Error::Other(format!("no user task named '{name}' was built")))
+        };
+        let file = match m.content {
+            Content::Task(name) => {
+                task(name)?;
+                Path::new(IMAGE_DIR).join(name)
+            }
+            Content::Truncated {
+                task: name,
+                len,
+                dir,
+            } => {
+                let bytes = fs::read(task(name)?).context(|| format!("cannot read task {name}"))?;
+                write_module(dir, m.name, &bytes[..len.min(bytes.len())])?
+            }
+            Content::Text { text, dir } => write_module(dir, m.name, text.as_bytes())?,
+        };
+        modules.push(Module {
+            name: m.name.to_string(),
+            file,
+            args: m.args.iter().map(|a| a.to_string()).collect(),
+        });
+    }
+    let kernel_args = std::iter::once(DEBUG_EXIT_ARG)
+        .chain(test.kernel_args.iter().copied())
+        .map(String::from)
+        .collect();
+    Ok(BootSpec {
+        kernel: Path::new(IMAGE_DIR).join(KERNEL_NAME),
+        kernel_args,
+        modules,
+    })
+}
+
+fn write_module(dir: &str, name: &str, bytes: &[u8]) -> Result<PathBuf> {
+    let dir = Path::new(SYSTEST_DIR).join(dir);
+    fs::create_dir_all(&dir).context(|| format!("cannot create {}", dir.display()))?;
+    let file = dir.join(name);
+    fs::write(&file, bytes).context(|| format!("cannot write {}", file.display()))?;
+    Ok(file)
+}
+
+fn prepare(test: &SysTest, emu: Emulator, boot: &BootSpec, serial: &Path) -> Result<Launch> {
+    emu::remove_stale(serial)?;
+    let dir = Path::new(SYSTEST_DIR);
+    match emu {
+        Emulator::Qemu => Ok(Launch::Qemu(emu::qemu_args(
+            boot,
+            Accel::Tcg,
+            Serial::File(serial),
+        )?)),
+        Emulator::Bochs => {
+            let iso = dir.join(format!("{}.iso", test.name));
+            boot.make_iso(&dir.join(format!("{}.isodir", test.name)), &iso)?;
+            let files = BochsFiles {
+                iso,
+                serial: serial.to_path_buf(),
+                log: dir.join(format!("{}-bochs.bochslog", test.name)),
+                bochsrc: dir.join(format!("{}.bochsrc", test.name)),
+                debugger_rc: dir.join("bochs.rc"),
+            };
+            emu::prepare_bochs(&files)?;
+            Ok(Launch::Bochs(files))
+        }
+    }
+}
+
+fn execute(job: &Job<'_>) -> RunResult {
+    let label = format!("{} [{}]", job.test.name, job.emu.name());
+    let fail = |line: String| RunResult {
+        test: job.test.name,
+        emu: job.emu,
+        passed: false,
+        line,
+        serial: job.serial.clone(),
+    };
+    let launch = match &job.launch {
+        Ok(launch) => launch,
+        Err(e) => return fail(format!("FAIL {label}: not started: {e}")),
+    };
+    // The emulator's own output goes next to the serial log.
+    let output = job.serial.with_extension("out");
+    let timeout = Some(job.emu.timeout());
+    let outcome = match launch {
+        Launch::Qemu(args) => emu::run_qemu(args, timeout, &output),
+        Launch::Bochs(files) => emu::run_bochs(files, timeout, false, &output),
+    };
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(e) => return fail(format!("FAIL {label}: {e}")),
+    };
+    let serial = fs::read(&job.serial)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let verdict = judge(
+        &serial,
+        &job.test.expected_on(job.emu),
+        &job.test.forbidden(),
+    );
+    let exit = match (&outcome.exit, launch) {
+        (Exit::Status(status), Launch::Bochs(files)) => match emu::bochs_stop_reason(&files.log) {
+            Some(reason) => format!("{}: {reason}", job.emu.describe_exit(*status)),
+            None => job.emu.describe_exit(*status),
+        },
+        (Exit::Status(status), Launch::Qemu(_)) => job.emu.describe_exit(*status),
+        (Exit::TimedOut, _) => format!("timed out after {}", util::secs(job.emu.timeout())),
+    };
+    let time = util::secs(outcome.elapsed);
+    match verdict {
+        Ok(()) => RunResult {
+            test: job.test.name,
+            emu: job.emu,
+            passed: true,
+            line: format!("PASS {label} {time}"),
+            serial: job.serial.clone(),
+        },
+        Err(why) => fail(format!("FAIL {label} {time}: {why} (emulator {exit})")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn judge_accepts_in_order() {
+        let serial = "svm: on\nroottask: hello\nmoat: no tasks left\n";
+        assert_eq!(
+            judge(serial, &["svm: on", "hello", "no tasks"], &["PANIC"]),
+            Ok(())
+        );
+        assert_eq!(judge("", &[], &["PANIC"]), Ok(()));
+    }
+
+    #[test]
+    fn judge_rejects_missing_and_out_of_order() {
+        let err = judge("a b", &["a", "c"], &[]).unwrap_err();
+        assert_eq!(err, "missing \"c\" after \"a\"");
+        let err = judge("second first", &["first", "second"], &[]).unwrap_err();
+        assert_eq!(
+            err,
+            "missing \"second\" after \"first\" (only earlier: out of order)"
+        );
+        let err = judge("", &["x"], &[]).unwrap_err();
+        assert_eq!(err, "missing \"x\"");
+    }
+
+    #[test]
+    fn judge_matches_do_not_overlap() {
+        // The same string twice needs two occurrences.
+        assert!(judge("ok", &["ok", "ok"], &[]).is_err());
+        assert_eq!(judge("ok ok", &["ok", "ok"], &[]), Ok(()));
+    }
+
+    #[test]
+    fn judge_rejects_forbidden_even_when_expected_is_there() {
+        let serial = "hello\nKERNEL PANIC at x\n";
+        let err = judge(serial, &["hello"], FORBIDDEN).unwrap_err();
+        assert_eq!(err, "forbidden \"KERNEL PANIC\"");
+        let err = judge("exception in kernel mode", &["hello"], FORBIDDEN).unwrap_err();
+        assert_eq!(
+            err,
+            "missing \"hello\"; forbidden \"exception in kernel mode\""
+        );
+    }
+
+    #[test]
+    fn per_emulator_expectations() {
+        let boot = TESTS.iter().find(|t| t.name == "boot").unwrap();
+        let qemu = boot.expected_on(Emulator::Qemu);
+        let bochs = boot.expected_on(Emulator::Bochs);
+        assert!(qemu.contains(&"svm: on") && !qemu.contains(&"vmx: on"));
+        assert!(bochs.contains(&"vmx: on") && !bochs.contains(&"svm: on"));
+        for shared in [HELLO, NO_TASKS_LEFT] {
+            assert!(qemu.contains(&shared) && bochs.contains(&shared));
+        }
+    }
+
+    #[test]
+    fn table_is_well_formed() {
+        for (i, t) in TESTS.iter().enumerate() {
+            assert!(
+                TESTS[..i].iter().all(|u| u.name != t.name),
+                "duplicate {}",
+                t.name
+            );
+            assert!(!t.expect.is_empty(), "{} expects nothing", t.name);
+            let forbidden = t.forbidden();
+            for e in t.expect {
+                assert!(
+                    forbidden.iter().all(|f| !e.text.contains(f)),
+                    "{} forbids what it expects: {}",
+                    t.name,
+                    e.text
+                );
+            }
+            let waived = FORBIDDEN.iter().filter(|f| !forbidden.contains(f)).count();
+            assert!(
+                waived == 0 || t.name == "kernel_fault",
+                "{} waives a forbidden string",
+                t.name
+            );
+            for m in t.modules {
+                if let Content::Task(task) = m.content {
+                    // QEMU names a module after its file.
+                    assert_eq!(
+                        m.name, task,
+                        "{}: module must be named after its task",
+                        t.name
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn selection() {
+        assert_eq!(select(None).unwrap().len(), TESTS.len());
+        let picked: Vec<_> = select(Some("module"))
+            .unwrap()
+            .iter()
+            .map(|t| t.name)
+            .collect();
+        assert_eq!(picked, ["no_modules", "truncated_module", "not_elf_module"]);
+        assert!(select(Some("nonesuch")).is_err());
+    }
+
+    fn fake_artifacts() -> Artifacts {
+        Artifacts {
+            kernel: "target/kernel/k".into(),
+            tasks: vec![("roottask", "target/user/roottask".into())],
+        }
+    }
+
+    #[test]
+    fn qemu_initrd_for_table_entries() {
+        let artifacts = fake_artifacts();
+        let fault = TESTS.iter().find(|t| t.name == "user_fault").unwrap();
+        let boot = boot_spec(fault, &artifacts).unwrap();
+        assert_eq!(boot.kernel_args, ["debug-exit"]);
+        assert_eq!(
+            boot.qemu_initrd().unwrap().as_deref(),
+            Some("target/image/roottask fault")
+        );
+        let none = TESTS.iter().find(|t| t.name == "no_modules").unwrap();
+        assert_eq!(
+            boot_spec(none, &artifacts).unwrap().qemu_initrd().unwrap(),
+            None
+        );
+    }
+}
