@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::util::{self, describe};
-use crate::{Error, Result};
+use crate::{Context, Error, Result};
 
 pub const TARGET: &str = "x86_64-unknown-none";
 
@@ -92,7 +92,11 @@ fn build_kernel() -> Result<PathBuf> {
     let mut cmd = cross_cargo(KERNEL_TARGET_DIR, KERNEL_RUSTFLAGS);
     cmd.args(["-p", KERNEL_PACKAGE, "--bin", KERNEL_BINARY]);
     run_build("kernel", &mut cmd)?;
-    existing(artifact(KERNEL_TARGET_DIR, KERNEL_BINARY))
+    let kernel = existing(artifact(KERNEL_TARGET_DIR, KERNEL_BINARY))?;
+    let bytes = std::fs::read(&kernel).context(|| format!("reading {}", kernel.display()))?;
+    crate::mbcheck::check(&bytes)
+        .map_err(|e| Error::Other(format!("{}: Multiboot layout: {e}", kernel.display())))?;
+    Ok(kernel)
 }
 
 fn build_user_tasks() -> Result<Vec<(&'static str, PathBuf)>> {

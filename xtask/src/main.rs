@@ -11,6 +11,7 @@ mod cli;
 mod emu;
 mod harness;
 mod image;
+mod mbcheck;
 mod run;
 mod setup;
 mod systest;

@@ -5,6 +5,7 @@
 
 mod arch;
 mod console;
+mod heap;
 mod memory;
 mod syscall;
 mod task;

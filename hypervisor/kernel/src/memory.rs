@@ -139,6 +139,15 @@ pub fn alloc_zeroed_page() -> Option<(u64, &'static mut [u8; 4096])> {
     Some((phys, page))
 }
 
+/// `count` contiguous zeroed frames; the physical address of the first.
+pub fn alloc_contiguous(count: usize) -> Option<u64> {
+    let phys = FRAMES.lock().as_mut()?.alloc_contiguous(count, PAGE_SIZE)?;
+    // SAFETY: the allocator just handed out these frames, so nothing else
+    // refers to them; they are RAM reached through the direct map.
+    unsafe { core::ptr::write_bytes(phys_to_virt(phys) as *mut u8, 0, count * PAGE_SIZE as usize) };
+    Some(phys)
+}
+
 pub fn free_frame(phys: u64) {
     if let Some(frames) = FRAMES.lock().as_mut() {
         if let Err(error) = frames.free(phys) {
