@@ -2,7 +2,11 @@
 //! the host as well as in the kernel binary.
 #![cfg_attr(not(test), no_std)]
 
+extern crate alloc;
+
+pub mod cap;
 pub mod elf;
 pub mod frame;
 pub mod multiboot;
 pub mod paging;
+pub mod sched;
