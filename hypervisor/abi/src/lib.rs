@@ -1,39 +1,78 @@
 //! The kernel ABI, shared by the kernel and the user runtime.
 //!
-//! A call is a `syscall` instruction with the call number in `rax` and up to
-//! six arguments in `rdi`, `rsi`, `rdx`, `r10`, `r8`, `r9`. The kernel returns
-//! a [`Status`] in `rax`; `rcx` and `r11` are clobbered by the instruction
-//! itself, every other register is preserved. See README.md for each call.
+//! A call is a `syscall` instruction. `rax` holds the call number (bits
+//! 0..8), flags (bits 8..16) and the selector of the object the call acts on
+//! (bits 16..64); the arguments are in `rdi`, `rsi`, `rdx`, `r10`, `r8`,
+//! `r9`. The kernel returns a [`Status`] in `rax`; IPC calls return message
+//! words in the argument registers. `rcx` and `r11` are clobbered by the
+//! instruction itself; every other register is preserved unless the call
+//! says otherwise. README.md documents every call.
 #![no_std]
 #![forbid(unsafe_code)]
 
-use core::fmt;
+mod status;
+mod utcb;
+
+pub use status::Status;
+pub use utcb::{BootInfo, BootModule, ExceptionMessage, TypedItem, Utcb, UTCB_WORDS};
 
 /// Largest number of bytes one `console_write` call takes.
 pub const CONSOLE_WRITE_MAX: usize = 4096;
+/// Message words carried in registers (`rdi`, `rsi`, `rdx`, `r10`, `r8`, `r9`).
+pub const MESSAGE_REGISTERS: usize = 6;
+/// Scheduling priorities: 0 (lowest) to 63.
+pub const PRIORITIES: u8 = 64;
+pub const PAGE_SIZE: u64 = 4096;
 
-/// Call numbers (`rax` on entry).
+/// Call numbers (`rax` bits 0..8).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(usize)]
+#[repr(u8)]
 pub enum Call {
-    /// Write bytes to the kernel console.
     ConsoleWrite = 0,
-    /// End the calling task.
     Exit = 1,
+    Call = 2,
+    Reply = 3,
+    CreatePd = 4,
+    CreateEc = 5,
+    CreateSc = 6,
+    CreatePt = 7,
+    CreateSm = 8,
+    SmUp = 9,
+    SmDown = 10,
+    Delegate = 11,
+    Revoke = 12,
+    IrqAssign = 13,
+    IrqUnmask = 14,
 }
 
 impl Call {
-    pub const ALL: [Call; 2] = [Call::ConsoleWrite, Call::Exit];
+    pub const ALL: [Call; 15] = [
+        Call::ConsoleWrite,
+        Call::Exit,
+        Call::Call,
+        Call::Reply,
+        Call::CreatePd,
+        Call::CreateEc,
+        Call::CreateSc,
+        Call::CreatePt,
+        Call::CreateSm,
+        Call::SmUp,
+        Call::SmDown,
+        Call::Delegate,
+        Call::Revoke,
+        Call::IrqAssign,
+        Call::IrqUnmask,
+    ];
 
-    pub const fn number(self) -> usize {
-        self as usize
+    pub const fn number(self) -> u8 {
+        self as u8
     }
 }
 
-impl TryFrom<usize> for Call {
+impl TryFrom<u8> for Call {
     type Error = Status;
 
-    fn try_from(number: usize) -> Result<Self, Status> {
+    fn try_from(number: u8) -> Result<Self, Status> {
         Call::ALL
             .into_iter()
             .find(|call| call.number() == number)
@@ -41,57 +80,142 @@ impl TryFrom<usize> for Call {
     }
 }
 
-/// The one status enum of the ABI (`rax` on return).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(usize)]
-pub enum Status {
-    Success = 0,
-    /// The call number is not a call.
-    BadCall = 1,
-    /// A pointer argument names memory the caller cannot access.
-    BadAddress = 2,
-    /// An argument is out of its range.
-    BadParameter = 3,
+/// Flags (`rax` bits 8..16); which apply is said per call.
+pub mod flags {
+    /// `call`, `sm_down`: fail with `WouldBlock` instead of waiting.
+    pub const NONBLOCK: u8 = 1 << 0;
+    /// `create_ec`: the EC is a portal handler (no SC of its own; it runs
+    /// when a portal bound to it is called, on the caller's SC).
+    pub const HANDLER: u8 = 1 << 1;
+    /// `revoke`: remove the named capabilities themselves too, not only
+    /// what was delegated from them.
+    pub const SELF: u8 = 1 << 2;
 }
 
-impl Status {
-    pub const ALL: [Status; 4] = [
-        Status::Success,
-        Status::BadCall,
-        Status::BadAddress,
-        Status::BadParameter,
-    ];
+/// The decoded `rax` of a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallWord {
+    pub number: u8,
+    pub flags: u8,
+    pub selector: u64,
+}
 
-    pub const fn code(self) -> usize {
-        self as usize
+/// Largest selector (48 bits).
+pub const SELECTOR_MAX: u64 = (1 << 48) - 1;
+
+impl CallWord {
+    pub const fn new(call: Call, flags: u8, selector: u64) -> Self {
+        Self {
+            number: call.number(),
+            flags,
+            selector,
+        }
     }
 
-    /// Decodes `rax` after a call; an unknown code is reported as-is.
-    pub fn from_code(code: usize) -> Result<Status, usize> {
-        Status::ALL
-            .into_iter()
-            .find(|status| status.code() == code)
-            .ok_or(code)
+    pub const fn encode(self) -> u64 {
+        self.number as u64 | (self.flags as u64) << 8 | (self.selector & SELECTOR_MAX) << 16
     }
 
-    pub fn into_result(self) -> Result<(), Status> {
-        match self {
-            Status::Success => Ok(()),
-            error => Err(error),
+    pub const fn decode(rax: u64) -> Self {
+        Self {
+            number: rax as u8,
+            flags: (rax >> 8) as u8,
+            selector: rax >> 16,
         }
     }
 }
 
-impl fmt::Display for Status {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Status::Success => "success",
-            Status::BadCall => "no such call",
-            Status::BadAddress => "bad address",
-            Status::BadParameter => "bad parameter",
-        })
+/// The kinds of capability space each PD has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Space {
+    /// Kernel objects, by selector.
+    Object = 0,
+    /// Memory, by virtual page number (address / 4096).
+    Memory = 1,
+    /// I/O ports, by port number.
+    Io = 2,
+    /// Interrupts, by global system interrupt (GSI) number.
+    Irq = 3,
+}
+
+impl TryFrom<u64> for Space {
+    type Error = Status;
+
+    fn try_from(value: u64) -> Result<Self, Status> {
+        match value {
+            0 => Ok(Space::Object),
+            1 => Ok(Space::Memory),
+            2 => Ok(Space::Io),
+            3 => Ok(Space::Irq),
+            _ => Err(Status::BadParameter),
+        }
     }
 }
+
+/// Rights bits, whose meaning depends on what the capability names.
+pub mod rights {
+    /// PD: create objects charged to it, delegate into it, destroy it (by
+    /// revoking).
+    pub const PD_CONTROL: u8 = 1 << 0;
+    /// EC: bind an SC (global EC) or portals (handler EC) to it.
+    pub const EC_BIND: u8 = 1 << 0;
+    /// SC: reserved for scheduling control.
+    pub const SC_CONTROL: u8 = 1 << 0;
+    /// PT: call it.
+    pub const PT_CALL: u8 = 1 << 0;
+    /// SM: up.
+    pub const SM_UP: u8 = 1 << 0;
+    /// SM: down.
+    pub const SM_DOWN: u8 = 1 << 1;
+    /// Memory: read, write, execute.
+    pub const MEM_READ: u8 = 1 << 0;
+    pub const MEM_WRITE: u8 = 1 << 1;
+    pub const MEM_EXECUTE: u8 = 1 << 2;
+    /// I/O port: access it.
+    pub const IO_ACCESS: u8 = 1 << 0;
+    /// Interrupt: assign it to a semaphore and unmask it.
+    pub const IRQ_CONTROL: u8 = 1 << 0;
+    pub const ALL: u8 = 0xff;
+}
+
+/// Selectors the kernel fills in the object space of every new PD.
+pub mod selectors {
+    /// The PD itself (with `PD_CONTROL`).
+    pub const SELF_PD: u64 = 0;
+    /// The root task's first EC and its SC (root task only).
+    pub const ROOT_EC: u64 = 1;
+    pub const ROOT_SC: u64 = 2;
+    /// The first selector free for the PD's own use.
+    pub const FIRST_FREE: u64 = 16;
+}
+
+/// Fixed addresses of every task's address space.
+///
+/// A task starts at its ELF entry with `rsp` 16-byte aligned and pointing at
+/// a `u64` length `n` followed by `n` bytes of its argument string (UTF-8).
+/// Its first EC's UTCB is at [`layout::MAIN_UTCB`]; its stack ends at
+/// [`layout::STACK_TOP`]. The kernel sets the root task up this way, and the
+/// root task does the same for the components it starts.
+pub mod layout {
+    /// The root task's read-only [`crate::BootInfo`] page.
+    pub const BOOT_INFO: u64 = 0x0000_7fff_f000_0000;
+    /// The UTCB of a task's first EC.
+    pub const MAIN_UTCB: u64 = 0x0000_7fff_f000_1000;
+    /// The top of a task's first stack (exclusive).
+    pub const STACK_TOP: u64 = 0x0000_7fff_e000_0000;
+    /// The root task's stack size; components get what the root gives.
+    pub const ROOT_STACK_SIZE: u64 = 64 * 1024;
+    /// Where the kernel maps the root task's memory pool.
+    pub const ROOT_POOL: u64 = 0x0000_1000_0000_0000;
+    /// Where the kernel maps the other boot modules into the root task
+    /// (each page aligned, one after the other).
+    pub const ROOT_MODULES: u64 = 0x0000_2000_0000_0000;
+}
+
+/// The vector of an [`ExceptionMessage`] that reports an `exit` call rather
+/// than a CPU exception.
+pub const EXIT_VECTOR: u64 = 0x100;
 
 #[cfg(test)]
 mod tests {
@@ -102,23 +226,31 @@ mod tests {
         for call in Call::ALL {
             assert_eq!(Call::try_from(call.number()), Ok(call));
         }
-        assert_eq!(Call::try_from(Call::ALL.len()), Err(Status::BadCall));
-        assert_eq!(Call::try_from(usize::MAX), Err(Status::BadCall));
+        assert_eq!(Call::try_from(Call::ALL.len() as u8), Err(Status::BadCall));
+        assert_eq!(Call::try_from(u8::MAX), Err(Status::BadCall));
     }
 
     #[test]
-    fn status_codes_round_trip() {
-        for status in Status::ALL {
-            assert_eq!(Status::from_code(status.code()), Ok(status));
+    fn call_word_round_trips() {
+        for call in Call::ALL {
+            for flags in [0, flags::NONBLOCK, 0xff] {
+                for selector in [0, 1, 4095, SELECTOR_MAX] {
+                    let word = CallWord::new(call, flags, selector);
+                    assert_eq!(CallWord::decode(word.encode()), word);
+                }
+            }
         }
-        assert_eq!(Status::from_code(9999), Err(9999));
+        // A selector wider than 48 bits is cut, never spills into flags.
+        let wide = CallWord::new(Call::Call, 0, u64::MAX).encode();
+        assert_eq!(CallWord::decode(wide).flags, 0);
+        assert_eq!(CallWord::decode(wide).selector, SELECTOR_MAX);
     }
 
     #[test]
-    fn only_success_is_ok() {
-        assert_eq!(Status::Success.into_result(), Ok(()));
-        for status in &Status::ALL[1..] {
-            assert_eq!(status.into_result(), Err(*status));
+    fn spaces_decode() {
+        for space in [Space::Object, Space::Memory, Space::Io, Space::Irq] {
+            assert_eq!(Space::try_from(space as u64), Ok(space));
         }
+        assert_eq!(Space::try_from(4), Err(Status::BadParameter));
     }
 }
