@@ -14,7 +14,10 @@ mod status;
 mod utcb;
 
 pub use status::Status;
-pub use utcb::{BootInfo, BootModule, ExceptionMessage, TypedItem, Utcb, UTCB_WORDS};
+pub use utcb::{
+    exception_reply, BootInfo, BootModule, ExceptionMessage, TypedItem, Utcb, BOOT_INFO_MAGIC,
+    BOOT_MODULES_MAX, TYPED_COUNT_MAX, UTCB_WORDS,
+};
 
 /// Largest number of bytes one `console_write` call takes.
 pub const CONSOLE_WRITE_MAX: usize = 4096;

@@ -10,8 +10,16 @@ use crate::arch::x86_64::layout::{phys_to_virt, DIRECT_MAP_BASE};
 use crate::memory;
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr::{null_mut, NonNull};
+use core::sync::atomic::{AtomicUsize, Ordering};
 use moat_kernel::frame::PAGE_SIZE;
 use spin::Mutex;
+
+/// Frames the heap holds: slab pages (kept for good) and large blocks.
+static PAGES: AtomicUsize = AtomicUsize::new(0);
+
+pub fn pages() -> usize {
+    PAGES.load(Ordering::Relaxed)
+}
 
 const MIN_CLASS_SHIFT: u32 = 4;
 const MAX_CLASS_SHIFT: u32 = 11;
@@ -52,6 +60,7 @@ impl Heap {
         let Some((_, page)) = memory::alloc_zeroed_page() else {
             return false;
         };
+        PAGES.fetch_add(1, Ordering::Relaxed);
         let block_size = 1usize << (class as u32 + MIN_CLASS_SHIFT);
         let base = page.as_mut_ptr();
         for offset in (0..PAGE_SIZE as usize).step_by(block_size).rev() {
@@ -94,7 +103,10 @@ unsafe impl GlobalAlloc for KernelHeap {
             Some(class) => self.0.lock().alloc_small(class),
             None if layout.align() <= PAGE_SIZE as usize => {
                 match memory::alloc_contiguous(pages_for(layout)) {
-                    Some(phys) => phys_to_virt(phys) as *mut u8,
+                    Some(phys) => {
+                        PAGES.fetch_add(pages_for(layout), Ordering::Relaxed);
+                        phys_to_virt(phys) as *mut u8
+                    }
                     None => null_mut(),
                 }
             }
@@ -121,6 +133,7 @@ unsafe impl GlobalAlloc for KernelHeap {
                 for page in 0..pages_for(layout) as u64 {
                     memory::free_frame(phys + page * PAGE_SIZE);
                 }
+                PAGES.fetch_sub(pages_for(layout), Ordering::Relaxed);
             }
         }
     }

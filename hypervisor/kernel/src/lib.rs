@@ -4,6 +4,7 @@
 
 extern crate alloc;
 
+pub mod arena;
 pub mod cap;
 pub mod elf;
 pub mod frame;

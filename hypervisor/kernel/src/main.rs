@@ -5,11 +5,20 @@
 
 mod arch;
 mod console;
+mod ec;
 mod heap;
+mod kernel;
 mod memory;
+mod pd;
+mod pt;
+mod root;
+mod sc;
+mod scheduler;
+mod sm;
 mod syscall;
-mod task;
 mod util;
+
+extern crate alloc;
 
 use arch::x86_64::{
     acpi, boot, cpu, entry, features, gdt, idt, lapic, layout, pit, svm, trap, vmx,
@@ -136,7 +145,7 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
         unsafe { core::arch::asm!("ud2") };
     }
 
-    task::start_root_task(&boot_info)
+    root::start(&boot_info, timer.tsc_hz)
 }
 
 fn enable_virtualization(features: &features::Features) {

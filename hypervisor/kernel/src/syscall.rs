@@ -1,30 +1,229 @@
-//! System calls: decode the call, check its arguments, act.
+//! System calls: decode the call word, look up and check capabilities, act.
 
 use crate::arch::x86_64::entry::TrapFrame;
-use crate::{console, task};
-use moat_abi::{Call, Status, CONSOLE_WRITE_MAX};
+use crate::arch::x86_64::layout::{phys_to_virt, USER_END};
+use crate::console;
+use crate::kernel::{EcId, Kernel, KERNEL};
+use moat_abi::{
+    flags, rights, Call, CallWord, ExceptionMessage, Space, Status, CONSOLE_WRITE_MAX, EXIT_VECTOR,
+    PAGE_SIZE,
+};
+use moat_kernel::cap::{Rights, SlotRef};
+use moat_kernel::paging::MapFlags;
 
-pub fn dispatch(frame: &mut TrapFrame) {
-    let status = match Call::try_from(frame.rax as usize) {
-        Ok(Call::ConsoleWrite) => console_write(frame.rdi, frame.rsi),
-        Ok(Call::Exit) => task::exit_current(frame.rdi as i64),
-        Err(status) => status,
-    };
-    frame.rax = status.code() as u64;
+/// Largest `count` of one `delegate` or `revoke`.
+const MAX_COUNT: u64 = 65536;
+
+/// The SYSCALL entry's Rust half: acts for the current EC, then leaves the
+/// kernel for whichever EC runs next.
+pub extern "C" fn syscall_entry(_frame: *mut TrapFrame) -> *const TrapFrame {
+    {
+        let mut guard = KERNEL.lock();
+        if let Some(kernel) = guard.as_mut() {
+            if let Some(ec) = kernel.current {
+                kernel.syscall(ec);
+            }
+        }
+    }
+    crate::scheduler::leave()
 }
 
-fn console_write(address: u64, len: u64) -> Status {
-    let Ok(len) = usize::try_from(len) else {
-        return Status::BadParameter;
-    };
-    if len > CONSOLE_WRITE_MAX {
-        return Status::BadParameter;
+impl Kernel {
+    fn syscall(&mut self, ec: EcId) {
+        let Some(e) = self.ecs.get(ec) else { return };
+        let regs = &e.regs;
+        let word = CallWord::decode(regs.rax);
+        let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9];
+        let (pd, rip, rsp) = (e.pd, regs.rip, regs.rsp);
+        let sel = word.selector;
+        let nonblock = word.flags & flags::NONBLOCK != 0;
+        let status: Option<Status> = match Call::try_from(word.number) {
+            Err(status) => Some(status),
+            Ok(Call::ConsoleWrite) => Some(self.console_write(pd, args[0], args[1])),
+            Ok(Call::Exit) => {
+                let message = ExceptionMessage {
+                    vector: EXIT_VECTOR,
+                    error_code: args[0],
+                    rip,
+                    rsp,
+                    fault_address: 0,
+                    ec_id: 0,
+                };
+                self.raise(ec, message);
+                None
+            }
+            Ok(Call::Call) => self.sys_call(ec, sel, nonblock).err(),
+            Ok(Call::Reply) => self.sys_reply(ec),
+            Ok(Call::CreatePd) => Some(self.sys_create_pd(pd, sel, args[0], args[1], args[2])),
+            Ok(Call::CreateEc) => Some(done(self.sys_create_ec(
+                pd,
+                sel,
+                word.flags & flags::HANDLER != 0,
+                args[0],
+                args[1],
+                args[2],
+                args[3],
+                args[4],
+                args[5],
+            ))),
+            Ok(Call::CreateSc) => Some(done(
+                self.sys_create_sc(pd, sel, args[0], args[1], args[2], args[3]),
+            )),
+            Ok(Call::CreatePt) => Some(done(
+                self.sys_create_pt(pd, sel, args[0], args[1], args[2], args[3]),
+            )),
+            Ok(Call::CreateSm) => Some(done(self.sys_create_sm(pd, sel, args[0], args[1]))),
+            Ok(Call::SmUp) => Some(done(
+                self.lookup_sm(pd, sel, rights::SM_UP)
+                    .map(|sm| self.sm_up(sm)),
+            )),
+            Ok(Call::SmDown) => match self
+                .lookup_sm(pd, sel, rights::SM_DOWN)
+                .and_then(|sm| self.sm_down(ec, sm, nonblock, args[0]))
+            {
+                Ok(true) => Some(Status::Success),
+                Ok(false) => None,
+                Err(status) => Some(status),
+            },
+            Ok(Call::Delegate) => Some(done(self.sys_delegate(pd, sel, args))),
+            Ok(Call::Revoke) => Some(done(self.sys_revoke(
+                pd,
+                word.flags & flags::SELF != 0,
+                args,
+            ))),
+            Ok(Call::IrqAssign) | Ok(Call::IrqUnmask) => Some(Status::BadCall),
+        };
+        if let Some(status) = status {
+            if let Some(e) = self.ecs.get_mut(ec) {
+                e.regs.rax = status.code();
+            }
+        }
     }
-    let mut buffer = [0u8; CONSOLE_WRITE_MAX];
-    let buffer = &mut buffer[..len];
-    if !task::copy_from_user(address, buffer) {
-        return Status::BadAddress;
+
+    fn console_write(&self, pd: crate::kernel::PdId, address: u64, len: u64) -> Status {
+        let Ok(len) = usize::try_from(len) else {
+            return Status::BadParameter;
+        };
+        if len > CONSOLE_WRITE_MAX {
+            return Status::BadParameter;
+        }
+        let mut buffer = [0u8; CONSOLE_WRITE_MAX];
+        let buffer = &mut buffer[..len];
+        if !self.copy_from_user(pd, address, buffer) {
+            return Status::BadAddress;
+        }
+        console::write_raw(buffer);
+        Status::Success
     }
-    console::write_raw(buffer);
-    Status::Success
+
+    /// Copies from `pd`'s memory; false if a byte is not user-readable.
+    pub fn copy_from_user(&self, pd: crate::kernel::PdId, address: u64, buffer: &mut [u8]) -> bool {
+        let Some(p) = self.pds.get(pd) else {
+            return false;
+        };
+        let mem = &crate::memory::KernelTables;
+        let mut done = 0;
+        while done < buffer.len() {
+            let Some(virt) = address.checked_add(done as u64) else {
+                return false;
+            };
+            if virt >= USER_END {
+                return false;
+            }
+            let Some(t) = p.space.translate(mem, virt) else {
+                return false;
+            };
+            if !t.flags.contains(MapFlags::USER) {
+                return false;
+            }
+            let take = ((PAGE_SIZE - virt % PAGE_SIZE) as usize).min(buffer.len() - done);
+            // SAFETY: the translation names a user page of this PD (RAM the
+            // kernel mapped for it), reached through the direct map.
+            let source =
+                unsafe { core::slice::from_raw_parts(phys_to_virt(t.phys) as *const u8, take) };
+            buffer[done..done + take].copy_from_slice(source);
+            done += take;
+        }
+        true
+    }
+
+    fn sys_delegate(
+        &mut self,
+        pd: crate::kernel::PdId,
+        sel: u64,
+        args: [u64; 6],
+    ) -> Result<(), Status> {
+        let dst = self.lookup_pd(pd, sel, rights::PD_CONTROL)?;
+        let kind = Space::try_from(args[0])?;
+        let (from, to, count, mask) = (args[1], args[2], args[3], args[4]);
+        if count == 0 || count > MAX_COUNT || mask > u64::from(u8::MAX) {
+            return Err(Status::BadParameter);
+        }
+        if matches!(kind, Space::Io | Space::Irq) {
+            self.materialize_platform_caps(pd, kind, from, count)?;
+        }
+        self.delegate(pd, dst, kind, from, to, count, mask as u8)
+    }
+
+    /// The root task may hand out any port or GSI: its capabilities are made
+    /// when first delegated, so they can be revoked like any other.
+    fn materialize_platform_caps(
+        &mut self,
+        pd: crate::kernel::PdId,
+        kind: Space,
+        from: u64,
+        count: u64,
+    ) -> Result<(), Status> {
+        let all_io = self.pds.get(pd).is_some_and(|p| p.all_io);
+        let limit = if kind == Space::Io { 1 << 16 } else { 256 };
+        if !all_io {
+            return Ok(());
+        }
+        if from.checked_add(count).is_none_or(|end| end > limit) {
+            return Err(Status::BadParameter);
+        }
+        let space = self.space_of(pd, kind)?;
+        for key in from..from + count {
+            if self.caps.lookup(SlotRef::new(space, key)).is_err() {
+                self.charge(pd, crate::kernel::CAP_SLOT_COST)?;
+                let payload = if kind == Space::Io {
+                    crate::kernel::Cap::Port
+                } else {
+                    crate::kernel::Cap::Gsi
+                };
+                if self
+                    .caps
+                    .insert_root(SlotRef::new(space, key), payload, Rights::ALL)
+                    .is_err()
+                {
+                    self.refund(pd, crate::kernel::CAP_SLOT_COST);
+                    return Err(Status::QuotaExceeded);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn sys_revoke(
+        &mut self,
+        pd: crate::kernel::PdId,
+        include_self: bool,
+        args: [u64; 6],
+    ) -> Result<(), Status> {
+        let kind = Space::try_from(args[0])?;
+        let (base, count) = (args[1], args[2]);
+        if count == 0 || count > MAX_COUNT || base.checked_add(count).is_none() {
+            return Err(Status::BadParameter);
+        }
+        let space = self.space_of(pd, kind)?;
+        for key in base..base + count {
+            // Empty slots are fine: there is nothing to revoke.
+            let _ = self.revoke_slot(SlotRef::new(space, key), include_self);
+        }
+        Ok(())
+    }
+}
+
+fn done(result: Result<(), Status>) -> Status {
+    result.err().unwrap_or(Status::Success)
 }

@@ -9,13 +9,19 @@ use x86::msr;
 #[repr(C)]
 pub struct PerCpu {
     self_pointer: u64,
+    /// Where SYSCALL saves the user registers: the end of the running EC's
+    /// register area.
     pub kernel_rsp: u64,
     pub user_rsp: u64,
     pub id: u64,
+    /// The top of this CPU's kernel stack, where Rust code runs.
+    pub stack_top: u64,
 }
 
 pub const PERCPU_KERNEL_RSP: usize = 8;
 pub const PERCPU_USER_RSP: usize = 16;
+pub const PERCPU_STACK_TOP: usize = 32;
+const _: () = assert!(core::mem::offset_of!(PerCpu, stack_top) == PERCPU_STACK_TOP);
 const _: () = assert!(core::mem::offset_of!(PerCpu, kernel_rsp) == PERCPU_KERNEL_RSP);
 const _: () = assert!(core::mem::offset_of!(PerCpu, user_rsp) == PERCPU_USER_RSP);
 
@@ -24,6 +30,7 @@ static mut BOOT_CPU: PerCpu = PerCpu {
     kernel_rsp: 0,
     user_rsp: 0,
     id: 0,
+    stack_top: 0,
 };
 static PERCPU_READY: AtomicBool = AtomicBool::new(false);
 
@@ -35,11 +42,21 @@ pub fn init_boot_cpu(kernel_stack_top: u64) {
     unsafe {
         (*percpu).self_pointer = percpu as u64;
         (*percpu).kernel_rsp = kernel_stack_top;
+        (*percpu).stack_top = kernel_stack_top;
         (*percpu).id = 0;
     }
     write_msr(msr::IA32_GS_BASE, percpu as u64);
     write_msr(msr::IA32_KERNEL_GSBASE, 0);
     PERCPU_READY.store(true, Ordering::Release);
+}
+
+/// Where the next SYSCALL saves the user registers.
+pub fn set_kernel_rsp(top: u64) {
+    // SAFETY: GS points at this CPU's PerCpu in the kernel; one CPU with
+    // interrupts off, so no concurrent access.
+    unsafe {
+        asm!("mov gs:[{}], {}", const PERCPU_KERNEL_RSP, in(reg) top, options(nostack, preserves_flags));
+    }
 }
 
 /// This CPU's number (0 before per-CPU data exists).

@@ -95,28 +95,41 @@ core::arch::global_asm!(
     "    .set vector, vector + 1",
     ".endr",
 
+    // From user mode the CPU pushed the frame at TSS.RSP0, the end of the
+    // running EC's register area, so the registers land in the EC; Rust
+    // code then runs on the kernel stack and returns the frame to resume.
     "interrupt_common:",
     "    test byte ptr [rsp + 24], 3",
     "    jz 2f",
     "    swapgs",
+    "    push_gprs",
+    "    mov rdi, rsp",
+    "    mov rsp, gs:[{stack_top}]",
+    "    cld",
+    "    call {user_interrupt}",
+    "    mov rdi, rax",
+    "    jmp return_to_frame",
+    // From kernel mode (the idle loop, or a kernel fault): on this stack.
     "2:",
     "    push_gprs",
     "    mov rdi, rsp",
     "    cld",
-    "    call {interrupt}",
+    "    call {kernel_interrupt}",
+    "    pop_gprs",
+    "    add rsp, 16",
+    "    iretq",
+
     ".global return_to_frame",
-    // rdi = frame (also the entry to start a user task).
+    // rdi = the frame of a user context to enter.
     "return_to_frame:",
     "    mov rsp, rdi",
     "    pop_gprs",
     "    add rsp, 16",
-    "    test byte ptr [rsp + 8], 3",
-    "    jz 3f",
     "    swapgs",
-    "3:",
     "    iretq",
 
-    // SYSCALL: rcx = user rip, r11 = user rflags, interrupts masked.
+    // SYSCALL: rcx = user rip, r11 = user rflags, interrupts masked. The
+    // frame is built in the running EC's register area, like an interrupt's.
     ".global syscall_entry",
     "syscall_entry:",
     "    swapgs",
@@ -131,20 +144,17 @@ core::arch::global_asm!(
     "    push {syscall_vector}",
     "    push_gprs",
     "    mov rdi, rsp",
+    "    mov rsp, gs:[{stack_top}]",
     "    cld",
     "    call {syscall}",
-    // Return with SYSRET; the dispatcher guarantees a canonical user rip.
-    "    pop_gprs",
-    "    add rsp, 16",
-    "    mov rcx, [rsp]",
-    "    mov r11, [rsp + 16]",
-    "    mov rsp, [rsp + 24]",
-    "    swapgs",
-    "    sysretq",
+    "    mov rdi, rax",
+    "    jmp return_to_frame",
     ".popsection",
     errmask = const ERROR_CODE_VECTORS,
-    interrupt = sym super::trap::interrupt_dispatch,
-    syscall = sym super::trap::syscall_dispatch,
+    user_interrupt = sym super::trap::user_interrupt,
+    kernel_interrupt = sym super::trap::kernel_interrupt,
+    syscall = sym crate::syscall::syscall_entry,
+    stack_top = const super::cpu::PERCPU_STACK_TOP,
     user_rsp = const PERCPU_USER_RSP,
     kernel_rsp = const PERCPU_KERNEL_RSP,
     user_ss = const USER_DS as u64,
@@ -174,13 +184,12 @@ pub fn init_syscall() {
     cpu::write_msr(msr::IA32_FMASK, SYSCALL_RFLAGS_MASK);
 }
 
-/// Leaves the kernel for the context in `frame`, resetting the kernel stack.
+/// Leaves the kernel for the user context in `frame`.
 ///
 /// # Safety
-/// `frame` must describe a user-mode context (CS and SS with RPL 3, a
-/// canonical rip) and stay valid until the iret has read it, so it must not
-/// live on the part of the kernel stack it is about to reuse: callers pass a
-/// copy placed at the top of the kernel stack or in static memory.
+/// `frame` must be the register area of an EC prepared for entry
+/// (`Kernel::prepare_switch`): a user-mode context (CS and SS with RPL 3, a
+/// canonical rip) that stays valid until the iret has read it.
 pub unsafe fn enter_user(frame: *const TrapFrame) -> ! {
     // SAFETY: forwarded from the caller.
     unsafe { return_to_frame(frame) }

@@ -26,7 +26,6 @@ const DATA: u64 = 0x0000_9200_0000_0000;
 const DPL3: u64 = 3 << 45;
 
 #[repr(C, packed(4))]
-#[derive(Default)]
 pub struct Tss {
     reserved0: u32,
     pub rsp: [u64; 3],
@@ -41,7 +40,15 @@ pub struct Tss {
 struct IstStacks([[u8; IST_STACK_SIZE]; IST_COUNT]);
 
 static mut IST_STACKS: IstStacks = IstStacks([[0; IST_STACK_SIZE]; IST_COUNT]);
-static TSS: Once<Tss> = Once::new();
+static mut TSS: Tss = Tss {
+    reserved0: 0,
+    rsp: [0; 3],
+    reserved1: 0,
+    ist: [0; 7],
+    reserved2: 0,
+    reserved3: 0,
+    iomap_base: size_of::<Tss>() as u16,
+};
 static GDT: Once<[u64; 7]> = Once::new();
 
 #[repr(C, packed(2))]
@@ -61,21 +68,28 @@ fn tss_descriptor(tss: &Tss) -> [u64; 2] {
     [low, base >> 32]
 }
 
+/// Where the CPU puts the registers on the next interrupt from user mode:
+/// the end of the register area of the EC about to run.
+pub fn set_kernel_entry_stack(top: u64) {
+    // SAFETY: one CPU, interrupts off in the kernel: nobody else touches
+    // the TSS now, and the CPU reads RSP0 only on an interrupt from ring 3.
+    unsafe { (*core::ptr::addr_of_mut!(TSS)).rsp[0] = top };
+}
+
 /// Loads the GDT and TSS; `kernel_stack_top` is where the CPU switches to on
 /// an interrupt from user mode.
 pub fn init(kernel_stack_top: u64) {
     let ist_base = core::ptr::addr_of!(IST_STACKS) as u64;
-    let tss = TSS.call_once(|| {
-        let mut tss = Tss {
-            iomap_base: size_of::<Tss>() as u16,
-            ..Tss::default()
-        };
+    // SAFETY: runs once on the boot CPU before the TSS is loaded; nothing
+    // else refers to it yet.
+    let tss = unsafe {
+        let tss = &mut *core::ptr::addr_of_mut!(TSS);
         tss.rsp[0] = kernel_stack_top;
         for slot in 0..IST_COUNT {
             tss.ist[slot] = ist_base + ((slot + 1) * IST_STACK_SIZE) as u64;
         }
-        tss
-    });
+        &*tss
+    };
     let [tss_low, tss_high] = tss_descriptor(tss);
     let gdt = GDT.call_once(|| {
         [

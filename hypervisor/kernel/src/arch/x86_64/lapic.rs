@@ -30,6 +30,8 @@ const DIVIDE_BY_16: u32 = 0b0011;
 const CALIBRATION_PIT_TICKS: u16 = (pit::FREQUENCY_HZ / 100) as u16;
 const CALIBRATION_PER_SECOND: u64 = 100;
 pub const TICK_HZ: u64 = 100;
+/// Microseconds per timer tick.
+pub const TICK_US: u64 = 1_000_000 / TICK_HZ;
 
 static X2APIC: AtomicBool = AtomicBool::new(false);
 static MMIO_BASE: AtomicU64 = AtomicU64::new(0);

@@ -1,12 +1,14 @@
 //! What happens after an entry: exceptions, interrupts and system calls.
 
-use super::entry::{TrapFrame, SYSCALL_VECTOR};
+use super::entry::TrapFrame;
 use super::{cpu, lapic};
 use crate::console;
+use moat_abi::ExceptionMessage;
 
 pub const VECTOR_TIMER: u64 = 0x20;
 pub const VECTOR_SPURIOUS: u64 = 0xff;
 const NMI: u64 = 2;
+const VECTOR_PAGE_FAULT: u64 = 14;
 
 const EXCEPTION_NAMES: [&str; 32] = [
     "#DE divide error",
@@ -51,13 +53,39 @@ pub fn exception_name(vector: u64) -> &'static str {
         .unwrap_or("interrupt")
 }
 
-pub extern "C" fn interrupt_dispatch(frame: &mut TrapFrame) {
-    match frame.vector {
-        NMI => log::warn!("NMI at rip {:#x}", frame.rip),
-        0..=31 if frame.is_user() => crate::task::user_exception(frame),
-        0..=31 => kernel_exception(frame),
+/// An interrupt or exception from user mode; `frame` is the running EC's
+/// register area. Returns the frame of the EC to enter next.
+pub extern "C" fn user_interrupt(frame: *mut TrapFrame) -> *const TrapFrame {
+    // SAFETY: the entry stub passes the registers it just saved, in the
+    // running EC's register area, which nothing else touches meanwhile.
+    let (vector, error_code, rip, rsp) = unsafe {
+        let f = &*frame;
+        (f.vector, f.error_code, f.rip, f.rsp)
+    };
+    match vector {
+        NMI => log::warn!("NMI at rip {rip:#x}"),
+        0..=31 => {
+            let message = ExceptionMessage {
+                vector,
+                error_code,
+                rip,
+                rsp,
+                fault_address: if vector == VECTOR_PAGE_FAULT {
+                    cpu::read_cr2()
+                } else {
+                    0
+                },
+                ec_id: 0,
+            };
+            let mut guard = crate::kernel::KERNEL.lock();
+            if let Some(kernel) = guard.as_mut() {
+                if let Some(ec) = kernel.current {
+                    kernel.raise(ec, message);
+                }
+            }
+        }
         VECTOR_TIMER => {
-            lapic::timer_tick();
+            crate::scheduler::tick();
             lapic::end_of_interrupt();
         }
         VECTOR_SPURIOUS => {}
@@ -66,11 +94,24 @@ pub extern "C" fn interrupt_dispatch(frame: &mut TrapFrame) {
             lapic::end_of_interrupt();
         }
     }
+    crate::scheduler::leave()
 }
 
-pub extern "C" fn syscall_dispatch(frame: &mut TrapFrame) {
-    debug_assert_eq!(frame.vector, SYSCALL_VECTOR);
-    crate::syscall::dispatch(frame);
+/// An interrupt in kernel mode (the idle loop) or a kernel exception.
+pub extern "C" fn kernel_interrupt(frame: &mut TrapFrame) {
+    match frame.vector {
+        NMI => log::warn!("NMI at rip {:#x}", frame.rip),
+        0..=31 => kernel_exception(frame),
+        VECTOR_TIMER => {
+            crate::scheduler::tick();
+            lapic::end_of_interrupt();
+        }
+        VECTOR_SPURIOUS => {}
+        vector => {
+            log::warn!("unexpected interrupt vector {vector:#x}");
+            lapic::end_of_interrupt();
+        }
+    }
 }
 
 /// An exception in kernel mode is a kernel bug: print everything and stop.

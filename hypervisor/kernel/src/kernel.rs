@@ -1,0 +1,542 @@
+//! The kernel's state: every object, every capability space, the run queues
+//! and the running EC, behind one lock (the kernel runs with interrupts off
+//! and is not preemptible, so the lock only makes that exclusion explicit).
+//!
+//! The object files (`pd.rs`, `ec.rs`, `sc.rs`, `pt.rs`, `sm.rs`) add the
+//! calls on each object as `impl Kernel` blocks; this file holds what they
+//! share: capability glue with reference-counted object lifetime, quotas,
+//! and scheduling.
+
+use crate::arch::x86_64::entry::TrapFrame;
+use crate::arch::x86_64::{cpu, gdt};
+use crate::ec::{Ec, EcState};
+use crate::pd::Pd;
+use crate::pt::Pt;
+use crate::sc::Sc;
+use crate::sm::Sm;
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use moat_abi::{Space, Status};
+use moat_kernel::arena::{Arena, Id};
+use moat_kernel::cap::{CapError, CapSystem, Capability, Rights, SlotRef, SpaceId};
+use moat_kernel::sched::RunQueues;
+use spin::Mutex;
+
+pub type PdId = Id<Pd>;
+pub type EcId = Id<Box<Ec>>;
+pub type ScId = Id<Sc>;
+pub type PtId = Id<Pt>;
+pub type SmId = Id<Sm>;
+
+/// What an object capability names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Object {
+    Pd(PdId),
+    Ec(EcId),
+    Sc(ScId),
+    Pt(PtId),
+    Sm(SmId),
+}
+
+/// The payload of a capability in any of a PD's spaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cap {
+    Object(Object),
+    /// A page of memory; `owned`: the kernel allocated the frame for this
+    /// (original) capability and frees it when the capability goes.
+    Frame {
+        phys: u64,
+        owned: bool,
+    },
+    Port,
+    Gsi,
+}
+
+/// Kernel memory charged per capability slot.
+pub const CAP_SLOT_COST: u64 = 96;
+
+pub static KERNEL: Mutex<Option<Kernel>> = Mutex::new(None);
+
+pub struct Kernel {
+    pub caps: CapSystem<Cap>,
+    /// Which PD and which of its spaces a capability space is.
+    pub space_owner: Vec<Option<(PdId, Space)>>,
+    pub pds: Arena<Pd>,
+    pub ecs: Arena<Box<Ec>>,
+    pub scs: Arena<Sc>,
+    pub pts: Arena<Pt>,
+    pub sms: Arena<Sm>,
+    pub run: RunQueues<ScId>,
+    /// The EC on the CPU (holding the current SC), if any.
+    pub current: Option<EcId>,
+    /// ECs waiting with a deadline (absolute TSC).
+    pub timeouts: Vec<(u64, EcId)>,
+    /// The root task's first EC: when it ends, the system stops.
+    pub root_ec: Option<EcId>,
+    pub root_pd: Option<PdId>,
+    pub tsc_hz: u64,
+    /// Objects whose last capability went, to destroy after the revoke.
+    doomed: Vec<Object>,
+}
+
+/// A PD's capabilities to itself do not keep it alive: it lives as long as
+/// others hold it.
+fn counts(holder: PdId, object: Object) -> bool {
+    object != Object::Pd(holder)
+}
+
+pub fn status_of(error: CapError) -> Status {
+    match error {
+        CapError::NoSpace(_) | CapError::Empty(_) => Status::BadCapability,
+        CapError::Occupied(_) => Status::Occupied,
+        CapError::SpaceFull(_) | CapError::OutOfMemory | CapError::TooManySpaces => {
+            Status::QuotaExceeded
+        }
+        CapError::InsufficientRights { .. } => Status::InsufficientRights,
+        CapError::NoRights => Status::BadParameter,
+    }
+}
+
+impl Kernel {
+    pub fn new(tsc_hz: u64) -> Self {
+        Self {
+            caps: CapSystem::new(),
+            space_owner: Vec::new(),
+            pds: Arena::new(),
+            ecs: Arena::new(),
+            scs: Arena::new(),
+            pts: Arena::new(),
+            sms: Arena::new(),
+            run: RunQueues::new(),
+            current: None,
+            timeouts: Vec::new(),
+            root_ec: None,
+            root_pd: None,
+            tsc_hz,
+            doomed: Vec::new(),
+        }
+    }
+
+    // ---- quotas ----
+
+    pub fn charge(&mut self, pd: PdId, bytes: u64) -> Result<(), Status> {
+        let pd = self.pds.get_mut(pd).ok_or(Status::BadCapability)?;
+        pd.quota.charge(bytes)
+    }
+
+    pub fn refund(&mut self, pd: PdId, bytes: u64) {
+        if let Some(pd) = self.pds.get_mut(pd) {
+            pd.quota.refund(bytes);
+        }
+    }
+
+    // ---- capability spaces ----
+
+    pub fn space_of(&self, pd: PdId, space: Space) -> Result<SpaceId, Status> {
+        let pd = self.pds.get(pd).ok_or(Status::BadCapability)?;
+        Ok(pd.spaces[space as usize])
+    }
+
+    fn pd_of_space(&self, space: SpaceId) -> Option<(PdId, Space)> {
+        self.space_owner.get(space as usize).copied().flatten()
+    }
+
+    pub fn register_space(&mut self, space: SpaceId, pd: PdId, kind: Space) -> Result<(), Status> {
+        let index = space as usize;
+        if self.space_owner.len() <= index {
+            self.space_owner
+                .try_reserve(index + 1 - self.space_owner.len())
+                .map_err(|_| Status::QuotaExceeded)?;
+            self.space_owner.resize(index + 1, None);
+        }
+        self.space_owner[index] = Some((pd, kind));
+        Ok(())
+    }
+
+    /// The capability at `selector` in `pd`'s object space, with `needed`
+    /// rights.
+    pub fn lookup_object(&self, pd: PdId, selector: u64, needed: u8) -> Result<Object, Status> {
+        let space = self.space_of(pd, Space::Object)?;
+        let cap = self
+            .caps
+            .lookup_with(
+                SlotRef::new(space, selector),
+                Rights::from_bits_retain(needed),
+            )
+            .map_err(status_of)?;
+        match cap.object {
+            Cap::Object(object) => Ok(object),
+            _ => Err(Status::BadCapability),
+        }
+    }
+
+    pub fn lookup_pd(&self, pd: PdId, selector: u64, needed: u8) -> Result<PdId, Status> {
+        match self.lookup_object(pd, selector, needed)? {
+            Object::Pd(id) if self.pds.contains(id) => Ok(id),
+            _ => Err(Status::BadCapability),
+        }
+    }
+
+    pub fn lookup_ec(&self, pd: PdId, selector: u64, needed: u8) -> Result<EcId, Status> {
+        match self.lookup_object(pd, selector, needed)? {
+            Object::Ec(id) if self.ecs.contains(id) => Ok(id),
+            _ => Err(Status::BadCapability),
+        }
+    }
+
+    pub fn lookup_pt(&self, pd: PdId, selector: u64, needed: u8) -> Result<PtId, Status> {
+        match self.lookup_object(pd, selector, needed)? {
+            Object::Pt(id) if self.pts.contains(id) => Ok(id),
+            _ => Err(Status::BadCapability),
+        }
+    }
+
+    pub fn lookup_sm(&self, pd: PdId, selector: u64, needed: u8) -> Result<SmId, Status> {
+        match self.lookup_object(pd, selector, needed)? {
+            Object::Sm(id) if self.sms.contains(id) => Ok(id),
+            _ => Err(Status::BadCapability),
+        }
+    }
+
+    /// Puts an original capability for a new object at `selector` of
+    /// `holder`'s object space, charging the slot to `holder`.
+    pub fn install_object(
+        &mut self,
+        holder: PdId,
+        selector: u64,
+        object: Object,
+    ) -> Result<(), Status> {
+        let space = self.space_of(holder, Space::Object)?;
+        self.charge(holder, CAP_SLOT_COST)?;
+        if let Err(error) = self.caps.insert_root(
+            SlotRef::new(space, selector),
+            Cap::Object(object),
+            Rights::ALL,
+        ) {
+            self.refund(holder, CAP_SLOT_COST);
+            return Err(status_of(error));
+        }
+        if counts(holder, object) {
+            self.object_ref(object, 1);
+        }
+        Ok(())
+    }
+
+    /// Checks that `selector` is free in `holder`'s object space.
+    pub fn object_slot_free(&self, holder: PdId, selector: u64) -> Result<(), Status> {
+        let space = self.space_of(holder, Space::Object)?;
+        match self.caps.lookup(SlotRef::new(space, selector)) {
+            Ok(_) => Err(Status::Occupied),
+            Err(CapError::Empty(_)) => {
+                if self.caps.len(space) >= self.caps.limit(space).unwrap_or(0) {
+                    Err(Status::QuotaExceeded)
+                } else {
+                    Ok(())
+                }
+            }
+            Err(error) => Err(status_of(error)),
+        }
+    }
+
+    fn object_ref(&mut self, object: Object, delta: i32) -> u32 {
+        let count = match object {
+            Object::Pd(id) => self.pds.get_mut(id).map(|o| &mut o.caps),
+            Object::Ec(id) => self.ecs.get_mut(id).map(|o| &mut o.caps),
+            Object::Sc(id) => self.scs.get_mut(id).map(|o| &mut o.caps),
+            Object::Pt(id) => self.pts.get_mut(id).map(|o| &mut o.caps),
+            Object::Sm(id) => self.sms.get_mut(id).map(|o| &mut o.caps),
+        };
+        match count {
+            Some(count) => {
+                *count = count.saturating_add_signed(delta);
+                *count
+            }
+            None => 0,
+        }
+    }
+
+    /// Derives `count` capabilities from `from` (space of the caller) to
+    /// `to` in `dst`, masked to `rights`; all or nothing.
+    pub fn delegate(
+        &mut self,
+        src: PdId,
+        dst: PdId,
+        kind: Space,
+        from: u64,
+        to: u64,
+        count: u64,
+        rights: u8,
+    ) -> Result<(), Status> {
+        let src_space = self.space_of(src, kind)?;
+        let dst_space = self.space_of(dst, kind)?;
+        if kind == Space::Memory && rights & moat_abi::rights::MEM_READ == 0 {
+            return Err(Status::BadParameter);
+        }
+        let mask = Rights::from_bits_retain(rights);
+        for i in 0..count {
+            let (Some(source), Some(target)) = (from.checked_add(i), to.checked_add(i)) else {
+                return Err(Status::BadParameter);
+            };
+            if let Err(status) =
+                self.delegate_one(src_space, dst, dst_space, kind, source, target, mask)
+            {
+                // Undo what this call did.
+                for j in 0..i {
+                    let _ = self.revoke_slot(SlotRef::new(dst_space, to + j), true);
+                }
+                return Err(status);
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn delegate_one(
+        &mut self,
+        src_space: SpaceId,
+        dst: PdId,
+        dst_space: SpaceId,
+        kind: Space,
+        source: u64,
+        target: u64,
+        mask: Rights,
+    ) -> Result<(), Status> {
+        let from = SlotRef::new(src_space, source);
+        let to = SlotRef::new(dst_space, target);
+        let cap = self.caps.lookup(from).map_err(status_of)?.clone();
+        let rights = cap.rights & mask;
+        if rights.is_empty() {
+            return Err(Status::InsufficientRights);
+        }
+        self.charge(dst, CAP_SLOT_COST)?;
+        let payload = match cap.object {
+            Cap::Frame { phys, .. } => Cap::Frame { phys, owned: false },
+            other => other,
+        };
+        if let Err(error) = self.caps.delegate_with(from, to, mask, payload) {
+            self.refund(dst, CAP_SLOT_COST);
+            return Err(status_of(error));
+        }
+        match payload {
+            Cap::Object(object) => {
+                if counts(dst, object) {
+                    self.object_ref(object, 1);
+                }
+            }
+            Cap::Frame { phys, .. } if kind == Space::Memory => {
+                if let Err(status) = self.map_page(dst, target, phys, rights.bits()) {
+                    let _ = self.revoke_slot(to, true);
+                    return Err(status);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Removes what was derived from `at` (and `at` itself if asked),
+    /// undoing mappings and destroying objects whose last capability went.
+    pub fn revoke_slot(&mut self, at: SlotRef, include_self: bool) -> Result<usize, Status> {
+        let mut removed = Vec::new();
+        let result = self
+            .caps
+            .revoke(at, include_self, |slot, cap| removed.push((slot, cap)));
+        for (slot, cap) in removed {
+            self.capability_gone(slot, cap);
+        }
+        self.destroy_doomed();
+        result.map_err(status_of)
+    }
+
+    /// Bookkeeping for one capability that just left its space.
+    pub fn capability_gone(&mut self, slot: SlotRef, cap: Capability<Cap>) {
+        let Some((pd, kind)) = self.pd_of_space(slot.space) else {
+            return;
+        };
+        self.refund(pd, CAP_SLOT_COST);
+        match cap.object {
+            Cap::Object(object) => {
+                if counts(pd, object) && self.object_ref(object, -1) == 0 {
+                    self.doomed.push(object);
+                }
+            }
+            Cap::Frame { phys, owned } => {
+                if kind == Space::Memory {
+                    self.unmap_page(pd, slot.key);
+                }
+                if owned {
+                    crate::memory::free_frame(phys);
+                }
+            }
+            Cap::Port | Cap::Gsi => {}
+        }
+    }
+
+    pub fn destroy_doomed(&mut self) {
+        while let Some(object) = self.doomed.pop() {
+            match object {
+                Object::Pd(id) => self.destroy_pd(id),
+                Object::Ec(id) => self.destroy_ec(id),
+                Object::Sc(id) => self.destroy_sc(id),
+                Object::Pt(id) => self.destroy_pt(id),
+                Object::Sm(id) => self.destroy_sm(id),
+            }
+        }
+    }
+
+    /// Schedules destruction of an object (its owner PD is going away).
+    pub fn doom(&mut self, object: Object) {
+        self.doomed.push(object);
+    }
+
+    // ---- scheduling ----
+
+    /// The EC's SC goes on the run queue (unless it is the current EC's).
+    pub fn make_ready(&mut self, ec: EcId) {
+        let Some(sc) = self.ecs.get(ec).and_then(|e| e.sc) else {
+            return;
+        };
+        if self.current == Some(ec) {
+            return;
+        }
+        if let Some(priority) = self.scs.get(sc).map(|s| s.priority) {
+            if !self.run.contains(sc) {
+                let _ = self.run.enqueue(sc, priority);
+            }
+        }
+    }
+
+    /// Takes the EC off the CPU or the run queue (it blocks or dies).
+    pub fn make_unready(&mut self, ec: EcId) {
+        if self.current == Some(ec) {
+            self.current = None;
+        }
+        if let Some(sc) = self.ecs.get(ec).and_then(|e| e.sc) {
+            self.run.remove(sc);
+        }
+    }
+
+    /// Moves the SC held by `from` to `to` (donation on call, return on
+    /// reply).
+    pub fn pass_sc(&mut self, from: EcId, to: EcId) {
+        let sc = self.ecs.get_mut(from).and_then(|e| e.sc.take());
+        if let Some(sc) = sc {
+            self.run.remove(sc);
+            if let Some(s) = self.scs.get_mut(sc) {
+                s.holder = Some(to);
+            }
+            if let Some(e) = self.ecs.get_mut(to) {
+                e.sc = Some(sc);
+            }
+        }
+    }
+
+    fn priority_of(&self, ec: EcId) -> Option<u8> {
+        let sc = self.ecs.get(ec)?.sc?;
+        Some(self.scs.get(sc)?.priority)
+    }
+
+    /// Lets a higher-priority ready SC take the CPU from the current one.
+    pub fn preempt_if_needed(&mut self) {
+        let (Some(current), Some(best)) = (self.current, self.run.peek_priority()) else {
+            return;
+        };
+        let Some(mine) = self.priority_of(current) else {
+            return;
+        };
+        if best > mine {
+            if let Some(sc) = self.ecs.get(current).and_then(|e| e.sc) {
+                let _ = self.run.enqueue_front(sc, mine);
+            }
+            self.current = None;
+        }
+    }
+
+    /// The current SC's budget ran out: to the tail of its priority.
+    pub fn rotate_current(&mut self) {
+        let Some(current) = self.current else { return };
+        let Some(sc) = self.ecs.get(current).and_then(|e| e.sc) else {
+            return;
+        };
+        let expired = match self.scs.get_mut(sc) {
+            Some(s) => {
+                let expired = s.budget.charge(crate::arch::x86_64::lapic::TICK_US);
+                if expired {
+                    s.budget.replenish();
+                }
+                expired
+            }
+            None => false,
+        };
+        if expired && !self.run.is_empty() {
+            let priority = self.priority_of(current).unwrap_or(0);
+            let _ = self.run.enqueue(sc, priority);
+            self.current = None;
+        }
+    }
+
+    /// Who runs next: the current EC, or the head of the run queue.
+    pub fn pick(&mut self) -> Option<EcId> {
+        if let Some(current) = self.current {
+            if self
+                .ecs
+                .get(current)
+                .is_some_and(|e| e.state == EcState::Running && e.sc.is_some())
+            {
+                return Some(current);
+            }
+            self.current = None;
+        }
+        while let Some((sc, _)) = self.run.pick() {
+            let holder = self.scs.get(sc).and_then(|s| s.holder);
+            if let Some(ec) = holder {
+                if self
+                    .ecs
+                    .get(ec)
+                    .is_some_and(|e| e.state == EcState::Running && e.sc == Some(sc))
+                {
+                    self.current = Some(ec);
+                    return Some(ec);
+                }
+            }
+        }
+        None
+    }
+
+    /// Wakes ECs whose deadline passed, with `Timeout`.
+    pub fn expire_timeouts(&mut self, now: u64) {
+        let mut index = 0;
+        while index < self.timeouts.len() {
+            let (deadline, ec) = self.timeouts[index];
+            if deadline <= now {
+                self.timeouts.swap_remove(index);
+                self.timeout(ec);
+            } else {
+                index += 1;
+            }
+        }
+    }
+
+    /// Everything the CPU needs to enter `ec`: its stack slot for the next
+    /// entry, its address space; returns where its registers are.
+    pub fn prepare_switch(&mut self, ec: EcId) -> *const TrapFrame {
+        let (frame, root) = {
+            let Some(e) = self.ecs.get_mut(ec) else {
+                return core::ptr::null();
+            };
+            let frame = &mut e.regs as *mut TrapFrame;
+            (frame, self.pds.get(e.pd).map(|pd| pd.space.root()))
+        };
+        let top = frame as u64 + core::mem::size_of::<TrapFrame>() as u64;
+        gdt::set_kernel_entry_stack(top);
+        cpu::set_kernel_rsp(top);
+        if let Some(root) = root {
+            if cpu::read_cr3() != root {
+                // SAFETY: every PD's tables share the kernel half of the
+                // kernel's tables.
+                unsafe { cpu::write_cr3(root) };
+            }
+        }
+        frame
+    }
+}

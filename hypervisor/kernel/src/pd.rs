@@ -1,0 +1,311 @@
+//! Protection domains: an address space, four capability spaces and a
+//! kernel-memory quota.
+
+use crate::arch::x86_64::cpu;
+use crate::kernel::{Kernel, Object, PdId, CAP_SLOT_COST};
+use crate::memory::{self, KernelTables};
+use alloc::vec::Vec;
+use moat_abi::{rights, Space, Status, PAGE_SIZE};
+use moat_kernel::cap::SpaceId;
+use moat_kernel::paging::{AddressSpace, MapFlags, PageSize, TableMemory, LOWER_HALF, UPPER_HALF};
+
+/// Kernel memory a PD object costs its owner (the object and its root table).
+pub const PD_COST: u64 = 4096 + 512;
+/// Memory-space and I/O-space slots are limited by the quota only.
+const UNLIMITED: usize = usize::MAX;
+
+#[derive(Debug, Default)]
+pub struct Quota {
+    pub limit: u64,
+    pub used: u64,
+}
+
+impl Quota {
+    pub fn charge(&mut self, bytes: u64) -> Result<(), Status> {
+        let used = self.used.checked_add(bytes).ok_or(Status::QuotaExceeded)?;
+        if used > self.limit {
+            return Err(Status::QuotaExceeded);
+        }
+        self.used = used;
+        Ok(())
+    }
+
+    pub fn refund(&mut self, bytes: u64) {
+        self.used = self.used.saturating_sub(bytes);
+    }
+}
+
+pub struct Pd {
+    pub space: AddressSpace,
+    /// Capability spaces, indexed by `moat_abi::Space`.
+    pub spaces: [SpaceId; 4],
+    pub quota: Quota,
+    /// The PD that paid for this one and gave its quota.
+    pub owner: Option<PdId>,
+    /// Quota taken from the owner when this PD was made (returned when it
+    /// goes).
+    pub granted: u64,
+    /// Objects charged to this PD: they go when it goes.
+    pub owned: Vec<Object>,
+    pub caps: u32,
+    /// The root task may delegate any I/O port and GSI.
+    pub all_io: bool,
+    pub dying: bool,
+}
+
+/// Page tables of a PD, charged to its quota.
+struct ChargedTables<'a> {
+    quota: &'a mut Quota,
+}
+
+impl TableMemory for ChargedTables<'_> {
+    fn read_entry(&self, table: u64, index: usize) -> u64 {
+        KernelTables.read_entry(table, index)
+    }
+
+    fn write_entry(&mut self, table: u64, index: usize, value: u64) {
+        KernelTables.write_entry(table, index, value)
+    }
+
+    fn alloc_table(&mut self) -> Option<u64> {
+        self.quota.charge(PAGE_SIZE).ok()?;
+        let table = KernelTables.alloc_table();
+        if table.is_none() {
+            self.quota.refund(PAGE_SIZE);
+        }
+        table
+    }
+
+    fn free_table(&mut self, table: u64) {
+        self.quota.refund(PAGE_SIZE);
+        KernelTables.free_table(table);
+    }
+}
+
+fn flags_for(rights_bits: u8) -> MapFlags {
+    let mut flags = MapFlags::USER;
+    if rights_bits & rights::MEM_WRITE != 0 {
+        flags |= MapFlags::WRITABLE;
+    }
+    if rights_bits & rights::MEM_EXECUTE == 0 {
+        flags |= memory::no_execute();
+    }
+    flags
+}
+
+fn flush_page(virt: u64) {
+    // SAFETY: INVLPG only drops a TLB entry.
+    unsafe { core::arch::asm!("invlpg [{}]", in(reg) virt, options(nostack, preserves_flags)) };
+}
+
+impl Kernel {
+    /// A new PD with `quota` bytes, paid by `owner` (None: the root task,
+    /// paid by nobody) and an object space of `capacity` capabilities.
+    pub fn new_pd(
+        &mut self,
+        owner: Option<PdId>,
+        quota: u64,
+        capacity: usize,
+    ) -> Result<PdId, Status> {
+        if let Some(owner) = owner {
+            self.charge(
+                owner,
+                quota.checked_add(PD_COST).ok_or(Status::QuotaExceeded)?,
+            )?;
+        }
+        let undo = |k: &mut Kernel| {
+            if let Some(owner) = owner {
+                k.refund(owner, quota + PD_COST);
+            }
+        };
+        let Ok(space) = AddressSpace::new(&mut KernelTables) else {
+            undo(self);
+            return Err(Status::QuotaExceeded);
+        };
+        let mut space = space;
+        space.share_top_entries(&mut KernelTables, memory::kernel_root(), UPPER_HALF);
+        let mut spaces = [0; 4];
+        for (kind, slot) in spaces.iter_mut().enumerate() {
+            let limit = if kind == Space::Object as usize {
+                capacity
+            } else {
+                UNLIMITED
+            };
+            match self.caps.create_space(limit) {
+                Ok(id) => *slot = id,
+                Err(_) => {
+                    for made in &spaces[..kind] {
+                        let _ = self.caps.destroy_space(*made, |_, _| {});
+                    }
+                    space.free_tables(&mut KernelTables, LOWER_HALF);
+                    undo(self);
+                    return Err(Status::QuotaExceeded);
+                }
+            }
+        }
+        let pd = Pd {
+            space,
+            spaces,
+            quota: Quota {
+                limit: quota,
+                used: 0,
+            },
+            owner,
+            granted: quota,
+            owned: Vec::new(),
+            caps: 0,
+            all_io: owner.is_none(),
+            dying: false,
+        };
+        let Some(id) = self.pds.insert(pd) else {
+            undo(self);
+            return Err(Status::QuotaExceeded);
+        };
+        let kinds = [Space::Object, Space::Memory, Space::Io, Space::Irq];
+        for (space, kind) in spaces.into_iter().zip(kinds) {
+            self.register_space(space, id, kind)?;
+        }
+        // The PD's capability to itself.
+        if let Err(status) = self.install_object(id, moat_abi::selectors::SELF_PD, Object::Pd(id)) {
+            self.destroy_pd(id);
+            return Err(status);
+        }
+        Ok(id)
+    }
+
+    /// `create_pd`.
+    pub fn sys_create_pd(
+        &mut self,
+        caller: PdId,
+        selector: u64,
+        owner_sel: u64,
+        quota: u64,
+        capacity: u64,
+    ) -> Status {
+        let result = (|| {
+            let owner = self.lookup_pd(caller, owner_sel, rights::PD_CONTROL)?;
+            if capacity == 0 || capacity > 1 << 20 {
+                return Err(Status::BadParameter);
+            }
+            self.object_slot_free(caller, selector)?;
+            let pd = self.new_pd(Some(owner), quota, capacity as usize)?;
+            if let Some(o) = self.pds.get_mut(owner) {
+                let _ = o.owned.try_reserve(1);
+                if o.owned.capacity() > o.owned.len() {
+                    o.owned.push(Object::Pd(pd));
+                }
+            }
+            if let Err(status) = self.install_object(caller, selector, Object::Pd(pd)) {
+                self.doom(Object::Pd(pd));
+                self.destroy_doomed();
+                return Err(status);
+            }
+            Ok(())
+        })();
+        result.err().unwrap_or(Status::Success)
+    }
+
+    /// Maps a delegated page into `pd` at page number `vpn`.
+    pub fn map_page(
+        &mut self,
+        pd: PdId,
+        vpn: u64,
+        phys: u64,
+        rights_bits: u8,
+    ) -> Result<(), Status> {
+        let virt = vpn.checked_mul(PAGE_SIZE).ok_or(Status::BadParameter)?;
+        if virt >= crate::arch::x86_64::layout::USER_END || virt < PAGE_SIZE {
+            return Err(Status::BadParameter);
+        }
+        let pd = self.pds.get_mut(pd).ok_or(Status::BadCapability)?;
+        let mut tables = ChargedTables {
+            quota: &mut pd.quota,
+        };
+        pd.space
+            .map(
+                &mut tables,
+                virt,
+                phys,
+                PageSize::Size4K,
+                flags_for(rights_bits),
+            )
+            .map_err(|error| match error {
+                moat_kernel::paging::MapError::OutOfMemory => Status::QuotaExceeded,
+                moat_kernel::paging::MapError::AlreadyMapped(_) => Status::Occupied,
+                _ => Status::BadParameter,
+            })
+    }
+
+    pub fn unmap_page(&mut self, pd: PdId, vpn: u64) {
+        let Some(p) = self.pds.get_mut(pd) else {
+            return;
+        };
+        let virt = vpn.wrapping_mul(PAGE_SIZE);
+        if p.space.unmap(&mut KernelTables, virt).is_ok() && cpu::read_cr3() == p.space.root() {
+            flush_page(virt);
+        }
+    }
+
+    /// Tears a PD down: its ECs die, its capabilities go (and with them
+    /// what it delegated), its objects are destroyed, its memory and quota
+    /// return.
+    pub fn destroy_pd(&mut self, id: PdId) {
+        let Some(pd) = self.pds.get_mut(id) else {
+            return;
+        };
+        if pd.dying {
+            return;
+        }
+        pd.dying = true;
+        let owned = core::mem::take(&mut pd.owned);
+        let spaces = pd.spaces;
+        // ECs running in this PD die first, so nobody runs in a half-gone PD.
+        let ecs: Vec<_> = self
+            .ecs
+            .ids()
+            .filter(|&ec| self.ecs.get(ec).is_some_and(|e| e.pd == id))
+            .collect();
+        for ec in ecs {
+            self.destroy_ec(ec);
+        }
+        for object in owned {
+            self.doom(object);
+        }
+        self.destroy_doomed();
+        for space in spaces {
+            let mut removed = Vec::new();
+            let _ = self
+                .caps
+                .destroy_space(space, |slot, cap| removed.push((slot, cap)));
+            for (slot, cap) in removed {
+                self.capability_gone(slot, cap);
+            }
+            if let Some(entry) = self.space_owner.get_mut(space as usize) {
+                *entry = None;
+            }
+        }
+        self.destroy_doomed();
+        if let Some(pd) = self.pds.remove(id) {
+            if cpu::read_cr3() == pd.space.root() {
+                // SAFETY: the kernel's own tables map everything the kernel uses.
+                unsafe { cpu::write_cr3(memory::kernel_root()) };
+            }
+            let mut quota = pd.quota;
+            pd.space
+                .free_tables(&mut ChargedTables { quota: &mut quota }, LOWER_HALF);
+            if quota.used != 0 {
+                log::warn!(
+                    "pd {id:?}: {} bytes of quota still charged after teardown",
+                    quota.used
+                );
+            }
+            if let Some(owner) = pd.owner {
+                self.refund(owner, pd.granted + PD_COST);
+                if let Some(o) = self.pds.get_mut(owner) {
+                    o.owned.retain(|&object| object != Object::Pd(id));
+                }
+            }
+        }
+        let _ = CAP_SLOT_COST;
+    }
+}

@@ -1,0 +1,107 @@
+//! Scheduling contexts: a priority and a budget, bound to a global EC, and
+//! passed along IPC calls (donation).
+
+use crate::ec::{EcKind, EcState};
+use crate::kernel::{EcId, Kernel, Object, PdId};
+use moat_abi::{rights, Status, PRIORITIES};
+use moat_kernel::sched::Budget;
+
+pub struct Sc {
+    /// The EC it was bound to.
+    pub ec: EcId,
+    /// The EC running on it now (the bound EC, or a handler it was
+    /// donated to), if any.
+    pub holder: Option<EcId>,
+    pub priority: u8,
+    pub budget: Budget,
+    pub owner: PdId,
+    pub caps: u32,
+}
+
+pub const SC_COST: u64 = core::mem::size_of::<Sc>() as u64 + 32;
+/// Budgets are counted in timer ticks' worth of microseconds.
+const MAX_BUDGET_US: u64 = 10_000_000;
+
+impl Kernel {
+    /// `create_sc`: the EC starts running.
+    pub fn sys_create_sc(
+        &mut self,
+        caller: PdId,
+        selector: u64,
+        owner_sel: u64,
+        ec_sel: u64,
+        priority: u64,
+        budget_us: u64,
+    ) -> Result<(), Status> {
+        let owner = self.lookup_pd(caller, owner_sel, rights::PD_CONTROL)?;
+        let ec = self.lookup_ec(caller, ec_sel, rights::EC_BIND)?;
+        if priority >= u64::from(PRIORITIES) || budget_us == 0 || budget_us > MAX_BUDGET_US {
+            return Err(Status::BadParameter);
+        }
+        let e = self.ecs.get(ec).ok_or(Status::BadCapability)?;
+        if e.kind != EcKind::Global || e.sc.is_some() || e.state != EcState::Running {
+            return Err(Status::BadParameter);
+        }
+        self.object_slot_free(caller, selector)?;
+        let sc = self.new_sc(owner, ec, priority as u8, budget_us)?;
+        if let Err(status) = self.install_object(caller, selector, Object::Sc(sc)) {
+            self.destroy_sc(sc);
+            return Err(status);
+        }
+        Ok(())
+    }
+
+    /// An SC for `ec`, charged to `owner`; the EC becomes ready.
+    pub fn new_sc(
+        &mut self,
+        owner: PdId,
+        ec: EcId,
+        priority: u8,
+        budget_us: u64,
+    ) -> Result<crate::kernel::ScId, Status> {
+        self.charge(owner, SC_COST)?;
+        let sc = Sc {
+            ec,
+            holder: Some(ec),
+            priority,
+            budget: Budget::new(budget_us),
+            owner,
+            caps: 0,
+        };
+        let Some(id) = self.scs.insert(sc) else {
+            self.refund(owner, SC_COST);
+            return Err(Status::QuotaExceeded);
+        };
+        if let Some(p) = self.pds.get_mut(owner) {
+            if p.owned.try_reserve(1).is_ok() {
+                p.owned.push(Object::Sc(id));
+            }
+        }
+        if let Some(e) = self.ecs.get_mut(ec) {
+            e.sc = Some(id);
+        }
+        self.make_ready(ec);
+        Ok(id)
+    }
+
+    pub fn destroy_sc(&mut self, id: crate::kernel::ScId) {
+        let Some(sc) = self.scs.remove(id) else {
+            return;
+        };
+        self.run.remove(id);
+        if let Some(holder) = sc.holder {
+            if let Some(e) = self.ecs.get_mut(holder) {
+                if e.sc == Some(id) {
+                    e.sc = None;
+                }
+            }
+            if self.current == Some(holder) {
+                self.current = None;
+            }
+        }
+        self.refund(sc.owner, SC_COST);
+        if let Some(p) = self.pds.get_mut(sc.owner) {
+            p.owned.retain(|&o| o != Object::Sc(id));
+        }
+    }
+}

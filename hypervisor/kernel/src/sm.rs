@@ -1,0 +1,131 @@
+//! Semaphores: counting notifications between ECs and from interrupts.
+
+use crate::ec::EcState;
+use crate::kernel::{EcId, Kernel, Object, PdId, SmId};
+use alloc::collections::VecDeque;
+use moat_abi::{rights, Status};
+
+pub struct Sm {
+    pub count: u64,
+    pub waiters: VecDeque<EcId>,
+    pub owner: PdId,
+    pub caps: u32,
+}
+
+pub const SM_COST: u64 = core::mem::size_of::<Sm>() as u64 + 64;
+
+impl Kernel {
+    /// `create_sm`.
+    pub fn sys_create_sm(
+        &mut self,
+        caller: PdId,
+        selector: u64,
+        owner_sel: u64,
+        count: u64,
+    ) -> Result<(), Status> {
+        let owner = self.lookup_pd(caller, owner_sel, rights::PD_CONTROL)?;
+        self.object_slot_free(caller, selector)?;
+        self.charge(owner, SM_COST)?;
+        let sm = Sm {
+            count,
+            waiters: VecDeque::new(),
+            owner,
+            caps: 0,
+        };
+        let Some(id) = self.sms.insert(sm) else {
+            self.refund(owner, SM_COST);
+            return Err(Status::QuotaExceeded);
+        };
+        if let Some(p) = self.pds.get_mut(owner) {
+            if p.owned.try_reserve(1).is_ok() {
+                p.owned.push(Object::Sm(id));
+            }
+        }
+        if let Err(status) = self.install_object(caller, selector, Object::Sm(id)) {
+            self.destroy_sm(id);
+            return Err(status);
+        }
+        Ok(())
+    }
+
+    /// `sm_up`, also used for interrupts.
+    pub fn sm_up(&mut self, id: SmId) {
+        loop {
+            let Some(sm) = self.sms.get_mut(id) else {
+                return;
+            };
+            let Some(waiter) = sm.waiters.pop_front() else {
+                sm.count = sm.count.saturating_add(1);
+                return;
+            };
+            if let Some(e) = self.ecs.get_mut(waiter) {
+                if e.state == EcState::SmWait(id) {
+                    e.state = EcState::Running;
+                    e.regs.rax = Status::Success.code();
+                    self.timeouts.retain(|&(_, w)| w != waiter);
+                    self.make_ready(waiter);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// `sm_down`: Ok(true) counted down, Ok(false) the EC now waits.
+    pub fn sm_down(
+        &mut self,
+        ec: EcId,
+        id: SmId,
+        nonblock: bool,
+        deadline: u64,
+    ) -> Result<bool, Status> {
+        let sm = self.sms.get_mut(id).ok_or(Status::BadCapability)?;
+        if sm.count > 0 {
+            sm.count -= 1;
+            return Ok(true);
+        }
+        if nonblock {
+            return Err(Status::WouldBlock);
+        }
+        if deadline != 0 && deadline <= crate::arch::x86_64::cpu::rdtsc() {
+            return Err(Status::Timeout);
+        }
+        sm.waiters
+            .try_reserve(1)
+            .map_err(|_| Status::QuotaExceeded)?;
+        if deadline != 0 {
+            self.timeouts
+                .try_reserve(1)
+                .map_err(|_| Status::QuotaExceeded)?;
+            self.timeouts.push((deadline, ec));
+        }
+        if let Some(sm) = self.sms.get_mut(id) {
+            sm.waiters.push_back(ec);
+        }
+        self.make_unready(ec);
+        if let Some(e) = self.ecs.get_mut(ec) {
+            e.state = EcState::SmWait(id);
+        }
+        Ok(false)
+    }
+
+    pub fn destroy_sm(&mut self, id: SmId) {
+        let Some(sm) = self.sms.remove(id) else {
+            return;
+        };
+        for waiter in sm.waiters {
+            if let Some(e) = self.ecs.get_mut(waiter) {
+                if e.state == EcState::SmWait(id) {
+                    e.state = EcState::Running;
+                    e.regs.rax = Status::BadCapability.code();
+                    self.timeouts.retain(|&(_, w)| w != waiter);
+                    self.make_ready(waiter);
+                }
+            }
+        }
+        self.refund(sm.owner, SM_COST);
+        if let Some(p) = self.pds.get_mut(sm.owner) {
+            p.owned.retain(|&o| o != Object::Sm(id));
+        }
+        let _ = rights::SM_UP;
+    }
+}
