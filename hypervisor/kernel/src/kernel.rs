@@ -74,9 +74,13 @@ pub struct Kernel {
     /// The root task's first EC: when it ends, the system stops.
     pub root_ec: Option<EcId>,
     pub root_pd: Option<PdId>,
-    pub tsc_hz: u64,
     /// Objects whose last capability went, to destroy after the revoke.
     doomed: Vec<Object>,
+    /// Whose I/O bitmap the TSS holds: `Some(None)` means it must be
+    /// reloaded, `None` that it denies everything.
+    pub io_loaded: Option<Option<PdId>>,
+    /// The semaphore each GSI is assigned to.
+    pub irq_sms: [Option<SmId>; crate::arch::x86_64::ioapic::MAX_GSIS as usize],
 }
 
 /// A PD's capabilities to itself do not keep it alive: it lives as long as
@@ -98,7 +102,7 @@ pub fn status_of(error: CapError) -> Status {
 }
 
 impl Kernel {
-    pub fn new(tsc_hz: u64) -> Self {
+    pub fn new() -> Self {
         Self {
             caps: CapSystem::new(),
             space_owner: Vec::new(),
@@ -112,8 +116,9 @@ impl Kernel {
             timeouts: Vec::new(),
             root_ec: None,
             root_pd: None,
-            tsc_hz,
             doomed: Vec::new(),
+            io_loaded: None,
+            irq_sms: [None; crate::arch::x86_64::ioapic::MAX_GSIS as usize],
         }
     }
 
@@ -329,6 +334,12 @@ impl Kernel {
                     return Err(status);
                 }
             }
+            Cap::Port => {
+                if let Err(status) = self.set_port(dst, target, true) {
+                    let _ = self.revoke_slot(to, true);
+                    return Err(status);
+                }
+            }
             _ => {}
         }
         Ok(())
@@ -368,7 +379,12 @@ impl Kernel {
                     crate::memory::free_frame(phys);
                 }
             }
-            Cap::Port | Cap::Gsi => {}
+            Cap::Port => {
+                if !self.pds.get(pd).is_some_and(|p| p.dying) {
+                    let _ = self.set_port(pd, slot.key, false);
+                }
+            }
+            Cap::Gsi => {}
         }
     }
 
@@ -520,13 +536,19 @@ impl Kernel {
     /// Everything the CPU needs to enter `ec`: its stack slot for the next
     /// entry, its address space; returns where its registers are.
     pub fn prepare_switch(&mut self, ec: EcId) -> *const TrapFrame {
-        let (frame, root) = {
+        let (frame, root, pd) = {
             let Some(e) = self.ecs.get_mut(ec) else {
                 return core::ptr::null();
             };
             let frame = &mut e.regs as *mut TrapFrame;
-            (frame, self.pds.get(e.pd).map(|pd| pd.space.root()))
+            (frame, self.pds.get(e.pd).map(|pd| pd.space.root()), e.pd)
         };
+        let bitmap = self.pds.get(pd).and_then(|p| p.io_bitmap.as_deref());
+        let wanted = bitmap.map(|_| pd);
+        if self.io_loaded != Some(wanted) {
+            gdt::load_io_bitmap(bitmap);
+            self.io_loaded = Some(wanted);
+        }
         let top = frame as u64 + core::mem::size_of::<TrapFrame>() as u64;
         gdt::set_kernel_entry_stack(top);
         cpu::set_kernel_rsp(top);

@@ -21,7 +21,7 @@ mod util;
 extern crate alloc;
 
 use arch::x86_64::{
-    acpi, boot, cpu, entry, features, gdt, idt, lapic, layout, pit, svm, trap, vmx,
+    acpi, boot, cpu, entry, features, gdt, idt, ioapic, lapic, layout, pit, svm, trap, vmx,
 };
 use core::sync::atomic::{AtomicBool, Ordering};
 use features::Virtualization;
@@ -108,7 +108,12 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
     features::log_banner(&features);
 
     match acpi::discover() {
-        Ok(platform) => acpi::log_banner(&platform),
+        Ok(platform) => {
+            acpi::log_banner(&platform);
+            if let Some(first) = platform.ioapics().first() {
+                ioapic::init(first.address.into());
+            }
+        }
         Err(error) => log::warn!("acpi: {error}"),
     }
 

@@ -2,6 +2,7 @@
 //! kernel-memory quota.
 
 use crate::arch::x86_64::cpu;
+use crate::arch::x86_64::gdt::IO_BITMAP_BYTES;
 use crate::kernel::{Kernel, Object, PdId, CAP_SLOT_COST};
 use crate::memory::{self, KernelTables};
 use alloc::vec::Vec;
@@ -51,6 +52,8 @@ pub struct Pd {
     /// The root task may delegate any I/O port and GSI.
     pub all_io: bool,
     pub dying: bool,
+    /// Ports this PD may use (bit set = denied), once it holds any.
+    pub io_bitmap: Option<alloc::boxed::Box<[u8; IO_BITMAP_BYTES]>>,
 }
 
 /// Page tables of a PD, charged to its quota.
@@ -156,6 +159,7 @@ impl Kernel {
             caps: 0,
             all_io: owner.is_none(),
             dying: false,
+            io_bitmap: None,
         };
         let Some(id) = self.pds.insert(pd) else {
             undo(self);
@@ -246,6 +250,38 @@ impl Kernel {
         }
     }
 
+    /// Allows or denies `port` in `pd`'s I/O bitmap.
+    pub fn set_port(&mut self, pd: PdId, port: u64, allowed: bool) -> Result<(), Status> {
+        let Ok(port) = usize::try_from(port) else {
+            return Err(Status::BadParameter);
+        };
+        if port >= IO_BITMAP_BYTES * 8 {
+            return Err(Status::BadParameter);
+        }
+        let needs_bitmap = self.pds.get(pd).is_some_and(|p| p.io_bitmap.is_none());
+        if needs_bitmap {
+            if !allowed {
+                return Ok(());
+            }
+            self.charge(pd, IO_BITMAP_BYTES as u64)?;
+            let Some(p) = self.pds.get_mut(pd) else {
+                return Err(Status::BadCapability);
+            };
+            p.io_bitmap = Some(alloc::boxed::Box::new([0xff; IO_BITMAP_BYTES]));
+        }
+        let Some(bitmap) = self.pds.get_mut(pd).and_then(|p| p.io_bitmap.as_mut()) else {
+            return Err(Status::BadCapability);
+        };
+        if allowed {
+            bitmap[port / 8] &= !(1 << (port % 8));
+        } else {
+            bitmap[port / 8] |= 1 << (port % 8);
+        }
+        // Reload at the next switch.
+        self.io_loaded = Some(None);
+        Ok(())
+    }
+
     /// Tears a PD down: its ECs die, its capabilities go (and with them
     /// what it delegated), its objects are destroyed, its memory and quota
     /// return.
@@ -289,6 +325,9 @@ impl Kernel {
             if cpu::read_cr3() == pd.space.root() {
                 // SAFETY: the kernel's own tables map everything the kernel uses.
                 unsafe { cpu::write_cr3(memory::kernel_root()) };
+            }
+            if pd.io_bitmap.is_some() {
+                self.io_loaded = Some(None);
             }
             let mut quota = pd.quota;
             pd.space

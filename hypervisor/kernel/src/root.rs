@@ -69,7 +69,7 @@ pub fn start(boot: &Multiboot, tsc_hz: u64) -> ! {
         }
     };
     FRAMES_BEFORE.store(memory::free_frames() + heap::pages(), Ordering::Relaxed);
-    let mut kernel = Kernel::new(tsc_hz);
+    let mut kernel = Kernel::new();
     let mut args_buffer = [0u8; MAX_ARGS];
     let args = &args[..args.len().min(MAX_ARGS)];
     args_buffer[..args.len()].copy_from_slice(args.as_bytes());

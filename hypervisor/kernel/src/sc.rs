@@ -7,8 +7,6 @@ use moat_abi::{rights, Status, PRIORITIES};
 use moat_kernel::sched::Budget;
 
 pub struct Sc {
-    /// The EC it was bound to.
-    pub ec: EcId,
     /// The EC running on it now (the bound EC, or a handler it was
     /// donated to), if any.
     pub holder: Option<EcId>,
@@ -61,7 +59,6 @@ impl Kernel {
     ) -> Result<crate::kernel::ScId, Status> {
         self.charge(owner, SC_COST)?;
         let sc = Sc {
-            ec,
             holder: Some(ec),
             priority,
             budget: Budget::new(budget_us),

@@ -1,9 +1,11 @@
 //! Semaphores: counting notifications between ECs and from interrupts.
 
+use crate::arch::x86_64::{ioapic, lapic};
 use crate::ec::EcState;
 use crate::kernel::{EcId, Kernel, Object, PdId, SmId};
 use alloc::collections::VecDeque;
-use moat_abi::{rights, Status};
+use moat_abi::{rights, Space, Status};
+use moat_kernel::cap::{Rights, SlotRef};
 
 pub struct Sm {
     pub count: u64,
@@ -108,7 +110,69 @@ impl Kernel {
         Ok(false)
     }
 
+    /// A device interrupt on `gsi` (already masked and acknowledged).
+    pub fn interrupt(&mut self, gsi: u64) {
+        if let Some(sm) = self.irq_sms.get(gsi as usize).copied().flatten() {
+            self.sm_up(sm);
+            self.preempt_if_needed();
+        }
+    }
+
+    /// Whether `pd` may control `gsi`.
+    fn holds_gsi(&self, pd: PdId, gsi: u64) -> Result<(), Status> {
+        if !ioapic::present(gsi) {
+            return Err(Status::BadParameter);
+        }
+        if self.pds.get(pd).is_some_and(|p| p.all_io) {
+            return Ok(());
+        }
+        let space = self.space_of(pd, Space::Irq)?;
+        self.caps
+            .lookup_with(
+                SlotRef::new(space, gsi),
+                Rights::from_bits_retain(rights::IRQ_CONTROL),
+            )
+            .map(|_| ())
+            .map_err(crate::kernel::status_of)
+    }
+
+    /// `irq_assign`: the GSI now ups `sm` and is unmasked.
+    pub fn sys_irq_assign(
+        &mut self,
+        pd: PdId,
+        sm_sel: u64,
+        gsi: u64,
+        mode: u64,
+    ) -> Result<(), Status> {
+        let sm = self.lookup_sm(pd, sm_sel, rights::SM_UP)?;
+        self.holds_gsi(pd, gsi)?;
+        if mode > 3 {
+            return Err(Status::BadParameter);
+        }
+        self.irq_sms[gsi as usize] = Some(sm);
+        ioapic::route(gsi as u32, mode & 1 != 0, mode & 2 != 0, lapic::id());
+        Ok(())
+    }
+
+    /// `irq_unmask`.
+    pub fn sys_irq_unmask(&mut self, pd: PdId, gsi: u64) -> Result<(), Status> {
+        self.holds_gsi(pd, gsi)?;
+        if self.irq_sms[gsi as usize].is_none() {
+            return Err(Status::BadCapability);
+        }
+        ioapic::set_masked(gsi as u32, false);
+        Ok(())
+    }
+
     pub fn destroy_sm(&mut self, id: SmId) {
+        for (gsi, slot) in self.irq_sms.iter_mut().enumerate() {
+            if *slot == Some(id) {
+                *slot = None;
+                if ioapic::present(gsi as u64) {
+                    ioapic::set_masked(gsi as u32, true);
+                }
+            }
+        }
         let Some(sm) = self.sms.remove(id) else {
             return;
         };

@@ -91,7 +91,8 @@ impl Kernel {
                 word.flags & flags::SELF != 0,
                 args,
             ))),
-            Ok(Call::IrqAssign) | Ok(Call::IrqUnmask) => Some(Status::BadCall),
+            Ok(Call::IrqAssign) => Some(done(self.sys_irq_assign(pd, sel, args[0], args[1]))),
+            Ok(Call::IrqUnmask) => Some(done(self.sys_irq_unmask(pd, args[0]))),
         };
         if let Some(status) = status {
             if let Some(e) = self.ecs.get_mut(ec) {

@@ -39,6 +39,7 @@ pub struct TrapFrame {
 }
 
 impl TrapFrame {
+    #[allow(dead_code)]
     pub fn is_user(&self) -> bool {
         self.cs & 3 == 3
     }

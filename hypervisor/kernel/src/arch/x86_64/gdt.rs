@@ -40,14 +40,33 @@ pub struct Tss {
 struct IstStacks([[u8; IST_STACK_SIZE]; IST_COUNT]);
 
 static mut IST_STACKS: IstStacks = IstStacks([[0; IST_STACK_SIZE]; IST_COUNT]);
-static mut TSS: Tss = Tss {
-    reserved0: 0,
-    rsp: [0; 3],
-    reserved1: 0,
-    ist: [0; 7],
-    reserved2: 0,
-    reserved3: 0,
-    iomap_base: size_of::<Tss>() as u16,
+/// Bytes of the I/O permission bitmap: one bit per port, set = denied.
+pub const IO_BITMAP_BYTES: usize = 8192;
+
+/// The TSS with its I/O permission bitmap (plus the all-ones byte the CPU
+/// reads past the end).
+#[repr(C, packed(4))]
+struct TssArea {
+    tss: Tss,
+    io_bitmap: [u8; IO_BITMAP_BYTES],
+    terminator: u8,
+}
+
+/// An I/O map base past the TSS limit: every port is denied in ring 3.
+const IO_DENY_ALL: u16 = size_of::<TssArea>() as u16;
+
+static mut TSS: TssArea = TssArea {
+    tss: Tss {
+        reserved0: 0,
+        rsp: [0; 3],
+        reserved1: 0,
+        ist: [0; 7],
+        reserved2: 0,
+        reserved3: 0,
+        iomap_base: IO_DENY_ALL,
+    },
+    io_bitmap: [0xff; IO_BITMAP_BYTES],
+    terminator: 0xff,
 };
 static GDT: Once<[u64; 7]> = Once::new();
 
@@ -57,9 +76,9 @@ struct DescriptorPointer {
     base: u64,
 }
 
-fn tss_descriptor(tss: &Tss) -> [u64; 2] {
-    let base = tss as *const Tss as u64;
-    let limit = (size_of::<Tss>() - 1) as u64;
+fn tss_descriptor(tss: &TssArea) -> [u64; 2] {
+    let base = tss as *const TssArea as u64;
+    let limit = (size_of::<TssArea>() - 1) as u64;
     let low = (limit & 0xffff)
         | ((base & 0xff_ffff) << 16)
         | (0x89 << 40) // present, 64-bit available TSS
@@ -73,7 +92,24 @@ fn tss_descriptor(tss: &Tss) -> [u64; 2] {
 pub fn set_kernel_entry_stack(top: u64) {
     // SAFETY: one CPU, interrupts off in the kernel: nobody else touches
     // the TSS now, and the CPU reads RSP0 only on an interrupt from ring 3.
-    unsafe { (*core::ptr::addr_of_mut!(TSS)).rsp[0] = top };
+    unsafe { (*core::ptr::addr_of_mut!(TSS)).tss.rsp[0] = top };
+}
+
+/// Loads the I/O permission bitmap of the PD about to run (None: it may
+/// use no port).
+pub fn load_io_bitmap(bitmap: Option<&[u8; IO_BITMAP_BYTES]>) {
+    // SAFETY: one CPU, interrupts off in the kernel: nobody else touches
+    // the TSS now; the CPU reads the bitmap only for I/O in ring 3.
+    unsafe {
+        let area = &mut *core::ptr::addr_of_mut!(TSS);
+        match bitmap {
+            Some(bitmap) => {
+                area.io_bitmap = *bitmap;
+                area.tss.iomap_base = size_of::<Tss>() as u16;
+            }
+            None => area.tss.iomap_base = IO_DENY_ALL,
+        }
+    }
 }
 
 /// Loads the GDT and TSS; `kernel_stack_top` is where the CPU switches to on
@@ -83,12 +119,12 @@ pub fn init(kernel_stack_top: u64) {
     // SAFETY: runs once on the boot CPU before the TSS is loaded; nothing
     // else refers to it yet.
     let tss = unsafe {
-        let tss = &mut *core::ptr::addr_of_mut!(TSS);
-        tss.rsp[0] = kernel_stack_top;
+        let area = &mut *core::ptr::addr_of_mut!(TSS);
+        area.tss.rsp[0] = kernel_stack_top;
         for slot in 0..IST_COUNT {
-            tss.ist[slot] = ist_base + ((slot + 1) * IST_STACK_SIZE) as u64;
+            area.tss.ist[slot] = ist_base + ((slot + 1) * IST_STACK_SIZE) as u64;
         }
-        &*tss
+        &*area
     };
     let [tss_low, tss_high] = tss_descriptor(tss);
     let gdt = GDT.call_once(|| {

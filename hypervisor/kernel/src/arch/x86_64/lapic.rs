@@ -37,6 +37,12 @@ static X2APIC: AtomicBool = AtomicBool::new(false);
 static MMIO_BASE: AtomicU64 = AtomicU64::new(0);
 static TICKS: AtomicU64 = AtomicU64::new(0);
 static TIMER_HZ: AtomicU64 = AtomicU64::new(0);
+static ID: AtomicU64 = AtomicU64::new(0);
+
+/// This CPU's APIC id.
+pub fn id() -> u32 {
+    ID.load(Ordering::Relaxed) as u32
+}
 
 fn read(register: u32) -> u32 {
     if X2APIC.load(Ordering::Relaxed) {
@@ -86,6 +92,7 @@ pub fn init(use_x2apic: bool, timer_vector: u8, spurious_vector: u8) -> Calibrat
     } else {
         read(REG_ID) >> 24
     };
+    ID.store(id.into(), Ordering::Relaxed);
 
     write(REG_TIMER_DIVIDE, DIVIDE_BY_16);
     write(REG_LVT_TIMER, LVT_MASKED | u32::from(timer_vector));

@@ -7,6 +7,7 @@ pub mod entry;
 pub mod features;
 pub mod gdt;
 pub mod idt;
+pub mod ioapic;
 pub mod lapic;
 pub mod layout;
 pub mod pit;

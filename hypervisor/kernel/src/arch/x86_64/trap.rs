@@ -1,7 +1,7 @@
 //! What happens after an entry: exceptions, interrupts and system calls.
 
 use super::entry::TrapFrame;
-use super::{cpu, lapic};
+use super::{cpu, ioapic, lapic};
 use crate::console;
 use moat_abi::ExceptionMessage;
 
@@ -89,10 +89,7 @@ pub extern "C" fn user_interrupt(frame: *mut TrapFrame) -> *const TrapFrame {
             lapic::end_of_interrupt();
         }
         VECTOR_SPURIOUS => {}
-        vector => {
-            log::warn!("unexpected interrupt vector {vector:#x}");
-            lapic::end_of_interrupt();
-        }
+        vector => device_interrupt(vector),
     }
     crate::scheduler::leave()
 }
@@ -107,10 +104,23 @@ pub extern "C" fn kernel_interrupt(frame: &mut TrapFrame) {
             lapic::end_of_interrupt();
         }
         VECTOR_SPURIOUS => {}
-        vector => {
-            log::warn!("unexpected interrupt vector {vector:#x}");
-            lapic::end_of_interrupt();
+        vector => device_interrupt(vector),
+    }
+}
+
+/// A device interrupt: mask its GSI, acknowledge it, up its semaphore.
+fn device_interrupt(vector: u64) {
+    let gsi = vector.wrapping_sub(u64::from(ioapic::VECTOR_BASE));
+    if ioapic::present(gsi) {
+        ioapic::set_masked(gsi as u32, true);
+        lapic::end_of_interrupt();
+        let mut guard = crate::kernel::KERNEL.lock();
+        if let Some(kernel) = guard.as_mut() {
+            kernel.interrupt(gsi);
         }
+    } else {
+        log::warn!("unexpected interrupt vector {vector:#x}");
+        lapic::end_of_interrupt();
     }
 }
 
