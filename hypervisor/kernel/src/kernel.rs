@@ -126,7 +126,7 @@ impl Kernel {
 
     pub fn charge(&mut self, pd: PdId, bytes: u64) -> Result<(), Status> {
         let pd = self.pds.get_mut(pd).ok_or(Status::BadCapability)?;
-        pd.quota.charge(bytes)
+        pd.quota.charge(bytes).map_err(|_| Status::QuotaExceeded)
     }
 
     pub fn refund(&mut self, pd: PdId, bytes: u64) {

@@ -10,4 +10,5 @@ pub mod elf;
 pub mod frame;
 pub mod multiboot;
 pub mod paging;
+pub mod quota;
 pub mod sched;

@@ -9,32 +9,12 @@ use alloc::vec::Vec;
 use moat_abi::{rights, Space, Status, PAGE_SIZE};
 use moat_kernel::cap::SpaceId;
 use moat_kernel::paging::{AddressSpace, MapFlags, PageSize, TableMemory, LOWER_HALF, UPPER_HALF};
+use moat_kernel::quota::Quota;
 
 /// Kernel memory a PD object costs its owner (the object and its root table).
 pub const PD_COST: u64 = 4096 + 512;
 /// Memory-space and I/O-space slots are limited by the quota only.
 const UNLIMITED: usize = usize::MAX;
-
-#[derive(Debug, Default)]
-pub struct Quota {
-    pub limit: u64,
-    pub used: u64,
-}
-
-impl Quota {
-    pub fn charge(&mut self, bytes: u64) -> Result<(), Status> {
-        let used = self.used.checked_add(bytes).ok_or(Status::QuotaExceeded)?;
-        if used > self.limit {
-            return Err(Status::QuotaExceeded);
-        }
-        self.used = used;
-        Ok(())
-    }
-
-    pub fn refund(&mut self, bytes: u64) {
-        self.used = self.used.saturating_sub(bytes);
-    }
-}
 
 pub struct Pd {
     pub space: AddressSpace,
