@@ -26,11 +26,26 @@ pub struct UserTask {
     pub binary: &'static str,
 }
 
-/// Every user task that goes into a boot image.
-pub const USER_TASKS: &[UserTask] = &[UserTask {
-    package: "moat-roottask",
-    binary: "roottask",
-}];
+const fn task(package: &'static str, binary: &'static str) -> UserTask {
+    UserTask { package, binary }
+}
+
+/// Every user task that goes into a boot image: the root task, then the
+/// native components (`components/`), each package `moat-NAME` building
+/// the binary `NAME`.
+pub const USER_TASKS: &[UserTask] = &[
+    task("moat-roottask", "roottask"),
+    task("moat-echo", "echo"),
+    task("moat-ping", "ping"),
+    task("moat-ticker", "ticker"),
+    task("moat-faulty", "faulty"),
+    task("moat-fuzzer", "fuzzer"),
+    task("moat-notifier", "notifier"),
+    task("moat-waiter", "waiter"),
+    task("moat-lender", "lender"),
+    task("moat-borrower", "borrower"),
+    task("moat-quota", "quota"),
+];
 
 /// What a build leaves behind.
 pub struct Artifacts {
@@ -142,6 +157,15 @@ mod tests {
             encoded_rustflags(KERNEL_RUSTFLAGS),
             "-Ccode-model=kernel\u{1f}-Crelocation-model=static"
         );
+    }
+
+    #[test]
+    fn user_tasks_are_distinct_and_named_after_their_packages() {
+        for (i, t) in USER_TASKS.iter().enumerate() {
+            assert!(USER_TASKS[..i].iter().all(|u| u.binary != t.binary));
+            assert!(t.package.ends_with(t.binary), "{}", t.package);
+        }
+        assert_eq!(USER_TASKS[0].binary, "roottask");
     }
 
     #[test]

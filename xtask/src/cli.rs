@@ -19,6 +19,10 @@ commands:
       --emu qemu|bochs  run the system tests on this emulator only
       --filter NAME     only system tests whose name contains NAME
       --no-host         skip the host unit tests
+  bench ipc [--emu qemu|bochs]
+                        setup, build, then measure IPC round trips (null, 6 and
+                        64 words) in instructions on QEMU (-icount) and Bochs;
+                        prints a table and writes target/bench/ipc.json
   help                  this text";
 
 #[derive(Debug, PartialEq, Eq)]
@@ -28,6 +32,19 @@ pub enum Cmd {
     Build,
     Run(RunOpts),
     Test(TestOpts),
+    Bench(BenchOpts),
+}
+
+/// What `cargo xtask bench` measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Benchmark {
+    Ipc,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct BenchOpts {
+    pub benchmark: Benchmark,
+    pub emu: Option<Emulator>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -69,6 +86,21 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
             filter: opts.value("--filter")?,
             host: !opts.flag("--no-host"),
         }),
+        "bench" => {
+            let benchmark = match opts.positional().as_deref() {
+                Some("ipc") => Benchmark::Ipc,
+                Some(other) => {
+                    return Err(Error::Usage(format!(
+                        "unknown benchmark `{other}` (expected ipc)"
+                    )))
+                }
+                None => return Err(Error::Usage("bench needs a benchmark: ipc".into())),
+            };
+            Cmd::Bench(BenchOpts {
+                benchmark,
+                emu: opts.emulator()?,
+            })
+        }
         other => return Err(Error::Usage(format!("unknown command `{other}`"))),
     };
     opts.finish()?;
@@ -94,6 +126,13 @@ impl Options {
                 trailing: None,
             },
         }
+    }
+
+    /// The first word that is not an option (nor an option's value, when it
+    /// comes first).
+    fn positional(&mut self) -> Option<String> {
+        let first = self.args.first()?;
+        (!first.starts_with("--")).then(|| self.args.remove(0))
     }
 
     fn flag(&mut self, name: &str) -> bool {
@@ -210,6 +249,28 @@ mod tests {
                 host: false,
             })
         );
+    }
+
+    #[test]
+    fn bench_names_a_benchmark() {
+        assert_eq!(
+            p("bench ipc").unwrap(),
+            Cmd::Bench(BenchOpts {
+                benchmark: Benchmark::Ipc,
+                emu: None,
+            })
+        );
+        assert_eq!(
+            p("bench ipc --emu bochs").unwrap(),
+            Cmd::Bench(BenchOpts {
+                benchmark: Benchmark::Ipc,
+                emu: Some(Emulator::Bochs),
+            })
+        );
+        assert!(p("bench").is_err());
+        assert!(p("bench --emu qemu").is_err());
+        assert!(p("bench disk").is_err());
+        assert!(p("bench ipc extra").is_err());
     }
 
     #[test]

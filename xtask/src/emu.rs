@@ -17,6 +17,9 @@ use crate::{Context, Result};
 const QEMU_TIMEOUT: Duration = Duration::from_secs(60);
 const BOCHS_TIMEOUT: Duration = Duration::from_secs(300);
 const POLL: Duration = Duration::from_millis(50);
+/// How long a run goes on after its output decided the test, so that a
+/// failure right after the last expected line is still seen.
+const DECIDED_GRACE: Duration = Duration::from_secs(1);
 
 /// The isa-debug-exit device: the kernel writes `v` to this port and QEMU
 /// exits with status `(v << 1) | 1`.
@@ -287,10 +290,19 @@ fn spawn_logged(cmd: &mut Command, output: &Path) -> Result<Child> {
         .context(|| format!("cannot start `{}`", describe(cmd)))
 }
 
+/// Asked while an emulator runs: has its output decided the run (so it can
+/// be stopped)?
+pub type Decided<'a> = &'a dyn Fn() -> bool;
+
 /// Runs QEMU with the given arguments, its own output going to `output`.
-pub fn run_qemu(args: &[String], timeout: Option<Duration>, output: &Path) -> Result<Outcome> {
+pub fn run_qemu(
+    args: &[String],
+    timeout: Option<Duration>,
+    decided: Option<Decided<'_>>,
+    output: &Path,
+) -> Result<Outcome> {
     let child = spawn_logged(&mut qemu_command(args), output)?;
-    supervise(child, timeout, None)
+    supervise(child, timeout, None, decided)
 }
 
 /// Runs Bochs, its own output going to `output`; with `echo`, streams the
@@ -305,6 +317,7 @@ pub fn run_bochs(
     files: &BochsFiles,
     timeout: Option<Duration>,
     echo: bool,
+    decided: Option<Decided<'_>>,
     output: &Path,
 ) -> Result<Outcome> {
     let mut attempt = 1;
@@ -322,7 +335,12 @@ pub fn run_bochs(
             *last = Some(Instant::now());
             child
         };
-        let outcome = supervise(child, timeout, echo.then_some(files.serial.as_path()))?;
+        let outcome = supervise(
+            child,
+            timeout,
+            echo.then_some(files.serial.as_path()),
+            decided,
+        )?;
         let lost_race = bochs_stop_reason(&files.log)
             .is_some_and(|reason| reason.contains(BOCHS_RFB_BIND_FAILURE));
         if !lost_race || attempt == BOCHS_START_ATTEMPTS {
@@ -336,6 +354,8 @@ pub fn run_bochs(
 pub enum Exit {
     Status(ExitStatus),
     TimedOut,
+    /// Stopped because its output had decided the run.
+    Decided,
 }
 
 pub struct Outcome {
@@ -343,15 +363,18 @@ pub struct Outcome {
     pub elapsed: Duration,
 }
 
-/// Waits for `child`, killing it after `timeout`. With `echo`, bytes appended
-/// to that file are copied to stdout while the child runs (Bochs' serial port).
+/// Waits for `child`, killing it after `timeout`, or [`DECIDED_GRACE`] after
+/// `decided` first says yes. With `echo`, bytes appended to that file are
+/// copied to stdout while the child runs (Bochs' serial port).
 pub fn supervise(
     mut child: Child,
     timeout: Option<Duration>,
     echo: Option<&Path>,
+    decided: Option<Decided<'_>>,
 ) -> Result<Outcome> {
     let start = Instant::now();
     let mut follower = echo.map(Follower::new);
+    let mut decided_at: Option<Instant> = None;
     let exit = loop {
         if let Some(f) = &mut follower {
             f.pump();
@@ -367,6 +390,14 @@ pub fn supervise(
             let _ = child.kill();
             let _ = child.wait();
             break Exit::TimedOut;
+        }
+        if decided_at.is_none() && decided.is_some_and(|d| d()) {
+            decided_at = Some(Instant::now());
+        }
+        if decided_at.is_some_and(|t| t.elapsed() >= DECIDED_GRACE) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break Exit::Decided;
         }
         thread::sleep(POLL);
     };
@@ -475,12 +506,24 @@ mod tests {
     #[test]
     fn supervise_kills_at_timeout() {
         let child = Command::new("sleep").arg("30").spawn().unwrap();
-        let outcome = supervise(child, Some(Duration::from_millis(200)), None).unwrap();
+        let outcome = supervise(child, Some(Duration::from_millis(200)), None, None).unwrap();
         assert!(matches!(outcome.exit, Exit::TimedOut));
         assert!(outcome.elapsed < Duration::from_secs(10));
         let child = Command::new("true").spawn().unwrap();
-        let outcome = supervise(child, Some(Duration::from_secs(30)), None).unwrap();
+        let outcome = supervise(child, Some(Duration::from_secs(30)), None, None).unwrap();
         assert!(matches!(outcome.exit, Exit::Status(s) if s.success()));
+    }
+
+    #[test]
+    fn supervise_stops_once_decided() {
+        let child = Command::new("sleep").arg("30").spawn().unwrap();
+        let start = Instant::now();
+        let decided = move || start.elapsed() > Duration::from_millis(100);
+        let outcome =
+            supervise(child, Some(Duration::from_secs(20)), None, Some(&decided)).unwrap();
+        assert!(matches!(outcome.exit, Exit::Decided));
+        assert!(outcome.elapsed >= DECIDED_GRACE);
+        assert!(outcome.elapsed < Duration::from_secs(10));
     }
 
     #[test]

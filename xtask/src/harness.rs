@@ -25,6 +25,10 @@ const HOST_SUITES: &[HostSuite] = &[
         args: &["-p", "moat-abi", "-p", "moat-kernel", "--lib"],
     },
     HostSuite {
+        name: "moat-component-common",
+        args: &["-p", "moat-component-common"],
+    },
+    HostSuite {
         name: "xtask",
         args: &["-p", "xtask"],
     },

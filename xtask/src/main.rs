@@ -6,11 +6,13 @@
 
 #![forbid(unsafe_code)]
 
+mod bench;
 mod build;
 mod cli;
 mod emu;
 mod harness;
 mod image;
+mod manifests;
 mod mbcheck;
 mod run;
 mod setup;
@@ -107,5 +109,8 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         }
         Cmd::Run(opts) => run::run(&opts),
         Cmd::Test(opts) => harness::run(&opts),
+        Cmd::Bench(opts) => match opts.benchmark {
+            cli::Benchmark::Ipc => bench::run(&opts),
+        },
     }
 }

@@ -32,7 +32,7 @@ pub fn run(opts: &RunOpts) -> Result<ExitCode> {
             let child = cmd
                 .spawn()
                 .context(|| format!("cannot start `{}`", describe(&cmd)))?;
-            emu::supervise(child, None, None)?
+            emu::supervise(child, None, None, None)?
         }
         Emulator::Bochs => {
             let dir = Path::new(IMAGE_DIR);
@@ -58,13 +58,13 @@ pub fn run(opts: &RunOpts) -> Result<ExitCode> {
                 output.display(),
                 files.log.display()
             );
-            let outcome = emu::run_bochs(&files, None, true, &output)?;
+            let outcome = emu::run_bochs(&files, None, true, None, &output)?;
             bochs_log = Some(files.log);
             outcome
         }
     };
     let Exit::Status(status) = outcome.exit else {
-        unreachable!("no timeout was set");
+        unreachable!("neither a timeout nor a decision was asked for");
     };
     let mut exit = opts.emu.describe_exit(status);
     if let Some(reason) = bochs_log.and_then(|log| emu::bochs_stop_reason(&log)) {

@@ -10,6 +10,7 @@ use std::thread;
 use crate::build::Artifacts;
 use crate::emu::{self, Accel, BochsFiles, Emulator, Exit, Serial};
 use crate::image::{BootSpec, Module, DEBUG_EXIT_ARG, IMAGE_DIR, KERNEL_NAME};
+use crate::manifests;
 use crate::util;
 use crate::{Context, Error, Result};
 
@@ -69,6 +70,28 @@ const fn on(emu: Emulator, text: &'static str) -> Expect {
     }
 }
 
+/// Numbered lines that must count up without a gap: every occurrence of
+/// `prefix` followed by digits, in output order, must read `first`,
+/// `first + 1`, …, `last` — none missing, repeated, out of order or beyond.
+/// Occurrences of `prefix` without digits (`ticker: done`) are not counted.
+pub struct Sequence {
+    pub prefix: &'static str,
+    pub first: u64,
+    pub last: u64,
+}
+
+/// When a run ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// When the emulator exits (the kernel's `debug-exit` when nothing is
+    /// left to run), or at the timeout.
+    AtExit,
+    /// Also shortly after the output has decided the test: everything
+    /// expected is there, or something forbidden is (for systems with
+    /// servers that wait for ever).
+    WhenDecided,
+}
+
 pub struct SysTest {
     pub name: &'static str,
     pub modules: &'static [ModuleSpec],
@@ -78,7 +101,24 @@ pub struct SysTest {
     pub expect: &'static [Expect],
     /// Must not appear, in addition to [`FORBIDDEN`].
     pub forbid: &'static [&'static str],
+    /// Must each count up completely.
+    pub sequences: &'static [Sequence],
+    pub stop: Stop,
+    /// Added to QEMU's command line.
+    pub qemu_args: &'static [&'static str],
 }
+
+/// The defaults for the fields a test does not set.
+const BASE: SysTest = SysTest {
+    name: "",
+    modules: &[],
+    kernel_args: &[],
+    expect: &[],
+    forbid: &[],
+    sequences: &[],
+    stop: Stop::AtExit,
+    qemu_args: &[],
+};
 
 impl SysTest {
     pub fn expected_on(&self, emu: Emulator) -> Vec<&'static str> {
@@ -100,11 +140,26 @@ impl SysTest {
     }
 }
 
-const ROOTTASK: ModuleSpec = ModuleSpec {
-    name: "roottask",
-    content: Content::Task("roottask"),
-    args: &[],
-};
+const ROOTTASK: ModuleSpec = component("roottask");
+
+/// A user task as a module with no arguments (components get theirs from
+/// the manifest).
+pub const fn component(name: &'static str) -> ModuleSpec {
+    ModuleSpec {
+        name,
+        content: Content::Task(name),
+        args: &[],
+    }
+}
+
+/// The module `manifest` with `text`, written under `target/systest/<dir>/`.
+pub const fn manifest(dir: &'static str, text: &'static str) -> ModuleSpec {
+    ModuleSpec {
+        name: "manifest",
+        content: Content::Text { text, dir },
+        args: &[],
+    }
+}
 
 const HELLO: &str = "roottask: hello from ring 3";
 const NO_TASKS_LEFT: &str = "moat: no tasks left";
@@ -129,11 +184,12 @@ pub const TESTS: &[SysTest] = &[
             on(Emulator::Qemu, "svm: on"),
             on(Emulator::Bochs, "vmx: on"),
             all(HELLO),
-            all("task 'roottask' exited with code 0"),
+            all("task 'roottask' (ec 0) exited with code 0"),
             all(MEMORY_RETURNED),
             all(NO_TASKS_LEFT),
         ],
         forbid: &[],
+        ..BASE
     },
     SysTest {
         name: "syscall_probes",
@@ -145,11 +201,12 @@ pub const TESTS: &[SysTest] = &[
         expect: &[
             all(HELLO),
             all("syscall probes got their documented status"),
-            all("task 'roottask' exited with code 0"),
+            all("task 'roottask' (ec 0) exited with code 0"),
             all(MEMORY_RETURNED),
             all(NO_TASKS_LEFT),
         ],
         forbid: &[],
+        ..BASE
     },
     SysTest {
         name: "kernel_fault",
@@ -161,6 +218,7 @@ pub const TESTS: &[SysTest] = &[
             all("moat: kernel halted"),
         ],
         forbid: &[HELLO],
+        ..BASE
     },
     SysTest {
         name: "user_fault",
@@ -177,6 +235,7 @@ pub const TESTS: &[SysTest] = &[
             all(NO_TASKS_LEFT),
         ],
         forbid: &[],
+        ..BASE
     },
     SysTest {
         name: "no_modules",
@@ -184,6 +243,7 @@ pub const TESTS: &[SysTest] = &[
         kernel_args: &[],
         expect: &[all("root task module missing"), all(NO_TASKS_LEFT)],
         forbid: &[],
+        ..BASE
     },
     SysTest {
         name: "truncated_module",
@@ -203,6 +263,7 @@ pub const TESTS: &[SysTest] = &[
             all(NO_TASKS_LEFT),
         ],
         forbid: &[],
+        ..BASE
     },
     SysTest {
         name: "not_elf_module",
@@ -221,8 +282,190 @@ pub const TESTS: &[SysTest] = &[
             all(NO_TASKS_LEFT),
         ],
         forbid: &[],
+        ..BASE
+    },
+    SysTest {
+        name: "ipc_pingpong",
+        modules: &[
+            ROOTTASK,
+            manifest("ipc_pingpong", manifests::IPC_PINGPONG),
+            component("echo"),
+            component("ping"),
+        ],
+        expect: &[
+            all("roottask: started 'echo'"),
+            all("roottask: started 'ping'"),
+            all("ping: 10000 calls, payload checked"),
+            all("roottask: component 'ping' finished"),
+        ],
+        forbid: &[
+            "ping: FAIL",
+            "echo: FAIL",
+            "roottask: component 'echo' faulted",
+            "roottask: component 'ping' faulted",
+        ],
+        stop: Stop::WhenDecided,
+        ..BASE
+    },
+    SysTest {
+        name: "supervision",
+        modules: &[
+            ROOTTASK,
+            manifest("supervision", manifests::SUPERVISION),
+            component("ticker"),
+            component("faulty"),
+        ],
+        expect: &[
+            all("faulty: run"),
+            all("roottask: component 'faulty' faulted: #PF"),
+            all("roottask: component 'faulty' restarted (restart 1)"),
+            all("faulty: run"),
+            all("roottask: component 'faulty' restarted (restart 2)"),
+            all("faulty: run"),
+            all("ticker: done"),
+            all("roottask: component 'ticker' finished"),
+        ],
+        forbid: &[
+            "ticker: FAIL",
+            "faulty: FAIL",
+            "roottask: component 'ticker' faulted",
+            "roottask: component 'ticker' restarted",
+        ],
+        sequences: &[TICKER_150],
+        stop: Stop::WhenDecided,
+        ..BASE
+    },
+    SysTest {
+        name: "semaphore",
+        modules: &[
+            ROOTTASK,
+            manifest("semaphore", manifests::SEMAPHORE),
+            component("waiter"),
+            component("notifier"),
+        ],
+        expect: &[
+            all("roottask: started 'waiter'"),
+            all("roottask: started 'notifier'"),
+            all("waiter: 100 notifications"),
+            all("roottask: component 'waiter' finished"),
+        ],
+        forbid: &[
+            "waiter: FAIL",
+            "notifier: FAIL",
+            "roottask: component 'waiter' faulted",
+            "roottask: component 'notifier' faulted",
+        ],
+        stop: Stop::WhenDecided,
+        ..BASE
+    },
+    SysTest {
+        name: "delegate_revoke",
+        modules: &[
+            ROOTTASK,
+            manifest("delegate_revoke", manifests::DELEGATE_REVOKE),
+            component("lender"),
+            component("borrower"),
+        ],
+        expect: &[
+            all("roottask: started 'borrower'"),
+            all("borrower: read the lent page"),
+            all("lender: revoked the lent page"),
+            all("borrower: the page was revoked, touching it again"),
+            all("roottask: component 'borrower' faulted: #PF"),
+        ],
+        forbid: &[
+            "borrower: FAIL",
+            "lender: FAIL",
+            "roottask: component 'lender' faulted",
+            "roottask: component 'borrower' restarted",
+        ],
+        stop: Stop::WhenDecided,
+        ..BASE
+    },
+    SysTest {
+        name: "fuzzer",
+        modules: &[
+            ROOTTASK,
+            manifest("fuzzer", manifests::FUZZER),
+            component("ticker"),
+            component("fuzzer"),
+        ],
+        expect: &[
+            all("fuzzer: seed 0x5eed, 100000 calls"),
+            all("fuzzer: 100000 calls, every call returned a status"),
+            all("fuzzer: statuses Success="),
+            all("roottask: component 'fuzzer' finished"),
+        ],
+        forbid: &[
+            "fuzzer: BAD status",
+            "fuzzer: FAIL",
+            "ticker: FAIL",
+            "roottask: component 'fuzzer' faulted",
+            "roottask: component 'ticker' faulted",
+            "roottask: component 'fuzzer' restarted",
+            "roottask: component 'ticker' restarted",
+        ],
+        sequences: &[TICKER_100],
+        stop: Stop::WhenDecided,
+        ..BASE
+    },
+    SysTest {
+        name: "quota",
+        modules: &[
+            ROOTTASK,
+            manifest("quota", manifests::QUOTA),
+            component("quota"),
+        ],
+        expect: &[
+            all("quota: exhausted after "),
+            all(" semaphores (quota exceeded)"),
+            all("quota: recovered"),
+            all("roottask: component 'quota' finished"),
+        ],
+        forbid: &["quota: FAIL", "roottask: component 'quota' faulted"],
+        stop: Stop::WhenDecided,
+        ..BASE
     },
 ];
+
+const TICKER_150: Sequence = Sequence {
+    prefix: "ticker: ",
+    first: 1,
+    last: 150,
+};
+
+const TICKER_100: Sequence = Sequence {
+    prefix: "ticker: ",
+    first: 1,
+    last: 100,
+};
+
+/// `cargo xtask bench ipc`: `ping` in bench mode against `echo`. QEMU
+/// counts instructions (`-icount shift=0`: the TSC advances one per
+/// instruction); Bochs' TSC does so with `clock: sync=none`.
+pub static BENCH_IPC: SysTest = SysTest {
+    name: "bench_ipc",
+    modules: &[
+        ROOTTASK,
+        manifest("bench_ipc", manifests::BENCH_IPC),
+        component("echo"),
+        component("ping"),
+    ],
+    expect: &[
+        all("bench ipc null "),
+        all("bench ipc words6 "),
+        all("bench ipc words64 "),
+    ],
+    forbid: &[
+        "ping: FAIL",
+        "echo: FAIL",
+        "roottask: component 'echo' faulted",
+        "roottask: component 'ping' faulted",
+    ],
+    stop: Stop::WhenDecided,
+    qemu_args: &["-icount", "shift=0"],
+    ..BASE
+};
 
 /// Checks serial output: every expected string in order, no forbidden one.
 /// The error explains the first problem of each kind.
@@ -261,6 +504,80 @@ pub fn judge(serial: &str, expect: &[&str], forbid: &[&str]) -> Result<(), Strin
     } else {
         Err(problems.join("; "))
     }
+}
+
+/// Checks that `seq` counts up completely in `serial`; the error names the
+/// first number out of place, or where the count stopped.
+pub fn judge_sequence(serial: &str, seq: &Sequence) -> Result<(), String> {
+    let mut next = seq.first;
+    for (at, _) in serial.match_indices(seq.prefix) {
+        let rest = &serial[at + seq.prefix.len()..];
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        if digits == 0 {
+            continue;
+        }
+        let number = rest[..digits].parse::<u64>().ok();
+        if number != Some(next) || next > seq.last {
+            let got = &rest[..digits];
+            let want = if next > seq.last {
+                format!("nothing after {}{}", seq.prefix, seq.last)
+            } else {
+                format!("{}{next}", seq.prefix)
+            };
+            return Err(format!(
+                "{:?} where {want:?} was due",
+                format!("{}{got}", seq.prefix)
+            ));
+        }
+        next += 1;
+    }
+    if next <= seq.last {
+        let seen = match next.checked_sub(1).filter(|&n| n >= seq.first) {
+            Some(n) => format!("stopped after {:?}", format!("{}{n}", seq.prefix)),
+            None => "never started".to_string(),
+        };
+        return Err(format!(
+            "sequence {:?}{}..={} {seen}",
+            seq.prefix, seq.first, seq.last
+        ));
+    }
+    Ok(())
+}
+
+/// The whole verdict on a test's output: [`judge`], then its sequences.
+pub fn verdict(test: &SysTest, emu: Emulator, serial: &str) -> Result<(), String> {
+    let mut problems: Vec<String> = judge(serial, &test.expected_on(emu), &test.forbidden())
+        .err()
+        .into_iter()
+        .collect();
+    problems.extend(
+        test.sequences
+            .iter()
+            .filter_map(|seq| judge_sequence(serial, seq).err()),
+    );
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+/// Whether a running test's output is final: everything expected is there
+/// (and every sequence complete), or something forbidden is.
+pub fn decided(test: &SysTest, emu: Emulator, serial: &str) -> bool {
+    let forbidden = test.forbidden().iter().any(|f| serial.contains(f));
+    let complete = judge(serial, &test.expected_on(emu), &[]).is_ok()
+        && test
+            .sequences
+            .iter()
+            .all(|seq| judge_sequence(serial, seq).is_ok());
+    forbidden || complete
+}
+
+fn read_serial(path: &Path) -> String {
+    fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
 }
 
 /// One test on one emulator, ready to start.
@@ -416,11 +733,11 @@ fn prepare(test: &SysTest, emu: Emulator, boot: &BootSpec, serial: &Path) -> Res
     emu::remove_stale(serial)?;
     let dir = Path::new(SYSTEST_DIR);
     match emu {
-        Emulator::Qemu => Ok(Launch::Qemu(emu::qemu_args(
-            boot,
-            Accel::Tcg,
-            Serial::File(serial),
-        )?)),
+        Emulator::Qemu => {
+            let mut args = emu::qemu_args(boot, Accel::Tcg, Serial::File(serial))?;
+            args.extend(test.qemu_args.iter().map(|a| a.to_string()));
+            Ok(Launch::Qemu(args))
+        }
         Emulator::Bochs => {
             let iso = dir.join(format!("{}.iso", test.name));
             boot.make_iso(&dir.join(format!("{}.isodir", test.name)), &iso)?;
@@ -453,22 +770,20 @@ fn execute(job: &Job<'_>) -> RunResult {
     // The emulator's own output goes next to the serial log.
     let output = job.serial.with_extension("out");
     let timeout = Some(job.emu.timeout());
+    let decided = || decided(job.test, job.emu, &read_serial(&job.serial));
+    let decided: Option<emu::Decided<'_>> = match job.test.stop {
+        Stop::AtExit => None,
+        Stop::WhenDecided => Some(&decided),
+    };
     let outcome = match launch {
-        Launch::Qemu(args) => emu::run_qemu(args, timeout, &output),
-        Launch::Bochs(files) => emu::run_bochs(files, timeout, false, &output),
+        Launch::Qemu(args) => emu::run_qemu(args, timeout, decided, &output),
+        Launch::Bochs(files) => emu::run_bochs(files, timeout, false, decided, &output),
     };
     let outcome = match outcome {
         Ok(outcome) => outcome,
         Err(e) => return fail(format!("FAIL {label}: {e}")),
     };
-    let serial = fs::read(&job.serial)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
-    let verdict = judge(
-        &serial,
-        &job.test.expected_on(job.emu),
-        &job.test.forbidden(),
-    );
+    let verdict = verdict(job.test, job.emu, &read_serial(&job.serial));
     let exit = match (&outcome.exit, launch) {
         (Exit::Status(status), Launch::Bochs(files)) => match emu::bochs_stop_reason(&files.log) {
             Some(reason) => format!("{}: {reason}", job.emu.describe_exit(*status)),
@@ -476,6 +791,7 @@ fn execute(job: &Job<'_>) -> RunResult {
         },
         (Exit::Status(status), Launch::Qemu(_)) => job.emu.describe_exit(*status),
         (Exit::TimedOut, _) => format!("timed out after {}", util::secs(job.emu.timeout())),
+        (Exit::Decided, _) => "stopped once the output decided the test".to_string(),
     };
     let time = util::secs(outcome.elapsed);
     match verdict {
@@ -595,6 +911,99 @@ mod tests {
             .collect();
         assert_eq!(picked, ["no_modules", "truncated_module", "not_elf_module"]);
         assert!(select(Some("nonesuch")).is_err());
+    }
+
+    const COUNT: Sequence = Sequence {
+        prefix: "tick: ",
+        first: 1,
+        last: 3,
+    };
+
+    #[test]
+    fn sequences_count_up_without_gaps() {
+        let ok = "tick: 1\nother\n~~tick: 2\ntick: done\ntick: 3\n";
+        assert_eq!(judge_sequence(ok, &COUNT), Ok(()));
+        assert_eq!(
+            judge_sequence("tick: 1\ntick: 3\n", &COUNT).unwrap_err(),
+            "\"tick: 3\" where \"tick: 2\" was due"
+        );
+        assert_eq!(
+            judge_sequence("tick: 1\ntick: 2\ntick: 2\n", &COUNT).unwrap_err(),
+            "\"tick: 2\" where \"tick: 3\" was due"
+        );
+        assert_eq!(
+            judge_sequence("tick: 1\ntick: 2\ntick: 3\ntick: 1\n", &COUNT).unwrap_err(),
+            "\"tick: 1\" where \"nothing after tick: 3\" was due"
+        );
+        assert_eq!(
+            judge_sequence("tick: 1\ntick: 2\n", &COUNT).unwrap_err(),
+            "sequence \"tick: \"1..=3 stopped after \"tick: 2\""
+        );
+        assert_eq!(
+            judge_sequence("tick: done", &COUNT).unwrap_err(),
+            "sequence \"tick: \"1..=3 never started"
+        );
+        // A restarted counter starts again at 1: a gap backwards.
+        assert!(judge_sequence("tick: 1\ntick: 2\ntick: 1\ntick: 2\ntick: 3", &COUNT).is_err());
+        // Digits run to the end of the number, not of the line.
+        assert!(judge_sequence("tick: 12\n", &COUNT).is_err());
+    }
+
+    const WAITING: SysTest = SysTest {
+        name: "waiting",
+        expect: &[all("server: up"), all("client: done")],
+        forbid: &["client: FAIL"],
+        sequences: &[COUNT],
+        stop: Stop::WhenDecided,
+        ..BASE
+    };
+
+    #[test]
+    fn decided_when_everything_is_there_or_something_forbidden() {
+        let emu = Emulator::Qemu;
+        assert!(!decided(&WAITING, emu, "server: up\ntick: 1\n"));
+        assert!(!decided(
+            &WAITING,
+            emu,
+            "server: up\nclient: done\ntick: 1\ntick: 2"
+        ));
+        let done = "server: up\ntick: 1\ntick: 2\ntick: 3\nclient: done\n";
+        assert!(decided(&WAITING, emu, done));
+        assert_eq!(verdict(&WAITING, emu, done), Ok(()));
+        let failed = "server: up\nclient: FAIL\n";
+        assert!(decided(&WAITING, emu, failed));
+        let why = verdict(&WAITING, emu, failed).unwrap_err();
+        assert!(why.contains("forbidden \"client: FAIL\""), "{why}");
+        assert!(why.contains("sequence"), "{why}");
+    }
+
+    #[test]
+    fn component_tests_boot_the_root_task_with_a_manifest() {
+        let tasks: Vec<&str> = crate::build::USER_TASKS.iter().map(|t| t.binary).collect();
+        for t in TESTS.iter().chain([&BENCH_IPC]) {
+            for m in t.modules {
+                if let Content::Task(task) = m.content {
+                    assert!(tasks.contains(&task), "{}: no user task {task}", t.name);
+                }
+            }
+            let Some(manifest) = t.modules.iter().find(|m| m.name == "manifest") else {
+                continue;
+            };
+            assert_eq!(t.modules[0].name, "roottask", "{}", t.name);
+            let Content::Text { text, dir } = manifest.content else {
+                panic!("{}: the manifest is not text", t.name);
+            };
+            assert_eq!(dir, t.name, "manifest written under the test's name");
+            // Every component the manifest names is a module of the test.
+            for name in text.lines().filter_map(|l| l.strip_prefix("component ")) {
+                assert!(
+                    t.modules.iter().any(|m| m.name == name),
+                    "{}: {name} not a module",
+                    t.name
+                );
+            }
+            assert_eq!(t.stop, Stop::WhenDecided, "{}: servers never exit", t.name);
+        }
     }
 
     fn fake_artifacts() -> Artifacts {

@@ -114,7 +114,7 @@ impl Kernel {
     ) -> Result<(), Status> {
         let pd = self.lookup_pd(caller, pd_sel, rights::PD_CONTROL)?;
         self.object_slot_free(caller, selector)?;
-        if utcb_virt % PAGE_SIZE != 0 || utcb_virt < PAGE_SIZE || utcb_virt >= USER_END {
+        if !utcb_virt.is_multiple_of(PAGE_SIZE) || !(PAGE_SIZE..USER_END).contains(&utcb_virt) {
             return Err(Status::BadParameter);
         }
         let kind = if handler {
@@ -482,7 +482,11 @@ impl Kernel {
         if delivered.is_err() {
             let name = self.pd_name(pd);
             match kind {
-                CallKind::Exit => log::info!("ec {} of {name} exited with code {}", message.ec_id, message.error_code as i64),
+                CallKind::Exit => log::info!(
+                    "task '{name}' (ec {}) exited with code {}",
+                    message.ec_id,
+                    message.error_code as i64
+                ),
                 _ => log::error!(
                     "user fault in '{name}': {} at rip {:#x}, rsp {:#x}, error code {:#x}, cr2 {:#x}",
                     crate::arch::x86_64::trap::exception_name(message.vector),
@@ -495,7 +499,7 @@ impl Kernel {
             self.kill_ec(
                 ec,
                 if kind == CallKind::Exit {
-                    "exited"
+                    ""
                 } else {
                     "killed after the fault"
                 },
@@ -565,7 +569,7 @@ impl Kernel {
             }
             _ => {}
         }
-        if Some(ec) == self.root_ec {
+        if Some(ec) == self.root_ec && !how.is_empty() {
             log::info!("task 'roottask' {how}");
         }
     }

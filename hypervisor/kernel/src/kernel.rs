@@ -262,6 +262,7 @@ impl Kernel {
 
     /// Derives `count` capabilities from `from` (space of the caller) to
     /// `to` in `dst`, masked to `rights`; all or nothing.
+    #[allow(clippy::too_many_arguments)]
     pub fn delegate(
         &mut self,
         src: PdId,
@@ -323,10 +324,8 @@ impl Kernel {
             return Err(status_of(error));
         }
         match payload {
-            Cap::Object(object) => {
-                if counts(dst, object) {
-                    self.object_ref(object, 1);
-                }
+            Cap::Object(object) if counts(dst, object) => {
+                self.object_ref(object, 1);
             }
             Cap::Frame { phys, .. } if kind == Space::Memory => {
                 if let Err(status) = self.map_page(dst, target, phys, rights.bits()) {

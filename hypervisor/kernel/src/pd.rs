@@ -198,7 +198,7 @@ impl Kernel {
         rights_bits: u8,
     ) -> Result<(), Status> {
         let virt = vpn.checked_mul(PAGE_SIZE).ok_or(Status::BadParameter)?;
-        if virt >= crate::arch::x86_64::layout::USER_END || virt < PAGE_SIZE {
+        if !(PAGE_SIZE..crate::arch::x86_64::layout::USER_END).contains(&virt) {
             return Err(Status::BadParameter);
         }
         let pd = self.pds.get_mut(pd).ok_or(Status::BadCapability)?;

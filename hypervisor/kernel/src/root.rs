@@ -109,8 +109,20 @@ fn give_page(
     vpn: u64,
     rights_bits: u8,
 ) -> Result<&'static mut [u8; 4096], Status> {
+    give_page_as(kernel, pd, vpn, rights_bits, rights_bits)
+}
+
+/// A fresh page whose capability has `cap_rights` (what the root may pass
+/// on) and whose mapping in the root has `map_rights`.
+fn give_page_as(
+    kernel: &mut Kernel,
+    pd: PdId,
+    vpn: u64,
+    cap_rights: u8,
+    map_rights: u8,
+) -> Result<&'static mut [u8; 4096], Status> {
     let (phys, page) = memory::alloc_zeroed_page().ok_or(Status::QuotaExceeded)?;
-    if let Err(status) = give_frame(kernel, pd, vpn, phys, true, rights_bits) {
+    if let Err(status) = give_frame(kernel, pd, vpn, phys, true, cap_rights, map_rights) {
         memory::free_frame(phys);
         return Err(status);
     }
@@ -123,19 +135,39 @@ fn give_frame(
     vpn: u64,
     phys: u64,
     owned: bool,
-    rights_bits: u8,
+    cap_rights: u8,
+    map_rights: u8,
 ) -> Result<(), Status> {
     let space = kernel.space_of(pd, Space::Memory)?;
     kernel.charge(pd, crate::kernel::CAP_SLOT_COST)?;
-    kernel
+    let slot = SlotRef::new(space, vpn);
+    let cap = Cap::Frame { phys, owned: false };
+    if let Err(error) = kernel
         .caps
-        .insert_root(
-            SlotRef::new(space, vpn),
-            Cap::Frame { phys, owned },
-            Rights::from_bits_retain(rights_bits),
-        )
-        .map_err(crate::kernel::status_of)?;
-    kernel.map_page(pd, vpn, phys, rights_bits)
+        .insert_root(slot, cap, Rights::from_bits_retain(cap_rights))
+    {
+        kernel.refund(pd, crate::kernel::CAP_SLOT_COST);
+        return Err(crate::kernel::status_of(error));
+    }
+    if let Err(status) = kernel.map_page(pd, vpn, phys, map_rights) {
+        let _ = kernel.caps.revoke(slot, true, |_, _| {});
+        kernel.refund(pd, crate::kernel::CAP_SLOT_COST);
+        return Err(status);
+    }
+    // Only now does the capability own the frame (the caller frees it on
+    // failure).
+    if owned {
+        let _ = kernel.caps.revoke(slot, true, |_, _| {});
+        kernel
+            .caps
+            .insert_root(
+                slot,
+                Cap::Frame { phys, owned: true },
+                Rights::from_bits_retain(cap_rights),
+            )
+            .map_err(crate::kernel::status_of)?;
+    }
+    Ok(())
 }
 
 fn rights_of(flags: SegmentFlags) -> u8 {
@@ -227,6 +259,7 @@ fn build(
                 phys,
                 false,
                 rights::MEM_READ,
+                rights::MEM_READ,
             )?;
         }
         slot.address += module.start - first;
@@ -243,10 +276,11 @@ fn build(
     };
     info_page[..bytes.len()].copy_from_slice(bytes);
     for i in 0..pool_pages {
-        give_page(
+        give_page_as(
             kernel,
             pd,
             layout::ROOT_POOL / PAGE_SIZE + i,
+            rights::MEM_READ | rights::MEM_WRITE | rights::MEM_EXECUTE,
             rights::MEM_READ | rights::MEM_WRITE,
         )?;
     }

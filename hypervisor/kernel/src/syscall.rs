@@ -113,6 +113,12 @@ impl Kernel {
         if !self.copy_from_user(pd, address, buffer) {
             return Status::BadAddress;
         }
+        // No terminal control sequences from user space on the console.
+        for byte in buffer.iter_mut() {
+            if (*byte < 0x20 && !matches!(*byte, b'\n' | b'\t')) || *byte == 0x7f {
+                *byte = b'?';
+            }
+        }
         console::write_raw(buffer);
         Status::Success
     }

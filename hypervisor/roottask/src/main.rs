@@ -1,17 +1,38 @@
-//! The root task: the first user-mode program, started by the kernel from the
-//! first boot module.
+//! The root task: the first user task, started by the kernel from the first
+//! boot module. It reads the boot module named `manifest`, starts the
+//! components it lists (`loader.rs`), runs the registry of published
+//! portals and the exception handler (`handlers.rs`), and supervises: a
+//! component that faults or exits with an error is destroyed and restarted
+//! with back-off (`supervisor.rs`). When every component is done it exits.
+//! The logic that runs on the host is in the library (`lib.rs`), with the
+//! manifest format and the selectors every component finds.
 //!
 //! Arguments (the module's command line after its name):
-//! - `probe-syscalls`: make calls with bad numbers, pointers and lengths and
-//!   check that each gets its documented status;
+//! - `probe-syscalls`: first make calls with bad numbers, pointers,
+//!   selectors and counts and check that each gets its documented status;
 //! - `fault`: after the greeting, touch unmapped memory, to show that the
 //!   kernel reports a faulting task and keeps running.
 #![no_std]
 #![no_main]
 
-use moat_user::abi::{Call, Status, CONSOLE_WRITE_MAX};
-use moat_user::println;
-use moat_user::syscall::raw2;
+extern crate alloc;
+
+mod boot;
+mod handlers;
+mod loader;
+mod probe;
+mod supervisor;
+
+use alloc::vec::Vec;
+
+use moat_abi::PAGE_SIZE;
+use moat_roottask::manifest;
+use moat_roottask::ranges::RangeAllocator;
+use moat_roottask::registry::SLOT_BASE;
+use moat_user::{println, sys};
+
+use loader::Loader;
+use supervisor::Supervisor;
 
 moat_user::entry!(main);
 
@@ -20,7 +41,7 @@ fn main(args: &str) -> i32 {
     let mut failures = 0;
     for arg in args.split_whitespace() {
         match arg {
-            "probe-syscalls" => failures += probe_syscalls(),
+            "probe-syscalls" => failures += probe::syscalls(),
             "fault" => {
                 println!("roottask: touching unmapped memory on purpose");
                 // SAFETY: not safe at all: this write faults deliberately, and
@@ -30,64 +51,69 @@ fn main(args: &str) -> i32 {
             other => println!("roottask: unknown argument '{other}'"),
         }
     }
-    failures
+    match supervise() {
+        Ok(()) => failures,
+        Err(()) => failures + 1,
+    }
 }
 
-/// Hostile calls, each with the status the ABI promises; returns how many
-/// got something else.
-fn probe_syscalls() -> i32 {
-    let text = b"0123456789";
-    let console = Call::ConsoleWrite.number();
-    let kernel_half = 0xffff_8000_0000_0000;
-    let probes: [(&str, usize, usize, usize, Status); 7] = [
-        ("unknown call number", 999, 0, 0, Status::BadCall),
-        ("call number usize::MAX", usize::MAX, 0, 0, Status::BadCall),
-        (
-            "kernel-half pointer",
-            console,
-            kernel_half,
-            8,
-            Status::BadAddress,
-        ),
-        ("unmapped pointer", console, 0x10, 8, Status::BadAddress),
-        (
-            "non-canonical pointer",
-            console,
-            0x0000_8000_0000_0000,
-            8,
-            Status::BadAddress,
-        ),
-        (
-            "range wrapping around",
-            console,
-            usize::MAX - 2,
-            8,
-            Status::BadAddress,
-        ),
-        (
-            "length over the limit",
-            console,
-            text.as_ptr() as usize,
-            CONSOLE_WRITE_MAX + 1,
-            Status::BadParameter,
-        ),
-    ];
-    let mut failures = 0;
-    for (what, number, a0, a1, expected) in probes {
-        let got = raw2(number, a0, a1);
-        if got != expected.code() {
-            println!(
-                "roottask: probe '{what}': expected {expected} ({}), got {got}",
-                expected.code()
-            );
-            failures += 1;
+/// Starts and supervises the manifest's components, if there is a manifest.
+fn supervise() -> Result<(), ()> {
+    let Some(info) = boot::info() else {
+        println!("roottask: no boot information page");
+        return Err(());
+    };
+    let Some(module) = boot::module(info, "manifest") else {
+        println!("roottask: no 'manifest' boot module: nothing to start");
+        return Ok(());
+    };
+    let text = core::str::from_utf8(boot::module_bytes(module)).map_err(|e| {
+        println!("roottask: the manifest is not UTF-8: {e}");
+    })?;
+    let manifest = manifest::parse(text).map_err(|e| println!("roottask: {e}"))?;
+
+    let provides = manifest
+        .components
+        .iter()
+        .map(|c| c.provides.clone())
+        .collect();
+    handlers::install(provides)
+        .map_err(|(what, status)| println!("roottask: cannot {what}: {status}"))?;
+    let Some(pool) = boot::Pool::take(info) else {
+        return Err(());
+    };
+    let pages = RangeAllocator::new(0..pool.pages());
+    let mut selectors = RangeAllocator::new(handlers::FIRST_ALLOCATED..SLOT_BASE);
+    let mut semaphores = Vec::new();
+    for semaphore in &manifest.semaphores {
+        let created = selectors
+            .alloc(1)
+            .ok_or(moat_abi::Status::QuotaExceeded)
+            .and_then(|sel| sys::create_sm(sel, 0, semaphore.count).map(|()| sel));
+        match created {
+            Ok(sel) => semaphores.push(sel),
+            Err(status) => {
+                println!(
+                    "roottask: cannot create semaphore '{}': {status}",
+                    semaphore.name
+                );
+                return Err(());
+            }
         }
     }
-    if failures == 0 {
-        println!(
-            "roottask: {} syscall probes got their documented status",
-            probes.len()
-        );
-    }
-    failures
+    println!(
+        "roottask: {} component(s), pool {} KiB, kernel quota {} KiB",
+        manifest.components.len(),
+        pool.pages() * PAGE_SIZE / 1024,
+        info.kernel_quota / 1024
+    );
+    let loader = Loader {
+        info,
+        pool,
+        pages,
+        selectors,
+        semaphores,
+    };
+    Supervisor::new(loader, manifest).run();
+    Ok(())
 }

@@ -1,13 +1,15 @@
 //! Console output through the kernel's `console_write` call.
 
-use crate::syscall;
 use core::fmt;
-use moat_abi::{Call, Status, CONSOLE_WRITE_MAX};
+
+use moat_abi::{Status, CONSOLE_WRITE_MAX};
+
+use crate::sys;
 
 /// Writes `bytes` to the kernel console, in pieces the kernel accepts.
 pub fn write(bytes: &[u8]) -> Result<(), Status> {
     for chunk in bytes.chunks(CONSOLE_WRITE_MAX) {
-        syscall::call2(Call::ConsoleWrite, chunk.as_ptr() as usize, chunk.len()).into_result()?;
+        sys::console_write(chunk)?;
     }
     Ok(())
 }
@@ -20,7 +22,8 @@ impl fmt::Write for Console {
     }
 }
 
-/// Formats into a line buffer first so one `print!` is one kernel call.
+/// Formats into a line buffer first so one `print!` of up to a line is one
+/// kernel call (lines of concurrent ECs do not interleave).
 pub fn print(args: fmt::Arguments) {
     let mut line = LineBuffer::new();
     if fmt::write(&mut line, args).is_err() {

@@ -1,0 +1,34 @@
+//! What Moat's native components share that needs no kernel: reading their
+//! arguments, the root task's registry message, a seeded PRNG, statistics
+//! over samples and the fuzzer's rules. Tested on the host
+//! (`cargo test -p moat-component-common`). With the `runtime` feature,
+//! [`rt`] adds the kernel calls they share (portals, publishing, sleeping).
+#![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
+
+pub mod args;
+pub mod fuzz;
+pub mod lend;
+pub mod registry;
+pub mod rng;
+#[cfg(feature = "runtime")]
+pub mod rt;
+pub mod stats;
+
+/// Selectors every component finds, set by the root task.
+pub mod sel {
+    /// The component's own PD (`PD_CONTROL`).
+    pub const OWN_PD: u64 = 0;
+    /// The component's exception portal (a portal into the root task).
+    pub const EXCEPTION_PORTAL: u64 = 1;
+    /// The root task's registry portal.
+    pub const REGISTRY: u64 = 2;
+    /// The first selector a component may use for its own objects
+    /// (manifest `uses ... at N` selectors start at 20 by convention).
+    pub const FIRST_OWN: u64 = moat_abi::selectors::FIRST_FREE;
+}
+
+/// TSC ticks for `ms` milliseconds at `tsc_hz`.
+pub const fn ms_to_ticks(tsc_hz: u64, ms: u64) -> u64 {
+    tsc_hz / 1000 * ms
+}

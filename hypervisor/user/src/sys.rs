@@ -1,0 +1,217 @@
+//! One safe wrapper per kernel call (hypervisor/abi/README.md documents
+//! each), plus [`raw`] for callers that want to feed the kernel anything.
+
+use core::arch::asm;
+
+use moat_abi::{flags, Call, CallWord, Space, Status};
+
+use crate::Sel;
+
+/// Any `rax` with any six argument registers (`rdi`, `rsi`, `rdx`, `r10`,
+/// `r8`, `r9`); returns `rax` and those six registers after the call, as
+/// the kernel left them. For fuzzing and probing the kernel.
+pub fn raw(rax: u64, args: [u64; 6]) -> (u64, [u64; 6]) {
+    let [mut a0, mut a1, mut a2, mut a3, mut a4, mut a5] = args;
+    let status: u64;
+    // SAFETY: `syscall` enters the kernel, which by the ABI preserves every
+    // register except rax (status), rcx and r11 (clobbered by the
+    // instruction) and the six argument registers (message words, declared
+    // in-out here). The kernel reads and writes user memory only where an
+    // argument or the caller's UTCB says, which cannot alias anything the
+    // compiler keeps in registers across this block. Calls that do not return
+    // (`exit`, a successful `reply`) just never come back here.
+    unsafe {
+        asm!(
+            "syscall",
+            inlateout("rax") rax => status,
+            inlateout("rdi") a0,
+            inlateout("rsi") a1,
+            inlateout("rdx") a2,
+            inlateout("r10") a3,
+            inlateout("r8") a4,
+            inlateout("r9") a5,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    (status, [a0, a1, a2, a3, a4, a5])
+}
+
+/// A call with flags and selector in `rax`; returns the status and the six
+/// registers.
+fn syscall(call: Call, flags: u8, sel: Sel, args: [u64; 6]) -> (Status, [u64; 6]) {
+    let (rax, regs) = raw(CallWord::new(call, flags, sel).encode(), args);
+    // A code this runtime does not know is still a failure.
+    (Status::from_code(rax).unwrap_or(Status::BadCall), regs)
+}
+
+fn simple(call: Call, flags: u8, sel: Sel, args: [u64; 6]) -> Result<(), Status> {
+    syscall(call, flags, sel, args).0.into_result()
+}
+
+fn flag(set: bool, flag: u8) -> u8 {
+    if set {
+        flag
+    } else {
+        0
+    }
+}
+
+/// Writes at most [`moat_abi::CONSOLE_WRITE_MAX`] bytes to the kernel
+/// console (see [`crate::console::write`] for any length).
+pub fn console_write(bytes: &[u8]) -> Result<(), Status> {
+    let args = [bytes.as_ptr() as u64, bytes.len() as u64, 0, 0, 0, 0];
+    simple(Call::ConsoleWrite, 0, 0, args)
+}
+
+/// Ends the calling EC; its exception portal's handler sees an exception
+/// message with vector [`moat_abi::EXIT_VECTOR`] and `code`.
+pub fn exit(code: i64) -> ! {
+    syscall(Call::Exit, 0, 0, [code as u64, 0, 0, 0, 0, 0]);
+    // The kernel never returns from `exit`; should it, stop here for good.
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+/// Calls portal `pt` with message words 0–5 (more words and typed items go
+/// in the caller's UTCB); returns the reply's words 0–5.
+pub fn call(pt: Sel, words: [u64; 6]) -> Result<[u64; 6], Status> {
+    match syscall(Call::Call, 0, pt, words) {
+        (Status::Success, reply) => Ok(reply),
+        (error, _) => Err(error),
+    }
+}
+
+/// [`call`], failing with `WouldBlock` instead of waiting for a busy handler.
+pub fn call_nonblock(pt: Sel, words: [u64; 6]) -> Result<[u64; 6], Status> {
+    match syscall(Call::Call, flags::NONBLOCK, pt, words) {
+        (Status::Success, reply) => Ok(reply),
+        (error, _) => Err(error),
+    }
+}
+
+/// Replies to the current call and ends the handler's activation. Returns
+/// only with `Aborted` (the caller is gone; reply again to end the
+/// activation) or `BadCall` (not handling a call).
+pub fn reply(words: [u64; 6]) -> Status {
+    syscall(Call::Reply, 0, 0, words).0
+}
+
+/// Creates a PD at `dst`, paid for by `owner`, with `quota_bytes` of
+/// `owner`'s kernel-memory quota and room for `capacity` capabilities.
+pub fn create_pd(dst: Sel, owner: Sel, quota_bytes: u64, capacity: u64) -> Result<(), Status> {
+    simple(
+        Call::CreatePd,
+        0,
+        dst,
+        [owner, quota_bytes, capacity, 0, 0, 0],
+    )
+}
+
+/// Creates an EC at `dst` in PD `pd`: a global EC that starts at `rip` once
+/// an SC is bound, or (`handler`) a portal handler EC entered at each call
+/// with `rsp`. The kernel maps its UTCB at `utcb` in `pd`.
+/// `exception_portal` is a selector in `pd`'s space (`u64::MAX`: none).
+#[allow(clippy::too_many_arguments)]
+pub fn create_ec(
+    dst: Sel,
+    pd: Sel,
+    handler: bool,
+    rip: u64,
+    rsp: u64,
+    utcb: u64,
+    exception_portal: Sel,
+    ec_id: u64,
+) -> Result<(), Status> {
+    simple(
+        Call::CreateEc,
+        flag(handler, flags::HANDLER),
+        dst,
+        [pd, rip, rsp, utcb, exception_portal, ec_id],
+    )
+}
+
+/// Binds a new SC (`priority` 0..63, `budget_us` per period) at `dst` to
+/// the global EC `ec`, which starts running.
+pub fn create_sc(
+    dst: Sel,
+    owner: Sel,
+    ec: Sel,
+    priority: u8,
+    budget_us: u64,
+) -> Result<(), Status> {
+    simple(
+        Call::CreateSc,
+        0,
+        dst,
+        [owner, ec, u64::from(priority), budget_us, 0, 0],
+    )
+}
+
+/// Creates a portal at `dst` into handler EC `ec`, entered at `rip` with
+/// `id` in `rax`.
+pub fn create_pt(dst: Sel, owner: Sel, ec: Sel, rip: u64, id: u64) -> Result<(), Status> {
+    simple(Call::CreatePt, 0, dst, [owner, ec, rip, id, 0, 0])
+}
+
+/// Creates a semaphore at `dst` counting from `count`.
+pub fn create_sm(dst: Sel, owner: Sel, count: u64) -> Result<(), Status> {
+    simple(Call::CreateSm, 0, dst, [owner, count, 0, 0, 0, 0])
+}
+
+pub fn sm_up(sm: Sel) -> Result<(), Status> {
+    simple(Call::SmUp, 0, sm, [0; 6])
+}
+
+/// Counts `sm` down, waiting until it is positive, until the TSC reaches
+/// `deadline_tsc` (`Timeout`; 0: no deadline) or, with `nonblock`, not at
+/// all (`WouldBlock`).
+pub fn sm_down(sm: Sel, deadline_tsc: u64, nonblock: bool) -> Result<(), Status> {
+    simple(
+        Call::SmDown,
+        flag(nonblock, flags::NONBLOCK),
+        sm,
+        [deadline_tsc, 0, 0, 0, 0, 0],
+    )
+}
+
+/// Delegates `count` capabilities of `space` from the caller's `src` on to
+/// PD `dst_pd`'s `dst` on, with at most `rights`.
+pub fn delegate(
+    dst_pd: Sel,
+    space: Space,
+    src: u64,
+    dst: u64,
+    count: u64,
+    rights: u8,
+) -> Result<(), Status> {
+    simple(
+        Call::Delegate,
+        0,
+        dst_pd,
+        [space as u64, src, dst, count, u64::from(rights), 0],
+    )
+}
+
+/// Removes everything derived from the caller's `count` capabilities of
+/// `space` from `base` on; with `include_self` those capabilities too.
+pub fn revoke(space: Space, base: u64, count: u64, include_self: bool) -> Result<(), Status> {
+    simple(
+        Call::Revoke,
+        flag(include_self, flags::SELF),
+        0,
+        [space as u64, base, count, 0, 0, 0],
+    )
+}
+
+/// Routes interrupt `gsi` to semaphore `sm` (`flags` bit 0 level-triggered,
+/// bit 1 active low).
+pub fn irq_assign(sm: Sel, gsi: u64, flags: u64) -> Result<(), Status> {
+    simple(Call::IrqAssign, 0, sm, [gsi, flags, 0, 0, 0, 0])
+}
+
+pub fn irq_unmask(gsi: u64) -> Result<(), Status> {
+    simple(Call::IrqUnmask, 0, 0, [gsi, 0, 0, 0, 0, 0])
+}

@@ -1,0 +1,178 @@
+//! Boot manifests of the system tests and benchmarks: the root task reads
+//! the module named `manifest` and starts the components it lists. Each
+//! text is written to `target/systest/<test>/manifest`.
+//!
+//! The grammar is the root task's (hypervisor/roottask/src/manifest.rs):
+//! `component NAME` opens an entry whose indented lines give `module`,
+//! `priority`, `memory`, `quota`, `provides PORTAL`, `uses PORTAL at SEL`,
+//! `args WORDS…` and `restart N` (most restarts after faults; default 3);
+//! `semaphore NAME up A at SEL down B at SEL` shares a semaphore. The root
+//! appends ` index=N tsc_hz=H` to every component's arguments.
+
+/// `echo` serves, `ping` makes 10,000 payload-checked calls.
+pub const IPC_PINGPONG: &str = "\
+component echo
+    module echo
+    priority 20
+    memory 256K
+    quota 64K
+    provides echo
+component ping
+    module ping
+    priority 10
+    memory 256K
+    quota 64K
+    uses echo at 20
+    args calls=10000
+";
+
+/// `faulty` faults and is restarted while `ticker` counts on.
+pub const SUPERVISION: &str = "\
+component ticker
+    module ticker
+    priority 20
+    memory 128K
+    quota 64K
+    args count=150 period_ms=20
+component faulty
+    module faulty
+    priority 10
+    memory 128K
+    quota 64K
+    restart 3
+    args delay_ms=20
+";
+
+pub const SEMAPHORE: &str = "\
+component waiter
+    module waiter
+    priority 20
+    memory 128K
+    quota 64K
+    args count=100
+component notifier
+    module notifier
+    priority 10
+    memory 128K
+    quota 64K
+    args count=100 interval_ms=5
+semaphore tick up notifier at 21 down waiter at 21
+";
+
+/// `lender` lends a page to `borrower` and revokes it; the borrower's
+/// next access faults and it is not restarted.
+pub const DELEGATE_REVOKE: &str = "\
+component lender
+    module lender
+    priority 20
+    memory 256K
+    quota 64K
+    provides lender
+component borrower
+    module borrower
+    priority 10
+    memory 128K
+    quota 64K
+    uses lender at 20
+    restart 0
+";
+
+/// The hostile `fuzzer` beside a `ticker` of higher priority.
+pub const FUZZER: &str = "\
+component ticker
+    module ticker
+    priority 20
+    memory 128K
+    quota 64K
+    args count=100 period_ms=20
+component fuzzer
+    module fuzzer
+    priority 10
+    memory 256K
+    quota 64K
+    restart 0
+    args seed=0x5eed calls=100000
+";
+
+/// `quota` runs out of kernel memory on purpose, with a small quota.
+pub const QUOTA: &str = "\
+component quota
+    module quota
+    priority 10
+    memory 128K
+    quota 48K
+";
+
+/// `ping` in bench mode against `echo`; 64-bit samples need heap room.
+pub const BENCH_IPC: &str = "\
+component echo
+    module echo
+    priority 20
+    memory 256K
+    quota 64K
+    provides echo
+component ping
+    module ping
+    priority 10
+    memory 512K
+    quota 64K
+    uses echo at 20
+    args bench iterations=10000
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: [&str; 7] = [
+        IPC_PINGPONG,
+        SUPERVISION,
+        SEMAPHORE,
+        DELEGATE_REVOKE,
+        FUZZER,
+        QUOTA,
+        BENCH_IPC,
+    ];
+
+    /// The components each manifest names, in order.
+    fn components(manifest: &str) -> Vec<&str> {
+        manifest
+            .lines()
+            .filter_map(|l| l.strip_prefix("component "))
+            .collect()
+    }
+
+    #[test]
+    fn every_component_names_its_module_and_the_basics() {
+        for manifest in ALL {
+            let entries: Vec<&str> = manifest.split("component ").skip(1).collect();
+            assert!(!entries.is_empty());
+            for entry in entries {
+                let name = entry.lines().next().unwrap();
+                for key in ["module", "priority", "memory", "quota"] {
+                    assert!(
+                        entry.lines().any(|l| l.trim_start().starts_with(key)),
+                        "{name}: no {key}"
+                    );
+                }
+                assert!(entry.contains(&format!("module {name}\n")), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn users_have_providers() {
+        for manifest in ALL {
+            for line in manifest.lines().map(str::trim) {
+                if let Some(rest) = line.strip_prefix("uses ") {
+                    let portal = rest.split_whitespace().next().unwrap();
+                    assert!(
+                        manifest.contains(&format!("provides {portal}\n")),
+                        "nobody provides {portal}"
+                    );
+                }
+            }
+        }
+        assert_eq!(components(IPC_PINGPONG), ["echo", "ping"]);
+    }
+}
