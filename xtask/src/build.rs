@@ -45,6 +45,7 @@ pub const USER_TASKS: &[UserTask] = &[
     task("moat-lender", "lender"),
     task("moat-borrower", "borrower"),
     task("moat-quota", "quota"),
+    task("moat-rtc", "rtc"),
 ];
 
 /// What a build leaves behind.

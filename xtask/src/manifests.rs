@@ -59,6 +59,20 @@ component notifier
 semaphore tick up notifier at 21 down waiter at 21
 ";
 
+/// `rtc` drives the CMOS clock's periodic interrupt through ports and a GSI
+/// given by capability; `ticker` runs beside it.
+pub const INTERRUPT: &str = "\
+component rtc
+    module rtc
+    priority 30
+    memory 128K
+    quota 64K
+    restart 0
+    args count=20
+ioports 0x70-0x71 to rtc
+irq 8 to rtc
+";
+
 /// `lender` lends a page to `borrower` and revokes it; the borrower's
 /// next access faults and it is not restarted.
 pub const DELEGATE_REVOKE: &str = "\
@@ -128,6 +142,7 @@ mod tests {
         IPC_PINGPONG,
         SUPERVISION,
         SEMAPHORE,
+        INTERRUPT,
         DELEGATE_REVOKE,
         FUZZER,
         QUOTA,

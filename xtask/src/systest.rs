@@ -27,6 +27,7 @@ const FORBIDDEN: &[&str] = &[
     "frames leaked",
     "no timer interrupt",
     "roottask: probe '",
+    "still charged after teardown",
 ];
 
 /// What a boot module contains.
@@ -355,6 +356,22 @@ pub const TESTS: &[SysTest] = &[
             "roottask: component 'waiter' faulted",
             "roottask: component 'notifier' faulted",
         ],
+        stop: Stop::WhenDecided,
+        ..BASE
+    },
+    SysTest {
+        name: "interrupt",
+        modules: &[
+            ROOTTASK,
+            manifest("interrupt", manifests::INTERRUPT),
+            component("rtc"),
+        ],
+        expect: &[
+            all("roottask: started 'rtc'"),
+            all("rtc: 20 interrupts through the semaphore"),
+            all("roottask: component 'rtc' finished"),
+        ],
+        forbid: &["rtc: FAIL", "roottask: component 'rtc' faulted"],
         stop: Stop::WhenDecided,
         ..BASE
     },

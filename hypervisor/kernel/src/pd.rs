@@ -310,6 +310,12 @@ impl Kernel {
                 self.io_loaded = Some(None);
             }
             let mut quota = pd.quota;
+            if pd.io_bitmap.is_some() {
+                quota.refund(IO_BITMAP_BYTES as u64);
+            }
+            // The root table was paid with PD_COST, but `free_tables`
+            // refunds every table it frees.
+            quota.used += PAGE_SIZE;
             pd.space
                 .free_tables(&mut ChargedTables { quota: &mut quota }, LOWER_HALF);
             if quota.used != 0 {
