@@ -138,7 +138,7 @@ component ping
 mod tests {
     use super::*;
 
-    const ALL: [&str; 7] = [
+    const ALL: [&str; 8] = [
         IPC_PINGPONG,
         SUPERVISION,
         SEMAPHORE,
