@@ -25,6 +25,10 @@ const HOST_SUITES: &[HostSuite] = &[
         args: &["-p", "moat-abi", "-p", "moat-kernel", "--lib"],
     },
     HostSuite {
+        name: "moat-user moat-roottask (lib)",
+        args: &["-p", "moat-user", "-p", "moat-roottask", "--lib"],
+    },
+    HostSuite {
         name: "moat-component-common",
         args: &["-p", "moat-component-common"],
     },
