@@ -76,10 +76,24 @@ impl TryFrom<u8> for Call {
     type Error = Status;
 
     fn try_from(number: u8) -> Result<Self, Status> {
-        Call::ALL
-            .into_iter()
-            .find(|call| call.number() == number)
-            .ok_or(Status::BadCall)
+        Ok(match number {
+            0 => Call::ConsoleWrite,
+            1 => Call::Exit,
+            2 => Call::Call,
+            3 => Call::Reply,
+            4 => Call::CreatePd,
+            5 => Call::CreateEc,
+            6 => Call::CreateSc,
+            7 => Call::CreatePt,
+            8 => Call::CreateSm,
+            9 => Call::SmUp,
+            10 => Call::SmDown,
+            11 => Call::Delegate,
+            12 => Call::Revoke,
+            13 => Call::IrqAssign,
+            14 => Call::IrqUnmask,
+            _ => return Err(Status::BadCall),
+        })
     }
 }
 

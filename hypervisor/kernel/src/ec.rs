@@ -280,9 +280,7 @@ impl Kernel {
         let Some(h) = self.ecs.get_mut(handler) else {
             return;
         };
-        h.regs = TrapFrame::new_user(entry, h.handler_rsp);
-        h.regs.rax = id;
-        set_words(&mut h.regs, message);
+        h.regs.start_activation(entry, h.handler_rsp, id, message);
         h.caller = Some(caller);
         h.active = true;
         h.state = EcState::Running;
@@ -299,6 +297,15 @@ impl Kernel {
 
     /// Copies extra words and performs typed items from one UTCB to another.
     fn transfer_utcb(&mut self, from: u64, from_pd: PdId, to: u64, to_pd: PdId) {
+        {
+            let source = utcb(from);
+            if source.untyped == 0 && source.typed == 0 {
+                let target = utcb(to);
+                target.untyped = 0;
+                target.typed = 0;
+                return;
+            }
+        }
         let (untyped, typed) = {
             let source = utcb(from);
             let untyped = (source.untyped as usize).min(UTCB_WORDS);
@@ -569,8 +576,11 @@ impl Kernel {
             }
             _ => {}
         }
-        if Some(ec) == self.root_ec && !how.is_empty() {
-            log::info!("task 'roottask' {how}");
+        if Some(ec) == self.root_ec {
+            self.root_dead = true;
+            if !how.is_empty() {
+                log::info!("task 'roottask' {how}");
+            }
         }
     }
 

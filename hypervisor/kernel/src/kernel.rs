@@ -73,6 +73,8 @@ pub struct Kernel {
     pub timeouts: Vec<(u64, EcId)>,
     /// The root task's first EC: when it ends, the system stops.
     pub root_ec: Option<EcId>,
+    /// The root task's first EC has ended: the system stops.
+    pub root_dead: bool,
     pub root_pd: Option<PdId>,
     /// Objects whose last capability went, to destroy after the revoke.
     doomed: Vec<Object>,
@@ -115,6 +117,7 @@ impl Kernel {
             current: None,
             timeouts: Vec::new(),
             root_ec: None,
+            root_dead: false,
             root_pd: None,
             doomed: Vec::new(),
             io_loaded: None,
@@ -535,14 +538,15 @@ impl Kernel {
     /// Everything the CPU needs to enter `ec`: its stack slot for the next
     /// entry, its address space; returns where its registers are.
     pub fn prepare_switch(&mut self, ec: EcId) -> *const TrapFrame {
-        let (frame, root, pd) = {
-            let Some(e) = self.ecs.get_mut(ec) else {
-                return core::ptr::null();
-            };
-            let frame = &mut e.regs as *mut TrapFrame;
-            (frame, self.pds.get(e.pd).map(|pd| pd.space.root()), e.pd)
+        let Some(e) = self.ecs.get_mut(ec) else {
+            return core::ptr::null();
         };
-        let bitmap = self.pds.get(pd).and_then(|p| p.io_bitmap.as_deref());
+        let frame = &mut e.regs as *mut TrapFrame;
+        let pd = e.pd;
+        let (root, bitmap) = match self.pds.get(pd) {
+            Some(p) => (Some(p.space.root()), p.io_bitmap.as_deref()),
+            None => (None, None),
+        };
         let wanted = bitmap.map(|_| pd);
         if self.io_loaded != Some(wanted) {
             gdt::load_io_bitmap(bitmap);

@@ -303,11 +303,7 @@ fn build(
 
 impl Kernel {
     pub fn root_ended(&self) -> bool {
-        self.root_ec.is_some_and(|ec| {
-            self.ecs
-                .get(ec)
-                .is_none_or(|e| e.state == crate::ec::EcState::Dead)
-        })
+        self.root_dead
     }
 }
 

@@ -105,7 +105,18 @@ impl<T: Copy + Eq> RunQueues<T> {
     }
 
     pub fn contains(&self, item: T) -> bool {
-        self.queues.iter().any(|queue| queue.contains(&item))
+        let mut ready = self.ready;
+        while let Some(p) = ready.checked_ilog2() {
+            ready &= !(1 << p);
+            if self
+                .queues
+                .get(p as usize)
+                .is_some_and(|queue| queue.contains(&item))
+            {
+                return true;
+            }
+        }
+        false
     }
 
     pub fn len(&self) -> usize {

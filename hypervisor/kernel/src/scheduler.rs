@@ -8,8 +8,15 @@ use crate::kernel::KERNEL;
 /// returning) when nothing can run; stops the system when the root task
 /// has ended.
 pub fn leave() -> *const TrapFrame {
+    let guard = KERNEL.lock();
+    leave_with(guard)
+}
+
+/// `leave` for a caller that already holds the kernel lock.
+pub fn leave_with(
+    mut guard: spin::MutexGuard<'_, Option<crate::kernel::Kernel>>,
+) -> *const TrapFrame {
     let frame = {
-        let mut guard = KERNEL.lock();
         let Some(kernel) = guard.as_mut() else {
             crate::stop(crate::StopReason::Fatal)
         };
@@ -19,6 +26,7 @@ pub fn leave() -> *const TrapFrame {
         }
         kernel.pick().map(|ec| kernel.prepare_switch(ec))
     };
+    drop(guard);
     match frame {
         Some(frame) if !frame.is_null() => frame,
         _ => idle(),

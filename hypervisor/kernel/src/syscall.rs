@@ -17,15 +17,13 @@ const MAX_COUNT: u64 = 65536;
 /// The SYSCALL entry's Rust half: acts for the current EC, then leaves the
 /// kernel for whichever EC runs next.
 pub extern "C" fn syscall_entry(_frame: *mut TrapFrame) -> *const TrapFrame {
-    {
-        let mut guard = KERNEL.lock();
-        if let Some(kernel) = guard.as_mut() {
-            if let Some(ec) = kernel.current {
-                kernel.syscall(ec);
-            }
+    let mut guard = KERNEL.lock();
+    if let Some(kernel) = guard.as_mut() {
+        if let Some(ec) = kernel.current {
+            kernel.syscall(ec);
         }
     }
-    crate::scheduler::leave()
+    crate::scheduler::leave_with(guard)
 }
 
 impl Kernel {

@@ -44,6 +44,21 @@ impl TrapFrame {
         self.cs & 3 == 3
     }
 
+    /// A handler activation: starts at `rip` with `rsp`, the portal id in
+    /// `rax`, the message in the argument registers, everything else 0.
+    pub fn start_activation(&mut self, rip: u64, rsp: u64, id: u64, words: [u64; 6]) {
+        *self = Self {
+            rax: id,
+            rdi: words[0],
+            rsi: words[1],
+            rdx: words[2],
+            r10: words[3],
+            r8: words[4],
+            r9: words[5],
+            ..Self::new_user(rip, rsp)
+        };
+    }
+
     /// A fresh user-mode context starting at `rip` with stack `rsp`.
     pub fn new_user(rip: u64, rsp: u64) -> Self {
         Self {
