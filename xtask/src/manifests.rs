@@ -73,6 +73,50 @@ ioports 0x70-0x71 to rtc
 irq 8 to rtc
 ";
 
+/// `echo` crashes inside a call from `ping`: ping gets `Dead`, the root
+/// restarts echo and ping reaches the new instance.
+pub const SERVER_DIES: &str = "\
+component echo
+    module echo
+    priority 20
+    memory 256K
+    quota 64K
+    provides echo
+component ping
+    module ping
+    priority 10
+    memory 256K
+    quota 64K
+    uses echo at 20
+    args crash-server
+";
+
+/// `ping` is destroyed while `echo` handles its slow call: echo's reply
+/// comes back `Aborted`; `ticker` keeps echo's service wanted meanwhile.
+pub const CALLER_DIES: &str = "\
+component echo
+    module echo
+    priority 20
+    memory 256K
+    quota 64K
+    provides echo
+component ticker
+    module ticker
+    priority 15
+    memory 128K
+    quota 64K
+    uses echo at 20
+    args count=30
+component ping
+    module ping
+    priority 10
+    memory 256K
+    quota 64K
+    uses echo at 20
+    restart 0
+    args die-during-call
+";
+
 /// `lender` lends a page to `borrower` and revokes it; the borrower's
 /// next access faults and it is not restarted.
 pub const DELEGATE_REVOKE: &str = "\
@@ -138,11 +182,13 @@ component ping
 mod tests {
     use super::*;
 
-    const ALL: [&str; 8] = [
+    const ALL: [&str; 10] = [
         IPC_PINGPONG,
         SUPERVISION,
         SEMAPHORE,
         INTERRUPT,
+        SERVER_DIES,
+        CALLER_DIES,
         DELEGATE_REVOKE,
         FUZZER,
         QUOTA,

@@ -376,6 +376,52 @@ pub const TESTS: &[SysTest] = &[
         ..BASE
     },
     SysTest {
+        name: "server_dies",
+        modules: &[
+            ROOTTASK,
+            manifest("server_dies", manifests::SERVER_DIES),
+            component("echo"),
+            component("ping"),
+        ],
+        expect: &[
+            all("echo: crashing during a call"),
+            all("ping: the server died during the call: the partner died"),
+            all("roottask: component 'echo' restarted (restart 1)"),
+            all("ping: the restarted server answers"),
+            all("roottask: component 'ping' finished"),
+        ],
+        forbid: &[
+            "ping: FAIL",
+            "echo: FAIL",
+            "roottask: component 'ping' faulted",
+        ],
+        stop: Stop::WhenDecided,
+        ..BASE
+    },
+    SysTest {
+        name: "caller_dies",
+        modules: &[
+            ROOTTASK,
+            manifest("caller_dies", manifests::CALLER_DIES),
+            component("echo"),
+            component("ticker"),
+            component("ping"),
+        ],
+        expect: &[
+            all("ping: calling the slow server"),
+            all("roottask: component 'ping' faulted"),
+            all("echo: reply aborted, the caller is gone"),
+            all("ticker: done"),
+        ],
+        forbid: &[
+            "ping: FAIL",
+            "echo: FAIL",
+            "roottask: component 'echo' faulted",
+        ],
+        stop: Stop::WhenDecided,
+        ..BASE
+    },
+    SysTest {
         name: "delegate_revoke",
         modules: &[
             ROOTTASK,

@@ -15,6 +15,16 @@ pub mod rng;
 pub mod rt;
 pub mod stats;
 
+/// Test operations of the `echo` server, in word 0 of a call (values no
+/// ordinary `ping` message uses).
+pub mod echo_ops {
+    /// The handler faults during the call: the caller must get `Dead`.
+    pub const CRASH: u64 = 0xec40_0000_dead_0001;
+    /// The handler sleeps about 200 ms before replying, and reports a
+    /// reply that comes back `Aborted` (the caller died meanwhile).
+    pub const SLOW: u64 = 0xec40_0000_dead_0002;
+}
+
 /// Selectors every component finds, set by the root task.
 pub mod sel {
     /// The component's own PD (`PD_CONTROL`).

@@ -6,9 +6,10 @@
 #![no_std]
 #![no_main]
 
-use common::rt;
-use moat_user::abi::UTCB_WORDS;
-use moat_user::{portal, println, Stack};
+use common::{args, echo_ops, ms_to_ticks, rt};
+use core::sync::atomic::{AtomicU64, Ordering};
+use moat_user::abi::{Status, UTCB_WORDS};
+use moat_user::{portal, println, rdtsc, sys, Stack};
 
 moat_user::entry!(main);
 moat_user::portal_entry!(echo_portal_entry, handle);
@@ -19,10 +20,19 @@ const IDLE_SM: u64 = 18;
 /// The handler EC's UTCB, in a part of the address space nothing else uses.
 const HANDLER_UTCB: u64 = 0x0000_7fff_d000_0000;
 const PORTAL_ID: u64 = 0xec40;
+/// The handler sleeps on this semaphore for `echo_ops::SLOW`.
+const SLEEP_SM: u64 = 19;
+
+static TSC_HZ: AtomicU64 = AtomicU64::new(1_000_000_000);
 
 static HANDLER_STACK: Stack<16384> = Stack::new();
 
 fn main(args: &str) -> i32 {
+    TSC_HZ.store(args::tsc_hz(args), Ordering::Relaxed);
+    if let Err(status) = sys::create_sm(SLEEP_SM, 0, 0) {
+        println!("echo: FAIL create_sm: {status}");
+        return 1;
+    }
     let rip = portal::entry_address(echo_portal_entry);
     let serving = rt::create_portal(
         HANDLER_EC,
@@ -42,6 +52,25 @@ fn main(args: &str) -> i32 {
 }
 
 fn handle(_id: u64, words: [u64; 6]) -> [u64; 6] {
+    match words[0] {
+        echo_ops::CRASH => {
+            println!("echo: crashing during a call, as asked");
+            // SAFETY: not safe: the write faults on purpose, so the kernel
+            // ends this handler and the caller gets `Dead`.
+            unsafe { core::ptr::write_volatile(0x28 as *mut u64, 1) };
+        }
+        echo_ops::SLOW => {
+            let ticks = ms_to_ticks(TSC_HZ.load(Ordering::Relaxed), 200);
+            let _ = sys::sm_down(SLEEP_SM, rdtsc().saturating_add(ticks), false);
+            match sys::reply(words) {
+                Status::Aborted => println!("echo: reply aborted, the caller is gone"),
+                other => println!("echo: FAIL the slow reply came back {other}"),
+            }
+            // Ends the activation (the runtime replies once more, to nobody).
+            return words;
+        }
+        _ => {}
+    }
     // SAFETY: HANDLER_UTCB was given to the successful create_ec of the
     // handler EC, which is running this; nothing else refers to that UTCB.
     let utcb = unsafe { moat_user::utcb_at(HANDLER_UTCB) };

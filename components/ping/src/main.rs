@@ -10,7 +10,7 @@
 extern crate alloc;
 
 use alloc::vec::Vec;
-use common::{args, stats};
+use common::{args, echo_ops, rt, stats};
 use moat_user::abi::Status;
 use moat_user::{println, rdtsc, sys};
 
@@ -31,6 +31,12 @@ fn main(args: &str) -> i32 {
         println!("ping: FAIL bad arguments '{args}'");
         return 2;
     };
+    if args::flag(args, "crash-server") {
+        return crash_server(args::tsc_hz(args));
+    }
+    if args::flag(args, "die-during-call") {
+        return die_during_call(args::tsc_hz(args));
+    }
     let result = if args::flag(args, "bench") {
         bench(iterations.max(1))
     } else {
@@ -44,6 +50,81 @@ fn main(args: &str) -> i32 {
         }
     }
 }
+
+/// Makes `echo` crash inside a call: the call must fail with `Dead`; then
+/// waits for the restarted server (the root gives us its new portal at the
+/// same selector) to answer.
+fn crash_server(tsc_hz: u64) -> i32 {
+    match sys::call(ECHO, [echo_ops::CRASH, 0, 0, 0, 0, 0]) {
+        Err(Status::Dead) => println!("ping: the server died during the call: {}", Status::Dead),
+        other => {
+            println!("ping: FAIL crashing call returned {other:?}");
+            return 1;
+        }
+    }
+    let sleeper = match rt::Sleeper::new(SLEEP_SM) {
+        Ok(sleeper) => sleeper,
+        Err(status) => {
+            println!("ping: FAIL create_sm: {status}");
+            return 1;
+        }
+    };
+    for _ in 0..200 {
+        if sys::call(ECHO, [1, 2, 3, 4, 5, 6]) == Ok([2, 3, 4, 5, 6, 7]) {
+            println!("ping: the restarted server answers");
+            return 0;
+        }
+        let _ = sleeper.for_ticks(common::ms_to_ticks(tsc_hz, 10));
+    }
+    println!("ping: FAIL the restarted server never answered");
+    1
+}
+
+static SECOND_STACK: moat_user::Stack<8192> = moat_user::Stack::new();
+static TSC: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// A second EC that faults 50 ms from now, while the main EC waits in a
+/// slow call: the root then destroys this PD with the call outstanding,
+/// and `echo` must see its reply come back `Aborted`.
+fn die_during_call(tsc_hz: u64) -> i32 {
+    TSC.store(tsc_hz, core::sync::atomic::Ordering::Relaxed);
+    let rip = second_ec as *const () as u64;
+    let made = sys::create_ec(
+        SECOND_EC,
+        0,
+        false,
+        rip,
+        SECOND_STACK.top() - 8,
+        SECOND_UTCB,
+        1,
+        1,
+    )
+    .and_then(|()| sys::create_sc(SECOND_SC, 0, SECOND_EC, 40, 10_000));
+    if let Err(status) = made {
+        println!("ping: FAIL second EC: {status}");
+        return 1;
+    }
+    println!("ping: calling the slow server; this PD dies before the reply");
+    let result = sys::call(ECHO, [echo_ops::SLOW, 0, 0, 0, 0, 0]);
+    println!("ping: FAIL the slow call returned {result:?} although this PD was destroyed");
+    1
+}
+
+extern "C" fn second_ec() -> ! {
+    let tsc_hz = TSC.load(core::sync::atomic::Ordering::Relaxed);
+    if let Ok(sleeper) = rt::Sleeper::new(SECOND_SM) {
+        let _ = sleeper.for_ticks(common::ms_to_ticks(tsc_hz, 50));
+    }
+    // SAFETY: not safe: faults on purpose so the root destroys this PD.
+    unsafe { core::ptr::write_volatile(0x30 as *mut u64, 1) };
+    sys::exit(3)
+}
+
+const SLEEP_SM: u64 = 40;
+const SECOND_EC: u64 = 41;
+const SECOND_SC: u64 = 42;
+const SECOND_SM: u64 = 43;
+const SECOND_UTCB: u64 = 0x0000_7fff_c000_0000;
 
 /// Why a call went wrong.
 enum Failure {

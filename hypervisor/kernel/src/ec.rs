@@ -461,6 +461,9 @@ impl Kernel {
             self.run.remove(sc);
             if let Some(s) = self.scs.get_mut(sc) {
                 s.holder = None;
+                if s.zombie {
+                    self.scs.remove(sc);
+                }
             }
         }
     }

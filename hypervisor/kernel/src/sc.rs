@@ -14,6 +14,10 @@ pub struct Sc {
     pub budget: Budget,
     pub owner: PdId,
     pub caps: u32,
+    /// Destroyed while lent to a handler in another PD: it lives on until
+    /// that activation ends, so the handler can finish (its reply is then
+    /// `Aborted`) instead of hanging without an SC.
+    pub zombie: bool,
 }
 
 pub const SC_COST: u64 = core::mem::size_of::<Sc>() as u64 + 32;
@@ -64,6 +68,7 @@ impl Kernel {
             budget: Budget::new(budget_us),
             owner,
             caps: 0,
+            zombie: false,
         };
         let Some(id) = self.scs.insert(sc) else {
             self.refund(owner, SC_COST);
@@ -82,9 +87,29 @@ impl Kernel {
     }
 
     pub fn destroy_sc(&mut self, id: crate::kernel::ScId) {
+        let lent = self.scs.get(id).and_then(|sc| {
+            let holder = sc.holder?;
+            let e = self.ecs.get(holder)?;
+            (e.state != EcState::Dead && e.pd != sc.owner && e.sc == Some(id)).then_some(sc.owner)
+        });
+        if let Some(owner) = lent {
+            if let Some(sc) = self.scs.get_mut(id) {
+                if !sc.zombie {
+                    sc.zombie = true;
+                    self.refund(owner, SC_COST);
+                    if let Some(p) = self.pds.get_mut(owner) {
+                        p.owned.retain(|&o| o != Object::Sc(id));
+                    }
+                }
+            }
+            return;
+        }
         let Some(sc) = self.scs.remove(id) else {
             return;
         };
+        if sc.zombie {
+            return;
+        }
         self.run.remove(id);
         if let Some(holder) = sc.holder {
             if let Some(e) = self.ecs.get_mut(holder) {
