@@ -281,6 +281,11 @@ impl Kernel {
         if kind == Space::Memory && rights & moat_abi::rights::MEM_READ == 0 {
             return Err(Status::BadParameter);
         }
+        // A port or GSI capability is keyed by what it grants: it cannot
+        // move to another key.
+        if matches!(kind, Space::Io | Space::Irq) && from != to {
+            return Err(Status::BadParameter);
+        }
         let mask = Rights::from_bits_retain(rights);
         for i in 0..count {
             let (Some(source), Some(target)) = (from.checked_add(i), to.checked_add(i)) else {

@@ -11,7 +11,7 @@ pub fn syscalls() -> i32 {
     let console = word(Call::ConsoleWrite, 0);
     let kernel_half = 0xffff_8000_0000_0000;
     let empty_selector = 4000;
-    let probes: [(&str, u64, [u64; 6], Status); 13] = [
+    let probes: [(&str, u64, [u64; 6], Status); 14] = [
         ("unknown call number", 0xe7, [0; 6], Status::BadCall),
         ("call number 0xff", u64::MAX, [0; 6], Status::BadCall),
         (
@@ -79,6 +79,12 @@ pub fn syscalls() -> i32 {
             "delegate into space 9",
             word(Call::Delegate, 0),
             [9, 0, 0, 1, 0, 0],
+            Status::BadParameter,
+        ),
+        (
+            "delegate of port 0x70 to the key of port 0x3f8",
+            word(Call::Delegate, 0),
+            [2, 0x70, 0x3f8, 1, 0xff, 0],
             Status::BadParameter,
         ),
         (
