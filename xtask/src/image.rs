@@ -217,6 +217,22 @@ pub fn assemble(artifacts: &Artifacts) -> Result<Image> {
             });
         }
     }
+    // The default system: the demo manifest and the components it names.
+    let manifest = dir.join(crate::manifests::MANIFEST_MODULE);
+    fs::write(&manifest, crate::manifests::DEMO)
+        .context(|| format!("cannot write {}", manifest.display()))?;
+    modules.push(Module {
+        name: crate::manifests::MANIFEST_MODULE.to_string(),
+        file: manifest,
+        args: Vec::new(),
+    });
+    for component in crate::manifests::DEMO_COMPONENTS {
+        modules.push(Module {
+            name: component.to_string(),
+            file: dir.join(component),
+            args: Vec::new(),
+        });
+    }
     let boot = BootSpec {
         kernel,
         kernel_args: vec![DEBUG_EXIT_ARG.to_string()],

@@ -117,6 +117,43 @@ component ping
     args die-during-call
 ";
 
+/// The boot module name the root task reads its manifest from.
+pub const MANIFEST_MODULE: &str = "manifest";
+
+/// What `cargo xtask run` boots: a server and its client, a component that
+/// keeps faulting (and is restarted, then given up on), and a ticker that
+/// runs undisturbed beside them.
+pub const DEMO: &str = "\
+component echo
+    module echo
+    priority 20
+    memory 256K
+    quota 64K
+    provides echo
+component ping
+    module ping
+    priority 10
+    memory 256K
+    quota 64K
+    uses echo at 20
+    args calls=1000
+component faulty
+    module faulty
+    priority 12
+    memory 128K
+    quota 64K
+    restart 2
+component ticker
+    module ticker
+    priority 15
+    memory 128K
+    quota 64K
+    args count=10 period_ms=50
+";
+
+/// The components [`DEMO`] names, in boot-module order.
+pub const DEMO_COMPONENTS: &[&str] = &["echo", "ping", "faulty", "ticker"];
+
 /// `lender` lends a page to `borrower` and revokes it; the borrower's
 /// next access faults and it is not restarted.
 pub const DELEGATE_REVOKE: &str = "\
@@ -182,11 +219,12 @@ component ping
 mod tests {
     use super::*;
 
-    const ALL: [&str; 10] = [
+    const ALL: [&str; 11] = [
         IPC_PINGPONG,
         SUPERVISION,
         SEMAPHORE,
         INTERRUPT,
+        DEMO,
         SERVER_DIES,
         CALLER_DIES,
         DELEGATE_REVOKE,
