@@ -46,6 +46,7 @@ pub const USER_TASKS: &[UserTask] = &[
     task("moat-borrower", "borrower"),
     task("moat-quota", "quota"),
     task("moat-rtc", "rtc"),
+    task("moat-spinner", "spinner"),
 ];
 
 /// What a build leaves behind.

@@ -117,6 +117,22 @@ component ping
     args die-during-call
 ";
 
+/// Two CPU-bound spinners of equal priority: round robin must preempt both.
+pub const ROUND_ROBIN: &str = "\
+component spina
+    module spinner
+    priority 10
+    memory 128K
+    quota 64K
+    args name=a ms=300
+component spinb
+    module spinner
+    priority 10
+    memory 128K
+    quota 64K
+    args name=b ms=300
+";
+
 /// The boot module name the root task reads its manifest from.
 pub const MANIFEST_MODULE: &str = "manifest";
 
@@ -219,11 +235,12 @@ component ping
 mod tests {
     use super::*;
 
-    const ALL: [&str; 11] = [
+    const ALL: [&str; 12] = [
         IPC_PINGPONG,
         SUPERVISION,
         SEMAPHORE,
         INTERRUPT,
+        ROUND_ROBIN,
         DEMO,
         SERVER_DIES,
         CALLER_DIES,

@@ -376,6 +376,23 @@ pub const TESTS: &[SysTest] = &[
         ..BASE
     },
     SysTest {
+        name: "round_robin",
+        modules: &[
+            ROOTTASK,
+            manifest("round_robin", manifests::ROUND_ROBIN),
+            component("spinner"),
+        ],
+        expect: &[
+            all("roottask: started 'spina'"),
+            all("roottask: started 'spinb'"),
+            all("spinner "),
+            all("roottask: all components done"),
+        ],
+        forbid: &["never preempted", "spinner: FAIL"],
+        stop: Stop::WhenDecided,
+        ..BASE
+    },
+    SysTest {
         name: "server_dies",
         modules: &[
             ROOTTASK,

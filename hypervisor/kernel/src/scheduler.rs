@@ -63,12 +63,23 @@ fn leave_if_runnable() -> Option<*const TrapFrame> {
 }
 
 /// The timer tick: deadlines, budgets, preemption.
+/// A timer interrupt: wakes ECs whose deadline passed, charges the current
+/// SC at a scheduling tick, preempts, and arms the one-shot timer for the
+/// next event (tick or deadline, whichever is first).
 pub fn tick() {
-    lapic::timer_tick();
+    let now = cpu::rdtsc();
+    let due = lapic::tick_due(now);
+    let mut next = lapic::next_tick();
     let mut guard = KERNEL.lock();
     if let Some(kernel) = guard.as_mut() {
-        kernel.expire_timeouts(cpu::rdtsc());
-        kernel.rotate_current();
+        kernel.expire_timeouts(now);
+        if due {
+            kernel.rotate_current();
+        }
         kernel.preempt_if_needed();
+        if let Some(deadline) = kernel.timeouts.iter().map(|&(deadline, _)| deadline).min() {
+            next = next.min(deadline);
+        }
     }
+    lapic::arm(next);
 }

@@ -99,6 +99,7 @@ impl Kernel {
                 .try_reserve(1)
                 .map_err(|_| Status::QuotaExceeded)?;
             self.timeouts.push((deadline, ec));
+            lapic::arm_if_earlier(deadline);
         }
         if let Some(sm) = self.sms.get_mut(id) {
             sm.waiters.push_back(ec);

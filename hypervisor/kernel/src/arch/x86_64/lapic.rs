@@ -23,7 +23,6 @@ const REG_TIMER_DIVIDE: u32 = 0x3e0;
 
 const SPURIOUS_ENABLE: u32 = 1 << 8;
 const LVT_MASKED: u32 = 1 << 16;
-const LVT_PERIODIC: u32 = 1 << 17;
 const DIVIDE_BY_16: u32 = 0b0011;
 
 /// The calibration window: 10 ms of PIT ticks.
@@ -37,6 +36,10 @@ static X2APIC: AtomicBool = AtomicBool::new(false);
 static MMIO_BASE: AtomicU64 = AtomicU64::new(0);
 static TICKS: AtomicU64 = AtomicU64::new(0);
 static TIMER_HZ: AtomicU64 = AtomicU64::new(0);
+static TSC_HZ: AtomicU64 = AtomicU64::new(0);
+/// TSC value of the next scheduling tick, and of the armed expiry.
+static NEXT_TICK: AtomicU64 = AtomicU64::new(0);
+static ARMED: AtomicU64 = AtomicU64::new(u64::MAX);
 static ID: AtomicU64 = AtomicU64::new(0);
 
 /// This CPU's APIC id.
@@ -114,10 +117,12 @@ pub fn init(use_x2apic: bool, timer_vector: u8, spurious_vector: u8) -> Calibrat
     let timer_hz = u64::from(u32::MAX - remaining) * CALIBRATION_PER_SECOND;
     let tsc_hz = tsc_end.wrapping_sub(tsc_start) * CALIBRATION_PER_SECOND;
     TIMER_HZ.store(timer_hz, Ordering::Relaxed);
+    TSC_HZ.store(tsc_hz, Ordering::Relaxed);
 
-    let period = (timer_hz / TICK_HZ).clamp(1, u64::from(u32::MAX)) as u32;
-    write(REG_LVT_TIMER, LVT_PERIODIC | u32::from(timer_vector));
-    write(REG_TIMER_INITIAL, period);
+    // One-shot mode: every expiry is armed for the next event.
+    write(REG_LVT_TIMER, u32::from(timer_vector));
+    NEXT_TICK.store(rdtsc() + tick_period(), Ordering::Relaxed);
+    arm(NEXT_TICK.load(Ordering::Relaxed));
     Calibration {
         x2apic: use_x2apic,
         id,
@@ -148,8 +153,49 @@ pub fn end_of_interrupt() {
     write(REG_EOI, 0);
 }
 
-pub fn timer_tick() {
+fn tick_period() -> u64 {
+    (TSC_HZ.load(Ordering::Relaxed) / TICK_HZ).max(1)
+}
+
+/// Arms the one-shot timer to fire at TSC value `deadline` (at once if it
+/// has passed).
+pub fn arm(deadline: u64) {
+    let delta = deadline.saturating_sub(rdtsc()).max(1);
+    let timer_hz = u128::from(TIMER_HZ.load(Ordering::Relaxed));
+    let tsc_hz = u128::from(TSC_HZ.load(Ordering::Relaxed).max(1));
+    let count = (u128::from(delta) * timer_hz / tsc_hz).clamp(1, u128::from(u32::MAX)) as u32;
+    ARMED.store(deadline, Ordering::Relaxed);
+    write(REG_TIMER_INITIAL, count);
+}
+
+/// Brings the next expiry forward to `deadline` if that is sooner.
+pub fn arm_if_earlier(deadline: u64) {
+    if deadline < ARMED.load(Ordering::Relaxed) {
+        arm(deadline);
+    }
+}
+
+/// On a timer interrupt at TSC `now`: whether a scheduling tick (budget
+/// accounting) is due; if so the next one is scheduled a period later.
+pub fn tick_due(now: u64) -> bool {
+    let next = NEXT_TICK.load(Ordering::Relaxed);
+    if now < next {
+        return false;
+    }
+    let period = tick_period();
+    let following = if next + period > now {
+        next + period
+    } else {
+        now + period
+    };
+    NEXT_TICK.store(following, Ordering::Relaxed);
     TICKS.fetch_add(1, Ordering::Relaxed);
+    true
+}
+
+/// The TSC value of the next scheduling tick.
+pub fn next_tick() -> u64 {
+    NEXT_TICK.load(Ordering::Relaxed)
 }
 
 /// Timer interrupts seen since the tick started.
