@@ -271,7 +271,14 @@ mod tests {
                         "{name}: no {key}"
                     );
                 }
-                assert!(entry.contains(&format!("module {name}\n")), "{name}");
+                let module = entry
+                    .lines()
+                    .find_map(|l| l.trim_start().strip_prefix("module "))
+                    .unwrap_or("");
+                assert!(
+                    crate::build::USER_TASKS.iter().any(|t| t.binary == module),
+                    "{name}: module {module} is no user task"
+                );
             }
         }
     }

@@ -1074,8 +1074,11 @@ mod tests {
                 panic!("{}: the manifest is not text", t.name);
             };
             assert_eq!(dir, t.name, "manifest written under the test's name");
-            // Every component the manifest names is a module of the test.
-            for name in text.lines().filter_map(|l| l.strip_prefix("component ")) {
+            // Every module the manifest names is a module of the test.
+            for name in text
+                .lines()
+                .filter_map(|l| l.trim_start().strip_prefix("module "))
+            {
                 assert!(
                     t.modules.iter().any(|m| m.name == name),
                     "{}: {name} not a module",
