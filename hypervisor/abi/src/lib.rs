@@ -12,6 +12,7 @@
 
 mod status;
 mod utcb;
+pub mod vcpu;
 
 pub use status::Status;
 pub use utcb::{
@@ -46,10 +47,13 @@ pub enum Call {
     Revoke = 12,
     IrqAssign = 13,
     IrqUnmask = 14,
+    CreateVcpu = 15,
+    VcpuRun = 16,
+    VcpuPoke = 17,
 }
 
 impl Call {
-    pub const ALL: [Call; 15] = [
+    pub const ALL: [Call; 18] = [
         Call::ConsoleWrite,
         Call::Exit,
         Call::Call,
@@ -65,6 +69,9 @@ impl Call {
         Call::Revoke,
         Call::IrqAssign,
         Call::IrqUnmask,
+        Call::CreateVcpu,
+        Call::VcpuRun,
+        Call::VcpuPoke,
     ];
 
     pub const fn number(self) -> u8 {
@@ -92,6 +99,9 @@ impl TryFrom<u8> for Call {
             12 => Call::Revoke,
             13 => Call::IrqAssign,
             14 => Call::IrqUnmask,
+            15 => Call::CreateVcpu,
+            16 => Call::VcpuRun,
+            17 => Call::VcpuPoke,
             _ => return Err(Status::BadCall),
         })
     }
@@ -107,6 +117,8 @@ pub mod flags {
     /// `revoke`: remove the named capabilities themselves too, not only
     /// what was delegated from them.
     pub const SELF: u8 = 1 << 2;
+    /// `create_pd`: a VM, whose memory space is guest-physical (EPT/NPT).
+    pub const VM: u8 = 1 << 3;
 }
 
 /// The decoded `rax` of a call.
@@ -189,6 +201,8 @@ pub mod rights {
     pub const MEM_READ: u8 = 1 << 0;
     pub const MEM_WRITE: u8 = 1 << 1;
     pub const MEM_EXECUTE: u8 = 1 << 2;
+    /// vCPU: run it and poke it.
+    pub const VCPU_RUN: u8 = 1 << 0;
     /// I/O port: access it.
     pub const IO_ACCESS: u8 = 1 << 0;
     /// Interrupt: assign it to a semaphore and unmask it.
@@ -229,6 +243,12 @@ pub mod layout {
     /// (each page aligned, one after the other).
     pub const ROOT_MODULES: u64 = 0x0000_2000_0000_0000;
 }
+
+/// `rax` of the guest IPC hypercall: this value plus the portal's selector
+/// in the VM's object space (see README.md, "The guest IPC hypercall").
+pub const HYPERCALL_IPC: u64 = 0x4d4f_4154_0000_0000;
+/// Mask of the portal selector in a hypercall's `rax`.
+pub const HYPERCALL_SELECTOR_MASK: u64 = 0xffff_ffff;
 
 /// The vector of an [`ExceptionMessage`] that reports an `exit` call rather
 /// than a CPU exception.

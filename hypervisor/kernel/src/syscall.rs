@@ -91,6 +91,8 @@ impl Kernel {
             ))),
             Ok(Call::IrqAssign) => Some(done(self.sys_irq_assign(pd, sel, args[0], args[1]))),
             Ok(Call::IrqUnmask) => Some(done(self.sys_irq_unmask(pd, args[0]))),
+            // vCPUs are not there yet: these calls exist in the ABI only.
+            Ok(Call::CreateVcpu | Call::VcpuRun | Call::VcpuPoke) => Some(Status::BadCall),
         };
         if let Some(status) = status {
             if let Some(e) = self.ecs.get_mut(ec) {
