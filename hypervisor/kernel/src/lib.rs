@@ -12,3 +12,4 @@ pub mod multiboot;
 pub mod paging;
 pub mod quota;
 pub mod sched;
+pub mod virt;

@@ -3,6 +3,9 @@
 //! Entry layout from the SDM Vol. 3C, chapter 29.3.2, tables "Format of an
 //! EPT PML4 Entry" through "Format of an EPT Page-Table Entry that Maps a
 //! 4-KByte Page"; EPTP from 25.6.11 "Extended-Page-Table Pointer (EPTP)".
+//!
+//! 2 MiB and 1 GiB leaves need IA32_VMX_EPT_VPID_CAP bits 16 and 17; the
+//! caller checks them before asking for a large page.
 
 use bitflags::bitflags;
 
@@ -146,7 +149,13 @@ mod tests {
             .map(&mut mem, K4, 0x1234_5000, PageSize::Size4K, rw)
             .unwrap();
         space
-            .map(&mut mem, M2, 0x4000_0000, PageSize::Size2M, GuestRights::RWX)
+            .map(
+                &mut mem,
+                M2,
+                0x4000_0000,
+                PageSize::Size2M,
+                GuestRights::RWX,
+            )
             .unwrap();
         space
             .map_with_type(
@@ -167,7 +176,10 @@ mod tests {
         // 4K leaf: R|W, WB (6) in bits 5:3, no IPAT, no large bit.
         assert_eq!(mem.read_entry(pt, 1), 0x1234_5000 | 0b011 | (6 << 3));
         // 2M leaf: R|W|X, WB, bit 7.
-        assert_eq!(mem.read_entry(pd, 1), 0x4000_0000 | 0b111 | (6 << 3) | (1 << 7));
+        assert_eq!(
+            mem.read_entry(pd, 1),
+            0x4000_0000 | 0b111 | (6 << 3) | (1 << 7)
+        );
         // UC leaf: type 0 and ignore-PAT (bit 6).
         let pt2 = mem.read_entry(pd, 2) & !0xfff;
         assert_eq!(mem.read_entry(pt2, 0), 0xfee0_0000 | 0b001 | (1 << 6));

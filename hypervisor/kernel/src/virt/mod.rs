@@ -51,7 +51,11 @@ pub const GUEST_PHYS_LIMIT: u64 = 1 << 48;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GuestMapError {
     /// `gpa` or `hpa` is not aligned to `align` (the page size).
-    Misaligned { gpa: u64, hpa: u64, align: u64 },
+    Misaligned {
+        gpa: u64,
+        hpa: u64,
+        align: u64,
+    },
     /// The guest-physical page reaches beyond [`GUEST_PHYS_LIMIT`].
     GpaOutOfRange(u64),
     /// The host-physical page reaches beyond what an entry can hold.
@@ -88,7 +92,10 @@ impl fmt::Display for GuestMapError {
             }
             Self::NotMapped(gpa) => write!(f, "guest-physical address {gpa:#x} is not mapped"),
             Self::InvalidRights(rights) => {
-                write!(f, "guest rights {rights:?} lack READ, which every mapping needs")
+                write!(
+                    f,
+                    "guest rights {rights:?} lack READ, which every mapping needs"
+                )
             }
             Self::OutOfMemory => write!(f, "out of memory for guest page tables"),
         }

@@ -120,7 +120,13 @@ mod tests {
             .map(&mut mem, K4, 0x1234_5000, PageSize::Size4K, rw)
             .unwrap();
         space
-            .map(&mut mem, M2, 0x4000_0000, PageSize::Size2M, GuestRights::RWX)
+            .map(
+                &mut mem,
+                M2,
+                0x4000_0000,
+                PageSize::Size2M,
+                GuestRights::RWX,
+            )
             .unwrap();
         space
             .map_with_type(

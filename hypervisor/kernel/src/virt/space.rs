@@ -367,9 +367,19 @@ pub(crate) mod tests {
         let cases = [
             (0x1000, 0x1234_5000, PageSize::Size4K, rw),
             (0x20_0000, 0x8000_0000, PageSize::Size2M, GuestRights::RWX),
-            (0x80_4000_0000, 0x1_4000_0000, PageSize::Size1G, GuestRights::READ),
+            (
+                0x80_4000_0000,
+                0x1_4000_0000,
+                PageSize::Size1G,
+                GuestRights::READ,
+            ),
             // Guest-physical addresses need no canonical form: bit 47 is fine.
-            (GUEST_PHYS_LIMIT - K4, 0xf_ffff_ffff_f000, PageSize::Size4K, rw),
+            (
+                GUEST_PHYS_LIMIT - K4,
+                0xf_ffff_ffff_f000,
+                PageSize::Size4K,
+                rw,
+            ),
         ];
         for (gpa, hpa, size, rights) in cases {
             space.map(&mut mem, gpa, hpa, size, rights).unwrap();
@@ -445,7 +455,7 @@ pub(crate) mod tests {
             space.map(&mut mem, GUEST_PHYS_LIMIT, 0, PageSize::Size4K, r),
             Err(GuestMapError::GpaOutOfRange(GUEST_PHYS_LIMIT))
         );
-        let last_g = u64::MAX & !(G1 - 1);
+        let last_g = !(G1 - 1);
         assert_eq!(
             space.map(&mut mem, last_g, 0, PageSize::Size1G, r),
             Err(GuestMapError::GpaOutOfRange(last_g))
@@ -454,7 +464,7 @@ pub(crate) mod tests {
             space.map(&mut mem, 0, PHYS_LIMIT, PageSize::Size4K, r),
             Err(GuestMapError::HpaOutOfRange(PHYS_LIMIT))
         );
-        let last_k = u64::MAX & !(K4 - 1);
+        let last_k = !(K4 - 1);
         assert_eq!(
             space.map(&mut mem, 0, last_k, PageSize::Size4K, r),
             Err(GuestMapError::HpaOutOfRange(last_k))
@@ -471,7 +481,9 @@ pub(crate) mod tests {
             );
         }
         assert_eq!(
-            space.unmap(&mut mem, GUEST_PHYS_LIMIT).map(|(h, s, _)| (h, s)),
+            space
+                .unmap(&mut mem, GUEST_PHYS_LIMIT)
+                .map(|(h, s, _)| (h, s)),
             Err(GuestMapError::GpaOutOfRange(GUEST_PHYS_LIMIT))
         );
         assert_eq!(space.translate(&mem, GUEST_PHYS_LIMIT), None);
@@ -526,7 +538,13 @@ pub(crate) mod tests {
         let (mut mem, mut space) = setup::<F>();
         let rw = GuestRights::READ | GuestRights::WRITE;
         space
-            .map(&mut mem, M2, 0x4000_0000, PageSize::Size2M, GuestRights::RWX)
+            .map(
+                &mut mem,
+                M2,
+                0x4000_0000,
+                PageSize::Size2M,
+                GuestRights::RWX,
+            )
             .unwrap();
         let flush = space.protect(&mut mem, M2, rw).unwrap().unwrap();
         assert_eq!(flush.scope(), FlushScope::Space(space.context()));
@@ -536,7 +554,7 @@ pub(crate) mod tests {
             (0x4000_0010, PageSize::Size2M, rw)
         );
         // The same rights again: nothing to flush.
-        assert_eq!(space.protect(&mut mem, M2, rw).unwrap(), None);
+        assert!(space.protect(&mut mem, M2, rw).unwrap().is_none());
         let extend = space.protect(&mut mem, M2, GuestRights::RWX).unwrap();
         assert!(extend.is_some());
         // Memory type survives a rights change.

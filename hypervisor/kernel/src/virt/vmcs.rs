@@ -241,19 +241,54 @@ impl VmcsField {
     pub const fn guest_segment(reg: SegmentRegister) -> SegmentFields {
         use VmcsField::*;
         let (selector, base, limit, access_rights) = match reg {
-            SegmentRegister::Es => (GuestEsSelector, GuestEsBase, GuestEsLimit, GuestEsAccessRights),
-            SegmentRegister::Cs => (GuestCsSelector, GuestCsBase, GuestCsLimit, GuestCsAccessRights),
-            SegmentRegister::Ss => (GuestSsSelector, GuestSsBase, GuestSsLimit, GuestSsAccessRights),
-            SegmentRegister::Ds => (GuestDsSelector, GuestDsBase, GuestDsLimit, GuestDsAccessRights),
-            SegmentRegister::Fs => (GuestFsSelector, GuestFsBase, GuestFsLimit, GuestFsAccessRights),
-            SegmentRegister::Gs => (GuestGsSelector, GuestGsBase, GuestGsLimit, GuestGsAccessRights),
+            SegmentRegister::Es => (
+                GuestEsSelector,
+                GuestEsBase,
+                GuestEsLimit,
+                GuestEsAccessRights,
+            ),
+            SegmentRegister::Cs => (
+                GuestCsSelector,
+                GuestCsBase,
+                GuestCsLimit,
+                GuestCsAccessRights,
+            ),
+            SegmentRegister::Ss => (
+                GuestSsSelector,
+                GuestSsBase,
+                GuestSsLimit,
+                GuestSsAccessRights,
+            ),
+            SegmentRegister::Ds => (
+                GuestDsSelector,
+                GuestDsBase,
+                GuestDsLimit,
+                GuestDsAccessRights,
+            ),
+            SegmentRegister::Fs => (
+                GuestFsSelector,
+                GuestFsBase,
+                GuestFsLimit,
+                GuestFsAccessRights,
+            ),
+            SegmentRegister::Gs => (
+                GuestGsSelector,
+                GuestGsBase,
+                GuestGsLimit,
+                GuestGsAccessRights,
+            ),
             SegmentRegister::Ldtr => (
                 GuestLdtrSelector,
                 GuestLdtrBase,
                 GuestLdtrLimit,
                 GuestLdtrAccessRights,
             ),
-            SegmentRegister::Tr => (GuestTrSelector, GuestTrBase, GuestTrLimit, GuestTrAccessRights),
+            SegmentRegister::Tr => (
+                GuestTrSelector,
+                GuestTrBase,
+                GuestTrLimit,
+                GuestTrAccessRights,
+            ),
         };
         SegmentFields {
             selector,
@@ -466,7 +501,12 @@ mod tests {
         use VmcsField::*;
         let cases = [
             (Vpid, 0x0000, Width::Bits16, FieldType::Control),
-            (GuestCsSelector, 0x0802, Width::Bits16, FieldType::GuestState),
+            (
+                GuestCsSelector,
+                0x0802,
+                Width::Bits16,
+                FieldType::GuestState,
+            ),
             (HostTrSelector, 0x0c0c, Width::Bits16, FieldType::HostState),
             (EptPointer, 0x201a, Width::Bits64, FieldType::Control),
             (TscOffset, 0x2010, Width::Bits64, FieldType::Control),
@@ -476,18 +516,58 @@ mod tests {
                 Width::Bits64,
                 FieldType::ExitInformation,
             ),
-            (VmcsLinkPointer, 0x2800, Width::Bits64, FieldType::GuestState),
+            (
+                VmcsLinkPointer,
+                0x2800,
+                Width::Bits64,
+                FieldType::GuestState,
+            ),
             (HostEfer, 0x2c02, Width::Bits64, FieldType::HostState),
             (PinBasedControls, 0x4000, Width::Bits32, FieldType::Control),
-            (SecondaryProcessorControls, 0x401e, Width::Bits32, FieldType::Control),
-            (ExitReason, 0x4402, Width::Bits32, FieldType::ExitInformation),
-            (VmInstructionError, 0x4400, Width::Bits32, FieldType::ExitInformation),
-            (GuestTrAccessRights, 0x4822, Width::Bits32, FieldType::GuestState),
-            (PreemptionTimerValue, 0x482e, Width::Bits32, FieldType::GuestState),
+            (
+                SecondaryProcessorControls,
+                0x401e,
+                Width::Bits32,
+                FieldType::Control,
+            ),
+            (
+                ExitReason,
+                0x4402,
+                Width::Bits32,
+                FieldType::ExitInformation,
+            ),
+            (
+                VmInstructionError,
+                0x4400,
+                Width::Bits32,
+                FieldType::ExitInformation,
+            ),
+            (
+                GuestTrAccessRights,
+                0x4822,
+                Width::Bits32,
+                FieldType::GuestState,
+            ),
+            (
+                PreemptionTimerValue,
+                0x482e,
+                Width::Bits32,
+                FieldType::GuestState,
+            ),
             (HostSysenterCs, 0x4c00, Width::Bits32, FieldType::HostState),
             (Cr4ReadShadow, 0x6006, Width::Natural, FieldType::Control),
-            (ExitQualification, 0x6400, Width::Natural, FieldType::ExitInformation),
-            (GuestLinearAddress, 0x640a, Width::Natural, FieldType::ExitInformation),
+            (
+                ExitQualification,
+                0x6400,
+                Width::Natural,
+                FieldType::ExitInformation,
+            ),
+            (
+                GuestLinearAddress,
+                0x640a,
+                Width::Natural,
+                FieldType::ExitInformation,
+            ),
             (GuestRip, 0x681e, Width::Natural, FieldType::GuestState),
             (GuestRflags, 0x6820, Width::Natural, FieldType::GuestState),
             (HostRip, 0x6c16, Width::Natural, FieldType::HostState),
@@ -518,10 +598,7 @@ mod tests {
         }
         assert_eq!(VmcsField::from_encoding(0x2001), None);
         assert_eq!(VmcsField::from_encoding(u32::MAX), None);
-        let ro: Vec<_> = VmcsField::ALL
-            .iter()
-            .filter(|f| f.is_read_only())
-            .collect();
+        let ro: Vec<_> = VmcsField::ALL.iter().filter(|f| f.is_read_only()).collect();
         assert_eq!(ro.len(), 11);
     }
 
@@ -575,7 +652,10 @@ mod tests {
             Err(ControlError::Unsupported { bits: 1 << 1 })
         );
         assert_eq!(adjust_controls(0, u64::MAX), Ok(u32::MAX));
-        assert_eq!(adjust_controls(u32::MAX, 0xffff_ffff_0000_0000), Ok(u32::MAX));
+        assert_eq!(
+            adjust_controls(u32::MAX, 0xffff_ffff_0000_0000),
+            Ok(u32::MAX)
+        );
         assert_eq!(
             adjust_controls(0, 0x0000_0001_0000_0003),
             Err(ControlError::Contradictory { bits: 2 })
