@@ -43,6 +43,8 @@ pub enum EcState {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CallKind {
     Message,
+    /// The guest IPC hypercall of a vCPU this EC runs.
+    Hypercall,
     Fault,
     Exit,
 }
@@ -70,6 +72,10 @@ pub struct Ec {
     pub message: [u64; 6],
     pub calling: CallKind,
     pub caps: u32,
+    /// The vCPU this EC runs (it is inside `vcpu_run`).
+    pub vcpu: Option<crate::vcpu::VcpuId>,
+    /// The answer to a guest hypercall, for the vCPU to pick up.
+    pub hypercall_reply: Option<(u64, [u64; 6])>,
 }
 
 /// Kernel memory an EC costs: the object and its UTCB page.
@@ -115,6 +121,9 @@ impl Kernel {
         let pd = self.lookup_pd(caller, pd_sel, rights::PD_CONTROL)?;
         self.object_slot_free(caller, selector)?;
         if !utcb_virt.is_multiple_of(PAGE_SIZE) || !(PAGE_SIZE..USER_END).contains(&utcb_virt) {
+            return Err(Status::BadParameter);
+        }
+        if self.pds.get(pd).is_some_and(|p| p.guest.is_some()) {
             return Err(Status::BadParameter);
         }
         let kind = if handler {
@@ -175,6 +184,8 @@ impl Kernel {
             message: [0; 6],
             calling: CallKind::Message,
             caps: 0,
+            vcpu: None,
+            hypercall_reply: None,
         });
         let Some(id) = self.ecs.insert(ec) else {
             self.unmap_page(pd, utcb_virt / PAGE_SIZE);
@@ -226,6 +237,11 @@ impl Kernel {
         }
         let pt = self.lookup_pt(pd, selector, rights::PT_CALL)?;
         self.call_portal(caller, pt, nonblock)
+    }
+
+    /// A blocking call on behalf of `caller` (used for guest hypercalls).
+    pub fn call_portal_for(&mut self, caller: EcId, pt: PtId) -> Result<(), Status> {
+        self.call_portal(caller, pt, false)
     }
 
     fn call_portal(&mut self, caller: EcId, pt: PtId, nonblock: bool) -> Result<(), Status> {
@@ -394,6 +410,12 @@ impl Kernel {
                             (e.utcb_phys, e.pd)
                         };
                         self.transfer_utcb(from_utcb, from_pd, to_utcb, to_pd);
+                    }
+                    CallKind::Hypercall => {
+                        if let Some(e) = self.ecs.get_mut(c) {
+                            e.hypercall_reply = Some((Status::Success.code(), words));
+                            e.state = EcState::Running;
+                        }
                     }
                     CallKind::Fault if words[0] == exception_reply::RESUME => {
                         if let Some(e) = self.ecs.get_mut(c) {
@@ -594,7 +616,10 @@ impl Kernel {
             return;
         };
         c.state = EcState::Running;
-        if c.calling == CallKind::Message {
+        if c.calling == CallKind::Hypercall {
+            c.hypercall_reply = Some((Status::Dead.code(), c.message));
+            self.make_ready(caller);
+        } else if c.calling == CallKind::Message {
             c.regs.rax = Status::Dead.code();
             self.make_ready(caller);
         } else {

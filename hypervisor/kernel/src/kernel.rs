@@ -36,6 +36,7 @@ pub enum Object {
     Sc(ScId),
     Pt(PtId),
     Sm(SmId),
+    Vcpu(crate::vcpu::VcpuId),
 }
 
 /// The payload of a capability in any of a PD's spaces.
@@ -66,6 +67,7 @@ pub struct Kernel {
     pub scs: Arena<Sc>,
     pub pts: Arena<Pt>,
     pub sms: Arena<Sm>,
+    pub vcpus: Arena<Box<crate::vcpu::Vcpu>>,
     pub run: RunQueues<ScId>,
     /// The EC on the CPU (holding the current SC), if any.
     pub current: Option<EcId>,
@@ -113,6 +115,7 @@ impl Kernel {
             scs: Arena::new(),
             pts: Arena::new(),
             sms: Arena::new(),
+            vcpus: Arena::new(),
             run: RunQueues::new(),
             current: None,
             timeouts: Vec::new(),
@@ -253,6 +256,7 @@ impl Kernel {
             Object::Sc(id) => self.scs.get_mut(id).map(|o| &mut o.caps),
             Object::Pt(id) => self.pts.get_mut(id).map(|o| &mut o.caps),
             Object::Sm(id) => self.sms.get_mut(id).map(|o| &mut o.caps),
+            Object::Vcpu(id) => self.vcpus.get_mut(id).map(|o| &mut o.caps),
         };
         match count {
             Some(count) => {
@@ -403,6 +407,7 @@ impl Kernel {
                 Object::Sc(id) => self.destroy_sc(id),
                 Object::Pt(id) => self.destroy_pt(id),
                 Object::Sm(id) => self.destroy_sm(id),
+                Object::Vcpu(id) => self.destroy_vcpu(id),
             }
         }
     }

@@ -17,6 +17,7 @@ mod scheduler;
 mod sm;
 mod syscall;
 mod util;
+mod vcpu;
 
 extern crate alloc;
 
@@ -161,7 +162,10 @@ fn enable_virtualization(features: &features::Features) {
                 return;
             };
             match vmx::enable(phys, page) {
-                Ok(()) => log::info!("vmx: on"),
+                Ok(()) => {
+                    arch::x86_64::virt::set_vendor(arch::x86_64::virt::Vendor::Vmx);
+                    log::info!("vmx: on")
+                }
                 Err(error) => log::error!("vmx: off: {error}"),
             }
         }
@@ -171,7 +175,10 @@ fn enable_virtualization(features: &features::Features) {
                 return;
             };
             match svm::enable(phys) {
-                Ok(()) => log::info!("svm: on"),
+                Ok(()) => {
+                    arch::x86_64::virt::set_vendor(arch::x86_64::virt::Vendor::Svm);
+                    log::info!("svm: on")
+                }
                 Err(error) => log::error!("svm: off: {error}"),
             }
         }

@@ -3,6 +3,7 @@
 
 use crate::arch::x86_64::cpu;
 use crate::arch::x86_64::gdt::IO_BITMAP_BYTES;
+use crate::arch::x86_64::virt::{self, Vendor};
 use crate::kernel::{Kernel, Object, PdId, CAP_SLOT_COST};
 use crate::memory::{self, KernelTables};
 use alloc::vec::Vec;
@@ -10,6 +11,10 @@ use moat_abi::{rights, Space, Status, PAGE_SIZE};
 use moat_kernel::cap::SpaceId;
 use moat_kernel::paging::{AddressSpace, MapFlags, PageSize, TableMemory, LOWER_HALF, UPPER_HALF};
 use moat_kernel::quota::Quota;
+use moat_kernel::virt::ept::Ept;
+use moat_kernel::virt::npt::Npt;
+use moat_kernel::virt::GuestSpace;
+use moat_kernel::virt::{GuestMapError, GuestRights, GUEST_PHYS_LIMIT};
 
 /// Kernel memory a PD object costs its owner (the object and its root table).
 pub const PD_COST: u64 = 4096 + 512;
@@ -32,6 +37,12 @@ pub struct Pd {
     /// The root task may delegate any I/O port and GSI.
     pub all_io: bool,
     pub dying: bool,
+    /// A VM's guest-physical space (EPT or NPT); its memory space maps
+    /// there instead of `space`.
+    pub guest: Option<Guest>,
+    /// The guest space lost mappings or rights since its vCPUs last ran:
+    /// they flush the guest TLB on the next entry.
+    pub guest_flush: bool,
     /// Ports this PD may use (bit set = denied), once it holds any.
     pub io_bitmap: Option<alloc::boxed::Box<[u8; IO_BITMAP_BYTES]>>,
 }
@@ -65,6 +76,76 @@ impl TableMemory for ChargedTables<'_> {
     }
 }
 
+/// A VM's guest-physical address space, by vendor.
+pub enum Guest {
+    Ept(GuestSpace<Ept>),
+    Npt(GuestSpace<Npt>),
+}
+
+impl Guest {
+    fn new(mem: &mut impl TableMemory) -> Option<Self> {
+        match virt::vendor() {
+            Vendor::Vmx => GuestSpace::new(mem).ok().map(Guest::Ept),
+            Vendor::Svm => GuestSpace::new(mem).ok().map(Guest::Npt),
+            Vendor::None => None,
+        }
+    }
+
+    /// The EPTP or nCR3 value of this space.
+    pub fn root_value(&self) -> u64 {
+        match self {
+            Guest::Ept(space) => space.eptp(),
+            Guest::Npt(space) => space.ncr3(),
+        }
+    }
+
+    fn map(
+        &mut self,
+        mem: &mut impl TableMemory,
+        gpa: u64,
+        hpa: u64,
+        rights: GuestRights,
+    ) -> Result<(), GuestMapError> {
+        match self {
+            Guest::Ept(space) => space.map(mem, gpa, hpa, PageSize::Size4K, rights),
+            Guest::Npt(space) => space.map(mem, gpa, hpa, PageSize::Size4K, rights),
+        }
+    }
+
+    /// Unmaps `gpa`; true if something was mapped (the guest TLB then
+    /// needs a flush).
+    fn unmap(&mut self, mem: &mut impl TableMemory, gpa: u64) -> bool {
+        // The flush itself happens at the next entry of each vCPU
+        // (`Pd::guest_flush`), so the tokens are consumed here.
+        match self {
+            Guest::Ept(space) => space.unmap(mem, gpa).map(|(_, _, _flush)| ()).is_ok(),
+            Guest::Npt(space) => space.unmap(mem, gpa).map(|(_, _, _flush)| ()).is_ok(),
+        }
+    }
+
+    fn destroy(self, mem: &mut impl TableMemory) {
+        match self {
+            Guest::Ept(space) => {
+                let _no_vcpu_left = space.destroy(mem);
+            }
+            Guest::Npt(space) => {
+                let _no_vcpu_left = space.destroy(mem);
+            }
+        }
+    }
+}
+
+fn guest_rights(rights_bits: u8) -> GuestRights {
+    let mut guest = GuestRights::READ;
+    if rights_bits & rights::MEM_WRITE != 0 {
+        guest |= GuestRights::WRITE;
+    }
+    if rights_bits & rights::MEM_EXECUTE != 0 {
+        guest |= GuestRights::EXECUTE;
+    }
+    guest
+}
+
 fn flags_for(rights_bits: u8) -> MapFlags {
     let mut flags = MapFlags::USER;
     if rights_bits & rights::MEM_WRITE != 0 {
@@ -89,6 +170,7 @@ impl Kernel {
         owner: Option<PdId>,
         quota: u64,
         capacity: usize,
+        vm: bool,
     ) -> Result<PdId, Status> {
         if let Some(owner) = owner {
             self.charge(
@@ -140,6 +222,8 @@ impl Kernel {
             all_io: owner.is_none(),
             dying: false,
             io_bitmap: None,
+            guest: None,
+            guest_flush: false,
         };
         let Some(id) = self.pds.insert(pd) else {
             undo(self);
@@ -148,6 +232,24 @@ impl Kernel {
         let kinds = [Space::Object, Space::Memory, Space::Io, Space::Irq];
         for (space, kind) in spaces.into_iter().zip(kinds) {
             self.register_space(space, id, kind)?;
+        }
+        if vm {
+            let Some(p) = self.pds.get_mut(id) else {
+                return Err(Status::BadCapability);
+            };
+            match Guest::new(&mut ChargedTables {
+                quota: &mut p.quota,
+            }) {
+                Some(guest) => p.guest = Some(guest),
+                None => {
+                    self.destroy_pd(id);
+                    return Err(if virt::vendor() == Vendor::None {
+                        Status::BadParameter
+                    } else {
+                        Status::QuotaExceeded
+                    });
+                }
+            }
         }
         // The PD's capability to itself.
         if let Err(status) = self.install_object(id, moat_abi::selectors::SELF_PD, Object::Pd(id)) {
@@ -162,6 +264,7 @@ impl Kernel {
         &mut self,
         caller: PdId,
         selector: u64,
+        vm: bool,
         owner_sel: u64,
         quota: u64,
         capacity: u64,
@@ -172,7 +275,7 @@ impl Kernel {
                 return Err(Status::BadParameter);
             }
             self.object_slot_free(caller, selector)?;
-            let pd = self.new_pd(Some(owner), quota, capacity as usize)?;
+            let pd = self.new_pd(Some(owner), quota, capacity as usize, vm)?;
             if let Some(o) = self.pds.get_mut(owner) {
                 let _ = o.owned.try_reserve(1);
                 if o.owned.capacity() > o.owned.len() {
@@ -198,10 +301,26 @@ impl Kernel {
         rights_bits: u8,
     ) -> Result<(), Status> {
         let virt = vpn.checked_mul(PAGE_SIZE).ok_or(Status::BadParameter)?;
+        let pd = self.pds.get_mut(pd).ok_or(Status::BadCapability)?;
+        if let Some(guest) = pd.guest.as_mut() {
+            let gpa = vpn
+                .checked_mul(PAGE_SIZE)
+                .filter(|&gpa| gpa < GUEST_PHYS_LIMIT)
+                .ok_or(Status::BadParameter)?;
+            let mut tables = ChargedTables {
+                quota: &mut pd.quota,
+            };
+            return guest
+                .map(&mut tables, gpa, phys, guest_rights(rights_bits))
+                .map_err(|error| match error {
+                    GuestMapError::OutOfMemory => Status::QuotaExceeded,
+                    GuestMapError::AlreadyMapped(_) => Status::Occupied,
+                    _ => Status::BadParameter,
+                });
+        }
         if !(PAGE_SIZE..crate::arch::x86_64::layout::USER_END).contains(&virt) {
             return Err(Status::BadParameter);
         }
-        let pd = self.pds.get_mut(pd).ok_or(Status::BadCapability)?;
         let mut tables = ChargedTables {
             quota: &mut pd.quota,
         };
@@ -225,6 +344,12 @@ impl Kernel {
             return;
         };
         let virt = vpn.wrapping_mul(PAGE_SIZE);
+        if let Some(guest) = p.guest.as_mut() {
+            if guest.unmap(&mut KernelTables, virt) {
+                p.guest_flush = true;
+            }
+            return;
+        }
         if p.space.unmap(&mut KernelTables, virt).is_ok() && cpu::read_cr3() == p.space.root() {
             flush_page(virt);
         }
@@ -310,6 +435,9 @@ impl Kernel {
                 self.io_loaded = Some(None);
             }
             let mut quota = pd.quota;
+            if let Some(guest) = pd.guest {
+                guest.destroy(&mut ChargedTables { quota: &mut quota });
+            }
             if pd.io_bitmap.is_some() {
                 quota.refund(IO_BITMAP_BYTES as u64);
             }

@@ -52,7 +52,14 @@ impl Kernel {
             }
             Ok(Call::Call) => self.sys_call(ec, sel, nonblock).err(),
             Ok(Call::Reply) => self.sys_reply(ec),
-            Ok(Call::CreatePd) => Some(self.sys_create_pd(pd, sel, args[0], args[1], args[2])),
+            Ok(Call::CreatePd) => Some(self.sys_create_pd(
+                pd,
+                sel,
+                word.flags & flags::VM != 0,
+                args[0],
+                args[1],
+                args[2],
+            )),
             Ok(Call::CreateEc) => Some(done(self.sys_create_ec(
                 pd,
                 sel,
@@ -91,8 +98,9 @@ impl Kernel {
             ))),
             Ok(Call::IrqAssign) => Some(done(self.sys_irq_assign(pd, sel, args[0], args[1]))),
             Ok(Call::IrqUnmask) => Some(done(self.sys_irq_unmask(pd, args[0]))),
-            // vCPUs are not there yet: these calls exist in the ABI only.
-            Ok(Call::CreateVcpu | Call::VcpuRun | Call::VcpuPoke) => Some(Status::BadCall),
+            Ok(Call::CreateVcpu) => Some(done(self.sys_create_vcpu(pd, sel, args[0], args[1]))),
+            Ok(Call::VcpuRun) => self.sys_vcpu_run(ec, sel).err(),
+            Ok(Call::VcpuPoke) => Some(done(self.sys_vcpu_poke(pd, sel))),
         };
         if let Some(status) = status {
             if let Some(e) = self.ecs.get_mut(ec) {

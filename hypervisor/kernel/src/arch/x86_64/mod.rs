@@ -14,4 +14,5 @@ pub mod pit;
 pub mod serial;
 pub mod svm;
 pub mod trap;
+pub mod virt;
 pub mod vmx;

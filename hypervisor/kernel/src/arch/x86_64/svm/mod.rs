@@ -32,3 +32,4 @@ pub fn enable(host_save_area: u64) -> Result<(), SvmError> {
     write_msr(VM_HSAVE_PA, host_save_area);
     Ok(())
 }
+pub mod vcpu;

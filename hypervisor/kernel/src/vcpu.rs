@@ -1,0 +1,313 @@
+//! Virtual CPUs: guest CPU state in a VM, run by a VMM thread with
+//! `vcpu_run`. The state page (`moat_abi::vcpu::VcpuState`) is shared with
+//! the VMM; the control structures (VMCB or VMCS) are the kernel's.
+//!
+//! An EC in `vcpu_run` stays in the kernel: whenever the scheduler picks
+//! it, `scheduler::leave` enters the guest instead of returning to user
+//! mode, until an exit needs the VMM.
+
+use crate::arch::x86_64::layout::{phys_to_virt, USER_END};
+use crate::arch::x86_64::svm::vcpu::SvmVcpu;
+use crate::arch::x86_64::virt::{self, finish_hypercall, RunOutcome, Vendor};
+/// Placeholder until the VMX backend (`arch/x86_64/vmx/vcpu.rs`) lands:
+/// vCPUs cannot be created on Intel yet.
+pub struct VmxVcpu;
+impl VmxVcpu {
+    fn new(_: u64, _: u16) -> Result<Self, Status> {
+        Err(Status::BadParameter)
+    }
+    fn run(&mut self, _: &mut VcpuState, _: bool) -> RunOutcome {
+        RunOutcome::Host
+    }
+    fn free(self) {}
+}
+use crate::ec::CallKind;
+use crate::kernel::{EcId, Kernel, Object, PdId};
+use crate::memory;
+use moat_abi::vcpu::{exit_reason, VcpuState};
+use moat_abi::{rights, Status, HYPERCALL_SELECTOR_MASK, PAGE_SIZE};
+use moat_kernel::arena::Id;
+
+pub type VcpuId = Id<alloc::boxed::Box<Vcpu>>;
+
+pub enum Backend {
+    Svm(SvmVcpu),
+    Vmx(VmxVcpu),
+}
+
+pub struct Vcpu {
+    pub vm: PdId,
+    /// Where the state page is mapped for the VMM.
+    pub state_phys: u64,
+    pub vmm: PdId,
+    pub state_vpn: u64,
+    pub backend: Option<Backend>,
+    pub poked: bool,
+    pub caps: u32,
+}
+
+/// Kernel memory a vCPU costs: the object, its state page, VMCB/VMCS and
+/// the I/O and MSR bitmaps.
+pub const VCPU_COST: u64 = core::mem::size_of::<Vcpu>() as u64 + 8 * PAGE_SIZE;
+
+fn state(phys: u64) -> &'static mut VcpuState {
+    // SAFETY: `phys` is the vCPU's state page (allocated in
+    // `sys_create_vcpu`, freed only when the vCPU is destroyed); the VMM
+    // writes it only while the vCPU is not running (its EC is in the kernel
+    // during `vcpu_run`), and the kernel uses it under the kernel lock.
+    unsafe { &mut *(phys_to_virt(phys) as *mut VcpuState) }
+}
+
+/// TLB tags (ASID / VPID) handed out to vCPUs; 0 is the host's.
+static NEXT_TAG: core::sync::atomic::AtomicU16 = core::sync::atomic::AtomicU16::new(1);
+
+impl Kernel {
+    /// `create_vcpu`.
+    pub fn sys_create_vcpu(
+        &mut self,
+        caller: PdId,
+        selector: u64,
+        vm_sel: u64,
+        state_virt: u64,
+    ) -> Result<(), Status> {
+        let vm = self.lookup_pd(caller, vm_sel, rights::PD_CONTROL)?;
+        let root = self
+            .pds
+            .get(vm)
+            .and_then(|p| p.guest.as_ref())
+            .map(|guest| guest.root_value())
+            .ok_or(Status::BadParameter)?;
+        if !state_virt.is_multiple_of(PAGE_SIZE) || !(PAGE_SIZE..USER_END).contains(&state_virt) {
+            return Err(Status::BadParameter);
+        }
+        self.object_slot_free(caller, selector)?;
+        self.charge(vm, VCPU_COST)?;
+        let tag = NEXT_TAG
+            .fetch_add(1, core::sync::atomic::Ordering::Relaxed)
+            .max(1);
+        let backend = match virt::vendor() {
+            Vendor::Svm => SvmVcpu::new(root, tag).map(Backend::Svm),
+            Vendor::Vmx => VmxVcpu::new(root, tag).map(Backend::Vmx),
+            Vendor::None => Err(Status::BadParameter),
+        };
+        let backend = match backend {
+            Ok(backend) => backend,
+            Err(status) => {
+                self.refund(vm, VCPU_COST);
+                return Err(status);
+            }
+        };
+        let Some((state_phys, _)) = memory::alloc_zeroed_page() else {
+            free_backend(backend);
+            self.refund(vm, VCPU_COST);
+            return Err(Status::QuotaExceeded);
+        };
+        let vpn = state_virt / PAGE_SIZE;
+        if let Err(status) = self.map_page(
+            caller,
+            vpn,
+            state_phys,
+            rights::MEM_READ | rights::MEM_WRITE,
+        ) {
+            memory::free_frame(state_phys);
+            free_backend(backend);
+            self.refund(vm, VCPU_COST);
+            return Err(status);
+        }
+        let vcpu = alloc::boxed::Box::new(Vcpu {
+            vm,
+            state_phys,
+            vmm: caller,
+            state_vpn: vpn,
+            backend: Some(backend),
+            poked: false,
+            caps: 0,
+        });
+        let Some(id) = self.vcpus.insert(vcpu) else {
+            self.destroy_vcpu_parts(vm, caller, vpn, state_phys, None);
+            return Err(Status::QuotaExceeded);
+        };
+        if let Some(p) = self.pds.get_mut(vm) {
+            if p.owned.try_reserve(1).is_ok() {
+                p.owned.push(Object::Vcpu(id));
+            }
+        }
+        if let Err(status) = self.install_object(caller, selector, Object::Vcpu(id)) {
+            self.destroy_vcpu(id);
+            return Err(status);
+        }
+        Ok(())
+    }
+
+    fn lookup_vcpu(&self, pd: PdId, selector: u64) -> Result<VcpuId, Status> {
+        match self.lookup_object(pd, selector, rights::VCPU_RUN)? {
+            Object::Vcpu(id) if self.vcpus.contains(id) => Ok(id),
+            _ => Err(Status::BadCapability),
+        }
+    }
+
+    /// `vcpu_run`: the EC now runs the guest (see `scheduler::leave`).
+    pub fn sys_vcpu_run(&mut self, ec: EcId, selector: u64) -> Result<(), Status> {
+        let pd = self
+            .ecs
+            .get(ec)
+            .map(|e| e.pd)
+            .ok_or(Status::BadCapability)?;
+        let vcpu = self.lookup_vcpu(pd, selector)?;
+        let e = self.ecs.get_mut(ec).ok_or(Status::BadCapability)?;
+        e.vcpu = Some(vcpu);
+        Ok(())
+    }
+
+    /// `vcpu_poke`: the next entry returns to the VMM at once. (One CPU: a
+    /// vCPU is never in guest mode while another EC makes this call.)
+    pub fn sys_vcpu_poke(&mut self, pd: PdId, selector: u64) -> Result<(), Status> {
+        let vcpu = self.lookup_vcpu(pd, selector)?;
+        if let Some(v) = self.vcpus.get_mut(vcpu) {
+            v.poked = true;
+        }
+        Ok(())
+    }
+
+    pub fn destroy_vcpu(&mut self, id: VcpuId) {
+        // An EC running it returns to its VMM with the vCPU gone.
+        let runners: alloc::vec::Vec<EcId> = self
+            .ecs
+            .ids()
+            .filter(|&ec| self.ecs.get(ec).is_some_and(|e| e.vcpu == Some(id)))
+            .collect();
+        for ec in runners {
+            if let Some(e) = self.ecs.get_mut(ec) {
+                e.vcpu = None;
+                e.regs.rax = Status::BadCapability.code();
+            }
+        }
+        let Some(mut vcpu) = self.vcpus.remove(id) else {
+            return;
+        };
+        let backend = vcpu.backend.take();
+        self.destroy_vcpu_parts(vcpu.vm, vcpu.vmm, vcpu.state_vpn, vcpu.state_phys, backend);
+        if let Some(p) = self.pds.get_mut(vcpu.vm) {
+            p.owned.retain(|&o| o != Object::Vcpu(id));
+        }
+    }
+
+    fn destroy_vcpu_parts(
+        &mut self,
+        vm: PdId,
+        vmm: PdId,
+        vpn: u64,
+        state_phys: u64,
+        backend: Option<Backend>,
+    ) {
+        self.unmap_page(vmm, vpn);
+        memory::free_frame(state_phys);
+        if let Some(backend) = backend {
+            free_backend(backend);
+        }
+        self.refund(vm, VCPU_COST);
+    }
+
+    /// One step of an EC in `vcpu_run`: enters the guest, handles what the
+    /// kernel handles, and says what happens next.
+    pub fn vcpu_step(&mut self, ec: EcId) -> Step {
+        let Some(vcpu_id) = self.ecs.get(ec).and_then(|e| e.vcpu) else {
+            return Step::ToUser;
+        };
+        let Some(v) = self.vcpus.get_mut(vcpu_id) else {
+            if let Some(e) = self.ecs.get_mut(ec) {
+                e.vcpu = None;
+                e.regs.rax = Status::BadCapability.code();
+            }
+            return Step::ToUser;
+        };
+        let st = state(v.state_phys);
+        // A hypercall this EC made has been answered: finish it in the guest.
+        if let Some(e) = self.ecs.get_mut(ec) {
+            if let Some((status, words)) = e.hypercall_reply.take() {
+                finish_hypercall(st, status, words);
+            }
+        }
+        let Some(v) = self.vcpus.get_mut(vcpu_id) else {
+            return Step::ToUser;
+        };
+        if v.poked {
+            v.poked = false;
+            st.exit = Default::default();
+            st.exit.reason = exit_reason::POKED;
+            return self.back_to_vmm(ec);
+        }
+        let vm = v.vm;
+        let flush = self
+            .pds
+            .get_mut(vm)
+            .is_some_and(|p| core::mem::take(&mut p.guest_flush));
+        let Some(v) = self.vcpus.get_mut(vcpu_id) else {
+            return Step::ToUser;
+        };
+        let outcome = match v.backend.as_mut() {
+            Some(Backend::Svm(b)) => b.run(st, flush),
+            Some(Backend::Vmx(b)) => b.run(st, flush),
+            None => return self.back_to_vmm(ec),
+        };
+        match outcome {
+            RunOutcome::Vmm => self.back_to_vmm(ec),
+            RunOutcome::Host => Step::HostInterrupt,
+            RunOutcome::Hypercall { cpl } => {
+                self.hypercall(ec, vm, st, cpl);
+                Step::Reschedule
+            }
+        }
+    }
+
+    fn back_to_vmm(&mut self, ec: EcId) -> Step {
+        if let Some(e) = self.ecs.get_mut(ec) {
+            e.vcpu = None;
+            e.regs.rax = Status::Success.code();
+        }
+        Step::ToUser
+    }
+
+    /// The guest IPC hypercall: a call from the vCPU's EC to a portal the
+    /// VM holds, with the guest's registers as the message.
+    fn hypercall(&mut self, ec: EcId, vm: PdId, st: &mut VcpuState, cpl: u8) {
+        if cpl != 0 {
+            finish_hypercall(
+                st,
+                Status::InsufficientRights.code(),
+                [st.rdi, st.rsi, st.rdx, st.r10, st.r8, st.r9],
+            );
+            return;
+        }
+        let selector = st.rax & HYPERCALL_SELECTOR_MASK;
+        let words = [st.rdi, st.rsi, st.rdx, st.r10, st.r8, st.r9];
+        let result = self
+            .lookup_pt(vm, selector, rights::PT_CALL)
+            .and_then(|pt| {
+                let e = self.ecs.get_mut(ec).ok_or(Status::BadCapability)?;
+                e.message = words;
+                e.calling = CallKind::Hypercall;
+                self.call_portal_for(ec, pt)
+            });
+        if let Err(status) = result {
+            finish_hypercall(st, status.code(), words);
+        }
+    }
+}
+
+/// What `scheduler::leave` does after a `vcpu_step`.
+pub enum Step {
+    /// Return to the EC's user mode (the VMM).
+    ToUser,
+    /// Take the pending host interrupt, then pick again.
+    HostInterrupt,
+    /// Pick again (a hypercall switched to its handler, or finished).
+    Reschedule,
+}
+
+fn free_backend(backend: Backend) {
+    match backend {
+        Backend::Svm(b) => b.free(),
+        Backend::Vmx(b) => b.free(),
+    }
+}
