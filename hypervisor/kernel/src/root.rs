@@ -192,7 +192,7 @@ fn build(
     let free = memory::free_frames().saturating_sub(KERNEL_RESERVE_FRAMES);
     let pool_pages = (free / 4).min(16384) as u64;
     let quota = (free as u64 - pool_pages) * PAGE_SIZE / 2;
-    let pd = kernel.new_pd(None, quota, ROOT_CAPACITY)?;
+    let pd = kernel.new_pd(None, quota, ROOT_CAPACITY, false)?;
     kernel.root_pd = Some(pd);
 
     for segment in image.segments() {
