@@ -148,7 +148,36 @@ enum Entry<T> {
 
 struct Space {
     slots: BTreeMap<u64, NodeIndex>,
+    /// The slots with the smallest keys again, direct-mapped: the hot
+    /// lookups (a portal, a semaphore) use small selectors.
+    low: [Option<NodeIndex>; LOW_KEYS],
     limit: usize,
+}
+
+/// Keys below this are also in `Space::low`.
+const LOW_KEYS: usize = 64;
+
+impl Space {
+    fn get(&self, key: u64) -> Option<NodeIndex> {
+        match usize::try_from(key).ok().and_then(|k| self.low.get(k)) {
+            Some(low) => *low,
+            None => self.slots.get(&key).copied(),
+        }
+    }
+
+    fn insert(&mut self, key: u64, index: NodeIndex) {
+        if let Some(low) = usize::try_from(key).ok().and_then(|k| self.low.get_mut(k)) {
+            *low = Some(index);
+        }
+        self.slots.insert(key, index);
+    }
+
+    fn remove(&mut self, key: u64) {
+        if let Some(low) = usize::try_from(key).ok().and_then(|k| self.low.get_mut(k)) {
+            *low = None;
+        }
+        self.slots.remove(&key);
+    }
 }
 
 /// Every capability space and the derivation tree between them.
@@ -188,6 +217,7 @@ impl<T> CapSystem<T> {
     pub fn create_space(&mut self, limit: usize) -> Result<SpaceId, CapError> {
         let space = Space {
             slots: BTreeMap::new(),
+            low: [None; LOW_KEYS],
             limit,
         };
         if let Some(id) = self.free_spaces.pop() {
@@ -373,7 +403,7 @@ impl<T> CapSystem<T> {
 
     fn slot_index(&self, at: SlotRef) -> Result<NodeIndex, CapError> {
         let space = self.space(at.space).ok_or(CapError::NoSpace(at.space))?;
-        space.slots.get(&at.key).copied().ok_or(CapError::Empty(at))
+        space.get(at.key).ok_or(CapError::Empty(at))
     }
 
     /// `at` names an existing space with a free slot there and room for one.
@@ -432,7 +462,7 @@ impl<T> CapSystem<T> {
             p.first_child = Some(index);
         }
         if let Some(space) = self.space_mut(at.space) {
-            space.slots.insert(at.key, index);
+            space.insert(at.key, index);
         }
         Ok(())
     }
@@ -483,7 +513,7 @@ impl<T> CapSystem<T> {
             next.prev_sibling = node.prev_sibling;
         }
         if let Some(space) = self.space_mut(node.slot.space) {
-            space.slots.remove(&node.slot.key);
+            space.remove(node.slot.key);
         }
         Some((node.slot, node.cap))
     }
@@ -588,6 +618,13 @@ impl<T> CapSystem<T> {
         assert_eq!(live, in_spaces);
         for space in self.spaces.iter().flatten() {
             assert!(space.slots.len() <= space.limit);
+            for (key, low) in space.low.iter().enumerate() {
+                assert_eq!(
+                    *low,
+                    space.slots.get(&(key as u64)).copied(),
+                    "low table out of step at {key}"
+                );
+            }
         }
         let mut free = 0;
         let mut next = self.free_nodes;
