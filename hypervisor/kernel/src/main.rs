@@ -142,6 +142,7 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
     }
 
     enable_virtualization(&features);
+    arch::x86_64::fpu::init();
     entry::init_syscall();
 
     if has_word(cmdline, "kernel-fault-test") {

@@ -6,6 +6,7 @@
 //! it, `scheduler::leave` enters the guest instead of returning to user
 //! mode, until an exit needs the VMM.
 
+use crate::arch::x86_64::fpu;
 use crate::arch::x86_64::layout::{phys_to_virt, USER_END};
 use crate::arch::x86_64::svm::vcpu::SvmVcpu;
 use crate::arch::x86_64::virt::{self, finish_hypercall, RunOutcome, Vendor};
@@ -42,6 +43,8 @@ pub struct Vcpu {
     pub vmm: PdId,
     pub state_vpn: u64,
     pub backend: Option<Backend>,
+    /// The guest's FPU/SSE registers between runs (an FXSAVE image).
+    pub fpu_phys: u64,
     pub poked: bool,
     pub caps: u32,
 }
@@ -49,6 +52,12 @@ pub struct Vcpu {
 /// Kernel memory a vCPU costs: the object, its state page, VMCB/VMCS and
 /// the I/O and MSR bitmaps.
 pub const VCPU_COST: u64 = core::mem::size_of::<Vcpu>() as u64 + 8 * PAGE_SIZE;
+
+fn page(phys: u64) -> &'static mut [u8; 4096] {
+    // SAFETY: `phys` is a frame the vCPU owns (its FPU area), used only
+    // under the kernel lock while the vCPU exists.
+    unsafe { &mut *(phys_to_virt(phys) as *mut [u8; 4096]) }
+}
 
 fn state(phys: u64) -> &'static mut VcpuState {
     // SAFETY: `phys` is the vCPU's state page (allocated in
@@ -102,6 +111,13 @@ impl Kernel {
             self.refund(vm, VCPU_COST);
             return Err(Status::QuotaExceeded);
         };
+        let Some((fpu_phys, fpu_area)) = memory::alloc_zeroed_page() else {
+            memory::free_frame(state_phys);
+            free_backend(backend);
+            self.refund(vm, VCPU_COST);
+            return Err(Status::QuotaExceeded);
+        };
+        fpu::reset_area(fpu_area);
         let vpn = state_virt / PAGE_SIZE;
         if let Err(status) = self.map_page(
             caller,
@@ -109,6 +125,7 @@ impl Kernel {
             state_phys,
             rights::MEM_READ | rights::MEM_WRITE,
         ) {
+            memory::free_frame(fpu_phys);
             memory::free_frame(state_phys);
             free_backend(backend);
             self.refund(vm, VCPU_COST);
@@ -120,10 +137,12 @@ impl Kernel {
             vmm: caller,
             state_vpn: vpn,
             backend: Some(backend),
+            fpu_phys,
             poked: false,
             caps: 0,
         });
         let Some(id) = self.vcpus.insert(vcpu) else {
+            memory::free_frame(fpu_phys);
             self.destroy_vcpu_parts(vm, caller, vpn, state_phys, None);
             return Err(Status::QuotaExceeded);
         };
@@ -186,6 +205,7 @@ impl Kernel {
             return;
         };
         let backend = vcpu.backend.take();
+        memory::free_frame(vcpu.fpu_phys);
         self.destroy_vcpu_parts(vcpu.vm, vcpu.vmm, vcpu.state_vpn, vcpu.state_phys, backend);
         if let Some(p) = self.pds.get_mut(vcpu.vm) {
             p.owned.retain(|&o| o != Object::Vcpu(id));
@@ -245,11 +265,14 @@ impl Kernel {
         let Some(v) = self.vcpus.get_mut(vcpu_id) else {
             return Step::ToUser;
         };
+        let fpu_area = page(v.fpu_phys);
+        fpu::load_guest(fpu_area);
         let outcome = match v.backend.as_mut() {
             Some(Backend::Svm(b)) => b.run(st, flush),
             Some(Backend::Vmx(b)) => b.run(st, flush),
-            None => return self.back_to_vmm(ec),
+            None => RunOutcome::Vmm,
         };
+        fpu::save_guest(fpu_area);
         match outcome {
             RunOutcome::Vmm => self.back_to_vmm(ec),
             RunOutcome::Host => Step::HostInterrupt,

@@ -5,6 +5,7 @@ pub mod boot;
 pub mod cpu;
 pub mod entry;
 pub mod features;
+pub mod fpu;
 pub mod gdt;
 pub mod idt;
 pub mod ioapic;
