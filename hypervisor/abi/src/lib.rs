@@ -119,6 +119,9 @@ pub mod flags {
     pub const SELF: u8 = 1 << 2;
     /// `create_pd`: a VM, whose memory space is guest-physical (EPT/NPT).
     pub const VM: u8 = 1 << 3;
+    /// `create_pd` with `VM`: the guest IPC hypercall may be made from
+    /// guest CPL 3 too (otherwise only from CPL 0-2).
+    pub const USER_HYPERCALLS: u8 = 1 << 4;
 }
 
 /// The decoded `rax` of a call.

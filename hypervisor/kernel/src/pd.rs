@@ -43,6 +43,8 @@ pub struct Pd {
     /// The guest space lost mappings or rights since its vCPUs last ran:
     /// they flush the guest TLB on the next entry.
     pub guest_flush: bool,
+    /// The guest IPC hypercall is allowed from guest CPL 3.
+    pub user_hypercalls: bool,
     /// Ports this PD may use (bit set = denied), once it holds any.
     pub io_bitmap: Option<alloc::boxed::Box<[u8; IO_BITMAP_BYTES]>>,
 }
@@ -224,6 +226,7 @@ impl Kernel {
             io_bitmap: None,
             guest: None,
             guest_flush: false,
+            user_hypercalls: false,
         };
         let Some(id) = self.pds.insert(pd) else {
             undo(self);

@@ -52,14 +52,24 @@ impl Kernel {
             }
             Ok(Call::Call) => self.sys_call(ec, sel, nonblock).err(),
             Ok(Call::Reply) => self.sys_reply(ec),
-            Ok(Call::CreatePd) => Some(self.sys_create_pd(
-                pd,
-                sel,
-                word.flags & flags::VM != 0,
-                args[0],
-                args[1],
-                args[2],
-            )),
+            Ok(Call::CreatePd) => {
+                let status = self.sys_create_pd(
+                    pd,
+                    sel,
+                    word.flags & flags::VM != 0,
+                    args[0],
+                    args[1],
+                    args[2],
+                );
+                if status == Status::Success && word.flags & flags::USER_HYPERCALLS != 0 {
+                    if let Ok(made) = self.lookup_pd(pd, sel, rights::PD_CONTROL) {
+                        if let Some(p) = self.pds.get_mut(made) {
+                            p.user_hypercalls = p.guest.is_some();
+                        }
+                    }
+                }
+                Some(status)
+            }
             Ok(Call::CreateEc) => Some(done(self.sys_create_ec(
                 pd,
                 sel,

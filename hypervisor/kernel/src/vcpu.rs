@@ -294,7 +294,8 @@ impl Kernel {
     /// The guest IPC hypercall: a call from the vCPU's EC to a portal the
     /// VM holds, with the guest's registers as the message.
     fn hypercall(&mut self, ec: EcId, vm: PdId, st: &mut VcpuState, cpl: u8) {
-        if cpl != 0 {
+        let allowed = cpl < 3 || self.pds.get(vm).is_some_and(|p| p.user_hypercalls);
+        if !allowed {
             finish_hypercall(
                 st,
                 Status::InsufficientRights.code(),
