@@ -141,6 +141,7 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
         None => log::error!("lapic: no timer interrupt within a second"),
     }
 
+    arch::x86_64::vmx::vcpu::set_tsc_hz(timer.tsc_hz);
     enable_virtualization(&features);
     arch::x86_64::fpu::init();
     entry::init_syscall();

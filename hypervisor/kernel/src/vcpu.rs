@@ -10,18 +10,7 @@ use crate::arch::x86_64::fpu;
 use crate::arch::x86_64::layout::{phys_to_virt, USER_END};
 use crate::arch::x86_64::svm::vcpu::SvmVcpu;
 use crate::arch::x86_64::virt::{self, finish_hypercall, RunOutcome, Vendor};
-/// Placeholder until the VMX backend (`arch/x86_64/vmx/vcpu.rs`) lands:
-/// vCPUs cannot be created on Intel yet.
-pub struct VmxVcpu;
-impl VmxVcpu {
-    fn new(_: u64, _: u16) -> Result<Self, Status> {
-        Err(Status::BadParameter)
-    }
-    fn run(&mut self, _: &mut VcpuState, _: bool) -> RunOutcome {
-        RunOutcome::Host
-    }
-    fn free(self) {}
-}
+use crate::arch::x86_64::vmx::vcpu::VmxVcpu;
 use crate::ec::CallKind;
 use crate::kernel::{EcId, Kernel, Object, PdId};
 use crate::memory;
@@ -32,8 +21,8 @@ use moat_kernel::arena::Id;
 pub type VcpuId = Id<alloc::boxed::Box<Vcpu>>;
 
 pub enum Backend {
-    Svm(SvmVcpu),
-    Vmx(VmxVcpu),
+    Svm(alloc::boxed::Box<SvmVcpu>),
+    Vmx(alloc::boxed::Box<VmxVcpu>),
 }
 
 pub struct Vcpu {
@@ -95,8 +84,8 @@ impl Kernel {
             .fetch_add(1, core::sync::atomic::Ordering::Relaxed)
             .max(1);
         let backend = match virt::vendor() {
-            Vendor::Svm => SvmVcpu::new(root, tag).map(Backend::Svm),
-            Vendor::Vmx => VmxVcpu::new(root, tag).map(Backend::Vmx),
+            Vendor::Svm => SvmVcpu::new(root, tag).map(|b| Backend::Svm(alloc::boxed::Box::new(b))),
+            Vendor::Vmx => VmxVcpu::new(root, tag).map(|b| Backend::Vmx(alloc::boxed::Box::new(b))),
             Vendor::None => Err(Status::BadParameter),
         };
         let backend = match backend {
@@ -253,8 +242,19 @@ impl Kernel {
         };
         if v.poked {
             v.poked = false;
+            // An event the backend still holds for re-injection goes to the
+            // VMM, so a new injection cannot overwrite it.
+            let pending = match v.backend.as_mut() {
+                Some(Backend::Svm(b)) => b.take_pending(),
+                Some(Backend::Vmx(b)) => b.take_pending(),
+                None => None,
+            };
             st.exit = Default::default();
             st.exit.reason = exit_reason::POKED;
+            if let Some(event) = pending {
+                st.exit.pending = event;
+                st.exit.pending_valid = 1;
+            }
             return self.back_to_vmm(ec);
         }
         let vm = v.vm;
@@ -331,7 +331,7 @@ pub enum Step {
 
 fn free_backend(backend: Backend) {
     match backend {
-        Backend::Svm(b) => b.free(),
-        Backend::Vmx(b) => b.free(),
+        Backend::Svm(b) => (*b).free(),
+        Backend::Vmx(b) => (*b).free(),
     }
 }

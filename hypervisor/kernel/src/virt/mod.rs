@@ -17,6 +17,7 @@ pub mod npt;
 mod space;
 pub mod vmcb;
 pub mod vmcs;
+pub mod vmx_state;
 
 pub use crate::paging::{PageSize, TableMemory};
 pub use space::{EntryFormat, GuestSpace};

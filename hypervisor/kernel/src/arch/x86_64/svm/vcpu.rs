@@ -424,6 +424,15 @@ impl SvmVcpu {
         RunOutcome::Vmm
     }
 
+    /// An event kept for re-injection after a host interrupt, handed to
+    /// the VMM instead.
+    pub fn take_pending(&mut self) -> Option<Inject> {
+        let mut v = vmcb(self.vmcb);
+        let event = Event::from_svm(v.get(control::EVENTINJ))?;
+        v.set(control::EVENTINJ, 0);
+        Some(inject_of(event))
+    }
+
     pub fn free(self) {
         memory::free_frame(self.vmcb);
         memory::free_frame(self.host_save);

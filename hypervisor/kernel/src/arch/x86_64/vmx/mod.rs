@@ -1,6 +1,7 @@
-//! Intel VMX: entering VMX root operation. Guests come in a later step.
+//! Intel VMX: entering VMX root operation at boot; vCPUs in `vcpu.rs`.
 
 mod insn;
+pub mod vcpu;
 
 use super::cpu::{self, read_msr, write_msr};
 
