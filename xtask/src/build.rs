@@ -47,6 +47,7 @@ pub const USER_TASKS: &[UserTask] = &[
     task("moat-quota", "quota"),
     task("moat-rtc", "rtc"),
     task("moat-spinner", "spinner"),
+    task("moat-testvmm", "testvmm"),
 ];
 
 /// What a build leaves behind.

@@ -33,6 +33,10 @@ const HOST_SUITES: &[HostSuite] = &[
         args: &["-p", "moat-component-common"],
     },
     HostSuite {
+        name: "moat-testvm moat-testvmm (lib)",
+        args: &["-p", "moat-testvm", "-p", "moat-testvmm", "--lib"],
+    },
+    HostSuite {
         name: "xtask",
         args: &["-p", "xtask"],
     },

@@ -231,11 +231,30 @@ component ping
     args bench iterations=10000
 ";
 
+/// `testvmm` runs every test guest in a VM of its own; the `hypercall`
+/// guest calls `echo` through the guest IPC hypercall. Each VM (its vCPU,
+/// guest-physical tables and capabilities) is paid from testvmm's quota.
+pub const TESTVM: &str = "\
+component echo
+    module echo
+    priority 20
+    memory 256K
+    quota 64K
+    provides echo
+component testvmm
+    module testvmm
+    priority 10
+    memory 1M
+    quota 512K
+    uses echo at 20
+    restart 0
+";
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const ALL: [&str; 12] = [
+    const ALL: [&str; 13] = [
         IPC_PINGPONG,
         SUPERVISION,
         SEMAPHORE,
@@ -248,6 +267,7 @@ mod tests {
         FUZZER,
         QUOTA,
         BENCH_IPC,
+        TESTVM,
     ];
 
     /// The components each manifest names, in order.

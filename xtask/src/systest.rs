@@ -506,6 +506,43 @@ pub const TESTS: &[SysTest] = &[
         stop: Stop::WhenDecided,
         ..BASE
     },
+    SysTest {
+        name: "testvm",
+        modules: &[
+            ROOTTASK,
+            manifest("testvm", manifests::TESTVM),
+            component("echo"),
+            component("testvmm"),
+        ],
+        expect: TESTVM_VERDICTS,
+        forbid: &[
+            "FAIL",
+            "roottask: component 'testvmm' faulted",
+            "roottask: component 'echo' faulted",
+        ],
+        stop: Stop::WhenDecided,
+        ..BASE
+    },
+];
+
+/// Every test guest's verdict lines (`moat_testvm::TestGuest::expect`,
+/// after `testvmm: <guest>: `), in the order testvmm runs them.
+const TESTVM_VERDICTS: &[Expect] = &[
+    all("roottask: started 'testvmm'"),
+    all("testvmm: modes: real protected long ok"),
+    all("testvmm: portio: string ok"),
+    all("testvmm: portio: ok"),
+    all("testvmm: mmio: ok"),
+    all("testvmm: cpuid_msr: ok"),
+    all("testvmm: interrupt: ok"),
+    all("testvmm: interrupt: exception: ok"),
+    all("testvmm: interrupt: nmi: ok"),
+    all("testvmm: interrupt: nmi window: ok"),
+    all("testvmm: pagefault: ok, 0 exits"),
+    all("testvmm: hypercall: ok"),
+    all("testvmm: nogive: memory exit at 0x8000000 (not given)"),
+    all("testvmm: all guests done"),
+    all("roottask: component 'testvmm' finished"),
 ];
 
 const TICKER_150: Sequence = Sequence {
