@@ -13,8 +13,9 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use crate::cli::BenchOpts;
+use crate::cli::Benchmark;
 use crate::emu::Emulator;
-use crate::systest::{self, BENCH_IPC};
+use crate::systest::{self, SysTest, BENCH_EXITS, BENCH_IPC};
 use crate::{build, image, setup, Context, Result};
 
 pub const BENCH_DIR: &str = "target/bench";
@@ -34,12 +35,48 @@ pub struct IpcResult {
     pub iterations: u64,
 }
 
+/// What one benchmark boots, which result lines it expects and how they
+/// were measured.
+pub struct Spec {
+    pub name: &'static str,
+    pub test: &'static SysTest,
+    pub cases: &'static [&'static str],
+    pub method: &'static str,
+}
+
+pub const EXITS_CASES: [&str; 3] = ["cpuid", "hypercall", "native"];
+const EXITS_METHOD: &str = "median and minimum over 10,000 round trips after 100 warm-up ones: cpuid = a CPUID exit handled by the user-space VMM (TSC read by the VMM around vcpu_run), hypercall = the guest IPC hypercall to the native echo server handled by the kernel (TSC read by the guest around VMCALL/VMMCALL), native = the VMM calling the same echo portal; QEMU -icount shift=0 and Bochs clock: sync=none advance the TSC by one per instruction";
+
+pub fn spec(benchmark: Benchmark) -> Spec {
+    match benchmark {
+        Benchmark::Ipc => Spec {
+            name: "ipc",
+            test: &BENCH_IPC,
+            cases: &IPC_CASES,
+            method: METHOD,
+        },
+        Benchmark::Exits => Spec {
+            name: "exits",
+            test: &BENCH_EXITS,
+            cases: &EXITS_CASES,
+            method: EXITS_METHOD,
+        },
+    }
+}
+
 /// Every well-formed `bench ipc` line of a serial log.
 pub fn parse_ipc(serial: &str) -> Vec<IpcResult> {
+    parse(serial, "ipc")
+}
+
+/// Every well-formed `bench NAME <case> median=.. min=.. iterations=..`
+/// line of a serial log.
+pub fn parse(serial: &str, name: &str) -> Vec<IpcResult> {
+    let prefix = format!("bench {name} ");
     serial
         .lines()
         .filter_map(|line| {
-            let (_, rest) = line.split_once("bench ipc ")?;
+            let (_, rest) = line.split_once(prefix.as_str())?;
             let mut words = rest.split_whitespace();
             let case = words.next()?.to_string();
             let mut field = |key: &str| -> Option<u64> {
@@ -57,6 +94,8 @@ pub fn parse_ipc(serial: &str) -> Vec<IpcResult> {
 }
 
 pub fn run(opts: &BenchOpts) -> Result<ExitCode> {
+    let spec = spec(opts.benchmark);
+    let name = spec.name;
     setup::run()?;
     let artifacts = build::build_all()?;
     image::assemble(&artifacts)?;
@@ -65,24 +104,24 @@ pub fn run(opts: &BenchOpts) -> Result<ExitCode> {
         None => Emulator::ALL.to_vec(),
     };
     println!(
-        "bench ipc: on {} (logs in {}/)",
+        "bench {name}: on {} (logs in {}/)",
         emus.iter().map(|e| e.name()).collect::<Vec<_>>().join(", "),
         systest::SYSTEST_DIR
     );
-    let runs = systest::run_all(&[&BENCH_IPC], &emus, &artifacts)?;
+    let runs = systest::run_all(&[spec.test], &emus, &artifacts)?;
     let mut rows = Vec::new();
     let mut complete = true;
     for run in &runs {
         let serial = fs::read(&run.serial)
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default();
-        let results = parse_ipc(&serial);
-        for case in IPC_CASES {
+        let results = parse(&serial, name);
+        for &case in spec.cases {
             match results.iter().find(|r| r.case == case) {
                 Some(r) => rows.push((run.emu, r.clone())),
                 None => {
                     complete = false;
-                    println!("bench ipc: no result for {case} on {}", run.emu.name());
+                    println!("bench {name}: no result for {case} on {}", run.emu.name());
                 }
             }
         }
@@ -99,9 +138,10 @@ pub fn run(opts: &BenchOpts) -> Result<ExitCode> {
     );
     let dir = Path::new(BENCH_DIR);
     fs::create_dir_all(dir).context(|| format!("cannot create {}", dir.display()))?;
-    let json = dir.join("ipc.json");
-    fs::write(&json, to_json(&rows)).context(|| format!("cannot write {}", json.display()))?;
-    println!("bench ipc: wrote {}", json.display());
+    let json = dir.join(format!("{name}.json"));
+    fs::write(&json, to_json_named(&rows, name, spec.method))
+        .context(|| format!("cannot write {}", json.display()))?;
+    println!("bench {name}: wrote {}", json.display());
     Ok(if complete && runs.iter().all(|r| r.passed) {
         ExitCode::SUCCESS
     } else {
@@ -144,6 +184,10 @@ fn json_string(text: &str) -> String {
 }
 
 pub fn to_json(rows: &[(Emulator, IpcResult)]) -> String {
+    to_json_named(rows, "ipc", METHOD)
+}
+
+pub fn to_json_named(rows: &[(Emulator, IpcResult)], name: &str, method: &str) -> String {
     let results: Vec<String> = rows
         .iter()
         .map(|(emu, r)| {
@@ -158,9 +202,10 @@ pub fn to_json(rows: &[(Emulator, IpcResult)]) -> String {
         })
         .collect();
     format!(
-        "{{\n  \"benchmark\": \"ipc\",\n  \"unit\": {},\n  \"method\": {},\n  \"results\": [\n{}\n  ]\n}}\n",
+        "{{\n  \"benchmark\": {},\n  \"unit\": {},\n  \"method\": {},\n  \"results\": [\n{}\n  ]\n}}\n",
+        json_string(name),
         json_string(UNIT),
-        json_string(METHOD),
+        json_string(method),
         results.join(",\n")
     )
 }

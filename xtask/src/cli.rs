@@ -23,6 +23,9 @@ commands:
                         setup, build, then measure IPC round trips (null, 6 and
                         64 words) in instructions on QEMU (-icount) and Bochs;
                         prints a table and writes target/bench/ipc.json
+  bench exits [--emu qemu|bochs]
+                        the same for a CPUID exit handled by the VMM, the guest
+                        IPC hypercall and a native call; target/bench/exits.json
   help                  this text";
 
 #[derive(Debug, PartialEq, Eq)]
@@ -39,6 +42,7 @@ pub enum Cmd {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Benchmark {
     Ipc,
+    Exits,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -89,12 +93,13 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
         "bench" => {
             let benchmark = match opts.positional().as_deref() {
                 Some("ipc") => Benchmark::Ipc,
+                Some("exits") => Benchmark::Exits,
                 Some(other) => {
                     return Err(Error::Usage(format!(
-                        "unknown benchmark `{other}` (expected ipc)"
+                        "unknown benchmark `{other}` (expected ipc or exits)"
                     )))
                 }
-                None => return Err(Error::Usage("bench needs a benchmark: ipc".into())),
+                None => return Err(Error::Usage("bench needs a benchmark: ipc or exits".into())),
             };
             Cmd::Bench(BenchOpts {
                 benchmark,

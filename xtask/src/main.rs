@@ -109,8 +109,6 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         }
         Cmd::Run(opts) => run::run(&opts),
         Cmd::Test(opts) => harness::run(&opts),
-        Cmd::Bench(opts) => match opts.benchmark {
-            cli::Benchmark::Ipc => bench::run(&opts),
-        },
+        Cmd::Bench(opts) => bench::run(&opts),
     }
 }

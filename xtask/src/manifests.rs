@@ -231,6 +231,25 @@ component ping
     args bench iterations=10000
 ";
 
+/// `testvmm` in bench mode: CPUID exits, guest IPC hypercalls to `echo`
+/// and native calls to `echo`, measured in one run.
+pub const BENCH_EXITS: &str = "\
+component echo
+    module echo
+    priority 20
+    memory 256K
+    quota 64K
+    provides echo
+component testvmm
+    module testvmm
+    priority 10
+    memory 1M
+    quota 512K
+    uses echo at 20
+    restart 0
+    args bench
+";
+
 /// `testvmm` runs every test guest in a VM of its own; the `hypercall`
 /// guest calls `echo` through the guest IPC hypercall. Each VM (its vCPU,
 /// guest-physical tables and capabilities) is paid from testvmm's quota.
@@ -254,7 +273,7 @@ component testvmm
 mod tests {
     use super::*;
 
-    const ALL: [&str; 13] = [
+    const ALL: [&str; 14] = [
         IPC_PINGPONG,
         SUPERVISION,
         SEMAPHORE,
@@ -267,6 +286,7 @@ mod tests {
         FUZZER,
         QUOTA,
         BENCH_IPC,
+        BENCH_EXITS,
         TESTVM,
     ];
 

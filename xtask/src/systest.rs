@@ -584,6 +584,27 @@ pub static BENCH_IPC: SysTest = SysTest {
     ..BASE
 };
 
+/// `cargo xtask bench exits`: `testvmm` in bench mode (see its `bench.rs`).
+pub static BENCH_EXITS: SysTest = SysTest {
+    name: "bench_exits",
+    modules: &[
+        ROOTTASK,
+        manifest("bench_exits", manifests::BENCH_EXITS),
+        component("echo"),
+        component("testvmm"),
+    ],
+    expect: &[
+        all("bench exits native "),
+        all("bench exits cpuid "),
+        all("bench exits hypercall "),
+        all("testvmm: bench done"),
+    ],
+    forbid: &["FAIL", "roottask: component 'testvmm' faulted"],
+    stop: Stop::WhenDecided,
+    qemu_args: &["-icount", "shift=0"],
+    ..BASE
+};
+
 /// Checks serial output: every expected string in order, no forbidden one.
 /// The error explains the first problem of each kind.
 pub fn judge(serial: &str, expect: &[&str], forbid: &[&str]) -> Result<(), String> {
@@ -1097,7 +1118,7 @@ mod tests {
     #[test]
     fn component_tests_boot_the_root_task_with_a_manifest() {
         let tasks: Vec<&str> = crate::build::USER_TASKS.iter().map(|t| t.binary).collect();
-        for t in TESTS.iter().chain([&BENCH_IPC]) {
+        for t in TESTS.iter().chain([&BENCH_IPC, &BENCH_EXITS]) {
             for m in t.modules {
                 if let Content::Task(task) = m.content {
                     assert!(tasks.contains(&task), "{}: no user task {task}", t.name);

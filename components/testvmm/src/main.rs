@@ -24,6 +24,10 @@ use moat_user::{println, sys};
 
 moat_user::entry!(main);
 
+extern crate alloc;
+
+mod bench;
+
 /// The `echo` portal, from the manifest's `uses echo at 20`.
 const ECHO: u64 = 20;
 /// Selectors of guest `n`'s VM and vCPU: `VM_BASE + 2n` and the next.
@@ -107,6 +111,9 @@ fn raw(call: &'static str, word: CallWord, args: [u64; 6]) -> Result<(), KernelC
 }
 
 fn main(args: &str) -> i32 {
+    if args::flag(args, "bench") {
+        return bench::run();
+    }
     let selected = match moat_testvmm::select(args::value(args, "guests")) {
         Ok(selected) => selected,
         Err(name) => {

@@ -88,6 +88,23 @@ pub fn prepare(guest: &TestGuest, ram: &mut [u8]) -> Result<VcpuState, SetupErro
     Ok(state)
 }
 
+/// Like `prepare`, for raw 64-bit code (the benchmark loops): loaded at
+/// `layout::LOAD_ADDRESS` and entered in long mode.
+pub fn prepare_long_mode_code(code: &[u8], ram: &mut [u8]) -> Result<VcpuState, SetupError> {
+    if ram.len() as u64 != RAM_SIZE {
+        return Err(SetupError::RamSize);
+    }
+    ram.fill(0);
+    let start = moat_testvm::layout::LOAD_ADDRESS as usize;
+    let end = start
+        .checked_add(code.len())
+        .filter(|&end| end as u64 <= STACK_TOP - 0x1000)
+        .ok_or(SetupError::CodeTooBig)?;
+    ram[start..end].copy_from_slice(code);
+    write_long_mode_structures(ram);
+    Ok(long_mode(moat_testvm::layout::LOAD_ADDRESS))
+}
+
 fn put(ram: &mut [u8], address: u64, value: u64) {
     let at = address as usize;
     ram[at..at + 8].copy_from_slice(&value.to_le_bytes());
