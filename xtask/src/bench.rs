@@ -64,11 +64,6 @@ pub fn spec(benchmark: Benchmark) -> Spec {
     }
 }
 
-/// Every well-formed `bench ipc` line of a serial log.
-pub fn parse_ipc(serial: &str) -> Vec<IpcResult> {
-    parse(serial, "ipc")
-}
-
 /// Every well-formed `bench NAME <case> median=.. min=.. iterations=..`
 /// line of a serial log.
 pub fn parse(serial: &str, name: &str) -> Vec<IpcResult> {
@@ -183,10 +178,6 @@ fn json_string(text: &str) -> String {
     out
 }
 
-pub fn to_json(rows: &[(Emulator, IpcResult)]) -> String {
-    to_json_named(rows, "ipc", METHOD)
-}
-
 pub fn to_json_named(rows: &[(Emulator, IpcResult)], name: &str, method: &str) -> String {
     let results: Vec<String> = rows
         .iter()
@@ -225,7 +216,7 @@ bench ipc words64 median=x min=1 iterations=10000
 bench ipc broken
 ";
         assert_eq!(
-            parse_ipc(serial),
+            parse(serial, "ipc"),
             [
                 IpcResult {
                     case: "null".into(),
@@ -269,7 +260,7 @@ bench ipc broken
 
     #[test]
     fn json_lists_results() {
-        let json = to_json(&rows());
+        let json = to_json_named(&rows(), "ipc", METHOD);
         assert!(json.contains(
             "{\"case\": \"null\", \"emulator\": \"qemu\", \"median\": 812, \"min\": 790, \"iterations\": 10000}"
         ));
