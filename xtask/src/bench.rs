@@ -266,7 +266,7 @@ bench ipc broken
         ));
         assert!(json.contains("\"unit\": \"instructions\""));
         assert_eq!(json_string("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
-        assert!(to_json(&[]).contains("\"results\": [\n\n  ]"));
+        assert!(to_json_named(&[], "ipc", METHOD).contains("\"results\": [\n\n  ]"));
     }
 
     #[test]
