@@ -25,7 +25,9 @@ pub mod group {
     pub const INJECT: u64 = 1 << 8;
     /// `exit_on` (interrupt-window and NMI-window exiting).
     pub const EXIT_ON: u64 = 1 << 9;
-    pub const ALL: u64 = (1 << 10) - 1;
+    /// `tsc_offset`: the guest reads the host TSC plus this.
+    pub const TSC_OFFSET: u64 = 1 << 10;
+    pub const ALL: u64 = (1 << 11) - 1;
 }
 
 /// Why `vcpu_run` returned (`VcpuState::exit.reason`).
@@ -202,6 +204,8 @@ pub struct VcpuState {
     /// `exit_on` bits.
     pub exit_on: u32,
     pub reserved: u32,
+    /// Added to the host TSC for the guest's RDTSC (two's complement).
+    pub tsc_offset: u64,
 }
 
 const _: () = assert!(core::mem::size_of::<VcpuState>() <= 4096);
@@ -223,6 +227,7 @@ mod tests {
             group::INTERRUPTIBILITY,
             group::INJECT,
             group::EXIT_ON,
+            group::TSC_OFFSET,
         ];
         let mut seen = 0;
         for g in all {

@@ -157,7 +157,12 @@ pub fn setup(caps: &VmxCapabilities) -> Result<VmxSetup, SetupError> {
         (PrimaryControls::HLT_EXITING
             | PrimaryControls::USE_IO_BITMAPS
             | PrimaryControls::USE_MSR_BITMAPS
-            | PrimaryControls::ACTIVATE_SECONDARY_CONTROLS)
+            | PrimaryControls::ACTIVATE_SECONDARY_CONTROLS
+            // Without a TPR shadow, a guest's MOV to CR8 would set the
+            // host's task priority: it must exit.
+            | PrimaryControls::CR8_LOAD_EXITING
+            | PrimaryControls::CR8_STORE_EXITING
+            | PrimaryControls::USE_TSC_OFFSETTING)
             .bits(),
         0,
         primary_cap,

@@ -256,6 +256,9 @@ impl SvmVcpu {
         if dirty & group::DEBUG != 0 {
             v.set(save::DR7, state.dr7);
         }
+        if dirty & group::TSC_OFFSET != 0 {
+            v.set(control::TSC_OFFSET, state.tsc_offset);
+        }
         if dirty & group::INTERRUPTIBILITY != 0 {
             // Blocking by STI or MOV SS is SVM's interrupt shadow.
             v.set(

@@ -460,6 +460,9 @@ impl VmxVcpu {
                 self.guest_pat = state.pat;
             }
         }
+        if dirty & group::TSC_OFFSET != 0 {
+            write(F::TscOffset, state.tsc_offset)?;
+        }
         if dirty & group::DEBUG != 0 {
             write(F::GuestDr7, state.dr7)?;
         }
