@@ -534,6 +534,7 @@ const TESTVM_VERDICTS: &[Expect] = &[
     all("testvmm: portio: ok"),
     all("testvmm: mmio: ok"),
     all("testvmm: cpuid_msr: ok"),
+    all("testvmm: debug: ok"),
     all("testvmm: interrupt: ok"),
     all("testvmm: interrupt: exception: ok"),
     all("testvmm: interrupt: nmi: ok"),

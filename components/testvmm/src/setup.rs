@@ -41,7 +41,8 @@ pub const WANT: u64 = group::GPRS
     | group::RIP_RFLAGS
     | group::CONTROL_REGISTERS
     | group::SEGMENTS
-    | group::INTERRUPTIBILITY;
+    | group::INTERRUPTIBILITY
+    | group::DEBUG;
 
 /// Loaded on the first entry: everything but `inject` (an all-zero
 /// `Inject` would be external interrupt 0).

@@ -552,6 +552,19 @@ impl<'g> Session<'g> {
         let word = |i: usize| u32::from_le_bytes([0, 1, 2, 3].map(|j| CPUID_SIGNATURE[4 * i + j]));
         let regs = match leaf {
             CPUID_LEAF => [CPUID_LEAF, word(0), word(1), word(2)],
+            moat_testvm::DEBUG_CHECK_LEAF => {
+                // The `debug` guest set DR0-DR3 and DR6: the kernel must
+                // report them; then the guest must see the DR3 given here.
+                let reported = [state.dr0, state.dr1, state.dr2, state.dr3];
+                let right = reported == moat_testvm::DEBUG_VALUES && state.dr6 & 0xf == 5;
+                state.dr3 = if right {
+                    moat_testvm::DEBUG_NEW_DR3
+                } else {
+                    0xbad
+                };
+                state.dirty |= group::DEBUG;
+                [0; 4]
+            }
             l if (CPUID_LEAF..=CPUID_LEAF + 0xff).contains(&l) => [0; 4],
             1 => {
                 let [a, b, c, d] = host.cpuid(leaf, subleaf);

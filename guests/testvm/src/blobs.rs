@@ -48,6 +48,7 @@ blob!(interrupt, testvm_interrupt_start, testvm_interrupt_end);
 blob!(pagefault, testvm_pagefault_start, testvm_pagefault_end);
 blob!(hypercall, testvm_hypercall_start, testvm_hypercall_end);
 blob!(nogive, testvm_nogive_start, testvm_nogive_end);
+blob!(debug, testvm_debug_start, testvm_debug_end);
 
 /// Opens blob `$p`: its section and start label.
 macro_rules! begin {
@@ -647,5 +648,62 @@ global_asm!(
     "testvm_nogive_leak: .asciz \"FAIL read memory that was not given\\n\"",
     end!("testvm_nogive"),
     address = const NOT_GIVEN,
+    options(att_syntax)
+);
+
+// `debug`: the guest's DR0-DR3 and DR6 survive exits (CPUID to the VMM).
+global_asm!(
+    begin!("testvm_debug"),
+    ".code64",
+    "    mov $0x1000, %rax",
+    "    mov %rax, %dr0",
+    "    mov $0x2000, %rax",
+    "    mov %rax, %dr1",
+    "    mov $0x3000, %rax",
+    "    mov %rax, %dr2",
+    "    mov $0x4000, %rax",
+    "    mov %rax, %dr3",
+    "    mov $0xffff0ff5, %eax",
+    "    mov %rax, %dr6",
+    "    mov $3, %r12d",
+    "1:  xor %eax, %eax",
+    "    xor %ecx, %ecx",
+    "    cpuid",
+    "    dec %r12d",
+    "    jnz 1b",
+    "    mov ${check}, %eax",
+    "    xor %ecx, %ecx",
+    "    cpuid",
+    "    xor %eax, %eax",
+    "    cpuid",
+    "    mov %dr0, %rax",
+    "    cmp $0x1000, %rax",
+    "    jne 4f",
+    "    mov %dr1, %rax",
+    "    cmp $0x2000, %rax",
+    "    jne 4f",
+    "    mov %dr2, %rax",
+    "    cmp $0x3000, %rax",
+    "    jne 4f",
+    "    mov %dr3, %rax",
+    "    cmp ${new_dr3}, %rax",
+    "    jne 4f",
+    "    mov %dr6, %rax",
+    "    and $0xf, %eax",
+    "    cmp $5, %eax",
+    "    jne 4f",
+    "    lea testvm_debug_ok(%rip), %rsi",
+    "    call testvm_debug_puts",
+    "2:  hlt",
+    "    jmp 2b",
+    "4:  lea testvm_debug_bad(%rip), %rsi",
+    "    call testvm_debug_puts",
+    "    jmp 2b",
+    puts64!("testvm_debug"),
+    "testvm_debug_ok: .asciz \"ok\\n\"",
+    "testvm_debug_bad: .asciz \"FAIL debug registers lost across exits\\n\"",
+    end!("testvm_debug"),
+    check = const crate::DEBUG_CHECK_LEAF,
+    new_dr3 = const crate::DEBUG_NEW_DR3,
     options(att_syntax)
 );

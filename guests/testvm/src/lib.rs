@@ -122,6 +122,13 @@ pub mod mmio {
 
 /// The VMM's CPUID leaf and its answer in ebx, ecx, edx.
 pub const CPUID_LEAF: u32 = 0x4000_0000;
+/// The `debug` guest asks the VMM to check the debug registers the kernel
+/// reports with this CPUID leaf; the VMM then gives DR3 a new value.
+pub const DEBUG_CHECK_LEAF: u32 = CPUID_LEAF + 0x10;
+/// DR0-DR3 as the `debug` guest sets them.
+pub const DEBUG_VALUES: [u64; 4] = [0x1000, 0x2000, 0x3000, 0x4000];
+/// DR3 as the VMM sets it after its check.
+pub const DEBUG_NEW_DR3: u64 = 0x5000;
 pub const CPUID_SIGNATURE: [u8; 12] = *b"MoatTestVMM!";
 /// An MSR only the VMM knows: it keeps what the guest writes.
 pub const TEST_MSR: u32 = 0x4b56_4d00;
@@ -217,7 +224,7 @@ const BASE: TestGuest = TestGuest {
     expect: &[],
 };
 
-static GUESTS: [TestGuest; 8] = [
+static GUESTS: [TestGuest; 9] = [
     TestGuest {
         name: "modes",
         blob: blobs::modes,
@@ -241,6 +248,12 @@ static GUESTS: [TestGuest; 8] = [
     TestGuest {
         name: "cpuid_msr",
         blob: blobs::cpuid_msr,
+        expect: &["ok"],
+        ..BASE
+    },
+    TestGuest {
+        name: "debug",
+        blob: blobs::debug,
         expect: &["ok"],
         ..BASE
     },

@@ -17,7 +17,7 @@ pub mod group {
     pub const SYSTEM_SEGMENTS: u64 = 1 << 4;
     /// star, lstar, cstar, sfmask, kernel_gs_base, sysenter_*, pat.
     pub const MSRS: u64 = 1 << 5;
-    /// dr7.
+    /// dr0-dr3, dr6, dr7.
     pub const DEBUG: u64 = 1 << 6;
     /// interruptibility and activity state.
     pub const INTERRUPTIBILITY: u64 = 1 << 7;
@@ -195,6 +195,11 @@ pub struct VcpuState {
     pub sysenter_esp: u64,
     pub sysenter_eip: u64,
     pub pat: u64,
+    pub dr0: u64,
+    pub dr1: u64,
+    pub dr2: u64,
+    pub dr3: u64,
+    pub dr6: u64,
     pub dr7: u64,
     /// VMX interruptibility-state bits (STI 0, MOV SS 1, NMI 3).
     pub interruptibility: u32,

@@ -6,15 +6,15 @@
 //! it, `scheduler::leave` enters the guest instead of returning to user
 //! mode, until an exit needs the VMM.
 
-use crate::arch::x86_64::fpu;
 use crate::arch::x86_64::layout::{phys_to_virt, USER_END};
 use crate::arch::x86_64::svm::vcpu::SvmVcpu;
 use crate::arch::x86_64::virt::{self, finish_hypercall, RunOutcome, Vendor};
 use crate::arch::x86_64::vmx::vcpu::VmxVcpu;
+use crate::arch::x86_64::{debug, fpu};
 use crate::ec::CallKind;
 use crate::kernel::{EcId, Kernel, Object, PdId};
 use crate::memory;
-use moat_abi::vcpu::{exit_reason, VcpuState};
+use moat_abi::vcpu::{exit_reason, group, VcpuState};
 use moat_abi::{rights, Status, HYPERCALL_SELECTOR_MASK, PAGE_SIZE};
 use moat_kernel::arena::Id;
 
@@ -34,6 +34,9 @@ pub struct Vcpu {
     pub backend: Option<Backend>,
     /// The guest's FPU/SSE registers between runs (an FXSAVE image).
     pub fpu_phys: u64,
+    /// The guest's DR0-DR3 and DR6 between runs (neither VMCS nor VMCB
+    /// holds DR0-DR3; DR6 only the VMCB).
+    pub debug: [u64; 5],
     pub poked: bool,
     pub caps: u32,
 }
@@ -127,6 +130,7 @@ impl Kernel {
             state_vpn: vpn,
             backend: Some(backend),
             fpu_phys,
+            debug: [0, 0, 0, 0, 0xffff_0ff0],
             poked: false,
             caps: 0,
         });
@@ -265,6 +269,10 @@ impl Kernel {
         let Some(v) = self.vcpus.get_mut(vcpu_id) else {
             return Step::ToUser;
         };
+        if st.dirty & group::DEBUG != 0 {
+            v.debug = [st.dr0, st.dr1, st.dr2, st.dr3, st.dr6];
+        }
+        debug::load(&v.debug);
         let fpu_area = page(v.fpu_phys);
         fpu::load_guest(fpu_area);
         let outcome = match v.backend.as_mut() {
@@ -273,6 +281,15 @@ impl Kernel {
             None => RunOutcome::Vmm,
         };
         fpu::save_guest(fpu_area);
+        debug::save(&mut v.debug);
+        if st.want & group::DEBUG != 0 {
+            [st.dr0, st.dr1, st.dr2, st.dr3] = [v.debug[0], v.debug[1], v.debug[2], v.debug[3]];
+            // On SVM the guest's DR6 lives in the VMCB (the backend stored
+            // it); the register holds the host's again.
+            if !matches!(v.backend, Some(Backend::Svm(_))) {
+                st.dr6 = v.debug[4];
+            }
+        }
         match outcome {
             RunOutcome::Vmm => self.back_to_vmm(ec),
             RunOutcome::Host => Step::HostInterrupt,

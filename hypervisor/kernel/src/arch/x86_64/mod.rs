@@ -3,6 +3,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod cpu;
+pub mod debug;
 pub mod entry;
 pub mod features;
 pub mod fpu;

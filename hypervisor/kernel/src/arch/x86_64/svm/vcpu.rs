@@ -255,6 +255,7 @@ impl SvmVcpu {
         }
         if dirty & group::DEBUG != 0 {
             v.set(save::DR7, state.dr7);
+            v.set(save::DR6, state.dr6);
         }
         if dirty & group::TSC_OFFSET != 0 {
             v.set(control::TSC_OFFSET, state.tsc_offset);
@@ -355,6 +356,7 @@ impl SvmVcpu {
         }
         if want & group::DEBUG != 0 {
             state.dr7 = v.get(save::DR7);
+            state.dr6 = v.get(save::DR6);
         }
         if want & group::INTERRUPTIBILITY != 0 {
             state.interruptibility = (v.get(control::INTERRUPT_SHADOW) & 1) as u32;
