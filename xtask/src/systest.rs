@@ -535,6 +535,7 @@ const TESTVM_VERDICTS: &[Expect] = &[
     all("testvmm: mmio: ok"),
     all("testvmm: cpuid_msr: ok"),
     all("testvmm: debug: ok"),
+    all("testvmm: tsc: ok"),
     all("testvmm: interrupt: ok"),
     all("testvmm: interrupt: exception: ok"),
     all("testvmm: interrupt: nmi: ok"),

@@ -552,6 +552,11 @@ impl<'g> Session<'g> {
         let word = |i: usize| u32::from_le_bytes([0, 1, 2, 3].map(|j| CPUID_SIGNATURE[4 * i + j]));
         let regs = match leaf {
             CPUID_LEAF => [CPUID_LEAF, word(0), word(1), word(2)],
+            moat_testvm::TSC_OFFSET_LEAF => {
+                state.tsc_offset = moat_testvm::TSC_OFFSET;
+                state.dirty |= group::TSC_OFFSET;
+                [0; 4]
+            }
             moat_testvm::DEBUG_CHECK_LEAF => {
                 // The `debug` guest set DR0-DR3 and DR6: the kernel must
                 // report them; then the guest must see the DR3 given here.

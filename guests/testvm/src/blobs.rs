@@ -49,6 +49,7 @@ blob!(pagefault, testvm_pagefault_start, testvm_pagefault_end);
 blob!(hypercall, testvm_hypercall_start, testvm_hypercall_end);
 blob!(nogive, testvm_nogive_start, testvm_nogive_end);
 blob!(debug, testvm_debug_start, testvm_debug_end);
+blob!(tsc, testvm_tsc_start, testvm_tsc_end);
 
 /// Opens blob `$p`: its section and start label.
 macro_rules! begin {
@@ -705,5 +706,40 @@ global_asm!(
     end!("testvm_debug"),
     check = const crate::DEBUG_CHECK_LEAF,
     new_dr3 = const crate::DEBUG_NEW_DR3,
+    options(att_syntax)
+);
+
+// `tsc`: after the VMM sets a TSC offset, RDTSC reads at least the offset.
+global_asm!(
+    begin!("testvm_tsc"),
+    ".code64",
+    "    rdtsc",
+    "    shl $32, %rdx",
+    "    or %rdx, %rax",
+    "    movabs ${offset}, %rbx",
+    "    cmp %rbx, %rax",
+    "    jae 4f",
+    "    mov ${leaf}, %eax",
+    "    xor %ecx, %ecx",
+    "    cpuid",
+    "    rdtsc",
+    "    shl $32, %rdx",
+    "    or %rdx, %rax",
+    "    movabs ${offset}, %rbx",
+    "    cmp %rbx, %rax",
+    "    jb 4f",
+    "    lea testvm_tsc_ok(%rip), %rsi",
+    "    call testvm_tsc_puts",
+    "2:  hlt",
+    "    jmp 2b",
+    "4:  lea testvm_tsc_bad(%rip), %rsi",
+    "    call testvm_tsc_puts",
+    "    jmp 2b",
+    puts64!("testvm_tsc"),
+    "testvm_tsc_ok: .asciz \"ok\\n\"",
+    "testvm_tsc_bad: .asciz \"FAIL the TSC offset was not applied\\n\"",
+    end!("testvm_tsc"),
+    leaf = const crate::TSC_OFFSET_LEAF,
+    offset = const crate::TSC_OFFSET,
     options(att_syntax)
 );

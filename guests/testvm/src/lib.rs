@@ -129,6 +129,10 @@ pub const DEBUG_CHECK_LEAF: u32 = CPUID_LEAF + 0x10;
 pub const DEBUG_VALUES: [u64; 4] = [0x1000, 0x2000, 0x3000, 0x4000];
 /// DR3 as the VMM sets it after its check.
 pub const DEBUG_NEW_DR3: u64 = 0x5000;
+/// The `tsc` guest asks the VMM for a TSC offset with this CPUID leaf.
+pub const TSC_OFFSET_LEAF: u32 = CPUID_LEAF + 0x11;
+/// The offset the VMM gives: far above any TSC value of an emulator run.
+pub const TSC_OFFSET: u64 = 1 << 50;
 pub const CPUID_SIGNATURE: [u8; 12] = *b"MoatTestVMM!";
 /// An MSR only the VMM knows: it keeps what the guest writes.
 pub const TEST_MSR: u32 = 0x4b56_4d00;
@@ -224,7 +228,7 @@ const BASE: TestGuest = TestGuest {
     expect: &[],
 };
 
-static GUESTS: [TestGuest; 9] = [
+static GUESTS: [TestGuest; 10] = [
     TestGuest {
         name: "modes",
         blob: blobs::modes,
@@ -254,6 +258,12 @@ static GUESTS: [TestGuest; 9] = [
     TestGuest {
         name: "debug",
         blob: blobs::debug,
+        expect: &["ok"],
+        ..BASE
+    },
+    TestGuest {
+        name: "tsc",
+        blob: blobs::tsc,
         expect: &["ok"],
         ..BASE
     },
