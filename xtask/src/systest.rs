@@ -543,6 +543,7 @@ const TESTVM_VERDICTS: &[Expect] = &[
     all("testvmm: pagefault: ok, 0 exits"),
     all("testvmm: hypercall: ok"),
     all("testvmm: nogive: memory exit at 0x8000000 (not given)"),
+    all("testvmm: xsave: ok"),
     all("testvmm: all guests done"),
     all("roottask: component 'testvmm' finished"),
 ];

@@ -27,6 +27,7 @@ moat_user::entry!(main);
 extern crate alloc;
 
 mod bench;
+mod xsave;
 
 /// The `echo` portal, from the manifest's `uses echo at 20`.
 const ECHO: u64 = 20;
@@ -127,6 +128,9 @@ fn main(args: &str) -> i32 {
             failed += 1;
         }
     }
+    if args::value(args, "guests").is_none() && !xsave::run() {
+        failed += 1;
+    }
     println!("testvmm: all guests done");
     i32::from(failed > 0)
 }
@@ -173,6 +177,17 @@ fn run(n: u64, guest: &TestGuest) -> bool {
 
 /// Creates the VM with its memory and portal and the vCPU in `initial`.
 fn start(vm: u64, vcpu: u64, state_page: u64, initial: VcpuState) -> Result<(), KernelCall> {
+    start_with_ram(vm, vcpu, state_page, initial, ram_address())
+}
+
+/// `start` with the VM's memory at `ram` (RAM_SIZE bytes, page aligned).
+fn start_with_ram(
+    vm: u64,
+    vcpu: u64,
+    state_page: u64,
+    initial: VcpuState,
+    ram: u64,
+) -> Result<(), KernelCall> {
     raw(
         "create_pd",
         CallWord::new(Call::CreatePd, flags::VM, vm),
@@ -183,7 +198,7 @@ fn start(vm: u64, vcpu: u64, state_page: u64, initial: VcpuState) -> Result<(), 
         sys::delegate(
             vm,
             Space::Memory,
-            ram_address() / PAGE_SIZE,
+            ram / PAGE_SIZE,
             0,
             RAM_PAGES,
             rights::MEM_READ | rights::MEM_WRITE | rights::MEM_EXECUTE,

@@ -9,7 +9,7 @@ pub mod group {
     pub const GPRS: u64 = 1 << 0;
     /// rip and rflags.
     pub const RIP_RFLAGS: u64 = 1 << 1;
-    /// cr0, cr2, cr3, cr4, efer.
+    /// cr0, cr2, cr3, cr4, efer, xcr0.
     pub const CONTROL_REGISTERS: u64 = 1 << 2;
     /// es, cs, ss, ds, fs, gs.
     pub const SEGMENTS: u64 = 1 << 3;
@@ -59,6 +59,9 @@ pub mod exit_reason {
     pub const INVALID_STATE: u32 = 13;
     /// Anything else: `exit.raw` holds the vendor's exit code.
     pub const OTHER: u32 = 14;
+    /// XSETBV (ecx = register, edx:eax = value): the VMM decides, sets
+    /// `xcr0` and marks CONTROL_REGISTERS dirty.
+    pub const XSETBV: u32 = 15;
 }
 
 /// `exit.flags` bits.
@@ -176,6 +179,9 @@ pub struct VcpuState {
     pub cr3: u64,
     pub cr4: u64,
     pub efer: u64,
+    /// The guest's XCR0 (bit 0 always set; the kernel refuses values the
+    /// CPU does not support and keeps the previous one).
+    pub xcr0: u64,
     pub es: Segment,
     pub cs: Segment,
     pub ss: Segment,

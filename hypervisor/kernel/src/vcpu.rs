@@ -37,6 +37,8 @@ pub struct Vcpu {
     /// The guest's DR0-DR3 and DR6 between runs (neither VMCS nor VMCB
     /// holds DR0-DR3; DR6 only the VMCB).
     pub debug: [u64; 5],
+    /// The guest's XCR0 (validated).
+    pub xcr0: u64,
     pub poked: bool,
     pub caps: u32,
 }
@@ -131,6 +133,7 @@ impl Kernel {
             backend: Some(backend),
             fpu_phys,
             debug: [0, 0, 0, 0, 0xffff_0ff0],
+            xcr0: 1,
             poked: false,
             caps: 0,
         });
@@ -272,16 +275,22 @@ impl Kernel {
         if st.dirty & group::DEBUG != 0 {
             v.debug = [st.dr0, st.dr1, st.dr2, st.dr3, st.dr6];
         }
+        if st.dirty & group::CONTROL_REGISTERS != 0 && fpu::valid_xcr0(st.xcr0) {
+            v.xcr0 = st.xcr0;
+        }
         debug::load(&v.debug);
         let fpu_area = page(v.fpu_phys);
-        fpu::load_guest(fpu_area);
+        fpu::load_guest(fpu_area, v.xcr0);
         let outcome = match v.backend.as_mut() {
             Some(Backend::Svm(b)) => b.run(st, flush),
             Some(Backend::Vmx(b)) => b.run(st, flush),
             None => RunOutcome::Vmm,
         };
-        fpu::save_guest(fpu_area);
+        v.xcr0 = fpu::save_guest(fpu_area, v.xcr0);
         debug::save(&mut v.debug);
+        if st.want & group::CONTROL_REGISTERS != 0 {
+            st.xcr0 = v.xcr0;
+        }
         if st.want & group::DEBUG != 0 {
             [st.dr0, st.dr1, st.dr2, st.dr3] = [v.debug[0], v.debug[1], v.debug[2], v.debug[3]];
             // On SVM the guest's DR6 lives in the VMCB (the backend stored

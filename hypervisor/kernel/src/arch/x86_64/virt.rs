@@ -149,6 +149,7 @@ pub fn fill_exit(state: &mut moat_abi::vcpu::VcpuState, exit: &moat_kernel::virt
             exit_reason::EXCEPTION
         }
         Exit::Shutdown => exit_reason::SHUTDOWN,
+        Exit::Xsetbv => exit_reason::XSETBV,
         Exit::InvalidGuestState | Exit::EntryFailure { .. } => exit_reason::INVALID_STATE,
         _ => exit_reason::OTHER,
     };

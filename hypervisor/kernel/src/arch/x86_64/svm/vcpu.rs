@@ -166,7 +166,8 @@ impl SvmVcpu {
                 | InterceptMisc2::VMSAVE
                 | InterceptMisc2::STGI
                 | InterceptMisc2::CLGI
-                | InterceptMisc2::SKINIT,
+                | InterceptMisc2::SKINIT
+                | InterceptMisc2::XSETBV,
         );
         v.set(control::IOPM_BASE_PA, iopm);
         v.set(control::MSRPM_BASE_PA, msrpm);
