@@ -78,7 +78,7 @@ pub struct Generator {
     layout: Layout,
 }
 
-const VALID: [Call; 13] = [
+const VALID: [Call; 16] = [
     Call::ConsoleWrite,
     Call::Call,
     Call::CreatePd,
@@ -92,6 +92,9 @@ const VALID: [Call; 13] = [
     Call::Revoke,
     Call::IrqAssign,
     Call::IrqUnmask,
+    Call::CreateVcpu,
+    Call::VcpuRun,
+    Call::VcpuPoke,
 ];
 
 impl Generator {

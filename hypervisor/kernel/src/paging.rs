@@ -405,25 +405,22 @@ fn free_subtree(mem: &mut impl TableMemory, entry: u64, level: u32) {
     mem.free_table(table);
 }
 
+/// A table-memory fake for host tests (here and in `virt`): tables live in
+/// a map; allocation fails once `limit` tables exist.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod fake {
+    use super::{TableMemory, ENTRIES};
     use std::collections::HashMap;
 
-    const K4: u64 = 1 << 12;
-    const M2: u64 = 1 << 21;
-    const G1: u64 = 1 << 30;
-
-    /// Tables live in a map; allocation fails once `limit` tables exist.
-    struct FakeMemory {
-        tables: HashMap<u64, [u64; ENTRIES]>,
+    pub struct FakeMemory {
+        pub tables: HashMap<u64, [u64; ENTRIES]>,
         next: u64,
         limit: usize,
-        freed: usize,
+        pub freed: usize,
     }
 
     impl FakeMemory {
-        fn new(limit: usize) -> Self {
+        pub fn new(limit: usize) -> Self {
             Self {
                 tables: HashMap::new(),
                 next: 0x10_0000,
@@ -445,7 +442,7 @@ mod tests {
                 return None;
             }
             let table = self.next;
-            self.next += K4;
+            self.next += 1 << 12;
             self.tables.insert(table, [0; ENTRIES]);
             Some(table)
         }
@@ -454,6 +451,17 @@ mod tests {
             self.freed += 1;
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const K4: u64 = 1 << 12;
+    const M2: u64 = 1 << 21;
+    const G1: u64 = 1 << 30;
+
+    use crate::paging::fake::FakeMemory;
 
     fn setup() -> (FakeMemory, AddressSpace) {
         let mut mem = FakeMemory::new(64);

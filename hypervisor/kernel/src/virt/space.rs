@@ -299,52 +299,12 @@ fn free_subtree<F: EntryFormat>(mem: &mut impl TableMemory, table: u64, level: u
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use std::collections::HashMap;
 
     pub const K4: u64 = 1 << 12;
     pub const M2: u64 = 1 << 21;
     pub const G1: u64 = 1 << 30;
 
-    /// Tables live in a map; allocation fails once `limit` tables exist.
-    pub struct FakeMemory {
-        pub tables: HashMap<u64, [u64; ENTRIES]>,
-        next: u64,
-        limit: usize,
-        pub freed: usize,
-    }
-
-    impl FakeMemory {
-        pub fn new(limit: usize) -> Self {
-            Self {
-                tables: HashMap::new(),
-                next: 0x10_0000,
-                limit,
-                freed: 0,
-            }
-        }
-    }
-
-    impl TableMemory for FakeMemory {
-        fn read_entry(&self, table: u64, index: usize) -> u64 {
-            self.tables[&table][index]
-        }
-        fn write_entry(&mut self, table: u64, index: usize, value: u64) {
-            self.tables.get_mut(&table).expect("write to a non-table")[index] = value;
-        }
-        fn alloc_table(&mut self) -> Option<u64> {
-            if self.tables.len() >= self.limit {
-                return None;
-            }
-            let table = self.next;
-            self.next += K4;
-            self.tables.insert(table, [0; ENTRIES]);
-            Some(table)
-        }
-        fn free_table(&mut self, table: u64) {
-            assert!(self.tables.remove(&table).is_some(), "double free of table");
-            self.freed += 1;
-        }
-    }
+    pub use crate::paging::fake::FakeMemory;
 
     pub fn setup<F: EntryFormat>() -> (FakeMemory, GuestSpace<F>) {
         let mut mem = FakeMemory::new(64);
