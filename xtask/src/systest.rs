@@ -544,6 +544,7 @@ const TESTVM_VERDICTS: &[Expect] = &[
     all("testvmm: hypercall: ok"),
     all("testvmm: nogive: memory exit at 0x8000000 (not given)"),
     all("testvmm: xsave: ok"),
+    all("testvmm: fuzzstate: 500 runs, every one returned"),
     all("testvmm: all guests done"),
     all("roottask: component 'testvmm' finished"),
 ];

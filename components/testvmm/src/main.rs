@@ -27,6 +27,7 @@ moat_user::entry!(main);
 extern crate alloc;
 
 mod bench;
+mod fuzzstate;
 mod xsave;
 
 /// The `echo` portal, from the manifest's `uses echo at 20`.
@@ -128,8 +129,13 @@ fn main(args: &str) -> i32 {
             failed += 1;
         }
     }
-    if args::value(args, "guests").is_none() && !xsave::run() {
-        failed += 1;
+    if args::value(args, "guests").is_none() {
+        if !xsave::run() {
+            failed += 1;
+        }
+        if !fuzzstate::run() {
+            failed += 1;
+        }
     }
     println!("testvmm: all guests done");
     i32::from(failed > 0)

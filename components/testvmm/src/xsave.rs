@@ -30,7 +30,7 @@ extern "C" {
 ///
 /// # Safety
 /// No VM may run while the slice is used.
-unsafe fn ram2() -> &'static mut [u8] {
+pub(crate) unsafe fn ram2() -> &'static mut [u8] {
     // SAFETY: a static of RAM_SIZE bytes; the caller keeps guests stopped.
     unsafe {
         core::slice::from_raw_parts_mut((&raw mut testvmm_ram2).cast::<u8>(), RAM_SIZE as usize)

@@ -273,7 +273,7 @@ impl Kernel {
             return Step::ToUser;
         };
         if st.dirty & group::DEBUG != 0 {
-            v.debug = [st.dr0, st.dr1, st.dr2, st.dr3, st.dr6];
+            v.debug = debug::sanitize([st.dr0, st.dr1, st.dr2, st.dr3, st.dr6]);
         }
         if st.dirty & group::CONTROL_REGISTERS != 0 && fpu::valid_xcr0(st.xcr0) {
             v.xcr0 = st.xcr0;

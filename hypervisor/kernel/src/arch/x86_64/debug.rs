@@ -5,7 +5,20 @@
 
 use core::arch::asm;
 
-/// Loads DR0-DR3 and DR6 from `values`.
+/// Values the VMM asks for, made loadable: a non-canonical DR0-DR3 or a
+/// DR6 with bits 63:32 set would make MOV to DRn fault in the kernel.
+pub fn sanitize(values: [u64; 5]) -> [u64; 5] {
+    let canonical = |address: u64| (((address << 16) as i64) >> 16) as u64;
+    [
+        canonical(values[0]),
+        canonical(values[1]),
+        canonical(values[2]),
+        canonical(values[3]),
+        values[4] & 0xffff_ffff,
+    ]
+}
+
+/// Loads DR0-DR3 and DR6 from `values` (as `sanitize` returns them).
 pub fn load(values: &[u64; 5]) {
     // SAFETY: writing debug registers in ring 0 only changes breakpoint
     // addresses and status; with the host's DR7 inactive nothing triggers.

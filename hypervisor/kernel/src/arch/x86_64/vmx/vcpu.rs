@@ -449,8 +449,17 @@ impl VmxVcpu {
             write(F::GuestIdtrLimit, state.idtr.limit)?;
         }
         if dirty & group::MSRS != 0 {
-            self.guest_syscall = [state.star, state.lstar, state.cstar, state.sfmask];
-            self.guest_kernel_gs_base = state.kernel_gs_base;
+            // These go into the real MSRs with WRMSR around the run: a
+            // non-canonical address or a reserved SFMASK bit would fault in
+            // the kernel, so the VMM's values are made loadable first.
+            let canonical = |address: u64| (((address << 16) as i64) >> 16) as u64;
+            self.guest_syscall = [
+                state.star,
+                canonical(state.lstar),
+                canonical(state.cstar),
+                state.sfmask & 0xffff_ffff,
+            ];
+            self.guest_kernel_gs_base = canonical(state.kernel_gs_base);
             write(F::GuestSysenterCs, state.sysenter_cs)?;
             write(F::GuestSysenterEsp, state.sysenter_esp)?;
             write(F::GuestSysenterEip, state.sysenter_eip)?;
