@@ -11,6 +11,7 @@ use crate::arch::x86_64::entry::TrapFrame;
 use crate::arch::x86_64::layout::{phys_to_virt, USER_END};
 use crate::kernel::{EcId, Kernel, Object, PdId, PtId, SmId};
 use crate::memory;
+use crate::pt::Pt;
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use moat_abi::{
@@ -220,6 +221,115 @@ impl Kernel {
     }
 
     // ---- IPC ----
+
+    /// The common `call`: a message without UTCB payload from the current
+    /// EC to an idle handler. Switches to the handler with the caller's SC
+    /// and returns true; false leaves everything untouched for the general
+    /// path.
+    pub fn fast_call(&mut self, caller: EcId, selector: u64) -> bool {
+        if self.current != Some(caller) {
+            return false;
+        }
+        let Some(c) = self.ecs.get(caller) else {
+            return false;
+        };
+        let pd = c.pd;
+        let source = utcb(c.utcb_phys);
+        if source.untyped != 0 || source.typed != 0 || c.sc.is_none() {
+            return false;
+        }
+        let Ok(pt) = self.lookup_pt(pd, selector, rights::PT_CALL) else {
+            return false;
+        };
+        let Some(&Pt {
+            ec: handler,
+            entry,
+            id,
+            ..
+        }) = self.pts.get(pt)
+        else {
+            return false;
+        };
+        if handler == caller || self.ecs.get(handler).map(|h| h.state) != Some(EcState::Idle) {
+            return false;
+        }
+        let Some(c) = self.ecs.get_mut(caller) else {
+            return false;
+        };
+        let words = words_of(&c.regs);
+        c.message = words;
+        c.calling = CallKind::Message;
+        c.state = EcState::WaitReply(handler);
+        let Some(sc) = c.sc.take() else { return false };
+        let Some(h) = self.ecs.get_mut(handler) else {
+            return false;
+        };
+        h.regs.start_activation(entry, h.handler_rsp, id, words);
+        h.caller = Some(caller);
+        h.active = true;
+        h.state = EcState::Running;
+        h.sc = Some(sc);
+        let target = utcb(h.utcb_phys);
+        target.untyped = 0;
+        target.typed = 0;
+        if let Some(s) = self.scs.get_mut(sc) {
+            s.holder = Some(handler);
+        }
+        self.current = Some(handler);
+        true
+    }
+
+    /// The common `reply`: from the current handler to a caller waiting for
+    /// a plain message, no UTCB payload, nobody queued. Switches back with
+    /// the SC and returns true; false leaves everything to the general path.
+    pub fn fast_reply(&mut self, handler: EcId) -> bool {
+        if self.current != Some(handler) {
+            return false;
+        }
+        let Some(h) = self.ecs.get(handler) else {
+            return false;
+        };
+        let Some(caller) = h.caller else { return false };
+        let source = utcb(h.utcb_phys);
+        if h.kind != EcKind::Handler
+            || !h.active
+            || h.sc.is_none()
+            || !h.queue.is_empty()
+            || source.untyped != 0
+            || source.typed != 0
+        {
+            return false;
+        }
+        let words = words_of(&h.regs);
+        let waiting = self.ecs.get(caller).is_some_and(|c| {
+            c.state == EcState::WaitReply(handler) && c.calling == CallKind::Message
+        });
+        if !waiting {
+            return false;
+        }
+        let Some(h) = self.ecs.get_mut(handler) else {
+            return false;
+        };
+        let Some(sc) = h.sc.take() else { return false };
+        h.active = false;
+        h.caller = None;
+        h.state = EcState::Idle;
+        let Some(c) = self.ecs.get_mut(caller) else {
+            return false;
+        };
+        set_words(&mut c.regs, words);
+        c.regs.rax = Status::Success.code();
+        c.state = EcState::Running;
+        c.sc = Some(sc);
+        let target = utcb(c.utcb_phys);
+        target.untyped = 0;
+        target.typed = 0;
+        if let Some(s) = self.scs.get_mut(sc) {
+            s.holder = Some(caller);
+        }
+        self.current = Some(caller);
+        true
+    }
 
     /// `call`: on success the caller waits (or has switched to the
     /// handler); its status arrives with the reply.

@@ -35,6 +35,16 @@ impl Kernel {
         let (pd, rip, rsp) = (e.pd, regs.rip, regs.rsp);
         let sel = word.selector;
         let nonblock = word.flags & flags::NONBLOCK != 0;
+        // The IPC fast path: plain messages between the current EC and an
+        // idle handler (and back).
+        if word.flags == 0 {
+            if word.number == Call::Call.number() && self.fast_call(ec, sel) {
+                return;
+            }
+            if word.number == Call::Reply.number() && self.fast_reply(ec) {
+                return;
+            }
+        }
         let status: Option<Status> = match Call::try_from(word.number) {
             Err(status) => Some(status),
             Ok(Call::ConsoleWrite) => Some(self.console_write(pd, args[0], args[1])),
