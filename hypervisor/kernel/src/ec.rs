@@ -302,7 +302,8 @@ impl Kernel {
         }
         let words = words_of(&h.regs);
         let waiting = self.ecs.get(caller).is_some_and(|c| {
-            c.state == EcState::WaitReply(handler) && c.calling == CallKind::Message
+            c.state == EcState::WaitReply(handler)
+                && matches!(c.calling, CallKind::Message | CallKind::Hypercall)
         });
         if !waiting {
             return false;
@@ -317,13 +318,18 @@ impl Kernel {
         let Some(c) = self.ecs.get_mut(caller) else {
             return false;
         };
-        set_words(&mut c.regs, words);
-        c.regs.rax = Status::Success.code();
+        if c.calling == CallKind::Hypercall {
+            // The vCPU's loop puts the reply into the guest's registers.
+            c.hypercall_reply = Some((Status::Success.code(), words));
+        } else {
+            set_words(&mut c.regs, words);
+            c.regs.rax = Status::Success.code();
+            let target = utcb(c.utcb_phys);
+            target.untyped = 0;
+            target.typed = 0;
+        }
         c.state = EcState::Running;
         c.sc = Some(sc);
-        let target = utcb(c.utcb_phys);
-        target.untyped = 0;
-        target.typed = 0;
         if let Some(s) = self.scs.get_mut(sc) {
             s.holder = Some(caller);
         }
