@@ -9,14 +9,25 @@
 //! `semaphore NAME up A at SEL down B at SEL` shares a semaphore. The root
 //! appends ` index=N tsc_hz=H` to every component's arguments.
 
-/// `echo` serves, `ping` makes 10,000 payload-checked calls.
-pub const IPC_PINGPONG: &str = "\
+/// The `echo` server entry most manifests start with (a macro, so that
+/// `concat!` can put it in front of a manifest literal).
+macro_rules! echo_server {
+    () => {
+        "\
 component echo
     module echo
     priority 20
     memory 256K
     quota 64K
     provides echo
+"
+    };
+}
+
+/// `echo` serves, `ping` makes 10,000 payload-checked calls.
+pub const IPC_PINGPONG: &str = concat!(
+    echo_server!(),
+    "\
 component ping
     module ping
     priority 10
@@ -24,7 +35,8 @@ component ping
     quota 64K
     uses echo at 20
     args calls=10000
-";
+"
+);
 
 /// `faulty` faults and is restarted while `ticker` counts on.
 pub const SUPERVISION: &str = "\
@@ -75,13 +87,9 @@ irq 8 to rtc
 
 /// `echo` crashes inside a call from `ping`: ping gets `Dead`, the root
 /// restarts echo and ping reaches the new instance.
-pub const SERVER_DIES: &str = "\
-component echo
-    module echo
-    priority 20
-    memory 256K
-    quota 64K
-    provides echo
+pub const SERVER_DIES: &str = concat!(
+    echo_server!(),
+    "\
 component ping
     module ping
     priority 10
@@ -89,17 +97,14 @@ component ping
     quota 64K
     uses echo at 20
     args crash-server
-";
+"
+);
 
 /// `ping` is destroyed while `echo` handles its slow call: echo's reply
 /// comes back `Aborted`; `ticker` keeps echo's service wanted meanwhile.
-pub const CALLER_DIES: &str = "\
-component echo
-    module echo
-    priority 20
-    memory 256K
-    quota 64K
-    provides echo
+pub const CALLER_DIES: &str = concat!(
+    echo_server!(),
+    "\
 component ticker
     module ticker
     priority 15
@@ -115,7 +120,8 @@ component ping
     uses echo at 20
     restart 0
     args die-during-call
-";
+"
+);
 
 /// Two CPU-bound spinners of equal priority: round robin must preempt both.
 pub const ROUND_ROBIN: &str = "\
@@ -139,13 +145,9 @@ pub const MANIFEST_MODULE: &str = "manifest";
 /// What `cargo xtask run` boots: a server and its client, a component that
 /// keeps faulting (and is restarted, then given up on), and a ticker that
 /// runs undisturbed beside them.
-pub const DEMO: &str = "\
-component echo
-    module echo
-    priority 20
-    memory 256K
-    quota 64K
-    provides echo
+pub const DEMO: &str = concat!(
+    echo_server!(),
+    "\
 component ping
     module ping
     priority 10
@@ -165,7 +167,8 @@ component ticker
     memory 128K
     quota 64K
     args count=10 period_ms=50
-";
+"
+);
 
 /// The components [`DEMO`] names, in boot-module order.
 pub const DEMO_COMPONENTS: &[&str] = &["echo", "ping", "faulty", "ticker"];
@@ -215,13 +218,9 @@ component quota
 ";
 
 /// `ping` in bench mode against `echo`; 64-bit samples need heap room.
-pub const BENCH_IPC: &str = "\
-component echo
-    module echo
-    priority 20
-    memory 256K
-    quota 64K
-    provides echo
+pub const BENCH_IPC: &str = concat!(
+    echo_server!(),
+    "\
 component ping
     module ping
     priority 10
@@ -229,17 +228,14 @@ component ping
     quota 64K
     uses echo at 20
     args bench iterations=10000
-";
+"
+);
 
 /// `testvmm` in bench mode: CPUID exits, guest IPC hypercalls to `echo`
 /// and native calls to `echo`, measured in one run.
-pub const BENCH_EXITS: &str = "\
-component echo
-    module echo
-    priority 20
-    memory 256K
-    quota 64K
-    provides echo
+pub const BENCH_EXITS: &str = concat!(
+    echo_server!(),
+    "\
 component testvmm
     module testvmm
     priority 10
@@ -248,18 +244,15 @@ component testvmm
     uses echo at 20
     restart 0
     args bench
-";
+"
+);
 
 /// `testvmm` runs every test guest in a VM of its own; the `hypercall`
 /// guest calls `echo` through the guest IPC hypercall. Each VM (its vCPU,
 /// guest-physical tables and capabilities) is paid from testvmm's quota.
-pub const TESTVM: &str = "\
-component echo
-    module echo
-    priority 20
-    memory 256K
-    quota 64K
-    provides echo
+pub const TESTVM: &str = concat!(
+    echo_server!(),
+    "\
 component testvmm
     module testvmm
     priority 10
@@ -267,7 +260,8 @@ component testvmm
     quota 512K
     uses echo at 20
     restart 0
-";
+"
+);
 
 #[cfg(test)]
 mod tests {

@@ -6,28 +6,41 @@ use moat_user::{sys, Sel};
 
 use crate::{args, registry, sel};
 
-/// Creates a handler EC (its stack pointer reset to `stack_top` at every
-/// call, its UTCB mapped at `utcb`, faults reported to the root task) and a
-/// portal `pt` to it entered at `rip`, whose handler sees `id`.
-pub fn create_portal(
-    ec: Sel,
-    pt: Sel,
+/// Where a one-portal server (`serve`) keeps its objects: the first three
+/// of its own selectors and a handler UTCB address nothing else uses.
+pub mod server {
+    use moat_user::Sel;
+
+    pub const HANDLER_EC: Sel = crate::sel::FIRST_OWN;
+    pub const PORTAL: Sel = crate::sel::FIRST_OWN + 1;
+    /// The semaphore the server's first EC blocks on for good.
+    pub const IDLE_SM: Sel = crate::sel::FIRST_OWN + 2;
+    pub const HANDLER_UTCB: u64 = 0x0000_7fff_d000_0000;
+}
+
+/// Serves a portal published as `name`: a handler EC (its stack pointer
+/// reset to `stack_top` at every call, its UTCB at `server::HANDLER_UTCB`,
+/// faults reported to the root task) and the portal to it, entered at `rip`
+/// with portal id `id`, registered with the root task.
+pub fn serve(
+    name: &str,
     stack_top: u64,
-    utcb: u64,
     rip: u64,
     id: u64,
+    component_args: &str,
 ) -> Result<(), Status> {
     sys::create_ec(
-        ec,
+        server::HANDLER_EC,
         sel::OWN_PD,
         true,
         0,
         stack_top,
-        utcb,
+        server::HANDLER_UTCB,
         sel::EXCEPTION_PORTAL,
-        ec,
+        server::HANDLER_EC,
     )?;
-    sys::create_pt(pt, sel::OWN_PD, ec, rip, id)
+    sys::create_pt(server::PORTAL, sel::OWN_PD, server::HANDLER_EC, rip, id)?;
+    publish(name, server::PORTAL, component_args)
 }
 
 /// Publishes `portal` under `name` in the root task's registry. The

@@ -14,11 +14,6 @@ use moat_user::{portal, println, rdtsc, sys, Stack};
 moat_user::entry!(main);
 moat_user::portal_entry!(echo_portal_entry, handle);
 
-const HANDLER_EC: u64 = 16;
-const PORTAL: u64 = 17;
-const IDLE_SM: u64 = 18;
-/// The handler EC's UTCB, in a part of the address space nothing else uses.
-const HANDLER_UTCB: u64 = 0x0000_7fff_d000_0000;
 const PORTAL_ID: u64 = 0xec40;
 /// The handler sleeps on this semaphore for `echo_ops::SLOW`.
 const SLEEP_SM: u64 = 19;
@@ -34,21 +29,13 @@ fn main(args: &str) -> i32 {
         return 1;
     }
     let rip = portal::entry_address(echo_portal_entry);
-    let serving = rt::create_portal(
-        HANDLER_EC,
-        PORTAL,
-        HANDLER_STACK.top(),
-        HANDLER_UTCB,
-        rip,
-        PORTAL_ID,
-    )
-    .and_then(|()| rt::publish("echo", PORTAL, args));
+    let serving = rt::serve("echo", HANDLER_STACK.top(), rip, PORTAL_ID, args);
     if let Err(status) = serving {
         println!("echo: FAIL cannot serve: {status}");
         return 1;
     }
     println!("echo: serving");
-    rt::block_forever(IDLE_SM)
+    rt::block_forever(rt::server::IDLE_SM)
 }
 
 fn handle(_id: u64, words: [u64; 6]) -> [u64; 6] {
@@ -71,9 +58,9 @@ fn handle(_id: u64, words: [u64; 6]) -> [u64; 6] {
         }
         _ => {}
     }
-    // SAFETY: HANDLER_UTCB was given to the successful create_ec of the
+    // SAFETY: server::HANDLER_UTCB was given to the successful create_ec of
     // handler EC, which is running this; nothing else refers to that UTCB.
-    let utcb = unsafe { moat_user::utcb_at(HANDLER_UTCB) };
+    let utcb = unsafe { moat_user::utcb_at(rt::server::HANDLER_UTCB) };
     let extra = (utcb.untyped as usize).min(UTCB_WORDS);
     let sum = utcb.words[..extra]
         .iter()

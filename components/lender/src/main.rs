@@ -14,10 +14,6 @@ use moat_user::{portal, println, sys, Stack};
 moat_user::entry!(main);
 moat_user::portal_entry!(lender_portal_entry, handle);
 
-const HANDLER_EC: u64 = 16;
-const PORTAL: u64 = 17;
-const IDLE_SM: u64 = 18;
-const HANDLER_UTCB: u64 = 0x0000_7fff_d000_0000;
 const PORTAL_ID: u64 = 0x1e4d;
 
 /// The lent page: alone in its page, read-only.
@@ -30,21 +26,13 @@ static HANDLER_STACK: Stack<16384> = Stack::new();
 
 fn main(args: &str) -> i32 {
     let rip = portal::entry_address(lender_portal_entry);
-    let serving = rt::create_portal(
-        HANDLER_EC,
-        PORTAL,
-        HANDLER_STACK.top(),
-        HANDLER_UTCB,
-        rip,
-        PORTAL_ID,
-    )
-    .and_then(|()| rt::publish("lender", PORTAL, args));
+    let serving = rt::serve("lender", HANDLER_STACK.top(), rip, PORTAL_ID, args);
     if let Err(status) = serving {
         println!("lender: FAIL cannot serve: {status}");
         return 1;
     }
     println!("lender: serving page {:#x}", lent_page());
-    rt::block_forever(IDLE_SM)
+    rt::block_forever(rt::server::IDLE_SM)
 }
 
 fn lent_page() -> u64 {
@@ -52,9 +40,9 @@ fn lent_page() -> u64 {
 }
 
 fn handle(_id: u64, words: [u64; 6]) -> [u64; 6] {
-    // SAFETY: HANDLER_UTCB was given to the successful create_ec of the
+    // SAFETY: server::HANDLER_UTCB was given to the successful create_ec of
     // handler EC, which is running this; nothing else refers to that UTCB.
-    let utcb = unsafe { moat_user::utcb_at(HANDLER_UTCB) };
+    let utcb = unsafe { moat_user::utcb_at(rt::server::HANDLER_UTCB) };
     utcb.untyped = 0;
     utcb.typed = 0;
     let status = match words[0] {

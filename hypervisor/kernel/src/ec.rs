@@ -18,7 +18,7 @@ use moat_abi::{
     exception_reply, rights, ExceptionMessage, Space, Status, TypedItem, Utcb, EXIT_VECTOR,
     PAGE_SIZE, UTCB_WORDS,
 };
-use moat_kernel::paging::{MapFlags, PageSize};
+use moat_kernel::paging::MapFlags;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EcKind {
@@ -216,7 +216,6 @@ impl Kernel {
             } else {
                 0
             };
-        let _ = PageSize::Size4K;
         self.map_page(pd, virt / PAGE_SIZE, phys, rights_bits)
     }
 

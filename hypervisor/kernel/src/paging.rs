@@ -145,6 +145,12 @@ pub struct Translation {
     pub flags: MapFlags,
 }
 
+/// `virt` with bits 63:48 copied from bit 47: the canonical address the
+/// CPU would accept where `virt` is not.
+pub const fn canonicalize(virt: u64) -> u64 {
+    (((virt << 16) as i64) >> 16) as u64
+}
+
 pub const fn is_canonical(virt: u64) -> bool {
     (((virt << 16) as i64) >> 16) as u64 == virt
 }
@@ -467,6 +473,24 @@ mod tests {
         let mut mem = FakeMemory::new(64);
         let space = AddressSpace::new(&mut mem).unwrap();
         (mem, space)
+    }
+
+    #[test]
+    fn canonicalize_yields_canonical_addresses() {
+        for virt in [
+            0,
+            0x7fff_ffff_ffff,
+            0x8000_0000_0000,
+            u64::MAX,
+            0x1234_5678_9abc_def0,
+        ] {
+            let fixed = canonicalize(virt);
+            assert!(is_canonical(fixed));
+            assert_eq!(fixed & 0xffff_ffff_ffff, virt & 0xffff_ffff_ffff);
+            if is_canonical(virt) {
+                assert_eq!(fixed, virt);
+            }
+        }
     }
 
     #[test]

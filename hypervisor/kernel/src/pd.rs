@@ -4,7 +4,7 @@
 use crate::arch::x86_64::cpu;
 use crate::arch::x86_64::gdt::IO_BITMAP_BYTES;
 use crate::arch::x86_64::virt::{self, Vendor};
-use crate::kernel::{Kernel, Object, PdId, CAP_SLOT_COST};
+use crate::kernel::{Kernel, Object, PdId};
 use crate::memory::{self, KernelTables};
 use alloc::vec::Vec;
 use moat_abi::{rights, Space, Status, PAGE_SIZE};
@@ -462,6 +462,5 @@ impl Kernel {
                 }
             }
         }
-        let _ = CAP_SLOT_COST;
     }
 }

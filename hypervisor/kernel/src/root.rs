@@ -140,32 +140,22 @@ fn give_frame(
 ) -> Result<(), Status> {
     let space = kernel.space_of(pd, Space::Memory)?;
     kernel.charge(pd, crate::kernel::CAP_SLOT_COST)?;
-    let slot = SlotRef::new(space, vpn);
-    let cap = Cap::Frame { phys, owned: false };
-    if let Err(error) = kernel
-        .caps
-        .insert_root(slot, cap, Rights::from_bits_retain(cap_rights))
-    {
-        kernel.refund(pd, crate::kernel::CAP_SLOT_COST);
-        return Err(crate::kernel::status_of(error));
-    }
     if let Err(status) = kernel.map_page(pd, vpn, phys, map_rights) {
-        let _ = kernel.caps.revoke(slot, true, |_, _| {});
         kernel.refund(pd, crate::kernel::CAP_SLOT_COST);
         return Err(status);
     }
-    // Only now does the capability own the frame (the caller frees it on
-    // failure).
-    if owned {
-        let _ = kernel.caps.revoke(slot, true, |_, _| {});
-        kernel
-            .caps
-            .insert_root(
-                slot,
-                Cap::Frame { phys, owned: true },
-                Rights::from_bits_retain(cap_rights),
-            )
-            .map_err(crate::kernel::status_of)?;
+    // The capability owns the frame only once it exists (the caller frees
+    // the frame on failure).
+    let cap = Cap::Frame { phys, owned };
+    let inserted = kernel.caps.insert_root(
+        SlotRef::new(space, vpn),
+        cap,
+        Rights::from_bits_retain(cap_rights),
+    );
+    if let Err(error) = inserted {
+        kernel.unmap_page(pd, vpn);
+        kernel.refund(pd, crate::kernel::CAP_SLOT_COST);
+        return Err(crate::kernel::status_of(error));
     }
     Ok(())
 }

@@ -66,9 +66,8 @@ fn take_pending_interrupt() {
 /// Waits with interrupts on until an EC can run, then enters it.
 fn idle() -> ! {
     loop {
-        let guard = KERNEL.lock();
+        let mut guard = KERNEL.lock();
         let now = cpu::rdtsc();
-        let mut guard = guard;
         if let Some(kernel) = guard.as_mut() {
             kernel.expire_timeouts(now);
         }

@@ -191,6 +191,5 @@ impl Kernel {
         if let Some(p) = self.pds.get_mut(sm.owner) {
             p.owned.retain(|&o| o != Object::Sm(id));
         }
-        let _ = rights::SM_UP;
     }
 }

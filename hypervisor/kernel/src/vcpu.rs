@@ -43,9 +43,10 @@ pub struct Vcpu {
     pub caps: u32,
 }
 
-/// Kernel memory a vCPU costs: the object, its state page, VMCB/VMCS and
-/// the I/O and MSR bitmaps.
-pub const VCPU_COST: u64 = core::mem::size_of::<Vcpu>() as u64 + 8 * PAGE_SIZE;
+/// Kernel memory a vCPU costs: the object, its state and FPU pages, and the
+/// larger backend's frames (SVM: VMCB, host save area, 3 IOPM and 2 MSRPM
+/// pages; VMX needs 4: VMCS, MSR bitmap, 2 I/O bitmaps).
+pub const VCPU_COST: u64 = core::mem::size_of::<Vcpu>() as u64 + 9 * PAGE_SIZE;
 
 fn page(phys: u64) -> &'static mut [u8; 4096] {
     // SAFETY: `phys` is a frame the vCPU owns (its FPU area), used only

@@ -8,7 +8,7 @@ use core::arch::asm;
 /// Values the VMM asks for, made loadable: a non-canonical DR0-DR3 or a
 /// DR6 with bits 63:32 set would make MOV to DRn fault in the kernel.
 pub fn sanitize(values: [u64; 5]) -> [u64; 5] {
-    let canonical = |address: u64| (((address << 16) as i64) >> 16) as u64;
+    use moat_kernel::paging::canonicalize as canonical;
     [
         canonical(values[0]),
         canonical(values[1]),

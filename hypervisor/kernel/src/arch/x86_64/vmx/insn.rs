@@ -1,6 +1,8 @@
 //! VMX instructions. Each reports VMfailInvalid (CF) and VMfailValid (ZF)
 //! from inside its own asm block, where the flags are still those the
-//! instruction set.
+//! instruction set. (The `x86` crate's wrappers read RFLAGS in a second asm
+//! block, and nothing stops the compiler from changing the flags in
+//! between, so they are written here.)
 
 use core::arch::asm;
 
@@ -32,25 +34,31 @@ fn result(carry: u8, zero: u8) -> Result<(), VmFail> {
     }
 }
 
-/// VMXON with the region at physical address `region`.
-pub fn vmxon(region: u64) -> Result<(), VmFail> {
-    let carry: u8;
-    let zero: u8;
-    // SAFETY: `region` is a page-aligned frame owned by the kernel that holds
-    // the VMCS revision identifier; CR0/CR4 satisfy the VMX fixed bits and
-    // IA32_FEATURE_CONTROL allows VMXON (checked by the caller).
-    unsafe {
+/// Runs the VMX instruction `$insn` on the 64-bit memory operand holding
+/// the physical address `$region` and returns its VMfail status.
+macro_rules! region_op {
+    ($insn:literal, $region:expr) => {{
+        let carry: u8;
+        let zero: u8;
         asm!(
-            "vmxon [{region}]",
+            concat!($insn, " [{region}]"),
             "setc {carry}",
             "setz {zero}",
-            region = in(reg) &region,
+            region = in(reg) &$region,
             carry = out(reg_byte) carry,
             zero = out(reg_byte) zero,
             options(nostack),
         );
-    }
-    result(carry, zero)
+        result(carry, zero)
+    }};
+}
+
+/// VMXON with the region at physical address `region`.
+pub fn vmxon(region: u64) -> Result<(), VmFail> {
+    // SAFETY: `region` is a page-aligned frame owned by the kernel that holds
+    // the VMCS revision identifier; CR0/CR4 satisfy the VMX fixed bits and
+    // IA32_FEATURE_CONTROL allows VMXON (checked by the caller).
+    unsafe { region_op!("vmxon", region) }
 }
 
 /// VMCLEAR: writes the VMCS at physical address `region` back to memory and
@@ -60,22 +68,9 @@ pub fn vmxon(region: u64) -> Result<(), VmFail> {
 /// `region` must be a 4 KiB frame the caller owns as a VMCS region (the
 /// CPU writes it); VMX root operation must be on.
 pub unsafe fn vmclear(region: u64) -> Result<(), VmFail> {
-    let carry: u8;
-    let zero: u8;
     // SAFETY: forwarded from the caller: the frame is a VMCS region the CPU
     // may write; `region` is read from the stack operand.
-    unsafe {
-        asm!(
-            "vmclear [{region}]",
-            "setc {carry}",
-            "setz {zero}",
-            region = in(reg) &region,
-            carry = out(reg_byte) carry,
-            zero = out(reg_byte) zero,
-            options(nostack),
-        );
-    }
-    result(carry, zero)
+    unsafe { region_op!("vmclear", region) }
 }
 
 /// VMPTRLD: makes the VMCS at physical address `region` the current one.
@@ -86,21 +81,8 @@ pub unsafe fn vmclear(region: u64) -> Result<(), VmFail> {
 /// after it was current on another CPU); the CPU reads and writes it
 /// until it is cleared.
 pub unsafe fn vmptrld(region: u64) -> Result<(), VmFail> {
-    let carry: u8;
-    let zero: u8;
     // SAFETY: forwarded from the caller.
-    unsafe {
-        asm!(
-            "vmptrld [{region}]",
-            "setc {carry}",
-            "setz {zero}",
-            region = in(reg) &region,
-            carry = out(reg_byte) carry,
-            zero = out(reg_byte) zero,
-            options(nostack),
-        );
-    }
-    result(carry, zero)
+    unsafe { region_op!("vmptrld", region) }
 }
 
 /// VMREAD of `field` of the current VMCS (zero-extended to 64 bits).

@@ -452,7 +452,7 @@ impl VmxVcpu {
             // These go into the real MSRs with WRMSR around the run: a
             // non-canonical address or a reserved SFMASK bit would fault in
             // the kernel, so the VMM's values are made loadable first.
-            let canonical = |address: u64| (((address << 16) as i64) >> 16) as u64;
+            use moat_kernel::paging::canonicalize as canonical;
             self.guest_syscall = [
                 state.star,
                 canonical(state.lstar),
