@@ -7,6 +7,8 @@
 //! SVM: the EVENTINJ / EXITINTINFO format (APM Vol. 2, 15.20 "Event
 //! Injection", Figure "EVENTINJ Field").
 
+use moat_abi::vcpu::{event_kind, Inject};
+
 /// What kind of event: decides how the CPU delivers it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
@@ -137,6 +139,45 @@ impl Event {
     }
 }
 
+impl Event {
+    /// The ABI's event to inject (`VcpuState::inject`). An unknown kind is
+    /// taken as an external interrupt.
+    pub fn from_abi(inject: &Inject) -> Self {
+        let kind = match inject.kind {
+            event_kind::NMI => EventKind::Nmi,
+            event_kind::HARDWARE_EXCEPTION => EventKind::HardwareException,
+            event_kind::SOFTWARE_INTERRUPT => EventKind::SoftwareInterrupt,
+            _ => EventKind::ExternalInterrupt,
+        };
+        Self {
+            vector: inject.vector,
+            kind,
+            error_code: (inject.has_error_code != 0).then_some(inject.error_code),
+        }
+    }
+
+    /// The event in the ABI's form (an interrupted delivery the VMM sees).
+    /// INT1/INT3/INTO become hardware exceptions: the ABI has no
+    /// software-exception kind.
+    pub fn to_abi(self) -> Inject {
+        let kind = match self.kind {
+            EventKind::ExternalInterrupt => event_kind::EXTERNAL_INTERRUPT,
+            EventKind::Nmi => event_kind::NMI,
+            EventKind::SoftwareInterrupt => event_kind::SOFTWARE_INTERRUPT,
+            EventKind::HardwareException
+            | EventKind::PrivilegedSoftwareException
+            | EventKind::SoftwareException => event_kind::HARDWARE_EXCEPTION,
+        };
+        Inject {
+            vector: self.vector,
+            kind,
+            has_error_code: u8::from(self.error_code.is_some()),
+            reserved: 0,
+            error_code: self.error_code.unwrap_or(0),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,5 +240,37 @@ mod tests {
         assert_eq!(int3.to_svm(), 0x8000_0303);
         assert_eq!(Event::from_svm(0x0000_0303), None);
         assert_eq!(Event::from_svm(0x8000_0503), None);
+    }
+
+    #[test]
+    fn abi_events_round_trip() {
+        let gp = Inject {
+            vector: 13,
+            kind: event_kind::HARDWARE_EXCEPTION,
+            has_error_code: 1,
+            reserved: 0,
+            error_code: 0x10,
+        };
+        let event = Event::from_abi(&gp);
+        assert_eq!(event.to_vmx(), (0x8000_0b0d, 0x10));
+        assert_eq!(event.to_abi(), gp);
+        let timer = Inject {
+            vector: 0x30,
+            kind: event_kind::EXTERNAL_INTERRUPT,
+            ..Inject::default()
+        };
+        assert_eq!(Event::from_abi(&timer).to_vmx(), (0x8000_0030, 0));
+        let nmi = Inject {
+            vector: 2,
+            kind: event_kind::NMI,
+            ..Inject::default()
+        };
+        assert_eq!(Event::from_abi(&nmi).to_vmx().0, 0x8000_0202);
+        let int3 = Event {
+            vector: 3,
+            kind: EventKind::SoftwareException,
+            error_code: None,
+        };
+        assert_eq!(int3.to_abi().kind, event_kind::HARDWARE_EXCEPTION);
     }
 }

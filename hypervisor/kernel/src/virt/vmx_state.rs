@@ -8,9 +8,9 @@
 //! "Information About NMI Unblocking Due to IRET", Vol. 3D, A.6–A.8 (fixed
 //! CR bits, IA32_VMX_MISC, EPT/VPID capabilities).
 
-use moat_abi::vcpu::{event_kind, group, DescriptorTable, Inject, Segment, VcpuState};
+use moat_abi::vcpu::{group, DescriptorTable, Segment, VcpuState};
 
-use super::event::{Event, EventKind};
+use super::event::Event;
 use super::vmcs::{
     adjust_controls, msr, ControlError, EntryControls, ExitControls, Interruptibility, PinControls,
     PrimaryControls, SecondaryControls,
@@ -314,41 +314,6 @@ pub const fn cpl(ss_access_rights: u32) -> u8 {
     ((ss_access_rights >> 5) & 3) as u8
 }
 
-/// The ABI's event to inject. Its kinds carry the VMX type numbers.
-pub fn event_of(inject: &Inject) -> Event {
-    let kind = match inject.kind {
-        event_kind::NMI => EventKind::Nmi,
-        event_kind::HARDWARE_EXCEPTION => EventKind::HardwareException,
-        event_kind::SOFTWARE_INTERRUPT => EventKind::SoftwareInterrupt,
-        _ => EventKind::ExternalInterrupt,
-    };
-    Event {
-        vector: inject.vector,
-        kind,
-        error_code: (inject.has_error_code != 0).then_some(inject.error_code),
-    }
-}
-
-/// An interrupted event in the ABI's form. INT1/INT3/INTO become hardware
-/// exceptions: the ABI has no software-exception kind.
-pub fn inject_of(event: Event) -> Inject {
-    let kind = match event.kind {
-        EventKind::ExternalInterrupt => event_kind::EXTERNAL_INTERRUPT,
-        EventKind::Nmi => event_kind::NMI,
-        EventKind::SoftwareInterrupt => event_kind::SOFTWARE_INTERRUPT,
-        EventKind::HardwareException
-        | EventKind::PrivilegedSoftwareException
-        | EventKind::SoftwareException => event_kind::HARDWARE_EXCEPTION,
-    };
-    Inject {
-        vector: event.vector,
-        kind,
-        has_error_code: u8::from(event.error_code.is_some()),
-        reserved: 0,
-        error_code: event.error_code.unwrap_or(0),
-    }
-}
-
 /// The event as VM entry accepts it for a guest with CR0.PE = `protected`:
 /// no error code in real mode (26.2.1.3).
 pub fn entry_event(event: Event, protected: bool) -> Event {
@@ -503,6 +468,7 @@ pub fn reset_state() -> VcpuState {
 
 #[cfg(test)]
 mod tests {
+    use super::super::event::EventKind;
     use super::super::exit::vmx_reason;
     use super::*;
 
@@ -653,38 +619,6 @@ mod tests {
         assert_eq!(cpl(0x93), 0);
         assert_eq!(cpl(0xf3), 3);
         assert_eq!(cpl(0xc093 | (1 << 5)), 1);
-    }
-
-    #[test]
-    fn abi_events_round_trip() {
-        let gp = Inject {
-            vector: 13,
-            kind: event_kind::HARDWARE_EXCEPTION,
-            has_error_code: 1,
-            reserved: 0,
-            error_code: 0x10,
-        };
-        let event = event_of(&gp);
-        assert_eq!(event.to_vmx(), (0x8000_0b0d, 0x10));
-        assert_eq!(inject_of(event), gp);
-        let timer = Inject {
-            vector: 0x30,
-            kind: event_kind::EXTERNAL_INTERRUPT,
-            ..Inject::default()
-        };
-        assert_eq!(event_of(&timer).to_vmx(), (0x8000_0030, 0));
-        let nmi = Inject {
-            vector: 2,
-            kind: event_kind::NMI,
-            ..Inject::default()
-        };
-        assert_eq!(event_of(&nmi).to_vmx().0, 0x8000_0202);
-        let int3 = Event {
-            vector: 3,
-            kind: EventKind::SoftwareException,
-            error_code: None,
-        };
-        assert_eq!(inject_of(int3).kind, event_kind::HARDWARE_EXCEPTION);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use crate::arch::x86_64::virt::{fill_exit, RunOutcome};
 use crate::memory;
 use moat_abi::vcpu::{exit_on, group, Inject, Segment, VcpuState};
 use moat_abi::{Status, HYPERCALL_IPC, HYPERCALL_SELECTOR_MASK};
-use moat_kernel::virt::event::{Event, EventKind};
+use moat_kernel::virt::event::Event;
 use moat_kernel::virt::exit::{decode_svm, Exit, SvmExitInfo};
 use moat_kernel::virt::vmcb::{
     control, save, svm_attrib, vmx_access_rights, InterceptMisc1, InterceptMisc2, SaveSegment,
@@ -78,36 +78,6 @@ fn from_vmcb(segment: VmcbSegment) -> Segment {
         limit: segment.limit,
         base: segment.base,
         ..Segment::default()
-    }
-}
-
-fn event_of(inject: &Inject) -> Event {
-    let kind = match inject.kind {
-        moat_abi::vcpu::event_kind::NMI => EventKind::Nmi,
-        moat_abi::vcpu::event_kind::HARDWARE_EXCEPTION => EventKind::HardwareException,
-        moat_abi::vcpu::event_kind::SOFTWARE_INTERRUPT => EventKind::SoftwareInterrupt,
-        _ => EventKind::ExternalInterrupt,
-    };
-    Event {
-        vector: inject.vector,
-        kind,
-        error_code: (inject.has_error_code != 0).then_some(inject.error_code),
-    }
-}
-
-fn inject_of(event: Event) -> Inject {
-    let kind = match event.kind {
-        EventKind::Nmi => moat_abi::vcpu::event_kind::NMI,
-        EventKind::SoftwareInterrupt => moat_abi::vcpu::event_kind::SOFTWARE_INTERRUPT,
-        EventKind::ExternalInterrupt => moat_abi::vcpu::event_kind::EXTERNAL_INTERRUPT,
-        _ => moat_abi::vcpu::event_kind::HARDWARE_EXCEPTION,
-    };
-    Inject {
-        vector: event.vector,
-        kind,
-        has_error_code: u8::from(event.error_code.is_some()),
-        reserved: 0,
-        error_code: event.error_code.unwrap_or(0),
     }
 }
 
@@ -269,7 +239,7 @@ impl SvmVcpu {
             );
         }
         if dirty & group::INJECT != 0 {
-            v.set(control::EVENTINJ, event_of(&state.inject).to_svm());
+            v.set(control::EVENTINJ, Event::from_abi(&state.inject).to_svm());
         }
         if dirty & group::EXIT_ON != 0 {
             let mut misc1 = v.intercept_misc1();
@@ -422,7 +392,7 @@ impl SvmVcpu {
         state.exit.instruction_length = next.saturating_sub(state.rip);
         match Event::from_svm(exit_int) {
             Some(event) => {
-                state.exit.pending = inject_of(event);
+                state.exit.pending = event.to_abi();
                 state.exit.pending_valid = 1;
             }
             None => state.exit.pending_valid = 0,
@@ -436,7 +406,7 @@ impl SvmVcpu {
         let mut v = vmcb(self.vmcb);
         let event = Event::from_svm(v.get(control::EVENTINJ))?;
         v.set(control::EVENTINJ, 0);
-        Some(inject_of(event))
+        Some(event.to_abi())
     }
 
     pub fn free(self) {

@@ -494,7 +494,7 @@ impl VmxVcpu {
             // handed that to the VMM).
             self.reinjection = None;
             let protected = read(F::GuestCr0)? & CR0_PE != 0;
-            let event = vmx_state::entry_event(vmx_state::event_of(&state.inject), protected);
+            let event = vmx_state::entry_event(Event::from_abi(&state.inject), protected);
             let (info, error_code) = event.to_vmx();
             write(F::EntryInterruptionInfo, info.into())?;
             write(F::EntryExceptionErrorCode, error_code.into())?;
@@ -754,7 +754,7 @@ impl VmxVcpu {
         state.exit.instruction_length = instruction_length;
         match Event::from_vmx(vectoring, vectoring_error) {
             Some(event) => {
-                state.exit.pending = vmx_state::inject_of(event);
+                state.exit.pending = event.to_abi();
                 state.exit.pending_valid = 1;
             }
             None => {
@@ -771,7 +771,7 @@ impl VmxVcpu {
     /// `exit.pending` and an event the VMM injects next does not lose it.
     pub fn take_pending(&mut self) -> Option<Inject> {
         let again = self.reinjection.take()?;
-        Event::from_vmx(again.info, again.error_code).map(vmx_state::inject_of)
+        Event::from_vmx(again.info, again.error_code).map(Event::to_abi)
     }
 
     pub fn free(self) {
