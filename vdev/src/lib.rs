@@ -1,0 +1,50 @@
+//! Device models for Moat's VMM.
+//!
+//! Every model is a plain state machine: register reads and writes at an
+//! offset inside its own window ([`BusDevice`]); the [`Bus`] turns guest
+//! addresses into offsets. What a model needs from outside — time, interrupt
+//! lines, guest memory — comes in through the small traits below, so the
+//! whole crate runs on the host under `cargo test`.
+#![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
+
+extern crate alloc;
+
+pub mod bus;
+
+pub use bus::{Bus, BusDevice, BusError, Shared};
+
+/// Guest time, in nanoseconds since the VM started; monotonic.
+pub trait Clock {
+    fn now_ns(&self) -> u64;
+}
+
+/// An interrupt line from a device to an interrupt controller.
+///
+/// Level-triggered sources call `set_level` whenever their condition
+/// changes; edge sources call `pulse`.
+pub trait IrqLine {
+    fn set_level(&self, high: bool);
+    fn pulse(&self) {
+        self.set_level(true);
+        self.set_level(false);
+    }
+}
+
+/// Where message-signalled interrupts (MSI/MSI-X) go: the address/data
+/// pair as the guest programmed it.
+pub trait MsiSink {
+    fn send(&self, address: u64, data: u32);
+}
+
+/// A guest-physical address outside the guest's RAM, or a range crossing
+/// its end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BadGuestAddress(pub u64);
+
+/// The guest's RAM as seen by device models (DMA): bounds-checked copies in
+/// and out; implementations must never touch memory outside the guest.
+pub trait GuestMemory {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), BadGuestAddress>;
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), BadGuestAddress>;
+}
