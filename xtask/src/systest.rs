@@ -535,6 +535,8 @@ const TESTVM_VERDICTS: &[Expect] = &[
     all("testvmm: mmio: ok"),
     all("testvmm: cpuid_msr: ok"),
     all("testvmm: debug: ok"),
+    all("testvmm: cr8: ok, 0 exits"),
+    all("testvmm: cr8: ok"),
     all("testvmm: tsc: ok"),
     all("testvmm: interrupt: ok"),
     all("testvmm: interrupt: exception: ok"),

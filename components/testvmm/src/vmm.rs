@@ -570,6 +570,12 @@ impl<'g> Session<'g> {
                 state.dirty |= group::DEBUG;
                 [0; 4]
             }
+            moat_testvm::CR8_CHECK_LEAF => {
+                let right = state.cr8 == moat_testvm::CR8_GUEST;
+                state.cr8 = if right { moat_testvm::CR8_NEW } else { 0 };
+                state.dirty |= group::CONTROL_REGISTERS;
+                [0; 4]
+            }
             l if (CPUID_LEAF..=CPUID_LEAF + 0xff).contains(&l) => [0; 4],
             1 => {
                 let [a, b, c, d] = host.cpuid(leaf, subleaf);

@@ -50,6 +50,7 @@ blob!(hypercall, testvm_hypercall_start, testvm_hypercall_end);
 blob!(nogive, testvm_nogive_start, testvm_nogive_end);
 blob!(debug, testvm_debug_start, testvm_debug_end);
 blob!(tsc, testvm_tsc_start, testvm_tsc_end);
+blob!(cr8, testvm_cr8_start, testvm_cr8_end);
 
 /// Opens blob `$p`: its section and start label.
 macro_rules! begin {
@@ -696,6 +697,44 @@ global_asm!(
     end!("testvm_debug"),
     check = const crate::DEBUG_CHECK_LEAF,
     new_dr3 = const crate::DEBUG_NEW_DR3,
+    options(att_syntax)
+);
+
+// `cr8`: MOV to and from CR8 cause no exit, and CR8 survives exits both
+// ways (CPUID to the VMM, which checks it and sets a new one).
+global_asm!(
+    begin!("testvm_cr8"),
+    ".code64",
+    "    mov ${begin}, %al",
+    "    out %al, ${mark}",
+    "    mov ${guest}, %eax",
+    "    mov %rax, %cr8",
+    "    mov %cr8, %rbx",
+    "    cmp %rax, %rbx",
+    "    jne 5f",
+    "    mov ${passed}, %al",
+    "    out %al, ${mark}",
+    "    mov ${check}, %eax",
+    "    xor %ecx, %ecx",
+    "    cpuid",
+    "    mov %cr8, %rax",
+    "    cmp ${new}, %rax",
+    "    jne 4f",
+    verdict64!("testvm_cr8", "bad"),
+    "5:  mov ${failed}, %al",
+    "    out %al, ${mark}",
+    "    jmp 2b",
+    puts64!("testvm_cr8"),
+    "testvm_cr8_ok: .asciz \"ok\\n\"",
+    "testvm_cr8_bad: .asciz \"FAIL CR8 lost across exits\\n\"",
+    end!("testvm_cr8"),
+    mark = const port::MARK,
+    begin = const mark::BEGIN,
+    passed = const mark::PASSED,
+    failed = const mark::FAILED,
+    guest = const crate::CR8_GUEST,
+    new = const crate::CR8_NEW,
+    check = const crate::CR8_CHECK_LEAF,
     options(att_syntax)
 );
 

@@ -129,6 +129,12 @@ pub const DEBUG_CHECK_LEAF: u32 = CPUID_LEAF + 0x10;
 pub const DEBUG_VALUES: [u64; 4] = [0x1000, 0x2000, 0x3000, 0x4000];
 /// DR3 as the VMM sets it after its check.
 pub const DEBUG_NEW_DR3: u64 = 0x5000;
+/// The `cr8` guest asks the VMM to check the CR8 the kernel reports with
+/// this CPUID leaf; the VMM then gives CR8 a new value.
+pub const CR8_CHECK_LEAF: u32 = CPUID_LEAF + 0x12;
+/// CR8 as the `cr8` guest sets it, and as the VMM sets it after its check.
+pub const CR8_GUEST: u64 = 5;
+pub const CR8_NEW: u64 = 9;
 /// The `tsc` guest asks the VMM for a TSC offset with this CPUID leaf.
 pub const TSC_OFFSET_LEAF: u32 = CPUID_LEAF + 0x11;
 /// The offset the VMM gives: far above any TSC value of an emulator run.
@@ -228,7 +234,7 @@ const BASE: TestGuest = TestGuest {
     expect: &[],
 };
 
-static GUESTS: [TestGuest; 10] = [
+static GUESTS: [TestGuest; 11] = [
     TestGuest {
         name: "modes",
         blob: blobs::modes,
@@ -259,6 +265,12 @@ static GUESTS: [TestGuest; 10] = [
         name: "debug",
         blob: blobs::debug,
         expect: &["ok"],
+        ..BASE
+    },
+    TestGuest {
+        name: "cr8",
+        blob: blobs::cr8,
+        expect: &["ok, 0 exits", "ok"],
         ..BASE
     },
     TestGuest {

@@ -9,7 +9,7 @@ pub mod group {
     pub const GPRS: u64 = 1 << 0;
     /// rip and rflags.
     pub const RIP_RFLAGS: u64 = 1 << 1;
-    /// cr0, cr2, cr3, cr4, efer, xcr0.
+    /// cr0, cr2, cr3, cr4, cr8, efer, xcr0.
     pub const CONTROL_REGISTERS: u64 = 1 << 2;
     /// es, cs, ss, ds, fs, gs.
     pub const SEGMENTS: u64 = 1 << 3;
@@ -178,6 +178,10 @@ pub struct VcpuState {
     pub cr2: u64,
     pub cr3: u64,
     pub cr4: u64,
+    /// The task priority the guest sees in CR8 (bits 3:0). Virtual: it
+    /// never reaches the host's; the VMM compares it with the interrupts it
+    /// wants to inject.
+    pub cr8: u64,
     pub efer: u64,
     /// The guest's XCR0 (bit 0 always set; the kernel refuses values the
     /// CPU does not support and keeps the previous one).

@@ -6,7 +6,14 @@
 //! leaf. Adding a mapping needs no invalidation (neither EPT nor NPT caches
 //! not-present entries); removing or changing one returns a [`Flush`] the
 //! caller owes. Emptied tables stay in place until [`GuestSpace::destroy`].
+//!
+//! 4 KiB pages are folded into a 2 MiB leaf once a whole aligned 2 MiB of
+//! guest-physical space maps 2 MiB of contiguous, aligned host memory with
+//! one set of rights: the guest TLB then needs one entry instead of 512.
+//! The 4 KiB table stays behind the large leaf, unchanged, so unmapping or
+//! protecting one page later unfolds it without allocating anything.
 
+use alloc::vec::Vec;
 use core::marker::PhantomData;
 
 use super::{
@@ -67,6 +74,9 @@ fn is_leaf<F: EntryFormat>(entry: u64, level: u32) -> bool {
 /// A guest-physical address space of format `F`.
 pub struct GuestSpace<F> {
     root: u64,
+    /// `(gpa, table)` of each folded 2 MiB region and the 4 KiB table kept
+    /// behind its large leaf; sorted by gpa.
+    folded: Vec<(u64, u64)>,
     format: PhantomData<F>,
 }
 
@@ -84,6 +94,7 @@ impl<F: EntryFormat> GuestSpace<F> {
         let root = mem.alloc_table().ok_or(GuestMapError::OutOfMemory)?;
         Ok(Self {
             root,
+            folded: Vec::new(),
             format: PhantomData,
         })
     }
@@ -142,9 +153,11 @@ impl<F: EntryFormat> GuestSpace<F> {
 
         let leaf_level = leaf_level(size);
         let mut table = self.root;
+        let mut parent = table;
         for level in (leaf_level + 1..=4).rev() {
             let i = index(gpa, level);
             let entry = mem.read_entry(table, i);
+            parent = table;
             if !F::is_present(entry) {
                 let next = mem.alloc_table().ok_or(GuestMapError::OutOfMemory)?;
                 mem.write_entry(table, i, F::table_entry(next));
@@ -162,7 +175,73 @@ impl<F: EntryFormat> GuestSpace<F> {
         }
         let leaf = F::leaf_entry(hpa, rights, memory_type, leaf_level > 1);
         mem.write_entry(table, i, leaf);
+        if leaf_level == 1 {
+            self.try_fold(mem, parent, table, gpa);
+        }
         Ok(())
+    }
+
+    /// Replaces the level 2 entry of `gpa` in `parent` by a 2 MiB leaf if
+    /// its 4 KiB `table` maps one contiguous, aligned 2 MiB block with one
+    /// set of rights and memory type. No flush is owed: both translations
+    /// agree, and the table stays as it was.
+    fn try_fold(&mut self, mem: &mut impl TableMemory, parent: u64, table: u64, gpa: u64) {
+        let first = mem.read_entry(table, 0);
+        let base = first & ADDR_MASK;
+        let same = |i: usize| {
+            let entry = mem.read_entry(table, i);
+            F::is_present(entry)
+                && entry & ADDR_MASK == base + (i as u64) * PageSize::Size4K.bytes()
+                && F::rights(entry) == F::rights(first)
+                && F::memory_type(entry) == F::memory_type(first)
+        };
+        // The last entry first: while a region fills in order, that check
+        // fails at once and mapping stays O(1).
+        if !F::is_present(first)
+            || !base.is_multiple_of(PageSize::Size2M.bytes())
+            || !(1..ENTRIES).rev().all(same)
+        {
+            return;
+        }
+        let region = gpa & !(PageSize::Size2M.bytes() - 1);
+        // Folding is an optimisation: without room to remember the table,
+        // the region simply stays in 4 KiB pages.
+        if self.folded.try_reserve(1).is_err() {
+            return;
+        }
+        let at = self.folded.partition_point(|&(g, _)| g < region);
+        self.folded.insert(at, (region, table));
+        let leaf = F::leaf_entry(base, F::rights(first), F::memory_type(first), true);
+        mem.write_entry(parent, index(gpa, 2), leaf);
+    }
+
+    /// Puts the 4 KiB table back behind a folded region containing `gpa`;
+    /// the caller is about to change one of its pages and owes a flush.
+    fn unfold(&mut self, mem: &mut impl TableMemory, gpa: u64) {
+        let region = gpa & !(PageSize::Size2M.bytes() - 1);
+        let Ok(at) = self.folded.binary_search_by_key(&region, |&(g, _)| g) else {
+            return;
+        };
+        let (_, table) = self.folded.remove(at);
+        let parent = self.level2_table(mem, gpa);
+        mem.write_entry(parent, index(gpa, 2), F::table_entry(table));
+    }
+
+    /// The level 2 table on the path to `gpa`, which must exist (a 4 KiB or
+    /// folded mapping is there).
+    fn level2_table(&self, mem: &impl TableMemory, gpa: u64) -> u64 {
+        [4, 3].into_iter().fold(self.root, |table, level| {
+            mem.read_entry(table, index(gpa, level)) & ADDR_MASK
+        })
+    }
+
+    /// Whether `gpa` lies in a folded 2 MiB region (for tests and callers
+    /// that report the page size the guest gets).
+    pub fn is_folded(&self, gpa: u64) -> bool {
+        let region = gpa & !(PageSize::Size2M.bytes() - 1);
+        self.folded
+            .binary_search_by_key(&region, |&(g, _)| g)
+            .is_ok()
     }
 
     /// Finds the leaf that starts at `gpa`.
@@ -205,6 +284,7 @@ impl<F: EntryFormat> GuestSpace<F> {
         mem: &mut impl TableMemory,
         gpa: u64,
     ) -> Result<(u64, PageSize, Flush<F>), GuestMapError> {
+        self.unfold(mem, gpa);
         let leaf = self.find_leaf(mem, gpa)?;
         mem.write_entry(leaf.table, leaf.index, 0);
         Ok((
@@ -228,6 +308,12 @@ impl<F: EntryFormat> GuestSpace<F> {
         if !rights.contains(GuestRights::READ) {
             return Err(GuestMapError::InvalidRights(rights));
         }
+        if self.is_folded(gpa) {
+            if self.translate(mem, gpa).map(|t| t.rights) == Some(rights) {
+                return Ok(None);
+            }
+            self.unfold(mem, gpa);
+        }
         let leaf = self.find_leaf(mem, gpa)?;
         if F::rights(leaf.entry) == rights {
             return Ok(None);
@@ -239,6 +325,10 @@ impl<F: EntryFormat> GuestSpace<F> {
             leaf.level > 1,
         );
         mem.write_entry(leaf.table, leaf.index, entry);
+        if leaf.level == 1 {
+            let parent = self.level2_table(mem, gpa);
+            self.try_fold(mem, parent, leaf.table, gpa);
+        }
         Ok(Some(self.flush()))
     }
 
@@ -274,6 +364,9 @@ impl<F: EntryFormat> GuestSpace<F> {
     pub fn destroy(self, mem: &mut impl TableMemory) -> Flush<F> {
         let flush = self.flush();
         free_subtree::<F>(mem, self.root, 4);
+        for &(_, table) in &self.folded {
+            mem.free_table(table);
+        }
         flush
     }
 
@@ -319,6 +412,106 @@ pub(crate) mod tests {
         overlapping::<F>();
         protect_and_flush::<F>();
         out_of_memory_and_destroy::<F>();
+        fold_and_unfold::<F>();
+    }
+
+    /// Maps the 512 pages of the 2 MiB region at `gpa` to `hpa` on.
+    fn map_region<F: EntryFormat>(
+        mem: &mut FakeMemory,
+        space: &mut GuestSpace<F>,
+        gpa: u64,
+        hpa: u64,
+        rights: GuestRights,
+    ) {
+        for page in 0..512 {
+            let off = page * K4;
+            space
+                .map(mem, gpa + off, hpa + off, PageSize::Size4K, rights)
+                .unwrap();
+            assert_eq!(space.is_folded(gpa), page == 511, "page {page}");
+        }
+    }
+
+    fn fold_and_unfold<F: EntryFormat>() {
+        let (mut mem, mut space) = setup::<F>();
+        let rw = GuestRights::READ | GuestRights::WRITE;
+        let (gpa, hpa) = (0x4020_0000, 0x1_0060_0000);
+        map_region(&mut mem, &mut space, gpa, hpa, rw);
+        let tables = mem.tables.len();
+        let big = space.translate(&mem, gpa + 0x1_2345).unwrap();
+        assert_eq!((big.hpa, big.size), (hpa + 0x1_2345, PageSize::Size2M));
+        assert_eq!(
+            space.map(&mut mem, gpa + K4, 0, PageSize::Size4K, rw),
+            Err(GuestMapError::AlreadyMapped(gpa + K4))
+        );
+
+        // Same rights: nothing to do, the region stays folded.
+        assert!(space.protect(&mut mem, gpa + K4, rw).unwrap().is_none());
+        assert!(space.is_folded(gpa));
+        // One page read-only: unfolded, the rest keeps its rights.
+        assert!(space
+            .protect(&mut mem, gpa + K4, GuestRights::READ)
+            .unwrap()
+            .is_some());
+        assert!(!space.is_folded(gpa));
+        assert_eq!(
+            space.translate(&mem, gpa + K4).unwrap().rights,
+            GuestRights::READ
+        );
+        let next = space.translate(&mem, gpa + 2 * K4).unwrap();
+        assert_eq!((next.size, next.rights), (PageSize::Size4K, rw));
+        // Rights made uniform again: folded again.
+        space.protect(&mut mem, gpa + K4, rw).unwrap();
+        assert!(space.is_folded(gpa));
+
+        // Unmapping one page splits without allocating; its neighbours stay.
+        let (unmapped, size, _flush) = space.unmap(&mut mem, gpa + 5 * K4).unwrap();
+        assert_eq!((unmapped, size), (hpa + 5 * K4, PageSize::Size4K));
+        assert_eq!(mem.tables.len(), tables);
+        assert_eq!(space.translate(&mem, gpa + 5 * K4), None);
+        assert_eq!(
+            space.translate(&mem, gpa + 4 * K4).unwrap().hpa,
+            hpa + 4 * K4
+        );
+        space
+            .map(&mut mem, gpa + 5 * K4, hpa + 5 * K4, PageSize::Size4K, rw)
+            .unwrap();
+        assert!(space.is_folded(gpa));
+
+        // No fold: host memory not contiguous, or not 2 MiB aligned, or
+        // mixed rights.
+        let (mut mem2, mut other) = setup::<F>();
+        for page in 0..512u64 {
+            let hpa = if page == 300 {
+                0x9000_0000
+            } else {
+                0x20_0000 + page * K4
+            };
+            other
+                .map(&mut mem2, page * K4, hpa, PageSize::Size4K, rw)
+                .unwrap();
+            let shifted = 0x40_1000 + page * K4;
+            other
+                .map(&mut mem2, M2 + page * K4, shifted, PageSize::Size4K, rw)
+                .unwrap();
+            let rights = if page == 7 { GuestRights::RWX } else { rw };
+            other
+                .map(
+                    &mut mem2,
+                    2 * M2 + page * K4,
+                    0x80_0000 + page * K4,
+                    PageSize::Size4K,
+                    rights,
+                )
+                .unwrap();
+        }
+        assert!(!other.is_folded(0) && !other.is_folded(M2) && !other.is_folded(2 * M2));
+
+        // Destroy frees the tables behind folded leaves too.
+        let before = mem.tables.len();
+        let _ = space.destroy(&mut mem);
+        assert!(mem.tables.is_empty());
+        assert_eq!(mem.freed, before);
     }
 
     fn map_translate_unmap<F: EntryFormat + core::fmt::Debug + PartialEq>() {

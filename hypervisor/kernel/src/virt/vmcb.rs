@@ -425,6 +425,12 @@ impl<P: Borrow<[u8; VMCB_SIZE]> + BorrowMut<[u8; VMCB_SIZE]>> Vmcb<P> {
         self.set(control::TLB_CONTROL, value as u8);
     }
 
+    /// The guest's CR8 (with V_INTR_MASKING its MOV to CR8 lands here).
+    pub fn set_v_tpr(&mut self, tpr: u8) {
+        let keep = self.get(control::V_INTR) & !V_TPR_MASK;
+        self.set(control::V_INTR, keep | (u64::from(tpr) & V_TPR_MASK));
+    }
+
     /// Sets the V_INTR flags, keeping V_TPR, V_INTR_PRIO and the vector.
     pub fn set_v_intr(&mut self, flags: VIntr) {
         let fields = V_TPR_MASK | V_INTR_PRIO_MASK | V_INTR_VECTOR_MASK;
@@ -606,6 +612,10 @@ mod tests {
         assert_eq!(vmcb.v_intr(), VIntr::V_INTR_MASKING);
         assert_eq!(vmcb.v_intr_vector(), 0x30);
         assert_eq!(vmcb.v_tpr(), 0);
+        vmcb.set_v_tpr(0x1b);
+        assert_eq!(vmcb.v_tpr(), 0xb, "CR8 has four bits");
+        assert_eq!(vmcb.v_intr(), VIntr::V_INTR_MASKING);
+        assert_eq!(vmcb.v_intr_vector(), 0x30);
 
         vmcb.set_interrupt_shadow(InterruptShadow::INTERRUPT_SHADOW);
         assert_eq!(vmcb.get(control::INTERRUPT_SHADOW), 1);

@@ -87,6 +87,7 @@ vmcs_fields! {
     IoBitmapB = 0x2002,
     MsrBitmap = 0x2004,
     TscOffset = 0x2010,
+    VirtualApicPage = 0x2012,
     EptPointer = 0x201a,
 
     // 64-bit read-only data (B.2.2).
@@ -510,6 +511,7 @@ mod tests {
             (HostTrSelector, 0x0c0c, Width::Bits16, FieldType::HostState),
             (EptPointer, 0x201a, Width::Bits64, FieldType::Control),
             (TscOffset, 0x2010, Width::Bits64, FieldType::Control),
+            (VirtualApicPage, 0x2012, Width::Bits64, FieldType::Control),
             (
                 GuestPhysicalAddress,
                 0x2400,

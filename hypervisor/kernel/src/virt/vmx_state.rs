@@ -153,15 +153,20 @@ pub fn setup(caps: &VmxCapabilities) -> Result<VmxSetup, SetupError> {
         PinControls::PREEMPTION_TIMER.bits(),
         pin_cap,
     )?;
+    // A guest's MOV to CR8 must never set the host's task priority: with a
+    // TPR shadow it goes to the vCPU's virtual-APIC page, without one it
+    // exits.
+    let cr8 = if allows(primary_cap, PrimaryControls::USE_TPR_SHADOW.bits()) {
+        PrimaryControls::USE_TPR_SHADOW
+    } else {
+        PrimaryControls::CR8_LOAD_EXITING | PrimaryControls::CR8_STORE_EXITING
+    };
     let primary = choose(
         (PrimaryControls::HLT_EXITING
             | PrimaryControls::USE_IO_BITMAPS
             | PrimaryControls::USE_MSR_BITMAPS
             | PrimaryControls::ACTIVATE_SECONDARY_CONTROLS
-            // Without a TPR shadow, a guest's MOV to CR8 would set the
-            // host's task priority: it must exit.
-            | PrimaryControls::CR8_LOAD_EXITING
-            | PrimaryControls::CR8_STORE_EXITING
+            | cr8
             | PrimaryControls::USE_TSC_OFFSETTING)
             .bits(),
         0,
@@ -515,7 +520,11 @@ mod tests {
                 | PrimaryControls::USE_IO_BITMAPS
                 | PrimaryControls::USE_MSR_BITMAPS
                 | PrimaryControls::ACTIVATE_SECONDARY_CONTROLS
+                | PrimaryControls::USE_TPR_SHADOW
         ));
+        assert!(!s
+            .primary
+            .intersects(PrimaryControls::CR8_LOAD_EXITING | PrimaryControls::CR8_STORE_EXITING));
         assert!(!s
             .primary
             .intersects(PrimaryControls::INTERRUPT_WINDOW_EXITING));
@@ -542,6 +551,17 @@ mod tests {
         assert_eq!(s.timer_rate, 5);
         assert!(s.activity_hlt);
         assert!(s.pat() && s.preemption_timer());
+    }
+
+    #[test]
+    fn without_a_tpr_shadow_cr8_exits() {
+        let mut c = caps();
+        c.true_procbased &= !(u64::from(PrimaryControls::USE_TPR_SHADOW.bits()) << 32);
+        let s = setup(&c).unwrap();
+        assert!(!s.primary.contains(PrimaryControls::USE_TPR_SHADOW));
+        assert!(s
+            .primary
+            .contains(PrimaryControls::CR8_LOAD_EXITING | PrimaryControls::CR8_STORE_EXITING));
     }
 
     #[test]

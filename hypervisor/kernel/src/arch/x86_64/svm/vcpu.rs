@@ -184,6 +184,7 @@ impl SvmVcpu {
             v.set(save::CR2, state.cr2);
             v.set(save::CR3, state.cr3);
             v.set(save::CR4, state.cr4);
+            v.set_v_tpr(state.cr8 as u8);
             v.set(save::EFER, state.efer | EFER_SVME);
         }
         if dirty & group::SEGMENTS != 0 {
@@ -289,6 +290,7 @@ impl SvmVcpu {
             state.cr2 = v.get(save::CR2);
             state.cr3 = v.get(save::CR3);
             state.cr4 = v.get(save::CR4);
+            state.cr8 = v.v_tpr().into();
             state.efer = v.get(save::EFER) & !EFER_SVME;
         }
         if want & group::SEGMENTS != 0 {

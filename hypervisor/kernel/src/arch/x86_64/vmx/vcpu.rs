@@ -31,6 +31,10 @@ use crate::arch::x86_64::virt::{fill_exit, RunOutcome};
 use crate::memory;
 
 const NO_VMCS: u64 = u64::MAX;
+/// Offset of the virtual TPR in the virtual-APIC page; CR8 is its bits 7:4
+/// (SDM Vol. 3C, 30.3 "Virtualizing CR8-based TPR accesses").
+const VTPR: usize = 0x80;
+const CR8_MASK: u64 = 0xf;
 /// The VMCS current on this (the only) CPU.
 static CURRENT_VMCS: AtomicU64 = AtomicU64::new(NO_VMCS);
 
@@ -209,6 +213,10 @@ struct Reinjection {
 
 pub struct VmxVcpu {
     vmcs: u64,
+    /// With a TPR shadow, the guest's CR8 lives in byte [`VTPR`] of this
+    /// page; without one, the kernel keeps it there for the VMM.
+    virtual_apic: u64,
+    vtpr: &'static mut u8,
     msr_bitmap: u64,
     io_bitmap_a: u64,
     io_bitmap_b: u64,
@@ -247,17 +255,20 @@ impl VmxVcpu {
             log::warn!("vmx: cannot run guests: {error}");
             Status::BadParameter
         })?;
-        let mut frames = [0u64; 4];
+        let mut frames = [0u64; 5];
+        let mut vtpr = None;
         for i in 0..frames.len() {
             match memory::alloc_zeroed_page() {
                 Some((phys, page)) => {
                     frames[i] = phys;
-                    if i == 0 {
-                        let revision = (caps.basic & VMCS_REVISION_MASK) as u32;
-                        page[..4].copy_from_slice(&revision.to_le_bytes());
-                    } else {
+                    match i {
+                        0 => {
+                            let revision = (caps.basic & VMCS_REVISION_MASK) as u32;
+                            page[..4].copy_from_slice(&revision.to_le_bytes());
+                        }
+                        1 => vtpr = Some(&mut page[VTPR]),
                         // Every MSR and every port exits.
-                        page.fill(0xff);
+                        _ => page.fill(0xff),
                     }
                 }
                 None => {
@@ -266,10 +277,16 @@ impl VmxVcpu {
                 }
             }
         }
-        let [vmcs, msr_bitmap, io_bitmap_a, io_bitmap_b] = frames;
+        let [vmcs, virtual_apic, msr_bitmap, io_bitmap_a, io_bitmap_b] = frames;
+        let Some(vtpr) = vtpr else {
+            frames.iter().for_each(|&f| memory::free_frame(f));
+            return Err(Status::QuotaExceeded);
+        };
         let host_syscall = SYSCALL_MSRS.map(read_msr);
         let mut vcpu = Self {
             vmcs,
+            virtual_apic,
+            vtpr,
             msr_bitmap,
             io_bitmap_a,
             io_bitmap_b,
@@ -327,6 +344,12 @@ impl VmxVcpu {
         write(F::IoBitmapA, self.io_bitmap_a)?;
         write(F::IoBitmapB, self.io_bitmap_b)?;
         write(F::MsrBitmap, self.msr_bitmap)?;
+        if s.primary.contains(PrimaryControls::USE_TPR_SHADOW) {
+            write(F::VirtualApicPage, self.virtual_apic)?;
+            // Never an exit for the guest lowering its TPR: the VMM
+            // checks CR8 whenever it is about to inject.
+            write(F::TprThreshold, 0)?;
+        }
         write(F::TscOffset, 0)?;
         write(F::EptPointer, self.eptp)?;
         write(F::Vpid, self.vpid.into())?;
@@ -429,6 +452,7 @@ impl VmxVcpu {
             write(F::GuestCr3, state.cr3)?;
             write(F::GuestEfer, vmx_state::entry_efer(state.efer, state.cr0))?;
             r.cr2 = state.cr2;
+            *self.vtpr = ((state.cr8 & CR8_MASK) << 4) as u8;
             // VM entry does not flush the VPID's translations for a new CR3.
             self.flush_vpid = true;
         }
@@ -566,6 +590,7 @@ impl VmxVcpu {
             state.cr4 = s.cr4.visible(read(F::GuestCr4)?, read(F::Cr4ReadShadow)?);
             state.cr3 = read(F::GuestCr3)?;
             state.cr2 = self.registers.cr2;
+            state.cr8 = u64::from(*self.vtpr >> 4);
             state.efer = read(F::GuestEfer)?;
         }
         if want & group::SEGMENTS != 0 {
@@ -731,9 +756,13 @@ impl VmxVcpu {
         self.store(state)?;
         self.exit_rip = state.rip;
         let exit = decode_vmx(&info);
+        if exit == Exit::Nmi {
+            raise_host_nmi();
+        }
         match exit {
-            // The host takes its interrupt or NMI (still pending: the exit
-            // does not acknowledge it) once the kernel enables interrupts.
+            // The host takes its interrupt (still pending: the exit does not
+            // acknowledge it) once the kernel enables interrupts; its NMI it
+            // took above.
             Exit::ExternalInterrupt { .. } | Exit::Nmi | Exit::PreemptionTimer => {
                 self.reinjection = vmx_state::reinjection(vectoring).map(|info| Reinjection {
                     info,
@@ -787,13 +816,28 @@ impl VmxVcpu {
             );
             memory::free_frame(self.vmcs);
         }
-        for frame in [self.msr_bitmap, self.io_bitmap_a, self.io_bitmap_b] {
+        for frame in [
+            self.virtual_apic,
+            self.msr_bitmap,
+            self.io_bitmap_a,
+            self.io_bitmap_b,
+        ] {
             memory::free_frame(frame);
         }
     }
 }
 
 const CR0_PE: u64 = 1 << 0;
+
+/// An NMI that caused a VM exit was consumed by it: unlike an external
+/// interrupt it does not stay pending for the host. INT 2 runs the host's
+/// NMI handler now, as KVM does, and that handler's IRET ends any NMI
+/// blocking left by the exit.
+fn raise_host_nmi() {
+    // SAFETY: vector 2 is the kernel's NMI gate (its own IST stack); the
+    // handler only logs and returns.
+    unsafe { asm!("int 2", options(nomem)) };
+}
 
 /// The CPU refused the entry (or a VMCS access failed): an
 /// `INVALID_STATE` exit for the VMM.
