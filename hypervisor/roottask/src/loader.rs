@@ -9,7 +9,7 @@ use core::ops::Range;
 use moat_abi::{layout, rights, selectors, Space, Status, PAGE_SIZE};
 use moat_kernel::elf::{ElfError, ElfImage};
 use moat_roottask::image::{self, Region};
-use moat_roottask::manifest::{Component, Manifest};
+use moat_roottask::manifest::{Component, Manifest, Mapping, MappingSource};
 use moat_roottask::ranges::RangeAllocator;
 use moat_roottask::registry::{self, Instance};
 use moat_roottask::{EXCEPTION_PORTAL, REGISTRY_PORTAL};
@@ -102,11 +102,33 @@ fn kernel(what: &str) -> impl FnOnce(Status) -> LoadError + '_ {
 }
 
 /// The component's argument string: the manifest's (else the module's),
-/// then `index=N tsc_hz=H`.
-fn arguments(component: &Component, module_args: &str, index: usize, tsc_hz: u64) -> String {
-    let args = component.args.as_deref().unwrap_or(module_args).trim();
+/// then ` NAME=ADDR,SIZE` per `ram`/`file` mapping, then
+/// `index=N tsc_hz=H`.
+fn arguments(
+    component: &Component,
+    module_args: &str,
+    mappings: &[(u64, u64)],
+    index: usize,
+    tsc_hz: u64,
+) -> String {
+    let mut args = String::from(component.args.as_deref().unwrap_or(module_args).trim());
+    for (mapping, (address, size)) in component.mappings.iter().zip(mappings) {
+        args += &format!(" {}={address:#x},{size:#x}", mapping.name);
+    }
     let sep = if args.is_empty() { "" } else { " " };
     format!("{args}{sep}index={index} tsc_hz={tsc_hz}")
+}
+
+/// Where a mapping's bytes start in the component, and how many there are.
+fn placed(info: &BootInfo, mapping: &Mapping) -> Result<(u64, u64), LoadError> {
+    match &mapping.source {
+        MappingSource::Ram(bytes) => Ok((mapping.address, *bytes)),
+        MappingSource::Module(name) => {
+            let module =
+                boot::module(info, name).ok_or_else(|| LoadError::NoModule(name.clone()))?;
+            Ok((mapping.address + module.address % PAGE_SIZE, module.size))
+        }
+    }
 }
 
 impl Loader {
@@ -123,7 +145,18 @@ impl Loader {
             .ok_or_else(|| LoadError::NoModule(component.module.clone()))?;
         let elf = ElfImage::parse(boot::module_bytes(module), image::USER_RANGE)
             .map_err(|e| LoadError::Elf(component.module.clone(), e))?;
-        let args = arguments(component, module.args(), instance.index, self.info.tsc_hz);
+        let mappings = component
+            .mappings
+            .iter()
+            .map(|m| placed(self.info, m))
+            .collect::<Result<Vec<_>, _>>()?;
+        let args = arguments(
+            component,
+            module.args(),
+            &mappings,
+            instance.index,
+            self.info.tsc_hz,
+        );
         let record = image::start_record(args.as_bytes());
 
         let stack = image::stack_region(component.stack);
@@ -135,6 +168,15 @@ impl Loader {
                 memory: component.memory,
             });
         }
+        let ram = component
+            .mappings
+            .iter()
+            .map(|m| match m.source {
+                MappingSource::Ram(bytes) => bytes / PAGE_SIZE,
+                MappingSource::Module(_) => 0,
+            })
+            .sum::<u64>();
+        let needed = needed + ram;
         if needed > self.pages.available() {
             return Err(LoadError::PoolExhausted {
                 needed,
@@ -188,6 +230,10 @@ impl Loader {
                 page[at..].copy_from_slice(plan.record);
             }
         })?;
+
+        for mapping in &component.mappings {
+            self.map_extra(pd, mapping, loaded)?;
+        }
 
         let id = plan.instance.portal_id();
         sys::create_pt(
@@ -279,6 +325,51 @@ impl Loader {
             component.budget_us,
         )
         .map_err(kernel("create_sc"))
+    }
+
+    /// Maps a `ram` (fresh zeroed pages) or `file` (a module's pages,
+    /// read-only) mapping into `pd`.
+    fn map_extra(
+        &mut self,
+        pd: Sel,
+        mapping: &Mapping,
+        loaded: &mut Loaded,
+    ) -> Result<(), LoadError> {
+        let first_page = mapping.address / PAGE_SIZE;
+        match &mapping.source {
+            MappingSource::Ram(bytes) => {
+                let region = Region {
+                    first_page,
+                    pages: bytes / PAGE_SIZE,
+                    rights: rights::MEM_READ | rights::MEM_WRITE | rights::MEM_EXECUTE,
+                };
+                self.map(pd, region, loaded, |page, _| page.fill(0))
+            }
+            MappingSource::Module(name) => {
+                let module = boot::module(self.info, name)
+                    .ok_or_else(|| LoadError::NoModule(name.clone()))?;
+                let start = module.address / PAGE_SIZE;
+                let end = (module.address + module.size).div_ceil(PAGE_SIZE);
+                let mut page = start;
+                while page < end {
+                    let count = (end - page).min(MAX_COUNT);
+                    sys::delegate(
+                        pd,
+                        Space::Memory,
+                        page,
+                        first_page + (page - start),
+                        count,
+                        rights::MEM_READ,
+                    )
+                    .map_err(|status| LoadError::Kernel {
+                        what: format!("map module '{name}'"),
+                        status,
+                    })?;
+                    page += count;
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Fills `region`'s pages from the pool with `fill(page, vaddr)` and

@@ -17,6 +17,11 @@
 //!     capacity N                 # object-space capacity (default 256)
 //!     args TEXT...               # argument string (default: the module's own)
 //!     provides NAME              # the one portal it registers under NAME
+//!     ram NAME SIZE at ADDR      # zeroed read/write/execute memory at ADDR
+//!                                # (e.g. a guest's RAM, a VMM's heap)
+//!     file NAME MODULE at ADDR   # boot module MODULE, read-only at ADDR
+//!                                # each ram/file adds ` NAME=ADDR,SIZE` to
+//!                                # the arguments (hex; SIZE in bytes)
 //!     uses NAME at SEL           # gets NAME's portal at selector SEL
 //!     restart N [backoff DURATION] [doubling|fixed]
 //!                                # at most N restarts; first after DURATION
@@ -85,6 +90,8 @@ pub struct Component {
     pub ioports: Vec<PortRange>,
     pub irqs: Vec<u64>,
     pub restart: RestartPolicy,
+    /// `ram` and `file` lines, in order.
+    pub mappings: Vec<Mapping>,
     /// The `component` line.
     pub line: usize,
 }
@@ -97,6 +104,30 @@ pub struct Use {
     pub selector: u64,
     pub provider: usize,
 }
+
+/// Memory mapped into a component besides its image, and named in its
+/// arguments.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub name: String,
+    /// Page aligned, in [`MAPPING_RANGE`].
+    pub address: u64,
+    pub source: MappingSource,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MappingSource {
+    /// Fresh zeroed pages, this many bytes (a multiple of the page size).
+    Ram(u64),
+    /// A boot module, read-only.
+    Module(String),
+}
+
+/// Where `ram` and `file` mappings may lie: above the component's image
+/// and below its stack, UTCBs and the root's windows.
+pub const MAPPING_RANGE: core::ops::Range<u64> = 0x0000_0100_0000_0000..0x0000_7000_0000_0000;
+/// Longest `ram` mapping: a guest's RAM.
+pub const MAX_RAM: u64 = 64 << 30;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortRange {
@@ -206,6 +237,12 @@ pub enum ErrorKind {
     TooManyComponents,
     ArgsTooLong(usize),
     NoComponents,
+    /// A `ram` or `file` address not page aligned or outside
+    /// [`MAPPING_RANGE`].
+    BadMappingAddress(u64),
+    /// A `ram` mapping overlapping an earlier one of the component.
+    MappingOverlap(String),
+    DuplicateMapping(String),
 }
 
 impl fmt::Display for ManifestError {
@@ -272,6 +309,15 @@ impl fmt::Display for ManifestError {
                 write!(f, "arguments are {len} bytes, more than {ARGS_MAX}")
             }
             ErrorKind::NoComponents => write!(f, "no components"),
+            ErrorKind::BadMappingAddress(address) => write!(
+                f,
+                "mapping address {address:#x} is not page aligned in {:#x}..{:#x}",
+                MAPPING_RANGE.start, MAPPING_RANGE.end
+            ),
+            ErrorKind::MappingOverlap(name) => {
+                write!(f, "'{name}' overlaps an earlier ram mapping")
+            }
+            ErrorKind::DuplicateMapping(name) => write!(f, "mapping '{name}' named twice"),
         }
     }
 }
@@ -415,6 +461,7 @@ struct Draft {
     /// (name, selector, line)
     uses: Vec<(String, u64, usize)>,
     restart: Option<RestartPolicy>,
+    mappings: Vec<Mapping>,
 }
 
 fn set<T>(slot: &mut Option<T>, what: &'static str, value: T) -> Result<()> {
@@ -490,6 +537,23 @@ impl Draft {
                 let selector = number(words.next("selector")?)?;
                 self.uses.push((portal, selector, line));
             }
+            "ram" | "file" => {
+                let key = name("mapping name", words.next("mapping name")?, MODULE_NAME_MAX)?;
+                let source = if keyword == "ram" {
+                    let bytes = ranged("ram", size("ram", words.next("ram size")?)?, 1, MAX_RAM)?;
+                    MappingSource::Ram(page_round(bytes))
+                } else {
+                    let module = name("module name", words.next("module name")?, MODULE_NAME_MAX)?;
+                    MappingSource::Module(module)
+                };
+                words.keyword("at")?;
+                let address = number(words.next("address")?)?;
+                self.add_mapping(Mapping {
+                    name: key,
+                    address,
+                    source,
+                })?;
+            }
             "restart" => {
                 let max = ranged(
                     "restarts",
@@ -524,6 +588,33 @@ impl Draft {
         words.end()
     }
 
+    /// Module sizes are known only at load time; their overlaps are the
+    /// kernel's to refuse then.
+    fn add_mapping(&mut self, mapping: Mapping) -> Result<()> {
+        let address = mapping.address;
+        if !address.is_multiple_of(4096) || !MAPPING_RANGE.contains(&address) {
+            return Err(ErrorKind::BadMappingAddress(address));
+        }
+        if self.mappings.iter().any(|m| m.name == mapping.name) {
+            return Err(ErrorKind::DuplicateMapping(mapping.name));
+        }
+        if let MappingSource::Ram(bytes) = mapping.source {
+            let end = address
+                .checked_add(bytes)
+                .filter(|&end| end <= MAPPING_RANGE.end)
+                .ok_or(ErrorKind::BadMappingAddress(address))?;
+            let overlaps = self.mappings.iter().any(|m| match m.source {
+                MappingSource::Ram(other) => address < m.address + other && m.address < end,
+                MappingSource::Module(_) => false,
+            });
+            if overlaps {
+                return Err(ErrorKind::MappingOverlap(mapping.name));
+            }
+        }
+        self.mappings.push(mapping);
+        Ok(())
+    }
+
     fn finish(self) -> core::result::Result<Component, ManifestError> {
         let missing = |property| ManifestError {
             line: self.line,
@@ -547,6 +638,7 @@ impl Draft {
             uses: Vec::new(),
             ioports: Vec::new(),
             irqs: Vec::new(),
+            mappings: self.mappings,
             name: self.name,
             line: self.line,
         })
@@ -700,7 +792,7 @@ pub fn parse(text: &str) -> core::result::Result<Manifest, ManifestError> {
 
 const KNOWN_PROPERTIES: &[&str] = &[
     "module", "priority", "budget", "memory", "stack", "quota", "capacity", "args", "provides",
-    "uses", "restart",
+    "uses", "restart", "ram", "file",
 ];
 
 /// Checks a selector a manifest gives to `component` and records it.
@@ -876,6 +968,77 @@ irq 4 to uart
         alloc::format!(
             "component a\n module a\n priority 1\n memory 8K\n quota 4K\n{component_lines}"
         )
+    }
+
+    #[test]
+    fn ram_and_file_mappings() {
+        let m = parse(&with(
+            "ram guest 256M at 0x10000000000\n file kernel vmlinuz at 0x20000000000\n \
+             ram heap 5000 at 0x30000000000",
+        ))
+        .unwrap();
+        assert_eq!(
+            m.components[0].mappings,
+            [
+                Mapping {
+                    name: "guest".into(),
+                    address: 0x100_0000_0000,
+                    source: MappingSource::Ram(256 << 20),
+                },
+                Mapping {
+                    name: "kernel".into(),
+                    address: 0x200_0000_0000,
+                    source: MappingSource::Module("vmlinuz".into()),
+                },
+                Mapping {
+                    name: "heap".into(),
+                    address: 0x300_0000_0000,
+                    source: MappingSource::Ram(8192),
+                },
+            ]
+        );
+        let bad: &[(&str, ErrorKind)] = &[
+            (
+                "ram guest 1M at 0x10000000001",
+                ErrorKind::BadMappingAddress(0x100_0000_0001),
+            ),
+            (
+                "ram guest 1M at 0x1000",
+                ErrorKind::BadMappingAddress(0x1000),
+            ),
+            (
+                "ram guest 4M at 0x6fffffe00000",
+                ErrorKind::BadMappingAddress(0x6fff_ffe0_0000),
+            ),
+            (
+                "ram guest 65G at 0x10000000000",
+                ErrorKind::OutOfRange {
+                    what: "ram",
+                    value: 65 << 30,
+                    min: 1,
+                    max: MAX_RAM,
+                },
+            ),
+            (
+                "ram a 2M at 0x10000000000\n ram b 1M at 0x10000100000",
+                ErrorKind::MappingOverlap("b".into()),
+            ),
+            (
+                "ram a 2M at 0x10000000000\n file a m at 0x20000000000",
+                ErrorKind::DuplicateMapping("a".into()),
+            ),
+            (
+                "file k vmlinuz 0x20000000000",
+                ErrorKind::Unexpected {
+                    word: "0x20000000000".into(),
+                    expected: "at",
+                },
+            ),
+            ("ram g 1M at", ErrorKind::Missing("address")),
+        ];
+        for (lines, kind) in bad {
+            assert_eq!(&error(&with(lines)).kind, kind, "{lines}");
+        }
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! The task's heap: a first-fit free list over a static 64 KiB arena, the
-//! global allocator so tasks can use `alloc` (`Vec`, `String`, `Box`).
+//! global allocator so tasks can use `alloc` (`Vec`, `String`, `Box`). A
+//! task that needs more (a VMM) adds one region of its own memory with
+//! [`Heap::extend`], e.g. a manifest `ram` mapping.
 //!
 //! Exhaustion is a null pointer, never a panic here (what `alloc` does with
 //! it is its business). The free list lives in a fixed table of ranges
@@ -162,15 +164,35 @@ unsafe impl Sync for Arena {}
 /// Zero-initialised, so it takes no room in the task's file (`.bss`).
 static ARENA: Arena = Arena(UnsafeCell::new([0; ARENA_SIZE]));
 
-/// The global allocator: [`FreeList`] over a static arena, behind a lock.
+/// A region added with [`Heap::extend`]: its address, length and list.
+struct Extension {
+    base: usize,
+    len: usize,
+    list: FreeList,
+}
+
+/// The global allocator: [`FreeList`] over a static arena, behind a lock,
+/// and optionally a second list over an extension region.
 pub struct Heap {
     list: spin::Mutex<FreeList>,
+    extension: spin::Mutex<Option<Extension>>,
+}
+
+fn locked<T, R>(lock: &spin::Mutex<T>, f: impl FnOnce(&mut T) -> R) -> Option<R> {
+    for _ in 0..LOCK_ATTEMPTS {
+        if let Some(mut guard) = lock.try_lock() {
+            return Some(f(&mut guard));
+        }
+        core::hint::spin_loop();
+    }
+    None
 }
 
 impl Heap {
     const fn new() -> Self {
         Self {
             list: spin::Mutex::new(FreeList::new(ARENA_SIZE)),
+            extension: spin::Mutex::new(None),
         }
     }
 
@@ -179,40 +201,78 @@ impl Heap {
     }
 
     fn with_list<R>(&self, f: impl FnOnce(&mut FreeList) -> R) -> Option<R> {
-        for _ in 0..LOCK_ATTEMPTS {
-            if let Some(mut list) = self.list.try_lock() {
-                return Some(f(&mut list));
-            }
-            core::hint::spin_loop();
-        }
-        None
+        locked(&self.list, f)
     }
 
     /// Bytes free now (`None` if the heap is busy).
     pub fn free_bytes(&self) -> Option<usize> {
-        self.with_list(|list| list.free_bytes())
+        let arena = self.with_list(|list| list.free_bytes())?;
+        let extension = locked(&self.extension, |e| {
+            e.as_ref().map_or(0, |e| e.list.free_bytes())
+        })?;
+        Some(arena + extension)
+    }
+
+    /// Adds `region` (page aligned, at least a page) to the heap; once per
+    /// task. False if the region is unfit or the heap already has one.
+    pub fn extend(&self, region: &'static mut [u8]) -> bool {
+        let base = region.as_mut_ptr() as usize;
+        let len = region.len();
+        if !base.is_multiple_of(4096) || len < 4096 {
+            return false;
+        }
+        locked(&self.extension, |extension| {
+            if extension.is_some() {
+                return false;
+            }
+            *extension = Some(Extension {
+                base,
+                len,
+                list: FreeList::new(len),
+            });
+            true
+        })
+        .unwrap_or(false)
     }
 }
 
-// SAFETY: `alloc` hands out disjoint blocks of the arena (the free list
-// never gives a range out twice), each at least `layout.size()` bytes and
-// aligned to `layout.align()` (the arena is page-aligned and offsets are
-// aligned by `FreeList::alloc`); `dealloc` returns exactly the block's
-// range. Failure is null.
+// SAFETY: `alloc` hands out disjoint blocks of the arena or of the
+// extension (a `&'static mut` region given up to the heap for good); the
+// free lists never give a range out twice, each block is at least
+// `layout.size()` bytes and aligned to `layout.align()` (both regions are
+// page-aligned and offsets are aligned by `FreeList::alloc`); `dealloc`
+// returns exactly the block's range to the list it came from. Failure is
+// null.
 unsafe impl GlobalAlloc for Heap {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        match self.with_list(|list| list.alloc(layout)).flatten() {
-            Some(offset) => self.base().wrapping_add(offset),
+        if let Some(offset) = self.with_list(|list| list.alloc(layout)).flatten() {
+            return self.base().wrapping_add(offset);
+        }
+        let extended = locked(&self.extension, |extension| {
+            let e = extension.as_mut()?;
+            Some(e.base + e.list.alloc(layout)?)
+        });
+        match extended.flatten() {
+            Some(address) => address as *mut u8,
             None => core::ptr::null_mut(),
         }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // If a lock cannot be had the block leaks; never a panic.
         let offset = (ptr as usize).wrapping_sub(self.base() as usize);
         if offset < ARENA_SIZE {
-            // If the lock cannot be had the block leaks; never a panic.
             let _ = self.with_list(|list| list.free(offset, layout));
+            return;
         }
+        let _ = locked(&self.extension, |extension| {
+            if let Some(e) = extension.as_mut() {
+                let offset = (ptr as usize).wrapping_sub(e.base);
+                if offset < e.len {
+                    e.list.free(offset, layout);
+                }
+            }
+        });
     }
 }
 
@@ -225,6 +285,37 @@ mod tests {
 
     fn layout(size: usize, align: usize) -> Layout {
         Layout::from_size_align(size, align).unwrap()
+    }
+
+    #[test]
+    fn an_extension_serves_what_the_arena_cannot() {
+        let heap = Heap::new();
+        let region_layout = layout(1 << 20, 4096);
+        // SAFETY: a fresh allocation of a non-zero size, leaked for 'static.
+        let region = unsafe {
+            let ptr = std::alloc::alloc_zeroed(region_layout);
+            assert!(!ptr.is_null());
+            core::slice::from_raw_parts_mut(ptr, 1 << 20)
+        };
+        let start = region.as_ptr() as usize;
+        assert!(!heap.extend(&mut []), "too small");
+        assert!(heap.extend(region));
+        let big = layout(ARENA_SIZE * 2, 8);
+        // SAFETY: GlobalAlloc calls on a local heap with matching layouts.
+        unsafe {
+            let block = heap.alloc(big);
+            assert!((start..start + (1 << 20)).contains(&(block as usize)));
+            heap.dealloc(block, big);
+            assert_eq!(heap.alloc(big), block, "freed into the extension's list");
+            let small = heap.alloc(layout(64, 8));
+            assert!(small as usize >= heap.base() as usize);
+            assert!((small as usize) < heap.base() as usize + ARENA_SIZE);
+        }
+        // SAFETY: as above, a second page-aligned region.
+        let second = unsafe {
+            core::slice::from_raw_parts_mut(std::alloc::alloc_zeroed(region_layout), 1 << 20)
+        };
+        assert!(!heap.extend(second), "one extension per task");
     }
 
     #[test]
