@@ -26,6 +26,12 @@ commands:
   bench exits [--emu qemu|bochs]
                         the same for a CPUID exit handled by the VMM, the guest
                         IPC hypercall and a native call; target/bench/exits.json
+  linux build           fetch the pinned Debian kernel and busybox (guests/linux/)
+                        and build target/linux/{bzImage,initramfs.cpio} (cached)
+  linux direct [--emu qemu|bochs] [--virtio] [-- KERNEL ARGS...]
+                        boot that guest in the emulator itself, without Moat,
+                        and time it from the emulator's start to /init;
+                        --virtio (QEMU): with QEMU's virtio devices
   help                  this text";
 
 #[derive(Debug, PartialEq, Eq)]
@@ -36,6 +42,17 @@ pub enum Cmd {
     Run(RunOpts),
     Test(TestOpts),
     Bench(BenchOpts),
+    Linux(LinuxOpts),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum LinuxOpts {
+    Build,
+    Direct {
+        emu: Emulator,
+        virtio: bool,
+        kernel_args: Vec<String>,
+    },
 }
 
 /// What `cargo xtask bench` measures.
@@ -106,6 +123,15 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
                 emu: opts.emulator()?,
             })
         }
+        "linux" => Cmd::Linux(match opts.positional().as_deref() {
+            Some("build") => LinuxOpts::Build,
+            Some("direct") => LinuxOpts::Direct {
+                emu: opts.emulator()?.unwrap_or(Emulator::Qemu),
+                virtio: opts.flag("--virtio"),
+                kernel_args: opts.trailing(),
+            },
+            _ => return Err(Error::Usage("linux needs build or direct".into())),
+        }),
         other => return Err(Error::Usage(format!("unknown command `{other}`"))),
     };
     opts.finish()?;
@@ -276,6 +302,30 @@ mod tests {
         assert!(p("bench --emu qemu").is_err());
         assert!(p("bench disk").is_err());
         assert!(p("bench ipc extra").is_err());
+    }
+
+    #[test]
+    fn linux_subcommands() {
+        assert_eq!(p("linux build").unwrap(), Cmd::Linux(LinuxOpts::Build));
+        assert_eq!(
+            p("linux direct").unwrap(),
+            Cmd::Linux(LinuxOpts::Direct {
+                emu: Emulator::Qemu,
+                virtio: false,
+                kernel_args: vec![],
+            })
+        );
+        assert_eq!(
+            p("linux direct --emu bochs --virtio -- quiet").unwrap(),
+            Cmd::Linux(LinuxOpts::Direct {
+                emu: Emulator::Bochs,
+                virtio: true,
+                kernel_args: vec!["quiet".into()],
+            })
+        );
+        assert!(p("linux").is_err());
+        assert!(p("linux boot").is_err());
+        assert!(p("linux build --emu qemu").is_err());
     }
 
     #[test]

@@ -278,7 +278,7 @@ pub fn remove_stale(path: &Path) -> Result<()> {
 }
 
 /// Starts `cmd` with no input and its stdout and stderr in `output`.
-fn spawn_logged(cmd: &mut Command, output: &Path) -> Result<Child> {
+pub fn spawn_logged(cmd: &mut Command, output: &Path) -> Result<Child> {
     let out = File::create(output).context(|| format!("cannot create {}", output.display()))?;
     let err = out
         .try_clone()

@@ -118,21 +118,25 @@ impl BootSpec {
         }
         let cfg = grub.join("grub.cfg");
         fs::write(&cfg, self.grub_cfg()?).context(|| format!("cannot write {}", cfg.display()))?;
-
-        let mut cmd = Command::new("grub-mkrescue");
-        cmd.arg("-o").arg(iso).arg(staging);
-        let out = util::output(&mut cmd)?;
-        if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            return Err(Error::Other(format!(
-                "`{}` failed ({}):\n{}",
-                describe(&cmd),
-                out.status,
-                util::tail(&stderr, 20).join("\n")
-            )));
-        }
-        Ok(())
+        grub_mkrescue(staging, iso)
     }
+}
+
+/// Makes the bootable ISO `iso` from `staging`, which holds `boot/grub/grub.cfg`.
+pub fn grub_mkrescue(staging: &Path, iso: &Path) -> Result<()> {
+    let mut cmd = Command::new("grub-mkrescue");
+    cmd.arg("-o").arg(iso).arg(staging);
+    let out = util::output(&mut cmd)?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(Error::Other(format!(
+            "`{}` failed ({}):\n{}",
+            describe(&cmd),
+            out.status,
+            util::tail(&stderr, 20).join("\n")
+        )));
+    }
+    Ok(())
 }
 
 fn bad_module(m: &Module, why: &str) -> Error {
@@ -166,7 +170,7 @@ fn check_module(m: &Module) -> Result<()> {
 }
 
 /// Quotes one word for GRUB's shell-like config language.
-fn grub_quote(word: &str) -> String {
+pub fn grub_quote(word: &str) -> String {
     let safe = |c: char| c.is_ascii_alphanumeric() || "_-./=:,+@%".contains(c);
     if !word.is_empty() && word.chars().all(safe) {
         word.to_string()

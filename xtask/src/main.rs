@@ -12,6 +12,7 @@ mod cli;
 mod emu;
 mod harness;
 mod image;
+mod linux;
 mod manifests;
 mod mbcheck;
 mod run;
@@ -110,5 +111,11 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Run(opts) => run::run(&opts),
         Cmd::Test(opts) => harness::run(&opts),
         Cmd::Bench(opts) => bench::run(&opts),
+        Cmd::Linux(cli::LinuxOpts::Build) => linux::build_command(),
+        Cmd::Linux(cli::LinuxOpts::Direct {
+            emu,
+            virtio,
+            kernel_args,
+        }) => linux::direct(emu, virtio, &kernel_args),
     }
 }

@@ -390,7 +390,12 @@ impl SvmVcpu {
         let v = vmcb(self.vmcb);
         state.exit.raw = info.exitcode;
         state.exit.qualification = info.exitinfo1;
-        let next = v.get(control::NRIP);
+        // Without NRIP save, an IOIO exit still has the next RIP in
+        // EXITINFO2 (APM Vol. 2, 15.10.2).
+        let next = match (v.get(control::NRIP), &exit) {
+            (0, Exit::Io { .. }) => info.exitinfo2,
+            (next, _) => next,
+        };
         state.exit.instruction_length = next.saturating_sub(state.rip);
         match Event::from_svm(exit_int) {
             Some(event) => {
