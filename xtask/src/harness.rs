@@ -37,6 +37,10 @@ const HOST_SUITES: &[HostSuite] = &[
         args: &["-p", "moat-testvm", "-p", "moat-testvmm", "--lib"],
     },
     HostSuite {
+        name: "moat-vmm (lib)",
+        args: &["-p", "moat-vmm", "--lib"],
+    },
+    HostSuite {
         name: "xtask",
         args: &["-p", "xtask"],
     },

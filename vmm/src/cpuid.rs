@@ -1,0 +1,286 @@
+//! The CPUID a guest sees: the host's, cut down to what this VMM and the
+//! kernel provide, with one CPU and KVM's paravirtual leaves.
+//!
+//! Features whose MSRs or instructions nobody emulates are hidden (VMX/SVM,
+//! MONITOR, performance counters, machine checks, MTRRs, speculation-control
+//! MSRs, PKU, LA57); the local APIC is the VMM's model, so x2APIC and the
+//! TSC-deadline timer are offered whatever the host has.
+#![forbid(unsafe_code)]
+
+/// `eax, ebx, ecx, edx`.
+pub type Regs = [u32; 4];
+
+pub const KVM_SIGNATURE_LEAF: u32 = 0x4000_0000;
+pub const KVM_FEATURES_LEAF: u32 = 0x4000_0001;
+/// Linux looks for hypervisor signatures up to here.
+const HYPERVISOR_LEAVES_END: u32 = 0x4001_0000;
+
+/// `KVM_FEATURE_*` bits of leaf 0x4000_0001 eax.
+pub mod kvm_feature {
+    pub const CLOCKSOURCE: u32 = 1 << 0;
+    pub const CLOCKSOURCE2: u32 = 1 << 3;
+    pub const CLOCKSOURCE_STABLE_BIT: u32 = 1 << 24;
+}
+
+mod leaf1 {
+    pub mod ecx {
+        pub const DTES64: u32 = 1 << 2;
+        pub const MONITOR: u32 = 1 << 3;
+        pub const DS_CPL: u32 = 1 << 4;
+        pub const VMX: u32 = 1 << 5;
+        pub const SMX: u32 = 1 << 6;
+        pub const EST: u32 = 1 << 7;
+        pub const TM2: u32 = 1 << 8;
+        pub const SDBG: u32 = 1 << 11;
+        pub const PDCM: u32 = 1 << 15;
+        pub const DCA: u32 = 1 << 18;
+        pub const X2APIC: u32 = 1 << 21;
+        pub const TSC_DEADLINE: u32 = 1 << 24;
+        pub const OSXSAVE: u32 = 1 << 27;
+        pub const HYPERVISOR: u32 = 1 << 31;
+    }
+    pub mod edx {
+        pub const MCE: u32 = 1 << 7;
+        pub const APIC: u32 = 1 << 9;
+        pub const MTRR: u32 = 1 << 12;
+        pub const MCA: u32 = 1 << 14;
+        pub const PSN: u32 = 1 << 18;
+        pub const DS: u32 = 1 << 21;
+        pub const ACPI: u32 = 1 << 22;
+        pub const HTT: u32 = 1 << 28;
+        pub const TM: u32 = 1 << 29;
+        pub const PBE: u32 = 1 << 31;
+    }
+    /// ebx: initial APIC ID (31:24) and logical processors (23:16).
+    pub const EBX_TOPOLOGY: u32 = 0xffff_0000;
+    pub const EBX_ONE_LOGICAL: u32 = 1 << 16;
+}
+
+mod leaf7 {
+    pub mod ebx {
+        pub const TSC_ADJUST: u32 = 1 << 1;
+        pub const SGX: u32 = 1 << 2;
+        pub const PQM: u32 = 1 << 12;
+        pub const PQE: u32 = 1 << 15;
+        pub const INTEL_PT: u32 = 1 << 25;
+    }
+    pub mod ecx {
+        pub const PKU: u32 = 1 << 3;
+        pub const OSPKE: u32 = 1 << 4;
+        pub const WAITPKG: u32 = 1 << 5;
+        pub const LA57: u32 = 1 << 16;
+        pub const SGX_LC: u32 = 1 << 30;
+    }
+    pub mod edx {
+        pub const SPEC_CTRL: u32 = 1 << 26;
+        pub const STIBP: u32 = 1 << 27;
+        pub const FLUSH_L1D: u32 = 1 << 28;
+        pub const ARCH_CAPABILITIES: u32 = 1 << 29;
+        pub const CORE_CAPABILITIES: u32 = 1 << 30;
+        pub const SSBD: u32 = 1 << 31;
+    }
+}
+
+mod ext1 {
+    pub mod ecx {
+        pub const SVM: u32 = 1 << 2;
+        pub const EXT_APIC_SPACE: u32 = 1 << 3;
+        pub const IBS: u32 = 1 << 10;
+        pub const SKINIT: u32 = 1 << 12;
+        pub const WDT: u32 = 1 << 13;
+        pub const TOPOEXT: u32 = 1 << 22;
+        pub const PERFCTR_CORE: u32 = 1 << 23;
+        pub const PERFCTR_NB: u32 = 1 << 24;
+        pub const PERFCTR_LLC: u32 = 1 << 28;
+    }
+}
+
+/// Leaf 0x8000_0008 ebx: AMD's speculation-control bits (IBPB, IBRS,
+/// STIBP, SSBD and friends), all backed by MSRs nobody emulates.
+const EXT8_EBX_SPECULATION: u32 = 0x0f00_f000;
+/// Leaf 0x8000_0007 edx bit 8: the TSC runs at a constant rate.
+const INVARIANT_TSC: u32 = 1 << 8;
+
+/// The guest's CPUID for `leaf`/`subleaf`. `host` answers the real CPUID;
+/// `osxsave` is the guest's CR4.OSXSAVE.
+pub fn guest_cpuid(
+    host: &dyn Fn(u32, u32) -> Regs,
+    leaf: u32,
+    subleaf: u32,
+    osxsave: bool,
+) -> Regs {
+    if (KVM_SIGNATURE_LEAF..HYPERVISOR_LEAVES_END).contains(&leaf) {
+        return hypervisor_leaf(leaf);
+    }
+    let max_basic = host(0, 0)[0];
+    let max_extended = host(0x8000_0000, 0)[0];
+    let beyond = if leaf >= 0x8000_0000 {
+        leaf > max_extended
+    } else {
+        leaf > max_basic
+    };
+    if beyond {
+        return [0; 4];
+    }
+    let [eax, ebx, ecx, edx] = host(leaf, subleaf);
+    match leaf {
+        1 => {
+            use leaf1::{ecx as c, edx as d};
+            let hidden_ecx = c::DTES64
+                | c::MONITOR
+                | c::DS_CPL
+                | c::VMX
+                | c::SMX
+                | c::EST
+                | c::TM2
+                | c::SDBG
+                | c::PDCM
+                | c::DCA
+                | c::OSXSAVE;
+            let mut ecx = (ecx & !hidden_ecx) | c::X2APIC | c::TSC_DEADLINE | c::HYPERVISOR;
+            if osxsave {
+                ecx |= c::OSXSAVE;
+            }
+            let hidden_edx =
+                d::MCE | d::MTRR | d::MCA | d::PSN | d::DS | d::ACPI | d::HTT | d::TM | d::PBE;
+            let ebx = (ebx & !leaf1::EBX_TOPOLOGY) | leaf1::EBX_ONE_LOGICAL;
+            [eax, ebx, ecx, (edx & !hidden_edx) | d::APIC]
+        }
+        // Cache parameters: one core, one thread per cache.
+        4 => [eax & 0x3fff, ebx, ecx, edx],
+        // MONITOR/MWAIT, thermal and power, performance monitoring,
+        // resource-director monitoring/allocation, SGX, processor trace.
+        5 | 6 | 0xa | 0xf | 0x10 | 0x12 | 0x14 => [0; 4],
+        7 if subleaf == 0 => {
+            use leaf7::{ebx as b, ecx as c, edx as d};
+            let ebx = ebx & !(b::TSC_ADJUST | b::SGX | b::PQM | b::PQE | b::INTEL_PT);
+            let ecx = ecx & !(c::PKU | c::OSPKE | c::WAITPKG | c::LA57 | c::SGX_LC);
+            let edx = edx
+                & !(d::SPEC_CTRL
+                    | d::STIBP
+                    | d::FLUSH_L1D
+                    | d::ARCH_CAPABILITIES
+                    | d::CORE_CAPABILITIES
+                    | d::SSBD);
+            [eax, ebx, ecx, edx]
+        }
+        7 => [0; 4],
+        // Extended topology: one thread, one core, x2APIC ID 0.
+        0xb | 0x1f => match subleaf {
+            0 => [0, 1, 1 << 8, 0],
+            1 => [0, 1, (2 << 8) | 1, 0],
+            _ => [0, 0, subleaf, 0],
+        },
+        0x8000_0001 => {
+            use ext1::ecx as c;
+            let hidden = c::SVM
+                | c::EXT_APIC_SPACE
+                | c::IBS
+                | c::SKINIT
+                | c::WDT
+                | c::TOPOEXT
+                | c::PERFCTR_CORE
+                | c::PERFCTR_NB
+                | c::PERFCTR_LLC;
+            [eax, ebx, ecx & !hidden, edx]
+        }
+        0x8000_0007 => [0, 0, 0, edx & INVARIANT_TSC],
+        // Address sizes stay; one core; no speculation-control MSRs.
+        0x8000_0008 => [eax, ebx & !EXT8_EBX_SPECULATION, 0, 0],
+        // SVM, AMD's extended topology and memory encryption.
+        0x8000_000a | 0x8000_001e | 0x8000_001f => [0; 4],
+        _ => [eax, ebx, ecx, edx],
+    }
+}
+
+fn hypervisor_leaf(leaf: u32) -> Regs {
+    match leaf {
+        KVM_SIGNATURE_LEAF => {
+            let word = |i: usize| {
+                let sig = b"KVMKVMKVM\0\0\0";
+                u32::from_le_bytes([sig[i], sig[i + 1], sig[i + 2], sig[i + 3]])
+            };
+            [KVM_FEATURES_LEAF, word(0), word(4), word(8)]
+        }
+        KVM_FEATURES_LEAF => {
+            use kvm_feature::*;
+            [CLOCKSOURCE | CLOCKSOURCE2 | CLOCKSOURCE_STABLE_BIT, 0, 0, 0]
+        }
+        _ => [0; 4],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A host that has everything: every bit set, max leaves 0x1f and
+    /// 0x8000_0021.
+    fn host(leaf: u32, _subleaf: u32) -> Regs {
+        match leaf {
+            0 => [0x1f, 0x6874_7541, 0x444d_4163, 0x6974_6e65],
+            0x8000_0000 => [0x8000_0021, 0, 0, 0],
+            _ => [u32::MAX; 4],
+        }
+    }
+
+    fn cpuid(leaf: u32, subleaf: u32) -> Regs {
+        guest_cpuid(&host, leaf, subleaf, false)
+    }
+
+    #[test]
+    fn kvm_leaves() {
+        let [max, b, c, d] = cpuid(KVM_SIGNATURE_LEAF, 0);
+        assert_eq!(max, KVM_FEATURES_LEAF);
+        let mut sig = [0u8; 12];
+        sig[0..4].copy_from_slice(&b.to_le_bytes());
+        sig[4..8].copy_from_slice(&c.to_le_bytes());
+        sig[8..12].copy_from_slice(&d.to_le_bytes());
+        assert_eq!(&sig, b"KVMKVMKVM\0\0\0");
+        let features = cpuid(KVM_FEATURES_LEAF, 0)[0];
+        assert_ne!(features & kvm_feature::CLOCKSOURCE2, 0);
+        assert_ne!(features & kvm_feature::CLOCKSOURCE_STABLE_BIT, 0);
+        assert_eq!(cpuid(0x4000_0100, 0), [0; 4]);
+    }
+
+    #[test]
+    fn leaf_one_is_one_virtual_cpu() {
+        use leaf1::{ecx as c, edx as d};
+        let [_, ebx, ecx, edx] = cpuid(1, 0);
+        assert_eq!(ebx >> 16, 1, "APIC ID 0, one logical processor");
+        for (bit, name) in [
+            (c::HYPERVISOR, "hypervisor"),
+            (c::X2APIC, "x2apic"),
+            (c::TSC_DEADLINE, "tsc deadline"),
+        ] {
+            assert_ne!(ecx & bit, 0, "{name}");
+        }
+        for bit in [c::VMX, c::MONITOR, c::PDCM, c::OSXSAVE] {
+            assert_eq!(ecx & bit, 0, "{bit:#x}");
+        }
+        assert_ne!(edx & d::APIC, 0);
+        for bit in [d::MCE, d::MCA, d::MTRR, d::HTT] {
+            assert_eq!(edx & bit, 0, "{bit:#x}");
+        }
+        let with_osxsave = guest_cpuid(&host, 1, 0, true)[2];
+        assert_ne!(with_osxsave & c::OSXSAVE, 0);
+    }
+
+    #[test]
+    fn hidden_features_and_topology() {
+        assert_eq!(cpuid(0x8000_0001, 0)[2] & ext1::ecx::SVM, 0);
+        assert_eq!(cpuid(7, 0)[3] & leaf7::edx::SPEC_CTRL, 0);
+        assert_eq!(cpuid(7, 0)[2] & leaf7::ecx::LA57, 0);
+        assert_eq!(cpuid(0xa, 0), [0; 4]);
+        assert_eq!(cpuid(0x8000_000a, 0), [0; 4]);
+        assert_eq!(cpuid(0xb, 0), [0, 1, 0x100, 0]);
+        assert_eq!(cpuid(0xb, 1), [0, 1, 0x201, 0]);
+        assert_eq!(cpuid(0xb, 2), [0, 0, 2, 0]);
+        assert_eq!(cpuid(4, 0)[0] >> 14, 0, "no sharing, one core");
+        // Beyond the host's maximum leaves.
+        assert_eq!(cpuid(0x20, 0), [0; 4]);
+        assert_eq!(cpuid(0x8000_0022, 0), [0; 4]);
+        // Passed through as is.
+        assert_eq!(cpuid(0xd, 1), [u32::MAX; 4]);
+    }
+}
