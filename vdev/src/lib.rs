@@ -10,7 +10,14 @@
 
 extern crate alloc;
 
+pub mod acpi_pm;
 pub mod bus;
+pub mod ioapic;
+pub mod lapic;
+pub mod pic;
+pub mod pit;
+pub mod rtc;
+pub mod uart;
 
 pub use bus::{Bus, BusDevice, BusError, Shared};
 

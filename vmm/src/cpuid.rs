@@ -69,6 +69,8 @@ mod leaf7 {
         pub const OSPKE: u32 = 1 << 4;
         pub const WAITPKG: u32 = 1 << 5;
         pub const LA57: u32 = 1 << 16;
+        /// Reads IA32_TSC_AUX, which the kernel does not switch.
+        pub const RDPID: u32 = 1 << 22;
         pub const SGX_LC: u32 = 1 << 30;
     }
     pub mod edx {
@@ -93,7 +95,15 @@ mod ext1 {
         pub const PERFCTR_NB: u32 = 1 << 24;
         pub const PERFCTR_LLC: u32 = 1 << 28;
     }
+    pub mod edx {
+        /// Reads IA32_TSC_AUX, which the kernel does not switch.
+        pub const RDTSCP: u32 = 1 << 27;
+    }
 }
+
+/// Leaf 0xd subleaf 1 eax bit 3: XSAVES/XRSTORS and IA32_XSS, for
+/// supervisor state the kernel's XSAVE image does not hold.
+const XSAVES: u32 = 1 << 3;
 
 /// Leaf 0x8000_0008 ebx: AMD's speculation-control bits (IBPB, IBRS,
 /// STIBP, SSBD and friends), all backed by MSRs nobody emulates.
@@ -154,7 +164,7 @@ pub fn guest_cpuid(
         7 if subleaf == 0 => {
             use leaf7::{ebx as b, ecx as c, edx as d};
             let ebx = ebx & !(b::TSC_ADJUST | b::SGX | b::PQM | b::PQE | b::INTEL_PT);
-            let ecx = ecx & !(c::PKU | c::OSPKE | c::WAITPKG | c::LA57 | c::SGX_LC);
+            let ecx = ecx & !(c::PKU | c::OSPKE | c::WAITPKG | c::LA57 | c::RDPID | c::SGX_LC);
             let edx = edx
                 & !(d::SPEC_CTRL
                     | d::STIBP
@@ -182,8 +192,9 @@ pub fn guest_cpuid(
                 | c::PERFCTR_CORE
                 | c::PERFCTR_NB
                 | c::PERFCTR_LLC;
-            [eax, ebx, ecx & !hidden, edx]
+            [eax, ebx, ecx & !hidden, edx & !ext1::edx::RDTSCP]
         }
+        0xd if subleaf == 1 => [eax & !XSAVES, ebx, ecx, edx],
         0x8000_0007 => [0, 0, 0, edx & INVARIANT_TSC],
         // Address sizes stay; one core; no speculation-control MSRs.
         0x8000_0008 => [eax, ebx & !EXT8_EBX_SPECULATION, 0, 0],
@@ -280,7 +291,10 @@ mod tests {
         // Beyond the host's maximum leaves.
         assert_eq!(cpuid(0x20, 0), [0; 4]);
         assert_eq!(cpuid(0x8000_0022, 0), [0; 4]);
-        // Passed through as is.
-        assert_eq!(cpuid(0xd, 1), [u32::MAX; 4]);
+        // Passed through as is, but for what the kernel does not switch.
+        assert_eq!(cpuid(0xd, 0), [u32::MAX; 4]);
+        assert_eq!(cpuid(0xd, 1)[0] & XSAVES, 0);
+        assert_eq!(cpuid(0x8000_0001, 0)[3] & ext1::edx::RDTSCP, 0);
+        assert_eq!(cpuid(7, 0)[2] & leaf7::ecx::RDPID, 0);
     }
 }

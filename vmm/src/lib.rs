@@ -19,8 +19,10 @@ extern crate alloc;
 pub mod cpu;
 pub mod cpuid;
 pub mod emulate;
+pub mod msr;
 pub mod paging;
 pub mod pvclock;
+pub mod state;
 
 #[cfg(test)]
 mod testutil;

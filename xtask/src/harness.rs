@@ -37,8 +37,8 @@ const HOST_SUITES: &[HostSuite] = &[
         args: &["-p", "moat-testvm", "-p", "moat-testvmm", "--lib"],
     },
     HostSuite {
-        name: "moat-vmm (lib)",
-        args: &["-p", "moat-vmm", "--lib"],
+        name: "moat-vdev moat-vmm (lib) moat-firmware",
+        args: &["-p", "moat-vdev", "-p", "moat-vmm", "--lib", "-p", "moat-firmware"],
     },
     HostSuite {
         name: "xtask",

@@ -1,0 +1,228 @@
+//! The MSRs a guest reaches through RDMSR/WRMSR exits, other than the
+//! local APIC's (the machine routes those to its model). Every MSR exits
+//! to the VMM; those the kernel switches (syscall, sysenter, PAT,
+//! KERNEL_GS_BASE, FS/GS base, EFER) live in the vCPU state page, a few
+//! are read-as-constant, and everything else gives #GP, as KVM does
+//! without `ignore_msrs`.
+#![forbid(unsafe_code)]
+
+use moat_abi::vcpu::{group, VcpuState};
+
+use crate::pvclock;
+
+pub const EFER: u32 = 0xc000_0080;
+pub const STAR: u32 = 0xc000_0081;
+pub const LSTAR: u32 = 0xc000_0082;
+pub const CSTAR: u32 = 0xc000_0083;
+pub const SFMASK: u32 = 0xc000_0084;
+pub const FS_BASE: u32 = 0xc000_0100;
+pub const GS_BASE: u32 = 0xc000_0101;
+pub const KERNEL_GS_BASE: u32 = 0xc000_0102;
+pub const SYSENTER_CS: u32 = 0x174;
+pub const SYSENTER_ESP: u32 = 0x175;
+pub const SYSENTER_EIP: u32 = 0x176;
+pub const PAT: u32 = 0x277;
+pub const TSC: u32 = 0x10;
+pub const FEATURE_CONTROL: u32 = 0x3a;
+pub const UCODE_REV: u32 = 0x8b;
+pub const MISC_ENABLE: u32 = 0x1a0;
+pub const DEBUGCTL: u32 = 0x1d9;
+/// AMD: hardware configuration, system configuration, decode configuration
+/// (read by Linux's AMD set-up with plain RDMSR).
+pub const AMD_HWCR: u32 = 0xc001_0015;
+pub const AMD_SYSCFG: u32 = 0xc001_0010;
+pub const AMD_DE_CFG: u32 = 0xc001_1029;
+
+const EFER_LMA: u64 = 1 << 10;
+/// SCE, LME, LMA, NXE: the bits a guest may have.
+const EFER_VALID: u64 = 1 | (1 << 8) | EFER_LMA | (1 << 11);
+/// IA32_FEATURE_CONTROL: locked, VMX off.
+const FEATURE_CONTROL_LOCKED: u64 = 1;
+/// IA32_MISC_ENABLE: fast strings.
+const MISC_ENABLE_FAST_STRINGS: u64 = 1;
+
+/// PAT memory types 0, 1, 4, 5, 6, 7 are valid in every byte.
+fn valid_pat(value: u64) -> bool {
+    value
+        .to_le_bytes()
+        .iter()
+        .all(|&t| matches!(t, 0 | 1 | 4 | 5 | 6 | 7))
+}
+
+fn canonical(value: u64) -> bool {
+    let top = (value as i64) >> 47;
+    top == 0 || top == -1
+}
+
+/// What the VMM keeps for MSRs outside the state page.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MsrState {
+    /// Where the guest wants its `pvclock_vcpu_time_info`, once enabled.
+    pub system_time: Option<u64>,
+    /// A `pvclock_wall_clock` the guest asked to be filled.
+    pub wall_clock_request: Option<u64>,
+}
+
+/// A WRMSR the machine must act on beyond the state page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Effect {
+    None,
+    /// Write the time info at the address in [`MsrState::system_time`].
+    SystemTime,
+    /// Write the wall clock at this address.
+    WallClock(u64),
+}
+
+impl MsrState {
+    /// RDMSR `index`; `None`: #GP. `guest_tsc` is the guest's TSC now.
+    pub fn read(&self, state: &VcpuState, index: u32, guest_tsc: u64) -> Option<u64> {
+        Some(match index {
+            EFER => state.efer,
+            STAR => state.star,
+            LSTAR => state.lstar,
+            CSTAR => state.cstar,
+            SFMASK => state.sfmask,
+            FS_BASE => state.fs.base,
+            GS_BASE => state.gs.base,
+            KERNEL_GS_BASE => state.kernel_gs_base,
+            SYSENTER_CS => state.sysenter_cs,
+            SYSENTER_ESP => state.sysenter_esp,
+            SYSENTER_EIP => state.sysenter_eip,
+            PAT => state.pat,
+            TSC => guest_tsc,
+            FEATURE_CONTROL => FEATURE_CONTROL_LOCKED,
+            MISC_ENABLE => MISC_ENABLE_FAST_STRINGS,
+            UCODE_REV | DEBUGCTL | AMD_HWCR | AMD_SYSCFG | AMD_DE_CFG => 0,
+            pvclock::MSR_KVM_SYSTEM_TIME_NEW | pvclock::MSR_KVM_SYSTEM_TIME => {
+                self.system_time.map_or(0, |gpa| gpa | pvclock::SYSTEM_TIME_ENABLE)
+            }
+            pvclock::MSR_KVM_WALL_CLOCK_NEW | pvclock::MSR_KVM_WALL_CLOCK => {
+                self.wall_clock_request.unwrap_or(0)
+            }
+            _ => return None,
+        })
+    }
+
+    /// WRMSR `index` = `value`; `None`: #GP.
+    pub fn write(&mut self, state: &mut VcpuState, index: u32, value: u64) -> Option<Effect> {
+        let mut dirty = group::MSRS;
+        match index {
+            EFER => {
+                if value & !EFER_VALID != 0 {
+                    return None;
+                }
+                // LMA is the CPU's to set; keep what it is.
+                state.efer = (value & !EFER_LMA) | (state.efer & EFER_LMA);
+                dirty = group::CONTROL_REGISTERS;
+            }
+            STAR => state.star = value,
+            LSTAR | CSTAR | KERNEL_GS_BASE | SYSENTER_ESP | SYSENTER_EIP | FS_BASE | GS_BASE
+                if !canonical(value) =>
+            {
+                return None
+            }
+            LSTAR => state.lstar = value,
+            CSTAR => state.cstar = value,
+            SFMASK => state.sfmask = value & 0xffff_ffff,
+            KERNEL_GS_BASE => state.kernel_gs_base = value,
+            FS_BASE => {
+                state.fs.base = value;
+                dirty = group::SEGMENTS;
+            }
+            GS_BASE => {
+                state.gs.base = value;
+                dirty = group::SEGMENTS;
+            }
+            SYSENTER_CS => state.sysenter_cs = value & 0xffff,
+            SYSENTER_ESP => state.sysenter_esp = value,
+            SYSENTER_EIP => state.sysenter_eip = value,
+            PAT if valid_pat(value) => state.pat = value,
+            // Reading the microcode revision is preceded by clearing it.
+            UCODE_REV | MISC_ENABLE | AMD_HWCR | AMD_DE_CFG => return Some(Effect::None),
+            DEBUGCTL if value == 0 => return Some(Effect::None),
+            pvclock::MSR_KVM_SYSTEM_TIME_NEW | pvclock::MSR_KVM_SYSTEM_TIME => {
+                return Some(if value & pvclock::SYSTEM_TIME_ENABLE != 0 {
+                    self.system_time = Some(value & !pvclock::SYSTEM_TIME_ENABLE);
+                    Effect::SystemTime
+                } else {
+                    self.system_time = None;
+                    Effect::None
+                });
+            }
+            pvclock::MSR_KVM_WALL_CLOCK_NEW | pvclock::MSR_KVM_WALL_CLOCK => {
+                self.wall_clock_request = Some(value);
+                return Some(Effect::WallClock(value));
+            }
+            _ => return None,
+        }
+        state.dirty |= dirty;
+        Some(Effect::None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_page_msrs_round_trip() {
+        let mut msrs = MsrState::default();
+        let mut state = VcpuState::default();
+        for (index, value) in [
+            (STAR, 0x0023_0010_0000_0000),
+            (LSTAR, 0xffff_ffff_8100_0000),
+            (KERNEL_GS_BASE, 0xffff_8880_0000_0000),
+            (FS_BASE, 0x7f00_0000_1000),
+            (GS_BASE, 0xffff_8880_1000_0000),
+            (SYSENTER_EIP, 0xffff_ffff_8100_1000),
+            (PAT, 0x0007_0406_0007_0406),
+        ] {
+            state.dirty = 0;
+            assert_eq!(msrs.write(&mut state, index, value), Some(Effect::None));
+            assert_ne!(state.dirty, 0, "{index:#x} marks its group dirty");
+            assert_eq!(msrs.read(&state, index, 0), Some(value), "{index:#x}");
+        }
+        assert_eq!(state.dirty, group::MSRS);
+        assert_eq!(state.fs.base, 0x7f00_0000_1000);
+    }
+
+    #[test]
+    fn bad_values_and_unknown_msrs_fault() {
+        let mut msrs = MsrState::default();
+        let mut state = VcpuState::default();
+        assert_eq!(msrs.write(&mut state, LSTAR, 0x8000_0000_0000_0000), None);
+        assert_eq!(msrs.write(&mut state, PAT, 0x02), None, "type 2 is reserved");
+        assert_eq!(msrs.write(&mut state, EFER, 1 << 20), None);
+        assert_eq!(msrs.write(&mut state, 0x48, 1), None, "SPEC_CTRL is hidden");
+        assert_eq!(msrs.read(&state, 0x179, 0), None, "no machine checks");
+        assert_eq!(msrs.write(&mut state, DEBUGCTL, 1), None);
+        assert_eq!(state, VcpuState::default(), "nothing changed");
+    }
+
+    #[test]
+    fn efer_keeps_lma_and_kvm_clock_is_registered() {
+        let mut msrs = MsrState::default();
+        let mut state = VcpuState {
+            efer: EFER_LMA | (1 << 8),
+            ..VcpuState::default()
+        };
+        msrs.write(&mut state, EFER, (1 << 8) | (1 << 11) | 1).unwrap();
+        assert_eq!(state.efer, EFER_LMA | (1 << 8) | (1 << 11) | 1);
+        assert_eq!(state.dirty, group::CONTROL_REGISTERS);
+
+        let gpa = 0x1234_5000;
+        let effect = msrs.write(&mut state, pvclock::MSR_KVM_SYSTEM_TIME_NEW, gpa | 1);
+        assert_eq!(effect, Some(Effect::SystemTime));
+        assert_eq!(msrs.system_time, Some(gpa));
+        assert_eq!(
+            msrs.read(&state, pvclock::MSR_KVM_SYSTEM_TIME_NEW, 0),
+            Some(gpa | 1)
+        );
+        msrs.write(&mut state, pvclock::MSR_KVM_SYSTEM_TIME_NEW, 0);
+        assert_eq!(msrs.system_time, None);
+        assert_eq!(
+            msrs.write(&mut state, pvclock::MSR_KVM_WALL_CLOCK_NEW, 0x9000),
+            Some(Effect::WallClock(0x9000))
+        );
+    }
+}
