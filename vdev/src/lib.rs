@@ -14,10 +14,12 @@ pub mod acpi_pm;
 pub mod bus;
 pub mod ioapic;
 pub mod lapic;
+pub mod pci;
 pub mod pic;
 pub mod pit;
 pub mod rtc;
 pub mod uart;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError, Shared};
 
