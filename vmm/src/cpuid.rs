@@ -60,6 +60,9 @@ mod leaf7 {
     pub mod ebx {
         pub const TSC_ADJUST: u32 = 1 << 1;
         pub const SGX: u32 = 1 << 2;
+        /// VMX runs it in a guest only with a secondary control the
+        /// kernel does not set: it would be #UD.
+        pub const INVPCID: u32 = 1 << 10;
         pub const PQM: u32 = 1 << 12;
         pub const PQE: u32 = 1 << 15;
         pub const INTEL_PT: u32 = 1 << 25;
@@ -108,16 +111,48 @@ const XSAVES: u32 = 1 << 3;
 /// Leaf 0x8000_0008 ebx: AMD's speculation-control bits (IBPB, IBRS,
 /// STIBP, SSBD and friends), all backed by MSRs nobody emulates.
 const EXT8_EBX_SPECULATION: u32 = 0x0f00_f000;
-/// Leaf 0x8000_0007 edx bit 8: the TSC runs at a constant rate.
-const INVARIANT_TSC: u32 = 1 << 8;
 
-/// The guest's CPUID for `leaf`/`subleaf`. `host` answers the real CPUID;
-/// `osxsave` is the guest's CR4.OSXSAVE.
+/// What of the guest's state CPUID reflects.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GuestView {
+    /// CR4.OSXSAVE.
+    pub osxsave: bool,
+    /// XCR0: leaf 0xd's sizes are those of the enabled components.
+    pub xcr0: u64,
+}
+
+/// The XSAVE header and the legacy (x87/SSE) area.
+const XSAVE_BASE_SIZE: u32 = 576;
+/// Leaf 0xd subleaf i ecx bit 1: aligned to 64 bytes in the compacted form.
+const XSAVE_ALIGN64: u32 = 1 << 1;
+
+/// The XSAVE area's size for the components in `xcr0`, in the standard
+/// or the compacted form (what leaf 0xd reports for the current XCR0; the
+/// host's answer is for the host's XCR0).
+fn xsave_size(host: &dyn Fn(u32, u32) -> Regs, xcr0: u64, compacted: bool) -> u32 {
+    let mut size = XSAVE_BASE_SIZE;
+    for component in (2..63).filter(|i| xcr0 & (1 << i) != 0) {
+        let [len, offset, flags, _] = host(0xd, component);
+        size = if compacted {
+            let start = if flags & XSAVE_ALIGN64 != 0 {
+                size.next_multiple_of(64)
+            } else {
+                size
+            };
+            start.saturating_add(len)
+        } else {
+            size.max(offset.saturating_add(len))
+        };
+    }
+    size
+}
+
+/// The guest's CPUID for `leaf`/`subleaf`. `host` answers the real CPUID.
 pub fn guest_cpuid(
     host: &dyn Fn(u32, u32) -> Regs,
     leaf: u32,
     subleaf: u32,
-    osxsave: bool,
+    guest: GuestView,
 ) -> Regs {
     if (KVM_SIGNATURE_LEAF..HYPERVISOR_LEAVES_END).contains(&leaf) {
         return hypervisor_leaf(leaf);
@@ -148,7 +183,7 @@ pub fn guest_cpuid(
                 | c::DCA
                 | c::OSXSAVE;
             let mut ecx = (ecx & !hidden_ecx) | c::X2APIC | c::TSC_DEADLINE | c::HYPERVISOR;
-            if osxsave {
+            if guest.osxsave {
                 ecx |= c::OSXSAVE;
             }
             let hidden_edx =
@@ -163,7 +198,7 @@ pub fn guest_cpuid(
         5 | 6 | 0xa | 0xf | 0x10 | 0x12 | 0x14 => [0; 4],
         7 if subleaf == 0 => {
             use leaf7::{ebx as b, ecx as c, edx as d};
-            let ebx = ebx & !(b::TSC_ADJUST | b::SGX | b::PQM | b::PQE | b::INTEL_PT);
+            let ebx = ebx & !(b::TSC_ADJUST | b::SGX | b::INVPCID | b::PQM | b::PQE | b::INTEL_PT);
             let ecx = ecx & !(c::PKU | c::OSPKE | c::WAITPKG | c::LA57 | c::RDPID | c::SGX_LC);
             let edx = edx
                 & !(d::SPEC_CTRL
@@ -194,8 +229,11 @@ pub fn guest_cpuid(
                 | c::PERFCTR_LLC;
             [eax, ebx, ecx & !hidden, edx & !ext1::edx::RDTSCP]
         }
-        0xd if subleaf == 1 => [eax & !XSAVES, ebx, ecx, edx],
-        0x8000_0007 => [0, 0, 0, edx & INVARIANT_TSC],
+        0xd if subleaf == 0 => [eax, xsave_size(host, guest.xcr0, false), ecx, edx],
+        0xd if subleaf == 1 => [eax & !XSAVES, xsave_size(host, guest.xcr0, true), ecx, edx],
+        // Power management, including the invariant-TSC bit: with it Linux
+        // prefers the raw TSC to kvm-clock, whose offsets the VMM controls.
+        0x8000_0007 => [0; 4],
         // Address sizes stay; one core; no speculation-control MSRs.
         0x8000_0008 => [eax, ebx & !EXT8_EBX_SPECULATION, 0, 0],
         // SVM, AMD's extended topology and memory encryption.
@@ -236,7 +274,40 @@ mod tests {
     }
 
     fn cpuid(leaf: u32, subleaf: u32) -> Regs {
-        guest_cpuid(&host, leaf, subleaf, false)
+        guest_cpuid(&host, leaf, subleaf, GuestView::default())
+    }
+
+    #[test]
+    fn xsave_sizes_follow_the_guest_xcr0() {
+        // AVX (256 bytes at 576), MPX BNDREGS (64 at 960), PKRU (8 at 2688,
+        // 64-byte aligned when compacted).
+        fn xsave_host(leaf: u32, subleaf: u32) -> Regs {
+            match (leaf, subleaf) {
+                (0, _) => [0xd, 0, 0, 0],
+                (0x8000_0000, _) => [0x8000_0000, 0, 0, 0],
+                (0xd, 0) => [0x21f, 0x240, 0xa88, 0],
+                (0xd, 1) => [0xf, 0x240, 0, 0],
+                (0xd, 2) => [256, 576, 0, 0],
+                (0xd, 3) => [64, 960, 0, 0],
+                (0xd, 9) => [8, 2688, XSAVE_ALIGN64, 0],
+                _ => [0; 4],
+            }
+        }
+        let size = |xcr0, subleaf| {
+            let view = GuestView {
+                osxsave: true,
+                xcr0,
+            };
+            guest_cpuid(&xsave_host, 0xd, subleaf, view)[1]
+        };
+        assert_eq!(size(0x3, 0), 576);
+        assert_eq!(size(0x7, 0), 832);
+        assert_eq!(size(0x7, 1), 832);
+        assert_eq!(size(0x207, 0), 2696);
+        assert_eq!(size(0x207, 1), 840, "PKRU at 832, already aligned");
+        assert_eq!(size(0x20f, 1), 904, "BNDREGS to 896, PKRU at 896");
+        let max = guest_cpuid(&xsave_host, 0xd, 0, GuestView::default())[2];
+        assert_eq!(max, 0xa88, "the maximum stays the host's");
     }
 
     #[test]
@@ -273,7 +344,11 @@ mod tests {
         for bit in [d::MCE, d::MCA, d::MTRR, d::HTT] {
             assert_eq!(edx & bit, 0, "{bit:#x}");
         }
-        let with_osxsave = guest_cpuid(&host, 1, 0, true)[2];
+        let view = GuestView {
+            osxsave: true,
+            xcr0: 1,
+        };
+        let with_osxsave = guest_cpuid(&host, 1, 0, view)[2];
         assert_ne!(with_osxsave & c::OSXSAVE, 0);
     }
 
@@ -281,8 +356,10 @@ mod tests {
     fn hidden_features_and_topology() {
         assert_eq!(cpuid(0x8000_0001, 0)[2] & ext1::ecx::SVM, 0);
         assert_eq!(cpuid(7, 0)[3] & leaf7::edx::SPEC_CTRL, 0);
+        assert_eq!(cpuid(7, 0)[1] & leaf7::ebx::INVPCID, 0);
         assert_eq!(cpuid(7, 0)[2] & leaf7::ecx::LA57, 0);
         assert_eq!(cpuid(0xa, 0), [0; 4]);
+        assert_eq!(cpuid(0x8000_0007, 0), [0; 4], "no invariant TSC");
         assert_eq!(cpuid(0x8000_000a, 0), [0; 4]);
         assert_eq!(cpuid(0xb, 0), [0, 1, 0x100, 0]);
         assert_eq!(cpuid(0xb, 1), [0, 1, 0x201, 0]);
@@ -292,7 +369,6 @@ mod tests {
         assert_eq!(cpuid(0x20, 0), [0; 4]);
         assert_eq!(cpuid(0x8000_0022, 0), [0; 4]);
         // Passed through as is, but for what the kernel does not switch.
-        assert_eq!(cpuid(0xd, 0), [u32::MAX; 4]);
         assert_eq!(cpuid(0xd, 1)[0] & XSAVES, 0);
         assert_eq!(cpuid(0x8000_0001, 0)[3] & ext1::edx::RDTSCP, 0);
         assert_eq!(cpuid(7, 0)[2] & leaf7::ecx::RDPID, 0);

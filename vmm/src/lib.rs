@@ -19,6 +19,7 @@ extern crate alloc;
 pub mod cpu;
 pub mod cpuid;
 pub mod emulate;
+pub mod machine;
 pub mod msr;
 pub mod paging;
 pub mod pvclock;

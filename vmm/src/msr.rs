@@ -32,6 +32,8 @@ pub const DEBUGCTL: u32 = 0x1d9;
 pub const AMD_HWCR: u32 = 0xc001_0015;
 pub const AMD_SYSCFG: u32 = 0xc001_0010;
 pub const AMD_DE_CFG: u32 = 0xc001_1029;
+/// AMD: interrupt-pending message (C1E), read by Linux's AMD idle set-up.
+pub const AMD_INT_PENDING_MSG: u32 = 0xc001_0055;
 
 const EFER_LMA: u64 = 1 << 10;
 /// SCE, LME, LMA, NXE: the bits a guest may have.
@@ -92,10 +94,10 @@ impl MsrState {
             TSC => guest_tsc,
             FEATURE_CONTROL => FEATURE_CONTROL_LOCKED,
             MISC_ENABLE => MISC_ENABLE_FAST_STRINGS,
-            UCODE_REV | DEBUGCTL | AMD_HWCR | AMD_SYSCFG | AMD_DE_CFG => 0,
-            pvclock::MSR_KVM_SYSTEM_TIME_NEW | pvclock::MSR_KVM_SYSTEM_TIME => {
-                self.system_time.map_or(0, |gpa| gpa | pvclock::SYSTEM_TIME_ENABLE)
-            }
+            UCODE_REV | DEBUGCTL | AMD_HWCR | AMD_SYSCFG | AMD_DE_CFG | AMD_INT_PENDING_MSG => 0,
+            pvclock::MSR_KVM_SYSTEM_TIME_NEW | pvclock::MSR_KVM_SYSTEM_TIME => self
+                .system_time
+                .map_or(0, |gpa| gpa | pvclock::SYSTEM_TIME_ENABLE),
             pvclock::MSR_KVM_WALL_CLOCK_NEW | pvclock::MSR_KVM_WALL_CLOCK => {
                 self.wall_clock_request.unwrap_or(0)
             }
@@ -191,7 +193,11 @@ mod tests {
         let mut msrs = MsrState::default();
         let mut state = VcpuState::default();
         assert_eq!(msrs.write(&mut state, LSTAR, 0x8000_0000_0000_0000), None);
-        assert_eq!(msrs.write(&mut state, PAT, 0x02), None, "type 2 is reserved");
+        assert_eq!(
+            msrs.write(&mut state, PAT, 0x02),
+            None,
+            "type 2 is reserved"
+        );
         assert_eq!(msrs.write(&mut state, EFER, 1 << 20), None);
         assert_eq!(msrs.write(&mut state, 0x48, 1), None, "SPEC_CTRL is hidden");
         assert_eq!(msrs.read(&state, 0x179, 0), None, "no machine checks");
@@ -206,7 +212,8 @@ mod tests {
             efer: EFER_LMA | (1 << 8),
             ..VcpuState::default()
         };
-        msrs.write(&mut state, EFER, (1 << 8) | (1 << 11) | 1).unwrap();
+        msrs.write(&mut state, EFER, (1 << 8) | (1 << 11) | 1)
+            .unwrap();
         assert_eq!(state.efer, EFER_LMA | (1 << 8) | (1 << 11) | 1);
         assert_eq!(state.dirty, group::CONTROL_REGISTERS);
 

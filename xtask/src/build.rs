@@ -48,6 +48,7 @@ pub const USER_TASKS: &[UserTask] = &[
     task("moat-rtc", "rtc"),
     task("moat-spinner", "spinner"),
     task("moat-testvmm", "testvmm"),
+    task("moat-vmm", "vmm"),
 ];
 
 /// What a build leaves behind.

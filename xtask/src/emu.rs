@@ -167,11 +167,12 @@ pub enum Serial<'a> {
 }
 
 pub fn qemu_args(boot: &BootSpec, accel: Accel, serial: Serial<'_>) -> Result<Vec<String>> {
+    let memory = format!("{}M", boot.memory_mib);
     let mut args: Vec<String> = [
         "-machine",
         "pc",
         "-m",
-        "512M",
+        &memory,
         "-smp",
         "1",
         "-no-reboot",
@@ -212,6 +213,7 @@ pub struct BochsFiles {
     pub log: PathBuf,
     pub bochsrc: PathBuf,
     pub debugger_rc: PathBuf,
+    pub memory_mib: u32,
 }
 
 /// A Bochs configuration that boots `iso` from CD with COM1 going to a file.
@@ -225,7 +227,7 @@ pub fn bochsrc(files: &BochsFiles) -> String {
         "\
 display_library: rfb, options=\"timeout=0\"
 cpu: model=corei7_skylake_x, count=1, ips=50000000, reset_on_triple_fault=0
-megs: 512
+megs: {megs}
 romimage: file={BOCHS_BIOS}
 vgaromimage: file={BOCHS_VGA_BIOS}
 ata0-master: type=cdrom, path={iso}, status=inserted
@@ -241,6 +243,7 @@ info: action=ignore
         iso = files.iso.display(),
         serial = files.serial.display(),
         log = files.log.display(),
+        megs = files.memory_mib,
     )
 }
 
@@ -452,6 +455,7 @@ mod tests {
                 file: "target/image/roottask".into(),
                 args: vec!["fault".into()],
             }],
+            memory_mib: crate::image::DEFAULT_MEMORY_MIB,
         }
     }
 
@@ -549,6 +553,7 @@ mod tests {
             log: "target/systest/boot-bochs.bochslog".into(),
             bochsrc: "target/systest/boot.bochsrc".into(),
             debugger_rc: "target/systest/bochs.rc".into(),
+            memory_mib: crate::image::DEFAULT_MEMORY_MIB,
         };
         let rc = bochsrc(&files);
         for line in [

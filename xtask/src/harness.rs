@@ -38,7 +38,15 @@ const HOST_SUITES: &[HostSuite] = &[
     },
     HostSuite {
         name: "moat-vdev moat-vmm (lib) moat-firmware",
-        args: &["-p", "moat-vdev", "-p", "moat-vmm", "--lib", "-p", "moat-firmware"],
+        args: &[
+            "-p",
+            "moat-vdev",
+            "-p",
+            "moat-vmm",
+            "--lib",
+            "-p",
+            "moat-firmware",
+        ],
     },
     HostSuite {
         name: "xtask",

@@ -37,7 +37,12 @@ pub struct BootSpec {
     pub kernel: PathBuf,
     pub kernel_args: Vec<String>,
     pub modules: Vec<Module>,
+    /// The emulated machine's RAM.
+    pub memory_mib: u32,
 }
+
+/// RAM of the emulated machine unless a test needs more (a Linux guest).
+pub const DEFAULT_MEMORY_MIB: u32 = 512;
 
 impl BootSpec {
     /// QEMU's `-append`: the kernel arguments (QEMU puts the kernel path first).
@@ -241,6 +246,7 @@ pub fn assemble(artifacts: &Artifacts) -> Result<Image> {
         kernel,
         kernel_args: vec![DEBUG_EXIT_ARG.to_string()],
         modules,
+        memory_mib: DEFAULT_MEMORY_MIB,
     };
 
     let args_file = dir.join("qemu.args");
@@ -285,6 +291,7 @@ mod tests {
             kernel: "target/image/moat-kernel".into(),
             kernel_args: vec!["debug-exit".into()],
             modules,
+            memory_mib: DEFAULT_MEMORY_MIB,
         }
     }
 

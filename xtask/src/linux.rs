@@ -721,9 +721,19 @@ pub fn write_test_disk(path: &Path) -> Result<TestDisk> {
     fs::write(path, &image).context(|| format!("cannot write {}", path.display()))?;
     Ok(TestDisk {
         path: path.to_path_buf(),
-        crc32: crc32(&image[..DISK_SUM_SECTORS * SECTOR]),
-        sum_sectors: DISK_SUM_SECTORS,
+        ..TestDisk::for_image(&image)
     })
+}
+
+impl TestDisk {
+    /// What `/init` must know about `image` (no file written; `path` empty).
+    pub fn for_image(image: &[u8]) -> TestDisk {
+        TestDisk {
+            path: PathBuf::new(),
+            crc32: crc32(&image[..DISK_SUM_SECTORS * SECTOR]),
+            sum_sectors: DISK_SUM_SECTORS,
+        }
+    }
 }
 
 /// CRC-32 as zlib and busybox `crc32` compute it (reflected, 0xEDB88320).
@@ -932,6 +942,7 @@ pub fn direct(emu: Emulator, virtio: bool, extra_args: &[String]) -> Result<Exit
                 log: dir.join("bochs.log"),
                 bochsrc: dir.join("bochsrc"),
                 debugger_rc: dir.join("bochs.rc"),
+                memory_mib: crate::image::DEFAULT_MEMORY_MIB,
             };
             emu::prepare_bochs(&files)?;
             println!("linux: {}", describe(&emu::bochs_command(&files)));

@@ -263,6 +263,25 @@ component testvmm
 "
 );
 
+/// A Debian Linux guest under `vmm`: 256 MiB of RAM, a 16 MiB heap for the
+/// VMM, and the kernel, initramfs, test disk and command line as files.
+pub const LINUX: &str = "\
+component linux
+    module vmm
+    priority 10
+    memory 2M
+    stack 64K
+    quota 32M
+    restart 0
+    ram guest 256M at 0x10000000000
+    ram heap 16M at 0x20000000000
+    file kernel bzImage at 0x30000000000
+    file initrd initramfs.cpio at 0x31000000000
+    file disk disk.img at 0x32000000000
+    file cmdline cmdline at 0x33000000000
+    args epoch=1764000000
+";
+
 #[cfg(test)]
 mod tests {
     use super::*;

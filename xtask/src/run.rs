@@ -49,6 +49,7 @@ pub fn run(opts: &RunOpts) -> Result<ExitCode> {
                 log: dir.join("bochs.log"),
                 bochsrc: dir.join("bochsrc"),
                 debugger_rc: dir.join("bochs.rc"),
+                memory_mib: boot.memory_mib,
             };
             emu::prepare_bochs(&files)?;
             let output = dir.join("bochs.out");

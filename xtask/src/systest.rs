@@ -9,7 +9,8 @@ use std::thread;
 
 use crate::build::Artifacts;
 use crate::emu::{self, Accel, BochsFiles, Emulator, Exit, Serial};
-use crate::image::{BootSpec, Module, DEBUG_EXIT_ARG, IMAGE_DIR, KERNEL_NAME};
+use crate::image::{BootSpec, Module, DEBUG_EXIT_ARG, DEFAULT_MEMORY_MIB, IMAGE_DIR, KERNEL_NAME};
+use crate::linux;
 use crate::manifests;
 use crate::util;
 use crate::{Context, Error, Result};
@@ -44,6 +45,23 @@ pub enum Content {
     /// Literal bytes, written under `target/systest/<dir>/`.
     Text {
         text: &'static str,
+        dir: &'static str,
+    },
+    /// A file of the Linux test guest (`cargo xtask linux build`).
+    Linux(LinuxFile),
+}
+
+pub enum LinuxFile {
+    Kernel,
+    Initramfs,
+    /// The test disk image, written under `target/systest/<dir>/`.
+    Disk {
+        dir: &'static str,
+    },
+    /// The kernel command line: `args` and what `/init` must know about
+    /// the test disk, written under `target/systest/<dir>/`.
+    Cmdline {
+        args: &'static str,
         dir: &'static str,
     },
 }
@@ -107,6 +125,8 @@ pub struct SysTest {
     pub stop: Stop,
     /// Added to QEMU's command line.
     pub qemu_args: &'static [&'static str],
+    /// The emulated machine's RAM.
+    pub memory_mib: u32,
 }
 
 /// The defaults for the fields a test does not set.
@@ -119,6 +139,7 @@ const BASE: SysTest = SysTest {
     sequences: &[],
     stop: Stop::AtExit,
     qemu_args: &[],
+    memory_mib: DEFAULT_MEMORY_MIB,
 };
 
 impl SysTest {
@@ -165,6 +186,70 @@ pub const fn manifest(dir: &'static str, text: &'static str) -> ModuleSpec {
 const HELLO: &str = "roottask: hello from ring 3";
 const NO_TASKS_LEFT: &str = "moat: no tasks left";
 const MEMORY_RETURNED: &str = "all its memory is free again";
+
+/// The Linux guest's boot modules: the root task, the manifest, the VMM
+/// and what the manifest's `file` lines name.
+const LINUX_MODULES: &[ModuleSpec] = &[
+    ROOTTASK,
+    manifest("linux", manifests::LINUX),
+    component("vmm"),
+    ModuleSpec {
+        name: "bzImage",
+        content: Content::Linux(LinuxFile::Kernel),
+        args: &[],
+    },
+    ModuleSpec {
+        name: "initramfs.cpio",
+        content: Content::Linux(LinuxFile::Initramfs),
+        args: &[],
+    },
+    ModuleSpec {
+        name: "disk.img",
+        content: Content::Linux(LinuxFile::Disk { dir: "linux" }),
+        args: &[],
+    },
+    ModuleSpec {
+        name: "cmdline",
+        content: Content::Linux(LinuxFile::Cmdline {
+            args: LINUX_ARGS,
+            dir: "linux",
+        }),
+        args: &[],
+    },
+];
+
+/// The guest kernel's arguments, as for the direct-boot baseline.
+const LINUX_ARGS: &str = "console=ttyS0 panic=-1";
+
+/// What the Linux guest must show: its boot, every check `/init` makes
+/// (ok, in order, on both boots: the disk test reboots once), and the VMM's
+/// report of a clean power-off. Any `FAIL` fails the test.
+const LINUX_CHECKS: &[Expect] = &[
+    all("vmm: 256 MiB RAM"),
+    all("Hypervisor detected: KVM"),
+    all("MOAT-INIT start"),
+    all("MOAT-CHECK blk-read ok"),
+    all("MOAT-CHECK blk-write ok"),
+    all("MOAT-INIT reboot"),
+    all("vmm: guest reset (reset"),
+    all("MOAT-INIT start"),
+    all("MOAT-CHECK blk-read ok"),
+    all("MOAT-CHECK blk-persist ok"),
+    all("MOAT-CHECK cpu-hypervisor ok"),
+    all("MOAT-CHECK clocksource ok kvm-clock"),
+    all("MOAT-CHECK virtio-console ok"),
+    all("MOAT-CHECK virtio-block ok"),
+    all("MOAT-CHECK virtio-net ok"),
+    all("MOAT-CHECK virtio-rng ok"),
+    all("MOAT-CHECK hvc0 ok"),
+    all("MOAT-CHECK port-moat0 ok"),
+    all("MOAT-CHECK net-ping ok 3 packets transmitted, 3 packets received"),
+    all("MOAT-CHECK rng ok"),
+    all("MOAT-INIT done checks=24 failed=0"),
+    all("vmm: exits "),
+    all("vmm: guest stopped: power-off"),
+    all("roottask: component 'linux' finished"),
+];
 
 pub const TESTS: &[SysTest] = &[
     SysTest {
@@ -523,6 +608,16 @@ pub const TESTS: &[SysTest] = &[
         stop: Stop::WhenDecided,
         ..BASE
     },
+    SysTest {
+        name: "linux",
+        modules: LINUX_MODULES,
+        kernel_args: &["pool=400"],
+        expect: LINUX_CHECKS,
+        forbid: &["FAIL", "roottask: component 'linux' faulted"],
+        stop: Stop::WhenDecided,
+        memory_mib: 1024,
+        ..BASE
+    },
 ];
 
 /// Every test guest's verdict lines (`moat_testvm::TestGuest::expect`,
@@ -847,6 +942,7 @@ fn boot_spec(test: &SysTest, artifacts: &Artifacts) -> Result<BootSpec> {
                 write_module(dir, m.name, &bytes[..len.min(bytes.len())])?
             }
             Content::Text { text, dir } => write_module(dir, m.name, text.as_bytes())?,
+            Content::Linux(ref file) => linux_module(file, m.name)?,
         };
         modules.push(Module {
             name: m.name.to_string(),
@@ -862,6 +958,25 @@ fn boot_spec(test: &SysTest, artifacts: &Artifacts) -> Result<BootSpec> {
         kernel: Path::new(IMAGE_DIR).join(KERNEL_NAME),
         kernel_args,
         modules,
+        memory_mib: test.memory_mib,
+    })
+}
+
+/// The file behind a Linux guest module, built or written as needed.
+fn linux_module(file: &LinuxFile, name: &str) -> Result<PathBuf> {
+    Ok(match file {
+        LinuxFile::Kernel => linux::build()?.kernel,
+        LinuxFile::Initramfs => linux::build()?.initramfs,
+        LinuxFile::Disk { dir } => {
+            let dir = Path::new(SYSTEST_DIR).join(dir);
+            fs::create_dir_all(&dir).context(|| format!("cannot create {}", dir.display()))?;
+            linux::write_test_disk(&dir.join(name))?.path
+        }
+        LinuxFile::Cmdline { args, dir } => {
+            let disk = linux::TestDisk::for_image(&linux::test_disk_image());
+            let line = format!("{args} {}\n", disk.kernel_args().join(" "));
+            write_module(dir, name, line.as_bytes())?
+        }
     })
 }
 
@@ -891,6 +1006,7 @@ fn prepare(test: &SysTest, emu: Emulator, boot: &BootSpec, serial: &Path) -> Res
                 log: dir.join(format!("{}-bochs.bochslog", test.name)),
                 bochsrc: dir.join(format!("{}.bochsrc", test.name)),
                 debugger_rc: dir.join("bochs.rc"),
+                memory_mib: boot.memory_mib,
             };
             emu::prepare_bochs(&files)?;
             Ok(Launch::Bochs(files))

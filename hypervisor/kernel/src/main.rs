@@ -153,7 +153,16 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
         unsafe { core::arch::asm!("ud2") };
     }
 
-    root::start(&boot_info, timer.tsc_hz)
+    root::start(&boot_info, timer.tsc_hz, word_value(cmdline, "pool"))
+}
+
+/// The number in `key=N` on the command line.
+fn word_value(cmdline: &str, key: &str) -> Option<u64> {
+    cmdline
+        .split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.parse().ok())
 }
 
 fn enable_virtualization(features: &features::Features) {

@@ -52,7 +52,9 @@ fn copy_padded(target: &mut [u8], text: &str) {
 
 /// Starts the root task; never returns. A missing or broken first module is
 /// reported by name and the kernel stops cleanly.
-pub fn start(boot: &Multiboot, tsc_hz: u64) -> ! {
+/// `pool_mib`: the root's memory pool in MiB (the kernel command line's
+/// `pool=`); by default a quarter of free memory, at most 64 MiB.
+pub fn start(boot: &Multiboot, tsc_hz: u64, pool_mib: Option<u64>) -> ! {
     let Some(module) = boot.modules().first() else {
         log::error!("root task module missing: the boot loader passed no modules (the root task must be the first)");
         stop(StopReason::NoTasks);
@@ -79,6 +81,7 @@ pub fn start(boot: &Multiboot, tsc_hz: u64) -> ! {
         &image,
         &args_buffer[..args.len()],
         tsc_hz,
+        pool_mib,
     ) {
         Ok(pool) => log::info!(
             "task '{name}': entry {:#x}, {} segment(s), pool {} MiB, kernel quota {} KiB",
@@ -178,9 +181,16 @@ fn build(
     image: &ElfImage,
     args: &[u8],
     tsc_hz: u64,
+    pool_mib: Option<u64>,
 ) -> Result<u64, Status> {
     let free = memory::free_frames().saturating_sub(KERNEL_RESERVE_FRAMES);
-    let pool_pages = (free / 4).min(16384) as u64;
+    // At most three quarters: the rest is the kernel's, half of it the
+    // root's quota.
+    let pool_pages = match pool_mib {
+        Some(mib) => mib.saturating_mul(1 << 20) / PAGE_SIZE,
+        None => 16384,
+    }
+    .min(free as u64 / 4 * 3);
     let quota = (free as u64 - pool_pages) * PAGE_SIZE / 2;
     let pd = kernel.new_pd(None, quota, ROOT_CAPACITY, false)?;
     kernel.root_pd = Some(pd);

@@ -289,7 +289,9 @@ impl Kernel {
         };
         v.xcr0 = fpu::save_guest(fpu_area, v.xcr0);
         debug::save(&mut v.debug);
-        if st.want & group::CONTROL_REGISTERS != 0 {
+        // Also when the backend marked the control registers dirty for the
+        // next entry (a CR write it emulated): they must all be current.
+        if (st.want | st.dirty) & group::CONTROL_REGISTERS != 0 {
             st.xcr0 = v.xcr0;
         }
         if st.want & group::DEBUG != 0 {

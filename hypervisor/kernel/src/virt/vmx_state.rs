@@ -292,6 +292,33 @@ impl FixedBits {
     }
 }
 
+const CR0_NW: u64 = 1 << 29;
+const CR0_CD: u64 = 1 << 30;
+const CR4_PAE: u64 = 1 << 5;
+const CR4_PCIDE: u64 = 1 << 17;
+
+/// Whether MOV to CR0 of `value` raises #GP (SDM Vol. 2B, "MOV—Move
+/// to/from Control Registers"): high bits, PG without PE, NW without CD,
+/// paging on in long mode without PAE, paging off from 64-bit code or with
+/// PCIDE. `cs_long`: the guest runs 64-bit code.
+pub const fn cr0_write_faults(value: u64, cr4: u64, efer: u64, cs_long: bool) -> bool {
+    let pg = value & CR0_PG != 0;
+    value >> 32 != 0
+        || (pg && value & CR0_PE == 0)
+        || (value & CR0_NW != 0 && value & CR0_CD == 0)
+        || (pg && efer & EFER_LME != 0 && cr4 & CR4_PAE == 0)
+        || (!pg && (cs_long || cr4 & CR4_PCIDE != 0))
+}
+
+/// Whether MOV to CR4 of `value` raises #GP: bits the CPU does not allow
+/// (FIXED1 clear), bits the host keeps (`host_owned`, e.g. VMXE: a guest
+/// sees no VMX), PAE off in long mode.
+pub const fn cr4_write_faults(value: u64, fixed: FixedBits, host_owned: u64, efer: u64) -> bool {
+    value & !fixed.fixed1 != 0
+        || value & host_owned != 0
+        || (efer & EFER_LMA != 0 && value & CR4_PAE == 0)
+}
+
 /// EFER as VM entry wants it: LMA = LME && CR0.PG (26.3.1.1), whatever the
 /// VMM wrote there.
 pub const fn entry_efer(efer: u64, cr0: u64) -> u64 {
@@ -551,6 +578,41 @@ mod tests {
         assert_eq!(s.timer_rate, 5);
         assert!(s.activity_hlt);
         assert!(s.pat() && s.preemption_timer());
+    }
+
+    #[test]
+    fn control_register_writes_that_fault() {
+        let (pe, pg, cd, nw, pae) = (CR0_PE, CR0_PG, CR0_CD, CR0_NW, CR4_PAE);
+        // Linux's real-mode reboot path: caches off, paging off.
+        assert!(!cr0_write_faults(cd | nw | 0x10 | pe, 0, 0, false));
+        assert!(!cr0_write_faults(pg | pe | 0x20, pae, EFER_LME, true));
+        assert!(cr0_write_faults(pg, 0, 0, false), "PG without PE");
+        assert!(cr0_write_faults(nw | pe, 0, 0, false), "NW without CD");
+        assert!(cr0_write_faults(1 << 32 | pe, 0, 0, false));
+        assert!(
+            cr0_write_faults(pg | pe, 0, EFER_LME, false),
+            "long mode without PAE"
+        );
+        assert!(
+            cr0_write_faults(pe, pae, EFER_LME | EFER_LMA, true),
+            "paging off in 64-bit code"
+        );
+        assert!(cr0_write_faults(pe, CR4_PCIDE, 0, false));
+
+        let fixed = FixedBits::new(0x2000, 0x003f_ffff);
+        assert!(!cr4_write_faults(pae | 0x80, fixed, 0x2000, 0));
+        assert!(
+            cr4_write_faults(0x2000, fixed, 0x2000, 0),
+            "VMXE is the host's"
+        );
+        assert!(
+            cr4_write_faults(1 << 30, fixed, 0x2000, 0),
+            "not allowed by FIXED1"
+        );
+        assert!(
+            cr4_write_faults(0x80, fixed, 0x2000, EFER_LMA),
+            "PAE off in long mode"
+        );
     }
 
     #[test]

@@ -17,6 +17,8 @@ const CR4_OSXSAVE: u64 = 1 << 18;
 /// FXSAVE layout: FPU control word at 0, MXCSR at 24.
 const FCW_OFFSET: usize = 0;
 const MXCSR_OFFSET: usize = 24;
+/// XSTATE_BV in the XSAVE header, after the 512-byte legacy area.
+const XSTATE_BV_OFFSET: usize = 512;
 const FCW_DEFAULT: u16 = 0x037f;
 const MXCSR_DEFAULT: u32 = 0x1f80;
 const AREA_SIZE: u64 = 4096;
@@ -89,11 +91,18 @@ pub fn reset_area(area: &mut [u8; 4096]) {
 }
 
 /// Loads a guest's state: its XCR0 and the components it enables.
-pub fn load_guest(area: &[u8; 4096], xcr0: u64) {
+pub fn load_guest(area: &mut [u8; 4096], xcr0: u64) {
+    // XRSTOR faults on a component in XSTATE_BV that XCR0 lacks: the VMM
+    // may have shrunk XCR0 since the image was saved (a guest reset). Such
+    // components go back to their initial state, as the CPU would do.
+    let header = &mut area[XSTATE_BV_OFFSET..XSTATE_BV_OFFSET + 8];
+    let mut bv = [0u8; 8];
+    bv.copy_from_slice(header);
+    header.copy_from_slice(&(u64::from_le_bytes(bv) & xcr0).to_le_bytes());
     // SAFETY: CLTS allows FPU instructions; the area is a whole page (so
     // 64-byte aligned and large enough, checked at init) holding a valid
-    // image (`reset_area` or a previous save with the same XCR0 or a subset:
-    // components outside it are in XSTATE_BV = 0, their initial state).
+    // image (`reset_area` or a previous save in the standard format, its
+    // XSTATE_BV now within XCR0).
     unsafe {
         core::arch::asm!("clts", options(nomem, nostack));
         if SUPPORTED_XCR0.load(Ordering::Relaxed) != 0 {

@@ -11,11 +11,11 @@
 use core::arch::asm;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use moat_abi::vcpu::{exit_on, exit_reason, group, Inject, Segment, VcpuState};
+use moat_abi::vcpu::{event_kind, exit_on, exit_reason, group, Inject, Segment, VcpuState};
 use moat_abi::{Status, HYPERCALL_IPC, HYPERCALL_SELECTOR_MASK};
 use moat_kernel::virt::ept::InveptType;
 use moat_kernel::virt::event::{Event, EventKind};
-use moat_kernel::virt::exit::{decode_vmx, vmx_reason, Exit, VmxExitInfo};
+use moat_kernel::virt::exit::{decode_vmx, vmx_reason, CrAccess, Exit, VmxExitInfo};
 use moat_kernel::virt::vmcs::{
     msr as vmx_msr, ActivityState, EntryControls, Interruptibility, PrimaryControls,
     SecondaryControls, VmcsField as F,
@@ -582,16 +582,65 @@ impl VmxVcpu {
         Ok(())
     }
 
+    fn store_control_registers(&self, state: &mut VcpuState) -> Result<(), VmFail> {
+        let s = self.setup;
+        state.cr0 = s.cr0.visible(read(F::GuestCr0)?, read(F::Cr0ReadShadow)?);
+        state.cr4 = s.cr4.visible(read(F::GuestCr4)?, read(F::Cr4ReadShadow)?);
+        state.cr3 = read(F::GuestCr3)?;
+        state.cr2 = self.registers.cr2;
+        state.cr8 = u64::from(*self.vtpr >> 4);
+        state.efer = read(F::GuestEfer)?;
+        Ok(())
+    }
+
+    /// A guest's MOV to CR0 or CR4 that touched a bit the host owns (VMX
+    /// forces it, e.g. CR0.NE): done here, as the CPU would without VMX,
+    /// so the guest keeps its own view and the VMM sees no VMX artefact.
+    /// The guest resumes after the instruction, or takes #GP.
+    fn write_control_register(
+        &self,
+        state: &mut VcpuState,
+        cr: u8,
+        gpr: u8,
+        instruction_length: u64,
+    ) -> Result<(), VmFail> {
+        let value = gpr_value(state, gpr);
+        self.store_control_registers(state)?;
+        let cs_long = read32(F::GuestCsAccessRights)? & ACCESS_RIGHTS_L != 0;
+        let s = self.setup;
+        let faults = if cr == 0 {
+            vmx_state::cr0_write_faults(value, state.cr4, state.efer, cs_long)
+        } else {
+            vmx_state::cr4_write_faults(value, s.cr4, s.cr4.mask(), state.efer)
+        };
+        if faults {
+            state.inject = Inject {
+                vector: GP_VECTOR,
+                kind: event_kind::HARDWARE_EXCEPTION,
+                has_error_code: 1,
+                reserved: 0,
+                error_code: 0,
+            };
+            state.dirty |= group::INJECT;
+            return Ok(());
+        }
+        if cr == 0 {
+            state.cr0 = value;
+        } else {
+            state.cr4 = value;
+        }
+        // The next entry loads them all (and flushes the VPID's
+        // translations) and leaves the interrupt shadow with the new RIP.
+        state.dirty |= group::CONTROL_REGISTERS;
+        state.rip = state.rip.wrapping_add(instruction_length);
+        Ok(())
+    }
+
     fn store(&self, state: &mut VcpuState) -> Result<(), VmFail> {
         let want = state.want;
         let s = self.setup;
         if want & group::CONTROL_REGISTERS != 0 {
-            state.cr0 = s.cr0.visible(read(F::GuestCr0)?, read(F::Cr0ReadShadow)?);
-            state.cr4 = s.cr4.visible(read(F::GuestCr4)?, read(F::Cr4ReadShadow)?);
-            state.cr3 = read(F::GuestCr3)?;
-            state.cr2 = self.registers.cr2;
-            state.cr8 = u64::from(*self.vtpr >> 4);
-            state.efer = read(F::GuestEfer)?;
+            self.store_control_registers(state)?;
         }
         if want & group::SEGMENTS != 0 {
             let segments = [
@@ -759,6 +808,14 @@ impl VmxVcpu {
         if exit == Exit::Nmi {
             raise_host_nmi();
         }
+        if let Exit::ControlRegister {
+            cr: cr @ (0 | 4),
+            access: CrAccess::Write { gpr: Some(gpr) },
+        } = exit
+        {
+            self.write_control_register(state, cr, gpr, instruction_length)?;
+            return Ok(RunOutcome::Host);
+        }
         match exit {
             // The host takes its interrupt (still pending: the exit does not
             // acknowledge it) once the kernel enables interrupts; its NMI it
@@ -828,6 +885,18 @@ impl VmxVcpu {
 }
 
 const CR0_PE: u64 = 1 << 0;
+const GP_VECTOR: u8 = 13;
+/// VMX access rights: 64-bit code segment.
+const ACCESS_RIGHTS_L: u32 = 1 << 13;
+
+/// General-purpose register `gpr` (0 = RAX … 15 = R15) from the state page.
+fn gpr_value(state: &VcpuState, gpr: u8) -> u64 {
+    let s = state;
+    [
+        s.rax, s.rcx, s.rdx, s.rbx, s.rsp, s.rbp, s.rsi, s.rdi, s.r8, s.r9, s.r10, s.r11, s.r12,
+        s.r13, s.r14, s.r15,
+    ][usize::from(gpr & 0xf)]
+}
 
 /// An NMI that caused a VM exit was consumed by it: unlike an external
 /// interrupt it does not stay pending for the host. INT 2 runs the host's

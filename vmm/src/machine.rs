@@ -1,0 +1,961 @@
+//! The virtual PC as the VMM runs it: guest RAM, the device models on a
+//! port bus and an MMIO bus, interrupt routing, and what to do on each
+//! exit. Safe and host-tested: the VMM binary supplies guest memory and
+//! time, runs the vCPU, and prints what the guest's console wrote.
+#![forbid(unsafe_code)]
+
+use alloc::boxed::Box;
+use alloc::rc::Rc;
+use alloc::vec::Vec;
+use core::cell::RefCell;
+
+use moat_abi::vcpu::{exit_flags, exit_reason, group, VcpuState};
+use vdev::acpi_pm::{self, AcpiPm, PowerRequest};
+use vdev::ioapic::{self, InterruptTarget, IoApic};
+use vdev::lapic::{self, Lapic, LapicConfig};
+use vdev::pci::{PciConfigIo, PciEcam, PciMmio, PciRoot};
+use vdev::pic::{Pic, PicChip, PicPorts};
+use vdev::pit::{Pit, SystemControlPort};
+use vdev::rtc::Rtc;
+use vdev::uart::{self, SerialOut, Uart};
+use vdev::virtio::block::{Block, MemDisk};
+use vdev::virtio::console::{Console, PortBackend};
+use vdev::virtio::net::{EchoPeer, Net, ECHO_PEER_IP, ECHO_PEER_MAC};
+use vdev::virtio::pci::{VirtioPci, VirtioPciWiring};
+use vdev::virtio::rng::{EntropySource, Rng};
+use vdev::{BadGuestAddress, Bus, BusDevice, Clock, GuestMemory, IrqLine, MsiSink, Shared};
+
+use crate::emulate::{emulate, Outcome};
+use crate::msr::{Effect, MsrState};
+use crate::pvclock::{self, Scale};
+use crate::state::{self, cpu_state, store_cpu_state};
+use crate::{cpuid, NotRam, Platform};
+
+/// The guest's TSC, which the binary derives from the host's.
+pub trait TimeSource {
+    fn guest_tsc(&self) -> u64;
+}
+
+/// Guest time for the device models: the guest TSC scaled like kvm-clock
+/// scales it, so the guest and the models agree on every nanosecond.
+#[derive(Clone)]
+pub struct GuestClock {
+    time: Rc<dyn TimeSource>,
+    scale: Scale,
+}
+
+impl GuestClock {
+    pub fn new(time: Rc<dyn TimeSource>, scale: Scale) -> Self {
+        Self { time, scale }
+    }
+
+    pub fn tsc(&self) -> u64 {
+        self.time.guest_tsc()
+    }
+}
+
+impl Clock for GuestClock {
+    fn now_ns(&self) -> u64 {
+        self.scale.ns(self.time.guest_tsc())
+    }
+}
+
+/// Where the standard PC devices sit.
+pub mod ports {
+    pub const PIC_MASTER: u64 = 0x20;
+    pub const PIC_SLAVE: u64 = 0xa0;
+    pub const PIT: u64 = 0x40;
+    pub const SYSTEM_CONTROL: u64 = 0x61;
+    pub const RTC: u64 = 0x70;
+    pub const COM1: u64 = 0x3f8;
+    /// QEMU's pvpanic device, which Linux's pvpanic driver finds in the
+    /// DSDT (`QEMU0001`).
+    pub const PVPANIC: u64 = 0x505;
+    pub const ACPI_PM: u64 = 0x600;
+}
+
+/// IOAPIC pins of the ISA devices (IRQ 0 arrives at GSI 2, as the MADT's
+/// override says).
+mod pins {
+    pub const PIT: usize = 2;
+    pub const COM1: usize = 4;
+    pub const RTC: usize = 8;
+}
+
+/// The PCI side of the standard layout (`firmware::GuestLayout::standard`).
+pub mod pci {
+    pub const CONFIG_PORT: u64 = 0xcf8;
+    pub const MMIO_BASE: u64 = 0xc000_0000;
+    pub const MMIO_LEN: u64 = 0x2000_0000;
+    pub const ECAM_BASE: u64 = 0xe000_0000;
+    pub const ECAM_LEN: u64 = 1 << 20;
+    /// INTA# of slot `s` reaches GSI `INTX_GSI_BASE + s % 4`.
+    pub const INTX_GSI_BASE: usize = 16;
+}
+
+/// The name of the virtio-console port besides hvc0.
+pub const NAMED_PORT: &str = "moat0";
+/// The guest's MAC address.
+pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+
+/// What a virtio-console port's guest wrote, kept until the machine
+/// echoes it back.
+#[derive(Clone, Default)]
+struct EchoPort(Rc<RefCell<Vec<u8>>>);
+
+impl PortBackend for EchoPort {
+    fn output(&mut self, data: &[u8]) {
+        if let Ok(mut pending) = self.0.try_borrow_mut() {
+            pending.extend_from_slice(data);
+        }
+    }
+}
+
+/// MSIs to the local APIC: fixed and lowest-priority messages to the
+/// 0xFEEx_xxxx window; anything else is dropped.
+struct MsiToLapic(LapicTarget);
+
+const MSI_WINDOW: u64 = 0xfee0_0000;
+const MSI_WINDOW_MASK: u64 = 0xfff0_0000;
+const MSI_DELIVERY_SHIFT: u32 = 8;
+const MSI_LEVEL: u32 = 1 << 15;
+
+impl MsiSink for MsiToLapic {
+    fn send(&self, address: u64, data: u32) {
+        let delivery = (data >> MSI_DELIVERY_SHIFT) & 0b111;
+        if address & MSI_WINDOW_MASK == MSI_WINDOW && delivery <= 1 {
+            self.0.deliver(data as u8, data & MSI_LEVEL != 0);
+        }
+    }
+}
+
+/// The virtio devices and what feeds them.
+struct Virtio {
+    console: Shared<VirtioPci<Console>>,
+    /// hvc0's and the named port's output, echoed back.
+    echo: [EchoPort; 2],
+    block: Option<Shared<VirtioPci<Block<MemDisk>>>>,
+}
+
+/// The guest's console bytes, collected for the binary to print.
+#[derive(Clone, Default)]
+pub struct ConsoleOutput(Rc<RefCell<Vec<u8>>>);
+
+impl ConsoleOutput {
+    pub fn take(&self) -> Vec<u8> {
+        self.0
+            .try_borrow_mut()
+            .map(|mut b| core::mem::take(&mut *b))
+            .unwrap_or_default()
+    }
+}
+
+impl SerialOut for ConsoleOutput {
+    fn write_byte(&mut self, byte: u8) {
+        if let Ok(mut buffer) = self.0.try_borrow_mut() {
+            buffer.push(byte);
+        }
+    }
+}
+
+type GuestLapic = Lapic<GuestClock>;
+
+/// Interrupts from the IOAPIC and MSIs go to the local APIC. No path
+/// reaches here while the LAPIC itself is borrowed (its EOIs are forwarded
+/// after its borrow ends), so a failed borrow is a bug that loses one
+/// interrupt rather than a panic.
+#[derive(Clone)]
+pub struct LapicTarget(Shared<GuestLapic>);
+
+impl InterruptTarget for LapicTarget {
+    fn deliver(&self, vector: u8, level_triggered: bool) -> bool {
+        self.0
+            .try_borrow_mut()
+            .map(|mut lapic| lapic.accept(vector, level_triggered))
+            .unwrap_or(false)
+    }
+}
+
+type GuestIoApic = IoApic<LapicTarget>;
+
+/// A device's interrupt line into an IOAPIC pin.
+#[derive(Clone)]
+pub struct IoApicPin {
+    ioapic: Shared<GuestIoApic>,
+    pin: usize,
+}
+
+impl IrqLine for IoApicPin {
+    fn set_level(&self, high: bool) {
+        if let Ok(mut ioapic) = self.ioapic.try_borrow_mut() {
+            ioapic.set_irq(self.pin, high);
+        }
+    }
+}
+
+/// QEMU's pvpanic interface: reading shows the events it supports, the
+/// guest writes bit 0 when it panics.
+#[derive(Default)]
+pub struct PvPanic {
+    pub panicked: bool,
+}
+
+const PVPANIC_PANICKED: u8 = 1;
+
+impl BusDevice for PvPanic {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let Some(first) = data.first_mut() {
+            *first = PVPANIC_PANICKED;
+        }
+    }
+
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        if data.first().is_some_and(|b| b & PVPANIC_PANICKED != 0) {
+            self.panicked = true;
+        }
+    }
+}
+
+/// Why the guest stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    PowerOff,
+    Reset,
+    /// The guest said so through pvpanic.
+    Panic,
+    /// A triple fault (`SHUTDOWN` exit).
+    TripleFault,
+    /// HLT with interrupts disabled: nothing can wake it.
+    HaltedForever,
+    /// The kernel refused the vCPU state, or an exit the VMM cannot
+    /// continue from.
+    Failed(Failure),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    InvalidState {
+        raw: u64,
+        qualification: u64,
+    },
+    /// Instruction or page table outside RAM during emulation.
+    NotRam(u64),
+    /// An exception exit (exceptions are the guest's own).
+    Exception(u8),
+    /// The emulator saw the guest race its page tables too often at one
+    /// RIP.
+    Mismatch(u64),
+}
+
+/// What the binary does after an exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Resume,
+    /// Wait until an interrupt is due ([`Machine::next_deadline_ns`]) or
+    /// input arrives, then resume.
+    Halt,
+    Stop(Stop),
+}
+
+/// Exits by `exit_reason`, for the boot report.
+#[derive(Clone, Debug, Default)]
+pub struct ExitStats {
+    pub by_reason: [u64; 16],
+    /// Port I/O exits to a port no device claims.
+    pub unclaimed_ports: u64,
+    /// Instructions the emulator refused (#UD injected).
+    pub unsupported: u64,
+    /// MSR accesses answered with #GP.
+    pub msr_faults: u64,
+    /// The last of them: the MSR and whether it was a write.
+    pub last_msr_fault: Option<(u32, bool)>,
+}
+
+impl ExitStats {
+    pub fn total(&self) -> u64 {
+        self.by_reason.iter().sum()
+    }
+}
+
+/// What the machine is made from.
+pub struct Config {
+    pub ram_size: u64,
+    pub tsc_hz: u64,
+    /// Unix time at guest time 0 (the RTC and kvm-clock's wall clock).
+    pub boot_unix_secs: u64,
+}
+
+/// Emulation gives up after this many page-table races at one RIP.
+const MISMATCH_LIMIT: u32 = 1000;
+/// Fixed lengths of the instructions whose exits may lack one (SVM
+/// without NRIP): CPUID, RDMSR, WRMSR (0F xx), HLT (F4), XSETBV and
+/// VMCALL/VMMCALL (0F 01 xx).
+const TWO_BYTES: u64 = 2;
+const HLT_LEN: u64 = 1;
+const THREE_BYTES: u64 = 3;
+const CR4_OSXSAVE: u64 = 1 << 18;
+/// KVM's answer to an unknown hypercall.
+const KVM_ENOSYS: u64 = (-1000i64) as u64;
+
+pub struct Machine {
+    mem: Rc<dyn GuestMemory>,
+    ram_size: u64,
+    pio: Bus,
+    mmio: Bus,
+    lapic: Shared<GuestLapic>,
+    ioapic: Shared<GuestIoApic>,
+    uart: Shared<Uart<IoApicPin, ConsoleOutput>>,
+    pm: Shared<AcpiPm>,
+    pvpanic: Shared<PvPanic>,
+    pit: Shared<Pit<GuestClock, IoApicPin>>,
+    rtc: Shared<Rtc<GuestClock, IoApicPin>>,
+    console: ConsoleOutput,
+    clock: GuestClock,
+    msrs: MsrState,
+    boot_unix_secs: u64,
+    host_cpuid: Box<dyn Fn(u32, u32) -> [u32; 4]>,
+    /// Console input the UART's FIFO had no room for yet.
+    pending_input: Vec<u8>,
+    mismatch: (u64, u32),
+    virtio: Option<Virtio>,
+    /// The guest's CR8 as of the last exit.
+    cr8_seen: u64,
+    pub stats: ExitStats,
+}
+
+fn shared<D>(device: D) -> Shared<D> {
+    Rc::new(RefCell::new(device))
+}
+
+impl Machine {
+    /// A PC with the standard devices; the binary loads the guest into RAM
+    /// with `firmware` before the first run.
+    pub fn new(
+        config: &Config,
+        mem: Rc<dyn GuestMemory>,
+        time: Rc<dyn TimeSource>,
+        host_cpuid: Box<dyn Fn(u32, u32) -> [u32; 4]>,
+    ) -> Option<Self> {
+        let scale = Scale::for_frequency(config.tsc_hz)?;
+        let clock = GuestClock::new(time, scale);
+        let lapic = shared(Lapic::new(
+            clock.clone(),
+            LapicConfig {
+                apic_id: 0,
+                bsp: true,
+                timer_hz: config.tsc_hz,
+                tsc_hz: config.tsc_hz,
+            },
+        ));
+        lapic.borrow_mut().set_guest_tsc(clock.tsc());
+        let ioapic = shared(IoApic::new(LapicTarget(lapic.clone())));
+        let pin = |pin| IoApicPin {
+            ioapic: ioapic.clone(),
+            pin,
+        };
+        let console = ConsoleOutput::default();
+        let uart = shared(Uart::new(pin(pins::COM1), console.clone()));
+        let pm = shared(AcpiPm::new());
+        let pvpanic = shared(PvPanic::default());
+        let pit = shared(Pit::new(clock.clone(), pin(pins::PIT)));
+        let rtc = shared(Rtc::new(
+            clock.clone(),
+            pin(pins::RTC),
+            config.boot_unix_secs,
+        ));
+        let pic = shared(Pic::new());
+
+        let mut pio = Bus::new();
+        let mut mmio = Bus::new();
+        let pic_ports = |chip| {
+            shared(PicPorts {
+                pic: pic.clone(),
+                chip,
+            })
+        };
+        let placed = [
+            pio.insert(ports::PIC_MASTER, 2, pic_ports(PicChip::Master)),
+            pio.insert(ports::PIC_SLAVE, 2, pic_ports(PicChip::Slave)),
+            pio.insert(ports::PIT, 4, pit.clone()),
+            pio.insert(
+                ports::SYSTEM_CONTROL,
+                1,
+                shared(SystemControlPort(pit.clone())),
+            ),
+            pio.insert(ports::RTC, 2, rtc.clone()),
+            pio.insert(ports::COM1, uart::WINDOW_LEN, uart.clone()),
+            pio.insert(ports::PVPANIC, 1, pvpanic.clone()),
+            pio.insert(ports::ACPI_PM, acpi_pm::WINDOW_LEN, pm.clone()),
+            mmio.insert(0xfec0_0000, ioapic::WINDOW_LEN, ioapic.clone()),
+            mmio.insert(lapic::DEFAULT_BASE, lapic::WINDOW_LEN, lapic.clone()),
+        ];
+        if placed.iter().any(Result::is_err) {
+            return None;
+        }
+        Some(Self {
+            mem,
+            ram_size: config.ram_size,
+            pio,
+            mmio,
+            lapic,
+            ioapic,
+            uart,
+            pm,
+            pvpanic,
+            pit,
+            rtc,
+            console,
+            clock,
+            msrs: MsrState::default(),
+            boot_unix_secs: config.boot_unix_secs,
+            host_cpuid,
+            pending_input: Vec::new(),
+            mismatch: (0, 0),
+            virtio: None,
+            cr8_seen: 0,
+            stats: ExitStats::default(),
+        })
+    }
+
+    /// Adds the PCI host bridge with the virtio devices: console (hvc0 and
+    /// [`NAMED_PORT`], both echoed back by the VMM), block on `disk` (if
+    /// any), net to an echo peer, entropy from `entropy`.
+    pub fn add_pci_devices(
+        &mut self,
+        disk: Option<Vec<u8>>,
+        entropy: Box<dyn EntropySource>,
+    ) -> Result<(), vdev::pci::PciError> {
+        let root = shared(PciRoot::new(pci::MMIO_BASE, pci::MMIO_LEN));
+        let wiring = |slot: u8| {
+            let pin = pci::INTX_GSI_BASE + usize::from(slot) % 4;
+            VirtioPciWiring {
+                mem: self.mem.clone(),
+                msi: Rc::new(MsiToLapic(self.lapic_target())),
+                intx: Rc::new(self.irq_line(pin)),
+                intx_irq: pin as u8,
+            }
+        };
+        let echo = [EchoPort::default(), EchoPort::default()];
+        let ports: Vec<(&str, Box<dyn PortBackend>)> = Vec::from([(
+            NAMED_PORT,
+            Box::new(echo[1].clone()) as Box<dyn PortBackend>,
+        )]);
+        let console = Console::new(Box::new(echo[0].clone()), ports);
+        // Slots are handed out 1, 2, ... in the order of `add`.
+        let console = shared(VirtioPci::new(console, wiring(1))?);
+        root.borrow_mut().add(console.clone())?;
+        let mut next = 2;
+        let block = match disk {
+            Some(bytes) => {
+                let block = Block::new(MemDisk::new(bytes), b"moat-disk");
+                let block = shared(VirtioPci::new(block, wiring(next))?);
+                root.borrow_mut().add(block.clone())?;
+                next += 1;
+                Some(block)
+            }
+            None => None,
+        };
+        let net = Net::new(GUEST_MAC, EchoPeer::new(ECHO_PEER_MAC, ECHO_PEER_IP));
+        root.borrow_mut()
+            .add(shared(VirtioPci::new(net, wiring(next))?))?;
+        root.borrow_mut()
+            .add(shared(VirtioPci::new(Rng::new(entropy), wiring(next + 1))?))?;
+        root.borrow_mut().assign_bars()?;
+
+        let placed = [
+            self.pio
+                .insert(pci::CONFIG_PORT, 8, shared(PciConfigIo::new(root.clone()))),
+            self.mmio.insert(
+                pci::ECAM_BASE,
+                pci::ECAM_LEN,
+                shared(PciEcam::new(root.clone())),
+            ),
+            self.mmio
+                .insert(pci::MMIO_BASE, pci::MMIO_LEN, shared(PciMmio::new(root))),
+        ];
+        if placed.iter().any(Result::is_err) {
+            return Err(vdev::pci::PciError::Layout);
+        }
+        self.virtio = Some(Virtio {
+            console,
+            echo,
+            block,
+        });
+        Ok(())
+    }
+
+    /// The virtio disk's contents, to keep across a guest reset.
+    pub fn disk(&self) -> Option<Vec<u8>> {
+        let block = self.virtio.as_ref()?.block.as_ref()?;
+        let bytes = block.borrow().device().backend().as_bytes().to_vec();
+        Some(bytes)
+    }
+
+    /// Echoes what the guest wrote to its console ports.
+    fn echo_ports(&mut self) {
+        let Some(virtio) = &self.virtio else { return };
+        for (port, echo) in virtio.echo.iter().enumerate() {
+            let data = echo
+                .0
+                .try_borrow_mut()
+                .map(|mut b| core::mem::take(&mut *b));
+            let Ok(data) = data else { continue };
+            if data.is_empty() {
+                continue;
+            }
+            if let Ok(mut console) = virtio.console.try_borrow_mut() {
+                let taken = console.update(|c| c.port_input(port as u32, &data));
+                // What did not fit is dropped: an echo may lose bytes under
+                // a flood, like a real line.
+                let _ = taken;
+            }
+        }
+    }
+
+    /// An interrupt line into IOAPIC pin `pin`.
+    pub fn irq_line(&self, pin: usize) -> IoApicPin {
+        IoApicPin {
+            ioapic: self.ioapic.clone(),
+            pin,
+        }
+    }
+
+    /// Where MSIs go.
+    pub fn lapic_target(&self) -> LapicTarget {
+        LapicTarget(self.lapic.clone())
+    }
+
+    pub fn clock(&self) -> &GuestClock {
+        &self.clock
+    }
+
+    /// What the guest wrote to its serial console since the last call.
+    pub fn take_console_output(&self) -> Vec<u8> {
+        self.console.take()
+    }
+
+    /// Bytes typed at the console, for the guest's serial port.
+    pub fn console_input(&mut self, bytes: &[u8]) {
+        self.pending_input.extend_from_slice(bytes);
+        self.feed_input();
+    }
+
+    fn feed_input(&mut self) {
+        if self.pending_input.is_empty() {
+            return;
+        }
+        if let Ok(mut uart) = self.uart.try_borrow_mut() {
+            let taken = uart.enqueue_input(&self.pending_input);
+            self.pending_input.drain(..taken);
+        }
+    }
+
+    /// When the next device timer fires, in guest nanoseconds.
+    pub fn next_deadline_ns(&self) -> Option<u64> {
+        let lapic = self.lapic.borrow().timer_deadline_ns();
+        let pit = self.pit.borrow().deadline_ns();
+        let rtc = self.rtc.borrow().deadline_ns();
+        [lapic, pit, rtc].into_iter().flatten().min()
+    }
+
+    /// Brings the timers up to date and forwards interrupts; called before
+    /// each entry and after each wait.
+    pub fn poll(&mut self) {
+        self.pit.borrow_mut().poll();
+        self.rtc.borrow_mut().poll();
+        self.lapic.borrow_mut().poll_timer();
+        self.forward_eois();
+        self.feed_input();
+    }
+
+    fn forward_eois(&mut self) {
+        loop {
+            let eoi = self.lapic.borrow_mut().take_level_eoi();
+            let Some(vector) = eoi else { break };
+            self.ioapic.borrow_mut().end_of_interrupt(vector);
+        }
+    }
+
+    /// Whether an interrupt waits for the guest (to end a halt).
+    pub fn interrupt_pending(&self) -> bool {
+        self.lapic.borrow().pending_interrupt().is_some()
+    }
+
+    /// Sets up the next entry: re-injects an event the last exit
+    /// interrupted, else injects the highest pending interrupt if the
+    /// guest can take it, else asks for an interrupt-window exit.
+    pub fn prepare_entry(&mut self, state: &mut VcpuState) {
+        self.poll();
+        let reinject = state.exit.pending_valid != 0 && state.dirty & group::INJECT == 0;
+        if reinject {
+            state.inject = state.exit.pending;
+            state.dirty |= group::INJECT;
+            state.exit.pending_valid = 0;
+        }
+        let pending = self.lapic.borrow().pending_interrupt();
+        let busy = state.dirty & group::INJECT != 0;
+        let want_window = match pending {
+            Some(vector) if !busy && state::interruptible(state) => {
+                self.lapic.borrow_mut().acknowledge(vector);
+                state::inject(
+                    state,
+                    vector,
+                    moat_abi::vcpu::event_kind::EXTERNAL_INTERRUPT,
+                    None,
+                );
+                false
+            }
+            Some(_) => true,
+            None => false,
+        };
+        let window = moat_abi::vcpu::exit_on::INTERRUPT_WINDOW;
+        if want_window != (state.exit_on & window != 0) {
+            state.exit_on ^= window;
+            state.dirty |= group::EXIT_ON;
+        }
+    }
+
+    /// Handles the exit in `state` and says what comes next.
+    pub fn handle_exit(&mut self, state: &mut VcpuState) -> Action {
+        // CR8 and the APIC's TPR are one register: the guest may have
+        // changed either.
+        if state.cr8 != self.cr8_seen {
+            self.lapic
+                .borrow_mut()
+                .set_tpr(((state.cr8 & 0xf) as u8) << 4);
+        }
+        let action = self.dispatch(state);
+        let cr8 = u64::from(self.lapic.borrow().tpr() >> 4);
+        if cr8 != state.cr8 {
+            state.cr8 = cr8;
+            state.dirty |= group::CONTROL_REGISTERS;
+        }
+        self.cr8_seen = state.cr8;
+        action
+    }
+
+    fn dispatch(&mut self, state: &mut VcpuState) -> Action {
+        let reason = state.exit.reason;
+        if let Some(count) = self.stats.by_reason.get_mut(reason as usize) {
+            *count += 1;
+        }
+        let action = match reason {
+            exit_reason::POKED | exit_reason::INTERRUPT_WINDOW | exit_reason::NMI_WINDOW => {
+                Action::Resume
+            }
+            exit_reason::IO => self.port_io(state),
+            exit_reason::MEMORY => self.mmio(state),
+            exit_reason::CPUID => {
+                let leaf = state.rax as u32;
+                let subleaf = state.rcx as u32;
+                let view = cpuid::GuestView {
+                    osxsave: state.cr4 & CR4_OSXSAVE != 0,
+                    xcr0: state.xcr0,
+                };
+                let [a, b, c, d] = cpuid::guest_cpuid(&*self.host_cpuid, leaf, subleaf, view);
+                state.rax = a.into();
+                state.rbx = b.into();
+                state.rcx = c.into();
+                state.rdx = d.into();
+                state.dirty |= group::GPRS;
+                self.skip(state, TWO_BYTES);
+                Action::Resume
+            }
+            exit_reason::MSR_READ => self.rdmsr(state),
+            exit_reason::MSR_WRITE => self.wrmsr(state),
+            exit_reason::HLT => {
+                self.skip(state, HLT_LEN);
+                self.poll();
+                if self.interrupt_pending() {
+                    Action::Resume
+                } else if state.rflags & state::RFLAGS_IF == 0 {
+                    Action::Stop(Stop::HaltedForever)
+                } else {
+                    Action::Halt
+                }
+            }
+            exit_reason::XSETBV => self.xsetbv(state),
+            exit_reason::HYPERCALL => {
+                // Not the Moat IPC hypercall (the kernel handles that):
+                // what KVM answers for a hypercall it does not know.
+                state.rax = KVM_ENOSYS;
+                state.dirty |= group::GPRS;
+                self.skip(state, THREE_BYTES);
+                Action::Resume
+            }
+            exit_reason::SHUTDOWN => Action::Stop(Stop::TripleFault),
+            exit_reason::INVALID_STATE => Action::Stop(Stop::Failed(Failure::InvalidState {
+                raw: state.exit.raw,
+                qualification: state.exit.qualification,
+            })),
+            exit_reason::EXCEPTION => {
+                Action::Stop(Stop::Failed(Failure::Exception(state.exit.vector)))
+            }
+            _ => {
+                self.stats.unsupported += 1;
+                state::inject_ud(state);
+                Action::Resume
+            }
+        };
+        self.after_access(action)
+    }
+
+    /// Device side effects of the access just done.
+    fn after_access(&mut self, action: Action) -> Action {
+        self.echo_ports();
+        self.forward_eois();
+        if self.pvpanic.borrow().panicked {
+            return Action::Stop(Stop::Panic);
+        }
+        match self.pm.borrow().request() {
+            Some(PowerRequest::PowerOff) => Action::Stop(Stop::PowerOff),
+            Some(PowerRequest::Reset) => Action::Stop(Stop::Reset),
+            None => action,
+        }
+    }
+
+    /// Skips the exiting instruction: its reported length, else `fixed`.
+    fn skip(&self, state: &mut VcpuState, fixed: u64) {
+        let len = match state.exit.instruction_length {
+            0 => fixed,
+            len => len,
+        };
+        state::advance(state, len);
+    }
+
+    fn port_io(&mut self, state: &mut VcpuState) -> Action {
+        let exit = state.exit;
+        if exit.flags & exit_flags::IO_STRING != 0 {
+            // No device here needs INS/OUTS; refuse rather than guess.
+            self.stats.unsupported += 1;
+            state::inject_ud(state);
+            return Action::Resume;
+        }
+        let size = usize::from(exit.size).clamp(1, 4);
+        let port = u64::from(exit.port);
+        let claimed = if exit.flags & exit_flags::IO_IN != 0 {
+            let mut data = [0u8; 4];
+            let claimed = self.pio.read(port, &mut data[..size]);
+            let value = u64::from(u32::from_le_bytes(data));
+            state.rax = match size {
+                1 => (state.rax & !0xff) | (value & 0xff),
+                2 => (state.rax & !0xffff) | (value & 0xffff),
+                // A 32-bit destination zero-extends.
+                _ => value,
+            };
+            state.dirty |= group::GPRS;
+            claimed
+        } else {
+            let value = (state.rax as u32).to_le_bytes();
+            self.pio.write(port, &value[..size])
+        };
+        if !claimed {
+            self.stats.unclaimed_ports += 1;
+        }
+        // IN and OUT are 1 or 2 bytes; the kernel reports the length on
+        // both vendors (SVM from EXITINFO2 when there is no NRIP).
+        self.skip(state, 1);
+        Action::Resume
+    }
+
+    fn mmio(&mut self, state: &mut VcpuState) -> Action {
+        let gpa = state.exit.gpa;
+        let mut cpu = cpu_state(state);
+        let outcome = {
+            let mut platform = MachinePlatform {
+                mem: &*self.mem,
+                ram_size: self.ram_size,
+                mmio: &self.mmio,
+                phys_bits: phys_bits(&*self.host_cpuid),
+            };
+            emulate(&mut platform, &mut cpu, gpa)
+        };
+        match outcome {
+            Outcome::Done => {
+                store_cpu_state(state, &cpu);
+                state::end_shadow(state);
+            }
+            Outcome::Repeat => store_cpu_state(state, &cpu),
+            Outcome::Fault(exception) => state::inject_exception(state, exception),
+            Outcome::Unsupported(_) => {
+                self.stats.unsupported += 1;
+                state::inject_ud(state);
+            }
+            Outcome::Mismatch => {
+                let (rip, count) = self.mismatch;
+                let count = if rip == state.rip { count + 1 } else { 1 };
+                self.mismatch = (state.rip, count);
+                if count >= MISMATCH_LIMIT {
+                    return Action::Stop(Stop::Failed(Failure::Mismatch(state.rip)));
+                }
+            }
+            Outcome::NotRam(gpa) => return Action::Stop(Stop::Failed(Failure::NotRam(gpa))),
+        }
+        Action::Resume
+    }
+
+    fn rdmsr(&mut self, state: &mut VcpuState) -> Action {
+        let index = state.rcx as u32;
+        let value = if is_lapic_msr(index) {
+            self.lapic.borrow_mut().read_msr(index)
+        } else {
+            self.msrs.read(state, index, self.clock.tsc())
+        };
+        match value {
+            Some(value) => {
+                state.rax = value & 0xffff_ffff;
+                state.rdx = value >> 32;
+                state.dirty |= group::GPRS;
+                self.skip(state, TWO_BYTES);
+            }
+            None => {
+                self.stats.msr_faults += 1;
+                self.stats.last_msr_fault = Some((index, false));
+                state::inject_gp(state);
+            }
+        }
+        Action::Resume
+    }
+
+    fn wrmsr(&mut self, state: &mut VcpuState) -> Action {
+        let index = state.rcx as u32;
+        let value = (state.rdx << 32) | (state.rax & 0xffff_ffff);
+        let effect = if is_lapic_msr(index) {
+            let ok = self.lapic.borrow_mut().write_msr(index, value);
+            ok.then_some(Effect::None)
+        } else {
+            self.msrs.write(state, index, value)
+        };
+        match effect {
+            Some(effect) => {
+                self.msr_effect(effect);
+                self.skip(state, TWO_BYTES);
+            }
+            None => {
+                self.stats.msr_faults += 1;
+                self.stats.last_msr_fault = Some((index, true));
+                state::inject_gp(state);
+            }
+        }
+        Action::Resume
+    }
+
+    fn msr_effect(&mut self, effect: Effect) {
+        match effect {
+            Effect::None => {}
+            Effect::SystemTime => {
+                if let Some(gpa) = self.msrs.system_time {
+                    // Written once: the TSC here never changes rate. A bad
+                    // address is the guest's problem, like on KVM.
+                    let tsc = self.clock.tsc();
+                    let info = pvclock::time_info(2, tsc, self.clock.now_ns(), self.clock.scale);
+                    let _ignored = self.mem.write(gpa, &info);
+                }
+            }
+            Effect::WallClock(gpa) => {
+                let secs = u32::try_from(self.boot_unix_secs).unwrap_or(u32::MAX);
+                let _ignored = self.mem.write(gpa, &pvclock::wall_clock(2, secs));
+            }
+        }
+    }
+
+    fn xsetbv(&mut self, state: &mut VcpuState) -> Action {
+        const X87: u64 = 1;
+        const SSE: u64 = 2;
+        const AVX: u64 = 4;
+        let value = (state.rdx << 32) | (state.rax & 0xffff_ffff);
+        let [low, _, _, high] = (self.host_cpuid)(0xd, 0);
+        let supported = (u64::from(high) << 32) | u64::from(low);
+        let valid = state.rcx as u32 == 0
+            && value & X87 != 0
+            && value & !supported == 0
+            && (value & AVX == 0 || value & SSE != 0);
+        if valid {
+            state.xcr0 = value;
+            state.dirty |= group::CONTROL_REGISTERS;
+            self.skip(state, THREE_BYTES);
+        } else {
+            state::inject_gp(state);
+        }
+        Action::Resume
+    }
+}
+
+fn is_lapic_msr(index: u32) -> bool {
+    index == lapic::APIC_BASE_MSR
+        || index == lapic::TSC_DEADLINE_MSR
+        || lapic::X2APIC_MSRS.contains(&index)
+}
+
+/// The guest's MAXPHYADDR (CPUID 0x8000_0008 eax 7:0), 36 if not told.
+fn phys_bits(host_cpuid: &dyn Fn(u32, u32) -> [u32; 4]) -> u32 {
+    if host_cpuid(0x8000_0000, 0)[0] >= 0x8000_0008 {
+        host_cpuid(0x8000_0008, 0)[0] & 0xff
+    } else {
+        36
+    }
+}
+
+/// The emulator's view of the machine: RAM through guest memory, the rest
+/// through the MMIO bus.
+struct MachinePlatform<'a> {
+    mem: &'a dyn GuestMemory,
+    ram_size: u64,
+    mmio: &'a Bus,
+    phys_bits: u32,
+}
+
+impl MachinePlatform<'_> {
+    fn is_ram(&self, gpa: u64, len: usize) -> bool {
+        gpa.checked_add(len as u64)
+            .is_some_and(|end| end <= self.ram_size)
+    }
+}
+
+impl Platform for MachinePlatform<'_> {
+    fn read_ram(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), NotRam> {
+        if !self.is_ram(gpa, buf.len()) {
+            return Err(NotRam(gpa));
+        }
+        self.mem
+            .read(gpa, buf)
+            .map_err(|BadGuestAddress(a)| NotRam(a))
+    }
+
+    fn write_ram(&mut self, gpa: u64, data: &[u8]) -> Result<(), NotRam> {
+        if !self.is_ram(gpa, data.len()) {
+            return Err(NotRam(gpa));
+        }
+        self.mem
+            .write(gpa, data)
+            .map_err(|BadGuestAddress(a)| NotRam(a))
+    }
+
+    fn cmpxchg_ram_u32(&mut self, gpa: u64, current: u32, new: u32) -> Result<bool, NotRam> {
+        // The one vCPU is stopped while the VMM emulates: read, compare
+        // and write cannot be interleaved with a guest write.
+        let mut bytes = [0u8; 4];
+        self.read_ram(gpa, &mut bytes)?;
+        if u32::from_le_bytes(bytes) != current {
+            return Ok(false);
+        }
+        self.write_ram(gpa, &new.to_le_bytes())?;
+        Ok(true)
+    }
+
+    fn mmio_read(&mut self, gpa: u64, data: &mut [u8]) {
+        self.mmio.read(gpa, data);
+    }
+
+    fn mmio_write(&mut self, gpa: u64, data: &[u8]) {
+        self.mmio.write(gpa, data);
+    }
+
+    fn phys_addr_bits(&self) -> u32 {
+        self.phys_bits
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,358 @@
+use alloc::vec;
+use core::cell::Cell;
+
+use moat_abi::vcpu::{event_kind, exit_on, Inject};
+
+use super::*;
+
+const RAM: u64 = 1 << 20;
+const TSC_HZ: u64 = 1_000_000_000;
+
+struct FakeRam(RefCell<Vec<u8>>);
+
+impl GuestMemory for FakeRam {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), BadGuestAddress> {
+        let ram = self.0.borrow();
+        let start = usize::try_from(gpa).map_err(|_| BadGuestAddress(gpa))?;
+        let bytes = ram
+            .get(start..start + buf.len())
+            .ok_or(BadGuestAddress(gpa))?;
+        buf.copy_from_slice(bytes);
+        Ok(())
+    }
+
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), BadGuestAddress> {
+        let mut ram = self.0.borrow_mut();
+        let start = usize::try_from(gpa).map_err(|_| BadGuestAddress(gpa))?;
+        ram.get_mut(start..start + data.len())
+            .ok_or(BadGuestAddress(gpa))?
+            .copy_from_slice(data);
+        Ok(())
+    }
+}
+
+struct FakeTime(Cell<u64>);
+
+impl TimeSource for FakeTime {
+    fn guest_tsc(&self) -> u64 {
+        self.0.get()
+    }
+}
+
+fn host_cpuid(leaf: u32, _subleaf: u32) -> [u32; 4] {
+    match leaf {
+        0 => [0xd, 0, 0, 0],
+        0xd => [0x7, 0, 0, 0],
+        0x8000_0000 => [0x8000_0008, 0, 0, 0],
+        0x8000_0008 => [40, 0, 0, 0],
+        _ => [0; 4],
+    }
+}
+
+struct Setup {
+    machine: Machine,
+    ram: Rc<FakeRam>,
+    time: Rc<FakeTime>,
+}
+
+fn setup() -> Setup {
+    let ram = Rc::new(FakeRam(RefCell::new(vec![0; RAM as usize])));
+    let time = Rc::new(FakeTime(Cell::new(0)));
+    let config = Config {
+        ram_size: RAM,
+        tsc_hz: TSC_HZ,
+        boot_unix_secs: 1_700_000_000,
+    };
+    let machine = Machine::new(&config, ram.clone(), time.clone(), Box::new(host_cpuid)).unwrap();
+    Setup { machine, ram, time }
+}
+
+fn exit(reason: u32) -> VcpuState {
+    let mut state = VcpuState {
+        rip: 0x1000,
+        ..VcpuState::default()
+    };
+    state.exit.reason = reason;
+    state
+}
+
+fn out(port: u16, size: u8, value: u64) -> VcpuState {
+    let mut state = exit(exit_reason::IO);
+    state.exit.port = port;
+    state.exit.size = size;
+    state.exit.instruction_length = 1;
+    state.rax = value;
+    state
+}
+
+fn wrmsr(index: u32, value: u64) -> VcpuState {
+    let mut state = exit(exit_reason::MSR_WRITE);
+    state.rcx = index.into();
+    state.rax = value & 0xffff_ffff;
+    state.rdx = value >> 32;
+    state
+}
+
+fn injected(state: &VcpuState) -> Option<(u8, u8)> {
+    (state.dirty & group::INJECT != 0).then_some((state.inject.vector, state.inject.kind))
+}
+
+#[test]
+fn serial_output_reaches_the_console_and_rip_advances() {
+    let mut s = setup();
+    for byte in b"hi\n" {
+        let mut state = out(0x3f8, 1, u64::from(*byte));
+        assert_eq!(s.machine.handle_exit(&mut state), Action::Resume);
+        assert_eq!(state.rip, 0x1001);
+    }
+    assert_eq!(s.machine.take_console_output(), b"hi\n");
+    assert!(s.machine.take_console_output().is_empty());
+    // LSR: transmitter empty; an unclaimed port reads all ones.
+    let mut state = exit(exit_reason::IO);
+    state.exit.port = 0x3fd;
+    state.exit.size = 1;
+    state.exit.flags = exit_flags::IO_IN;
+    state.rax = 0x1234_5600;
+    s.machine.handle_exit(&mut state);
+    assert_eq!(state.rax & 0x60, 0x60);
+    assert_eq!(state.rax & !0xff, 0x1234_5600, "the rest of rax stays");
+    state.exit.port = 0x2e8;
+    state.exit.size = 4;
+    s.machine.handle_exit(&mut state);
+    assert_eq!(state.rax, 0xffff_ffff, "a 32-bit IN zero-extends");
+    assert_eq!(s.machine.stats.unclaimed_ports, 1);
+}
+
+#[test]
+fn cpuid_shows_kvm_and_skips_without_nrip() {
+    let mut s = setup();
+    let mut state = exit(exit_reason::CPUID);
+    state.rax = 0x4000_0000;
+    s.machine.handle_exit(&mut state);
+    assert_eq!(state.rbx, u64::from(u32::from_le_bytes(*b"KVMK")));
+    assert_eq!(state.rip, 0x1002, "CPUID is two bytes");
+}
+
+#[test]
+fn kvm_clock_is_written_where_the_guest_asks() {
+    let mut s = setup();
+    s.time.0.set(3 * TSC_HZ);
+    let gpa = 0x8000;
+    let mut state = wrmsr(pvclock::MSR_KVM_SYSTEM_TIME_NEW, gpa | 1);
+    assert_eq!(s.machine.handle_exit(&mut state), Action::Resume);
+    assert_eq!(injected(&state), None);
+    let ram = s.ram.0.borrow();
+    let info = &ram[gpa as usize..gpa as usize + 32];
+    assert_eq!(&info[8..16], &(3 * TSC_HZ).to_le_bytes(), "tsc_timestamp");
+    let ns = u64::from_le_bytes(info[16..24].try_into().unwrap());
+    assert!(ns.abs_diff(3_000_000_000) <= 1, "system_time {ns}");
+    assert_eq!(info[29], pvclock::FLAG_TSC_STABLE);
+}
+
+#[test]
+fn tsc_deadline_timer_interrupts_an_interruptible_guest() {
+    let mut s = setup();
+    // x2APIC on, APIC software-enabled, timer in TSC-deadline mode, vector 0xec.
+    for (msr, value) in [
+        (
+            lapic::APIC_BASE_MSR,
+            0xfee0_0000 | (1 << 11) | (1 << 10) | (1 << 8),
+        ),
+        (0x80f, 0x1ff),
+        (0x832, 0xec | (0b10 << 17)),
+        (lapic::TSC_DEADLINE_MSR, 5000),
+    ] {
+        let mut state = wrmsr(msr, value);
+        s.machine.handle_exit(&mut state);
+        assert_eq!(injected(&state), None, "wrmsr {msr:#x}");
+    }
+    assert_eq!(s.machine.next_deadline_ns(), Some(5000));
+
+    let mut state = exit(exit_reason::HLT);
+    state.rflags = state::RFLAGS_IF;
+    assert_eq!(s.machine.handle_exit(&mut state), Action::Halt);
+    s.time.0.set(5000);
+    s.machine.poll();
+    assert!(s.machine.interrupt_pending());
+
+    // IF clear: an interrupt-window exit is requested, nothing injected.
+    let mut blocked = exit(exit_reason::POKED);
+    s.machine.prepare_entry(&mut blocked);
+    assert_eq!(injected(&blocked), None);
+    assert_ne!(blocked.exit_on & exit_on::INTERRUPT_WINDOW, 0);
+
+    let mut open = exit(exit_reason::INTERRUPT_WINDOW);
+    open.rflags = state::RFLAGS_IF;
+    open.exit_on = exit_on::INTERRUPT_WINDOW;
+    s.machine.handle_exit(&mut open);
+    s.machine.prepare_entry(&mut open);
+    assert_eq!(
+        injected(&open),
+        Some((0xec, event_kind::EXTERNAL_INTERRUPT))
+    );
+    assert_eq!(open.exit_on & exit_on::INTERRUPT_WINDOW, 0);
+    assert!(!s.machine.interrupt_pending(), "acknowledged");
+}
+
+#[test]
+fn a_pending_event_is_reinjected_before_interrupts() {
+    let mut s = setup();
+    let mut state = exit(exit_reason::MEMORY);
+    state.exit.pending = Inject {
+        vector: 14,
+        kind: event_kind::HARDWARE_EXCEPTION,
+        has_error_code: 1,
+        reserved: 0,
+        error_code: 2,
+    };
+    state.exit.pending_valid = 1;
+    state.rflags = state::RFLAGS_IF;
+    s.machine.prepare_entry(&mut state);
+    assert_eq!(injected(&state), Some((14, event_kind::HARDWARE_EXCEPTION)));
+    assert_eq!(state.inject.error_code, 2);
+}
+
+#[test]
+fn halting_with_interrupts_off_stops() {
+    let mut s = setup();
+    let mut state = exit(exit_reason::HLT);
+    assert_eq!(
+        s.machine.handle_exit(&mut state),
+        Action::Stop(Stop::HaltedForever)
+    );
+}
+
+#[test]
+fn power_off_reset_and_panic_are_reported() {
+    let mut s = setup();
+    let mut state = out(0x600, 1, (5 << 2) | (1 << 5));
+    assert_eq!(
+        s.machine.handle_exit(&mut state),
+        Action::Stop(Stop::PowerOff)
+    );
+    let mut s = setup();
+    let mut state = out(0x602, 1, 1);
+    assert_eq!(s.machine.handle_exit(&mut state), Action::Stop(Stop::Reset));
+    let mut s = setup();
+    let mut state = out(0x505, 1, 1);
+    assert_eq!(s.machine.handle_exit(&mut state), Action::Stop(Stop::Panic));
+    let mut state = exit(exit_reason::SHUTDOWN);
+    assert_eq!(
+        setup().machine.handle_exit(&mut state),
+        Action::Stop(Stop::TripleFault)
+    );
+}
+
+#[test]
+fn unknown_msrs_and_bad_xcr0_give_gp_and_keep_rip() {
+    let mut s = setup();
+    let mut state = wrmsr(0x48, 1);
+    s.machine.handle_exit(&mut state);
+    assert_eq!(
+        injected(&state),
+        Some((state::GP, event_kind::HARDWARE_EXCEPTION))
+    );
+    assert_eq!(state.rip, 0x1000);
+    let mut state = exit(exit_reason::XSETBV);
+    state.rax = 0b1001; // x87 and a component the host lacks
+    s.machine.handle_exit(&mut state);
+    assert_eq!(
+        injected(&state),
+        Some((state::GP, event_kind::HARDWARE_EXCEPTION))
+    );
+    let mut state = exit(exit_reason::XSETBV);
+    state.rax = 0b111;
+    s.machine.handle_exit(&mut state);
+    assert_eq!((injected(&state), state.xcr0, state.rip), (None, 7, 0x1003));
+}
+
+/// 32-bit flat protected mode without paging, code at 0x1000.
+fn protected_mode(code: &[u8], ram: &FakeRam) -> VcpuState {
+    ram.write(0x1000, code).unwrap();
+    let mut state = exit(exit_reason::MEMORY);
+    state.cr0 = 1;
+    state.cs.access = 0xc09b;
+    state.cs.limit = u32::MAX;
+    for segment in [&mut state.ds, &mut state.ss, &mut state.es] {
+        segment.access = 0xc093;
+        segment.limit = u32::MAX;
+    }
+    state
+}
+
+#[test]
+fn mmio_to_the_xapic_is_emulated() {
+    let mut s = setup();
+    // mov eax, [0xfee00030]: the APIC version register.
+    let mut state = protected_mode(&[0xa1, 0x30, 0x00, 0xe0, 0xfe], &s.ram);
+    state.exit.gpa = 0xfee0_0030;
+    assert_eq!(s.machine.handle_exit(&mut state), Action::Resume);
+    assert_eq!(injected(&state), None);
+    assert_eq!(state.rax & 0xff, 0x14, "version");
+    assert_eq!(state.rip, 0x1005);
+    // mov dword [0xfee00080], 0x20: TPR, which is CR8 too.
+    let mut state = protected_mode(&[0xc7, 0x05, 0x80, 0x00, 0xe0, 0xfe, 0x20, 0, 0, 0], &s.ram);
+    state.exit.gpa = 0xfee0_0080;
+    s.machine.handle_exit(&mut state);
+    assert_eq!(state.cr8, 2);
+}
+
+#[test]
+fn garbage_behind_an_mmio_exit_gives_ud_and_never_panics() {
+    let mut s = setup();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for _ in 0..2000 {
+        let mut code = [0u8; 15];
+        for byte in &mut code {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            *byte = seed as u8;
+        }
+        let mut state = protected_mode(&code, &s.ram);
+        state.exit.gpa = 0xfec0_0000 + (seed & 0xff);
+        let action = s.machine.handle_exit(&mut state);
+        assert!(
+            matches!(action, Action::Resume | Action::Stop(_)),
+            "{action:?}"
+        );
+    }
+    assert!(s.machine.stats.unsupported > 1000);
+}
+
+#[test]
+fn pci_enumerates_the_virtio_devices() {
+    struct Zeros;
+    impl EntropySource for Zeros {
+        fn fill(&mut self, buf: &mut [u8]) {
+            buf.fill(0);
+        }
+    }
+    let mut s = setup();
+    s.machine
+        .add_pci_devices(Some(vec![0; 4096]), Box::new(Zeros))
+        .unwrap();
+    let mut ids = Vec::new();
+    for slot in 0..6u64 {
+        let mut select = out(0xcf8, 4, 0x8000_0000 | (slot << 11));
+        s.machine.handle_exit(&mut select);
+        let mut read = exit(exit_reason::IO);
+        read.exit.port = 0xcfc;
+        read.exit.size = 4;
+        read.exit.flags = exit_flags::IO_IN;
+        s.machine.handle_exit(&mut read);
+        ids.push(read.rax as u32);
+    }
+    assert_eq!(
+        ids,
+        [
+            0x0008_1b36, // host bridge
+            0x1043_1af4, // console
+            0x1042_1af4, // block
+            0x1041_1af4, // net
+            0x1044_1af4, // entropy
+            0xffff_ffff, // nothing
+        ]
+    );
+    assert_eq!(s.machine.disk().map(|d| d.len()), Some(4096));
+}

@@ -1,0 +1,554 @@
+//! `vmm`: the per-guest VMM server. It takes its guest's RAM, kernel,
+//! initrd, disk image and command line from the manifest's `ram` and
+//! `file` mappings, loads the guest through `firmware`, creates the VM and
+//! its vCPU, and runs it; `vmm::machine` handles the exits. A second EC
+//! pokes the vCPU when a device timer is due while the guest runs.
+//!
+//! Arguments: `guest=ADDR,SIZE` (RAM), `heap=ADDR,SIZE`, `kernel=ADDR,SIZE`
+//! (bzImage), `initrd=ADDR,SIZE`, `cmdline=ADDR,SIZE` (text), optional
+//! `disk=ADDR,SIZE`, `epoch=UNIX_SECONDS`, and the root's `tsc_hz=`.
+//! Lines: `vmm: …`; the guest's console goes to the console as it is.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use alloc::boxed::Box;
+use alloc::rc::Rc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use common::{args, sel};
+use moat_abi::vcpu::{group, VcpuState};
+use moat_abi::{flags, rights, Call, CallWord, Space, Status, PAGE_SIZE};
+use moat_user::{println, sys, Sel};
+use vdev::{BadGuestAddress, GuestMemory};
+use vmm::machine::{Action, Config, Machine, Stop, TimeSource};
+use vmm::state;
+
+moat_user::entry!(main);
+
+const VM: Sel = sel::FIRST_OWN;
+const VCPU: Sel = VM + 1;
+const TIMER_EC: Sel = VM + 2;
+const TIMER_SC: Sel = VM + 3;
+const TIMER_SM: Sel = VM + 4;
+const WAKE_SM: Sel = VM + 5;
+const STATE_PAGE: u64 = 0x0000_6000_0000_0000;
+const TIMER_UTCB: u64 = 0x0000_6000_0001_0000;
+/// Above the vCPU's EC, so a due timer preempts the guest at once.
+const TIMER_PRIORITY: u8 = 60;
+const TIMER_BUDGET_US: u64 = 1000;
+/// Kernel memory of the VM beyond its page tables and capabilities.
+const VM_QUOTA_BASE: u64 = 512 * 1024;
+const CAP_SLOT_COST: u64 = 96;
+/// Resets after which a guest that keeps resetting is given up.
+const MAX_RESETS: u32 = 8;
+
+/// A region the root task mapped for us: `NAME=ADDR,SIZE`.
+#[derive(Clone, Copy)]
+struct Region {
+    address: u64,
+    size: u64,
+}
+
+fn region(args: &str, name: &str) -> Option<Region> {
+    let (address, size) = args::value(args, name)?.split_once(',')?;
+    Some(Region {
+        address: args::parse_number(address)?,
+        size: args::parse_number(size)?,
+    })
+}
+
+impl Region {
+    /// The region's bytes, read-only.
+    ///
+    /// # Safety
+    /// The root task mapped `size` bytes at `address` for this task's life
+    /// (a manifest mapping named in the arguments), and nothing writes
+    /// them while the slice lives.
+    unsafe fn bytes(&self) -> &'static [u8] {
+        // SAFETY: by the caller's promise.
+        unsafe { core::slice::from_raw_parts(self.address as *const u8, self.size as usize) }
+    }
+}
+
+/// The guest's RAM, mapped in this task and delegated to the VM.
+struct GuestRam {
+    base: *mut u8,
+    len: u64,
+}
+
+impl GuestRam {
+    fn check(&self, gpa: u64, len: usize) -> Result<usize, BadGuestAddress> {
+        let end = gpa.checked_add(len as u64).ok_or(BadGuestAddress(gpa))?;
+        if end > self.len {
+            return Err(BadGuestAddress(gpa));
+        }
+        Ok(gpa as usize)
+    }
+}
+
+impl GuestMemory for GuestRam {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), BadGuestAddress> {
+        let offset = self.check(gpa, buf.len())?;
+        // SAFETY: [offset, offset + len) lies in the RAM region (checked),
+        // which stays mapped; the guest does not run while the VMM
+        // handles an exit, so nothing writes it concurrently.
+        unsafe {
+            core::ptr::copy_nonoverlapping(self.base.add(offset), buf.as_mut_ptr(), buf.len())
+        };
+        Ok(())
+    }
+
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), BadGuestAddress> {
+        let offset = self.check(gpa, data.len())?;
+        // SAFETY: as in `read`; `data` cannot overlap guest RAM (it is
+        // the VMM's own memory).
+        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), self.base.add(offset), data.len()) };
+        Ok(())
+    }
+}
+
+/// The guest TSC: the host's, less its value when the guest started.
+struct HostTime {
+    start: u64,
+}
+
+impl TimeSource for HostTime {
+    fn guest_tsc(&self) -> u64 {
+        moat_user::rdtsc().wrapping_sub(self.start)
+    }
+}
+
+fn host_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
+    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+/// The host TSC deadline the timer EC pokes the vCPU at (0: none).
+static DEADLINE: AtomicU64 = AtomicU64::new(0);
+static TIMER_STACK: moat_user::Stack<8192> = moat_user::Stack::new();
+
+extern "C" fn timer_ec() -> ! {
+    loop {
+        let deadline = DEADLINE.load(Ordering::Acquire);
+        match sys::sm_down(TIMER_SM, deadline, false) {
+            // Re-armed: look at the new deadline.
+            Ok(()) => {}
+            Err(Status::Timeout) => {
+                if DEADLINE
+                    .compare_exchange(deadline, 0, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    let _ = kernel_call(Call::VcpuPoke, VCPU, [0; 6]);
+                }
+            }
+            Err(_) => sys::exit(3),
+        }
+    }
+}
+
+/// Tells the timer EC the next deadline (host TSC, 0 for none).
+fn arm(deadline: u64) {
+    if DEADLINE.swap(deadline, Ordering::AcqRel) != deadline {
+        let _ = sys::sm_up(TIMER_SM);
+    }
+}
+
+fn kernel_call(call: Call, sel: Sel, args: [u64; 6]) -> Result<(), Status> {
+    let (rax, _) = sys::raw(CallWord::new(call, 0, sel).encode(), args);
+    Status::from_code(rax)
+        .unwrap_or(Status::BadCall)
+        .into_result()
+}
+
+/// A step of the set-up that failed.
+struct SetupError(&'static str, Status);
+
+fn main(args: &str) -> i32 {
+    match run(args) {
+        Ok(stop) => {
+            println!("vmm: guest stopped: {}", describe(stop));
+            i32::from(stop != Stop::PowerOff)
+        }
+        Err(SetupError(what, status)) => {
+            println!("vmm: FAIL {what}: {status}");
+            2
+        }
+    }
+}
+
+fn describe(stop: Stop) -> &'static str {
+    match stop {
+        Stop::PowerOff => "power-off",
+        Stop::Reset => "reset",
+        Stop::Panic => "kernel panic (pvpanic)",
+        Stop::TripleFault => "triple fault",
+        Stop::HaltedForever => "halted with interrupts disabled",
+        Stop::Failed(_) => "failure",
+    }
+}
+
+fn required(args: &str, name: &'static str) -> Result<Region, SetupError> {
+    region(args, name).ok_or(SetupError(name, Status::BadParameter))
+}
+
+fn run(args: &str) -> Result<Stop, SetupError> {
+    let tsc_hz = common::args::tsc_hz(args);
+    let ram = required(args, "guest")?;
+    let heap = required(args, "heap")?;
+    let kernel = required(args, "kernel")?;
+    let initrd = required(args, "initrd")?;
+    let cmdline = required(args, "cmdline")?;
+    let epoch = args::number(args, "epoch", 0).unwrap_or(0);
+
+    // SAFETY: the root task mapped the `heap` region read-write for this
+    // task's life, and nothing else uses it: it becomes the heap's.
+    let heap_bytes =
+        unsafe { core::slice::from_raw_parts_mut(heap.address as *mut u8, heap.size as usize) };
+    if !moat_user::heap::HEAP.extend(heap_bytes) {
+        return Err(SetupError("heap region", Status::BadParameter));
+    }
+
+    // SAFETY: the `file` mappings are read-only boot modules, mapped for
+    // this task's life.
+    let guest = unsafe {
+        Guest {
+            ram,
+            kernel: kernel.bytes(),
+            initrd: initrd.bytes(),
+            cmdline: trim_text(cmdline.bytes()),
+            tsc_hz,
+            epoch,
+            start: moat_user::rdtsc(),
+        }
+    };
+    // SAFETY: as above; the disk image is copied, the guest writes the copy.
+    let disk = region(args, "disk").map(|disk| unsafe { disk.bytes() }.to_vec());
+    let low_ram = guest.low_ram();
+    println!(
+        "vmm: {} MiB RAM, kernel {} KiB, initrd {} KiB, disk {} KiB",
+        low_ram >> 20,
+        guest.kernel.len() >> 10,
+        guest.initrd.len() >> 10,
+        disk.as_ref().map_or(0, |d| d.len() >> 10),
+    );
+    create_vm(ram, low_ram)?;
+    start_timer()?;
+    let mut machine = guest.boot(disk)?;
+
+    let mut resets = 0;
+    let stop = loop {
+        // SAFETY: the kernel writes the state page only during vcpu_run;
+        // this is the only reference until the next one.
+        let state = unsafe { &mut *(STATE_PAGE as *mut VcpuState) };
+        machine.prepare_entry(state);
+        arm(host_deadline(&machine, guest.start, tsc_hz));
+        kernel_call(Call::VcpuRun, VCPU, [0; 6]).map_err(|s| SetupError("vcpu_run", s))?;
+        // SAFETY: as above.
+        let state = unsafe { &mut *(STATE_PAGE as *mut VcpuState) };
+        let action = machine.handle_exit(state);
+        flush_console(&machine);
+        match action {
+            Action::Resume => {}
+            Action::Halt => {
+                let deadline = host_deadline(&machine, guest.start, tsc_hz);
+                arm(0);
+                match sys::sm_down(WAKE_SM, deadline, false) {
+                    Ok(()) | Err(Status::Timeout) => {}
+                    Err(status) => return Err(SetupError("halt", status)),
+                }
+            }
+            Action::Stop(stop @ (Stop::Reset | Stop::TripleFault)) => {
+                flush_console(&machine);
+                // SAFETY: as above.
+                let state = unsafe { &*(STATE_PAGE as *const VcpuState) };
+                println!(
+                    "vmm: guest reset ({}, rip {:#x} cs {:#x}/{:#x} cr0 {:#x} cr4 {:#x} efer {:#x})",
+                    describe(stop),
+                    state.rip,
+                    state.cs.selector,
+                    state.cs.access,
+                    state.cr0,
+                    state.cr4,
+                    state.efer
+                );
+                resets += 1;
+                if resets > MAX_RESETS {
+                    break stop;
+                }
+                let disk = machine.disk();
+                machine = guest.boot(disk)?;
+            }
+            Action::Stop(stop) => break stop,
+        }
+    };
+    arm(0);
+    flush_console(&machine);
+    report(&machine);
+    if stop != Stop::PowerOff {
+        // SAFETY: as above; the vCPU does not run any more.
+        let state = unsafe { &*(STATE_PAGE as *const VcpuState) };
+        println!(
+            "vmm: at rip {:#x} cr0 {:#x} cr4 {:#x} efer {:#x} rax {:#x} rsi {:#x}",
+            state.rip, state.cr0, state.cr4, state.efer, state.rax, state.rsi
+        );
+    }
+    Ok(stop)
+}
+
+/// What the guest is booted from, again at each reset.
+struct Guest {
+    ram: Region,
+    kernel: &'static [u8],
+    initrd: &'static [u8],
+    cmdline: &'static [u8],
+    tsc_hz: u64,
+    epoch: u64,
+    /// Host TSC at guest TSC 0.
+    start: u64,
+}
+
+impl Guest {
+    fn layout(&self) -> firmware::GuestLayout {
+        firmware::GuestLayout::standard(self.ram.size, 1)
+    }
+
+    /// RAM below the MMIO hole: all the guest gets (nothing above 4 GiB).
+    fn low_ram(&self) -> u64 {
+        self.layout().low_ram_end().min(self.ram.size)
+    }
+
+    /// Clears RAM, loads the guest into it, and gives a machine with the
+    /// vCPU set to its entry (its state page written).
+    fn boot(&self, disk: Option<Vec<u8>>) -> Result<Machine, SetupError> {
+        let low_ram = self.low_ram();
+        let boot = {
+            // SAFETY: the `guest` region is this task's RAM mapping; the
+            // vCPU is not running, and this is the only reference while
+            // the firmware writes it.
+            let ram = unsafe {
+                core::slice::from_raw_parts_mut(self.ram.address as *mut u8, low_ram as usize)
+            };
+            ram.fill(0);
+            let payload = firmware::Payload {
+                kernel: self.kernel,
+                cmdline: self.cmdline,
+                initrd: Some(self.initrd),
+            };
+            let boot = firmware::boot_linux(ram, &self.layout(), &payload);
+            // Where a PC's BIOS would be: Linux's last way to reboot jumps
+            // to the reset vector in real mode.
+            if let Some(stub) = ram.get_mut(RESET_VECTOR..RESET_VECTOR + RESET_STUB.len()) {
+                stub.copy_from_slice(&RESET_STUB);
+            }
+            boot
+        };
+        let boot = boot.map_err(|error| {
+            println!("vmm: FAIL cannot load the guest: {error:?}");
+            SetupError("load", Status::BadParameter)
+        })?;
+        let mem = Rc::new(GuestRam {
+            base: self.ram.address as *mut u8,
+            len: low_ram,
+        });
+        let config = Config {
+            ram_size: low_ram,
+            tsc_hz: self.tsc_hz,
+            boot_unix_secs: self.epoch,
+        };
+        let time = Rc::new(HostTime { start: self.start });
+        let mut machine = Machine::new(&config, mem, time, Box::new(host_cpuid))
+            .ok_or(SetupError("machine", Status::BadParameter))?;
+        machine
+            .add_pci_devices(disk, Box::new(TscEntropy(moat_user::rdtsc())))
+            .map_err(|_| SetupError("PCI devices", Status::BadParameter))?;
+        let mut initial = initial_state(&boot);
+        initial.tsc_offset = self.start.wrapping_neg();
+        // SAFETY: create_vcpu mapped the state page there, writable; the
+        // vCPU does not run now.
+        unsafe { core::ptr::write(STATE_PAGE as *mut VcpuState, initial) };
+        Ok(machine)
+    }
+}
+
+/// Entropy for the guest's virtio-rng: a SplitMix64 stream reseeded from
+/// the TSC at every request. Good enough for a test guest, not for keys:
+/// the host offers no better source to a task (RDRAND is not everywhere).
+struct TscEntropy(u64);
+
+impl vdev::virtio::rng::EntropySource for TscEntropy {
+    fn fill(&mut self, buf: &mut [u8]) {
+        self.0 ^= moat_user::rdtsc();
+        for chunk in buf.chunks_mut(8) {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
+        }
+    }
+}
+
+/// The command line module's text, up to a NUL or the end, without the
+/// final newline.
+fn trim_text(bytes: &[u8]) -> &[u8] {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    let text = &bytes[..end];
+    let trimmed = text.len()
+        - text
+            .iter()
+            .rev()
+            .take_while(|b| b.is_ascii_whitespace())
+            .count();
+    &text[..trimmed]
+}
+
+/// Prints the guest's serial output. Carriage returns are dropped: the
+/// console ends lines itself.
+fn flush_console(machine: &Machine) {
+    let mut out = machine.take_console_output();
+    out.retain(|&b| b != b'\r');
+    if !out.is_empty() {
+        let _ = sys::console_write(&out);
+    }
+}
+
+fn report(machine: &Machine) {
+    let s = &machine.stats;
+    let r = &s.by_reason;
+    use moat_abi::vcpu::exit_reason as e;
+    println!(
+        "vmm: exits {}: io {} mmio {} cpuid {} msr {} hlt {} window {} poked {} other {}",
+        s.total(),
+        r[e::IO as usize],
+        r[e::MEMORY as usize],
+        r[e::CPUID as usize],
+        r[e::MSR_READ as usize] + r[e::MSR_WRITE as usize],
+        r[e::HLT as usize],
+        r[e::INTERRUPT_WINDOW as usize],
+        r[e::POKED as usize],
+        r[e::OTHER as usize] + r[e::XSETBV as usize] + r[e::HYPERCALL as usize],
+    );
+    if let Some((msr, write)) = s.last_msr_fault {
+        let access = if write { "write" } else { "read" };
+        println!(
+            "vmm: {} MSR accesses refused (#GP), the last a {access} of {msr:#x}",
+            s.msr_faults
+        );
+    }
+}
+
+/// The machine's next deadline as a host TSC value (0: none).
+fn host_deadline(machine: &Machine, start: u64, tsc_hz: u64) -> u64 {
+    machine.next_deadline_ns().map_or(0, |ns| {
+        let ticks = u128::from(ns) * u128::from(tsc_hz) / 1_000_000_000;
+        start.wrapping_add(ticks as u64).max(1)
+    })
+}
+
+/// Creates the VM with the RAM at guest-physical 0 and its vCPU.
+fn create_vm(ram: Region, low_ram: u64) -> Result<(), SetupError> {
+    let pages = low_ram / PAGE_SIZE;
+    let tables = (pages / 512 + 8) * PAGE_SIZE;
+    let quota = VM_QUOTA_BASE + pages * CAP_SLOT_COST + tables;
+    let (rax, _) = sys::raw(
+        CallWord::new(Call::CreatePd, flags::VM, VM).encode(),
+        [sel::OWN_PD, quota, 64, 0, 0, 0],
+    );
+    Status::from_code(rax)
+        .unwrap_or(Status::BadCall)
+        .into_result()
+        .map_err(|s| SetupError("create_pd", s))?;
+    sys::delegate(
+        VM,
+        Space::Memory,
+        ram.address / PAGE_SIZE,
+        0,
+        pages,
+        rights::MEM_READ | rights::MEM_WRITE | rights::MEM_EXECUTE,
+    )
+    .map_err(|s| SetupError("delegate RAM", s))?;
+    kernel_call(Call::CreateVcpu, VCPU, [VM, STATE_PAGE, 0, 0, 0, 0])
+        .map_err(|s| SetupError("create_vcpu", s))
+}
+
+fn start_timer() -> Result<(), SetupError> {
+    let fail = |what| move |s| SetupError(what, s);
+    sys::create_sm(TIMER_SM, sel::OWN_PD, 0).map_err(fail("timer semaphore"))?;
+    sys::create_sm(WAKE_SM, sel::OWN_PD, 0).map_err(fail("wake semaphore"))?;
+    sys::create_ec(
+        TIMER_EC,
+        sel::OWN_PD,
+        false,
+        timer_ec as *const () as u64,
+        TIMER_STACK.top() - 8,
+        TIMER_UTCB,
+        sel::EXCEPTION_PORTAL,
+        TIMER_EC,
+    )
+    .map_err(fail("timer EC"))?;
+    sys::create_sc(
+        TIMER_SC,
+        sel::OWN_PD,
+        TIMER_EC,
+        TIMER_PRIORITY,
+        TIMER_BUDGET_US,
+    )
+    .map_err(fail("timer SC"))
+}
+
+/// The vCPU state the firmware's boot state describes.
+fn initial_state(boot: &firmware::BootState) -> VcpuState {
+    let segment = |s: &firmware::Segment| moat_abi::vcpu::Segment {
+        selector: s.selector,
+        access: s.access_rights,
+        limit: s.limit,
+        base: s.base,
+        ..Default::default()
+    };
+    let data = segment(&boot.ds);
+    let mut state = VcpuState {
+        // Everything but an event to inject.
+        dirty: group::ALL & !group::INJECT,
+        want: state::WANT,
+        rip: boot.rip,
+        rsp: boot.rsp,
+        rsi: boot.rsi,
+        rbx: boot.rbx,
+        rflags: boot.rflags,
+        cr0: boot.cr0,
+        cr3: boot.cr3,
+        cr4: boot.cr4,
+        efer: boot.efer,
+        xcr0: 1,
+        cs: segment(&boot.cs),
+        ds: data,
+        es: data,
+        fs: data,
+        gs: data,
+        ss: data,
+        tr: segment(&boot.tr),
+        pat: POWER_ON_PAT,
+        dr6: 0xffff_0ff0,
+        dr7: 0x400,
+        ..VcpuState::default()
+    };
+    state.ldtr.access = UNUSABLE;
+    state.gdtr.base = boot.gdt_base;
+    state.gdtr.limit = boot.gdt_limit.into();
+    state.idtr.limit = 0xffff;
+    state
+}
+
+/// F000:FFF0, the first instruction after a reset.
+const RESET_VECTOR: usize = 0xf_fff0;
+/// `mov al, 1; mov dx, 0x602; out dx, al; hlt`: the ACPI reset register.
+const RESET_STUB: [u8; 7] = [0xb0, 0x01, 0xba, 0x02, 0x06, 0xee, 0xf4];
+
+/// IA32_PAT at reset: WB, WT, UC-, UC, twice.
+const POWER_ON_PAT: u64 = 0x0007_0406_0007_0406;
+/// VMX access rights: segment unusable.
+const UNUSABLE: u32 = 1 << 16;
