@@ -83,6 +83,10 @@ fn gas_io8(port: u16) -> [u8; 12] {
 pub const SLEEP_CONTROL_OFFSET: u16 = 0;
 pub const SLEEP_STATUS_OFFSET: u16 = 1;
 pub const RESET_OFFSET: u16 = 2;
+/// The pvpanic device's port and ACPI ID (QEMU's, which Linux's
+/// `pvpanic-mmio` driver binds to, port or memory alike).
+pub const PVPANIC_PORT: u16 = 0x505;
+pub const PVPANIC_HID: &str = "QEMU0001";
 /// The value that resets the machine when written to the reset register.
 pub const RESET_VALUE: u8 = 1;
 /// SLP_TYP for S5 (soft off), as `\_S5_` declares it.
@@ -188,14 +192,18 @@ fn build_rsdp(xsdt: u64) -> [u8; RSDP_LEN] {
 }
 
 /// The DSDT's AML: `\_S5_`, the PCI host bridge `\_SB.PCI0` (bus 0, config
-/// ports, I/O and 32-bit memory windows, INTx routing), COM1, and a
-/// motherboard-resources device claiming the ACPI PM ports and ECAM.
+/// ports, I/O and 32-bit memory windows, INTx routing), COM1, the CMOS RTC
+/// (if the layout has one), the pvpanic device (QEMU's `QEMU0001`, through
+/// which the guest reports a panic), and a motherboard-resources device
+/// claiming the ACPI PM ports and ECAM.
 pub fn dsdt_aml(layout: &GuestLayout) -> Result<Vec<u8>, aml::Error> {
     use aml::{device, eisa_id, integer, name, package, resource_template, scope};
     const PCI_CONFIG_PORT: u16 = 0xcf8;
     const PCI_CONFIG_LEN: u8 = 8;
     const COM1_PORT: u16 = 0x3f8;
     const COM1_IRQ: u8 = 4;
+    const RTC_PORT: u16 = 0x70;
+    const RTC_IRQ: u8 = 8;
     const PCI_SLOTS: u32 = 32;
     const ANY_FUNCTION: u32 = 0xffff;
 
@@ -258,12 +266,34 @@ pub fn dsdt_aml(layout: &GuestLayout) -> Result<Vec<u8>, aml::Error> {
     ]
     .concat();
 
-    let sb = [
+    let pvpanic = [
+        name("_HID", &aml::string(PVPANIC_HID)?)?,
+        name("_UID", &integer(0))?,
+        name(
+            "_CRS",
+            &resource_template(&[resource::io(PVPANIC_PORT, 1)])?,
+        )?,
+    ]
+    .concat();
+
+    let mut sb = [
         device("PCI0", &pci0)?,
         device("COM1", &com1)?,
+        device("PEVT", &pvpanic)?,
         device("MBRD", &mbrd)?,
     ]
     .concat();
+    if layout.cmos_rtc {
+        let rtc = [
+            name("_HID", &eisa_id("PNP0B00")?)?,
+            name(
+                "_CRS",
+                &resource_template(&[resource::io(RTC_PORT, 2), resource::irq(RTC_IRQ)?])?,
+            )?,
+        ]
+        .concat();
+        sb.extend(device("RTC_", &rtc)?);
+    }
     Ok([s5, scope("\\_SB", &sb)?].concat())
 }
 

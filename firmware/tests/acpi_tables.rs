@@ -312,6 +312,32 @@ fn dsdt_has_com1_and_motherboard_resources() {
             Resource::Irq { mask: 1 << 4 }
         ]
     );
+    assert_eq!(
+        ns.get("\\_SB_.PEVT._HID"),
+        Some(&aml_reader::Value::Str("QEMU0001".into()))
+    );
+    assert_eq!(
+        buffer(&ns, "\\_SB_.PEVT._CRS"),
+        [Resource::Io {
+            min: 0x505,
+            max: 0x505,
+            align: 1,
+            len: 1
+        }]
+    );
+    assert_eq!(eisa(&ns, "\\_SB_.RTC_._HID"), "PNP0B00");
+    assert_eq!(
+        buffer(&ns, "\\_SB_.RTC_._CRS"),
+        [
+            Resource::Io {
+                min: 0x70,
+                max: 0x70,
+                align: 1,
+                len: 2
+            },
+            Resource::Irq { mask: 1 << 8 }
+        ]
+    );
     assert_eq!(eisa(&ns, "\\_SB_.MBRD._HID"), "PNP0C02");
     let ecam = Resource::Address {
         kind: 0,

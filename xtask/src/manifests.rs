@@ -282,6 +282,30 @@ component linux
     args epoch=1764000000
 ";
 
+/// The Linux guest without a disk, told to panic once `/init` is done,
+/// beside `ticker`, which must go on counting after the guest is gone.
+pub const LINUX_PANIC: &str = "\
+component linux
+    module vmm
+    priority 10
+    memory 2M
+    stack 64K
+    quota 32M
+    restart 0
+    ram guest 256M at 0x10000000000
+    ram heap 16M at 0x20000000000
+    file kernel bzImage at 0x30000000000
+    file initrd initramfs.cpio at 0x31000000000
+    file cmdline cmdline at 0x33000000000
+    args epoch=1764000000
+component ticker
+    module ticker
+    priority 20
+    memory 128K
+    quota 64K
+    args count=1000000 period_ms=500
+";
+
 #[cfg(test)]
 mod tests {
     use super::*;
