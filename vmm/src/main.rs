@@ -6,7 +6,9 @@
 //!
 //! Arguments: `guest=ADDR,SIZE` (RAM), `heap=ADDR,SIZE`, `kernel=ADDR,SIZE`
 //! (bzImage), `initrd=ADDR,SIZE`, `cmdline=ADDR,SIZE` (text), optional
-//! `disk=ADDR,SIZE`, `epoch=UNIX_SECONDS`, and the root's `tsc_hz=`.
+//! `disk=ADDR,SIZE`, `epoch=UNIX_SECONDS`, the flag `console-input` (the
+//! VMM holds COM1's ports and IRQ 4 and feeds what is typed there to the
+//! guest's serial port; a third EC waits for it), and the root's `tsc_hz=`.
 //! Lines: `vmm: …`; the guest's console goes to the console as it is.
 #![no_std]
 #![no_main]
@@ -16,7 +18,7 @@ extern crate alloc;
 use alloc::boxed::Box;
 use alloc::rc::Rc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use common::{args, sel};
 use moat_abi::vcpu::{group, VcpuState};
@@ -34,6 +36,22 @@ const TIMER_EC: Sel = VM + 2;
 const TIMER_SC: Sel = VM + 3;
 const TIMER_SM: Sel = VM + 4;
 const WAKE_SM: Sel = VM + 5;
+const INPUT_EC: Sel = VM + 6;
+const INPUT_SC: Sel = VM + 7;
+const INPUT_SM: Sel = VM + 8;
+const INPUT_UTCB: u64 = 0x0000_6000_0002_0000;
+const INPUT_PRIORITY: u8 = 50;
+/// The host's COM1, where the console is typed.
+const COM1: u16 = 0x3f8;
+const COM1_GSI: u64 = 4;
+const UART_IER: u16 = 1;
+const UART_MCR: u16 = 4;
+const UART_LSR: u16 = 5;
+const IER_RX_DATA: u8 = 1 << 0;
+/// OUT2 gates a PC UART's interrupt line.
+const MCR_OUT2: u8 = 1 << 3;
+const LSR_DATA_READY: u8 = 1 << 0;
+const EDGE_ACTIVE_HIGH: u64 = 0;
 const STATE_PAGE: u64 = 0x0000_6000_0000_0000;
 const TIMER_UTCB: u64 = 0x0000_6000_0001_0000;
 /// Above the vCPU's EC, so a due timer preempts the guest at once.
@@ -149,6 +167,109 @@ extern "C" fn timer_ec() -> ! {
     }
 }
 
+/// Bytes typed at the host console, from the input EC to the vCPU loop:
+/// one producer, one consumer, full means newer bytes are dropped.
+struct InputRing {
+    bytes: [AtomicU8; INPUT_RING],
+    /// Written by the producer only.
+    head: AtomicUsize,
+    /// Written by the consumer only.
+    tail: AtomicUsize,
+}
+
+const INPUT_RING: usize = 256;
+
+impl InputRing {
+    const fn new() -> Self {
+        Self {
+            bytes: [const { AtomicU8::new(0) }; INPUT_RING],
+            head: AtomicUsize::new(0),
+            tail: AtomicUsize::new(0),
+        }
+    }
+
+    fn push(&self, byte: u8) {
+        let head = self.head.load(Ordering::Relaxed);
+        if head.wrapping_sub(self.tail.load(Ordering::Acquire)) < INPUT_RING {
+            self.bytes[head % INPUT_RING].store(byte, Ordering::Relaxed);
+            self.head.store(head.wrapping_add(1), Ordering::Release);
+        }
+    }
+
+    fn drain(&self, out: &mut Vec<u8>) {
+        let head = self.head.load(Ordering::Acquire);
+        let mut tail = self.tail.load(Ordering::Relaxed);
+        while tail != head {
+            out.push(self.bytes[tail % INPUT_RING].load(Ordering::Relaxed));
+            tail = tail.wrapping_add(1);
+        }
+        self.tail.store(tail, Ordering::Release);
+    }
+}
+
+static INPUT: InputRing = InputRing::new();
+static INPUT_STACK: moat_user::Stack<8192> = moat_user::Stack::new();
+
+fn outb(port: u16, value: u8) {
+    // SAFETY: only COM1's ports, which the manifest gives this PD with
+    // `console-input`; the kernel's I/O bitmap lets nothing else through.
+    unsafe {
+        core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack))
+    };
+}
+
+fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: as for `outb`.
+    unsafe {
+        core::arch::asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack))
+    };
+    value
+}
+
+/// Waits for COM1's receive interrupt, moves the typed bytes to [`INPUT`]
+/// and wakes the vCPU loop (halted or running).
+extern "C" fn input_ec() -> ! {
+    loop {
+        if sys::sm_down(INPUT_SM, 0, false).is_err() {
+            sys::exit(4);
+        }
+        while inb(COM1 + UART_LSR) & LSR_DATA_READY != 0 {
+            INPUT.push(inb(COM1));
+        }
+        let _ = sys::irq_unmask(COM1_GSI);
+        let _ = sys::sm_up(WAKE_SM);
+        let _ = kernel_call(Call::VcpuPoke, VCPU, [0; 6]);
+    }
+}
+
+fn start_input() -> Result<(), SetupError> {
+    let fail = |what| move |s| SetupError(what, s);
+    sys::create_sm(INPUT_SM, sel::OWN_PD, 0).map_err(fail("input semaphore"))?;
+    sys::irq_assign(INPUT_SM, COM1_GSI, EDGE_ACTIVE_HIGH).map_err(fail("COM1 interrupt"))?;
+    outb(COM1 + UART_IER, IER_RX_DATA);
+    outb(COM1 + UART_MCR, inb(COM1 + UART_MCR) | MCR_OUT2);
+    sys::create_ec(
+        INPUT_EC,
+        sel::OWN_PD,
+        false,
+        input_ec as *const () as u64,
+        INPUT_STACK.top() - 8,
+        INPUT_UTCB,
+        sel::EXCEPTION_PORTAL,
+        INPUT_EC,
+    )
+    .map_err(fail("input EC"))?;
+    sys::create_sc(
+        INPUT_SC,
+        sel::OWN_PD,
+        INPUT_EC,
+        INPUT_PRIORITY,
+        TIMER_BUDGET_US,
+    )
+    .map_err(fail("input SC"))
+}
+
 /// Tells the timer EC the next deadline (host TSC, 0 for none).
 fn arm(deadline: u64) {
     if DEADLINE.swap(deadline, Ordering::AcqRel) != deadline {
@@ -236,13 +357,22 @@ fn run(args: &str) -> Result<Stop, SetupError> {
     );
     create_vm(ram, low_ram)?;
     start_timer()?;
+    if args::flag(args, "console-input") {
+        start_input()?;
+    }
     let mut machine = guest.boot(disk)?;
+    let mut typed = Vec::new();
 
     let mut resets = 0;
     let stop = loop {
         // SAFETY: the kernel writes the state page only during vcpu_run;
         // this is the only reference until the next one.
         let state = unsafe { &mut *(STATE_PAGE as *mut VcpuState) };
+        INPUT.drain(&mut typed);
+        if !typed.is_empty() {
+            machine.console_input(&typed);
+            typed.clear();
+        }
         machine.prepare_entry(state);
         arm(host_deadline(&machine, guest.start, tsc_hz));
         kernel_call(Call::VcpuRun, VCPU, [0; 6]).map_err(|s| SetupError("vcpu_run", s))?;

@@ -200,6 +200,15 @@ fn copy(from: &Path, to: &Path) -> Result<()> {
         .context(|| format!("cannot copy {} to {}", from.display(), to.display()))
 }
 
+/// The VMM's task, which the default image runs.
+const VMM: &str = "vmm";
+/// The guest kernel's arguments in the default image: a shell on the
+/// serial console once `/init` has made its checks.
+const RUN_GUEST_ARGS: &str = "console=ttyS0 panic=-1 moat.shell=1";
+/// The root task's pool holds the guest's 256 MiB.
+const RUN_POOL_ARG: &str = "pool=400";
+const RUN_MEMORY_MIB: u32 = 1024;
+
 /// The default image in `target/image/`.
 pub struct Image {
     pub dir: PathBuf,
@@ -226,27 +235,51 @@ pub fn assemble(artifacts: &Artifacts) -> Result<Image> {
             });
         }
     }
-    // The default system: the demo manifest and the components it names.
-    let manifest = dir.join(crate::manifests::MANIFEST_MODULE);
-    fs::write(&manifest, crate::manifests::DEMO)
-        .context(|| format!("cannot write {}", manifest.display()))?;
+    // The default system: the Linux guest under the VMM, with a shell.
+    let text = |name: &str, bytes: &[u8]| -> Result<Module> {
+        let file = dir.join(name);
+        fs::write(&file, bytes).context(|| format!("cannot write {}", file.display()))?;
+        Ok(Module {
+            name: name.to_string(),
+            file,
+            args: Vec::new(),
+        })
+    };
+    modules.push(text(
+        crate::manifests::MANIFEST_MODULE,
+        crate::manifests::RUN.as_bytes(),
+    )?);
     modules.push(Module {
-        name: crate::manifests::MANIFEST_MODULE.to_string(),
-        file: manifest,
+        name: VMM.to_string(),
+        file: dir.join(VMM),
         args: Vec::new(),
     });
-    for component in crate::manifests::DEMO_COMPONENTS {
+    let guest = crate::linux::build()?;
+    for (name, from) in [
+        ("bzImage", &guest.kernel),
+        ("initramfs.cpio", &guest.initramfs),
+    ] {
+        let file = dir.join(name);
+        copy(from, &file)?;
         modules.push(Module {
-            name: component.to_string(),
-            file: dir.join(component),
+            name: name.to_string(),
+            file,
             args: Vec::new(),
         });
     }
+    let disk = crate::linux::write_test_disk(&dir.join("disk.img"))?;
+    modules.push(Module {
+        name: "disk.img".to_string(),
+        file: disk.path.clone(),
+        args: Vec::new(),
+    });
+    let cmdline = format!("{RUN_GUEST_ARGS} {}\n", disk.kernel_args().join(" "));
+    modules.push(text("cmdline", cmdline.as_bytes())?);
     let boot = BootSpec {
         kernel,
-        kernel_args: vec![DEBUG_EXIT_ARG.to_string()],
+        kernel_args: vec![DEBUG_EXIT_ARG.to_string(), RUN_POOL_ARG.to_string()],
         modules,
-        memory_mib: DEFAULT_MEMORY_MIB,
+        memory_mib: RUN_MEMORY_MIB,
     };
 
     let args_file = dir.join("qemu.args");
@@ -266,11 +299,12 @@ fn qemu_args_text(boot: &BootSpec) -> Result<String> {
     Ok(format!(
         "# Boot arguments for qemu-system-x86_64 (written by `cargo xtask build`).\n\
          # From the workspace root:\n\
-         #   eval qemu-system-x86_64 -machine pc -m 512M -no-reboot -accel tcg -cpu max \\\n\
+         #   eval qemu-system-x86_64 -machine pc -m {memory}M -no-reboot -accel tcg -cpu max \\\n\
          #     -serial stdio -display none -device isa-debug-exit,iobase=0xf4,iosize=0x04 \\\n\
          #     \"$(grep -v '^#' {IMAGE_DIR}/qemu.args)\"\n\
          {}\n",
-        args.join(" ")
+        args.join(" "),
+        memory = boot.memory_mib,
     ))
 }
 

@@ -142,37 +142,6 @@ component spinb
 /// The boot module name the root task reads its manifest from.
 pub const MANIFEST_MODULE: &str = "manifest";
 
-/// What `cargo xtask run` boots: a server and its client, a component that
-/// keeps faulting (and is restarted, then given up on), and a ticker that
-/// runs undisturbed beside them.
-pub const DEMO: &str = concat!(
-    echo_server!(),
-    "\
-component ping
-    module ping
-    priority 10
-    memory 256K
-    quota 64K
-    uses echo at 20
-    args calls=1000
-component faulty
-    module faulty
-    priority 12
-    memory 128K
-    quota 64K
-    restart 2
-component ticker
-    module ticker
-    priority 15
-    memory 128K
-    quota 64K
-    args count=10 period_ms=50
-"
-);
-
-/// The components [`DEMO`] names, in boot-module order.
-pub const DEMO_COMPONENTS: &[&str] = &["echo", "ping", "faulty", "ticker"];
-
 /// `lender` lends a page to `borrower` and revokes it; the borrower's
 /// next access faults and it is not restarted.
 pub const DELEGATE_REVOKE: &str = "\
@@ -306,17 +275,40 @@ component ticker
     args count=1000000 period_ms=500
 ";
 
+/// `cargo xtask run`: the Linux guest with a shell on the console, which
+/// the VMM reads from COM1 (its ports and IRQ 4 go to the VMM).
+pub const RUN: &str = "\
+component linux
+    module vmm
+    priority 10
+    memory 2M
+    stack 64K
+    quota 32M
+    restart 0
+    ram guest 256M at 0x10000000000
+    ram heap 16M at 0x20000000000
+    file kernel bzImage at 0x30000000000
+    file initrd initramfs.cpio at 0x31000000000
+    file disk disk.img at 0x32000000000
+    file cmdline cmdline at 0x33000000000
+    args epoch=1764000000 console-input
+ioports 0x3f8-0x3ff to linux
+irq 4 to linux
+";
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const ALL: [&str; 14] = [
+    const ALL: [&str; 16] = [
         IPC_PINGPONG,
         SUPERVISION,
         SEMAPHORE,
         INTERRUPT,
         ROUND_ROBIN,
-        DEMO,
+        RUN,
+        LINUX,
+        LINUX_PANIC,
         SERVER_DIES,
         CALLER_DIES,
         DELEGATE_REVOKE,
