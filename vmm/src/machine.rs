@@ -217,6 +217,21 @@ impl BusDevice for PvPanic {
     }
 }
 
+/// Something the VMM met and answered with #UD.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// An instruction behind an MMIO exit the emulator does not handle.
+    Mmio(iced_x86::Code),
+    /// INS/OUTS to this port.
+    StringIo(u16),
+    /// An exit reason the VMM has no use for.
+    Exit(u32),
+}
+
+/// Refusals kept for the log between two calls of
+/// [`Machine::take_refusals`].
+const MAX_REFUSALS: usize = 16;
+
 /// Why the guest stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stop {
@@ -319,6 +334,7 @@ pub struct Machine {
     pending_input: Vec<u8>,
     mismatch: (u64, u32),
     virtio: Option<Virtio>,
+    refusals: Vec<(u64, Refused)>,
     /// The guest's CR8 as of the last exit.
     cr8_seen: u64,
     pub stats: ExitStats,
@@ -413,6 +429,7 @@ impl Machine {
             pending_input: Vec::new(),
             mismatch: (0, 0),
             virtio: None,
+            refusals: Vec::new(),
             cr8_seen: 0,
             stats: ExitStats::default(),
         })
@@ -692,9 +709,8 @@ impl Machine {
             exit_reason::EXCEPTION => {
                 Action::Stop(Stop::Failed(Failure::Exception(state.exit.vector)))
             }
-            _ => {
-                self.stats.unsupported += 1;
-                state::inject_ud(state);
+            reason => {
+                self.refuse(state, Refused::Exit(reason));
                 Action::Resume
             }
         };
@@ -728,8 +744,7 @@ impl Machine {
         let exit = state.exit;
         if exit.flags & exit_flags::IO_STRING != 0 {
             // No device here needs INS/OUTS; refuse rather than guess.
-            self.stats.unsupported += 1;
-            state::inject_ud(state);
+            self.refuse(state, Refused::StringIo(exit.port));
             return Action::Resume;
         }
         let size = usize::from(exit.size).clamp(1, 4);
@@ -778,10 +793,7 @@ impl Machine {
             }
             Outcome::Repeat => store_cpu_state(state, &cpu),
             Outcome::Fault(exception) => state::inject_exception(state, exception),
-            Outcome::Unsupported(_) => {
-                self.stats.unsupported += 1;
-                state::inject_ud(state);
-            }
+            Outcome::Unsupported(code) => self.refuse(state, Refused::Mmio(code)),
             Outcome::Mismatch => {
                 let (rip, count) = self.mismatch;
                 let count = if rip == state.rip { count + 1 } else { 1 };
@@ -793,6 +805,21 @@ impl Machine {
             Outcome::NotRam(gpa) => return Action::Stop(Stop::Failed(Failure::NotRam(gpa))),
         }
         Action::Resume
+    }
+
+    /// Injects #UD for something the VMM does not emulate, and notes it.
+    fn refuse(&mut self, state: &mut VcpuState, what: Refused) {
+        self.stats.unsupported += 1;
+        if self.refusals.len() < MAX_REFUSALS {
+            self.refusals.push((state.rip, what));
+        }
+        state::inject_ud(state);
+    }
+
+    /// What was refused with #UD since the last call (the first
+    /// [`MAX_REFUSALS`] only), with the guest's RIP, for the log.
+    pub fn take_refusals(&mut self) -> Vec<(u64, Refused)> {
+        core::mem::take(&mut self.refusals)
     }
 
     fn rdmsr(&mut self, state: &mut VcpuState) -> Action {

@@ -60,6 +60,8 @@ const TIMER_BUDGET_US: u64 = 1000;
 /// Kernel memory of the VM beyond its page tables and capabilities.
 const VM_QUOTA_BASE: u64 = 512 * 1024;
 const CAP_SLOT_COST: u64 = 96;
+/// #UDs for unemulated things the log shows, per run.
+const MAX_REFUSALS_LOGGED: u32 = 32;
 /// Resets after which a guest that keeps resetting is given up.
 const MAX_RESETS: u32 = 8;
 
@@ -364,6 +366,7 @@ fn run(args: &str) -> Result<Stop, SetupError> {
     let mut typed = Vec::new();
 
     let mut resets = 0;
+    let mut refusals_logged = 0u32;
     let stop = loop {
         // SAFETY: the kernel writes the state page only during vcpu_run;
         // this is the only reference until the next one.
@@ -380,6 +383,16 @@ fn run(args: &str) -> Result<Stop, SetupError> {
         let state = unsafe { &mut *(STATE_PAGE as *mut VcpuState) };
         let action = machine.handle_exit(state);
         flush_console(&machine);
+        for (rip, what) in machine.take_refusals() {
+            refusals_logged += 1;
+            match refusals_logged {
+                ..=MAX_REFUSALS_LOGGED => {
+                    println!("vmm: #UD injected at rip {rip:#x}: {what:?} is not emulated")
+                }
+                n if n == MAX_REFUSALS_LOGGED + 1 => println!("vmm: further #UDs not logged"),
+                _ => {}
+            }
+        }
         match action {
             Action::Resume => {}
             Action::Halt => {

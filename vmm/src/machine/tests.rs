@@ -318,6 +318,10 @@ fn garbage_behind_an_mmio_exit_gives_ud_and_never_panics() {
         );
     }
     assert!(s.machine.stats.unsupported > 1000);
+    let refusals = s.machine.take_refusals();
+    assert_eq!(refusals.len(), MAX_REFUSALS, "the log is bounded");
+    assert!(matches!(refusals[0], (0x1000, Refused::Mmio(_))));
+    assert!(s.machine.take_refusals().is_empty());
 }
 
 #[test]
