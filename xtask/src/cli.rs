@@ -26,6 +26,11 @@ commands:
   bench exits [--emu qemu|bochs]
                         the same for a CPUID exit handled by the VMM, the guest
                         IPC hypercall and a native call; target/bench/exits.json
+  bench linux [--emu qemu|bochs] [--runs N]
+                        SLOW (about 5 minutes, most of it Bochs): the Linux guest
+                        booted by the emulator itself and under Moat; wall time
+                        and guest uptime to /init, their ratio, the VMM's exits;
+                        N runs of each boot (default 1); target/bench/linux.json
   linux build           fetch the pinned Debian kernel and busybox (guests/linux/)
                         and build target/linux/{bzImage,initramfs.cpio} (cached)
   linux direct [--emu qemu|bochs] [--virtio] [-- KERNEL ARGS...]
@@ -60,12 +65,17 @@ pub enum LinuxOpts {
 pub enum Benchmark {
     Ipc,
     Exits,
+    /// Slow: boots Linux twice per emulator and run.
+    Linux,
 }
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct BenchOpts {
     pub benchmark: Benchmark,
     pub emu: Option<Emulator>,
+    /// Boots of each kind (`bench linux` only; the others measure many
+    /// iterations in one boot).
+    pub runs: u32,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -111,16 +121,31 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
             let benchmark = match opts.positional().as_deref() {
                 Some("ipc") => Benchmark::Ipc,
                 Some("exits") => Benchmark::Exits,
+                Some("linux") => Benchmark::Linux,
                 Some(other) => {
                     return Err(Error::Usage(format!(
-                        "unknown benchmark `{other}` (expected ipc or exits)"
+                        "unknown benchmark `{other}` (expected ipc, exits or linux)"
                     )))
                 }
-                None => return Err(Error::Usage("bench needs a benchmark: ipc or exits".into())),
+                None => {
+                    return Err(Error::Usage(
+                        "bench needs a benchmark: ipc, exits or linux".into(),
+                    ))
+                }
+            };
+            let runs = match opts.value("--runs")? {
+                None => 1,
+                Some(_) if benchmark != Benchmark::Linux => {
+                    return Err(Error::Usage("--runs is for bench linux only".into()))
+                }
+                Some(n) => n.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+                    Error::Usage(format!("--runs needs a positive number, not `{n}`"))
+                })?,
             };
             Cmd::Bench(BenchOpts {
                 benchmark,
                 emu: opts.emulator()?,
+                runs,
             })
         }
         "linux" => Cmd::Linux(match opts.positional().as_deref() {
@@ -289,6 +314,7 @@ mod tests {
             Cmd::Bench(BenchOpts {
                 benchmark: Benchmark::Ipc,
                 emu: None,
+                runs: 1,
             })
         );
         assert_eq!(
@@ -296,8 +322,20 @@ mod tests {
             Cmd::Bench(BenchOpts {
                 benchmark: Benchmark::Ipc,
                 emu: Some(Emulator::Bochs),
+                runs: 1,
             })
         );
+        assert_eq!(
+            p("bench linux --runs 3 --emu qemu").unwrap(),
+            Cmd::Bench(BenchOpts {
+                benchmark: Benchmark::Linux,
+                emu: Some(Emulator::Qemu),
+                runs: 3,
+            })
+        );
+        assert!(p("bench linux --runs 0").is_err());
+        assert!(p("bench linux --runs x").is_err());
+        assert!(p("bench ipc --runs 2").is_err());
         assert!(p("bench").is_err());
         assert!(p("bench --emu qemu").is_err());
         assert!(p("bench disk").is_err());

@@ -38,7 +38,7 @@ const MODULE_LIST: &str = "etc/moat-modules";
 
 /// Kernel arguments of every direct boot: the console on COM1, and a panic
 /// ends the run instead of hanging (with QEMU's `-no-reboot`).
-const DIRECT_ARGS: &[&str] = &["console=ttyS0", "panic=-1"];
+pub(crate) const DIRECT_ARGS: &[&str] = &["console=ttyS0", "panic=-1"];
 const QEMU_DIRECT_TIMEOUT: Duration = Duration::from_secs(180);
 const BOCHS_DIRECT_TIMEOUT: Duration = Duration::from_secs(900);
 
@@ -913,7 +913,8 @@ pub fn direct(emu: Emulator, virtio: bool, extra_args: &[String]) -> Result<Exit
     let clock;
     let outcome = match emu {
         Emulator::Qemu => {
-            let mut qemu_args = direct_qemu_args(&guest, &args, &serial);
+            let mut qemu_args =
+                direct_qemu_args(&guest, &args, &serial, crate::image::DEFAULT_MEMORY_MIB);
             if let Some(disk) = &disk {
                 qemu_args.extend(virtio_qemu_args(disk, &dir)?);
             } else {
@@ -1005,14 +1006,21 @@ pub fn direct(emu: Emulator, virtio: bool, extra_args: &[String]) -> Result<Exit
     })
 }
 
-fn direct_qemu_args(guest: &Guest, kernel_args: &[String], serial: &Path) -> Vec<String> {
+pub(crate) fn direct_qemu_args(
+    guest: &Guest,
+    kernel_args: &[String],
+    serial: &Path,
+    memory_mib: u32,
+) -> Vec<String> {
     let mut args: Vec<String> = [
-        "-machine", "pc", "-accel", "tcg", "-cpu", "max", "-m", "512M", "-smp", "1", "-display",
-        "none", "-monitor", "none",
+        "-machine", "pc", "-accel", "tcg", "-cpu", "max", "-smp", "1", "-display", "none",
+        "-monitor", "none",
     ]
     .map(String::from)
     .to_vec();
     args.extend([
+        "-m".into(),
+        format!("{memory_mib}M"),
         "-serial".into(),
         format!("file:{}", serial.display()),
         "-kernel".into(),
