@@ -32,6 +32,15 @@ pub mod ram;
 pub use cpu::{BootState, Segment};
 pub use layout::{GuestLayout, LayoutError, Window};
 
+/// What the guest is told beside its kernel image, on either boot path.
+#[derive(Clone, Copy, Debug)]
+pub struct BootInfo<'a> {
+    pub cmdline: &'a [u8],
+    pub initrd: Option<&'a [u8]>,
+    pub e820: &'a [e820::E820Entry],
+    pub rsdp: Option<u64>,
+}
+
 /// Errors of the boot paths, by layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Error {
@@ -93,7 +102,7 @@ pub fn boot_linux(
     payload: &Payload,
 ) -> Result<BootState, Error> {
     let (rsdp, map) = platform(ram, layout)?;
-    let info = linux::BootInfo {
+    let info = BootInfo {
         cmdline: payload.cmdline,
         initrd: payload.initrd,
         e820: &map,
@@ -109,7 +118,7 @@ pub fn boot_pvh(
     payload: &Payload,
 ) -> Result<BootState, Error> {
     let (rsdp, map) = platform(ram, layout)?;
-    let info = pvh::BootInfo {
+    let info = BootInfo {
         cmdline: payload.cmdline,
         initrd: payload.initrd,
         e820: &map,

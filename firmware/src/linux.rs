@@ -3,6 +3,7 @@
 //! page (`struct boot_params`) describes memory, command line, initrd and
 //! RSDP, and the vCPU starts in long mode at `startup_64`.
 
+use crate::BootInfo;
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -237,15 +238,6 @@ impl SetupHeader {
         let top = self.initrd_addr_max.saturating_add(1).min(ram_len);
         e820::highest_fit(e820, size, floor, top, PAGE_SIZE).ok_or(Error::InitrdDoesNotFit)
     }
-}
-
-/// What the guest is told beside the kernel's own image.
-#[derive(Clone, Copy, Debug)]
-pub struct BootInfo<'a> {
-    pub cmdline: &'a [u8],
-    pub initrd: Option<&'a [u8]>,
-    pub e820: &'a [E820Entry],
-    pub rsdp: Option<u64>,
 }
 
 /// Where [`load`] put things, with the state to start the vCPU in.

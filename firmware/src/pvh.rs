@@ -3,10 +3,11 @@
 //! vCPU starts in 32-bit protected mode, paging off, at the address in the
 //! `XEN_ELFNOTE_PHYS32_ENTRY` note with EBX pointing at `hvm_start_info`.
 
+use crate::BootInfo;
 use alloc::vec::Vec;
 
 use crate::cpu::{self, BootState};
-use crate::e820::{self, E820Entry};
+use crate::e820;
 use crate::layout::{low, HIGH_RAM_START, PAGE_SIZE};
 use crate::ram::{self, Le, OutOfRam, PutLe};
 
@@ -216,15 +217,6 @@ impl Vmlinux {
             .max()
             .unwrap_or(0)
     }
-}
-
-/// What the guest is told beside its image.
-#[derive(Clone, Copy, Debug)]
-pub struct BootInfo<'a> {
-    pub cmdline: &'a [u8],
-    pub initrd: Option<&'a [u8]>,
-    pub e820: &'a [E820Entry],
-    pub rsdp: Option<u64>,
 }
 
 /// Where [`load`] put things, with the state to start the vCPU in.

@@ -102,7 +102,7 @@ fn mutated_and_random_bzimages() {
             1 => Some(&big_initrd[..RAM + rng.below(RAM)]),
             _ => Some(&big_initrd[..rng.below(0x1_0000)]),
         };
-        let info = linux::BootInfo {
+        let info = firmware::BootInfo {
             cmdline: &cmdline,
             initrd,
             e820: &map,
@@ -162,7 +162,7 @@ fn mutated_and_random_elves() {
             img
         };
         let initrd = (rng.below(2) == 0).then(|| vec![0x77; rng.below(0x8000)]);
-        let info = pvh::BootInfo {
+        let info = firmware::BootInfo {
             cmdline: b"x",
             initrd: initrd.as_deref(),
             e820: &map,

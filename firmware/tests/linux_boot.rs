@@ -36,7 +36,7 @@ fn load(
     let layout = GuestLayout::standard(ram_size as u64, 1);
     let map = e820::memory_map(&layout);
     let mut ram = vec![0u8; ram_size];
-    let info = linux::BootInfo {
+    let info = firmware::BootInfo {
         cmdline,
         initrd,
         e820: &map,
@@ -324,7 +324,7 @@ fn too_many_e820_entries() {
     };
     let map = vec![entry; 129];
     let mut ram = vec![0u8; RAM];
-    let info = linux::BootInfo {
+    let info = firmware::BootInfo {
         cmdline: b"",
         initrd: None,
         e820: &map,
@@ -353,7 +353,7 @@ fn debian_kernel_if_present() {
     let layout = GuestLayout::standard(256 * MIB as u64, 1);
     let mut ram = vec![0u8; 256 * MIB];
     let map = e820::memory_map(&layout);
-    let info = linux::BootInfo {
+    let info = firmware::BootInfo {
         cmdline: b"console=ttyS0",
         initrd: Some(&rd),
         e820: &map,

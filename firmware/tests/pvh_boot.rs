@@ -21,7 +21,7 @@ fn load(image: &[u8], ram_size: usize, initrd: Option<&[u8]>) -> Result<pvh::Loa
     pvh::load(
         &mut ram,
         image,
-        &pvh::BootInfo {
+        &firmware::BootInfo {
             cmdline: b"",
             initrd,
             e820: &map,
@@ -289,7 +289,7 @@ fn cmdline_and_map_limits() {
     let image = standard_vmlinux();
     let map = e820::memory_map(&GuestLayout::standard(RAM as u64, 1));
     let mut ram = vec![0u8; RAM];
-    let mut info = pvh::BootInfo {
+    let mut info = firmware::BootInfo {
         cmdline: b"a\0",
         initrd: None,
         e820: &map,

@@ -784,16 +784,8 @@ impl<C: Clock> BusDevice for Lapic<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use alloc::rc::Rc;
-    use core::cell::Cell;
 
-    #[derive(Clone, Default)]
-    struct FakeClock(Rc<Cell<u64>>);
-    impl Clock for FakeClock {
-        fn now_ns(&self) -> u64 {
-            self.0.get()
-        }
-    }
+    use crate::testutil::FakeClock;
 
     const TIMER_HZ: u64 = 100_000_000;
     const TSC_HZ: u64 = 2_000_000_000;

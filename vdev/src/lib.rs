@@ -18,6 +18,8 @@ pub mod pci;
 pub mod pic;
 pub mod pit;
 pub mod rtc;
+#[cfg(test)]
+mod testutil;
 pub mod uart;
 pub mod virtio;
 

@@ -424,13 +424,7 @@ mod tests {
     use alloc::rc::Rc;
     use core::cell::{Cell, RefCell};
 
-    #[derive(Clone, Default)]
-    struct FakeClock(Rc<Cell<u64>>);
-    impl Clock for FakeClock {
-        fn now_ns(&self) -> u64 {
-            self.0.get()
-        }
-    }
+    use crate::testutil::FakeClock;
 
     #[derive(Clone, Default)]
     struct Pulses(Rc<Cell<u32>>);

@@ -500,24 +500,10 @@ impl<C: Clock, I: IrqLine> BusDevice for Rtc<C, I> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use alloc::rc::Rc;
-    use core::cell::Cell;
 
-    #[derive(Clone, Default)]
-    struct FakeClock(Rc<Cell<u64>>);
-    impl Clock for FakeClock {
-        fn now_ns(&self) -> u64 {
-            self.0.get()
-        }
-    }
+    use crate::testutil::FakeClock;
 
-    #[derive(Clone, Default)]
-    struct Line(Rc<Cell<bool>>);
-    impl IrqLine for Line {
-        fn set_level(&self, high: bool) {
-            self.0.set(high);
-        }
-    }
+    use crate::testutil::Line;
 
     /// 2024-02-29 23:59:58 UTC, a Thursday.
     const START: u64 = 1_709_251_198;

@@ -23,6 +23,7 @@ use core::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use common::{args, sel};
 use moat_abi::vcpu::{group, VcpuState};
 use moat_abi::{flags, rights, Call, CallWord, Space, Status, PAGE_SIZE};
+use moat_user::io::{inb, outb};
 use moat_user::{println, sys, Sel};
 use vdev::{BadGuestAddress, GuestMemory};
 use vmm::machine::{Action, Config, Machine, Stop, TimeSource};
@@ -211,23 +212,6 @@ impl InputRing {
 
 static INPUT: InputRing = InputRing::new();
 static INPUT_STACK: moat_user::Stack<8192> = moat_user::Stack::new();
-
-fn outb(port: u16, value: u8) {
-    // SAFETY: only COM1's ports, which the manifest gives this PD with
-    // `console-input`; the kernel's I/O bitmap lets nothing else through.
-    unsafe {
-        core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack))
-    };
-}
-
-fn inb(port: u16) -> u8 {
-    let value: u8;
-    // SAFETY: as for `outb`.
-    unsafe {
-        core::arch::asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack))
-    };
-    value
-}
 
 /// Waits for COM1's receive interrupt, moves the typed bytes to [`INPUT`]
 /// and wakes the vCPU loop (halted or running).

@@ -232,9 +232,12 @@ component testvmm
 "
 );
 
-/// A Debian Linux guest under `vmm`: 256 MiB of RAM, a 16 MiB heap for the
-/// VMM, and the kernel, initramfs, test disk and command line as files.
-pub const LINUX: &str = "\
+/// The Linux guest's VMM entry: RAM, heap, kernel and initramfs; each
+/// manifest adds its disk, command line and arguments (a macro, so that
+/// `concat!` can put it in front of the rest).
+macro_rules! linux_vmm {
+    () => {
+        "\
 component linux
     module vmm
     priority 10
@@ -246,25 +249,26 @@ component linux
     ram heap 16M at 0x20000000000
     file kernel bzImage at 0x30000000000
     file initrd initramfs.cpio at 0x31000000000
+"
+    };
+}
+
+/// A Debian Linux guest under `vmm`: 256 MiB of RAM, a 16 MiB heap for the
+/// VMM, and the kernel, initramfs, test disk and command line as files.
+pub const LINUX: &str = concat!(
+    linux_vmm!(),
+    "\
     file disk disk.img at 0x32000000000
     file cmdline cmdline at 0x33000000000
     args epoch=1764000000
-";
+"
+);
 
 /// The Linux guest without a disk, told to panic once `/init` is done,
 /// beside `ticker`, which must go on counting after the guest is gone.
-pub const LINUX_PANIC: &str = "\
-component linux
-    module vmm
-    priority 10
-    memory 2M
-    stack 64K
-    quota 32M
-    restart 0
-    ram guest 256M at 0x10000000000
-    ram heap 16M at 0x20000000000
-    file kernel bzImage at 0x30000000000
-    file initrd initramfs.cpio at 0x31000000000
+pub const LINUX_PANIC: &str = concat!(
+    linux_vmm!(),
+    "\
     file cmdline cmdline at 0x33000000000
     args epoch=1764000000
 component ticker
@@ -273,28 +277,21 @@ component ticker
     memory 128K
     quota 64K
     args count=1000000 period_ms=500
-";
+"
+);
 
 /// `cargo xtask run`: the Linux guest with a shell on the console, which
 /// the VMM reads from COM1 (its ports and IRQ 4 go to the VMM).
-pub const RUN: &str = "\
-component linux
-    module vmm
-    priority 10
-    memory 2M
-    stack 64K
-    quota 32M
-    restart 0
-    ram guest 256M at 0x10000000000
-    ram heap 16M at 0x20000000000
-    file kernel bzImage at 0x30000000000
-    file initrd initramfs.cpio at 0x31000000000
+pub const RUN: &str = concat!(
+    linux_vmm!(),
+    "\
     file disk disk.img at 0x32000000000
     file cmdline cmdline at 0x33000000000
     args epoch=1764000000 console-input
 ioports 0x3f8-0x3ff to linux
 irq 4 to linux
-";
+"
+);
 
 #[cfg(test)]
 mod tests {

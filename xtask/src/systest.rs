@@ -187,22 +187,25 @@ const HELLO: &str = "roottask: hello from ring 3";
 const NO_TASKS_LEFT: &str = "moat: no tasks left";
 const MEMORY_RETURNED: &str = "all its memory is free again";
 
+const LINUX_KERNEL: ModuleSpec = ModuleSpec {
+    name: "bzImage",
+    content: Content::Linux(LinuxFile::Kernel),
+    args: &[],
+};
+const LINUX_INITRAMFS: ModuleSpec = ModuleSpec {
+    name: "initramfs.cpio",
+    content: Content::Linux(LinuxFile::Initramfs),
+    args: &[],
+};
+
 /// The Linux guest's boot modules: the root task, the manifest, the VMM
 /// and what the manifest's `file` lines name.
 const LINUX_MODULES: &[ModuleSpec] = &[
     ROOTTASK,
     manifest("linux", manifests::LINUX),
     component("vmm"),
-    ModuleSpec {
-        name: "bzImage",
-        content: Content::Linux(LinuxFile::Kernel),
-        args: &[],
-    },
-    ModuleSpec {
-        name: "initramfs.cpio",
-        content: Content::Linux(LinuxFile::Initramfs),
-        args: &[],
-    },
+    LINUX_KERNEL,
+    LINUX_INITRAMFS,
     ModuleSpec {
         name: "disk.img",
         content: Content::Linux(LinuxFile::Disk { dir: "linux" }),
@@ -224,16 +227,8 @@ const LINUX_PANIC_MODULES: &[ModuleSpec] = &[
     manifest("linux_panic", manifests::LINUX_PANIC),
     component("vmm"),
     component("ticker"),
-    ModuleSpec {
-        name: "bzImage",
-        content: Content::Linux(LinuxFile::Kernel),
-        args: &[],
-    },
-    ModuleSpec {
-        name: "initramfs.cpio",
-        content: Content::Linux(LinuxFile::Initramfs),
-        args: &[],
-    },
+    LINUX_KERNEL,
+    LINUX_INITRAMFS,
     ModuleSpec {
         name: "cmdline",
         content: Content::Linux(LinuxFile::Cmdline {

@@ -12,6 +12,7 @@
 #![no_main]
 
 use common::{args, ms_to_ticks};
+use moat_user::io::{inb, outb};
 use moat_user::{println, rdtsc, sys};
 
 moat_user::entry!(main);
@@ -28,23 +29,6 @@ const RATE_1024_HZ: u8 = 6;
 const GSI: u64 = 8;
 const IRQ_SM: u64 = 40;
 const EDGE_ACTIVE_HIGH: u64 = 0;
-
-fn outb(port: u16, value: u8) {
-    // SAFETY: the root delegated these ports to this PD; the kernel's I/O
-    // bitmap lets this instruction through only for them (#GP otherwise).
-    unsafe {
-        core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack))
-    };
-}
-
-fn inb(port: u16) -> u8 {
-    let value: u8;
-    // SAFETY: as for `outb`.
-    unsafe {
-        core::arch::asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack))
-    };
-    value
-}
 
 fn read_register(register: u8) -> u8 {
     outb(INDEX, register);

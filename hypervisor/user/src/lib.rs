@@ -1,6 +1,6 @@
 //! The user runtime every Moat task links: the entry point ([`entry!`]), one
 //! safe wrapper per kernel call ([`sys`]), console printing ([`print!`],
-//! [`println!`]), a heap for `alloc` ([`heap`]), portal handler entries
+//! [`println!`]), a heap for `alloc` ([`heap`]), port I/O ([`io`]), portal handler entries
 //! ([`portal_entry!`], [`Stack`]) and the panic handler (prints `panic: …`,
 //! exits with [`PANIC_EXIT_CODE`]).
 //!
@@ -12,6 +12,7 @@ pub use moat_abi as abi;
 
 pub mod console;
 pub mod heap;
+pub mod io;
 pub mod portal;
 mod rt;
 pub mod sys;
