@@ -454,8 +454,15 @@ impl Boot {
                 Launch::Qemu(qemu)
             }
             Emulator::Bochs => {
+                // Booted directly, Linux would take the TSC rate from
+                // Bochs' CPUID (3500 MHz) while the TSC counts
+                // instructions: its delays would last 70 times too long.
+                // Under Moat the guest learns the real rate through
+                // kvm-clock; tell the direct guest too.
+                let mut args = args.to_vec();
+                args.push(format!("tsc_early_khz={}", emu::BOCHS_IPS / 1000));
                 let iso = base.with_extension("iso");
-                linux::make_iso(guest, args, &base.with_extension("isodir"), &iso)?;
+                linux::make_iso(guest, &args, &base.with_extension("isodir"), &iso)?;
                 let files = BochsFiles {
                     iso,
                     serial: serial.clone(),

@@ -222,11 +222,16 @@ pub struct BochsFiles {
 /// for a VNC client. Each instance takes the first free port from 5900 on, so
 /// concurrent runs do not collide. A triple fault stops Bochs instead of
 /// rebooting into GRUB (QEMU's `-no-reboot`).
+/// Bochs' nominal instructions per second; with `clock: sync=none` its TSC
+/// counts instructions, so this is the TSC rate its guests see against the
+/// PIT.
+pub const BOCHS_IPS: u64 = 50_000_000;
+
 pub fn bochsrc(files: &BochsFiles) -> String {
     format!(
         "\
 display_library: rfb, options=\"timeout=0\"
-cpu: model=corei7_skylake_x, count=1, ips=50000000, reset_on_triple_fault=0
+cpu: model=corei7_skylake_x, count=1, ips={BOCHS_IPS}, reset_on_triple_fault=0
 megs: {megs}
 romimage: file={BOCHS_BIOS}
 vgaromimage: file={BOCHS_VGA_BIOS}
