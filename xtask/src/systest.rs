@@ -270,6 +270,8 @@ const LINUX_CHECKS: &[Expect] = &[
     all("failed=0"),
     all("vmm: exits "),
     all("vmm: guest stopped: power-off"),
+    // All 256 MiB of guest RAM in 2 MiB pages (EPT/NPT).
+    all("vm: 128 guest region(s) were mapped as 2 MiB pages"),
     all("roottask: component 'linux' finished"),
 ];
 

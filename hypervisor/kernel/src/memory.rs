@@ -141,7 +141,13 @@ pub fn alloc_zeroed_page() -> Option<(u64, &'static mut [u8; 4096])> {
 
 /// `count` contiguous zeroed frames; the physical address of the first.
 pub fn alloc_contiguous(count: usize) -> Option<u64> {
-    let phys = FRAMES.lock().as_mut()?.alloc_contiguous(count, PAGE_SIZE)?;
+    alloc_contiguous_aligned(count, PAGE_SIZE)
+}
+
+/// `count` zeroed, physically contiguous frames starting at a multiple of
+/// `align`.
+pub fn alloc_contiguous_aligned(count: usize, align: u64) -> Option<u64> {
+    let phys = FRAMES.lock().as_mut()?.alloc_contiguous(count, align)?;
     // SAFETY: the allocator just handed out these frames, so nothing else
     // refers to them; they are RAM reached through the direct map.
     unsafe { core::ptr::write_bytes(phys_to_virt(phys) as *mut u8, 0, count * PAGE_SIZE as usize) };

@@ -126,6 +126,13 @@ impl Guest {
     }
 
     fn destroy(self, mem: &mut impl TableMemory) {
+        let folds = match &self {
+            Guest::Ept(space) => space.folds(),
+            Guest::Npt(space) => space.folds(),
+        };
+        if folds > 0 {
+            log::info!("vm: {folds} guest region(s) were mapped as 2 MiB pages");
+        }
         match self {
             Guest::Ept(space) => {
                 let _no_vcpu_left = space.destroy(mem);

@@ -174,6 +174,10 @@ fn rights_of(flags: SegmentFlags) -> u8 {
     bits
 }
 
+/// Frames of a 2 MiB page.
+const LARGE_FRAMES: usize = 512;
+const LARGE_PAGE: u64 = 2 << 20;
+
 /// Builds the root PD; returns the pool size.
 fn build(
     kernel: &mut Kernel,
@@ -275,14 +279,47 @@ fn build(
         )
     };
     info_page[..bytes.len()].copy_from_slice(bytes);
-    for i in 0..pool_pages {
-        give_page_as(
-            kernel,
-            pd,
-            layout::ROOT_POOL / PAGE_SIZE + i,
-            rights::MEM_READ | rights::MEM_WRITE | rights::MEM_EXECUTE,
-            rights::MEM_READ | rights::MEM_WRITE,
-        )?;
+    // In aligned 2 MiB runs where memory allows: a VM given such a run at
+    // an aligned guest address gets a 2 MiB page.
+    let pool_first = layout::ROOT_POOL / PAGE_SIZE;
+    let mut i = 0;
+    while i < pool_pages {
+        let aligned = (pool_first + i).is_multiple_of(LARGE_FRAMES as u64);
+        let run = (aligned && pool_pages - i >= LARGE_FRAMES as u64)
+            .then(|| memory::alloc_contiguous_aligned(LARGE_FRAMES, LARGE_PAGE))
+            .flatten();
+        match run {
+            Some(phys) => {
+                for j in 0..LARGE_FRAMES as u64 {
+                    let given = give_frame(
+                        kernel,
+                        pd,
+                        pool_first + i + j,
+                        phys + j * PAGE_SIZE,
+                        true,
+                        rights::MEM_READ | rights::MEM_WRITE | rights::MEM_EXECUTE,
+                        rights::MEM_READ | rights::MEM_WRITE,
+                    );
+                    if let Err(status) = given {
+                        for rest in j..LARGE_FRAMES as u64 {
+                            memory::free_frame(phys + rest * PAGE_SIZE);
+                        }
+                        return Err(status);
+                    }
+                }
+                i += LARGE_FRAMES as u64;
+            }
+            None => {
+                give_page_as(
+                    kernel,
+                    pd,
+                    pool_first + i,
+                    rights::MEM_READ | rights::MEM_WRITE | rights::MEM_EXECUTE,
+                    rights::MEM_READ | rights::MEM_WRITE,
+                )?;
+                i += 1;
+            }
+        }
     }
 
     let ec = kernel.new_ec(

@@ -19,6 +19,8 @@ use moat_user::{sys, Sel};
 use crate::boot::{self, Pool};
 use crate::handlers::{self, BOARD, EXCEPTION_EC, REGISTRY_EC};
 
+/// Pages of a 2 MiB page.
+const LARGE_PAGES: u64 = 512;
 /// Largest count of one `delegate` or `revoke`.
 const MAX_COUNT: u64 = 65536;
 /// Root-side selectors per component: PD, EC, SC, exception and registry portals.
@@ -343,7 +345,8 @@ impl Loader {
                     pages: bytes / PAGE_SIZE,
                     rights: rights::MEM_READ | rights::MEM_WRITE | rights::MEM_EXECUTE,
                 };
-                self.map(pd, region, loaded, |page, _| page.fill(0))
+                self.map_aligned(pd, region, loaded)
+                    .unwrap_or_else(|| self.map(pd, region, loaded, |page, _| page.fill(0)))
             }
             MappingSource::Module(name) => {
                 let module = boot::module(self.info, name)
@@ -370,6 +373,48 @@ impl Loader {
                 Ok(())
             }
         }
+    }
+
+    /// Maps a whole 2 MiB-aligned `region` on one pool run that starts at a
+    /// 2 MiB boundary of the pool, whose pages the kernel backs with
+    /// aligned 2 MiB runs where it could: a VM given such memory gets 2 MiB
+    /// pages. `None` (nothing done) if the region or the pool does not
+    /// allow it.
+    fn map_aligned(
+        &mut self,
+        pd: Sel,
+        region: Region,
+        loaded: &mut Loaded,
+    ) -> Option<Result<(), LoadError>> {
+        let aligned = region.first_page.is_multiple_of(LARGE_PAGES)
+            && region.pages.is_multiple_of(LARGE_PAGES)
+            && (self.pool.root_page(0)).is_multiple_of(LARGE_PAGES);
+        if !aligned {
+            return None;
+        }
+        let start = self.pages.alloc_aligned(region.pages, LARGE_PAGES)?;
+        let run = start..start + region.pages;
+        loaded.pages.push(run.clone());
+        for index in run.clone() {
+            self.pool.page_mut(index).fill(0);
+        }
+        let mut done = 0;
+        while done < region.pages {
+            let count = (region.pages - done).min(MAX_COUNT);
+            let delegated = sys::delegate(
+                pd,
+                Space::Memory,
+                self.pool.root_page(start + done),
+                region.first_page + done,
+                count,
+                region.rights,
+            );
+            if let Err(status) = delegated {
+                return Some(Err(kernel("delegate memory")(status)));
+            }
+            done += count;
+        }
+        Some(Ok(()))
     }
 
     /// Fills `region`'s pages from the pool with `fill(page, vaddr)` and

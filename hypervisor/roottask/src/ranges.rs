@@ -37,6 +37,30 @@ impl RangeAllocator {
         Some(self.take(i, count).start)
     }
 
+    /// The first free run of `count` numbers starting at a multiple of
+    /// `align` (a power of two), splitting a free range around it.
+    pub fn alloc_aligned(&mut self, count: u64, align: u64) -> Option<u64> {
+        if count == 0 || !align.is_power_of_two() {
+            return None;
+        }
+        let (i, start) = self.free.iter().enumerate().find_map(|(i, r)| {
+            let start = r.start.checked_next_multiple_of(align)?;
+            (start.checked_add(count)? <= r.end).then_some((i, start))
+        })?;
+        let range = self.free[i].clone();
+        let before = range.start..start;
+        let after = start + count..range.end;
+        self.free.remove(i);
+        for (offset, piece) in [before, after]
+            .into_iter()
+            .filter(|p| p.start < p.end)
+            .enumerate()
+        {
+            self.free.insert(i + offset, piece);
+        }
+        Some(start)
+    }
+
     /// The first free run, cut to at most `max` numbers.
     pub fn alloc_upto(&mut self, max: u64) -> Option<Range<u64>> {
         if max == 0 || self.free.is_empty() {
@@ -109,6 +133,26 @@ mod tests {
         assert_eq!(a.alloc_upto(5), Some(4..9));
         assert_eq!(a.alloc_upto(5), Some(9..10));
         assert_eq!(a.alloc(0), None);
+    }
+
+    #[test]
+    fn aligned_runs_split_the_range_they_come_from() {
+        let mut a = RangeAllocator::new(3..40);
+        assert_eq!(a.alloc_aligned(8, 8), Some(8));
+        assert_eq!(a.alloc_aligned(8, 8), Some(16));
+        assert_eq!(a.alloc_aligned(24, 8), None, "24..40 holds only 16");
+        assert_eq!(
+            a.alloc_aligned(8, 16),
+            Some(32),
+            "24 is not a multiple of 16"
+        );
+        assert_eq!(a.available(), 5 + 8);
+        assert_eq!(a.alloc(5), Some(3), "what came before the first run");
+        assert_eq!(a.alloc_aligned(1, 3), None, "not a power of two");
+        a.free(8..24).unwrap();
+        a.free(32..40).unwrap();
+        a.free(3..8).unwrap();
+        assert_eq!(a, RangeAllocator::new(3..40));
     }
 
     #[test]

@@ -77,6 +77,9 @@ pub struct GuestSpace<F> {
     /// `(gpa, table)` of each folded 2 MiB region and the 4 KiB table kept
     /// behind its large leaf; sorted by gpa.
     folded: Vec<(u64, u64)>,
+    /// Regions folded over the space's life (a region folded twice counts
+    /// twice).
+    folds: u64,
     format: PhantomData<F>,
 }
 
@@ -95,6 +98,7 @@ impl<F: EntryFormat> GuestSpace<F> {
         Ok(Self {
             root,
             folded: Vec::new(),
+            folds: 0,
             format: PhantomData,
         })
     }
@@ -211,6 +215,7 @@ impl<F: EntryFormat> GuestSpace<F> {
         }
         let at = self.folded.partition_point(|&(g, _)| g < region);
         self.folded.insert(at, (region, table));
+        self.folds += 1;
         let leaf = F::leaf_entry(base, F::rights(first), F::memory_type(first), true);
         mem.write_entry(parent, index(gpa, 2), leaf);
     }
@@ -233,6 +238,11 @@ impl<F: EntryFormat> GuestSpace<F> {
         [4, 3].into_iter().fold(self.root, |table, level| {
             mem.read_entry(table, index(gpa, level)) & ADDR_MASK
         })
+    }
+
+    /// How many 2 MiB regions were folded so far.
+    pub fn folds(&self) -> u64 {
+        self.folds
     }
 
     /// Whether `gpa` lies in a folded 2 MiB region (for tests and callers
@@ -463,6 +473,7 @@ pub(crate) mod tests {
         // Rights made uniform again: folded again.
         space.protect(&mut mem, gpa + K4, rw).unwrap();
         assert!(space.is_folded(gpa));
+        assert_eq!(space.folds(), 2);
 
         // Unmapping one page splits without allocating; its neighbours stay.
         let (unmapped, size, _flush) = space.unmap(&mut mem, gpa + 5 * K4).unwrap();
