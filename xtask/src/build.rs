@@ -49,6 +49,8 @@ pub const USER_TASKS: &[UserTask] = &[
     task("moat-spinner", "spinner"),
     task("moat-testvmm", "testvmm"),
     task("moat-vmm", "vmm"),
+    task("moat-modem", "modem"),
+    task("moat-modemclient", "modemclient"),
 ];
 
 /// What a build leaves behind.
@@ -130,7 +132,7 @@ fn build_user_tasks() -> Result<Vec<(&'static str, PathBuf)>> {
         .collect()
 }
 
-fn run_build(what: &str, cmd: &mut Command) -> Result<()> {
+pub(crate) fn run_build(what: &str, cmd: &mut Command) -> Result<()> {
     println!("build: {what}: {}", describe(cmd));
     util::run(cmd).map_err(|e| match e {
         Error::Command { command, status } => {

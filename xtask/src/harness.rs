@@ -49,6 +49,10 @@ const HOST_SUITES: &[HostSuite] = &[
         ],
     },
     HostSuite {
+        name: "moat-guest-tools",
+        args: &["-p", "moat-guest-tools"],
+    },
+    HostSuite {
         name: "xtask",
         args: &["-p", "xtask"],
     },

@@ -1,6 +1,7 @@
 //! The Linux test guest (`guests/linux/`): a stock Debian kernel and an
-//! initramfs made here — busybox, the virtio modules and the test `/init` —
-//! and the baseline boot of both straight in QEMU or Bochs, without Moat.
+//! initramfs made here — busybox, the virtio modules, the test `/init` and
+//! the guest tools (`guests/tools/`) — and the baseline boot of both
+//! straight in QEMU or Bochs, without Moat.
 //!
 //! The packages are fetched with `apt-get download` and unpacked with
 //! `dpkg-deb -x`, never installed. Everything lives under [`LINUX_DIR`]; the
@@ -17,6 +18,7 @@ use std::process::{Command, ExitCode};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::build;
 use crate::emu::{self, BochsFiles, Emulator, Exit};
 use crate::image;
 use crate::util::{self, describe};
@@ -32,9 +34,16 @@ pub const INIT_DONE: &str = "MOAT-INIT done";
 pub const CHECK: &str = "MOAT-CHECK ";
 
 /// Bump when the initramfs layout changes without an input changing.
-const LAYOUT: u32 = 1;
+const LAYOUT: u32 = 2;
 /// Where `/init` finds the modules to load, one name a line, in order.
 const MODULE_LIST: &str = "etc/moat-modules";
+
+/// The guest tools: static x86-64 Linux programs, each in the initramfs as
+/// `/bin/<name>`.
+const TOOLS_PACKAGE: &str = "moat-guest-tools";
+pub const TOOLS: &[&str] = &["at", "ipcbench", "stress"];
+const TOOLS_TARGET: &str = "x86_64-unknown-linux-musl";
+const TOOLS_TARGET_DIR: &str = "target/guest-tools";
 
 /// Kernel arguments of every direct boot: the console on COM1, and a panic
 /// ends the run instead of hanging (with QEMU's `-no-reboot`).
@@ -119,14 +128,23 @@ fn load_recipe() -> Result<Recipe> {
 
 /// Everything the initramfs and kernel are made from, as text: equal keys
 /// mean equal outputs.
-pub fn cache_key(recipe: &Recipe, init: &[u8]) -> String {
-    format!(
+pub fn cache_key(recipe: &Recipe, init: &[u8], tools: &[Tool]) -> String {
+    let mut key = format!(
         "layout {LAYOUT}\nkernel {}\nbusybox {}\nmodules {}\ninit fnv1a64:{:016x}\n",
         recipe.kernel.spec(),
         recipe.busybox.spec(),
         recipe.modules.join(" "),
         fnv1a64(init)
-    )
+    );
+    for tool in tools {
+        let _ = writeln!(
+            key,
+            "tool {} fnv1a64:{:016x}",
+            tool.name,
+            fnv1a64(&tool.bytes)
+        );
+    }
+    key
 }
 
 fn fnv1a64(bytes: &[u8]) -> u64 {
@@ -445,6 +463,103 @@ fn elf_section<'a>(elf: &'a [u8], name: &[u8]) -> Result<&'a [u8], String> {
     Err(format!("no {} section", String::from_utf8_lossy(name)))
 }
 
+// ---------------------------------------------------------------- tools
+
+/// A guest tool, built.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tool {
+    pub name: &'static str,
+    pub bytes: Vec<u8>,
+}
+
+/// `cargo build` of the guest tools for static Linux (the musl target links
+/// statically by default), without the caller's RUSTFLAGS and without debug
+/// info or symbols, which would only grow the initramfs.
+fn tools_cargo() -> Command {
+    let mut cmd = build::host_cargo();
+    cmd.env("CARGO_PROFILE_RELEASE_DEBUG", "false")
+        .env("CARGO_PROFILE_RELEASE_STRIP", "symbols")
+        .args([
+            "build",
+            "--release",
+            "-p",
+            TOOLS_PACKAGE,
+            "--target",
+            TOOLS_TARGET,
+        ])
+        .args(["--target-dir", TOOLS_TARGET_DIR]);
+    cmd
+}
+
+pub fn tool_path(name: &str) -> PathBuf {
+    Path::new(TOOLS_TARGET_DIR)
+        .join(TOOLS_TARGET)
+        .join("release")
+        .join(name)
+}
+
+/// Builds the guest tools (cargo does nothing when they are current) and
+/// reads each, checked to start without a dynamic loader.
+fn build_tools() -> Result<Vec<Tool>> {
+    build::run_build("guest tools", &mut tools_cargo())?;
+    TOOLS
+        .iter()
+        .map(|&name| {
+            let path = tool_path(name);
+            let bytes = fs::read(&path).context(|| format!("cannot read {}", path.display()))?;
+            static_elf(&bytes).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+            Ok(Tool { name, bytes })
+        })
+        .collect()
+}
+
+/// Checks that `elf` is a 64-bit x86-64 executable the kernel starts without
+/// a dynamic loader: no `PT_INTERP`. (A static-pie has `PT_DYNAMIC`, for the
+/// relocations it applies itself.)
+pub fn static_elf(elf: &[u8]) -> Result<(), String> {
+    const ET_EXEC: u64 = 2;
+    const ET_DYN: u64 = 3;
+    const EM_X86_64: u64 = 62;
+    const PT_INTERP: u64 = 3;
+    const PHDR_SIZE: u64 = 56;
+    let field = |at: u64, len: u64| -> Result<u64, String> {
+        let bytes = usize::try_from(at)
+            .ok()
+            .zip(usize::try_from(at.saturating_add(len)).ok())
+            .and_then(|(start, end)| elf.get(start..end))
+            .ok_or("truncated ELF")?;
+        Ok(bytes.iter().rev().fold(0, |v, &b| (v << 8) | u64::from(b)))
+    };
+    if elf.get(..6) != Some(b"\x7fELF\x02\x01") {
+        return Err("not a 64-bit little-endian ELF file".into());
+    }
+    if !matches!(field(0x10, 2)?, ET_EXEC | ET_DYN) {
+        return Err("not an executable".into());
+    }
+    if field(0x12, 2)? != EM_X86_64 {
+        return Err("not an x86-64 program".into());
+    }
+    let phoff = field(0x20, 8)?;
+    let phentsize = field(0x36, 2)?;
+    let phnum = field(0x38, 2)?;
+    if phentsize < PHDR_SIZE {
+        return Err("bad program header size".into());
+    }
+    // phnum and phentsize are 16-bit: their product cannot overflow.
+    let table_fits = phoff
+        .checked_add(phnum * phentsize)
+        .is_some_and(|end| end <= elf.len() as u64);
+    if !table_fits {
+        return Err("program header table out of range".into());
+    }
+    for i in 0..phnum {
+        if field(phoff + i * phentsize, 4)? == PT_INTERP {
+            return Err("dynamically linked (it has an interpreter)".into());
+        }
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------- cpio
 
 /// A newc ("070701") cpio archive, the format the kernel unpacks as an
@@ -579,12 +694,13 @@ pub struct Guest {
 pub fn build() -> Result<Guest> {
     let recipe = load_recipe()?;
     let init = fs::read(INIT).context(|| format!("cannot read {INIT}"))?;
+    let tools = build_tools()?;
     let root = Path::new(LINUX_DIR);
     let guest = Guest {
         kernel: root.join("bzImage"),
         initramfs: root.join("initramfs.cpio"),
     };
-    let key = cache_key(&recipe, &init);
+    let key = cache_key(&recipe, &init, &tools);
     let key_file = root.join("build.key");
     let cached = fs::read_to_string(&key_file).is_ok_and(|k| k == key)
         && guest.kernel.is_file()
@@ -615,6 +731,39 @@ pub fn build() -> Result<Guest> {
     let busybox_bin = busybox_pkg.join("bin/busybox");
     let busybox =
         fs::read(&busybox_bin).context(|| format!("cannot read {}", busybox_bin.display()))?;
+    let modules = order
+        .iter()
+        .map(|name| Ok((name.clone(), tree.read(name)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let archive = initramfs(&Contents {
+        busybox: &busybox,
+        init: &init,
+        modules: &modules,
+        tools: &tools,
+    })?;
+    write_atomically(&guest.initramfs, &archive)?;
+    let kernel = fs::read(&vmlinuz).context(|| format!("cannot read {}", vmlinuz.display()))?;
+    write_atomically(&guest.kernel, &kernel)?;
+    fs::write(&key_file, key).context(|| format!("cannot write {}", key_file.display()))?;
+    println!(
+        "linux: built {} and {}",
+        guest.kernel.display(),
+        guest.initramfs.display()
+    );
+    Ok(guest)
+}
+
+/// What the initramfs holds besides its directories and device nodes.
+struct Contents<'a> {
+    busybox: &'a [u8],
+    init: &'a [u8],
+    /// Each module's name and bytes, in load order.
+    modules: &'a [(String, Vec<u8>)],
+    tools: &'a [Tool],
+}
+
+/// The initramfs (its layout: guests/linux/README.md).
+fn initramfs(c: &Contents) -> Result<Vec<u8>> {
     let mut cpio = Cpio::new();
     for dir in [
         "bin",
@@ -636,26 +785,19 @@ pub fn build() -> Result<Guest> {
     // The kernel opens /dev/console for init before devtmpfs is mounted.
     cpio.char_dev("dev/console", 0o600, 5, 1)?;
     cpio.char_dev("dev/null", 0o666, 1, 3)?;
-    cpio.file("bin/busybox", 0o755, &busybox)?;
+    cpio.file("bin/busybox", 0o755, c.busybox)?;
     cpio.symlink("bin/sh", "busybox")?;
-    cpio.file("init", 0o755, &init)?;
+    for tool in c.tools {
+        cpio.file(&format!("bin/{}", tool.name), 0o755, &tool.bytes)?;
+    }
+    cpio.file("init", 0o755, c.init)?;
     let mut list = String::new();
-    for name in &order {
-        cpio.file(&format!("lib/modules/{name}.ko"), 0o644, &tree.read(name)?)?;
+    for (name, ko) in c.modules {
+        cpio.file(&format!("lib/modules/{name}.ko"), 0o644, ko)?;
         let _ = writeln!(list, "{name}");
     }
     cpio.file(MODULE_LIST, 0o644, list.as_bytes())?;
-
-    write_atomically(&guest.initramfs, &cpio.finish())?;
-    let kernel = fs::read(&vmlinuz).context(|| format!("cannot read {}", vmlinuz.display()))?;
-    write_atomically(&guest.kernel, &kernel)?;
-    fs::write(&key_file, key).context(|| format!("cannot write {}", key_file.display()))?;
-    println!(
-        "linux: built {} and {}",
-        guest.kernel.display(),
-        guest.initramfs.display()
-    );
-    Ok(guest)
+    Ok(cpio.finish())
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -1478,17 +1620,167 @@ mod tests {
              busybox_version=\"2\"\nmodules=\"m\"\n",
         )
         .unwrap();
-        let key = cache_key(&r, b"#!/bin/sh\n");
-        assert_eq!(key, cache_key(&r, b"#!/bin/sh\n"));
-        assert_ne!(key, cache_key(&r, b"#!/bin/sh \n"));
+        let tools = [tool("at", b"\x7fELF at"), tool("stress", b"\x7fELF stress")];
+        let key = cache_key(&r, b"#!/bin/sh\n", &tools);
+        assert_eq!(key, cache_key(&r, b"#!/bin/sh\n", &tools));
+        assert_ne!(key, cache_key(&r, b"#!/bin/sh \n", &tools));
+        // A rebuilt tool, a tool more or less.
+        let rebuilt = [tools[0].clone(), tool("stress", b"\x7fELF stress2")];
+        assert_ne!(key, cache_key(&r, b"#!/bin/sh\n", &rebuilt));
+        assert_ne!(key, cache_key(&r, b"#!/bin/sh\n", &tools[..1]));
         let mut other = Recipe {
             modules: strings(&["m", "n"]),
             ..r
         };
-        assert_ne!(key, cache_key(&other, b"#!/bin/sh\n"));
+        assert_ne!(key, cache_key(&other, b"#!/bin/sh\n", &tools));
         other.modules = strings(&["m"]);
         other.kernel.version = "1a".into();
-        assert_ne!(key, cache_key(&other, b"#!/bin/sh\n"));
+        assert_ne!(key, cache_key(&other, b"#!/bin/sh\n", &tools));
+    }
+
+    fn tool(name: &'static str, bytes: &[u8]) -> Tool {
+        Tool {
+            name,
+            bytes: bytes.to_vec(),
+        }
+    }
+
+    // ---- the initramfs and its tools
+
+    #[test]
+    fn initramfs_holds_init_busybox_modules_and_tools() {
+        let modules = [
+            ("virtio".to_string(), b"ko1".to_vec()),
+            ("virtio_ring".to_string(), b"ko2".to_vec()),
+        ];
+        let tools: Vec<Tool> = TOOLS.iter().map(|&n| tool(n, n.as_bytes())).collect();
+        let archive = initramfs(&Contents {
+            busybox: b"bb",
+            init: b"#!/bin/sh\n",
+            modules: &modules,
+            tools: &tools,
+        })
+        .unwrap();
+        let entries = parse_cpio(&archive);
+        let find = |name: &str| {
+            let e = entries.iter().find(|e| e.5 == name);
+            e.unwrap_or_else(|| panic!("no {name}"))
+        };
+        for name in ["at", "ipcbench", "stress"] {
+            let e = find(&format!("bin/{name}"));
+            assert_eq!((e.1, e.6.as_slice()), (S_IFREG | 0o755, name.as_bytes()));
+        }
+        assert_eq!(find("init").6, b"#!/bin/sh\n");
+        assert_eq!(find("bin/busybox").6, b"bb");
+        assert_eq!(find("lib/modules/virtio_ring.ko").6, b"ko2");
+        assert_eq!(find(MODULE_LIST).6, b"virtio\nvirtio_ring\n");
+        assert_eq!(find("dev/console").1, S_IFCHR | 0o600);
+        // Every entry's directory comes before it.
+        for (i, e) in entries.iter().enumerate() {
+            if let Some((parent, _)) = e.5.rsplit_once('/') {
+                let at = entries.iter().position(|p| p.5 == parent);
+                assert!(at.is_some_and(|at| at < i), "{} before its directory", e.5);
+            }
+        }
+    }
+
+    #[test]
+    fn tools_build_for_static_linux_without_inherited_flags() {
+        let cmd = tools_cargo();
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_str().unwrap()).collect();
+        assert_eq!(
+            args,
+            [
+                "build",
+                "--release",
+                "-p",
+                "moat-guest-tools",
+                "--target",
+                "x86_64-unknown-linux-musl",
+                "--target-dir",
+                "target/guest-tools"
+            ]
+        );
+        let env = |key: &str| {
+            cmd.get_envs()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.map(|v| v.to_str().unwrap()))
+        };
+        assert_eq!(env("RUSTFLAGS"), Some(None), "removed");
+        assert_eq!(env("CARGO_ENCODED_RUSTFLAGS"), Some(None), "removed");
+        assert_eq!(env("CARGO_PROFILE_RELEASE_DEBUG"), Some(Some("false")));
+        assert_eq!(
+            tool_path("at"),
+            Path::new("target/guest-tools/x86_64-unknown-linux-musl/release/at")
+        );
+    }
+
+    /// An ELF header and program headers of the given types.
+    fn elf_with_segments(types: &[u32]) -> Vec<u8> {
+        let mut elf = vec![0u8; 64];
+        elf[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        elf[0x10] = 3; // ET_DYN: a static-pie
+        elf[0x12] = 62; // EM_X86_64
+        elf[0x20] = 64; // e_phoff
+        elf[0x36] = 56; // e_phentsize
+        elf[0x38] = types.len() as u8;
+        for &t in types {
+            let mut phdr = [0u8; 56];
+            phdr[..4].copy_from_slice(&t.to_le_bytes());
+            elf.extend_from_slice(&phdr);
+        }
+        elf
+    }
+
+    #[test]
+    fn static_elf_rejects_interpreters_and_other_machines() {
+        const PT_LOAD: u32 = 1;
+        const PT_DYNAMIC: u32 = 2;
+        const PT_INTERP: u32 = 3;
+        let good = elf_with_segments(&[PT_LOAD, PT_DYNAMIC, PT_LOAD]);
+        assert_eq!(static_elf(&good), Ok(()));
+        let dynamic = elf_with_segments(&[PT_LOAD, PT_INTERP]);
+        assert!(static_elf(&dynamic).unwrap_err().contains("interpreter"));
+        let mut arm = good.clone();
+        arm[0x12] = 183; // EM_AARCH64
+        assert!(static_elf(&arm).is_err());
+        let mut object = good.clone();
+        object[0x10] = 1; // ET_REL
+        assert!(static_elf(&object).is_err());
+        let mut small = good.clone();
+        small[0x36] = 32;
+        assert!(static_elf(&small).is_err());
+        for len in 0..good.len() {
+            assert!(static_elf(&good[..len]).is_err(), "truncated to {len}");
+        }
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let mut bad = good.clone();
+            let at = (x % bad.len() as u64) as usize;
+            bad[at] = (x >> 40) as u8;
+            let _ = static_elf(&bad);
+        }
+    }
+
+    /// Checks a real build: `cargo xtask linux build`, then
+    /// `cargo test -p xtask -- --ignored built_initramfs`.
+    #[test]
+    #[ignore = "needs the output of `cargo xtask linux build`"]
+    fn built_initramfs_holds_the_built_tools() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let archive = fs::read(root.join(LINUX_DIR).join("initramfs.cpio")).unwrap();
+        let entries = parse_cpio(&archive);
+        for name in TOOLS {
+            let built = fs::read(root.join(tool_path(name))).unwrap();
+            assert_eq!(static_elf(&built), Ok(()), "{name}");
+            let e = entries.iter().find(|e| e.5 == format!("bin/{name}"));
+            let e = e.unwrap_or_else(|| panic!("no bin/{name}"));
+            assert_eq!(e.1, S_IFREG | 0o755);
+            assert!(e.6 == built, "bin/{name} is not the built {name}");
+        }
     }
 
     #[test]

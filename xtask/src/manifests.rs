@@ -293,11 +293,34 @@ irq 4 to linux
 "
 );
 
+/// `modem` ticks its 1 ms frames above every other priority and serves
+/// its AT sessions to `modemclient`; it crashes on purpose after 1200
+/// frames and is restarted once; the client stays (keeping the modem
+/// wanted), reconnects, and ends after 1100 frames of the new instance.
+pub const MODEM: &str = "\
+component modem
+    module modem
+    priority 40
+    memory 256K
+    quota 64K
+    provides modem
+    restart 1
+    args report_every=500 crash_after=1200
+component modemclient
+    module modemclient
+    priority 10
+    memory 128K
+    quota 64K
+    uses modem at 20
+    restart 0
+    args restarts=1 frames=1100
+";
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const ALL: [&str; 16] = [
+    const ALL: [&str; 17] = [
         IPC_PINGPONG,
         SUPERVISION,
         SEMAPHORE,
@@ -306,6 +329,7 @@ mod tests {
         RUN,
         LINUX,
         LINUX_PANIC,
+        MODEM,
         SERVER_DIES,
         CALLER_DIES,
         DELEGATE_REVOKE,

@@ -665,6 +665,61 @@ pub const TESTS: &[SysTest] = &[
         memory_mib: 1024,
         ..BASE
     },
+    SysTest {
+        name: "modem",
+        modules: &[
+            ROOTTASK,
+            manifest("modem", manifests::MODEM),
+            component("modem"),
+            component("modemclient"),
+        ],
+        // Missed frames are judged on QEMU only, in instruction time
+        // (`-icount`: host load cannot make the guest late); Bochs paces
+        // its UART, so every console line stalls the CPU for milliseconds.
+        expect: &[
+            all("modem: serving, frame 1 ms"),
+            all("modemclient: ok at"),
+            all("modemclient: ok csq \"+CSQ: "),
+            all("modemclient: ok sms prompt"),
+            all("modem: SMS to +15550100: Hello from the application processor"),
+            all("modemclient: ok sms \"+CMGS: "),
+            all("modemclient: ok context"),
+            all("modemclient: ok dial"),
+            all("modemclient: ok data echo"),
+            all("modemclient: ok escape"),
+            all("modemclient: ok hangup"),
+            all("modemclient: ok unknown command"),
+            all("modemclient: ok hypercall half line"),
+            all("modemclient: ok port meanwhile"),
+            all("modemclient: ok hypercall line completes"),
+            all("modemclient: ok refused"),
+            all("modemclient: ok reset"),
+            all("modemclient: status frames "),
+            on(Emulator::Qemu, "modem: frames 500, missed 0,"),
+            on(Emulator::Qemu, "modem: frames 1000, missed 0,"),
+            on(Emulator::Bochs, "modem: frames "),
+            on(Emulator::Bochs, "modem: frames "),
+            all("modem: crashing on purpose after 1200 frames"),
+            all("roottask: component 'modem' faulted"),
+            all("roottask: component 'modem' restarted (restart 1)"),
+            all("modem: serving"),
+            all("modemclient: the modem restarted"),
+            all("modemclient: ok at after restart"),
+            on(Emulator::Qemu, "modem: frames 1000, missed 0,"),
+            on(Emulator::Bochs, "modem: frames 1000,"),
+            all("modemclient: final status frames "),
+            all("modemclient: done"),
+            all("roottask: component 'modemclient' finished"),
+        ],
+        forbid: &[
+            "modem: FAIL",
+            "modemclient: FAIL",
+            "roottask: component 'modemclient' faulted",
+        ],
+        stop: Stop::WhenDecided,
+        qemu_args: &["-icount", "shift=0,sleep=off"],
+        ..BASE
+    },
 ];
 
 /// Every test guest's verdict lines (`moat_testvm::TestGuest::expect`,

@@ -9,6 +9,8 @@
 pub mod args;
 pub mod fuzz;
 pub mod lend;
+pub mod modem;
+pub mod modem_at;
 pub mod registry;
 pub mod rng;
 #[cfg(feature = "runtime")]

@@ -1,0 +1,70 @@
+//! `at`: sends one AT command, or one SMS, to the modem over its
+//! virtio-console port and prints the answer.
+#![forbid(unsafe_code)]
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::process::ExitCode;
+
+use moat_guest_tools::args::{Parsed, EXIT_USAGE};
+use moat_guest_tools::at::{converse, find_port, Failure, Options, PORTS_DIR};
+
+const USAGE: &str = "\
+usage: at [--port NAME] [--timeout SECS] COMMAND
+       at [--port NAME] [--timeout SECS] --sms NUMBER TEXT
+
+Sends COMMAND (e.g. 'AT+CSQ') with a CR to the virtio-console port called
+NAME (default modem), or sends TEXT as an SMS to NUMBER (AT+CMGS, the text at
+the modem's `> ` prompt, then Ctrl-Z), and prints the response lines up to
+the final result code. Waits at most SECS seconds (default 5).
+Exit code: 0 on OK or CONNECT, 1 on ERROR (also +CME/+CMS ERROR, NO
+CARRIER, BUSY, ...), timeout or I/O error, 2 on a usage error.
+";
+
+/// `O_NONBLOCK` of Linux x86-64 (asm-generic/fcntl.h).
+const O_NONBLOCK: i32 = 0o4000;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let opts = match Options::parse(&args) {
+        Ok(Parsed::Run(opts)) => opts,
+        Ok(Parsed::Help) => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprint!("at: {}\n{USAGE}", e.0);
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let device = match find_port(Path::new(PORTS_DIR), &opts.port) {
+        Ok(Some(device)) => Path::new("/dev").join(device),
+        Ok(None) => return fail(&format!("no virtio-console port named `{}`", opts.port)),
+        Err(e) => return fail(&format!("cannot list {PORTS_DIR}: {e}")),
+    };
+    let mut port = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(O_NONBLOCK)
+        .open(&device)
+    {
+        Ok(port) => port,
+        Err(e) => return fail(&format!("cannot open {}: {e}", device.display())),
+    };
+    match converse(&mut port, &opts.request, opts.timeout, &mut io::stdout()) {
+        Ok(outcome) => ExitCode::from(outcome.exit_code()),
+        Err(Failure::Timeout) => fail(&format!(
+            "no final result from {} within {} s",
+            device.display(),
+            opts.timeout.as_secs()
+        )),
+        Err(Failure::Io(e)) => fail(&format!("{}: {e}", device.display())),
+    }
+}
+
+fn fail(why: &str) -> ExitCode {
+    eprintln!("at: {why}");
+    ExitCode::FAILURE
+}
