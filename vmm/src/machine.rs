@@ -82,6 +82,9 @@ mod pins {
     pub const RTC: usize = 8;
 }
 
+/// The named port's number on the virtio console (hvc0 is 0).
+const NAMED_PORT_INDEX: usize = 1;
+
 /// The PCI side of the standard layout (`firmware::GuestLayout::standard`).
 pub mod pci {
     pub const CONFIG_PORT: u64 = 0xcf8;
@@ -93,8 +96,19 @@ pub mod pci {
     pub const INTX_GSI_BASE: usize = 16;
 }
 
-/// The name of the virtio-console port besides hvc0.
-pub const NAMED_PORT: &str = "moat0";
+/// The name of the virtio-console port besides hvc0 when the VMM echoes
+/// it; relayed to a native service it takes that service's name.
+pub const ECHO_PORT: &str = "moat0";
+
+/// What the named virtio-console port is connected to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NamedPort {
+    /// [`ECHO_PORT`]: the VMM echoes what the guest writes.
+    Echo,
+    /// A port of this name whose traffic the binary relays
+    /// ([`Machine::take_port_output`], [`Machine::port_input`]).
+    Relay(&'static str),
+}
 /// The guest's MAC address.
 pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 
@@ -134,6 +148,7 @@ struct Virtio {
     console: Shared<VirtioPci<Console>>,
     /// hvc0's and the named port's output, echoed back.
     echo: [EchoPort; 2],
+    named: NamedPort,
     block: Option<Shared<VirtioPci<Block<MemDisk>>>>,
 }
 
@@ -435,13 +450,14 @@ impl Machine {
         })
     }
 
-    /// Adds the PCI host bridge with the virtio devices: console (hvc0 and
-    /// [`NAMED_PORT`], both echoed back by the VMM), block on `disk` (if
+    /// Adds the PCI host bridge with the virtio devices: console (hvc0,
+    /// echoed back by the VMM, and the `named` port), block on `disk` (if
     /// any), net to an echo peer, entropy from `entropy`.
     pub fn add_pci_devices(
         &mut self,
         disk: Option<Vec<u8>>,
         entropy: Box<dyn EntropySource>,
+        named: NamedPort,
     ) -> Result<(), vdev::pci::PciError> {
         let root = shared(PciRoot::new(pci::MMIO_BASE, pci::MMIO_LEN));
         let wiring = |slot: u8| {
@@ -454,10 +470,12 @@ impl Machine {
             }
         };
         let echo = [EchoPort::default(), EchoPort::default()];
-        let ports: Vec<(&str, Box<dyn PortBackend>)> = Vec::from([(
-            NAMED_PORT,
-            Box::new(echo[1].clone()) as Box<dyn PortBackend>,
-        )]);
+        let name = match named {
+            NamedPort::Echo => ECHO_PORT,
+            NamedPort::Relay(name) => name,
+        };
+        let ports: Vec<(&str, Box<dyn PortBackend>)> =
+            Vec::from([(name, Box::new(echo[1].clone()) as Box<dyn PortBackend>)]);
         let console = Console::new(Box::new(echo[0].clone()), ports);
         // Slots are handed out 1, 2, ... in the order of `add`.
         let console = shared(VirtioPci::new(console, wiring(1))?);
@@ -497,6 +515,7 @@ impl Machine {
         self.virtio = Some(Virtio {
             console,
             echo,
+            named,
             block,
         });
         Ok(())
@@ -509,10 +528,37 @@ impl Machine {
         Some(bytes)
     }
 
-    /// Echoes what the guest wrote to its console ports.
+    /// What the guest wrote to a relayed named port since the last call.
+    pub fn take_port_output(&self) -> Vec<u8> {
+        let Some(virtio) = self.virtio.as_ref().filter(|v| v.named != NamedPort::Echo) else {
+            return Vec::new();
+        };
+        virtio.echo[NAMED_PORT_INDEX]
+            .0
+            .try_borrow_mut()
+            .map(|mut b| core::mem::take(&mut *b))
+            .unwrap_or_default()
+    }
+
+    /// Bytes for the guest on the relayed named port; returns how many fit.
+    pub fn port_input(&mut self, bytes: &[u8]) -> usize {
+        let Some(virtio) = &self.virtio else { return 0 };
+        let Ok(mut console) = virtio.console.try_borrow_mut() else {
+            return 0;
+        };
+        console.update(|c| c.port_input(NAMED_PORT_INDEX as u32, bytes))
+    }
+
+    /// Echoes what the guest wrote to its console ports (not to a relayed
+    /// one: the binary takes that).
     fn echo_ports(&mut self) {
         let Some(virtio) = &self.virtio else { return };
-        for (port, echo) in virtio.echo.iter().enumerate() {
+        let echoed = if virtio.named == NamedPort::Echo {
+            2
+        } else {
+            1
+        };
+        for (port, echo) in virtio.echo.iter().enumerate().take(echoed) {
             let data = echo
                 .0
                 .try_borrow_mut()

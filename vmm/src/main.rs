@@ -8,7 +8,12 @@
 //! (bzImage), `initrd=ADDR,SIZE`, `cmdline=ADDR,SIZE` (text), optional
 //! `disk=ADDR,SIZE`, `epoch=UNIX_SECONDS`, the flag `console-input` (the
 //! VMM holds COM1's ports and IRQ 4 and feeds what is typed there to the
-//! guest's serial port; a third EC waits for it), and the root's `tsc_hz=`.
+//! guest's serial port; a third EC waits for it), `modem=SEL` (the
+//! guest's second virtio-console port is named `modem` and relayed to the
+//! native modem's portal at SEL), `vm-portals=SEL,SEL,…` (portals the VM
+//! gets at the same selectors, for the IPC hypercall), the flag
+//! `user-hypercalls` (guest CPL 3 may make it too), and the root's
+//! `tsc_hz=`.
 //! Lines: `vmm: …`; the guest's console goes to the console as it is.
 #![no_std]
 #![no_main]
@@ -20,18 +25,19 @@ use alloc::rc::Rc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
-use common::{args, sel};
+use common::{args, modem, sel};
 use moat_abi::vcpu::{group, VcpuState};
 use moat_abi::{flags, rights, Call, CallWord, Space, Status, PAGE_SIZE};
 use moat_user::io::{inb, outb};
 use moat_user::{println, sys, Sel};
 use vdev::{BadGuestAddress, GuestMemory};
-use vmm::machine::{Action, Config, Machine, Stop, TimeSource};
+use vmm::machine::{Action, Config, Machine, NamedPort, Stop, TimeSource};
 use vmm::state;
 
 moat_user::entry!(main);
 
-const VM: Sel = sel::FIRST_OWN;
+/// Above the selectors the manifest gives (`uses … at 20`, …).
+const VM: Sel = 64;
 const VCPU: Sel = VM + 1;
 const TIMER_EC: Sel = VM + 2;
 const TIMER_SC: Sel = VM + 3;
@@ -63,6 +69,8 @@ const VM_QUOTA_BASE: u64 = 512 * 1024;
 const CAP_SLOT_COST: u64 = 96;
 /// #UDs for unemulated things the log shows, per run.
 const MAX_REFUSALS_LOGGED: u32 = 32;
+/// The longest answer the modem gives to one write of the guest.
+const MODEM_ANSWER_MAX: usize = 1024;
 /// Resets after which a guest that keeps resetting is given up.
 const MAX_RESETS: u32 = 8;
 
@@ -341,12 +349,23 @@ fn run(args: &str) -> Result<Stop, SetupError> {
         guest.initrd.len() >> 10,
         disk.as_ref().map_or(0, |d| d.len() >> 10),
     );
-    create_vm(ram, low_ram)?;
+    let vm_portals = args::value(args, "vm-portals").unwrap_or("");
+    create_vm(
+        ram,
+        low_ram,
+        vm_portals,
+        args::flag(args, "user-hypercalls"),
+    )?;
+    let modem = args::number(args, "modem", 0).ok().filter(|&sel| sel != 0);
     start_timer()?;
     if args::flag(args, "console-input") {
         start_input()?;
     }
-    let mut machine = guest.boot(disk)?;
+    let named = match modem {
+        Some(_) => NamedPort::Relay("modem"),
+        None => NamedPort::Echo,
+    };
+    let mut machine = guest.boot(disk, named)?;
     let mut typed = Vec::new();
 
     let mut resets = 0;
@@ -367,6 +386,9 @@ fn run(args: &str) -> Result<Stop, SetupError> {
         let state = unsafe { &mut *(STATE_PAGE as *mut VcpuState) };
         let action = machine.handle_exit(state);
         flush_console(&machine);
+        if let Some(portal) = modem {
+            relay_to_modem(&mut machine, portal);
+        }
         for (rip, what) in machine.take_refusals() {
             refusals_logged += 1;
             match refusals_logged {
@@ -406,7 +428,7 @@ fn run(args: &str) -> Result<Stop, SetupError> {
                     break stop;
                 }
                 let disk = machine.disk();
-                machine = guest.boot(disk)?;
+                machine = guest.boot(disk, named)?;
             }
             Action::Stop(stop) => break stop,
         }
@@ -449,7 +471,7 @@ impl Guest {
 
     /// Clears RAM, loads the guest into it, and gives a machine with the
     /// vCPU set to its entry (its state page written).
-    fn boot(&self, disk: Option<Vec<u8>>) -> Result<Machine, SetupError> {
+    fn boot(&self, disk: Option<Vec<u8>>, named: NamedPort) -> Result<Machine, SetupError> {
         let low_ram = self.low_ram();
         let boot = {
             // SAFETY: the `guest` region is this task's RAM mapping; the
@@ -489,7 +511,7 @@ impl Guest {
         let mut machine = Machine::new(&config, mem, time, Box::new(host_cpuid))
             .ok_or(SetupError("machine", Status::BadParameter))?;
         machine
-            .add_pci_devices(disk, Box::new(TscEntropy(moat_user::rdtsc())))
+            .add_pci_devices(disk, Box::new(TscEntropy(moat_user::rdtsc())), named)
             .map_err(|_| SetupError("PCI devices", Status::BadParameter))?;
         let mut initial = initial_state(&boot);
         initial.tsc_offset = self.start.wrapping_neg();
@@ -576,13 +598,39 @@ fn host_deadline(machine: &Machine, start: u64, tsc_hz: u64) -> u64 {
     })
 }
 
-/// Creates the VM with the RAM at guest-physical 0 and its vCPU.
-fn create_vm(ram: Region, low_ram: u64) -> Result<(), SetupError> {
+fn vm_flags(user_hypercalls: bool) -> u8 {
+    if user_hypercalls {
+        flags::VM | flags::USER_HYPERCALLS
+    } else {
+        flags::VM
+    }
+}
+
+/// Hands what the guest wrote on the `modem` port to the native modem
+/// (its port session) and its answer back to the guest. A modem that is
+/// gone (restarting) answers nothing: the guest sees silence, and its
+/// client retries.
+fn relay_to_modem(machine: &mut Machine, portal: Sel) {
+    let written = machine.take_port_output();
+    if written.is_empty() {
+        return;
+    }
+    let mut answer = [0u8; MODEM_ANSWER_MAX];
+    let mut call = |words| sys::call(portal, words);
+    if let Ok(len) = modem::exchange(&mut call, modem::SessionId::Port, &written, &mut answer) {
+        machine.port_input(&answer[..len]);
+    }
+}
+
+/// Creates the VM with the RAM at guest-physical 0, the `portals` (a
+/// comma-separated list of this PD's selectors, given at the same
+/// selectors), and its vCPU.
+fn create_vm(ram: Region, low_ram: u64, portals: &str, user: bool) -> Result<(), SetupError> {
     let pages = low_ram / PAGE_SIZE;
     let tables = (pages / 512 + 8) * PAGE_SIZE;
     let quota = VM_QUOTA_BASE + pages * CAP_SLOT_COST + tables;
     let (rax, _) = sys::raw(
-        CallWord::new(Call::CreatePd, flags::VM, VM).encode(),
+        CallWord::new(Call::CreatePd, vm_flags(user), VM).encode(),
         [sel::OWN_PD, quota, 64, 0, 0, 0],
     );
     Status::from_code(rax)
@@ -598,6 +646,12 @@ fn create_vm(ram: Region, low_ram: u64) -> Result<(), SetupError> {
         rights::MEM_READ | rights::MEM_WRITE | rights::MEM_EXECUTE,
     )
     .map_err(|s| SetupError("delegate RAM", s))?;
+    for portal in portals.split(',').filter(|p| !p.is_empty()) {
+        let sel =
+            args::parse_number(portal).ok_or(SetupError("vm-portals", Status::BadParameter))?;
+        sys::delegate(VM, Space::Object, sel, sel, 1, rights::PT_CALL)
+            .map_err(|s| SetupError("delegate a portal to the VM", s))?;
+    }
     kernel_call(Call::CreateVcpu, VCPU, [VM, STATE_PAGE, 0, 0, 0, 0])
         .map_err(|s| SetupError("create_vcpu", s))
 }

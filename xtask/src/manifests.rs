@@ -253,14 +253,39 @@ component linux
     };
 }
 
+/// The native services beside the Linux guest: the `echo` server (the
+/// guest calls it with the IPC hypercall) and the `modem` (its AT service
+/// reached through the virtio-console port `modem`), above the guest.
+macro_rules! linux_neighbours {
+    () => {
+        concat!(
+            echo_server!(),
+            "\
+component modem
+    module modem
+    priority 40
+    memory 256K
+    quota 64K
+    provides modem
+    args report_every=10000
+"
+        )
+    };
+}
+
 /// A Debian Linux guest under `vmm`: 256 MiB of RAM, a 16 MiB heap for the
-/// VMM, and the kernel, initramfs, test disk and command line as files.
+/// VMM, and the kernel, initramfs, test disk and command line as files;
+/// beside it `echo` (given to the VM for the hypercall, from guest user
+/// space too) and `modem` (relayed to the guest's `modem` port).
 pub const LINUX: &str = concat!(
+    linux_neighbours!(),
     linux_vmm!(),
     "\
     file disk disk.img at 0x32000000000
     file cmdline cmdline at 0x33000000000
-    args epoch=1764000000
+    uses echo at 20
+    uses modem at 21
+    args epoch=1764000000 modem=21 vm-portals=20 user-hypercalls
 "
 );
 
@@ -283,11 +308,14 @@ component ticker
 /// `cargo xtask run`: the Linux guest with a shell on the console, which
 /// the VMM reads from COM1 (its ports and IRQ 4 go to the VMM).
 pub const RUN: &str = concat!(
+    linux_neighbours!(),
     linux_vmm!(),
     "\
     file disk disk.img at 0x32000000000
     file cmdline cmdline at 0x33000000000
-    args epoch=1764000000 console-input
+    uses echo at 20
+    uses modem at 21
+    args epoch=1764000000 console-input modem=21 vm-portals=20 user-hypercalls
 ioports 0x3f8-0x3ff to linux
 irq 4 to linux
 "

@@ -203,6 +203,8 @@ const LINUX_INITRAMFS: ModuleSpec = ModuleSpec {
 const LINUX_MODULES: &[ModuleSpec] = &[
     ROOTTASK,
     manifest("linux", manifests::LINUX),
+    component("echo"),
+    component("modem"),
     component("vmm"),
     LINUX_KERNEL,
     LINUX_INITRAMFS,
@@ -239,8 +241,10 @@ const LINUX_PANIC_MODULES: &[ModuleSpec] = &[
     },
 ];
 
-/// The guest kernel's arguments, as for the direct-boot baseline.
-const LINUX_ARGS: &str = "console=ttyS0 panic=-1";
+/// The guest kernel's arguments, as for the direct-boot baseline, and what
+/// `/init` should try beyond its device checks: the modem's AT service
+/// through the `modem` port and the hypercall to `echo` (selector 20).
+const LINUX_ARGS: &str = "console=ttyS0 panic=-1 moat.modem=1 moat.ipc=20";
 
 /// What the Linux guest must show: its boot, every check `/init` makes
 /// (ok, in order, on both boots: the disk test reboots once), and the VMM's
@@ -263,7 +267,11 @@ const LINUX_CHECKS: &[Expect] = &[
     all("MOAT-CHECK virtio-net ok"),
     all("MOAT-CHECK virtio-rng ok"),
     all("MOAT-CHECK hvc0 ok"),
-    all("MOAT-CHECK port-moat0 ok"),
+    all("MOAT-CHECK modem-AT ok"),
+    all("MOAT-CHECK modem-AT+CSQ ok +CSQ: "),
+    all("modem: SMS to 5550100: hello from Linux"),
+    all("MOAT-CHECK modem-sms ok"),
+    all("MOAT-CHECK ipc-hypercall ok ipcbench: 1000 calls, median"),
     all("MOAT-CHECK net-ping ok 3 packets transmitted, 3 packets received"),
     all("MOAT-CHECK rng ok"),
     all("MOAT-INIT done checks="),

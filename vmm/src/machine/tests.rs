@@ -334,7 +334,7 @@ fn pci_enumerates_the_virtio_devices() {
     }
     let mut s = setup();
     s.machine
-        .add_pci_devices(Some(vec![0; 4096]), Box::new(Zeros))
+        .add_pci_devices(Some(vec![0; 4096]), Box::new(Zeros), NamedPort::Echo)
         .unwrap();
     let mut ids = Vec::new();
     for slot in 0..6u64 {
