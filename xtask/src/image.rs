@@ -200,11 +200,12 @@ fn copy(from: &Path, to: &Path) -> Result<()> {
         .context(|| format!("cannot copy {} to {}", from.display(), to.display()))
 }
 
-/// The VMM's task, which the default image runs.
-const VMM: &str = "vmm";
+/// The tasks the default image's manifest (`manifests::RUN`) starts: the
+/// native services beside the guest, and its VMM.
+const RUN_TASKS: [&str; 3] = ["echo", "modem", "vmm"];
 /// The guest kernel's arguments in the default image: a shell on the
 /// serial console once `/init` has made its checks.
-const RUN_GUEST_ARGS: &str = "console=ttyS0 panic=-1 moat.shell=1";
+const RUN_GUEST_ARGS: &str = "console=ttyS0 panic=-1 moat.modem=1 moat.ipc=20 moat.shell=1";
 /// The root task's pool holds the guest's 256 MiB.
 const RUN_POOL_ARG: &str = "pool=400";
 const RUN_MEMORY_MIB: u32 = 1024;
@@ -249,11 +250,13 @@ pub fn assemble(artifacts: &Artifacts) -> Result<Image> {
         crate::manifests::MANIFEST_MODULE,
         crate::manifests::RUN.as_bytes(),
     )?);
-    modules.push(Module {
-        name: VMM.to_string(),
-        file: dir.join(VMM),
-        args: Vec::new(),
-    });
+    for task in RUN_TASKS {
+        modules.push(Module {
+            name: task.to_string(),
+            file: dir.join(task),
+            args: Vec::new(),
+        });
+    }
     let guest = crate::linux::build()?;
     for (name, from) in [
         ("bzImage", &guest.kernel),
