@@ -369,6 +369,7 @@ fn run(args: &str) -> Result<Stop, SetupError> {
     let mut typed = Vec::new();
 
     let mut resets = 0;
+    let mut console = ConsoleLines::default();
     let mut refusals_logged = 0u32;
     let stop = loop {
         // SAFETY: the kernel writes the state page only during vcpu_run;
@@ -385,7 +386,7 @@ fn run(args: &str) -> Result<Stop, SetupError> {
         // SAFETY: as above.
         let state = unsafe { &mut *(STATE_PAGE as *mut VcpuState) };
         let action = machine.handle_exit(state);
-        flush_console(&machine);
+        console.flush(&machine, matches!(action, Action::Halt | Action::Stop(_)));
         if let Some(portal) = modem {
             relay_to_modem(&mut machine, portal);
         }
@@ -410,7 +411,6 @@ fn run(args: &str) -> Result<Stop, SetupError> {
                 }
             }
             Action::Stop(stop @ (Stop::Reset | Stop::TripleFault)) => {
-                flush_console(&machine);
                 // SAFETY: as above.
                 let state = unsafe { &*(STATE_PAGE as *const VcpuState) };
                 println!(
@@ -434,7 +434,7 @@ fn run(args: &str) -> Result<Stop, SetupError> {
         }
     };
     arm(0);
-    flush_console(&machine);
+    console.flush(&machine, true);
     report(&machine);
     if stop != Stop::PowerOff {
         // SAFETY: as above; the vCPU does not run any more.
@@ -555,13 +555,36 @@ fn trim_text(bytes: &[u8]) -> &[u8] {
     &text[..trimmed]
 }
 
-/// Prints the guest's serial output. Carriage returns are dropped: the
-/// console ends lines itself.
-fn flush_console(machine: &Machine) {
-    let mut out = machine.take_console_output();
-    out.retain(|&b| b != b'\r');
-    if !out.is_empty() {
-        let _ = sys::console_write(&out);
+/// The guest's serial output on its way to the console: whole lines, so
+/// that other components' lines never land inside one of the guest's
+/// (the guest writes a byte per exit).
+#[derive(Default)]
+struct ConsoleLines {
+    pending: Vec<u8>,
+}
+
+/// A partial line longer than this is written anyway.
+const CONSOLE_LINE_MAX: usize = 512;
+
+impl ConsoleLines {
+    /// Takes the guest's new output and writes its complete lines (all of
+    /// it with `all`: the guest waits, e.g. at a prompt, or stopped).
+    /// Carriage returns are dropped: the console ends lines itself.
+    fn flush(&mut self, machine: &Machine, all: bool) {
+        let out = machine.take_console_output();
+        self.pending.extend(out.iter().filter(|&&b| b != b'\r'));
+        let end = if all || self.pending.len() > CONSOLE_LINE_MAX {
+            self.pending.len()
+        } else {
+            self.pending
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1)
+        };
+        if end > 0 {
+            let _ = sys::console_write(&self.pending[..end]);
+            self.pending.drain(..end);
+        }
     }
 }
 

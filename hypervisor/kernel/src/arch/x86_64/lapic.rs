@@ -168,6 +168,11 @@ pub fn arm(deadline: u64) {
     write(REG_TIMER_INITIAL, count);
 }
 
+/// The TSC deadline the one-shot timer is armed for.
+pub fn armed() -> u64 {
+    ARMED.load(Ordering::Relaxed)
+}
+
 /// Brings the next expiry forward to `deadline` if that is sooner.
 pub fn arm_if_earlier(deadline: u64) {
     if deadline < ARMED.load(Ordering::Relaxed) {

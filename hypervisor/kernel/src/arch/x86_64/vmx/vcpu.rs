@@ -25,8 +25,9 @@ use moat_kernel::virt::SegmentRegister;
 use x86::msr;
 
 use super::insn::{self, GuestRegisters, InvvpidType, VmFail};
-use crate::arch::x86_64::cpu::{read_cr0, read_cr3, read_cr4, read_msr, write_msr};
+use crate::arch::x86_64::cpu::{self, read_cr0, read_cr3, read_cr4, read_msr, write_msr};
 use crate::arch::x86_64::gdt::{KERNEL_CS, KERNEL_DS};
+use crate::arch::x86_64::lapic;
 use crate::arch::x86_64::virt::{fill_exit, RunOutcome};
 use crate::memory;
 
@@ -708,7 +709,20 @@ impl VmxVcpu {
             self.flush_vpid = false;
         }
         if self.setup.preemption_timer() {
-            write(F::PreemptionTimerValue, self.timer.into())?;
+            // No later than the host's own next timer event: Bochs may not
+            // exit on a host interrupt while the guest runs with IF=0, and
+            // a component waiting for a deadline must not wait for the
+            // 10 ms backstop.
+            // A deadline already passed has its interrupt pending, which
+            // ends the run anyway.
+            let until_timer = lapic::armed().saturating_sub(cpu::rdtsc());
+            let value = match until_timer {
+                0 => self.timer,
+                ticks => {
+                    vmx_state::preemption_timer_value(ticks, self.setup.timer_rate).min(self.timer)
+                }
+            };
+            write(F::PreemptionTimerValue, value.into())?;
         }
         Ok(())
     }
