@@ -549,6 +549,17 @@ impl Machine {
         console.update(|c| c.port_input(NAMED_PORT_INDEX as u32, bytes))
     }
 
+    /// Lets the console deliver input it holds into receive buffers the
+    /// guest may have posted without a notification acted on; called when
+    /// the guest waits (HLT) or was poked.
+    pub fn kick_devices(&mut self) {
+        if let Some(virtio) = &self.virtio {
+            if let Ok(mut console) = virtio.console.try_borrow_mut() {
+                console.update(|_| ());
+            }
+        }
+    }
+
     /// Echoes what the guest wrote to its console ports (not to a relayed
     /// one: the binary takes that).
     fn echo_ports(&mut self) {
@@ -704,9 +715,11 @@ impl Machine {
             *count += 1;
         }
         let action = match reason {
-            exit_reason::POKED | exit_reason::INTERRUPT_WINDOW | exit_reason::NMI_WINDOW => {
+            exit_reason::POKED => {
+                self.kick_devices();
                 Action::Resume
             }
+            exit_reason::INTERRUPT_WINDOW | exit_reason::NMI_WINDOW => Action::Resume,
             exit_reason::IO => self.port_io(state),
             exit_reason::MEMORY => self.mmio(state),
             exit_reason::CPUID => {
@@ -729,6 +742,7 @@ impl Machine {
             exit_reason::MSR_WRITE => self.wrmsr(state),
             exit_reason::HLT => {
                 self.skip(state, HLT_LEN);
+                self.kick_devices();
                 self.poll();
                 if self.interrupt_pending() {
                     Action::Resume

@@ -69,6 +69,8 @@ const VM_QUOTA_BASE: u64 = 512 * 1024;
 const CAP_SLOT_COST: u64 = 96;
 /// #UDs for unemulated things the log shows, per run.
 const MAX_REFUSALS_LOGGED: u32 = 32;
+/// Pages per delegation of guest RAM (2 MiB).
+const DELEGATE_STEP: u64 = 512;
 /// The longest answer the modem gives to one write of the guest.
 const MODEM_ANSWER_MAX: usize = 1024;
 /// Resets after which a guest that keeps resetting is given up.
@@ -660,15 +662,20 @@ fn create_vm(ram: Region, low_ram: u64, portals: &str, user: bool) -> Result<(),
         .unwrap_or(Status::BadCall)
         .into_result()
         .map_err(|s| SetupError("create_pd", s))?;
-    sys::delegate(
-        VM,
-        Space::Memory,
-        ram.address / PAGE_SIZE,
-        0,
-        pages,
-        rights::MEM_READ | rights::MEM_WRITE | rights::MEM_EXECUTE,
-    )
-    .map_err(|s| SetupError("delegate RAM", s))?;
+    // In 2 MiB steps: one kernel call for all of it would not be
+    // preempted for its whole length, and components above the VMM (a
+    // modem's frame tick) would wait for it.
+    for first in (0..pages).step_by(DELEGATE_STEP as usize) {
+        sys::delegate(
+            VM,
+            Space::Memory,
+            ram.address / PAGE_SIZE + first,
+            first,
+            (pages - first).min(DELEGATE_STEP),
+            rights::MEM_READ | rights::MEM_WRITE | rights::MEM_EXECUTE,
+        )
+        .map_err(|s| SetupError("delegate RAM", s))?;
+    }
     for portal in portals.split(',').filter(|p| !p.is_empty()) {
         let sel =
             args::parse_number(portal).ok_or(SetupError("vm-portals", Status::BadParameter))?;

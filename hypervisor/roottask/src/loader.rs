@@ -21,8 +21,10 @@ use crate::handlers::{self, BOARD, EXCEPTION_EC, REGISTRY_EC};
 
 /// Pages of a 2 MiB page.
 const LARGE_PAGES: u64 = 512;
-/// Largest count of one `delegate` or `revoke`.
-const MAX_COUNT: u64 = 65536;
+/// Largest count of one `delegate` or `revoke`: 2 MiB, so that no single
+/// kernel call keeps components above the root task waiting for long (a
+/// guest's RAM is hundreds of MiB).
+const MAX_COUNT: u64 = 512;
 /// Root-side selectors per component: PD, EC, SC, exception and registry portals.
 const ROOT_SELECTORS: u64 = 5;
 
@@ -481,12 +483,14 @@ impl Loader {
         // Anything it passed on from its memory goes too; the root keeps
         // its own mapping of the pages.
         for run in &loaded.pages {
-            revoke(
-                Space::Memory,
-                self.pool.root_page(run.start),
-                run.end - run.start,
-                false,
-            );
+            for first in (run.start..run.end).step_by(MAX_COUNT as usize) {
+                revoke(
+                    Space::Memory,
+                    self.pool.root_page(first),
+                    (run.end - first).min(MAX_COUNT),
+                    false,
+                );
+            }
         }
         for run in loaded.pages {
             let _ = self.pages.free(run);
