@@ -84,6 +84,22 @@ pub struct Payload<'a> {
     pub initrd: Option<&'a [u8]>,
 }
 
+impl<'a> Payload<'a> {
+    /// What the guest is told: this payload's command line and initrd,
+    /// the memory map and the RSDP.
+    fn info<'m>(&self, e820: &'m [e820::E820Entry], rsdp: u64) -> BootInfo<'m>
+    where
+        'a: 'm,
+    {
+        BootInfo {
+            cmdline: self.cmdline,
+            initrd: self.initrd,
+            e820,
+            rsdp: Some(rsdp),
+        }
+    }
+}
+
 /// Validates `layout` against `ram`, writes the ACPI tables and returns
 /// the RSDP address and the memory map.
 fn platform(
@@ -102,13 +118,7 @@ pub fn boot_linux(
     payload: &Payload,
 ) -> Result<BootState, Error> {
     let (rsdp, map) = platform(ram, layout)?;
-    let info = BootInfo {
-        cmdline: payload.cmdline,
-        initrd: payload.initrd,
-        e820: &map,
-        rsdp: Some(rsdp),
-    };
-    Ok(linux::load(ram, payload.kernel, &info)?.state)
+    Ok(linux::load(ram, payload.kernel, &payload.info(&map, rsdp))?.state)
 }
 
 /// Sets up `ram` to boot an ELF vmlinux through its PVH entry point.
@@ -118,11 +128,5 @@ pub fn boot_pvh(
     payload: &Payload,
 ) -> Result<BootState, Error> {
     let (rsdp, map) = platform(ram, layout)?;
-    let info = BootInfo {
-        cmdline: payload.cmdline,
-        initrd: payload.initrd,
-        e820: &map,
-        rsdp: Some(rsdp),
-    };
-    Ok(pvh::load(ram, payload.kernel, &info)?.state)
+    Ok(pvh::load(ram, payload.kernel, &payload.info(&map, rsdp))?.state)
 }
