@@ -286,7 +286,10 @@ struct SetupError(&'static str, Status);
 fn main(args: &str) -> i32 {
     match run(args) {
         Ok(stop) => {
-            println!("vmm: guest stopped: {}", describe(stop));
+            match stop {
+                Stop::Failed(failure) => println!("vmm: guest stopped: {failure:?}"),
+                _ => println!("vmm: guest stopped: {}", describe(stop)),
+            }
             i32::from(stop != Stop::PowerOff)
         }
         Err(SetupError(what, status)) => {
