@@ -6,7 +6,8 @@
 //! delegated from another slot and is that slot's child. Revoking a slot
 //! removes everything derived from it, in whatever space it lives.
 //!
-//! Slots live in one arena of nodes linked into the derivation tree by
+//! Slots live in one arena of nodes (grown a chunk at a time, so growing
+//! never copies them) linked into the derivation tree by
 //! indices (parent, first child, previous and next sibling), so unlinking is
 //! O(1) and revocation is an iterative post-order walk: no recursion, however
 //! deep the tree. A delegation always creates a new slot, so the tree cannot
@@ -20,6 +21,7 @@
 //! Space ids are reused after [`CapSystem::destroy_space`], so a holder of a
 //! [`SlotRef`] must not outlive the space it names.
 
+use crate::chunked::Chunked;
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::fmt;
@@ -185,7 +187,8 @@ pub struct CapSystem<T> {
     spaces: Vec<Option<Space>>,
     free_spaces: Vec<SpaceId>,
     max_spaces: usize,
-    nodes: Vec<Entry<T>>,
+    /// Chunked: growing it must not copy every node in one kernel call.
+    nodes: Chunked<Entry<T>>,
     free_nodes: Option<NodeIndex>,
 }
 
@@ -207,7 +210,7 @@ impl<T> CapSystem<T> {
             spaces: Vec::new(),
             free_spaces: Vec::new(),
             max_spaces,
-            nodes: Vec::new(),
+            nodes: Chunked::new(),
             free_nodes: None,
         }
     }
@@ -326,22 +329,39 @@ impl<T> CapSystem<T> {
         mut removed: impl FnMut(SlotRef, Capability<T>),
     ) -> Result<usize, CapError> {
         let mut count = 0usize;
-        loop {
+        while !self.destroy_space_some(space, usize::MAX, &mut count, &mut removed)? {}
+        Ok(count)
+    }
+
+    /// [`Self::destroy_space`] in steps: revokes at most `max` slots of
+    /// `space` (each with what was derived from it), adding how many slots
+    /// went to `count`; true once the space was empty and its id is free.
+    pub fn destroy_space_some(
+        &mut self,
+        space: SpaceId,
+        max: usize,
+        count: &mut usize,
+        mut removed: impl FnMut(SlotRef, Capability<T>),
+    ) -> Result<bool, CapError> {
+        for _ in 0..max {
             let first = self
                 .space(space)
                 .ok_or(CapError::NoSpace(space))?
                 .slots
                 .first_key_value()
                 .map(|(_, &index)| index);
-            let Some(index) = first else { break };
-            count = count.saturating_add(self.revoke_node(index, true, &mut removed));
+            let Some(index) = first else {
+                if let Some(entry) = self.spaces.get_mut(space as usize) {
+                    *entry = None;
+                }
+                // create_space reserved room for every id, so this never
+                // allocates.
+                self.free_spaces.push(space);
+                return Ok(true);
+            };
+            *count = count.saturating_add(self.revoke_node(index, true, &mut removed));
         }
-        if let Some(entry) = self.spaces.get_mut(space as usize) {
-            *entry = None;
-        }
-        // create_space reserved room for every id, so this never allocates.
-        self.free_spaces.push(space);
-        Ok(count)
+        Ok(false)
     }
 
     /// The slot `at` was delegated from; `None` for roots and empty slots.
@@ -479,9 +499,8 @@ impl<T> CapSystem<T> {
         }
         let index = NodeIndex::from_usize(self.nodes.len()).ok_or(CapError::OutOfMemory)?;
         self.nodes
-            .try_reserve(1)
+            .try_push(Entry::Used(node))
             .map_err(|_| CapError::OutOfMemory)?;
-        self.nodes.push(Entry::Used(node));
         Ok(index)
     }
 
@@ -909,6 +928,35 @@ mod tests {
         assert_eq!(cs.destroy_space(c, |slot, _| log.push(slot)).unwrap(), 2);
         assert_eq!(log, vec![s(a, 5), s(c, 5)]);
         cs.check_invariants();
+    }
+
+    #[test]
+    fn destroy_space_in_steps() {
+        let mut cs = CapSystem::new();
+        let (a, b) = (cs.create_space(16).unwrap(), cs.create_space(16).unwrap());
+        for key in 0..5 {
+            cs.insert_root(s(a, key), key as u32, Rights::ALL).unwrap();
+            cs.delegate(s(a, key), s(b, key), Rights::ALL).unwrap();
+        }
+        let (mut count, mut log) = (0, Vec::new());
+        for _ in 0..2 {
+            let done = cs.destroy_space_some(a, 2, &mut count, |slot, _| log.push(slot));
+            assert_eq!(done, Ok(false));
+            assert!(cs.space_exists(a));
+            cs.check_invariants();
+        }
+        assert_eq!((count, cs.len(a), cs.len(b)), (8, 1, 1));
+        assert_eq!(
+            cs.destroy_space_some(a, 2, &mut count, |slot, _| log.push(slot)),
+            Ok(true)
+        );
+        assert_eq!((count, log.len(), cs.len(b)), (10, 10, 0));
+        assert!(!cs.space_exists(a));
+        cs.check_invariants();
+        assert_eq!(
+            cs.destroy_space_some(a, 2, &mut count, |_, _| {}),
+            Err(CapError::NoSpace(a))
+        );
     }
 
     #[test]

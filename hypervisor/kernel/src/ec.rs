@@ -77,6 +77,18 @@ pub struct Ec {
     pub vcpu: Option<crate::vcpu::VcpuId>,
     /// The answer to a guest hypercall, for the vCPU to pick up.
     pub hypercall_reply: Option<(u64, [u64; 6])>,
+    /// How far a long `delegate` or `revoke` of this EC got before an
+    /// interrupt stopped it (see `Kernel::delegate`).
+    pub resume: Option<Resume>,
+}
+
+/// A long call stopped at a preemption point: the EC executes the same
+/// call again, and the kernel goes on from `done` if the call (number and
+/// arguments) is still the same.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resume {
+    pub call: [u64; 7],
+    pub done: u64,
 }
 
 /// Kernel memory an EC costs: the object and its UTCB page.
@@ -187,6 +199,7 @@ impl Kernel {
             caps: 0,
             vcpu: None,
             hypercall_reply: None,
+            resume: None,
         });
         let Some(id) = self.ecs.insert(ec) else {
             self.unmap_page(pd, utcb_virt / PAGE_SIZE);

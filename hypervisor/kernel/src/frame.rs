@@ -214,7 +214,12 @@ impl<'a> FrameAllocator<'a> {
         }
         let step = usize::try_from(align.max(PAGE_SIZE) / PAGE_SIZE).ok()?;
         let mut start = step;
-        while let Some(end) = start.checked_add(count) {
+        loop {
+            // Past used frames a word at a time: a mostly used bitmap is
+            // crossed in a few thousand steps, not one per frame (this runs
+            // inside kernel calls that are not preempted).
+            start = self.next_free(start)?.div_ceil(step).checked_mul(step)?;
+            let end = start.checked_add(count)?;
             if end > self.frames {
                 return None;
             }
@@ -227,6 +232,20 @@ impl<'a> FrameAllocator<'a> {
                     start = (used / step).checked_add(1)?.checked_mul(step)?;
                 }
             }
+        }
+    }
+
+    /// The first free frame at or after `from`.
+    fn next_free(&self, from: usize) -> Option<usize> {
+        let mut frame = from;
+        while frame < self.frames {
+            let word = *self.bitmap.get(frame / BITS_PER_WORD)?;
+            let free_here = !word >> (frame % BITS_PER_WORD);
+            if free_here != 0 {
+                let found = frame + free_here.trailing_zeros() as usize;
+                return (found < self.frames).then_some(found);
+            }
+            frame = (frame / BITS_PER_WORD + 1) * BITS_PER_WORD;
         }
         None
     }
@@ -415,6 +434,33 @@ mod tests {
         assert_eq!(fa.free_frames(), 10);
         fa.reserve(PhysRange::new(0, u64::MAX));
         assert_eq!(fa.free_frames(), 0);
+    }
+
+    #[test]
+    fn contiguous_runs_past_used_words_and_scattered_frames() {
+        let mut bitmap = [0u64; 64]; // 4096 frames = 16 MiB
+        let mut fa = FrameAllocator::new(&mut bitmap);
+        fa.add_free(PhysRange::new(0, 16 * MIB));
+        // Everything below 12 MiB used but one frame in each 64 (too
+        // short a run), then one frame used at 12 MiB + 8 frames.
+        fa.reserve(PhysRange::new(0, 12 * MIB));
+        for frame in (100..3072).step_by(64) {
+            fa.free(frame * PAGE_SIZE).unwrap();
+        }
+        fa.reserve(PhysRange::new(
+            12 * MIB + 8 * PAGE_SIZE,
+            12 * MIB + 9 * PAGE_SIZE,
+        ));
+        assert_eq!(
+            fa.alloc_contiguous(16, PAGE_SIZE),
+            Some(12 * MIB + 9 * PAGE_SIZE)
+        );
+        assert_eq!(fa.alloc_contiguous(8, PAGE_SIZE), Some(12 * MIB));
+        // A single frame still finds the first scattered one.
+        assert_eq!(fa.alloc_contiguous(1, PAGE_SIZE), Some(100 * PAGE_SIZE));
+        // Aligned: the next 1 MiB boundary with 256 free frames after it.
+        assert_eq!(fa.alloc_contiguous(256, MIB), Some(13 * MIB));
+        assert_eq!(fa.alloc_contiguous(4096, PAGE_SIZE), None);
     }
 
     #[test]

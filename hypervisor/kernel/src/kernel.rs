@@ -58,6 +58,35 @@ pub const CAP_SLOT_COST: u64 = 96;
 
 pub static KERNEL: Mutex<Option<Kernel>> = Mutex::new(None);
 
+/// Capabilities a long `delegate` or `revoke` handles between two looks
+/// for a due interrupt: on Bochs, 8 page delegations take ~0.3 ms.
+pub const PREEMPT_EVERY: u64 = 8;
+
+/// `count` capabilities from key `from` of the source to key `to` of the
+/// destination.
+#[derive(Clone, Copy, Debug)]
+pub struct Range {
+    pub from: u64,
+    pub to: u64,
+    pub count: u64,
+}
+
+/// Why a preemptible long call stopped early.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    Failed(Status),
+    /// An interrupt is due; `done` capabilities of the range are handled.
+    Preempted {
+        done: u64,
+    },
+}
+
+impl From<Status> for Stopped {
+    fn from(status: Status) -> Self {
+        Stopped::Failed(status)
+    }
+}
+
 pub struct Kernel {
     pub caps: CapSystem<Cap>,
     /// Which PD and which of its spaces a capability space is.
@@ -270,6 +299,7 @@ impl Kernel {
     /// Derives `count` capabilities from `from` (space of the caller) to
     /// `to` in `dst`, masked to `rights`; all or nothing.
     #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)]
     pub fn delegate(
         &mut self,
         src: PdId,
@@ -280,20 +310,48 @@ impl Kernel {
         count: u64,
         rights: u8,
     ) -> Result<(), Status> {
+        let range = Range { from, to, count };
+        match self.delegate_range(src, dst, kind, range, rights, 0, || false) {
+            Ok(()) | Err(Stopped::Preempted { .. }) => Ok(()),
+            Err(Stopped::Failed(status)) => Err(status),
+        }
+    }
+
+    /// Delegates `range` from its `start`th capability on; every
+    /// [`PREEMPT_EVERY`] capabilities it asks `preempt` whether to stop
+    /// (an interrupt is due), and then says how far it got, so the call
+    /// can go on later: a long delegation never holds off a component of
+    /// higher priority for longer than that many steps. A failure undoes
+    /// the whole range, the part done before a stop included.
+    #[allow(clippy::too_many_arguments)]
+    pub fn delegate_range(
+        &mut self,
+        src: PdId,
+        dst: PdId,
+        kind: Space,
+        range: Range,
+        rights: u8,
+        start: u64,
+        preempt: impl Fn() -> bool,
+    ) -> Result<(), Stopped> {
+        let Range { from, to, count } = range;
         let src_space = self.space_of(src, kind)?;
         let dst_space = self.space_of(dst, kind)?;
         if kind == Space::Memory && rights & moat_abi::rights::MEM_READ == 0 {
-            return Err(Status::BadParameter);
+            return Err(Status::BadParameter.into());
         }
         // A port or GSI capability is keyed by what it grants: it cannot
         // move to another key.
         if matches!(kind, Space::Io | Space::Irq) && from != to {
-            return Err(Status::BadParameter);
+            return Err(Status::BadParameter.into());
         }
         let mask = Rights::from_bits_retain(rights);
-        for i in 0..count {
+        for i in start..count {
+            if i > start && (i - start).is_multiple_of(PREEMPT_EVERY) && preempt() {
+                return Err(Stopped::Preempted { done: i });
+            }
             let (Some(source), Some(target)) = (from.checked_add(i), to.checked_add(i)) else {
-                return Err(Status::BadParameter);
+                return Err(Status::BadParameter.into());
             };
             if let Err(status) =
                 self.delegate_one(src_space, dst, dst_space, kind, source, target, mask)
@@ -302,7 +360,7 @@ impl Kernel {
                 for j in 0..i {
                     let _ = self.revoke_slot(SlotRef::new(dst_space, to + j), true);
                 }
-                return Err(status);
+                return Err(status.into());
             }
         }
         Ok(())
@@ -359,6 +417,18 @@ impl Kernel {
     /// Removes what was derived from `at` (and `at` itself if asked),
     /// undoing mappings and destroying objects whose last capability went.
     pub fn revoke_slot(&mut self, at: SlotRef, include_self: bool) -> Result<usize, Status> {
+        let result = self.revoke_slot_deferred(at, include_self);
+        self.destroy_doomed();
+        result
+    }
+
+    /// `revoke_slot`, leaving the objects it dooms for the caller to
+    /// destroy (a preemptible `revoke` does, in steps).
+    pub fn revoke_slot_deferred(
+        &mut self,
+        at: SlotRef,
+        include_self: bool,
+    ) -> Result<usize, Status> {
         let mut removed = Vec::new();
         let result = self
             .caps
@@ -366,7 +436,6 @@ impl Kernel {
         for (slot, cap) in removed {
             self.capability_gone(slot, cap);
         }
-        self.destroy_doomed();
         result.map_err(status_of)
     }
 
@@ -400,9 +469,27 @@ impl Kernel {
     }
 
     pub fn destroy_doomed(&mut self) {
-        while let Some(object) = self.doomed.pop() {
+        self.destroy_doomed_until(&|| false);
+    }
+
+    /// Destroys the doomed objects, the most recently doomed first; a PD
+    /// goes in steps (`destroy_pd_step`), and between two steps `preempt`
+    /// may stop the work: then it returns false, and what is left stays
+    /// doomed for the next call to go on with. (Nothing runs in a PD once
+    /// its teardown has begun.)
+    pub fn destroy_doomed_until(&mut self, preempt: &dyn Fn() -> bool) -> bool {
+        while let Some(&object) = self.doomed.last() {
+            if let Object::Pd(id) = object {
+                if self.destroy_pd_step(id, preempt) {
+                    self.doomed.pop();
+                } else if preempt() {
+                    return false;
+                }
+                continue;
+            }
+            self.doomed.pop();
             match object {
-                Object::Pd(id) => self.destroy_pd(id),
+                Object::Pd(_) => {}
                 Object::Ec(id) => self.destroy_ec(id),
                 Object::Sc(id) => self.destroy_sc(id),
                 Object::Pt(id) => self.destroy_pt(id),
@@ -410,6 +497,12 @@ impl Kernel {
                 Object::Vcpu(id) => self.destroy_vcpu(id),
             }
         }
+        true
+    }
+
+    /// The object to be destroyed next.
+    pub fn next_doomed(&self) -> Option<Object> {
+        self.doomed.last().copied()
     }
 
     /// Schedules destruction of an object (its owner PD is going away).

@@ -6,10 +6,12 @@ extern crate alloc;
 
 pub mod arena;
 pub mod cap;
+pub mod chunked;
 pub mod elf;
 pub mod frame;
 pub mod multiboot;
 pub mod paging;
 pub mod quota;
+pub mod ring;
 pub mod sched;
 pub mod virt;

@@ -134,10 +134,14 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
     );
 
     match lapic::wait_for_ticks(2, timer.tsc_hz) {
-        Some(cycles) => log::info!(
-            "lapic: timer interrupts arrive: 2 ticks in {} us by the TSC",
-            cycles * 1_000_000 / timer.tsc_hz.max(1)
-        ),
+        Some(cycles) => {
+            log::info!(
+                "lapic: timer interrupts arrive: 2 ticks in {} us by the TSC",
+                cycles * 1_000_000 / timer.tsc_hz.max(1)
+            );
+            // The timer can now wake the kernel to feed the UART.
+            console::start_queueing(timer.tsc_hz);
+        }
         None => log::error!("lapic: no timer interrupt within a second"),
     }
 

@@ -37,6 +37,8 @@ pub struct Pd {
     /// The root task may delegate any I/O port and GSI.
     pub all_io: bool,
     pub dying: bool,
+    /// How many of `spaces` a dying PD has destroyed.
+    pub spaces_gone: usize,
     /// A VM's guest-physical space (EPT or NPT); its memory space maps
     /// there instead of `space`.
     pub guest: Option<Guest>,
@@ -171,6 +173,10 @@ fn flush_page(virt: u64) {
     unsafe { core::arch::asm!("invlpg [{}]", in(reg) virt, options(nostack, preserves_flags)) };
 }
 
+/// Capabilities a dying PD's spaces lose per teardown step (each with
+/// what was derived from it: a VMM's guest RAM page and the VM's).
+pub const TEARDOWN_STEP: usize = 16;
+
 impl Kernel {
     /// A new PD with `quota` bytes, paid by `owner` (None: the root task,
     /// paid by nobody) and an object space of `capacity` capabilities.
@@ -230,6 +236,7 @@ impl Kernel {
             caps: 0,
             all_io: owner.is_none(),
             dying: false,
+            spaces_gone: 0,
             io_bitmap: None,
             guest: None,
             guest_flush: false,
@@ -401,41 +408,69 @@ impl Kernel {
     /// what it delegated), its objects are destroyed, its memory and quota
     /// return.
     pub fn destroy_pd(&mut self, id: PdId) {
-        let Some(pd) = self.pds.get_mut(id) else {
-            return;
-        };
-        if pd.dying {
-            return;
-        }
-        pd.dying = true;
-        let owned = core::mem::take(&mut pd.owned);
-        let spaces = pd.spaces;
-        // ECs running in this PD die first, so nobody runs in a half-gone PD.
-        let ecs: Vec<_> = self
-            .ecs
-            .ids()
-            .filter(|&ec| self.ecs.get(ec).is_some_and(|e| e.pd == id))
-            .collect();
-        for ec in ecs {
-            self.destroy_ec(ec);
-        }
-        for object in owned {
-            self.doom(object);
-        }
+        self.doom(Object::Pd(id));
         self.destroy_doomed();
-        for space in spaces {
+    }
+
+    /// One step of tearing down a PD that is on top of the doomed list
+    /// (`Kernel::destroy_doomed_until` drives it): first its ECs die and
+    /// its own objects are doomed (above it, so they go first); then its
+    /// spaces go [`TEARDOWN_STEP`] slots at a time — a VM's 65,536 guest
+    /// pages are not one step — stopping when `preempt` says so or when
+    /// objects whose last capability went are doomed above it; last, the
+    /// PD itself. True once it is gone.
+    pub fn destroy_pd_step(&mut self, id: PdId, preempt: &dyn Fn() -> bool) -> bool {
+        let Some(pd) = self.pds.get_mut(id) else {
+            return true;
+        };
+        if !pd.dying {
+            pd.dying = true;
+            let owned = core::mem::take(&mut pd.owned);
+            // ECs running in this PD die first, so nobody runs in a
+            // half-gone PD.
+            let ecs: Vec<_> = self
+                .ecs
+                .ids()
+                .filter(|&ec| self.ecs.get(ec).is_some_and(|e| e.pd == id))
+                .collect();
+            for ec in ecs {
+                self.destroy_ec(ec);
+            }
+            for object in owned {
+                self.doom(object);
+            }
+            return false;
+        }
+        loop {
+            let Some(pd) = self.pds.get(id) else {
+                return true;
+            };
+            let Some(&space) = pd.spaces.get(pd.spaces_gone) else {
+                break;
+            };
             let mut removed = Vec::new();
-            let _ = self
+            let mut count = 0;
+            let emptied = self
                 .caps
-                .destroy_space(space, |slot, cap| removed.push((slot, cap)));
+                .destroy_space_some(space, TEARDOWN_STEP, &mut count, |slot, cap| {
+                    removed.push((slot, cap))
+                })
+                .unwrap_or(true);
             for (slot, cap) in removed {
                 self.capability_gone(slot, cap);
             }
-            if let Some(entry) = self.space_owner.get_mut(space as usize) {
-                *entry = None;
+            if emptied {
+                if let Some(entry) = self.space_owner.get_mut(space as usize) {
+                    *entry = None;
+                }
+                if let Some(pd) = self.pds.get_mut(id) {
+                    pd.spaces_gone += 1;
+                }
+            }
+            if self.next_doomed() != Some(Object::Pd(id)) || preempt() {
+                return false;
             }
         }
-        self.destroy_doomed();
         if let Some(pd) = self.pds.remove(id) {
             if cpu::read_cr3() == pd.space.root() {
                 // SAFETY: the kernel's own tables map everything the kernel uses.
@@ -469,5 +504,6 @@ impl Kernel {
                 }
             }
         }
+        true
     }
 }

@@ -85,11 +85,11 @@ fn idle() -> ! {
 
 /// A timer interrupt: wakes ECs whose deadline passed, charges the current
 /// SC at a scheduling tick, preempts, and arms the one-shot timer for the
-/// next event (tick or deadline, whichever is first).
+/// next event (tick, deadline or console output, whichever is first).
 pub fn tick() {
     let now = cpu::rdtsc();
     let due = lapic::tick_due(now);
-    let mut next = lapic::next_tick();
+    let mut next = lapic::next_tick().min(crate::console::feed());
     let mut guard = KERNEL.lock();
     if let Some(kernel) = guard.as_mut() {
         kernel.expire_timeouts(now);

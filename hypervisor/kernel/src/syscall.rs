@@ -3,7 +3,8 @@
 use crate::arch::x86_64::entry::TrapFrame;
 use crate::arch::x86_64::layout::{phys_to_virt, USER_END};
 use crate::console;
-use crate::kernel::{EcId, Kernel, KERNEL};
+use crate::ec::Resume;
+use crate::kernel::{EcId, Kernel, Range, Stopped, KERNEL, PREEMPT_EVERY};
 use moat_abi::{
     flags, rights, Call, CallWord, ExceptionMessage, Space, Status, CONSOLE_WRITE_MAX, EXIT_VECTOR,
     PAGE_SIZE,
@@ -13,6 +14,8 @@ use moat_kernel::paging::MapFlags;
 
 /// Largest `count` of one `delegate` or `revoke`.
 const MAX_COUNT: u64 = 65536;
+/// `syscall` (0f 05): a preempted long call executes it again.
+const SYSCALL_LENGTH: u64 = 2;
 
 /// The SYSCALL entry's Rust half: acts for the current EC, then leaves the
 /// kernel for whichever EC runs next.
@@ -110,12 +113,12 @@ impl Kernel {
                 Ok(false) => None,
                 Err(status) => Some(status),
             },
-            Ok(Call::Delegate) => Some(done(self.sys_delegate(pd, sel, args))),
-            Ok(Call::Revoke) => Some(done(self.sys_revoke(
-                pd,
-                word.flags & flags::SELF != 0,
-                args,
-            ))),
+            Ok(Call::Delegate) => {
+                self.long_call(ec, args, |k, start| k.sys_delegate(pd, sel, args, start))
+            }
+            Ok(Call::Revoke) => self.long_call(ec, args, |k, start| {
+                k.sys_revoke(pd, word.flags & flags::SELF != 0, args, start)
+            }),
             Ok(Call::IrqAssign) => Some(done(self.sys_irq_assign(pd, sel, args[0], args[1]))),
             Ok(Call::IrqUnmask) => Some(done(self.sys_irq_unmask(pd, args[0]))),
             Ok(Call::CreateVcpu) => Some(done(self.sys_create_vcpu(pd, sel, args[0], args[1]))),
@@ -182,22 +185,55 @@ impl Kernel {
         true
     }
 
+    /// Runs a call that may stop at a preemption point: then the EC is
+    /// set to execute the same SYSCALL again (its registers are as they
+    /// were, RIP back on the instruction), with `resume` noting how far
+    /// the call got, and the scheduler lets the due interrupt in. A call
+    /// that comes back with other arguments starts afresh.
+    fn long_call(
+        &mut self,
+        ec: EcId,
+        args: [u64; 6],
+        call: impl FnOnce(&mut Self, u64) -> Result<(), Stopped>,
+    ) -> Option<Status> {
+        let e = self.ecs.get_mut(ec)?;
+        let key = [
+            e.regs.rax, args[0], args[1], args[2], args[3], args[4], args[5],
+        ];
+        let start = match e.resume.take() {
+            Some(resume) if resume.call == key => resume.done,
+            _ => 0,
+        };
+        match call(self, start) {
+            Ok(()) => Some(Status::Success),
+            Err(Stopped::Failed(status)) => Some(status),
+            Err(Stopped::Preempted { done }) => {
+                let e = self.ecs.get_mut(ec)?;
+                e.resume = Some(Resume { call: key, done });
+                e.regs.rip = e.regs.rip.wrapping_sub(SYSCALL_LENGTH);
+                None
+            }
+        }
+    }
+
     fn sys_delegate(
         &mut self,
         pd: crate::kernel::PdId,
         sel: u64,
         args: [u64; 6],
-    ) -> Result<(), Status> {
+        start: u64,
+    ) -> Result<(), Stopped> {
         let dst = self.lookup_pd(pd, sel, rights::PD_CONTROL)?;
         let kind = Space::try_from(args[0])?;
         let (from, to, count, mask) = (args[1], args[2], args[3], args[4]);
         if count == 0 || count > MAX_COUNT || mask > u64::from(u8::MAX) {
-            return Err(Status::BadParameter);
+            return Err(Status::BadParameter.into());
         }
-        if matches!(kind, Space::Io | Space::Irq) {
+        if matches!(kind, Space::Io | Space::Irq) && start == 0 {
             self.materialize_platform_caps(pd, kind, from, count)?;
         }
-        self.delegate(pd, dst, kind, from, to, count, mask as u8)
+        let range = Range { from, to, count };
+        self.delegate_range(pd, dst, kind, range, mask as u8, start, interrupt_due)
     }
 
     /// The root task may hand out any port or GSI: its capabilities are made
@@ -244,19 +280,36 @@ impl Kernel {
         pd: crate::kernel::PdId,
         include_self: bool,
         args: [u64; 6],
-    ) -> Result<(), Status> {
+        start: u64,
+    ) -> Result<(), Stopped> {
         let kind = Space::try_from(args[0])?;
         let (base, count) = (args[1], args[2]);
         if count == 0 || count > MAX_COUNT || base.checked_add(count).is_none() {
-            return Err(Status::BadParameter);
+            return Err(Status::BadParameter.into());
         }
         let space = self.space_of(pd, kind)?;
-        for key in base..base + count {
+        for i in start..count {
+            // A teardown a revoke began before it was preempted goes on
+            // first, in steps too.
+            if !self.destroy_doomed_until(&interrupt_due)
+                || (i > start && (i - start).is_multiple_of(PREEMPT_EVERY) && interrupt_due())
+            {
+                return Err(Stopped::Preempted { done: i });
+            }
             // Empty slots are fine: there is nothing to revoke.
-            let _ = self.revoke_slot(SlotRef::new(space, key), include_self);
+            let _ = self.revoke_slot_deferred(SlotRef::new(space, base + i), include_self);
+        }
+        if !self.destroy_doomed_until(&interrupt_due) {
+            return Err(Stopped::Preempted { done: count });
         }
         Ok(())
     }
+}
+
+/// Whether the timer is due, so a long call should stop and let the
+/// interrupt in (it may wake a component of higher priority).
+fn interrupt_due() -> bool {
+    crate::arch::x86_64::lapic::armed() <= crate::arch::x86_64::cpu::rdtsc()
 }
 
 fn done(result: Result<(), Status>) -> Status {

@@ -15,6 +15,14 @@ const LSR_TRANSMITTER_IDLE: u8 = 1 << 6;
 const LCR_DLAB: u8 = 1 << 7;
 const LCR_8N1: u8 = 0b11;
 
+/// Bytes the transmitter FIFO takes once it reports empty.
+pub const FIFO_DEPTH: usize = 16;
+/// Bits on the line per byte at 8N1 (start, eight data, stop).
+const BITS_PER_BYTE: u64 = 10;
+pub const BAUD: u64 = 115_200;
+/// Bytes the line carries per second.
+pub const BYTES_PER_SECOND: u64 = BAUD / BITS_PER_BYTE;
+
 pub struct Serial {
     base: u16,
 }
@@ -48,9 +56,24 @@ impl Serial {
     }
 
     pub fn write_byte(&self, byte: u8) {
-        while self.read(LINE_STATUS) & LSR_THR_EMPTY == 0 {
+        self.wait_ready();
+        self.out(DATA, byte);
+    }
+
+    /// True when the transmitter FIFO is empty, so `FIFO_DEPTH` bytes can
+    /// be `put` without waiting.
+    pub fn ready(&self) -> bool {
+        self.read(LINE_STATUS) & LSR_THR_EMPTY != 0
+    }
+
+    pub fn wait_ready(&self) {
+        while !self.ready() {
             core::hint::spin_loop();
         }
+    }
+
+    /// Writes one byte without waiting (the caller knows there is room).
+    pub fn put(&self, byte: u8) {
         self.out(DATA, byte);
     }
 

@@ -355,8 +355,9 @@ impl SvmVcpu {
         // SAFETY: the VMCB was set up by `new` (intercepts include VMRUN,
         // NPT on, valid IOPM/MSRPM) and loaded with the guest state; the
         // host save area is a page of ours; EFER.SVME and VM_HSAVE_PA were
-        // set at boot. Interrupts are off (the kernel runs with IF=0) and
-        // GIF is cleared around the switch.
+        // set at boot. GIF is cleared around the switch, so the STI that
+        // lets physical interrupts end the guest's run (V_INTR_MASKING)
+        // lets none into the host; IF is clear again before STGI.
         unsafe { svm_run(&mut self.gprs, self.vmcb, self.host_save) };
         let (info, exit_int) = {
             let mut v = vmcb(self.vmcb);
@@ -472,7 +473,14 @@ core::arch::global_asm!(
     "    mov r15, [rdi + 104]",
     "    mov rdi, [rdi + 32]",
     "    vmload rax",
+    // With V_INTR_MASKING, the host's RFLAGS.IF at VMRUN decides whether
+    // a physical interrupt ends the guest's run: it must be set, or a
+    // guest that makes no exits would keep the CPU from every other EC.
+    // GIF is clear, so the host takes no interrupt here; CLI before STGI
+    // leaves a pending one for the exit path to let in.
+    "    sti",
     "    vmrun rax",
+    "    cli",
     "    vmsave rax",
     // Stack: [guest VMCB][gprs pointer][host save][r15]...
     "    mov rax, [rsp + 8]",

@@ -713,11 +713,13 @@ impl VmxVcpu {
             // exit on a host interrupt while the guest runs with IF=0, and
             // a component waiting for a deadline must not wait for the
             // 10 ms backstop.
-            // A deadline already passed has its interrupt pending, which
-            // ends the run anyway.
+            // A deadline already passed has its interrupt pending or about
+            // to be (the LAPIC timer counts in its own, coarser units):
+            // exit at once, or Bochs runs a guest with IF=0 on for the
+            // whole backstop period with the interrupt held.
             let until_timer = lapic::armed().saturating_sub(cpu::rdtsc());
             let value = match until_timer {
-                0 => self.timer,
+                0 => 1,
                 ticks => {
                     vmx_state::preemption_timer_value(ticks, self.setup.timer_rate).min(self.timer)
                 }
