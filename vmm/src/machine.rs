@@ -549,6 +549,15 @@ impl Machine {
         console.update(|c| c.port_input(NAMED_PORT_INDEX as u32, bytes))
     }
 
+    /// Opens or closes the host end of the relayed named port (the guest
+    /// sees a port reset: end-of-file, then the port open again).
+    pub fn set_port_open(&mut self, open: bool) {
+        let Some(virtio) = &self.virtio else { return };
+        if let Ok(mut console) = virtio.console.try_borrow_mut() {
+            console.update(|c| c.set_host_open(NAMED_PORT_INDEX as u32, open));
+        }
+    }
+
     /// Lets the console deliver input it holds into receive buffers the
     /// guest may have posted without a notification acted on; called when
     /// the guest waits (HLT) or was poked.

@@ -10,7 +10,11 @@
 //! VMM holds COM1's ports and IRQ 4 and feeds what is typed there to the
 //! guest's serial port; a third EC waits for it), `modem=SEL` (the
 //! guest's second virtio-console port is named `modem` and relayed to the
-//! native modem's portal at SEL), `vm-portals=SEL,SEL,…` (portals the VM
+//! native modem's portal at SEL; the port's host end is closed while the
+//! modem is gone and reopened when it is back, so the guest sees a
+//! restart as a port reset), `on-panic=restart` (a guest kernel panic
+//! reported through pvpanic reboots the guest, as a reset does; else the
+//! VMM stops), `vm-portals=SEL,SEL,…` (portals the VM
 //! gets at the same selectors, for the IPC hypercall), the flag
 //! `user-hypercalls` (guest CPL 3 may make it too), and the root's
 //! `tsc_hz=`.
@@ -25,7 +29,8 @@ use alloc::rc::Rc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
-use common::{args, modem, sel};
+use common::modem_link::{self, ModemLink};
+use common::{args, sel};
 use moat_abi::vcpu::{group, VcpuState};
 use moat_abi::{flags, rights, Call, CallWord, Space, Status, PAGE_SIZE};
 use moat_user::io::{inb, outb};
@@ -73,6 +78,8 @@ const MAX_REFUSALS_LOGGED: u32 = 32;
 const DELEGATE_STEP: u64 = 512;
 /// The longest answer the modem gives to one write of the guest.
 const MODEM_ANSWER_MAX: usize = 1024;
+/// How often the VMM asks whether the modem is still there.
+const MODEM_CHECK_MS: u64 = 50;
 /// Resets after which a guest that keeps resetting is given up.
 const MAX_RESETS: u32 = 8;
 
@@ -362,6 +369,8 @@ fn run(args: &str) -> Result<Stop, SetupError> {
         args::flag(args, "user-hypercalls"),
     )?;
     let modem = args::number(args, "modem", 0).ok().filter(|&sel| sel != 0);
+    let restart_on_panic = args::value(args, "on-panic") == Some("restart");
+    let mut link = ModemLink::new(common::ms_to_ticks(tsc_hz, MODEM_CHECK_MS));
     start_timer()?;
     if args::flag(args, "console-input") {
         start_input()?;
@@ -393,7 +402,7 @@ fn run(args: &str) -> Result<Stop, SetupError> {
         let action = machine.handle_exit(state);
         console.flush(&machine, matches!(action, Action::Halt | Action::Stop(_)));
         if let Some(portal) = modem {
-            relay_to_modem(&mut machine, portal);
+            relay_to_modem(&mut machine, &mut link, portal);
         }
         for (rip, what) in machine.take_refusals() {
             refusals_logged += 1;
@@ -415,6 +424,19 @@ fn run(args: &str) -> Result<Stop, SetupError> {
                     Err(status) => return Err(SetupError("halt", status)),
                 }
             }
+            Action::Stop(Stop::Panic) if restart_on_panic => {
+                resets += 1;
+                println!(
+                    "vmm: guest kernel panic (pvpanic): restarting the guest (restart {resets})"
+                );
+                if resets > MAX_RESETS {
+                    break Stop::Panic;
+                }
+                let disk = machine.disk();
+                machine = guest.boot(disk, named)?;
+                // The new guest finds the port as the link left it.
+                machine.set_port_open(link.is_open());
+            }
             Action::Stop(stop @ (Stop::Reset | Stop::TripleFault)) => {
                 // SAFETY: as above.
                 let state = unsafe { &*(STATE_PAGE as *const VcpuState) };
@@ -434,6 +456,7 @@ fn run(args: &str) -> Result<Stop, SetupError> {
                 }
                 let disk = machine.disk();
                 machine = guest.boot(disk, named)?;
+                machine.set_port_open(link.is_open());
             }
             Action::Stop(stop) => break stop,
         }
@@ -635,19 +658,30 @@ fn vm_flags(user_hypercalls: bool) -> u8 {
 }
 
 /// Hands what the guest wrote on the `modem` port to the native modem
-/// (its port session) and its answer back to the guest. A modem that is
-/// gone (restarting) answers nothing: the guest sees silence, and its
-/// client retries.
-fn relay_to_modem(machine: &mut Machine, portal: Sel) {
-    let written = machine.take_port_output();
-    if written.is_empty() {
-        return;
-    }
-    let mut answer = [0u8; MODEM_ANSWER_MAX];
+/// (its port session) and its answer back to the guest, and shows the
+/// guest the modem going and coming back as a reset of the port (see
+/// `common::modem_link`).
+fn relay_to_modem(machine: &mut Machine, link: &mut ModemLink, portal: Sel) {
     let mut call = |words| sys::call(portal, words);
-    if let Ok(len) = modem::exchange(&mut call, modem::SessionId::Port, &written, &mut answer) {
+    let written = machine.take_port_output();
+    let mut answer = [0u8; MODEM_ANSWER_MAX];
+    let (len, mut event) = link.relay(&mut call, &written, &mut answer);
+    if len > 0 {
         machine.port_input(&answer[..len]);
     }
+    if event.is_none() {
+        event = link.poll(&mut call, moat_user::rdtsc());
+    }
+    let Some(event) = event else { return };
+    machine.set_port_open(link.is_open());
+    println!(
+        "vmm: port `modem`: {}",
+        match event {
+            modem_link::Event::Gone => "the modem is gone, closed",
+            modem_link::Event::Restarted => "the modem restarted, closed",
+            modem_link::Event::Back => "the modem answers, open again",
+        }
+    );
 }
 
 /// Creates the VM with the RAM at guest-physical 0, the `portals` (a

@@ -10,18 +10,32 @@
 //! `cargo xtask bench linux` is of another kind: wall time and guest time
 //! of whole Linux boots, under Moat against the emulator booting the same
 //! guest itself (see [`run_linux`]).
+//!
+//! `cargo xtask bench` (or `bench all`) puts four round trips in one table:
+//! native IPC (`bench ipc`'s boot) and, from one boot of the Linux guest
+//! with `moat.bench=1`, the IPC hypercall, an AT command over the
+//! virtio-console port through the VMM, and a pipe ping-pong between two
+//! Linux processes; each in cycles (QEMU TCG) and in instructions (QEMU
+//! `-icount`, Bochs). Writes `target/bench/all.json` and a chart,
+//! `target/bench/bench.svg` (see [`run_all`]).
 
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::thread;
 use std::time::Duration;
 
+use crate::build::Artifacts;
 use crate::cli::BenchOpts;
 use crate::cli::Benchmark;
 use crate::emu::{self, BochsFiles, Emulator, Exit};
 use crate::linux::{self, SerialClock, INIT_START};
-use crate::systest::{self, Content, Launch, LinuxFile, SysTest, BENCH_EXITS, BENCH_IPC};
+use crate::systest::{
+    self, Content, Expect, Launch, LinuxFile, ModuleSpec, SysTest, BENCH_EXITS, BENCH_IPC,
+};
 use crate::{build, image, setup, Context, Error, Result};
 
 pub const BENCH_DIR: &str = "target/bench";
@@ -54,7 +68,8 @@ pub const EXITS_CASES: [&str; 3] = ["cpuid", "hypercall", "native"];
 const EXITS_METHOD: &str = "median and minimum over 10,000 round trips after 100 warm-up ones: cpuid = a CPUID exit handled by the user-space VMM (TSC read by the VMM around vcpu_run), hypercall = the guest IPC hypercall to the native echo server handled by the kernel (TSC read by the guest around VMCALL/VMMCALL), native = the VMM calling the same echo portal; QEMU -icount shift=0 and Bochs clock: sync=none advance the TSC by one per instruction";
 
 /// What a benchmark measured in one boot; `None` for `linux`, which boots
-/// Linux several times instead ([`run_linux`]).
+/// Linux several times instead ([`run_linux`]), and for `all`, which boots
+/// several systems ([`run_all`]).
 pub fn spec(benchmark: Benchmark) -> Option<Spec> {
     Some(match benchmark {
         Benchmark::Ipc => Spec {
@@ -69,7 +84,7 @@ pub fn spec(benchmark: Benchmark) -> Option<Spec> {
             cases: &EXITS_CASES,
             method: EXITS_METHOD,
         },
-        Benchmark::Linux => return None,
+        Benchmark::Linux | Benchmark::All => return None,
     })
 }
 
@@ -99,7 +114,10 @@ pub fn parse(serial: &str, name: &str) -> Vec<IpcResult> {
 
 pub fn run(opts: &BenchOpts) -> Result<ExitCode> {
     let Some(spec) = spec(opts.benchmark) else {
-        return run_linux(opts);
+        return match opts.benchmark {
+            Benchmark::All => run_all(opts),
+            _ => run_linux(opts),
+        };
     };
     let name = spec.name;
     setup::run()?;
@@ -761,6 +779,811 @@ pub fn linux_json(results: &[LinuxResult]) -> String {
     )
 }
 
+// ---------------------------------------------------------------- bench (all)
+
+const ALL: &str = "all";
+/// The system test whose `words6` case is the native row, and the name
+/// under which its `bench all` boots write their files.
+const ALL_NATIVE_TEST: &str = "bench_all_ipc";
+/// The same for the Linux boots; also the directory (under
+/// `target/systest/`) of their generated modules, apart from the `linux`
+/// test's, which may be running at the same time.
+const ALL_LINUX_TEST: &str = "bench_all_linux";
+const CHART: &str = "bench.svg";
+/// Makes the guest's `/init` run its benchmarks after its checks.
+const BENCH_ARG: &str = "moat.bench=1";
+/// In the `linux` test's forbidden list: what a failed check of `/init`
+/// (or any component's failure) prints.
+const ANY_FAILURE: &str = "FAIL";
+/// What `/init` puts before each benchmark's result line.
+const GUEST_BENCH: &str = "MOAT-BENCH ";
+/// The `bench ipc` case the native row shows: six words each way, the
+/// message the guest's hypercall carries.
+const NATIVE_CASE: &str = "words6";
+/// QEMU counting instructions. `sleep=off`: while the guest idles (waiting
+/// for the modem's answer, say) virtual time jumps to the next timer
+/// instead of following the host's clock, so idle stretches count
+/// deterministically too.
+const ICOUNT: &[&str] = &["-icount", "shift=0,sleep=off"];
+/// Emulators at a time (the machines here have two cores).
+const ALL_PARALLEL: usize = 2;
+const ALL_METHOD: &str = "round trips timed with the TSC by the caller; median and minimum \
+over the timed iterations. native = ping->echo between two native PDs (bench ipc case words6, \
+10,000 iterations after 100 warm-up); hypercall = ipcbench in Linux user space calling the native \
+echo portal with the IPC hypercall (10,000); port = portbench writing AT<CR> to the virtio-console \
+port `modem` and reading to the final OK, through the guest's driver, the VMM's device model and \
+its relay to the native modem (1,000 after 10 warm-up); pipe = pingpong, one byte each way \
+between two Linux processes over pipes (10,000 after 100 warm-up). The guest rows come from one \
+boot of the `linux` system test with moat.bench=1 (it passes only if every check of /init \
+passes too; a failed check does not stop the benchmarks). Columns: \
+qemu cycles = QEMU TCG without -icount, whose guest TSC is the host's (wall-clock, noisy); \
+qemu instructions = QEMU -icount shift=0,sleep=off; bochs instructions = Bochs with clock: \
+sync=none; in both the TSC advances one per instruction (idle time jumps to the next timer \
+deterministically), so the figures are instruction counts";
+
+/// The round trips `cargo xtask bench` compares, one table row each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoundTrip {
+    /// `ping` to `echo`, two native PDs (`bench ipc`'s `words6`).
+    Native,
+    /// Linux user space to the native `echo`: the IPC hypercall (`ipcbench`).
+    Hypercall,
+    /// Linux user space to the native `modem`: `AT` over the virtio-console
+    /// port, through the VMM (`portbench`).
+    Port,
+    /// Two Linux processes, one byte each way over pipes (`pingpong`).
+    Pipe,
+}
+
+impl RoundTrip {
+    pub const ALL: [RoundTrip; 4] = [
+        RoundTrip::Native,
+        RoundTrip::Hypercall,
+        RoundTrip::Port,
+        RoundTrip::Pipe,
+    ];
+
+    /// Its name in the JSON.
+    pub fn key(self) -> &'static str {
+        match self {
+            RoundTrip::Native => "native",
+            RoundTrip::Hypercall => "hypercall",
+            RoundTrip::Port => "port",
+            RoundTrip::Pipe => "pipe",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            RoundTrip::Native => "native <-> native IPC",
+            RoundTrip::Hypercall => "guest -> native hypercall",
+            RoundTrip::Port => "guest -> native, virtio port + VMM",
+            RoundTrip::Pipe => "Linux pipe ping-pong",
+        }
+    }
+
+    /// Its label in the chart, in two short lines.
+    fn chart_label(self) -> [&'static str; 2] {
+        match self {
+            RoundTrip::Native => ["native <-> native", "IPC (ping, echo)"],
+            RoundTrip::Hypercall => ["guest -> native", "IPC hypercall"],
+            RoundTrip::Port => ["guest -> native via", "virtio port + VMM"],
+            RoundTrip::Pipe => ["Linux pipe ping-pong", "two processes"],
+        }
+    }
+
+    /// The guest tool whose `MOAT-BENCH` line it is; `None` for the native
+    /// row.
+    pub fn tool(self) -> Option<&'static str> {
+        match self {
+            RoundTrip::Native => None,
+            RoundTrip::Hypercall => Some("ipcbench"),
+            RoundTrip::Port => Some("portbench"),
+            RoundTrip::Pipe => Some("pingpong"),
+        }
+    }
+}
+
+/// What the guest's TSC counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    /// The host's TSC (QEMU TCG without `-icount`).
+    Cycles,
+    /// One per instruction.
+    Instructions,
+}
+
+impl Unit {
+    pub fn name(self) -> &'static str {
+        match self {
+            Unit::Cycles => "cycles",
+            Unit::Instructions => "instructions",
+        }
+    }
+}
+
+/// One emulator and what its guests' TSC counts there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Column {
+    pub emu: Emulator,
+    pub unit: Unit,
+}
+
+/// Bochs' TSC counts instructions whatever its settings, so it has no
+/// cycles column.
+pub const COLUMNS: [Column; 3] = [
+    Column {
+        emu: Emulator::Qemu,
+        unit: Unit::Cycles,
+    },
+    Column {
+        emu: Emulator::Qemu,
+        unit: Unit::Instructions,
+    },
+    Column {
+        emu: Emulator::Bochs,
+        unit: Unit::Instructions,
+    },
+];
+
+impl Column {
+    pub fn name(self) -> String {
+        format!("{} {}", self.emu.name(), self.unit.name())
+    }
+
+    /// Added to QEMU's command line.
+    fn qemu_args(self) -> &'static [&'static str] {
+        match (self.emu, self.unit) {
+            (Emulator::Qemu, Unit::Instructions) => ICOUNT,
+            _ => &[],
+        }
+    }
+
+    /// How the emulator's clock is set, for the JSON and the chart.
+    fn clock(self) -> &'static str {
+        match (self.emu, self.unit) {
+            (Emulator::Qemu, Unit::Cycles) => "QEMU TCG, the guest TSC is the host's",
+            (Emulator::Qemu, Unit::Instructions) => "QEMU -icount shift=0,sleep=off",
+            (Emulator::Bochs, _) => "Bochs clock: sync=none",
+        }
+    }
+
+    fn color(self) -> &'static str {
+        match (self.emu, self.unit) {
+            (Emulator::Qemu, Unit::Cycles) => "#e07b39",
+            (Emulator::Qemu, Unit::Instructions) => "#3a78b5",
+            (Emulator::Bochs, _) => "#4c9a52",
+        }
+    }
+}
+
+/// A round trip's median and minimum over `count` timed iterations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Measure {
+    pub median: u64,
+    pub min: u64,
+    pub count: u64,
+}
+
+/// One cell of the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Figure {
+    pub trip: RoundTrip,
+    pub column: Column,
+    pub measure: Measure,
+}
+
+fn find(figures: &[Figure], trip: RoundTrip, column: Column) -> Option<Measure> {
+    figures
+        .iter()
+        .find(|f| f.trip == trip && f.column == column)
+        .map(|f| f.measure)
+}
+
+/// Every complete, well-formed
+/// `MOAT-BENCH <tool>: <n> <what>, median <x> cycles, min <y> cycles` line
+/// of a serial log: the tool and its figures.
+pub fn parse_guest(serial: &str) -> Vec<(String, Measure)> {
+    complete_lines(serial)
+        .filter_map(|line| {
+            let (_, rest) = line.split_once(GUEST_BENCH)?;
+            let (tool, rest) = rest.split_once(": ")?;
+            if tool.is_empty() || !tool.chars().all(|c| c.is_ascii_alphanumeric()) {
+                return None;
+            }
+            let words: Vec<&str> = rest.split([' ', ',']).filter(|w| !w.is_empty()).collect();
+            // `<key> <number> cycles`.
+            let figure = |key: &str| -> Option<u64> {
+                let at = words.iter().position(|w| *w == key)?;
+                if words.get(at + 2) != Some(&"cycles") {
+                    return None;
+                }
+                words.get(at + 1)?.parse().ok()
+            };
+            Some((
+                tool.to_string(),
+                Measure {
+                    count: words.first()?.parse().ok()?,
+                    median: figure("median")?,
+                    min: figure("min")?,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// The figures in one boot's serial log, measured in `column`: the native
+/// row from `ping`'s `bench ipc` lines, the guest rows from `/init`'s
+/// `MOAT-BENCH` lines (the last of each).
+pub fn figures_of(serial: &str, column: Column) -> Vec<Figure> {
+    let native = parse(serial, "ipc");
+    let guest = parse_guest(serial);
+    RoundTrip::ALL
+        .into_iter()
+        .filter_map(|trip| {
+            let measure = match trip.tool() {
+                None => native
+                    .iter()
+                    .rfind(|r| r.case == NATIVE_CASE)
+                    .map(|r| Measure {
+                        median: r.median,
+                        min: r.min,
+                        count: r.iterations,
+                    }),
+                Some(tool) => guest.iter().rfind(|(t, _)| t == tool).map(|(_, m)| *m),
+            }?;
+            Some(Figure {
+                trip,
+                column,
+                measure,
+            })
+        })
+        .collect()
+}
+
+/// `test` (the `linux` system test) with the guest's benchmarks: `moat.bench=1`
+/// on its command line, its generated modules under their own directory,
+/// and each benchmark's line expected before `MOAT-INIT done`. Every check
+/// of `/init` must still pass. `None` if it has no command-line module.
+pub fn with_benchmarks(test: &SysTest) -> Option<SysTest> {
+    let args = test.modules.iter().find_map(|m| match m.content {
+        Content::Linux(LinuxFile::Cmdline { args, .. }) => Some(args),
+        _ => None,
+    })?;
+    // The system tests are compile-time tables of `'static` data; this one
+    // description is made once per run of the xtask, so its parts are
+    // leaked rather than giving `SysTest` a lifetime for one caller.
+    let args: &'static str = format!("{args} {BENCH_ARG}").leak();
+    let dir = ALL_LINUX_TEST;
+    let modules: Vec<ModuleSpec> = test
+        .modules
+        .iter()
+        .map(|m| {
+            let content = match m.content {
+                Content::Task(task) => Content::Task(task),
+                Content::Truncated { task, len, .. } => Content::Truncated { task, len, dir },
+                Content::Text { text, .. } => Content::Text { text, dir },
+                Content::Linux(LinuxFile::Kernel) => Content::Linux(LinuxFile::Kernel),
+                Content::Linux(LinuxFile::Initramfs) => Content::Linux(LinuxFile::Initramfs),
+                Content::Linux(LinuxFile::Disk { .. }) => Content::Linux(LinuxFile::Disk { dir }),
+                Content::Linux(LinuxFile::Cmdline { .. }) => {
+                    Content::Linux(LinuxFile::Cmdline { args, dir })
+                }
+            };
+            ModuleSpec {
+                name: m.name,
+                content,
+                args: m.args,
+            }
+        })
+        .collect();
+    let mut expect: Vec<Expect> = test
+        .expect
+        .iter()
+        .map(|e| Expect {
+            text: e.text,
+            only: e.only,
+        })
+        .collect();
+    let done = expect
+        .iter()
+        .position(|e| e.text.starts_with(linux::INIT_DONE))
+        .unwrap_or(expect.len());
+    let lines = RoundTrip::ALL
+        .into_iter()
+        .filter_map(|t| t.tool())
+        .map(|tool| Expect {
+            text: format!("{GUEST_BENCH}{tool}: ").leak(),
+            only: None,
+        });
+    expect.splice(done..done, lines);
+    Some(SysTest {
+        name: ALL_LINUX_TEST,
+        modules: modules.leak(),
+        expect: expect.leak(),
+        ..*test
+    })
+}
+
+fn all_timeout(linux: bool, emu: Emulator) -> Duration {
+    let secs = match (linux, emu) {
+        (false, Emulator::Qemu) => 120,
+        (false, Emulator::Bochs) => 300,
+        // Two Linux boots (the disk check reboots once), every check, the
+        // benchmarks; QEMU counting instructions runs slower than TCG.
+        (true, Emulator::Qemu) => 600,
+        (true, Emulator::Bochs) => 1500,
+    };
+    Duration::from_secs(secs)
+}
+
+/// One boot of `cargo xtask bench`, ready to start.
+struct AllJob {
+    test: SysTest,
+    column: Column,
+    linux: bool,
+    serial: PathBuf,
+    launch: Launch,
+}
+
+impl AllJob {
+    fn new(base: &SysTest, column: Column, linux: bool, artifacts: &Artifacts) -> Result<AllJob> {
+        let test = SysTest {
+            qemu_args: column.qemu_args(),
+            ..*base
+        };
+        let what = if linux { "linux" } else { "ipc" };
+        let serial = Path::new(BENCH_DIR).join(ALL).join(format!(
+            "{what}-{}-{}.log",
+            column.emu.name(),
+            column.unit.name()
+        ));
+        let boot = systest::boot_spec(&test, artifacts)?;
+        let launch = systest::prepare(&test, column.emu, &boot, &serial)?;
+        Ok(AllJob {
+            test,
+            column,
+            linux,
+            serial,
+            launch,
+        })
+    }
+
+    fn label(&self) -> String {
+        format!("{} [{}]", self.test.name, self.column.name())
+    }
+
+    fn read_serial(&self) -> String {
+        fs::read(&self.serial)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Whether the run can stop: everything expected is there, or something
+    /// forbidden is. But a failed check of `/init` does not stop a Linux
+    /// boot: the benchmarks after it still run and their figures count
+    /// (the run is still a failure); it ends when the guest stops.
+    fn decided(&self, serial: &str) -> bool {
+        let emu = self.column.emu;
+        let forbidden = self
+            .test
+            .forbidden()
+            .into_iter()
+            .filter(|f| !(self.linux && *f == ANY_FAILURE))
+            .any(|f| serial.contains(f));
+        let complete = systest::judge(serial, &self.test.expected_on(emu), &[]).is_ok();
+        forbidden || complete || (self.linux && serial.contains(GUEST_STOPPED))
+    }
+
+    /// Boots until the output decides the run; prints a PASS or FAIL line
+    /// and says which.
+    fn execute(&self) -> Result<bool> {
+        let emu = self.column.emu;
+        let timeout = Some(all_timeout(self.linux, emu));
+        let output = self.serial.with_extension("out");
+        let decided = || self.decided(&self.read_serial());
+        let outcome = match &self.launch {
+            Launch::Qemu(args) => emu::run_qemu(args, timeout, Some(&decided), &output)?,
+            Launch::Bochs(files) => emu::run_bochs(files, timeout, false, Some(&decided), &output)?,
+        };
+        let time = crate::util::secs(outcome.elapsed);
+        let verdict = systest::verdict(&self.test, emu, &self.read_serial());
+        let exit = match outcome.exit {
+            Exit::Status(status) => emu.describe_exit(status),
+            Exit::TimedOut => format!("timed out after {time}"),
+            Exit::Decided => "stopped once the output decided the run".into(),
+        };
+        match &verdict {
+            Ok(()) => println!("PASS {} {time}", self.label()),
+            Err(why) => {
+                println!("FAIL {} {time}: {why} (emulator {exit})", self.label());
+                for line in crate::util::tail(&self.read_serial(), 30) {
+                    println!("    {line}");
+                }
+            }
+        }
+        Ok(verdict.is_ok())
+    }
+}
+
+/// `cargo xtask bench` (and `bench all`).
+pub fn run_all(opts: &BenchOpts) -> Result<ExitCode> {
+    setup::run()?;
+    let artifacts = build::build_all()?;
+    image::assemble(&artifacts)?;
+    let linux_test = systest::TESTS
+        .iter()
+        .find(|t| t.name == LINUX_TEST)
+        .and_then(with_benchmarks)
+        .ok_or_else(|| {
+            Error::Other(format!(
+                "no system test `{LINUX_TEST}` with a cmdline module"
+            ))
+        })?;
+    let native_test = SysTest {
+        name: ALL_NATIVE_TEST,
+        ..BENCH_IPC
+    };
+    let columns: Vec<Column> = COLUMNS
+        .into_iter()
+        .filter(|c| opts.emu.is_none_or(|emu| emu == c.emu))
+        .collect();
+    let dir = Path::new(BENCH_DIR).join(ALL);
+    fs::create_dir_all(&dir).context(|| format!("cannot create {}", dir.display()))?;
+    // Every boot is prepared (its module files written) before any
+    // starts; Bochs and Linux first, the longest runs.
+    let mut jobs = Vec::new();
+    for linux in [true, false] {
+        for &column in columns.iter().rev() {
+            let base = if linux { &linux_test } else { &native_test };
+            jobs.push(AllJob::new(base, column, linux, &artifacts)?);
+        }
+    }
+    jobs.sort_by_key(|j| (j.column.emu != Emulator::Bochs, !j.linux));
+    println!(
+        "bench: {} boots on {} (two at a time; logs in {}/)",
+        jobs.len(),
+        columns
+            .iter()
+            .map(|c| c.name())
+            .collect::<Vec<_>>()
+            .join(", "),
+        dir.display()
+    );
+    let next = AtomicUsize::new(0);
+    let passed = Mutex::new(vec![false; jobs.len()]);
+    let failure = Mutex::new(None);
+    thread::scope(|s| {
+        for _ in 0..ALL_PARALLEL.min(jobs.len()) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(job) = jobs.get(i) else { break };
+                match job.execute() {
+                    Ok(ok) => passed.lock().unwrap_or_else(PoisonError::into_inner)[i] = ok,
+                    Err(e) => {
+                        println!("FAIL {}: {e}", job.label());
+                        failure
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failure.into_inner().unwrap_or_else(PoisonError::into_inner) {
+        return Err(e);
+    }
+    let passed = passed.into_inner().unwrap_or_else(PoisonError::into_inner);
+
+    let mut figures = Vec::new();
+    let mut ipc_rows = Vec::new();
+    for job in &jobs {
+        let serial = job.read_serial();
+        figures.extend(figures_of(&serial, job.column));
+        if !job.linux && job.column.unit == Unit::Instructions {
+            ipc_rows.extend(
+                parse(&serial, "ipc")
+                    .into_iter()
+                    .map(|r| (job.column.emu, r)),
+            );
+        }
+    }
+    let mut complete = passed.iter().all(|&ok| ok);
+    for trip in RoundTrip::ALL {
+        for &column in &columns {
+            if find(&figures, trip, column).is_none() {
+                complete = false;
+                println!("bench: no figure for {} on {}", trip.label(), column.name());
+            }
+        }
+    }
+    print!("\n{}", all_table(&columns, &figures));
+    let write = |name: &str, text: String| -> Result<()> {
+        let path = Path::new(BENCH_DIR).join(name);
+        fs::write(&path, text).context(|| format!("cannot write {}", path.display()))?;
+        println!("bench: wrote {}", path.display());
+        Ok(())
+    };
+    write(&format!("{ALL}.json"), all_json(&columns, &figures))?;
+    write(CHART, all_svg(&columns, &figures))?;
+    // The same figures `bench ipc` gives, from the same boots.
+    if !ipc_rows.is_empty() {
+        write("ipc.json", to_json_named(&ipc_rows, "ipc", METHOD))?;
+    }
+    Ok(if complete {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `median / min`, or `-` where there is no figure.
+fn cell(measure: Option<Measure>) -> String {
+    measure.map_or("-".into(), |m| format!("{} / {}", m.median, m.min))
+}
+
+pub fn all_table(columns: &[Column], figures: &[Figure]) -> String {
+    const LABEL: usize = 36;
+    const CELL: usize = 21;
+    let mut out = format!("{:<LABEL$}", "round trip: median / min");
+    for c in columns {
+        let _ = write!(out, " {:>CELL$}", c.name());
+    }
+    out.push('\n');
+    for trip in RoundTrip::ALL {
+        let _ = write!(out, "{:<LABEL$}", trip.label());
+        for &c in columns {
+            let _ = write!(out, " {:>CELL$}", cell(find(figures, trip, c)));
+        }
+        out.push('\n');
+    }
+    for c in columns {
+        let _ = writeln!(out, "{}: {}", c.name(), c.clock());
+    }
+    out
+}
+
+fn json_measure(m: Option<Measure>) -> String {
+    match m {
+        Some(m) => format!(
+            "\"median\": {}, \"min\": {}, \"count\": {}",
+            m.median, m.min, m.count
+        ),
+        None => "\"median\": null, \"min\": null, \"count\": null".into(),
+    }
+}
+
+/// Every row in every column, `null` where a figure is missing.
+pub fn all_json(columns: &[Column], figures: &[Figure]) -> String {
+    let column_entries: Vec<String> = columns
+        .iter()
+        .map(|c| {
+            format!(
+                "    {{\"emulator\": {}, \"unit\": {}, \"clock\": {}}}",
+                json_string(c.emu.name()),
+                json_string(c.unit.name()),
+                json_string(c.clock())
+            )
+        })
+        .collect();
+    let mut results = Vec::new();
+    for trip in RoundTrip::ALL {
+        for &c in columns {
+            results.push(format!(
+                "    {{\"round_trip\": {}, \"label\": {}, \"emulator\": {}, \"unit\": {}, {}}}",
+                json_string(trip.key()),
+                json_string(trip.label()),
+                json_string(c.emu.name()),
+                json_string(c.unit.name()),
+                json_measure(find(figures, trip, c))
+            ));
+        }
+    }
+    format!(
+        "{{\n  \"benchmark\": {},\n  \"method\": {},\n  \"columns\": [\n{}\n  ],\n  \"results\": [\n{}\n  ]\n}}\n",
+        json_string(ALL),
+        json_string(ALL_METHOD),
+        column_entries.join(",\n"),
+        results.join(",\n")
+    )
+}
+
+/// `text` safe inside an XML element or attribute.
+fn xml_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `v` in three significant digits with a k, M or G suffix: 1038 is
+/// `1.04k`, 1000 is `1k`.
+fn compact(v: f64) -> String {
+    let (scaled, suffix) = [(1e9, "G"), (1e6, "M"), (1e3, "k")]
+        .into_iter()
+        .find(|(unit, _)| v >= *unit)
+        .map_or((v, ""), |(unit, suffix)| (v / unit, suffix));
+    let digits = if scaled < 10.0 {
+        2
+    } else if scaled < 100.0 {
+        1
+    } else {
+        0
+    };
+    let text = format!("{scaled:.digits$}");
+    let text = if text.contains('.') {
+        text.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        &text
+    };
+    format!("{text}{suffix}")
+}
+
+const SVG_WIDTH: f64 = 900.0;
+const SVG_HEIGHT: f64 = 500.0;
+const PLOT_LEFT: f64 = 80.0;
+const PLOT_RIGHT: f64 = 880.0;
+const PLOT_TOP: f64 = 105.0;
+const PLOT_BOTTOM: f64 = 400.0;
+
+/// A grouped bar chart: one group per round trip, one bar per column, its
+/// height the median on a log scale, a black line across it at the
+/// minimum.
+pub fn all_svg(columns: &[Column], figures: &[Figure]) -> String {
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{SVG_WIDTH}\" height=\"{SVG_HEIGHT}\" \
+         viewBox=\"0 0 {SVG_WIDTH} {SVG_HEIGHT}\" font-family=\"sans-serif\">\n\
+         <rect width=\"{SVG_WIDTH}\" height=\"{SVG_HEIGHT}\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"28\" text-anchor=\"middle\" font-size=\"18\">Moat: round trips \
+         between native components and from a Linux guest</text>\n\
+         <text x=\"{}\" y=\"48\" text-anchor=\"middle\" font-size=\"12\">bar: median, black \
+         line: minimum; per round trip, log scale</text>\n",
+        SVG_WIDTH / 2.0,
+        SVG_WIDTH / 2.0
+    );
+    // One legend entry per column, its clock in small print below.
+    let legend_step = (PLOT_RIGHT - PLOT_LEFT) / columns.len().max(1) as f64;
+    for (i, c) in columns.iter().enumerate() {
+        let x = PLOT_LEFT + i as f64 * legend_step;
+        let _ = writeln!(
+            svg,
+            "<rect x=\"{x:.1}\" y=\"60\" width=\"12\" height=\"12\" fill=\"{}\"/>\
+             <text x=\"{:.1}\" y=\"70\" font-size=\"12\">{}</text>\
+             <text x=\"{:.1}\" y=\"84\" font-size=\"10\" fill=\"#555555\">{}</text>",
+            c.color(),
+            x + 16.0,
+            xml_text(&c.name()),
+            x + 16.0,
+            xml_text(c.clock())
+        );
+    }
+    let present: Vec<Figure> = figures
+        .iter()
+        .filter(|f| columns.contains(&f.column))
+        .copied()
+        .collect();
+    let values = present
+        .iter()
+        .flat_map(|f| [f.measure.median, f.measure.min])
+        .map(|v| v.max(1) as f64);
+    let (Some(low), Some(high)) = (values.clone().reduce(f64::min), values.reduce(f64::max)) else {
+        let _ = writeln!(
+            svg,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" font-size=\"16\">no results</text>",
+            SVG_WIDTH / 2.0,
+            (PLOT_TOP + PLOT_BOTTOM) / 2.0
+        );
+        svg.push_str("</svg>\n");
+        return svg;
+    };
+    // A value just above a decade would get a bar of almost no height:
+    // the axis starts a decade lower then.
+    let low_exp = (low.log10() - 0.3).floor();
+    let high_exp = high.log10().ceil().max(low_exp + 1.0);
+    let y = |v: u64| {
+        let fraction = ((v.max(1) as f64).log10() - low_exp) / (high_exp - low_exp);
+        PLOT_BOTTOM - fraction * (PLOT_BOTTOM - PLOT_TOP)
+    };
+    // Decades: grid lines and their labels.
+    let mut exp = low_exp;
+    while exp <= high_exp {
+        let value = 10f64.powf(exp);
+        let fraction = (exp - low_exp) / (high_exp - low_exp);
+        let at = PLOT_BOTTOM - fraction * (PLOT_BOTTOM - PLOT_TOP);
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{PLOT_LEFT}\" y1=\"{at:.1}\" x2=\"{PLOT_RIGHT}\" y2=\"{at:.1}\" \
+             stroke=\"#dddddd\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" \
+             font-size=\"12\">{}</text>",
+            PLOT_LEFT - 6.0,
+            at + 4.0,
+            compact(value)
+        );
+        exp += 1.0;
+    }
+    let _ = writeln!(
+        svg,
+        "<line x1=\"{PLOT_LEFT}\" y1=\"{PLOT_TOP}\" x2=\"{PLOT_LEFT}\" y2=\"{PLOT_BOTTOM}\" \
+         stroke=\"black\"/><line x1=\"{PLOT_LEFT}\" y1=\"{PLOT_BOTTOM}\" x2=\"{PLOT_RIGHT}\" \
+         y2=\"{PLOT_BOTTOM}\" stroke=\"black\"/>\n<text transform=\"translate(22 {:.1}) \
+         rotate(-90)\" text-anchor=\"middle\" font-size=\"12\">cycles or instructions \
+         (log scale)</text>",
+        (PLOT_TOP + PLOT_BOTTOM) / 2.0
+    );
+    let group = (PLOT_RIGHT - PLOT_LEFT) / RoundTrip::ALL.len() as f64;
+    let bar = group * 0.8 / columns.len().max(1) as f64;
+    for (g, trip) in RoundTrip::ALL.into_iter().enumerate() {
+        let left = PLOT_LEFT + g as f64 * group + group * 0.1;
+        for (b, &column) in columns.iter().enumerate() {
+            let x = left + b as f64 * bar;
+            let middle = x + bar / 2.0;
+            let Some(m) = find(&present, trip, column) else {
+                let _ = writeln!(
+                    svg,
+                    "<text x=\"{middle:.1}\" y=\"{:.1}\" text-anchor=\"middle\" \
+                     font-size=\"10\">n/a</text>",
+                    PLOT_BOTTOM - 4.0
+                );
+                continue;
+            };
+            let top = y(m.median);
+            let _ = writeln!(
+                svg,
+                "<rect x=\"{:.1}\" y=\"{top:.1}\" width=\"{:.1}\" height=\"{:.1}\" \
+                 fill=\"{}\"><title>{}, {}: median {}, min {}</title></rect>\n\
+                 <line x1=\"{:.1}\" y1=\"{min:.1}\" x2=\"{:.1}\" y2=\"{min:.1}\" \
+                 stroke=\"black\" stroke-width=\"2\"/>\n\
+                 <text x=\"{middle:.1}\" y=\"{:.1}\" text-anchor=\"middle\" \
+                 font-size=\"10\">{}</text>",
+                x + 1.0,
+                bar - 2.0,
+                PLOT_BOTTOM - top,
+                column.color(),
+                xml_text(trip.label()),
+                xml_text(&column.name()),
+                m.median,
+                m.min,
+                x + 1.0,
+                x + bar - 1.0,
+                top - 4.0,
+                compact(m.median as f64),
+                min = y(m.min),
+            );
+        }
+        let middle = PLOT_LEFT + (g as f64 + 0.5) * group;
+        for (line, text) in trip.chart_label().into_iter().enumerate() {
+            let _ = writeln!(
+                svg,
+                "<text x=\"{middle:.1}\" y=\"{:.1}\" text-anchor=\"middle\" \
+                 font-size=\"12\">{}</text>",
+                PLOT_BOTTOM + 18.0 + 15.0 * line as f64,
+                xml_text(text)
+            );
+        }
+    }
+    let _ = writeln!(
+        svg,
+        "<text x=\"{PLOT_LEFT}\" y=\"{:.1}\" font-size=\"11\">cycles: the host's TSC as \
+         QEMU TCG passes it through (wall-clock, noisy); instructions: the TSC advances one \
+         per instruction (deterministic).</text>\n<text x=\"{PLOT_LEFT}\" y=\"{:.1}\" \
+         font-size=\"11\">cargo xtask bench; method and figures: docs/benchmarks.md, \
+         target/bench/all.json</text>",
+        SVG_HEIGHT - 38.0,
+        SVG_HEIGHT - 20.0
+    );
+    svg.push_str("</svg>\n");
+    svg
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1135,5 +1958,449 @@ vmm: guest stopped: power-off
                 .iter()
                 .any(|e| e.text == format!("bench ipc {case} ")));
         }
+    }
+
+    // ---- bench (all)
+
+    const GUEST_LOG: &str = "\
+MOAT-CHECK ipc-hypercall ok ipcbench: 1000 calls, median 51688 cycles, min 50102 cycles
+MOAT-BENCH ipcbench: 10000 calls, median 1990 cycles, min 1958 cycles
+[    9.1] random: crng init done
+MOAT-BENCH portbench: 1000 round trips, median 90500 cycles, min 88000 cycles
+MOAT-BENCH pingpong: 10000 round trips, median 7200 cycles, min 7100 cycles
+MOAT-BENCH pingpong: FAIL the child closed its end
+MOAT-INIT done checks=28 failed=0
+";
+
+    const NATIVE_LOG: &str = "\
+bench ipc null median=1038 min=1038 iterations=10000
+bench ipc words6 median=1040 min=1039 iterations=10000
+bench ipc words64 median=1606 min=1604 iterations=10000
+";
+
+    fn measure(median: u64, min: u64, count: u64) -> Measure {
+        Measure { median, min, count }
+    }
+
+    #[test]
+    fn guest_lines_are_parsed_by_tool() {
+        let lines = parse_guest(GUEST_LOG);
+        assert_eq!(
+            lines,
+            [
+                ("ipcbench".to_string(), measure(1990, 1958, 10000)),
+                ("portbench".to_string(), measure(90500, 88000, 1000)),
+                ("pingpong".to_string(), measure(7200, 7100, 10000)),
+            ]
+        );
+        for bad in [
+            "MOAT-BENCH pingpong: 10 round trips, median 7 cycles, min 6 cycles",
+            "MOAT-BENCH pingpong: 10 round trips, median 7 cycles\n",
+            "MOAT-BENCH pingpong: 10 round trips, median x cycles, min 6 cycles\n",
+            "MOAT-BENCH pingpong: 10 round trips, median 7, min 6 cycles\n",
+            "MOAT-BENCH ping pong: 10 round trips, median 7 cycles, min 6 cycles\n",
+            "MOAT-BENCH : 10 round trips, median 7 cycles, min 6 cycles\n",
+            "MOAT-BENCH pingpong: many round trips, median 7 cycles, min 6 cycles\n",
+            "MOAT-BENCH pingpong 10 round trips, median 7 cycles, min 6 cycles\n",
+        ] {
+            assert_eq!(parse_guest(bad), [], "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn figures_come_from_both_kinds_of_log() {
+        let qemu = COLUMNS[1];
+        assert_eq!(
+            figures_of(NATIVE_LOG, qemu),
+            [Figure {
+                trip: RoundTrip::Native,
+                column: qemu,
+                measure: measure(1040, 1039, 10000)
+            }]
+        );
+        let guest = figures_of(GUEST_LOG, qemu);
+        let trips: Vec<RoundTrip> = guest.iter().map(|f| f.trip).collect();
+        assert_eq!(
+            trips,
+            [RoundTrip::Hypercall, RoundTrip::Port, RoundTrip::Pipe]
+        );
+        assert_eq!(guest[0].measure, measure(1990, 1958, 10000));
+        assert_eq!(figures_of("", qemu), []);
+    }
+
+    /// Every row and column but the port row on Bochs.
+    fn all_figures() -> Vec<Figure> {
+        let mut figures = Vec::new();
+        for (c, &column) in COLUMNS.iter().enumerate() {
+            for (r, trip) in RoundTrip::ALL.into_iter().enumerate() {
+                if trip == RoundTrip::Port && column.emu == Emulator::Bochs {
+                    continue;
+                }
+                let base = 1000 * (10 * r as u64 + c as u64 + 1);
+                figures.push(Figure {
+                    trip,
+                    column,
+                    measure: measure(base + 7, base + 3, 10000),
+                });
+            }
+        }
+        figures
+    }
+
+    #[test]
+    fn table_has_every_row_and_column() {
+        let text = all_table(&COLUMNS, &all_figures());
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("round trip: median / min"));
+        for c in COLUMNS {
+            assert!(lines[0].contains(&c.name()), "{}", lines[0]);
+        }
+        for (r, trip) in RoundTrip::ALL.into_iter().enumerate() {
+            let line = lines[1 + r];
+            assert!(line.starts_with(trip.label()), "{line}");
+            let cells: Vec<&str> = line[trip.label().len()..]
+                .split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .collect();
+            let want: Vec<String> = (0..3u64)
+                .map(|c| {
+                    if trip == RoundTrip::Port && c == 2 {
+                        return "-".to_string();
+                    }
+                    let base = 1000 * (10 * r as u64 + c + 1);
+                    format!("{} / {}", base + 7, base + 3)
+                })
+                .collect();
+            assert_eq!(cells, want, "{line}");
+        }
+        assert!(text.contains("qemu instructions: QEMU -icount shift=0,sleep=off"));
+        // One emulator: its columns only.
+        let qemu: Vec<Column> = COLUMNS
+            .into_iter()
+            .filter(|c| c.emu == Emulator::Qemu)
+            .collect();
+        assert!(!all_table(&qemu, &all_figures()).contains("bochs"));
+    }
+
+    /// Brackets and braces balance outside strings, and strings end.
+    fn json_balanced(json: &str) -> bool {
+        let mut depth = Vec::new();
+        let mut in_string = false;
+        let mut escaped = false;
+        for c in json.chars() {
+            if in_string {
+                match (escaped, c) {
+                    (true, _) => escaped = false,
+                    (false, '\\') => escaped = true,
+                    (false, '"') => in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match c {
+                '"' => in_string = true,
+                '{' | '[' => depth.push(c),
+                '}' if depth.pop() != Some('{') => return false,
+                ']' if depth.pop() != Some('[') => return false,
+                _ => {}
+            }
+        }
+        depth.is_empty() && !in_string
+    }
+
+    #[test]
+    fn json_has_a_result_for_every_cell() {
+        let json = all_json(&COLUMNS, &all_figures());
+        assert!(json_balanced(&json), "{json}");
+        assert!(json.contains("\"benchmark\": \"all\""));
+        assert_eq!(json.matches("\"round_trip\": ").count(), 12);
+        assert!(json.contains(
+            "{\"round_trip\": \"native\", \"label\": \"native <-> native IPC\", \
+             \"emulator\": \"qemu\", \"unit\": \"cycles\", \
+             \"median\": 1007, \"min\": 1003, \"count\": 10000}"
+        ));
+        assert!(json.contains(
+            "{\"round_trip\": \"port\", \"label\": \"guest -> native, virtio port + VMM\", \
+             \"emulator\": \"bochs\", \"unit\": \"instructions\", \
+             \"median\": null, \"min\": null, \"count\": null}"
+        ));
+        assert!(json.contains(
+            "{\"emulator\": \"bochs\", \"unit\": \"instructions\", \"clock\": \"Bochs clock: sync=none\"}"
+        ));
+        assert!(json_balanced(&all_json(&[], &[])));
+        assert!(!json_balanced("{\"a\": [1}"));
+    }
+
+    /// A small XML well-formedness check: tags nest and close, attribute
+    /// quotes pair up, text holds no bare `<`, `>` or `&`.
+    fn xml_well_formed(xml: &str) -> Result<(), String> {
+        let mut open: Vec<&str> = Vec::new();
+        let mut rest = xml;
+        let entities = ["&amp;", "&lt;", "&gt;", "&quot;", "&apos;"];
+        let check_text = |text: &str| -> Result<(), String> {
+            if text.contains('>') {
+                return Err(format!("bare > in {text:?}"));
+            }
+            for (at, _) in text.match_indices('&') {
+                if !entities.iter().any(|e| text[at..].starts_with(e)) {
+                    return Err(format!("bare & in {text:?}"));
+                }
+            }
+            Ok(())
+        };
+        while let Some(start) = rest.find('<') {
+            check_text(&rest[..start])?;
+            let end = start + rest[start..].find('>').ok_or("unclosed tag")?;
+            let tag = &rest[start + 1..end];
+            if !tag.matches('"').count().is_multiple_of(2) || tag.contains('<') {
+                return Err(format!("bad tag <{tag}>"));
+            }
+            if let Some(name) = tag.strip_prefix('/') {
+                if open.pop() != Some(name) {
+                    return Err(format!("</{name}> closes nothing open"));
+                }
+            } else if !tag.ends_with('/') {
+                open.push(tag.split_whitespace().next().ok_or("empty tag")?);
+            } else {
+                let attrs = &tag[..tag.len() - 1];
+                check_text(&attrs.replace('"', ""))?;
+            }
+            rest = &rest[end + 1..];
+        }
+        check_text(rest)?;
+        match open.last() {
+            Some(tag) => Err(format!("<{tag}> never closed")),
+            None => Ok(()),
+        }
+    }
+
+    #[test]
+    fn the_xml_checker_catches_broken_documents() {
+        assert!(xml_well_formed("<a x=\"1\"><b/>t &amp; u</a>").is_ok());
+        for bad in [
+            "<a>",
+            "<a></b>",
+            "</a>",
+            "<a x=\"1></a>",
+            "<a>x & y</a>",
+            "<a>x > y</a>",
+            "<a",
+        ] {
+            assert!(xml_well_formed(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn chart_is_well_formed_and_shows_every_figure() {
+        let svg = all_svg(&COLUMNS, &all_figures());
+        xml_well_formed(&svg).unwrap();
+        assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
+        assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
+        for trip in RoundTrip::ALL {
+            for line in trip.chart_label() {
+                assert!(
+                    svg.contains(&format!(">{}</text>", xml_text(line))),
+                    "{line}"
+                );
+            }
+        }
+        for c in COLUMNS {
+            assert!(svg.contains(&xml_text(&c.name())));
+            assert!(svg.contains(c.color()));
+        }
+        // One bar and one minimum line per figure, the missing cell marked.
+        let figures = all_figures();
+        assert_eq!(svg.matches("<title>").count(), figures.len());
+        assert_eq!(svg.matches("stroke-width=\"2\"").count(), figures.len());
+        assert_eq!(svg.matches(">n/a</text>").count(), 1);
+        for f in &figures {
+            assert!(
+                svg.contains(&format!(
+                    ": median {}, min {}</title>",
+                    f.measure.median, f.measure.min
+                )),
+                "{f:?}"
+            );
+        }
+        assert!(svg.contains("native &lt;-&gt; native"));
+        // Decades from 100 (1003 is too close to 1k to show as a bar) to
+        // 100k on the axis, for values 1003..32007.
+        for label in [">100</text>", ">1k</text>", ">10k</text>", ">100k</text>"] {
+            assert!(svg.contains(label), "{label}");
+        }
+        assert!(!svg.contains(">10</text>") && !svg.contains(">1M</text>"));
+        let empty = all_svg(&COLUMNS, &[]);
+        xml_well_formed(&empty).unwrap();
+        assert!(empty.contains(">no results</text>"));
+    }
+
+    #[test]
+    fn bars_grow_with_their_median() {
+        let svg = all_svg(&COLUMNS, &all_figures());
+        // The rects with a title, in order: their heights.
+        let heights: Vec<f64> = svg
+            .split("<rect ")
+            .filter(|r| r.contains("<title>"))
+            .map(|r| {
+                let (_, h) = r.split_once("height=\"").unwrap();
+                h.split('"').next().unwrap().parse().unwrap()
+            })
+            .collect();
+        let medians: Vec<u64> = RoundTrip::ALL
+            .into_iter()
+            .flat_map(|t| COLUMNS.map(|c| find(&all_figures(), t, c)))
+            .flatten()
+            .map(|m| m.median)
+            .collect();
+        assert_eq!(heights.len(), medians.len());
+        for (a, b) in heights
+            .iter()
+            .zip(&medians)
+            .zip(heights.iter().zip(&medians).skip(1))
+        {
+            assert_eq!(a.1 < b.1, a.0 < b.0, "{heights:?} for {medians:?}");
+        }
+        assert!(heights
+            .iter()
+            .all(|&h| h > 0.0 && h <= PLOT_BOTTOM - PLOT_TOP));
+    }
+
+    #[test]
+    fn compact_numbers() {
+        for (v, want) in [
+            (0.0, "0"),
+            (7.0, "7"),
+            (999.0, "999"),
+            (1000.0, "1k"),
+            (1038.0, "1.04k"),
+            (51688.0, "51.7k"),
+            (100_000.0, "100k"),
+            (1_250_000.0, "1.25M"),
+            (3e9, "3G"),
+        ] {
+            assert_eq!(compact(v), want, "{v}");
+        }
+        assert_eq!(xml_text("a<b>&\"'"), "a&lt;b&gt;&amp;&quot;&apos;");
+    }
+
+    #[test]
+    fn the_guest_benchmarks_ride_on_the_linux_test() {
+        let linux = systest::TESTS
+            .iter()
+            .find(|t| t.name == LINUX_TEST)
+            .unwrap();
+        let test = with_benchmarks(linux).unwrap();
+        assert_eq!(test.name, ALL_LINUX_TEST);
+        assert_eq!(test.memory_mib, linux.memory_mib);
+        assert_eq!(test.kernel_args, linux.kernel_args);
+        assert_eq!(test.modules.len(), linux.modules.len());
+        let args = guest_kernel_args(&test).unwrap();
+        assert!(args.iter().any(|a| a == BENCH_ARG), "{args:?}");
+        // Everything the `linux` test passes, still passed.
+        for arg in guest_kernel_args(linux).unwrap() {
+            assert!(args.contains(&arg), "{arg}");
+        }
+        for m in test.modules {
+            let dir = match m.content {
+                Content::Truncated { dir, .. }
+                | Content::Text { dir, .. }
+                | Content::Linux(LinuxFile::Disk { dir } | LinuxFile::Cmdline { dir, .. }) => dir,
+                _ => continue,
+            };
+            assert_eq!(dir, ALL_LINUX_TEST, "{}", m.name);
+        }
+        // The benchmark lines, in order, right before `MOAT-INIT done`.
+        let texts: Vec<&str> = test.expect.iter().map(|e| e.text).collect();
+        let done = texts
+            .iter()
+            .position(|t| t.starts_with(linux::INIT_DONE))
+            .unwrap();
+        assert_eq!(
+            texts[done - 3..done],
+            [
+                "MOAT-BENCH ipcbench: ",
+                "MOAT-BENCH portbench: ",
+                "MOAT-BENCH pingpong: "
+            ]
+        );
+        assert_eq!(texts.len(), linux.expect.len() + 3);
+        assert!(test.forbidden().contains(&"FAIL"));
+        let serial = GUEST_LOG.replace("MOAT-BENCH pingpong: FAIL the child closed its end\n", "");
+        let all: Vec<&str> = test.expected_on(Emulator::Qemu);
+        let bench_lines: Vec<&str> = all
+            .into_iter()
+            .filter(|t| t.starts_with(GUEST_BENCH))
+            .collect();
+        assert!(systest::judge(&serial, &bench_lines, &[]).is_ok());
+    }
+
+    #[test]
+    fn a_failed_check_does_not_stop_the_linux_boot() {
+        let linux = systest::TESTS
+            .iter()
+            .find(|t| t.name == LINUX_TEST)
+            .unwrap();
+        assert!(linux.forbid.contains(&ANY_FAILURE));
+        let job = |test: SysTest, linux| AllJob {
+            test,
+            column: COLUMNS[1],
+            linux,
+            serial: PathBuf::new(),
+            launch: Launch::Qemu(Vec::new()),
+        };
+        let guest = job(with_benchmarks(linux).unwrap(), true);
+        let failed = "MOAT-CHECK hvc0 FAIL no reply\n";
+        assert!(!guest.decided(failed));
+        assert!(guest.decided(&format!("{failed}{GUEST_POWER_OFF}\n")));
+        assert!(guest.decided("roottask: component 'linux' faulted: #PF\n"));
+        assert!(guest.decided("KERNEL PANIC\n"));
+        assert!(!guest.decided(GUEST_LOG));
+        let native = job(
+            SysTest {
+                name: ALL_NATIVE_TEST,
+                ..BENCH_IPC
+            },
+            false,
+        );
+        assert!(native.decided("ping: FAIL bad reply\n"));
+        assert!(native.decided(NATIVE_LOG));
+        assert!(!native.decided("bench ipc null median=1 min=1 iterations=1\n"));
+    }
+
+    #[test]
+    fn init_runs_every_guest_tool_when_asked() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let init = fs::read_to_string(root.join(linux::INIT)).unwrap();
+        let (_, block) = init
+            .split_once("if [ \"$(arg bench)\" = 1 ]; then")
+            .unwrap();
+        let (block, _) = block.split_once("\nfi\n").unwrap();
+        assert!(block.contains("echo \"MOAT-BENCH "));
+        for tool in RoundTrip::ALL.into_iter().filter_map(|t| t.tool()) {
+            assert!(
+                block.contains(&format!("\"{tool} ")),
+                "{tool} not run by /init"
+            );
+            assert!(linux::TOOLS.contains(&tool), "{tool} not in the initramfs");
+        }
+    }
+
+    #[test]
+    fn columns_set_the_emulators_clock() {
+        let qemu_cycles = COLUMNS[0];
+        assert_eq!(qemu_cycles.qemu_args(), &[] as &[&str]);
+        assert_eq!(COLUMNS[1].qemu_args(), ICOUNT);
+        assert!(COLUMNS
+            .iter()
+            .all(|c| c.emu != Emulator::Bochs || c.unit == Unit::Instructions));
+        let native = SysTest {
+            name: ALL_NATIVE_TEST,
+            ..BENCH_IPC
+        };
+        assert!(native
+            .expect
+            .iter()
+            .any(|e| e.text == format!("bench ipc {NATIVE_CASE} ")));
     }
 }

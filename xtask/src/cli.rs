@@ -19,6 +19,14 @@ commands:
       --emu qemu|bochs  run the system tests on this emulator only
       --filter NAME     only system tests whose name contains NAME
       --no-host         skip the host unit tests
+  bench [all] [--emu qemu|bochs]
+                        SLOW (about 5 minutes, most of it Linux on Bochs): every
+                        round trip in one table: native<->native IPC, the guest
+                        hypercall to a native server, AT over the virtio-console
+                        port through the VMM to the native modem, and a pipe
+                        ping-pong between two Linux processes; median and min in
+                        cycles (QEMU TCG) and instructions (QEMU -icount, Bochs);
+                        target/bench/all.json (and ipc.json), target/bench/bench.svg
   bench ipc [--emu qemu|bochs]
                         setup, build, then measure IPC round trips (null, 6 and
                         64 words) in instructions on QEMU (-icount) and Bochs;
@@ -37,6 +45,13 @@ commands:
                         boot that guest in the emulator itself, without Moat,
                         and time it from the emulator's start to /init;
                         --virtio (QEMU): with QEMU's virtio devices
+  demo modem [--emu qemu|bochs]
+                        setup, build, then the modem / application-processor
+                        demo (QEMU by default; Bochs takes ~5 minutes): Linux
+                        beside the native modem, steps a-e with a verdict each
+                        (AT + SMS; no missed deadline under load, worst jitter;
+                        Linux panics and is restarted; the modem crashes and is
+                        restarted; root in Linux cannot reach the modem)
   help                  this text";
 
 #[derive(Debug, PartialEq, Eq)]
@@ -48,6 +63,13 @@ pub enum Cmd {
     Test(TestOpts),
     Bench(BenchOpts),
     Linux(LinuxOpts),
+    Demo(DemoOpts),
+}
+
+/// `cargo xtask demo modem`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct DemoOpts {
+    pub emu: Option<Emulator>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -63,6 +85,9 @@ pub enum LinuxOpts {
 /// What `cargo xtask bench` measures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Benchmark {
+    /// Every round trip, native and from the Linux guest, in one table
+    /// (`bench` alone or `bench all`).
+    All,
     Ipc,
     Exits,
     /// Slow: boots Linux twice per emulator and run.
@@ -119,18 +144,14 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
         }),
         "bench" => {
             let benchmark = match opts.positional().as_deref() {
+                None | Some("all") => Benchmark::All,
                 Some("ipc") => Benchmark::Ipc,
                 Some("exits") => Benchmark::Exits,
                 Some("linux") => Benchmark::Linux,
                 Some(other) => {
                     return Err(Error::Usage(format!(
-                        "unknown benchmark `{other}` (expected ipc, exits or linux)"
+                        "unknown benchmark `{other}` (expected all, ipc, exits or linux)"
                     )))
-                }
-                None => {
-                    return Err(Error::Usage(
-                        "bench needs a benchmark: ipc, exits or linux".into(),
-                    ))
                 }
             };
             let runs = match opts.value("--runs")? {
@@ -157,6 +178,12 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
             },
             _ => return Err(Error::Usage("linux needs build or direct".into())),
         }),
+        "demo" => match opts.positional().as_deref() {
+            Some("modem") => Cmd::Demo(DemoOpts {
+                emu: opts.emulator()?,
+            }),
+            _ => return Err(Error::Usage("demo needs modem".into())),
+        },
         other => return Err(Error::Usage(format!("unknown command `{other}`"))),
     };
     opts.finish()?;
@@ -336,10 +363,29 @@ mod tests {
         assert!(p("bench linux --runs 0").is_err());
         assert!(p("bench linux --runs x").is_err());
         assert!(p("bench ipc --runs 2").is_err());
-        assert!(p("bench").is_err());
-        assert!(p("bench --emu qemu").is_err());
+        assert!(p("bench --runs 2").is_err());
         assert!(p("bench disk").is_err());
         assert!(p("bench ipc extra").is_err());
+    }
+
+    #[test]
+    fn bench_alone_runs_everything() {
+        let all = |emu| {
+            Cmd::Bench(BenchOpts {
+                benchmark: Benchmark::All,
+                emu,
+                runs: 1,
+            })
+        };
+        assert_eq!(p("bench").unwrap(), all(None));
+        assert_eq!(p("bench all").unwrap(), all(None));
+        assert_eq!(p("bench --emu qemu").unwrap(), all(Some(Emulator::Qemu)));
+        assert_eq!(
+            p("bench all --emu=bochs").unwrap(),
+            all(Some(Emulator::Bochs))
+        );
+        assert!(p("bench all ipc").is_err());
+        assert!(p("bench all --emu").is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 mod bench;
 mod build;
 mod cli;
+mod demo;
 mod emu;
 mod harness;
 mod image;
@@ -111,6 +112,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Run(opts) => run::run(&opts),
         Cmd::Test(opts) => harness::run(&opts),
         Cmd::Bench(opts) => bench::run(&opts),
+        Cmd::Demo(opts) => demo::run(&opts),
         Cmd::Linux(cli::LinuxOpts::Build) => linux::build_command(),
         Cmd::Linux(cli::LinuxOpts::Direct {
             emu,

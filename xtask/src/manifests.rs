@@ -289,6 +289,31 @@ pub const LINUX: &str = concat!(
 "
 );
 
+/// `cargo xtask demo modem`: the Linux guest in its demo mode beside
+/// `echo` and a `modem` that reports every 1000 frames (1 s) and accepts
+/// `AT+MOATFAULT` (step d crashes it so); the VMM restarts a guest that
+/// panics (step c).
+pub const DEMO: &str = concat!(
+    echo_server!(),
+    "\
+component modem
+    module modem
+    priority 40
+    memory 256K
+    quota 64K
+    provides modem
+    args report_every=1000 fault_injection
+",
+    linux_vmm!(),
+    "\
+    file disk disk.img at 0x32000000000
+    file cmdline cmdline at 0x33000000000
+    uses echo at 20
+    uses modem at 21
+    args epoch=1764000000 modem=21 vm-portals=20 user-hypercalls on-panic=restart
+"
+);
+
 /// The Linux guest without a disk, told to panic once `/init` is done,
 /// beside `ticker`, which must go on counting after the guest is gone.
 pub const LINUX_PANIC: &str = concat!(

@@ -111,6 +111,9 @@ pub enum Stop {
     WhenDecided,
 }
 
+/// Judges a whole output: `Err` says what is wrong.
+pub type Check = fn(&str) -> Result<(), String>;
+
 pub struct SysTest {
     pub name: &'static str,
     pub modules: &'static [ModuleSpec],
@@ -127,6 +130,11 @@ pub struct SysTest {
     pub qemu_args: &'static [&'static str],
     /// The emulated machine's RAM.
     pub memory_mib: u32,
+    /// A judgement beyond lines in order (figures, positions), on the
+    /// whole output once the expected lines are all there.
+    pub check: Option<Check>,
+    /// Times the emulator's usual time limit the test may take.
+    pub slow: u32,
 }
 
 /// The defaults for the fields a test does not set.
@@ -140,6 +148,8 @@ const BASE: SysTest = SysTest {
     stop: Stop::AtExit,
     qemu_args: &[],
     memory_mib: DEFAULT_MEMORY_MIB,
+    check: None,
+    slow: 1,
 };
 
 impl SysTest {
@@ -198,30 +208,48 @@ const LINUX_INITRAMFS: ModuleSpec = ModuleSpec {
     args: &[],
 };
 
-/// The Linux guest's boot modules: the root task, the manifest, the VMM
-/// and what the manifest's `file` lines name.
-const LINUX_MODULES: &[ModuleSpec] = &[
-    ROOTTASK,
-    manifest("linux", manifests::LINUX),
-    component("echo"),
-    component("modem"),
-    component("vmm"),
-    LINUX_KERNEL,
-    LINUX_INITRAMFS,
-    ModuleSpec {
-        name: "disk.img",
-        content: Content::Linux(LinuxFile::Disk { dir: "linux" }),
-        args: &[],
-    },
-    ModuleSpec {
-        name: "cmdline",
-        content: Content::Linux(LinuxFile::Cmdline {
-            args: LINUX_ARGS,
-            dir: "linux",
-        }),
-        args: &[],
-    },
-];
+/// The boot modules of a Linux guest beside `echo` and `modem`: the root
+/// task, the manifest `$manifest` (named `$dir`), the components, and what
+/// the manifest's `file` lines name, the test disk and command line in
+/// their own directory.
+macro_rules! linux_beside_modem {
+    ($dir:literal, $manifest:expr, $args:expr) => {
+        &[
+            ROOTTASK,
+            manifest($dir, $manifest),
+            component("echo"),
+            component("modem"),
+            component("vmm"),
+            LINUX_KERNEL,
+            LINUX_INITRAMFS,
+            ModuleSpec {
+                name: "disk.img",
+                content: Content::Linux(LinuxFile::Disk { dir: $dir }),
+                args: &[],
+            },
+            ModuleSpec {
+                name: "cmdline",
+                content: Content::Linux(LinuxFile::Cmdline {
+                    args: $args,
+                    dir: $dir,
+                }),
+                args: &[],
+            },
+        ]
+    };
+}
+
+/// The Linux guest's boot modules.
+const LINUX_MODULES: &[ModuleSpec] = linux_beside_modem!("linux", manifests::LINUX, LINUX_ARGS);
+
+/// The demo: the Linux guest in its demo mode (`moat.demo=1`) beside
+/// `echo` and a `modem` with fault injection, under a VMM that restarts
+/// it after a panic.
+const DEMO_MODULES: &[ModuleSpec] = linux_beside_modem!(
+    "demo",
+    manifests::DEMO,
+    "console=ttyS0 panic=-1 moat.demo=1"
+);
 
 /// The same guest without a disk, which panics on purpose, beside `ticker`.
 const LINUX_PANIC_MODULES: &[ModuleSpec] = &[
@@ -650,6 +678,40 @@ pub const TESTS: &[SysTest] = &[
         memory_mib: 1024,
         ..BASE
     },
+    // `cargo xtask demo modem`: steps a-e in one boot (two Linux boots:
+    // step c panics it), each judged by `demo::check`; the lines here are
+    // the run's outline, in order. QEMU counts time in instructions
+    // (-icount), so host load cannot make the modem late.
+    SysTest {
+        name: "demo",
+        modules: DEMO_MODULES,
+        kernel_args: &["pool=400"],
+        expect: &[
+            all("modem: serving, frame 1 ms"),
+            all("MOAT-DEMO a ok"),
+            all("MOAT-DEMO b load start"),
+            all("MOAT-DEMO b load end"),
+            all("MOAT-DEMO b ok"),
+            all("MOAT-DEMO c panicking on purpose"),
+            all("vmm: guest kernel panic (pvpanic): restarting the guest"),
+            all("MOAT-DEMO c ok"),
+            all("MOAT-DEMO d crashing the modem"),
+            all("MOAT-DEMO d ok"),
+            all("MOAT-DEMO e ok"),
+            all("MOAT-DEMO done"),
+            all("vmm: guest stopped: power-off"),
+            all("roottask: component 'linux' finished"),
+        ],
+        forbid: &["FAIL", "roottask: component 'linux' faulted"],
+        stop: Stop::WhenDecided,
+        qemu_args: &["-icount", "shift=0,sleep=off"],
+        memory_mib: 1024,
+        check: Some(crate::demo::check),
+        // Two Linux boots and the load: ~3 minutes on QEMU with -icount,
+        // ~6 on Bochs.
+        slow: 4,
+        ..BASE
+    },
     SysTest {
         name: "linux_panic",
         modules: LINUX_PANIC_MODULES,
@@ -904,6 +966,9 @@ pub fn verdict(test: &SysTest, emu: Emulator, serial: &str) -> Result<(), String
             .iter()
             .filter_map(|seq| judge_sequence(serial, seq).err()),
     );
+    if let Some(check) = test.check {
+        problems.extend(check(serial).err());
+    }
     if problems.is_empty() {
         Ok(())
     } else {
@@ -1144,7 +1209,8 @@ fn execute(job: &Job<'_>) -> RunResult {
     };
     // The emulator's own output goes next to the serial log.
     let output = job.serial.with_extension("out");
-    let timeout = Some(job.emu.timeout());
+    let limit = job.emu.timeout() * job.test.slow;
+    let timeout = Some(limit);
     let decided = || decided(job.test, job.emu, &read_serial(&job.serial));
     let decided: Option<emu::Decided<'_>> = match job.test.stop {
         Stop::AtExit => None,
@@ -1165,7 +1231,7 @@ fn execute(job: &Job<'_>) -> RunResult {
             None => job.emu.describe_exit(*status),
         },
         (Exit::Status(status), Launch::Qemu(_)) => job.emu.describe_exit(*status),
-        (Exit::TimedOut, _) => format!("timed out after {}", util::secs(job.emu.timeout())),
+        (Exit::TimedOut, _) => format!("timed out after {}", util::secs(limit)),
         (Exit::Decided, _) => "stopped once the output decided the test".to_string(),
     };
     let time = util::secs(outcome.elapsed);

@@ -11,6 +11,7 @@ pub mod fuzz;
 pub mod lend;
 pub mod modem;
 pub mod modem_at;
+pub mod modem_link;
 pub mod registry;
 pub mod rng;
 #[cfg(feature = "runtime")]

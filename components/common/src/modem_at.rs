@@ -5,7 +5,9 @@
 //! A session is in one of three modes:
 //! - command: bytes gather into a line; CR, LF or CRLF ends it and runs it
 //!   (`AT`, `AT+CSQ`, `AT+CMGS="<number>"`, `AT+CGDCONT=1,"IP","<apn>"`,
-//!   `ATD*99#`, `ATO`, `ATH`; anything else is `ERROR`);
+//!   `ATD*99#`, `ATO`, `ATH`; `AT+MOATFAULT` asks the modem to crash,
+//!   for fault-injection demos, if its [`Events`] allow it; anything else
+//!   is `ERROR`);
 //! - SMS text, after `AT+CMGS`: the message until Ctrl-Z sends it or ESC
 //!   cancels it;
 //! - data, after `ATD*99#` answered `CONNECT`: bytes are echoed back (the
@@ -95,7 +97,16 @@ pub trait Events {
     /// An SMS was sent: destination, text (line breaks as LF) and its
     /// message reference.
     fn sms_sent(&mut self, number: &[u8], text: &[u8], reference: u8);
+
+    /// `AT+MOATFAULT`: true if the modem will crash on purpose (fault
+    /// injection is on), false to answer `ERROR` like any unknown command.
+    fn fault_requested(&mut self) -> bool {
+        false
+    }
 }
+
+/// The fault-injection command (without `AT`).
+const FAULT_COMMAND: &[u8] = b"+MOATFAULT";
 
 /// A byte string of at most `N` bytes.
 #[derive(Clone, Copy)]
@@ -304,7 +315,7 @@ impl Session {
             return;
         }
         match self.mode {
-            Mode::Command => self.command_byte(byte, signal),
+            Mode::Command => self.command_byte(byte, signal, events),
             Mode::SmsText => self.text_byte(byte, events),
             Mode::Data => {
                 self.output.push(&[byte]);
@@ -312,7 +323,7 @@ impl Session {
         }
     }
 
-    fn command_byte(&mut self, byte: u8, signal: Signal) {
+    fn command_byte(&mut self, byte: u8, signal: Signal, events: &mut impl Events) {
         if byte == CR || byte == LF {
             self.after_cr = byte == CR;
             let line = self.line;
@@ -321,7 +332,7 @@ impl Session {
             if overflow {
                 self.respond(ERROR);
             } else {
-                self.execute(line.as_bytes().trim_ascii(), signal);
+                self.execute(line.as_bytes().trim_ascii(), signal, events);
             }
         } else if !self.line.push(byte) {
             self.line_overflow = true;
@@ -365,7 +376,7 @@ impl Session {
         self.output.push(text.as_bytes());
     }
 
-    fn execute(&mut self, line: &[u8], signal: Signal) {
+    fn execute(&mut self, line: &[u8], signal: Signal, events: &mut impl Events) {
         if line.is_empty() {
             return;
         }
@@ -393,6 +404,8 @@ impl Session {
         } else if command.eq_ignore_ascii_case(b"H") || command.eq_ignore_ascii_case(b"H0") {
             self.call_up = false;
             self.respond(OK);
+        } else if command.eq_ignore_ascii_case(FAULT_COMMAND) && events.fault_requested() {
+            // No answer: the modem is about to die.
         } else {
             self.respond(ERROR);
         }
@@ -487,6 +500,36 @@ mod tests {
         fn sms_sent(&mut self, number: &[u8], text: &[u8], reference: u8) {
             self.0.push((number.to_vec(), text.to_vec(), reference));
         }
+    }
+
+    /// Events of a modem with fault injection on: counts the requests.
+    #[derive(Default)]
+    struct Faulty(u32);
+
+    impl Events for Faulty {
+        fn sms_sent(&mut self, _: &[u8], _: &[u8], _: u8) {}
+
+        fn fault_requested(&mut self) -> bool {
+            self.0 += 1;
+            true
+        }
+    }
+
+    #[test]
+    fn fault_command_only_where_allowed() {
+        let (mut s, mut log) = session();
+        assert_eq!(talk(&mut s, &mut log, b"AT+MOATFAULT\r"), "ERROR\r\n");
+        let mut faulty = Faulty::default();
+        let mut out = [0u8; 16];
+        assert_eq!(s.write(b"at+moatfault\r", SIGNAL, &mut faulty), 13);
+        assert_eq!(s.read(&mut out), 0, "a dying modem answers nothing");
+        assert_eq!(faulty.0, 1);
+        // Only the exact command: no prefix or suffix triggers it.
+        assert_eq!(
+            s.write(b"AT+MOATFAULT1\rAT+MOATFAUL\r", SIGNAL, &mut faulty),
+            26
+        );
+        assert_eq!(faulty.0, 1);
     }
 
     const SIGNAL: Signal = Signal { rssi: 17, ber: 2 };

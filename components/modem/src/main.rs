@@ -3,7 +3,9 @@
 //! (absolute TSC deadlines from one start, so lateness never accumulates),
 //! measures how late it woke (release jitter), counts the frames it missed
 //! and resynchronises past them, and prints a summary every
-//! `report_every` frames. A handler EC serves the portal `modem`: the
+//! `report_every` frames: the totals since it started and, after `last`,
+//! the missed frames and worst jitter of the frames since the summary
+//! before. A handler EC serves the portal `modem`: the
 //! protocol of `common::modem` over one AT session per channel.
 //!
 //! The tick shares only its counters with the handler, through atomics;
@@ -11,7 +13,9 @@
 //!
 //! Arguments: `report_every=N` frames (default 1000, 0 = never),
 //! `crash_after=N` frames (fault on purpose then, so the root task
-//! restarts it; default 0 = never), `index=N` and `tsc_hz=N` (from the
+//! restarts it; default 0 = never), the flag `fault_injection` (the AT
+//! command `AT+MOATFAULT` crashes it on purpose, for the demo; without the
+//! flag that command is an `ERROR`), `index=N` and `tsc_hz=N` (from the
 //! root task).
 #![no_std]
 #![no_main]
@@ -20,7 +24,7 @@ use common::modem::{report_due, ticks_to_ns, Error, FrameClock, Modem, Reply, Te
 use common::modem_at::Events;
 use common::rt::{self, Sleeper};
 use common::{args, ms_to_ticks};
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use moat_user::{portal, println, rdtsc, sys, Stack};
 
 moat_user::entry!(main);
@@ -36,6 +40,8 @@ static FRAMES: AtomicU64 = AtomicU64::new(0);
 static MISSED: AtomicU64 = AtomicU64::new(0);
 static WORST_JITTER_NS: AtomicU64 = AtomicU64::new(0);
 static INSTANCE: AtomicU64 = AtomicU64::new(0);
+/// Set once at start from the `fault_injection` flag.
+static FAULT_INJECTION: AtomicBool = AtomicBool::new(false);
 
 /// Only the handler EC locks it (one activation at a time), so it is
 /// never contended.
@@ -53,6 +59,7 @@ fn main(args: &str) -> i32 {
     };
     let tsc_hz = args::tsc_hz(args);
     INSTANCE.store(rdtsc(), Ordering::Relaxed);
+    FAULT_INJECTION.store(args::flag(args, "fault_injection"), Ordering::Relaxed);
     let sleeper = match Sleeper::new(SLEEP_SM) {
         Ok(sleeper) => sleeper,
         Err(status) => {
@@ -68,25 +75,36 @@ fn main(args: &str) -> i32 {
     println!("modem: serving, frame {FRAME_MS} ms, summary every {report_every} frames");
     let period = ms_to_ticks(tsc_hz, FRAME_MS);
     let mut clock = FrameClock::new(rdtsc(), period);
+    // Since the last summary: the missed count then, the worst lateness.
+    let mut window_missed_from = 0;
+    let mut window_worst = 0;
     loop {
         if let Err(status) = sleeper.until(clock.release()) {
             println!("modem: FAIL sleeping: {status}");
             return 1;
         }
         let before = clock.frames();
-        clock.woke(rdtsc());
+        let wake = clock.woke(rdtsc());
+        window_worst = window_worst.max(wake.late);
         let frames = clock.frames();
         let worst_ns = ticks_to_ns(clock.worst_late(), tsc_hz);
         FRAMES.store(frames, Ordering::Relaxed);
         MISSED.store(clock.missed(), Ordering::Relaxed);
         WORST_JITTER_NS.store(worst_ns, Ordering::Relaxed);
         if report_due(before, frames, report_every) {
+            let last_ns = ticks_to_ns(window_worst, tsc_hz);
             println!(
-                "modem: frames {frames}, missed {}, worst jitter {}.{:03} us",
+                "modem: frames {frames}, missed {}, worst jitter {}.{:03} us; last {}: missed {}, worst {}.{:03} us",
                 clock.missed(),
                 worst_ns / NS_PER_US,
-                worst_ns % NS_PER_US
+                worst_ns % NS_PER_US,
+                report_every,
+                clock.missed() - window_missed_from,
+                last_ns / NS_PER_US,
+                last_ns % NS_PER_US
             );
+            window_missed_from = clock.missed();
+            window_worst = 0;
         }
         if crash_after != 0 && frames >= crash_after {
             crash(frames);
@@ -96,13 +114,18 @@ fn main(args: &str) -> i32 {
 
 fn crash(frames: u64) -> ! {
     println!("modem: crashing on purpose after {frames} frames");
+    fault()
+}
+
+fn fault() -> ! {
     // SAFETY: not safe: the write faults on purpose (nothing is mapped at
     // the bottom of the address space), so the root task restarts us.
     unsafe { core::ptr::write_volatile(0x28 as *mut u64, 1) };
     sys::exit(3)
 }
 
-/// Logs each SMS the AT engine sends.
+/// Logs each SMS the AT engine sends; crashes on `AT+MOATFAULT` when
+/// fault injection is on.
 struct SmsLog;
 
 impl Events for SmsLog {
@@ -112,6 +135,14 @@ impl Events for SmsLog {
             number.escape_ascii(),
             text.escape_ascii()
         );
+    }
+
+    fn fault_requested(&mut self) -> bool {
+        if !FAULT_INJECTION.load(Ordering::Relaxed) {
+            return false;
+        }
+        println!("modem: crashing on purpose (AT+MOATFAULT)");
+        fault()
     }
 }
 

@@ -1,7 +1,9 @@
 //! `at`: one AT command, or one SMS, over a virtio-console port found by
 //! name. The request, response lines assembled from reads of any size, the
 //! final result codes (ITU-T V.250, 3GPP TS 27.007 and 27.005), the SMS
-//! prompt, and the conversation over a non-blocking port.
+//! prompt, the conversation over a non-blocking port, and waiting for the
+//! host to close and reopen the port (a modem restart, as the VMM shows
+//! it).
 
 use std::fs;
 use std::io::{self, ErrorKind, Read, Write};
@@ -74,15 +76,26 @@ impl Request {
 pub struct Options {
     pub port: String,
     pub timeout: Duration,
-    pub request: Request,
+    pub job: Job,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Job {
+    Request(Request),
+    /// `--await-reset [COMMAND]`: send the command, if any (its answer is
+    /// not awaited), then wait until the host closes the port and opens
+    /// it again.
+    AwaitReset(Option<Request>),
 }
 
 impl Options {
-    /// `[--port NAME] [--timeout SECS] (COMMAND | --sms NUMBER TEXT)`.
+    /// `[--port NAME] [--timeout SECS] (COMMAND | --sms NUMBER TEXT |
+    /// --await-reset)`.
     pub fn parse(args: &[String]) -> Result<Parsed<Options>, UsageError> {
         let mut port = DEFAULT_PORT.to_string();
         let mut timeout_secs = DEFAULT_TIMEOUT_SECS;
         let mut sms_number = None;
+        let mut await_reset = false;
         let mut positional = Vec::new();
         let mut words = Words::new(args);
         while let Some(word) = words.next_word() {
@@ -93,6 +106,7 @@ impl Options {
                     timeout_secs = words.number("timeout", v, 1..=MAX_TIMEOUT_SECS)?;
                 }
                 Word::Flag("sms", v) => sms_number = Some(words.value("sms", v)?),
+                Word::Flag("await-reset", None) => await_reset = true,
                 Word::Flag(name, _) => return Err(UsageError::unknown_flag(name)),
                 Word::Positional(p) => positional.push(p),
             }
@@ -100,16 +114,23 @@ impl Options {
         if port.is_empty() {
             return Err(UsageError("--port needs a name".into()));
         }
-        let request = match (sms_number, positional.as_slice()) {
-            (None, [command]) => Request::command(command)?,
-            (Some(number), [text]) => Request::sms(number, text)?,
-            (None, _) => return Err(UsageError("give one command, e.g. 'AT+CSQ'".into())),
-            (Some(_), _) => return Err(UsageError("--sms NUMBER takes one TEXT".into())),
+        let job = match (await_reset, sms_number, positional.as_slice()) {
+            (true, None, []) => Job::AwaitReset(None),
+            (true, None, [command]) => Job::AwaitReset(Some(Request::command(command)?)),
+            (true, _, _) => {
+                return Err(UsageError("--await-reset takes at most one command".into()));
+            }
+            (false, None, [command]) => Job::Request(Request::command(command)?),
+            (false, Some(number), [text]) => Job::Request(Request::sms(number, text)?),
+            (false, None, _) => {
+                return Err(UsageError("give one command, e.g. 'AT+CSQ'".into()));
+            }
+            (false, Some(_), _) => return Err(UsageError("--sms NUMBER takes one TEXT".into())),
         };
         Ok(Parsed::Run(Options {
             port,
             timeout: Duration::from_secs(timeout_secs),
-            request,
+            job,
         }))
     }
 }
@@ -376,6 +397,61 @@ pub fn converse<P: Read + Write>(
     }
 }
 
+/// How long [`await_reset`] waited for each half of the reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reset {
+    pub closed_after: Duration,
+    pub open_after: Duration,
+}
+
+/// Waits until the host end of `port` (opened non-blocking) closes and
+/// opens again. Linux's virtio-console driver tells the two apart on a
+/// read: 0 bytes while the host end is closed, `WouldBlock` (or data,
+/// which is dropped: the session it belonged to is gone) while it is open.
+/// `send` goes out first (the port is still open then).
+pub fn await_reset<P: Read + Write>(
+    port: &mut P,
+    send: &[u8],
+    timeout: Duration,
+) -> Result<Reset, Failure> {
+    let start = Instant::now();
+    let mut buf = [0u8; 512];
+    let mut closed_after = None;
+    let mut unsent = send;
+    while !unsent.is_empty() {
+        match port.write(unsent) {
+            Ok(n) => unsent = unsent.get(n..).unwrap_or_default(),
+            Err(e) if transient(&e) => thread::sleep(POLL_INTERVAL),
+            Err(e) => return Err(e.into()),
+        }
+        if start.elapsed() >= timeout {
+            return Err(Failure::Timeout);
+        }
+    }
+    loop {
+        let open = match port.read(&mut buf) {
+            Ok(0) => false,
+            Ok(_) => true,
+            Err(e) if transient(&e) => true,
+            Err(e) => return Err(e.into()),
+        };
+        match (closed_after, open) {
+            (None, false) => closed_after = Some(start.elapsed()),
+            (Some(closed_after), true) => {
+                return Ok(Reset {
+                    closed_after,
+                    open_after: start.elapsed(),
+                });
+            }
+            _ => {}
+        }
+        if start.elapsed() >= timeout {
+            return Err(Failure::Timeout);
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+}
+
 fn transient(e: &io::Error) -> bool {
     matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted)
 }
@@ -412,7 +488,10 @@ mod tests {
 
     fn request(args: &[&str]) -> Request {
         match run(args) {
-            Ok(Parsed::Run(o)) => o.request,
+            Ok(Parsed::Run(Options {
+                job: Job::Request(r),
+                ..
+            })) => r,
             other => panic!("{args:?}: {other:?}"),
         }
     }
@@ -424,7 +503,7 @@ mod tests {
         };
         assert_eq!(o.port, "modem");
         assert_eq!(o.timeout, Duration::from_secs(5));
-        assert_eq!(o.request, Request::Command("AT+CSQ".into()));
+        assert_eq!(o.job, Job::Request(Request::Command("AT+CSQ".into())));
         let Ok(Parsed::Run(o)) = run(&["--port=m2", "--timeout", "9", "ATI"]) else {
             panic!()
         };
@@ -438,6 +517,94 @@ mod tests {
         );
         assert_eq!(request(&["--", "--x"]), Request::Command("--x".into()));
         assert_eq!(run(&["AT", "--help"]), Ok(Parsed::Help));
+        let Ok(Parsed::Run(o)) = run(&["--await-reset", "--timeout", "30"]) else {
+            panic!()
+        };
+        assert_eq!((o.job, o.timeout.as_secs()), (Job::AwaitReset(None), 30));
+        let Ok(Parsed::Run(o)) = run(&["--await-reset", "AT+X"]) else {
+            panic!()
+        };
+        assert_eq!(
+            o.job,
+            Job::AwaitReset(Some(Request::Command("AT+X".into())))
+        );
+        assert!(run(&["--await-reset", "AT", "AT"]).is_err());
+        assert!(run(&["--await-reset", "--sms", "1", "x"]).is_err());
+        assert!(run(&["--await-reset=1"]).is_err());
+    }
+
+    /// A port whose host end is open, closed, then open again, as reads
+    /// of Linux's driver show it: each entry is what one read gives. A
+    /// write takes one byte, and every other write is refused.
+    #[derive(Default)]
+    struct ResettingPort {
+        reads: VecDeque<io::Result<usize>>,
+        written: Vec<u8>,
+        writes: u32,
+    }
+
+    impl ResettingPort {
+        fn new(reads: impl IntoIterator<Item = io::Result<usize>>) -> Self {
+            ResettingPort {
+                reads: reads.into_iter().collect(),
+                ..Self::default()
+            }
+        }
+    }
+
+    impl Read for ResettingPort {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let next = self
+                .reads
+                .pop_front()
+                .unwrap_or(Err(ErrorKind::WouldBlock.into()));
+            if let Ok(n) = next {
+                buf[..n].fill(b'x');
+            }
+            next
+        }
+    }
+
+    impl Write for ResettingPort {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.writes += 1;
+            if self.writes % 2 == 1 || buf.is_empty() {
+                return Err(ErrorKind::WouldBlock.into());
+            }
+            self.written.push(buf[0]);
+            Ok(1)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn await_reset_needs_a_close_then_an_open() {
+        let would_block = || Err(io::Error::from(ErrorKind::WouldBlock));
+        let mut port = ResettingPort::new([would_block(), Ok(3), Ok(0), Ok(0), would_block()]);
+        let reset = await_reset(&mut port, b"AT+X\r", Duration::from_secs(5)).unwrap();
+        assert!(reset.closed_after <= reset.open_after);
+        assert!(
+            port.reads.is_empty(),
+            "stopped before the port opened again"
+        );
+        assert_eq!(port.written, b"AT+X\r", "sent whole, before the wait");
+        // Open all along: no reset.
+        let mut port = ResettingPort::new([]);
+        let result = await_reset(&mut port, b"", Duration::from_millis(20));
+        assert!(matches!(result, Err(Failure::Timeout)));
+        // Closed and never open again: no reset either.
+        let mut port = ResettingPort::new((0..100_000).map(|_| Ok(0)));
+        let result = await_reset(&mut port, b"", Duration::from_millis(20));
+        assert!(matches!(result, Err(Failure::Timeout)));
+        // A real error ends the wait.
+        let mut port = ResettingPort::new([Err(ErrorKind::BrokenPipe.into())]);
+        assert!(matches!(
+            await_reset(&mut port, b"", Duration::from_secs(5)),
+            Err(Failure::Io(_))
+        ));
     }
 
     #[test]

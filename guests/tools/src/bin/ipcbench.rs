@@ -1,11 +1,11 @@
 //! `ipcbench`: round trips of the guest IPC hypercall from guest user space.
+#![forbid(unsafe_code)]
 
-use std::arch::asm;
-use std::arch::x86_64::{__cpuid, _rdtsc};
 use std::process::ExitCode;
 
 use moat_guest_tools::args::{Parsed, EXIT_USAGE};
-use moat_guest_tools::ipc::{self, Insn, Message, Options};
+use moat_guest_tools::hypercall::{self, rdtsc};
+use moat_guest_tools::ipc::{self, Options};
 use moat_guest_tools::stats::Summary;
 
 const USAGE: &str = "\
@@ -37,8 +37,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let leaf0 = __cpuid(0);
-    let insn = Insn::for_vendor(&ipc::vendor(leaf0.ebx, leaf0.edx, leaf0.ecx));
+    let insn = hypercall::this_cpu_insn();
     let rax = ipc::call_rax(opts.portal);
     let mut samples = Vec::new();
     if samples.try_reserve_exact(opts.calls).is_err() {
@@ -47,7 +46,7 @@ fn main() -> ExitCode {
     for call in 0..opts.calls as u64 {
         let sent = ipc::payload(call);
         let start = rdtsc();
-        let (status, reply) = hypercall(insn, rax, sent);
+        let (status, reply) = hypercall::call(insn, rax, sent);
         let end = rdtsc();
         if status != 0 {
             return fail(&format!(
@@ -69,54 +68,6 @@ fn main() -> ExitCode {
         }
         None => fail("no samples"),
     }
-}
-
-/// One guest IPC hypercall: `rax` in, status out; the message words in
-/// `rdi`, `rsi`, `rdx`, `r10`, `r8`, `r9`, the reply in the same.
-fn hypercall(insn: Insn, rax: u64, message: Message) -> (u64, Message) {
-    let [mut w0, mut w1, mut w2, mut w3, mut w4, mut w5] = message;
-    let mut status = rax;
-    match insn {
-        // SAFETY: the hypervisor changes only the registers named here
-        // (hypervisor/abi/README.md, "The guest IPC hypercall") and touches
-        // no memory of this process; where nothing handles the instruction
-        // it raises #UD, which ends the process (SIGILL) before it returns.
-        Insn::Vmcall => unsafe {
-            asm!(
-                "vmcall",
-                inout("rax") status,
-                inout("rdi") w0,
-                inout("rsi") w1,
-                inout("rdx") w2,
-                inout("r10") w3,
-                inout("r8") w4,
-                inout("r9") w5,
-                options(nostack),
-            );
-        },
-        // SAFETY: as above; VMMCALL is the same call on AMD.
-        Insn::Vmmcall => unsafe {
-            asm!(
-                "vmmcall",
-                inout("rax") status,
-                inout("rdi") w0,
-                inout("rsi") w1,
-                inout("rdx") w2,
-                inout("r10") w3,
-                inout("r8") w4,
-                inout("r9") w5,
-                options(nostack),
-            );
-        },
-    }
-    (status, [w0, w1, w2, w3, w4, w5])
-}
-
-/// The time-stamp counter.
-fn rdtsc() -> u64 {
-    // SAFETY: RDTSC only reads the counter; Linux leaves it to user space
-    // (CR4.TSD clear), so it does not fault.
-    unsafe { _rdtsc() }
 }
 
 fn fail(why: &str) -> ExitCode {
