@@ -237,6 +237,9 @@ const LINUX: &str = "linux";
 const LINUX_TEST: &str = "linux";
 /// What the VMM prints at power-off, after its exit counts.
 const GUEST_STOPPED: &str = "vmm: guest stopped";
+/// The root task's line once the guest's VMM is gone (finished, exited or
+/// faulted).
+const LINUX_COMPONENT_ENDED: &str = "roottask: component 'linux' ";
 const GUEST_POWER_OFF: &str = "vmm: guest stopped: power-off";
 const VMM_EXITS: &str = "vmm: exits ";
 const LINUX_QEMU_TIMEOUT: Duration = Duration::from_secs(120);
@@ -1172,7 +1175,13 @@ impl AllJob {
             .filter(|f| !(self.linux && *f == ANY_FAILURE))
             .any(|f| serial.contains(f));
         let complete = systest::judge(serial, &self.test.expected_on(emu), &[]).is_ok();
-        forbidden || complete || (self.linux && serial.contains(GUEST_STOPPED))
+        // A guest that stopped decides the run once the root task has
+        // torn its VMM down (the last expected line, even when a check
+        // failed and others will never come).
+        let torn_down = serial
+            .find(GUEST_STOPPED)
+            .is_some_and(|at| serial[at..].contains(LINUX_COMPONENT_ENDED));
+        forbidden || complete || (self.linux && torn_down)
     }
 
     /// Boots until the output decides the run; prints a PASS or FAIL line
@@ -2352,7 +2361,11 @@ bench ipc words64 median=1606 min=1604 iterations=10000
         let guest = job(with_benchmarks(linux).unwrap(), true);
         let failed = "MOAT-CHECK hvc0 FAIL no reply\n";
         assert!(!guest.decided(failed));
-        assert!(guest.decided(&format!("{failed}{GUEST_POWER_OFF}\n")));
+        // Not before the root task has torn the VMM down.
+        assert!(!guest.decided(&format!("{failed}{GUEST_POWER_OFF}\n")));
+        assert!(guest.decided(&format!(
+            "{failed}{GUEST_POWER_OFF}\nroottask: component 'linux' finished\n"
+        )));
         assert!(guest.decided("roottask: component 'linux' faulted: #PF\n"));
         assert!(guest.decided("KERNEL PANIC\n"));
         assert!(!guest.decided(GUEST_LOG));

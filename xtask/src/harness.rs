@@ -113,6 +113,9 @@ pub fn run(opts: &TestOpts) -> Result<ExitCode> {
             let results = systest::run_all(&tests, &emus, &artifacts)?;
             for r in &results {
                 tally.count(r.passed);
+                for (passed, _) in &r.parts {
+                    tally.count(*passed);
+                }
             }
             for r in results.iter().filter(|r| !r.passed) {
                 println!(

@@ -111,8 +111,14 @@ pub enum Stop {
     WhenDecided,
 }
 
-/// Judges a whole output: `Err` says what is wrong.
-pub type Check = fn(&str) -> Result<(), String>;
+/// Judges a whole output as named parts (each reported and counted as a
+/// test of its own): what each showed, or what is wrong.
+pub type Check = fn(&str) -> Vec<Part>;
+
+pub struct Part {
+    pub name: String,
+    pub result: Result<String, String>,
+}
 
 pub struct SysTest {
     pub name: &'static str,
@@ -967,7 +973,11 @@ pub fn verdict(test: &SysTest, emu: Emulator, serial: &str) -> Result<(), String
             .filter_map(|seq| judge_sequence(serial, seq).err()),
     );
     if let Some(check) = test.check {
-        problems.extend(check(serial).err());
+        problems.extend(
+            check(serial)
+                .into_iter()
+                .filter_map(|part| part.result.err().map(|why| format!("{}: {why}", part.name))),
+        );
     }
     if problems.is_empty() {
         Ok(())
@@ -1015,6 +1025,8 @@ pub struct RunResult {
     /// The PASS/FAIL line.
     pub line: String,
     pub serial: PathBuf,
+    /// The test's parts (see [`Check`]): passed, and a PASS/FAIL line.
+    pub parts: Vec<(bool, String)>,
 }
 
 impl RunResult {
@@ -1084,6 +1096,9 @@ pub fn run_all(
                 while let Some(job) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
                     let result = execute(job);
                     println!("{}", result.line);
+                    for (_, line) in &result.parts {
+                        println!("  {line}");
+                    }
                     results.lock().expect("a run thread panicked").push(result);
                 }
             });
@@ -1202,6 +1217,7 @@ fn execute(job: &Job<'_>) -> RunResult {
         passed: false,
         line,
         serial: job.serial.clone(),
+        parts: Vec::new(),
     };
     let launch = match &job.launch {
         Ok(launch) => launch,
@@ -1224,7 +1240,22 @@ fn execute(job: &Job<'_>) -> RunResult {
         Ok(outcome) => outcome,
         Err(e) => return fail(format!("FAIL {label}: {e}")),
     };
-    let verdict = verdict(job.test, job.emu, &read_serial(&job.serial));
+    let serial = read_serial(&job.serial);
+    let verdict = verdict(job.test, job.emu, &serial);
+    let parts: Vec<(bool, String)> = job
+        .test
+        .check
+        .map(|check| check(&serial))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|part| {
+            let name = format!("{}/{} [{}]", job.test.name, part.name, job.emu.name());
+            match part.result {
+                Ok(shown) => (true, format!("PASS {name}: {shown}")),
+                Err(why) => (false, format!("FAIL {name}: {why}")),
+            }
+        })
+        .collect();
     let exit = match (&outcome.exit, launch) {
         (Exit::Status(status), Launch::Bochs(files)) => match emu::bochs_stop_reason(&files.log) {
             Some(reason) => format!("{}: {reason}", job.emu.describe_exit(*status)),
@@ -1242,8 +1273,12 @@ fn execute(job: &Job<'_>) -> RunResult {
             passed: true,
             line: format!("PASS {label} {time}"),
             serial: job.serial.clone(),
+            parts,
         },
-        Err(why) => fail(format!("FAIL {label} {time}: {why} (emulator {exit})")),
+        Err(why) => RunResult {
+            parts,
+            ..fail(format!("FAIL {label} {time}: {why} (emulator {exit})"))
+        },
     }
 }
 
