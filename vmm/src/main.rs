@@ -52,7 +52,8 @@ const INPUT_EC: Sel = VM + 6;
 const INPUT_SC: Sel = VM + 7;
 const INPUT_SM: Sel = VM + 8;
 const INPUT_UTCB: u64 = 0x0000_6000_0002_0000;
-const INPUT_PRIORITY: u8 = 50;
+/// Between the vCPU's EC and the timer EC (see `TIMER_PRIORITY`).
+const INPUT_PRIORITY: u8 = 25;
 /// The host's COM1, where the console is typed.
 const COM1: u16 = 0x3f8;
 const COM1_GSI: u64 = 4;
@@ -66,8 +67,12 @@ const LSR_DATA_READY: u8 = 1 << 0;
 const EDGE_ACTIVE_HIGH: u64 = 0;
 const STATE_PAGE: u64 = 0x0000_6000_0000_0000;
 const TIMER_UTCB: u64 = 0x0000_6000_0001_0000;
-/// Above the vCPU's EC, so a due timer preempts the guest at once.
-const TIMER_PRIORITY: u8 = 60;
+/// Above the vCPU's EC (the component's priority, 10 in the manifests),
+/// so a due timer preempts the guest at once; below the native real-time
+/// components beside the guest (the modem runs at 40), so nothing the
+/// guest makes its VMM do can delay them. (The kernel does not enforce a
+/// ceiling yet: a VMM could ask for more.)
+const TIMER_PRIORITY: u8 = 30;
 const TIMER_BUDGET_US: u64 = 1000;
 /// Kernel memory of the VM beyond its page tables and capabilities.
 const VM_QUOTA_BASE: u64 = 512 * 1024;

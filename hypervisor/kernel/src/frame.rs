@@ -137,7 +137,9 @@ pub struct FrameAllocator<'a> {
     /// Number of frames the bitmap covers.
     frames: usize,
     free: usize,
-    /// Word index where the next single-frame search starts.
+    /// Every word below this one is full: single-frame searches start
+    /// here (a search that wrapped around crossed the whole bitmap, ~0.4 ms
+    /// of Bochs per allocation inside kernel calls).
     hint: usize,
 }
 
@@ -190,9 +192,7 @@ impl<'a> FrameAllocator<'a> {
         if self.free == 0 {
             return None;
         }
-        let words = self.bitmap.len();
-        for step in 0..words {
-            let index = (self.hint + step) % words;
+        for index in self.hint..self.bitmap.len() {
             let word = self.bitmap.get_mut(index)?;
             if *word != u64::MAX {
                 let bit = word.trailing_ones() as usize;
@@ -213,7 +213,8 @@ impl<'a> FrameAllocator<'a> {
             return None;
         }
         let step = usize::try_from(align.max(PAGE_SIZE) / PAGE_SIZE).ok()?;
-        let mut start = step;
+        // Nothing is free below the hint.
+        let mut start = step.max(self.hint.saturating_mul(BITS_PER_WORD));
         loop {
             // Past used frames a word at a time: a mostly used bitmap is
             // crossed in a few thousand steps, not one per frame (this runs
@@ -287,6 +288,9 @@ impl<'a> FrameAllocator<'a> {
 
     /// Sets frames `[first, last)` to `used`, keeping the free count exact.
     fn set_span(&mut self, first: usize, last: usize, used: bool) {
+        if !used && first < last {
+            self.hint = self.hint.min(first / BITS_PER_WORD);
+        }
         let mut frame = first;
         while frame < last {
             let bit = frame % BITS_PER_WORD;
@@ -434,6 +438,26 @@ mod tests {
         assert_eq!(fa.free_frames(), 10);
         fa.reserve(PhysRange::new(0, u64::MAX));
         assert_eq!(fa.free_frames(), 0);
+    }
+
+    #[test]
+    fn single_frames_come_from_the_lowest_free_word() {
+        let mut bitmap = [0u64; 64];
+        let mut fa = FrameAllocator::new(&mut bitmap);
+        fa.add_free(PhysRange::new(0, 16 * MIB));
+        let first: Vec<u64> = (0..200).map(|_| fa.alloc().unwrap()).collect();
+        assert_eq!(first[0], PAGE_SIZE, "frame 0 is never handed out");
+        assert!(first.windows(2).all(|w| w[1] == w[0] + PAGE_SIZE));
+        // A frame freed below the search start is found again first.
+        fa.free(5 * PAGE_SIZE).unwrap();
+        assert_eq!(fa.alloc(), Some(5 * PAGE_SIZE));
+        assert_eq!(fa.alloc(), Some(201 * PAGE_SIZE));
+        // Full: None, and every frame handed out once.
+        let rest: Vec<u64> = core::iter::from_fn(|| fa.alloc()).collect();
+        assert_eq!(rest.len(), 4096 - 202);
+        assert_eq!(fa.alloc(), None);
+        fa.free(4095 * PAGE_SIZE).unwrap();
+        assert_eq!(fa.alloc(), Some(4095 * PAGE_SIZE));
     }
 
     #[test]
