@@ -70,8 +70,8 @@ const TIMER_UTCB: u64 = 0x0000_6000_0001_0000;
 /// Above the vCPU's EC (the component's priority, 10 in the manifests),
 /// so a due timer preempts the guest at once; below the native real-time
 /// components beside the guest (the modem runs at 40), so nothing the
-/// guest makes its VMM do can delay them. (The kernel does not enforce a
-/// ceiling yet: a VMM could ask for more.)
+/// guest makes its VMM do can delay them. The manifest gives the VMM this
+/// as its `ceiling`; the kernel refuses anything above.
 const TIMER_PRIORITY: u8 = 30;
 const TIMER_BUDGET_US: u64 = 1000;
 /// Kernel memory of the VM beyond its page tables and capabilities.

@@ -115,6 +115,7 @@ component ticker
 component ping
     module ping
     priority 10
+    ceiling 40
     memory 256K
     quota 64K
     uses echo at 20
@@ -241,6 +242,7 @@ macro_rules! linux_vmm {
 component linux
     module vmm
     priority 10
+    ceiling 30
     memory 2M
     stack 64K
     quota 32M

@@ -648,6 +648,7 @@ pub const TESTS: &[SysTest] = &[
             component("quota"),
         ],
         expect: &[
+            all("quota: ceiling 10 holds: a PD and an SC above it are refused"),
             all("quota: exhausted after "),
             all(" semaphores (quota exceeded)"),
             all("quota: recovered"),

@@ -37,6 +37,9 @@ pub struct Pd {
     /// The root task may delegate any I/O port and GSI.
     pub all_io: bool,
     pub dying: bool,
+    /// The highest priority an SC may have that this PD makes or that
+    /// runs one of its ECs (seL4's maximum controlled priority).
+    pub ceiling: u8,
     /// How many of `spaces` a dying PD has destroyed.
     pub spaces_gone: usize,
     /// A VM's guest-physical space (EPT or NPT); its memory space maps
@@ -236,6 +239,7 @@ impl Kernel {
             caps: 0,
             all_io: owner.is_none(),
             dying: false,
+            ceiling: moat_abi::PRIORITIES - 1,
             spaces_gone: 0,
             io_bitmap: None,
             guest: None,
@@ -276,7 +280,9 @@ impl Kernel {
         Ok(id)
     }
 
-    /// `create_pd`.
+    /// `create_pd`. `ceiling` 0 gives the new PD the caller's ceiling;
+    /// else it may not be above it.
+    #[allow(clippy::too_many_arguments)]
     pub fn sys_create_pd(
         &mut self,
         caller: PdId,
@@ -285,14 +291,24 @@ impl Kernel {
         owner_sel: u64,
         quota: u64,
         capacity: u64,
+        ceiling: u64,
     ) -> Status {
         let result = (|| {
             let owner = self.lookup_pd(caller, owner_sel, rights::PD_CONTROL)?;
             if capacity == 0 || capacity > 1 << 20 {
                 return Err(Status::BadParameter);
             }
+            let limit = self.pds.get(caller).ok_or(Status::BadCapability)?.ceiling;
+            let ceiling = match ceiling {
+                0 => limit,
+                c if c <= u64::from(limit) => c as u8,
+                _ => return Err(Status::InsufficientRights),
+            };
             self.object_slot_free(caller, selector)?;
             let pd = self.new_pd(Some(owner), quota, capacity as usize, vm)?;
+            if let Some(p) = self.pds.get_mut(pd) {
+                p.ceiling = ceiling;
+            }
             if let Some(o) = self.pds.get_mut(owner) {
                 let _ = o.owned.try_reserve(1);
                 if o.owned.capacity() > o.owned.len() {

@@ -44,6 +44,12 @@ impl Kernel {
         if e.kind != EcKind::Global || e.sc.is_some() || e.state != EcState::Running {
             return Err(Status::BadParameter);
         }
+        // Neither the caller nor the EC's PD may run above its ceiling: a
+        // component cannot make itself more urgent than its creator let it.
+        let ceiling = |pd| self.pds.get(pd).map_or(0, |p| p.ceiling);
+        if priority > u64::from(ceiling(caller).min(ceiling(e.pd))) {
+            return Err(Status::InsufficientRights);
+        }
         self.object_slot_free(caller, selector)?;
         let sc = self.new_sc(owner, ec, priority as u8, budget_us)?;
         if let Err(status) = self.install_object(caller, selector, Object::Sc(sc)) {

@@ -73,6 +73,7 @@ impl Kernel {
                     args[0],
                     args[1],
                     args[2],
+                    args[3],
                 );
                 if status == Status::Success && word.flags & flags::USER_HYPERCALLS != 0 {
                     if let Ok(made) = self.lookup_pd(pd, sel, rights::PD_CONTROL) {

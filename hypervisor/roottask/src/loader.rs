@@ -218,8 +218,14 @@ impl Loader {
         let component = &plan.manifest.components[plan.instance.index];
         let own = selectors::SELF_PD;
         let pd = loaded.pd();
-        sys::create_pd(pd, own, component.quota, component.capacity)
-            .map_err(kernel("create_pd"))?;
+        sys::create_pd(
+            pd,
+            own,
+            component.quota,
+            component.capacity,
+            component.ceiling,
+        )
+        .map_err(kernel("create_pd"))?;
 
         for (segment, region) in plan.elf.segments().zip(plan.regions) {
             self.map(pd, *region, loaded, |page, vaddr| {

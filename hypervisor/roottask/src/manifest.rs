@@ -10,6 +10,8 @@
 //! component NAME                 # opens a component
 //!     module MODULE              # boot module with its ELF file (required)
 //!     priority 0..63             # (required)
+//!     ceiling PRIORITY           # highest priority its SCs may have
+//!                                # (>= priority; default: its priority)
 //!     budget DURATION            # SC budget per period; bare number = µs (default 10ms)
 //!     memory SIZE                # RAM for ELF segments + stack (required)
 //!     stack SIZE                 # of the first EC (default 16K)
@@ -77,6 +79,8 @@ pub struct Component {
     pub name: String,
     pub module: String,
     pub priority: u8,
+    /// The highest priority the kernel lets the component's SCs have.
+    pub ceiling: u8,
     pub budget_us: u64,
     /// Bytes, a multiple of the page size.
     pub memory: u64,
@@ -451,6 +455,7 @@ struct Draft {
     line: usize,
     module: Option<String>,
     priority: Option<u8>,
+    ceiling: Option<u8>,
     budget_us: Option<u64>,
     memory: Option<u64>,
     stack: Option<u64>,
@@ -486,6 +491,10 @@ impl Draft {
             "priority" => {
                 let priority = ranged("priority", number(words.next("priority")?)?, 0, 63)?;
                 set(&mut self.priority, "priority", priority as u8)?;
+            }
+            "ceiling" => {
+                let ceiling = ranged("ceiling", number(words.next("ceiling")?)?, 0, 63)?;
+                set(&mut self.ceiling, "ceiling", ceiling as u8)?;
             }
             "budget" => {
                 let budget = duration_us(words.next("budget")?, 1)?;
@@ -623,9 +632,23 @@ impl Draft {
                 property,
             },
         };
+        let priority = self.priority.ok_or_else(|| missing("priority"))?;
+        let ceiling = self.ceiling.unwrap_or(priority);
+        if ceiling < priority {
+            return Err(ManifestError {
+                line: self.line,
+                kind: ErrorKind::OutOfRange {
+                    what: "ceiling (below the priority)",
+                    value: u64::from(ceiling),
+                    min: u64::from(priority),
+                    max: 63,
+                },
+            });
+        }
         Ok(Component {
             module: self.module.clone().ok_or_else(|| missing("module"))?,
-            priority: self.priority.ok_or_else(|| missing("priority"))?,
+            priority,
+            ceiling,
             memory: self.memory.ok_or_else(|| missing("memory"))?,
             quota: self.quota.ok_or_else(|| missing("quota"))?,
             budget_us: self.budget_us.unwrap_or(DEFAULT_BUDGET_US),
@@ -791,8 +814,8 @@ pub fn parse(text: &str) -> core::result::Result<Manifest, ManifestError> {
 }
 
 const KNOWN_PROPERTIES: &[&str] = &[
-    "module", "priority", "budget", "memory", "stack", "quota", "capacity", "args", "provides",
-    "uses", "restart", "ram", "file",
+    "module", "priority", "ceiling", "budget", "memory", "stack", "quota", "capacity", "args",
+    "provides", "uses", "restart", "ram", "file",
 ];
 
 /// Checks a selector a manifest gives to `component` and records it.
@@ -968,6 +991,31 @@ irq 4 to uart
         alloc::format!(
             "component a\n module a\n priority 1\n memory 8K\n quota 4K\n{component_lines}"
         )
+    }
+
+    #[test]
+    fn ceiling_defaults_to_the_priority_and_may_not_be_below_it() {
+        let base = "component a\nmodule a\npriority 10\nmemory 8K\nquota 4K\n";
+        assert_eq!(parse(base).unwrap().components[0].ceiling, 10);
+        let m = parse(&format!("{base}ceiling 30\n")).unwrap();
+        assert_eq!(
+            (m.components[0].priority, m.components[0].ceiling),
+            (10, 30)
+        );
+        let err = parse(&format!("{base}ceiling 9\n")).unwrap_err();
+        assert!(
+            matches!(
+                err.kind,
+                ErrorKind::OutOfRange {
+                    value: 9,
+                    min: 10,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(parse(&format!("{base}ceiling 64\n")).is_err());
+        assert!(parse(&format!("{base}ceiling 30\nceiling 31\n")).is_err());
     }
 
     #[test]

@@ -100,13 +100,20 @@ pub fn reply(words: [u64; 6]) -> Status {
 }
 
 /// Creates a PD at `dst`, paid for by `owner`, with `quota_bytes` of
-/// `owner`'s kernel-memory quota and room for `capacity` capabilities.
-pub fn create_pd(dst: Sel, owner: Sel, quota_bytes: u64, capacity: u64) -> Result<(), Status> {
+/// `owner`'s kernel-memory quota and room for `capacity` capabilities;
+/// its SCs may not run above `ceiling` (0: the caller's own ceiling).
+pub fn create_pd(
+    dst: Sel,
+    owner: Sel,
+    quota_bytes: u64,
+    capacity: u64,
+    ceiling: u8,
+) -> Result<(), Status> {
     simple(
         Call::CreatePd,
         0,
         dst,
-        [owner, quota_bytes, capacity, 0, 0, 0],
+        [owner, quota_bytes, capacity, u64::from(ceiling), 0, 0],
     )
 }
 
