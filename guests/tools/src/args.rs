@@ -25,6 +25,28 @@ impl UsageError {
     }
 }
 
+/// The start of every tool's `main`: parses the process's arguments with
+/// `parse`; on `--help` prints `usage` and gives exit code 0, on a usage
+/// error prints it with `usage` (as `name: ...`) and gives 2.
+pub fn run_or_exit<T>(
+    name: &str,
+    usage: &str,
+    parse: impl FnOnce(&[String]) -> Result<Parsed<T>, UsageError>,
+) -> Result<T, std::process::ExitCode> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match parse(&args) {
+        Ok(Parsed::Run(opts)) => Ok(opts),
+        Ok(Parsed::Help) => {
+            print!("{usage}");
+            Err(std::process::ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprint!("{name}: {}\n{usage}", e.0);
+            Err(std::process::ExitCode::from(EXIT_USAGE))
+        }
+    }
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Word<'a> {
     Help,

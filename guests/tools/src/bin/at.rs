@@ -8,7 +8,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::ExitCode;
 
-use moat_guest_tools::args::{Parsed, EXIT_USAGE};
+use moat_guest_tools::args::run_or_exit;
 use moat_guest_tools::at::{
     await_reset, converse, find_port, Exchange, Failure, Job, Options, PORTS_DIR,
 };
@@ -33,17 +33,9 @@ ERROR, NO CARRIER, BUSY, ...), timeout or I/O error, 2 on a usage error.
 const O_NONBLOCK: i32 = 0o4000;
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let opts = match Options::parse(&args) {
-        Ok(Parsed::Run(opts)) => opts,
-        Ok(Parsed::Help) => {
-            print!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprint!("at: {}\n{USAGE}", e.0);
-            return ExitCode::from(EXIT_USAGE);
-        }
+    let opts = match run_or_exit("at", USAGE, Options::parse) {
+        Ok(opts) => opts,
+        Err(code) => return code,
     };
     let device = match find_port(Path::new(PORTS_DIR), &opts.port) {
         Ok(Some(device)) => Path::new("/dev").join(device),

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use moat_guest_tools::args::{Parsed, EXIT_USAGE};
+use moat_guest_tools::args::run_or_exit;
 use moat_guest_tools::hypercall::{self, rdtsc};
 use moat_guest_tools::ipc::{self, Options};
 use moat_guest_tools::stats::Summary;
@@ -25,17 +25,9 @@ acceleration), it raises #UD and the process dies with SIGILL.
 ";
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let opts = match Options::parse(&args) {
-        Ok(Parsed::Run(opts)) => opts,
-        Ok(Parsed::Help) => {
-            print!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprint!("ipcbench: {}\n{USAGE}", e.0);
-            return ExitCode::from(EXIT_USAGE);
-        }
+    let opts = match run_or_exit("ipcbench", USAGE, Options::parse) {
+        Ok(opts) => opts,
+        Err(code) => return code,
     };
     let insn = hypercall::this_cpu_insn();
     let rax = ipc::call_rax(opts.portal);

@@ -7,7 +7,7 @@ use std::io;
 use std::os::fd::AsFd;
 use std::process::{Command, ExitCode, Stdio};
 
-use moat_guest_tools::args::{Parsed, EXIT_USAGE};
+use moat_guest_tools::args::run_or_exit;
 use moat_guest_tools::hypercall::rdtsc;
 use moat_guest_tools::pingpong::{self, Role, CHILD_FLAG, WARMUP};
 use moat_guest_tools::stats::Summary;
@@ -25,18 +25,10 @@ A wrong answer, a closed pipe or a child that fails prints
 ";
 
 fn main() -> ExitCode {
-    let args: Vec<String> = env::args().skip(1).collect();
-    match Role::parse(&args) {
-        Ok(Parsed::Run(Role::Parent { calls })) => parent(calls),
-        Ok(Parsed::Run(Role::Child)) => child(),
-        Ok(Parsed::Help) => {
-            print!("{USAGE}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprint!("pingpong: {}\n{USAGE}", e.0);
-            ExitCode::from(EXIT_USAGE)
-        }
+    match run_or_exit("pingpong", USAGE, Role::parse) {
+        Ok(Role::Parent { calls }) => parent(calls),
+        Ok(Role::Child) => child(),
+        Err(code) => code,
     }
 }
 

@@ -6,7 +6,7 @@ use std::fs::OpenOptions;
 use std::path::Path;
 use std::process::ExitCode;
 
-use moat_guest_tools::args::{Parsed, EXIT_USAGE};
+use moat_guest_tools::args::run_or_exit;
 use moat_guest_tools::at::{find_port, PORTS_DIR};
 use moat_guest_tools::hypercall::rdtsc;
 use moat_guest_tools::portbench::{self, Options, WARMUP};
@@ -26,17 +26,9 @@ error prints `portbench: FAIL ...` and exits 1 (2: usage).
 ";
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let opts = match Options::parse(&args) {
-        Ok(Parsed::Run(opts)) => opts,
-        Ok(Parsed::Help) => {
-            print!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprint!("portbench: {}\n{USAGE}", e.0);
-            return ExitCode::from(EXIT_USAGE);
-        }
+    let opts = match run_or_exit("portbench", USAGE, Options::parse) {
+        Ok(opts) => opts,
+        Err(code) => return code,
     };
     let device = match find_port(Path::new(PORTS_DIR), &opts.port) {
         Ok(Some(device)) => Path::new("/dev").join(device),

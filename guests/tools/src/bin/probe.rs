@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::process::ExitCode;
 
-use moat_guest_tools::args::{Parsed, EXIT_USAGE};
+use moat_guest_tools::args::run_or_exit;
 use moat_guest_tools::hypercall;
 use moat_guest_tools::ipc;
 use moat_guest_tools::probe::{self, MemoryTally, Options, PortalReport, Portals, Report, PAGE};
@@ -47,17 +47,9 @@ const O_SYNC: i32 = 0o4010000;
 const MAX_ERRNO: u64 = 4095;
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let opts = match Options::parse(&args) {
-        Ok(Parsed::Run(opts)) => opts,
-        Ok(Parsed::Help) => {
-            print!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprint!("probe: {}\n{USAGE}", e.0);
-            return ExitCode::from(EXIT_USAGE);
-        }
+    let opts = match run_or_exit("probe", USAGE, Options::parse) {
+        Ok(opts) => opts,
+        Err(code) => return code,
     };
     let mut report = Report::default();
     if let Some(portals) = &opts.portals {

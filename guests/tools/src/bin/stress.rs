@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use moat_guest_tools::args::{Parsed, EXIT_USAGE};
+use moat_guest_tools::args::run_or_exit;
 use moat_guest_tools::stress::{cpu_round, fill, verify, Options, WORDS_PER_MIB};
 
 const USAGE: &str = "\
@@ -25,17 +25,9 @@ Prints `stress: done, ...` and exits 0, or `stress: FAIL ...` and exits 1
 const WATCH_INTERVAL: Duration = Duration::from_millis(50);
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let opts = match Options::parse(&args) {
-        Ok(Parsed::Run(opts)) => opts,
-        Ok(Parsed::Help) => {
-            print!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprint!("stress: {}\n{USAGE}", e.0);
-            return ExitCode::from(EXIT_USAGE);
-        }
+    let opts = match run_or_exit("stress", USAGE, Options::parse) {
+        Ok(opts) => opts,
+        Err(code) => return code,
     };
     println!(
         "stress: {} cpu threads, {} MiB, {} s",
