@@ -70,6 +70,9 @@ fn idle() -> ! {
         let now = cpu::rdtsc();
         if let Some(kernel) = guard.as_mut() {
             kernel.expire_timeouts(now);
+            // A teardown a preempted `revoke` left half done (its caller
+            // may be gone) goes on while nothing else runs.
+            kernel.destroy_doomed_until(&crate::syscall::interrupt_due);
         }
         if let Some(frame) = next(guard) {
             // SAFETY: `frame` is the saved user context of an EC that the

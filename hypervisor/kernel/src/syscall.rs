@@ -309,7 +309,7 @@ impl Kernel {
 
 /// Whether the timer is due, so a long call should stop and let the
 /// interrupt in (it may wake a component of higher priority).
-fn interrupt_due() -> bool {
+pub fn interrupt_due() -> bool {
     crate::arch::x86_64::lapic::armed() <= crate::arch::x86_64::cpu::rdtsc()
 }
 
