@@ -255,13 +255,11 @@ component linux
     };
 }
 
-/// The native services beside the Linux guest: the `echo` server (the
-/// guest calls it with the IPC hypercall) and the `modem` (its AT service
-/// reached through the virtio-console port `modem`), above the guest.
-macro_rules! linux_neighbours {
-    () => {
+/// The native modem, above every other priority, with the lines `$more`
+/// (its `restart` and `args`).
+macro_rules! modem_component {
+    ($more:literal) => {
         concat!(
-            echo_server!(),
             "\
 component modem
     module modem
@@ -269,8 +267,20 @@ component modem
     memory 256K
     quota 64K
     provides modem
-    args report_every=10000
-"
+",
+            $more
+        )
+    };
+}
+
+/// The native services beside the Linux guest: the `echo` server (the
+/// guest calls it with the IPC hypercall) and the `modem` (its AT service
+/// reached through the virtio-console port `modem`), above the guest.
+macro_rules! linux_neighbours {
+    () => {
+        concat!(
+            echo_server!(),
+            modem_component!("    args report_every=10000\n")
         )
     };
 }
@@ -297,15 +307,7 @@ pub const LINUX: &str = concat!(
 /// panics (step c).
 pub const DEMO: &str = concat!(
     echo_server!(),
-    "\
-component modem
-    module modem
-    priority 40
-    memory 256K
-    quota 64K
-    provides modem
-    args report_every=1000 fault_injection
-",
+    modem_component!("    args report_every=1000 fault_injection\n"),
     linux_vmm!(),
     "\
     file disk disk.img at 0x32000000000
@@ -352,15 +354,9 @@ irq 4 to linux
 /// its AT sessions to `modemclient`; it crashes on purpose after 1200
 /// frames and is restarted once; the client stays (keeping the modem
 /// wanted), reconnects, and ends after 1100 frames of the new instance.
-pub const MODEM: &str = "\
-component modem
-    module modem
-    priority 40
-    memory 256K
-    quota 64K
-    provides modem
-    restart 1
-    args report_every=500 crash_after=1200
+pub const MODEM: &str = concat!(
+    modem_component!("    restart 1\n    args report_every=500 crash_after=1200\n"),
+    "\
 component modemclient
     module modemclient
     priority 10
@@ -369,7 +365,8 @@ component modemclient
     uses modem at 20
     restart 0
     args restarts=1 frames=1100
-";
+"
+);
 
 #[cfg(test)]
 mod tests {
