@@ -1562,6 +1562,21 @@ mod tests {
         assert!(modinfo_depends(&ko).unwrap().is_empty());
     }
 
+    /// 20,000 copies of `good`, each with one byte overwritten at a place
+    /// and with a value drawn from a xorshift generator seeded with `seed`.
+    fn corrupted(good: &[u8], seed: u64) -> impl Iterator<Item = Vec<u8>> + '_ {
+        let mut x = seed;
+        (0..20_000).map(move |_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let mut bad = good.to_vec();
+            let at = (x % bad.len() as u64) as usize;
+            bad[at] = (x >> 40) as u8;
+            bad
+        })
+    }
+
     #[test]
     fn modinfo_of_broken_files_is_an_error_not_a_panic() {
         let good = elf_with_modinfo(b"depends=a\0");
@@ -1571,14 +1586,7 @@ mod tests {
         for len in 0..good.len() {
             assert!(modinfo_depends(&good[..len]).is_err(), "truncated to {len}");
         }
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        for _ in 0..20_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let mut bad = good.clone();
-            let at = (x % bad.len() as u64) as usize;
-            bad[at] = (x >> 40) as u8;
+        for bad in corrupted(&good, 0x2545_f491_4f6c_dd1d) {
             let _ = modinfo_depends(&bad);
         }
     }
@@ -1753,14 +1761,7 @@ mod tests {
         for len in 0..good.len() {
             assert!(static_elf(&good[..len]).is_err(), "truncated to {len}");
         }
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        for _ in 0..20_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let mut bad = good.clone();
-            let at = (x % bad.len() as u64) as usize;
-            bad[at] = (x >> 40) as u8;
+        for bad in corrupted(&good, 0x9e37_79b9_7f4a_7c15) {
             let _ = static_elf(&bad);
         }
     }

@@ -5,9 +5,10 @@
 //! host to close and reopen the port (a modem restart, as the VMM shows
 //! it).
 
-use std::fs;
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, ErrorKind, Read, Write};
-use std::path::Path;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -454,6 +455,30 @@ pub fn await_reset<P: Read + Write>(
 
 fn transient(e: &io::Error) -> bool {
     matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted)
+}
+
+/// `O_NONBLOCK` of Linux x86-64 (asm-generic/fcntl.h).
+const O_NONBLOCK: i32 = 0o4000;
+
+/// Finds the port called `name` in [`PORTS_DIR`] and opens its device for
+/// reading and writing (`nonblocking`: reads and writes give `WouldBlock`
+/// instead of waiting); the device and the file, or what went wrong.
+pub fn open_port(name: &str, nonblocking: bool) -> Result<(PathBuf, File), String> {
+    let device = match find_port(Path::new(PORTS_DIR), name) {
+        Ok(Some(device)) => Path::new("/dev").join(device),
+        Ok(None) => return Err(format!("no virtio-console port named `{name}`")),
+        Err(e) => return Err(format!("cannot list {PORTS_DIR}: {e}")),
+    };
+    let flags = if nonblocking { O_NONBLOCK } else { 0 };
+    match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(flags)
+        .open(&device)
+    {
+        Ok(file) => Ok((device, file)),
+        Err(e) => Err(format!("cannot open {}: {e}", device.display())),
+    }
 }
 
 /// The device name (`vportXpY`) of the port called `name`, from the

@@ -2,16 +2,11 @@
 //! virtio-console port and prints the answer.
 #![forbid(unsafe_code)]
 
-use std::fs::OpenOptions;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
 use std::process::ExitCode;
 
 use moat_guest_tools::args::run_or_exit;
-use moat_guest_tools::at::{
-    await_reset, converse, find_port, Exchange, Failure, Job, Options, PORTS_DIR,
-};
+use moat_guest_tools::at::{await_reset, converse, open_port, Exchange, Failure, Job, Options};
 
 const USAGE: &str = "\
 usage: at [--port NAME] [--timeout SECS] COMMAND
@@ -29,27 +24,14 @@ Exit code: 0 on OK, CONNECT or a reset seen, 1 on ERROR (also +CME/+CMS
 ERROR, NO CARRIER, BUSY, ...), timeout or I/O error, 2 on a usage error.
 ";
 
-/// `O_NONBLOCK` of Linux x86-64 (asm-generic/fcntl.h).
-const O_NONBLOCK: i32 = 0o4000;
-
 fn main() -> ExitCode {
     let opts = match run_or_exit("at", USAGE, Options::parse) {
         Ok(opts) => opts,
         Err(code) => return code,
     };
-    let device = match find_port(Path::new(PORTS_DIR), &opts.port) {
-        Ok(Some(device)) => Path::new("/dev").join(device),
-        Ok(None) => return fail(&format!("no virtio-console port named `{}`", opts.port)),
-        Err(e) => return fail(&format!("cannot list {PORTS_DIR}: {e}")),
-    };
-    let mut port = match OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(O_NONBLOCK)
-        .open(&device)
-    {
-        Ok(port) => port,
-        Err(e) => return fail(&format!("cannot open {}: {e}", device.display())),
+    let (device, mut port) = match open_port(&opts.port, true) {
+        Ok(opened) => opened,
+        Err(why) => return fail(&why),
     };
     let request = match opts.job {
         Job::Request(request) => request,

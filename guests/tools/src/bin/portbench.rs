@@ -2,12 +2,10 @@
 //! virtio-console port.
 #![forbid(unsafe_code)]
 
-use std::fs::OpenOptions;
-use std::path::Path;
 use std::process::ExitCode;
 
 use moat_guest_tools::args::run_or_exit;
-use moat_guest_tools::at::{find_port, PORTS_DIR};
+use moat_guest_tools::at::open_port;
 use moat_guest_tools::hypercall::rdtsc;
 use moat_guest_tools::portbench::{self, Options, WARMUP};
 use moat_guest_tools::stats::Summary;
@@ -30,14 +28,9 @@ fn main() -> ExitCode {
         Ok(opts) => opts,
         Err(code) => return code,
     };
-    let device = match find_port(Path::new(PORTS_DIR), &opts.port) {
-        Ok(Some(device)) => Path::new("/dev").join(device),
-        Ok(None) => return fail(&format!("no virtio-console port named `{}`", opts.port)),
-        Err(e) => return fail(&format!("cannot list {PORTS_DIR}: {e}")),
-    };
-    let mut port = match OpenOptions::new().read(true).write(true).open(&device) {
-        Ok(port) => port,
-        Err(e) => return fail(&format!("cannot open {}: {e}", device.display())),
+    let (device, mut port) = match open_port(&opts.port, false) {
+        Ok(opened) => opened,
+        Err(why) => return fail(&why),
     };
     let mut samples = Vec::new();
     if samples.try_reserve_exact(opts.calls).is_err() {
