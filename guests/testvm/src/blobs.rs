@@ -10,8 +10,8 @@ use core::arch::global_asm;
 
 use crate::layout::{FAULT_PAGE, IDT, LOAD_ADDRESS, MODES_TABLES, PAGE_TABLE};
 use crate::{
-    mark, mmio, port, HYPERCALL_ECHO, HYPERCALL_MISSING, INTERRUPT_VECTOR, NOT_GIVEN, TEST_MSR,
-    UD_VECTOR,
+    mark, mmio, port, HYPERCALL_ECHO, HYPERCALL_MISSING, INTERRUPT_VECTOR, IRQONCE_ROUNDS,
+    IRQONCE_SPIN, NOT_GIVEN, TEST_MSR, UD_VECTOR,
 };
 
 /// The bytes from `start` to `end`.
@@ -51,6 +51,7 @@ blob!(nogive, testvm_nogive_start, testvm_nogive_end);
 blob!(debug, testvm_debug_start, testvm_debug_end);
 blob!(tsc, testvm_tsc_start, testvm_tsc_end);
 blob!(cr8, testvm_cr8_start, testvm_cr8_end);
+blob!(irqonce, testvm_irqonce_start, testvm_irqonce_end);
 
 /// Opens blob `$p`: its section and start label.
 macro_rules! begin {
@@ -764,5 +765,76 @@ global_asm!(
     end!("testvm_tsc"),
     leaf = const crate::TSC_OFFSET_LEAF,
     offset = const crate::TSC_OFFSET,
+    options(att_syntax)
+);
+
+// `irqonce`: each injected interrupt must arrive exactly once. For every
+// interrupt the guest halts with IF=0 and then opens the interrupt window
+// (as `interrupt` does); the handler runs IRQONCE_SPIN loop iterations
+// with IF=0 and no exit, long enough for the emulator's own timers to
+// interrupt its execution loop, and notes a re-entry (the same interrupt
+// delivered again while IF=0) instead of counting it.
+global_asm!(
+    begin!("testvm_irqonce"),
+    ".code64",
+    "    mov ${vector}, %edi",
+    "    lea testvm_irqonce_irq(%rip), %rax",
+    "    call testvm_irqonce_gate",
+    "    lidt testvm_irqonce_idtr(%rip)",
+    "    xor %ebx, %ebx",
+    "2:  cli",
+    "    hlt", // an event: the interrupt, for the window
+    "    sti",
+    "    nop", // the STI shadow ends: the window opens
+    "    inc %ebx",
+    "    mov $1000000, %ecx",
+    "7:  cmp %ebx, testvm_irqonce_count(%rip)",
+    "    je 8f",
+    "    pause",
+    "    loop 7b",
+    "    jmp 5f",
+    "8:  cli",
+    "    cmpb $0, testvm_irqonce_nested(%rip)",
+    "    jne 4f",
+    "    cmp ${rounds}, %ebx",
+    "    jne 2b",
+    "    lea testvm_irqonce_ok(%rip), %rsi",
+    "    call testvm_irqonce_puts",
+    "3:  hlt", // the end
+    "    jmp 3b",
+    "4:  lea testvm_irqonce_again(%rip), %rsi",
+    "    call testvm_irqonce_puts",
+    "    jmp 3b",
+    "5:  lea testvm_irqonce_lost(%rip), %rsi",
+    "    call testvm_irqonce_puts",
+    "    jmp 3b",
+    "testvm_irqonce_irq:",
+    "    cmpb $0, testvm_irqonce_busy(%rip)",
+    "    jne 6f",
+    "    movb $1, testvm_irqonce_busy(%rip)",
+    "    push %rcx",
+    "    mov ${spin}, %ecx",
+    "9:  dec %ecx",
+    "    jnz 9b",
+    "    pop %rcx",
+    "    incl testvm_irqonce_count(%rip)",
+    "    movb $0, testvm_irqonce_busy(%rip)",
+    "    iretq",
+    "6:  movb $1, testvm_irqonce_nested(%rip)",
+    "    iretq",
+    puts64!("testvm_irqonce"),
+    idt64!("testvm_irqonce"),
+    ".balign 4",
+    "testvm_irqonce_count: .4byte 0",
+    "testvm_irqonce_busy: .byte 0",
+    "testvm_irqonce_nested: .byte 0",
+    "testvm_irqonce_ok: .asciz \"ok\\n\"",
+    "testvm_irqonce_again: .asciz \"FAIL an interrupt arrived again while its handler ran with IF=0\\n\"",
+    "testvm_irqonce_lost: .asciz \"FAIL an injected interrupt did not arrive\\n\"",
+    end!("testvm_irqonce"),
+    vector = const INTERRUPT_VECTOR,
+    rounds = const IRQONCE_ROUNDS,
+    spin = const IRQONCE_SPIN,
+    idt = const IDT,
     options(att_syntax)
 );

@@ -152,6 +152,10 @@ pub const MISSING_SELECTOR: u64 = 21;
 
 /// The vector `interrupt` expects as an external interrupt.
 pub const INTERRUPT_VECTOR: u8 = 0x30;
+/// Interrupts `irqonce` takes, and the loop iterations its handler spins
+/// with IF=0 for each (a few million instructions in all).
+pub const IRQONCE_ROUNDS: u32 = 64;
+pub const IRQONCE_SPIN: u32 = 200_000;
 /// Invalid opcode, the exception `interrupt` expects.
 pub const UD_VECTOR: u8 = 6;
 
@@ -234,7 +238,7 @@ const BASE: TestGuest = TestGuest {
     expect: &[],
 };
 
-static GUESTS: [TestGuest; 11] = [
+static GUESTS: [TestGuest; 12] = [
     TestGuest {
         name: "modes",
         blob: blobs::modes,
@@ -289,6 +293,13 @@ static GUESTS: [TestGuest; 11] = [
             Event::NmiWindow,
         ],
         expect: &["ok", "exception: ok", "nmi: ok", "nmi window: ok"],
+        ..BASE
+    },
+    TestGuest {
+        name: "irqonce",
+        blob: blobs::irqonce,
+        events: &[Event::Interrupt(INTERRUPT_VECTOR); IRQONCE_ROUNDS as usize],
+        expect: &["ok"],
         ..BASE
     },
     TestGuest {

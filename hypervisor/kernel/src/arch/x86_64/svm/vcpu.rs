@@ -8,7 +8,7 @@ use crate::arch::x86_64::virt::{fill_exit, RunOutcome};
 use crate::memory;
 use moat_abi::vcpu::{exit_on, group, Inject, Segment, VcpuState};
 use moat_abi::{Status, HYPERCALL_IPC, HYPERCALL_SELECTOR_MASK};
-use moat_kernel::virt::event::Event;
+use moat_kernel::virt::event::{Event, EventKind};
 use moat_kernel::virt::exit::{decode_svm, Exit, SvmExitInfo};
 use moat_kernel::virt::vmcb::{
     control, save, svm_attrib, vmx_access_rights, InterceptMisc1, InterceptMisc2, SaveSegment,
@@ -50,7 +50,23 @@ pub struct SvmVcpu {
     msrpm: u64,
     gprs: Gprs,
     flush_next: bool,
+    /// An external interrupt the VMM injected, offered to the guest as
+    /// the virtual interrupt (V_IRQ) until the guest takes it.
+    virq: Option<u8>,
+    /// The VMM asked for an interrupt-window exit.
+    window: bool,
 }
+
+/// External interrupts go to the guest as the virtual interrupt (V_IRQ,
+/// APM Vol. 2, 15.21.4), not through EVENTINJ: QEMU's TCG (7.2 and later)
+/// delivers an EVENTINJ interrupt inside VMRUN but leaves it as the CPU's
+/// pending exception, so the next exit request of its main loop before
+/// the guest's next exit delivers it a second time, with the guest's
+/// interrupts disabled — Linux then deadlocks on the interrupt's own
+/// descriptor lock. The virtual interrupt is taken like a physical one,
+/// when the guest can take it, on hardware and in QEMU alike; it is
+/// highest priority and ignores V_TPR (the VMM's LAPIC model decided).
+const VIRQ_PRIORITY: u8 = 0xf;
 
 fn page(phys: u64) -> &'static mut [u8; 4096] {
     // SAFETY: `phys` is a frame this vCPU allocated and owns until `free`;
@@ -154,6 +170,8 @@ impl SvmVcpu {
             msrpm,
             gprs: Gprs::default(),
             flush_next: true,
+            virq: None,
+            window: false,
         })
     }
 
@@ -240,27 +258,63 @@ impl SvmVcpu {
             );
         }
         if dirty & group::INJECT != 0 {
-            v.set(control::EVENTINJ, Event::from_abi(&state.inject).to_svm());
+            let event = Event::from_abi(&state.inject);
+            match (event.kind, self.virq) {
+                (EventKind::ExternalInterrupt, None) => self.virq = Some(event.vector),
+                // Only if an earlier one is still untaken (see `run`).
+                _ => v.set(control::EVENTINJ, event.to_svm()),
+            }
         }
         if dirty & group::EXIT_ON != 0 {
+            self.window = state.exit_on & exit_on::INTERRUPT_WINDOW != 0;
             let mut misc1 = v.intercept_misc1();
-            let mut vintr = v.v_intr();
-            misc1.set(
-                InterceptMisc1::VINTR,
-                state.exit_on & exit_on::INTERRUPT_WINDOW != 0,
-            );
-            vintr.set(
-                VIntr::V_IRQ | VIntr::V_IGN_TPR,
-                state.exit_on & exit_on::INTERRUPT_WINDOW != 0,
-            );
             misc1.set(
                 InterceptMisc1::IRET,
                 state.exit_on & exit_on::NMI_WINDOW != 0,
             );
             v.set_intercept_misc1(misc1);
-            v.set_v_intr(vintr);
         }
         state.dirty = 0;
+    }
+
+    /// The virtual interrupt for the next entry: an injected interrupt
+    /// until it is taken, else the interrupt-window request (an exit
+    /// instead of the interrupt, VINTR intercepted), else none.
+    fn offer_virtual_interrupt(&mut self) {
+        let mut v = vmcb(self.vmcb);
+        let mut misc1 = v.intercept_misc1();
+        match (self.virq, self.window) {
+            (Some(vector), _) => {
+                v.set_v_intr_request(vector, VIRQ_PRIORITY);
+                misc1.remove(InterceptMisc1::VINTR);
+            }
+            (None, true) => {
+                v.set_v_intr_request(0, VIRQ_PRIORITY);
+                misc1.insert(InterceptMisc1::VINTR);
+            }
+            (None, false) => {
+                let mut vintr = v.v_intr();
+                vintr.remove(VIntr::V_IRQ | VIntr::V_IGN_TPR);
+                v.set_v_intr(vintr);
+                misc1.remove(InterceptMisc1::VINTR);
+            }
+        }
+        v.set_intercept_misc1(misc1);
+    }
+
+    /// The injected interrupt, if the guest has not taken it yet; the
+    /// backend forgets it.
+    fn take_untaken_virq(&mut self) -> Option<Event> {
+        let vector = self.virq.take()?;
+        let mut v = vmcb(self.vmcb);
+        let mut vintr = v.v_intr();
+        vintr.remove(VIntr::V_IRQ | VIntr::V_IGN_TPR);
+        v.set_v_intr(vintr);
+        Some(Event {
+            vector,
+            kind: EventKind::ExternalInterrupt,
+            error_code: None,
+        })
     }
 
     fn store(&mut self, state: &mut VcpuState) {
@@ -340,6 +394,7 @@ impl SvmVcpu {
     /// Enters the guest; see `arch::x86_64::virt` for the contract.
     pub fn run(&mut self, state: &mut VcpuState, flush: bool) -> RunOutcome {
         self.load(state);
+        self.offer_virtual_interrupt();
         {
             let mut v = vmcb(self.vmcb);
             // QEMU has no flush-by-ASID: flush everything when needed.
@@ -368,6 +423,10 @@ impl SvmVcpu {
                 exitinfo1: v.get(control::EXITINFO1),
                 exitinfo2: v.get(control::EXITINFO2),
             };
+            // The CPU clears V_IRQ when the guest takes the interrupt.
+            if !v.v_intr().contains(VIntr::V_IRQ) {
+                self.virq = None;
+            }
             (info, v.get(control::EXITINTINFO))
         };
         self.store(state);
@@ -398,7 +457,9 @@ impl SvmVcpu {
             (next, _) => next,
         };
         state.exit.instruction_length = next.saturating_sub(state.rip);
-        match Event::from_svm(exit_int) {
+        // An interrupted delivery first; an untaken injected interrupt
+        // otherwise (it stays offered if both: the VMM has one slot).
+        match Event::from_svm(exit_int).or_else(|| self.take_untaken_virq()) {
             Some(event) => {
                 state.exit.pending = event.to_abi();
                 state.exit.pending_valid = 1;
@@ -408,12 +469,18 @@ impl SvmVcpu {
         RunOutcome::Vmm
     }
 
-    /// An event kept for re-injection after a host interrupt, handed to
-    /// the VMM instead.
+    /// An event kept for re-injection after a host interrupt, or an
+    /// injected interrupt the guest has not taken yet, handed to the VMM
+    /// instead.
     pub fn take_pending(&mut self) -> Option<Inject> {
         let mut v = vmcb(self.vmcb);
-        let event = Event::from_svm(v.get(control::EVENTINJ))?;
-        v.set(control::EVENTINJ, 0);
+        let event = match Event::from_svm(v.get(control::EVENTINJ)) {
+            Some(event) => {
+                v.set(control::EVENTINJ, 0);
+                event
+            }
+            None => self.take_untaken_virq()?,
+        };
         Some(event.to_abi())
     }
 
