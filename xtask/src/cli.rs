@@ -145,9 +145,15 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
             force_kvm: opts.flag("--kvm"),
             cpus: match opts.value("--cpus")? {
                 None => 1,
-                Some(n) => n.parse().ok().filter(|&n| (1..=MAX_CPUS).contains(&n)).ok_or_else(|| {
-                    Error::Usage(format!("--cpus needs a number from 1 to {MAX_CPUS}, not `{n}`"))
-                })?,
+                Some(n) => n
+                    .parse()
+                    .ok()
+                    .filter(|&n| (1..=MAX_CPUS).contains(&n))
+                    .ok_or_else(|| {
+                        Error::Usage(format!(
+                            "--cpus needs a number from 1 to {MAX_CPUS}, not `{n}`"
+                        ))
+                    })?,
             },
             kernel_args: opts.trailing(),
         }),

@@ -591,6 +591,9 @@ mod tests {
             "bochs -q -f target/systest/boot.bochsrc -rc target/systest/bochs.rc"
         );
         let two = bochsrc(&BochsFiles { cpus: 2, ..files });
-        assert!(two.contains("cpu: model=corei7_skylake_x, count=2,"), "{two}");
+        assert!(
+            two.contains("cpu: model=corei7_skylake_x, count=2,"),
+            "{two}"
+        );
     }
 }

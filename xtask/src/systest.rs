@@ -325,8 +325,14 @@ const LINUX_CHECKS: &[Expect] = &[
 /// the end.
 const SMP_TWO_ONLINE: &[Expect] = &[
     all("acpi: 2 cpu(s)"),
-    on(Emulator::Qemu, "cpu 1: online, apic id 1, svm on, timer ticking"),
-    on(Emulator::Bochs, "cpu 1: online, apic id 1, vmx on, timer ticking"),
+    on(
+        Emulator::Qemu,
+        "cpu 1: online, apic id 1, svm on, timer ticking",
+    ),
+    on(
+        Emulator::Bochs,
+        "cpu 1: online, apic id 1, vmx on, timer ticking",
+    ),
     all("cpus: 2 online"),
     all(HELLO),
     all(MEMORY_RETURNED),
@@ -409,12 +415,30 @@ pub const TESTS: &[SysTest] = &[
         cpus: 4,
         expect: &[
             all("acpi: 4 cpu(s)"),
-            on(Emulator::Qemu, "cpu 1: online, apic id 1, svm on, timer ticking"),
-            on(Emulator::Qemu, "cpu 2: online, apic id 2, svm on, timer ticking"),
-            on(Emulator::Qemu, "cpu 3: online, apic id 3, svm on, timer ticking"),
-            on(Emulator::Bochs, "cpu 1: online, apic id 1, vmx on, timer ticking"),
-            on(Emulator::Bochs, "cpu 2: online, apic id 2, vmx on, timer ticking"),
-            on(Emulator::Bochs, "cpu 3: online, apic id 3, vmx on, timer ticking"),
+            on(
+                Emulator::Qemu,
+                "cpu 1: online, apic id 1, svm on, timer ticking",
+            ),
+            on(
+                Emulator::Qemu,
+                "cpu 2: online, apic id 2, svm on, timer ticking",
+            ),
+            on(
+                Emulator::Qemu,
+                "cpu 3: online, apic id 3, svm on, timer ticking",
+            ),
+            on(
+                Emulator::Bochs,
+                "cpu 1: online, apic id 1, vmx on, timer ticking",
+            ),
+            on(
+                Emulator::Bochs,
+                "cpu 2: online, apic id 2, vmx on, timer ticking",
+            ),
+            on(
+                Emulator::Bochs,
+                "cpu 3: online, apic id 3, vmx on, timer ticking",
+            ),
             all("cpus: 4 online"),
             all(HELLO),
             all(MEMORY_RETURNED),
@@ -452,8 +476,14 @@ pub const TESTS: &[SysTest] = &[
             all("acpi: 3 cpu(s)"),
             all("smp-test-hang: cpu 1 is sent to a page that halts"),
             all("cpu 1: did not start (apic id 1): no answer within 1000 ms"),
-            on(Emulator::Qemu, "cpu 2: online, apic id 2, svm on, timer ticking"),
-            on(Emulator::Bochs, "cpu 2: online, apic id 2, vmx on, timer ticking"),
+            on(
+                Emulator::Qemu,
+                "cpu 2: online, apic id 2, svm on, timer ticking",
+            ),
+            on(
+                Emulator::Bochs,
+                "cpu 2: online, apic id 2, vmx on, timer ticking",
+            ),
             all("cpus: 2 online"),
             all(HELLO),
             all(MEMORY_RETURNED),

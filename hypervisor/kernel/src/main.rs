@@ -22,8 +22,8 @@ mod vcpu;
 extern crate alloc;
 
 use arch::x86_64::{
-    acpi, boot, cpu, entry, features, gdt, idt, ioapic, lapic, layout, percpu, pit, smp, svm,
-    trap, vmx,
+    acpi, boot, cpu, entry, features, gdt, idt, ioapic, lapic, layout, percpu, pit, smp, svm, trap,
+    vmx,
 };
 use core::sync::atomic::{AtomicBool, Ordering};
 use features::Virtualization;

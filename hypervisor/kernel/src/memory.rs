@@ -11,13 +11,13 @@ use crate::arch::x86_64::cpu;
 use crate::arch::x86_64::layout::{
     kernel_virt_to_phys, phys_to_virt, BOOT_DIRECT_MAP_SIZE, DIRECT_MAP_BASE, KERNEL_PML4_FIRST,
 };
+use crate::arch::x86_64::smp::TRAMPOLINE_PAGES;
 use core::fmt;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use moat_kernel::frame::{place_bitmap, FrameAllocator, FrameError, PhysRange, PAGE_SIZE};
 use moat_kernel::multiboot::{BootInfo, RegionKind};
 use moat_kernel::paging::{AddressSpace, MapError, MapFlags, TableMemory};
 use moat_kernel::smp::place_trampoline;
-use crate::arch::x86_64::smp::TRAMPOLINE_PAGES;
 use spin::Mutex;
 
 static FRAMES: Mutex<Option<FrameAllocator<'static>>> = Mutex::new(None);

@@ -70,7 +70,11 @@ pub struct Ap {
 /// out, numbered from 1, so that at most `limit` CPUs run counting the boot
 /// CPU (`None`: all of them; a limit of 0 counts as 1). APIC ids past
 /// [`MAX_CPUS`] CPUs are not started.
-pub fn plan(apic_ids: &[u32], bsp_apic_id: u32, limit: Option<usize>) -> impl Iterator<Item = Ap> + '_ {
+pub fn plan(
+    apic_ids: &[u32],
+    bsp_apic_id: u32,
+    limit: Option<usize>,
+) -> impl Iterator<Item = Ap> + '_ {
     let limit = limit.unwrap_or(usize::MAX).clamp(1, MAX_CPUS);
     apic_ids
         .iter()
@@ -129,10 +133,14 @@ mod tests {
     #[test]
     fn plan_skips_the_boot_cpu_and_honours_the_limit() {
         let ids = [0, 1, 2, 3];
-        let all: Vec<_> = plan(&ids, 0, None).map(|ap| (ap.index, ap.apic_id)).collect();
+        let all: Vec<_> = plan(&ids, 0, None)
+            .map(|ap| (ap.index, ap.apic_id))
+            .collect();
         assert_eq!(all, [(1, 1), (2, 2), (3, 3)]);
         // The boot CPU need not come first in the MADT.
-        let later: Vec<_> = plan(&[4, 6, 2], 6, None).map(|ap| (ap.index, ap.apic_id)).collect();
+        let later: Vec<_> = plan(&[4, 6, 2], 6, None)
+            .map(|ap| (ap.index, ap.apic_id))
+            .collect();
         assert_eq!(later, [(1, 4), (2, 2)]);
         assert_eq!(plan(&ids, 0, Some(2)).count(), 1);
         assert_eq!(plan(&ids, 0, Some(1)).count(), 0);

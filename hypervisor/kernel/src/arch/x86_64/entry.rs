@@ -2,8 +2,8 @@
 //! the same [`TrapFrame`] on the kernel stack and call into Rust with it.
 
 use super::cpu;
-use super::percpu::{PERCPU_KERNEL_RSP, PERCPU_STACK_TOP, PERCPU_USER_RSP};
 use super::gdt::{KERNEL_CS, SYSRET_BASE, USER_CS, USER_DS};
+use super::percpu::{PERCPU_KERNEL_RSP, PERCPU_STACK_TOP, PERCPU_USER_RSP};
 use x86::msr;
 
 /// The `vector` of a frame built by the SYSCALL entry.

@@ -219,6 +219,11 @@ pub fn delay_us(us: u64) {
     }
 }
 
+/// Whether the APICs run in x2APIC mode.
+pub fn x2apic() -> bool {
+    X2APIC.load(Ordering::Relaxed)
+}
+
 /// The TSC frequency the boot CPU measured.
 pub fn tsc_hz() -> u64 {
     TSC_HZ.load(Ordering::Relaxed)

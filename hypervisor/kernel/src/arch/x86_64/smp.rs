@@ -212,7 +212,11 @@ impl Trampoline {
         // direct map, and no CPU runs the trampoline yet. The source is the
         // trampoline's `len` bytes in kernel text.
         unsafe {
-            core::ptr::write_bytes(page(0) as *mut u8, 0, (TRAMPOLINE_PAGES * PAGE_SIZE) as usize);
+            core::ptr::write_bytes(
+                page(0) as *mut u8,
+                0,
+                (TRAMPOLINE_PAGES * PAGE_SIZE) as usize,
+            );
             core::ptr::copy_nonoverlapping(
                 core::ptr::addr_of!(ap_trampoline),
                 page(CODE_PAGE) as *mut u8,
@@ -246,8 +250,8 @@ impl Trampoline {
         // kernel's PML4 is a live page-table frame read through the direct
         // map, and indices stay below 512.
         unsafe {
-            table(PML4_PAGE).write_volatile(base + PDPT_PAGE * PAGE_SIZE | PTE_PRESENT_WRITABLE);
-            table(PDPT_PAGE).write_volatile(base + PD_PAGE * PAGE_SIZE | PTE_PRESENT_WRITABLE);
+            table(PML4_PAGE).write_volatile((base + PDPT_PAGE * PAGE_SIZE) | PTE_PRESENT_WRITABLE);
+            table(PDPT_PAGE).write_volatile((base + PD_PAGE * PAGE_SIZE) | PTE_PRESENT_WRITABLE);
             table(PD_PAGE).write_volatile(PTE_PRESENT_WRITABLE | PDE_LARGE);
             for slot in super::layout::KERNEL_PML4_FIRST..512 {
                 table(PML4_PAGE)
@@ -260,7 +264,9 @@ impl Trampoline {
 
     /// The direct-map address of the data word at `offset`.
     fn data<T>(&self, offset: u64) -> *mut T {
-        debug_assert!((DATA..END).contains(&offset) && offset % align_of::<T>() as u64 == 0);
+        debug_assert!(
+            (DATA..END).contains(&offset) && offset.is_multiple_of(align_of::<T>() as u64)
+        );
         phys_to_virt(self.base + CODE_PAGE * PAGE_SIZE + offset) as *mut T
     }
 
@@ -309,7 +315,10 @@ pub fn start_all(apic_ids: &[u32], options: &Options) -> usize {
     let listed = apic_ids.len().max(1);
     let planned = smp::plan(apic_ids, bsp, options.limit).count();
     if let Some(limit) = options.limit.filter(|&limit| limit < listed) {
-        log::info!("smp: {listed} cpu(s) listed, starting {} (cpus={limit})", planned + 1);
+        log::info!(
+            "smp: {listed} cpu(s) listed, starting {} (cpus={limit})",
+            planned + 1
+        );
     }
     let mut online = 1;
     if planned > 0 {
@@ -363,15 +372,51 @@ fn allocate() -> Option<Resources> {
     })
 }
 
+/// Why a CPU did not come online.
+enum StartError {
+    /// An x2APIC id above 255, which xAPIC IPIs cannot name.
+    NotAddressable,
+    NoMemory,
+    /// No answer in time; whether it had run the trampoline's first lines.
+    NoAnswer {
+        ran_trampoline: bool,
+    },
+}
+
+impl core::fmt::Display for StartError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            StartError::NotAddressable => f.write_str("its APIC id needs x2APIC mode"),
+            StartError::NoMemory => f.write_str("no memory for its stacks and tables"),
+            StartError::NoAnswer { ran_trampoline } => write!(
+                f,
+                "no answer within {START_TIMEOUT_MS} ms ({})",
+                if *ran_trampoline {
+                    "it ran the start-up code, not the kernel's"
+                } else {
+                    "it never ran the start-up code"
+                }
+            ),
+        }
+    }
+}
+
 /// Starts one CPU and waits for it to come online.
-fn start(trampoline: &Trampoline, ap: Ap, hang: bool) -> Result<(), &'static str> {
+fn start(trampoline: &Trampoline, ap: Ap, hang: bool) -> Result<(), StartError> {
+    if !lapic::x2apic() && ap.apic_id > 0xff {
+        return Err(StartError::NotAddressable);
+    }
     let block = percpu::get(ap.index);
-    let resources = allocate().ok_or("no memory for its stacks and tables")?;
+    let resources = allocate().ok_or(StartError::NoMemory)?;
     block.apic_id.store(ap.apic_id, Ordering::Relaxed);
-    block.stack_top.store(resources.stack_top, Ordering::Relaxed);
+    block
+        .stack_top
+        .store(resources.stack_top, Ordering::Relaxed);
     block.ist_base.store(resources.ist_base, Ordering::Relaxed);
     block.tables.store(resources.tables, Ordering::Relaxed);
-    block.virt_area.store(resources.virt_area, Ordering::Relaxed);
+    block
+        .virt_area
+        .store(resources.virt_area, Ordering::Relaxed);
     trampoline.write64(STACK, resources.stack_top);
     trampoline.write64(CPU_INDEX, ap.index as u64);
     trampoline.write32(ARRIVED, 0);
@@ -381,7 +426,10 @@ fn start(trampoline: &Trampoline, ap: Ap, hang: bool) -> Result<(), &'static str
 
     let vector = trampoline.vector(if hang { HALT_PAGE } else { CODE_PAGE });
     if hang {
-        log::warn!("smp-test-hang: cpu {} is sent to a page that halts", ap.index);
+        log::warn!(
+            "smp-test-hang: cpu {} is sent to a page that halts",
+            ap.index
+        );
     }
     lapic::send_init(ap.apic_id);
     lapic::delay_us(INIT_DELAY_US);
@@ -398,10 +446,8 @@ fn start(trampoline: &Trampoline, ap: Ap, hang: bool) -> Result<(), &'static str
         if cpu::rdtsc().wrapping_sub(waiting_since) > limit {
             lapic::send_init(ap.apic_id);
             block.set_state(CpuState::Failed);
-            return Err(if trampoline.arrived() {
-                "no answer within 1000 ms (it ran the start-up code, not the kernel's)"
-            } else {
-                "no answer within 1000 ms (it never ran the start-up code)"
+            return Err(StartError::NoAnswer {
+                ran_trampoline: trampoline.arrived(),
             });
         }
         core::hint::spin_loop();
@@ -456,9 +502,10 @@ extern "C" fn ap_main(index: u64) -> ! {
     fpu::init_this_cpu();
     entry::init_syscall();
     lapic::init_this_cpu();
-    block
-        .virt_on
-        .store(enable_virtualization(block.virt_area.load(Ordering::Relaxed)), Ordering::Relaxed);
+    block.virt_on.store(
+        enable_virtualization(block.virt_area.load(Ordering::Relaxed)),
+        Ordering::Relaxed,
+    );
     let ticking = lapic::wait_for_ticks(2, lapic::tsc_hz()).is_some();
     block.timer_ticking.store(ticking, Ordering::Relaxed);
     block.set_state(CpuState::Online);
