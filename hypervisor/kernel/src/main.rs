@@ -77,10 +77,10 @@ fn boot_stack_top() -> u64 {
 }
 
 extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
-    console::init();
-    log::info!("moat {}: booting", env!("CARGO_PKG_VERSION"));
     let stack_top = boot_stack_top();
     percpu::enter(percpu::BOOT_CPU, stack_top);
+    console::init();
+    log::info!("moat {}: booting", env!("CARGO_PKG_VERSION"));
     let (tables, ist_base) = gdt::boot_cpu_tables();
     // SAFETY: the boot CPU's tables and IST stacks are statics that only
     // the boot CPU uses, loaded here once.

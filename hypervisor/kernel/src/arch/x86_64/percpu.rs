@@ -131,7 +131,6 @@ impl PerCpu {
 }
 
 static CPUS: [PerCpu; MAX_CPUS] = [const { PerCpu::new() }; MAX_CPUS];
-static PERCPU_READY: AtomicBool = AtomicBool::new(false);
 
 /// CPU `index`'s block. Panics for an index past [`MAX_CPUS`].
 pub fn get(index: usize) -> &'static PerCpu {
@@ -144,7 +143,8 @@ pub fn all() -> &'static [PerCpu] {
 }
 
 /// Points GS at CPU `index`'s block, on that CPU, before anything on it
-/// uses per-CPU data. `stack_top` is its kernel stack.
+/// uses per-CPU data (logging does): the first thing each CPU does in
+/// Rust. `stack_top` is its kernel stack.
 pub fn enter(index: usize, stack_top: u64) {
     let percpu = get(index);
     percpu
@@ -155,19 +155,15 @@ pub fn enter(index: usize, stack_top: u64) {
     percpu.stack_top.store(stack_top, Ordering::Relaxed);
     write_msr(msr::IA32_GS_BASE, percpu as *const PerCpu as u64);
     write_msr(msr::IA32_KERNEL_GSBASE, 0);
-    PERCPU_READY.store(true, Ordering::Release);
 }
 
-/// This CPU's block (the boot CPU's before GS is set up).
+/// This CPU's block.
 pub fn current() -> &'static PerCpu {
-    if !PERCPU_READY.load(Ordering::Acquire) {
-        return get(BOOT_CPU);
-    }
     let pointer: u64;
-    // SAFETY: once the boot CPU ran `enter`, GS points at this CPU's block
-    // in CPUS whenever kernel code runs: every other CPU runs `enter` before
-    // anything else, and entries from user mode swap it in before any Rust
-    // code runs. The block's first word is its own address.
+    // SAFETY: GS points at this CPU's block in CPUS whenever kernel code
+    // runs: every CPU runs `enter` before anything else in Rust, and
+    // entries from user mode swap it in before any Rust code runs. The
+    // block's first word is its own address.
     unsafe {
         core::arch::asm!("mov {}, gs:[0]", out(reg) pointer,
                          options(nostack, readonly, preserves_flags));
@@ -176,7 +172,7 @@ pub fn current() -> &'static PerCpu {
     unsafe { &*(pointer as *const PerCpu) }
 }
 
-/// This CPU's number (0 before per-CPU data exists).
+/// This CPU's number.
 pub fn current_id() -> usize {
     current().id.load(Ordering::Relaxed) as usize
 }
