@@ -114,6 +114,7 @@ fn tss_descriptor(tss: &TssArea) -> [u64; 2] {
 /// # Safety
 /// Only this CPU may use the result, with interrupts off, and no other
 /// reference to its tables may be live.
+#[inline]
 unsafe fn this_cpu_area() -> &'static mut TssArea {
     let tables = percpu::current().tables.load(Ordering::Relaxed) as *mut CpuTables;
     // SAFETY: `init` stored the address of this CPU's CpuTables, which live
@@ -124,6 +125,7 @@ unsafe fn this_cpu_area() -> &'static mut TssArea {
 
 /// Where the CPU puts the registers on the next interrupt from user mode:
 /// the end of the register area of the EC about to run.
+#[inline]
 pub fn set_kernel_entry_stack(top: u64) {
     // SAFETY: each CPU touches only its own TSS, with interrupts off in the
     // kernel; the CPU reads RSP0 only on an interrupt from ring 3.
@@ -131,7 +133,9 @@ pub fn set_kernel_entry_stack(top: u64) {
 }
 
 /// Loads the I/O permission bitmap of the PD about to run (None: it may
-/// use no port).
+/// use no port). Kept out of line: it runs only when the PD whose bitmap
+/// the TSS holds changes, and inlined it would bloat the switch path.
+#[inline(never)]
 pub fn load_io_bitmap(bitmap: Option<&[u8; IO_BITMAP_BYTES]>) {
     // SAFETY: as in `set_kernel_entry_stack`; the CPU reads the bitmap only
     // for I/O in ring 3.

@@ -158,6 +158,7 @@ pub fn enter(index: usize, stack_top: u64) {
 }
 
 /// This CPU's block.
+#[inline]
 pub fn current() -> &'static PerCpu {
     let pointer: u64;
     // SAFETY: GS points at this CPU's block in CPUS whenever kernel code
@@ -178,6 +179,7 @@ pub fn current_id() -> usize {
 }
 
 /// Where the next SYSCALL on this CPU saves the user registers.
+#[inline]
 pub fn set_kernel_rsp(top: u64) {
     // SAFETY: GS points at this CPU's block in the kernel (see `current`);
     // the word at PERCPU_KERNEL_RSP is its `kernel_rsp`, an AtomicU64 only
