@@ -491,6 +491,7 @@ impl Boot {
                     bochsrc: base.with_extension("bochsrc"),
                     debugger_rc: dir.join("bochs.rc"),
                     memory_mib: mib,
+                    cpus: 1,
                 };
                 emu::prepare_bochs(&files)?;
                 Launch::Bochs(files)

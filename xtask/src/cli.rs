@@ -3,6 +3,10 @@
 use crate::emu::Emulator;
 use crate::{Error, Result};
 
+/// The most CPUs `run --cpus` gives a machine (the kernel keeps per-CPU
+/// data for 64).
+const MAX_CPUS: u32 = 64;
+
 pub const USAGE: &str = "\
 usage: cargo xtask <command> [options]
 
@@ -15,6 +19,8 @@ commands:
       --emu qemu|bochs  emulator (default: qemu)
       --kvm             QEMU with KVM and -cpu host (default: only if the host
                         can nest virtualization; otherwise TCG with -cpu max)
+      --cpus N          give the machine N CPUs (default 1); the kernel starts
+                        them all (the kernel argument cpus=N limits that)
   test [options]        setup, host unit tests, build, system tests on QEMU and Bochs
       --emu qemu|bochs  run the system tests on this emulator only
       --filter NAME     only system tests whose name contains NAME
@@ -108,6 +114,8 @@ pub struct RunOpts {
     pub emu: Emulator,
     /// `--kvm` given: use KVM even if detection says no.
     pub force_kvm: bool,
+    /// The machine's CPUs (`--cpus`).
+    pub cpus: u32,
     /// Extra kernel command-line words (after `--`).
     pub kernel_args: Vec<String>,
 }
@@ -135,6 +143,18 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
         "run" => Cmd::Run(RunOpts {
             emu: opts.emulator()?.unwrap_or(Emulator::Qemu),
             force_kvm: opts.flag("--kvm"),
+            cpus: match opts.value("--cpus")? {
+                None => 1,
+                Some(n) => n
+                    .parse()
+                    .ok()
+                    .filter(|&n| (1..=MAX_CPUS).contains(&n))
+                    .ok_or_else(|| {
+                        Error::Usage(format!(
+                            "--cpus needs a number from 1 to {MAX_CPUS}, not `{n}`"
+                        ))
+                    })?,
+            },
             kernel_args: opts.trailing(),
         }),
         "test" => Cmd::Test(TestOpts {
@@ -301,6 +321,7 @@ mod tests {
             Cmd::Run(RunOpts {
                 emu: Emulator::Qemu,
                 force_kvm: false,
+                cpus: 1,
                 kernel_args: vec![],
             })
         );
@@ -309,9 +330,23 @@ mod tests {
             Cmd::Run(RunOpts {
                 emu: Emulator::Bochs,
                 force_kvm: true,
+                cpus: 1,
                 kernel_args: vec!["log=debug".into(), "x".into()],
             })
         );
+        assert_eq!(
+            p("run --cpus 4 -- cpus=2").unwrap(),
+            Cmd::Run(RunOpts {
+                emu: Emulator::Qemu,
+                force_kvm: false,
+                cpus: 4,
+                kernel_args: vec!["cpus=2".into()],
+            })
+        );
+        assert!(p("run --cpus 0").is_err());
+        assert!(p("run --cpus 65").is_err());
+        assert!(p("run --cpus two").is_err());
+        assert!(p("run --cpus").is_err());
     }
 
     #[test]

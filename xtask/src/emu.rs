@@ -168,13 +168,14 @@ pub enum Serial<'a> {
 
 pub fn qemu_args(boot: &BootSpec, accel: Accel, serial: Serial<'_>) -> Result<Vec<String>> {
     let memory = format!("{}M", boot.memory_mib);
+    let cpus = boot.cpus.max(1).to_string();
     let mut args: Vec<String> = [
         "-machine",
         "pc",
         "-m",
         &memory,
         "-smp",
-        "1",
+        &cpus,
         "-no-reboot",
         "-device",
         DEBUG_EXIT_DEVICE,
@@ -214,6 +215,8 @@ pub struct BochsFiles {
     pub bochsrc: PathBuf,
     pub debugger_rc: PathBuf,
     pub memory_mib: u32,
+    /// Processors (`cpu: count=`; Debian's Bochs is built with SMP).
+    pub cpus: u32,
 }
 
 /// A Bochs configuration that boots `iso` from CD with COM1 going to a file.
@@ -231,7 +234,7 @@ pub fn bochsrc(files: &BochsFiles) -> String {
     format!(
         "\
 display_library: rfb, options=\"timeout=0\"
-cpu: model=corei7_skylake_x, count=1, ips={BOCHS_IPS}, reset_on_triple_fault=0
+cpu: model=corei7_skylake_x, count={cpus}, ips={BOCHS_IPS}, reset_on_triple_fault=0
 megs: {megs}
 romimage: file={BOCHS_BIOS}
 vgaromimage: file={BOCHS_VGA_BIOS}
@@ -249,6 +252,7 @@ info: action=ignore
         serial = files.serial.display(),
         log = files.log.display(),
         megs = files.memory_mib,
+        cpus = files.cpus.max(1),
     )
 }
 
@@ -461,6 +465,7 @@ mod tests {
                 args: vec!["fault".into()],
             }],
             memory_mib: crate::image::DEFAULT_MEMORY_MIB,
+            cpus: 1,
         }
     }
 
@@ -475,6 +480,13 @@ mod tests {
              -kernel target/image/moat-kernel -append debug-exit \
              -initrd target/image/roottask fault"
         );
+    }
+
+    #[test]
+    fn qemu_smp() {
+        let boot = BootSpec { cpus: 4, ..boot() };
+        let args = qemu_args(&boot, Accel::Tcg, Serial::Stdio).unwrap();
+        assert!(args.join(" ").contains("-m 512M -smp 4 -no-reboot"));
     }
 
     #[test]
@@ -559,6 +571,7 @@ mod tests {
             bochsrc: "target/systest/boot.bochsrc".into(),
             debugger_rc: "target/systest/bochs.rc".into(),
             memory_mib: crate::image::DEFAULT_MEMORY_MIB,
+            cpus: 1,
         };
         let rc = bochsrc(&files);
         for line in [
@@ -576,6 +589,11 @@ mod tests {
         assert_eq!(
             describe(&cmd),
             "bochs -q -f target/systest/boot.bochsrc -rc target/systest/bochs.rc"
+        );
+        let two = bochsrc(&BochsFiles { cpus: 2, ..files });
+        assert!(
+            two.contains("cpu: model=corei7_skylake_x, count=2,"),
+            "{two}"
         );
     }
 }

@@ -39,6 +39,8 @@ pub struct BootSpec {
     pub modules: Vec<Module>,
     /// The emulated machine's RAM.
     pub memory_mib: u32,
+    /// The emulated machine's CPUs.
+    pub cpus: u32,
 }
 
 /// RAM of the emulated machine unless a test needs more (a Linux guest).
@@ -283,6 +285,7 @@ pub fn assemble(artifacts: &Artifacts) -> Result<Image> {
         kernel_args: vec![DEBUG_EXIT_ARG.to_string(), RUN_POOL_ARG.to_string()],
         modules,
         memory_mib: RUN_MEMORY_MIB,
+        cpus: 1,
     };
 
     let args_file = dir.join("qemu.args");
@@ -329,6 +332,7 @@ mod tests {
             kernel_args: vec!["debug-exit".into()],
             modules,
             memory_mib: DEFAULT_MEMORY_MIB,
+            cpus: 1,
         }
     }
 

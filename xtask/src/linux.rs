@@ -1086,6 +1086,7 @@ pub fn direct(emu: Emulator, virtio: bool, extra_args: &[String]) -> Result<Exit
                 bochsrc: dir.join("bochsrc"),
                 debugger_rc: dir.join("bochs.rc"),
                 memory_mib: crate::image::DEFAULT_MEMORY_MIB,
+                cpus: 1,
             };
             emu::prepare_bochs(&files)?;
             println!("linux: {}", describe(&emu::bochs_command(&files)));

@@ -17,6 +17,7 @@ pub fn run(opts: &RunOpts) -> Result<ExitCode> {
     let image = image::assemble(&artifacts)?;
     let mut boot = image.boot.clone();
     boot.kernel_args.extend(opts.kernel_args.iter().cloned());
+    boot.cpus = opts.cpus;
     debug_assert!(boot.kernel_args.iter().any(|a| a == DEBUG_EXIT_ARG));
 
     let mut bochs_log = None;
@@ -50,6 +51,7 @@ pub fn run(opts: &RunOpts) -> Result<ExitCode> {
                 bochsrc: dir.join("bochsrc"),
                 debugger_rc: dir.join("bochs.rc"),
                 memory_mib: boot.memory_mib,
+                cpus: boot.cpus,
             };
             emu::prepare_bochs(&files)?;
             let output = dir.join("bochs.out");

@@ -136,6 +136,8 @@ pub struct SysTest {
     pub qemu_args: &'static [&'static str],
     /// The emulated machine's RAM.
     pub memory_mib: u32,
+    /// The emulated machine's CPUs (QEMU `-smp`, Bochs `cpu: count=`).
+    pub cpus: u32,
     /// A judgement beyond lines in order (figures, positions), on the
     /// whole output once the expected lines are all there.
     pub check: Option<Check>,
@@ -154,6 +156,7 @@ const BASE: SysTest = SysTest {
     stop: Stop::AtExit,
     qemu_args: &[],
     memory_mib: DEFAULT_MEMORY_MIB,
+    cpus: 1,
     check: None,
     slow: 1,
 };
@@ -317,6 +320,60 @@ const LINUX_CHECKS: &[Expect] = &[
     all("roottask: component 'linux' finished"),
 ];
 
+/// Two CPUs, both online with their virtualization on and their timers
+/// ticking, the root task running, and the second CPU still ticking at
+/// the end.
+const SMP_TWO_ONLINE: &[Expect] = &[
+    all("acpi: 2 cpu(s)"),
+    on(
+        Emulator::Qemu,
+        "cpu 1: online, apic id 1, svm on, timer ticking",
+    ),
+    on(
+        Emulator::Bochs,
+        "cpu 1: online, apic id 1, vmx on, timer ticking",
+    ),
+    all("cpus: 2 online"),
+    all(HELLO),
+    all(MEMORY_RETURNED),
+    all("cpu 1: idle, "),
+    all(NO_TASKS_LEFT),
+];
+
+/// The idle CPUs' timers went on ticking after bring-up (which waits for
+/// two ticks): each reports more ticks at the end than that.
+fn idle_cpus_kept_ticking(serial: &str) -> Vec<Part> {
+    let counts: Vec<(String, Option<u64>)> = serial
+        .lines()
+        .filter_map(|line| {
+            let (_, rest) = line.split_once("] cpu ")?;
+            let (cpu, rest) = rest.split_once(": idle, ")?;
+            let ticks = rest.strip_suffix(" timer ticks")?.trim().parse().ok();
+            Some((cpu.to_string(), ticks))
+        })
+        .collect();
+    let result = if counts.is_empty() {
+        Err("no idle CPU reported its ticks".to_string())
+    } else {
+        counts
+            .iter()
+            .map(|(cpu, ticks)| match ticks {
+                Some(n) if *n > IDLE_TICKS_AT_START => Ok(format!("cpu {cpu} {n}")),
+                Some(n) => Err(format!("cpu {cpu} ticked {n} times only")),
+                None => Err(format!("cpu {cpu}: unreadable tick count")),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(|shown| format!("timer ticks while idle: {}", shown.join(", ")))
+    };
+    vec![Part {
+        name: "idle_ticks".to_string(),
+        result,
+    }]
+}
+
+/// Ticks a CPU counts during its bring-up.
+const IDLE_TICKS_AT_START: u64 = 2;
+
 pub const TESTS: &[SysTest] = &[
     SysTest {
         name: "boot",
@@ -341,6 +398,100 @@ pub const TESTS: &[SysTest] = &[
             all(NO_TASKS_LEFT),
         ],
         forbid: &[],
+        ..BASE
+    },
+    SysTest {
+        name: "smp",
+        modules: &[ROOTTASK],
+        cpus: 2,
+        expect: SMP_TWO_ONLINE,
+        forbid: &["did not start"],
+        check: Some(idle_cpus_kept_ticking),
+        ..BASE
+    },
+    SysTest {
+        name: "smp4",
+        modules: &[ROOTTASK],
+        cpus: 4,
+        expect: &[
+            all("acpi: 4 cpu(s)"),
+            on(
+                Emulator::Qemu,
+                "cpu 1: online, apic id 1, svm on, timer ticking",
+            ),
+            on(
+                Emulator::Qemu,
+                "cpu 2: online, apic id 2, svm on, timer ticking",
+            ),
+            on(
+                Emulator::Qemu,
+                "cpu 3: online, apic id 3, svm on, timer ticking",
+            ),
+            on(
+                Emulator::Bochs,
+                "cpu 1: online, apic id 1, vmx on, timer ticking",
+            ),
+            on(
+                Emulator::Bochs,
+                "cpu 2: online, apic id 2, vmx on, timer ticking",
+            ),
+            on(
+                Emulator::Bochs,
+                "cpu 3: online, apic id 3, vmx on, timer ticking",
+            ),
+            all("cpus: 4 online"),
+            all(HELLO),
+            all(MEMORY_RETURNED),
+            all("cpu 1: idle, "),
+            all("cpu 2: idle, "),
+            all("cpu 3: idle, "),
+            all(NO_TASKS_LEFT),
+        ],
+        forbid: &["did not start"],
+        check: Some(idle_cpus_kept_ticking),
+        ..BASE
+    },
+    SysTest {
+        name: "smp_limit",
+        modules: &[ROOTTASK],
+        kernel_args: &["cpus=1"],
+        cpus: 2,
+        expect: &[
+            all("acpi: 2 cpu(s)"),
+            all("smp: 2 cpu(s) listed, starting 1 (cpus=1)"),
+            all("cpus: 1 online"),
+            all(HELLO),
+            all(MEMORY_RETURNED),
+            all(NO_TASKS_LEFT),
+        ],
+        forbid: &["cpu 1: online", "cpu 1: idle", "did not start"],
+        ..BASE
+    },
+    SysTest {
+        name: "smp_hang",
+        modules: &[ROOTTASK],
+        kernel_args: &["smp-test-hang=1"],
+        cpus: 3,
+        expect: &[
+            all("acpi: 3 cpu(s)"),
+            all("smp-test-hang: cpu 1 is sent to a page that halts"),
+            all("cpu 1: did not start (apic id 1): no answer within 1000 ms"),
+            on(
+                Emulator::Qemu,
+                "cpu 2: online, apic id 2, svm on, timer ticking",
+            ),
+            on(
+                Emulator::Bochs,
+                "cpu 2: online, apic id 2, vmx on, timer ticking",
+            ),
+            all("cpus: 2 online"),
+            all(HELLO),
+            all(MEMORY_RETURNED),
+            all("cpu 2: idle, "),
+            all(NO_TASKS_LEFT),
+        ],
+        forbid: &["cpu 1: online", "cpu 1: idle"],
+        check: Some(idle_cpus_kept_ticking),
         ..BASE
     },
     SysTest {
@@ -1155,6 +1306,7 @@ pub(crate) fn boot_spec(test: &SysTest, artifacts: &Artifacts) -> Result<BootSpe
         kernel_args,
         modules,
         memory_mib: test.memory_mib,
+        cpus: test.cpus,
     })
 }
 
@@ -1208,6 +1360,7 @@ pub(crate) fn prepare(
                 bochsrc: dir.join(format!("{}.bochsrc", test.name)),
                 debugger_rc: dir.join("bochs.rc"),
                 memory_mib: boot.memory_mib,
+                cpus: boot.cpus,
             };
             emu::prepare_bochs(&files)?;
             Ok(Launch::Bochs(files))

@@ -10,7 +10,7 @@
 //! and the crash paths empty the queue first.
 
 use crate::arch::x86_64::serial::{Serial, BYTES_PER_SECOND, FIFO_DEPTH};
-use crate::arch::x86_64::{cpu, lapic};
+use crate::arch::x86_64::{cpu, lapic, percpu};
 use core::fmt::Write;
 use moat_kernel::ring::ByteRing;
 use spin::Mutex;
@@ -128,7 +128,7 @@ impl log::Log for Logger {
             console,
             "[{:<5} cpu{}] {}",
             record.level(),
-            cpu::current_id(),
+            percpu::current_id(),
             record.args()
         );
         let next = console.next_feed;

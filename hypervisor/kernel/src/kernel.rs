@@ -8,7 +8,7 @@
 //! and scheduling.
 
 use crate::arch::x86_64::entry::TrapFrame;
-use crate::arch::x86_64::{cpu, gdt};
+use crate::arch::x86_64::{cpu, gdt, percpu};
 use crate::ec::{Ec, EcState};
 use crate::pd::Pd;
 use crate::pt::Pt;
@@ -657,7 +657,7 @@ impl Kernel {
         }
         let top = frame as u64 + core::mem::size_of::<TrapFrame>() as u64;
         gdt::set_kernel_entry_stack(top);
-        cpu::set_kernel_rsp(top);
+        percpu::set_kernel_rsp(top);
         if let Some(root) = root {
             if cpu::read_cr3() != root {
                 // SAFETY: every PD's tables share the kernel half of the

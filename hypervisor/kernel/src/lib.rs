@@ -14,4 +14,5 @@ pub mod paging;
 pub mod quota;
 pub mod ring;
 pub mod sched;
+pub mod smp;
 pub mod virt;

@@ -22,7 +22,8 @@ mod vcpu;
 extern crate alloc;
 
 use arch::x86_64::{
-    acpi, boot, cpu, entry, features, gdt, idt, ioapic, lapic, layout, pit, svm, trap, vmx,
+    acpi, boot, cpu, entry, features, gdt, idt, ioapic, lapic, layout, percpu, pit, smp, svm, trap,
+    vmx,
 };
 use core::sync::atomic::{AtomicBool, Ordering};
 use features::Virtualization;
@@ -76,12 +77,15 @@ fn boot_stack_top() -> u64 {
 }
 
 extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
+    let stack_top = boot_stack_top();
+    percpu::enter(percpu::BOOT_CPU, stack_top);
     console::init();
     log::info!("moat {}: booting", env!("CARGO_PKG_VERSION"));
-    let stack_top = boot_stack_top();
-    gdt::init(stack_top);
+    let (tables, ist_base) = gdt::boot_cpu_tables();
+    // SAFETY: the boot CPU's tables and IST stacks are statics that only
+    // the boot CPU uses, loaded here once.
+    unsafe { gdt::init(tables, stack_top, ist_base) };
     idt::init();
-    cpu::init_boot_cpu(stack_top);
 
     let boot_info = match BootInfo::parse(&BootDirectMap, magic, info.into()) {
         Ok(info) => info,
@@ -108,15 +112,19 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
     }
     features::log_banner(&features);
 
-    match acpi::discover() {
+    let platform = match acpi::discover() {
         Ok(platform) => {
             acpi::log_banner(&platform);
             if let Some(first) = platform.ioapics().first() {
                 ioapic::init(first.address.into());
             }
+            platform
         }
-        Err(error) => log::warn!("acpi: {error}"),
-    }
+        Err(error) => {
+            log::warn!("acpi: {error}");
+            acpi::Platform::default()
+        }
+    };
 
     pit::mask_legacy_pic();
     let timer = lapic::init(
@@ -149,6 +157,13 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
     enable_virtualization(&features);
     arch::x86_64::fpu::init();
     entry::init_syscall();
+    smp::start_all(
+        platform.apic_ids(),
+        &smp::Options {
+            limit: cpu_limit(cmdline),
+            hang: word_value(cmdline, "smp-test-hang").map(|n| n as usize),
+        },
+    );
 
     if has_word(cmdline, "kernel-fault-test") {
         log::warn!("kernel-fault-test: executing ud2 in kernel mode on purpose");
@@ -167,6 +182,16 @@ fn word_value(cmdline: &str, key: &str) -> Option<u64> {
         .filter_map(|w| w.split_once('='))
         .find(|(k, _)| *k == key)
         .and_then(|(_, v)| v.parse().ok())
+}
+
+/// `cpus=N`: at most N CPUs (N >= 1), the boot CPU included.
+fn cpu_limit(cmdline: &str) -> Option<usize> {
+    let limit = word_value(cmdline, "cpus")?;
+    if limit == 0 {
+        log::warn!("cpus=0 ignored: the boot CPU always runs");
+        return None;
+    }
+    usize::try_from(limit).ok()
 }
 
 fn enable_virtualization(features: &features::Features) {
@@ -205,10 +230,13 @@ fn enable_virtualization(features: &features::Features) {
 /// to (`debug-exit`), else halts.
 pub fn stop(reason: StopReason) -> ! {
     match reason {
-        StopReason::NoTasks => log::info!(
-            "moat: no tasks left, stopping after {} timer ticks",
-            lapic::ticks()
-        ),
+        StopReason::NoTasks => {
+            smp::report_idle();
+            log::info!(
+                "moat: no tasks left, stopping after {} timer ticks",
+                lapic::ticks()
+            )
+        }
         StopReason::Fatal => log::error!("moat: cannot continue, stopping"),
         StopReason::KernelFault | StopReason::Panic => {
             console::write_emergency(format_args!("moat: kernel halted\n"))

@@ -11,16 +11,20 @@ use crate::arch::x86_64::cpu;
 use crate::arch::x86_64::layout::{
     kernel_virt_to_phys, phys_to_virt, BOOT_DIRECT_MAP_SIZE, DIRECT_MAP_BASE, KERNEL_PML4_FIRST,
 };
+use crate::arch::x86_64::smp::TRAMPOLINE_PAGES;
 use core::fmt;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use moat_kernel::frame::{place_bitmap, FrameAllocator, FrameError, PhysRange, PAGE_SIZE};
 use moat_kernel::multiboot::{BootInfo, RegionKind};
 use moat_kernel::paging::{AddressSpace, MapError, MapFlags, TableMemory};
+use moat_kernel::smp::place_trampoline;
 use spin::Mutex;
 
 static FRAMES: Mutex<Option<FrameAllocator<'static>>> = Mutex::new(None);
 static KERNEL_ROOT: AtomicU64 = AtomicU64::new(0);
 static NO_EXECUTE: AtomicBool = AtomicBool::new(false);
+/// Low memory for the AP start-up trampoline; 0: none found.
+static TRAMPOLINE: AtomicU64 = AtomicU64::new(0);
 
 const MAX_RANGES: usize = 80;
 const LOW_MEMORY: PhysRange = PhysRange {
@@ -174,6 +178,12 @@ pub fn kernel_root() -> u64 {
     KERNEL_ROOT.load(Ordering::Relaxed)
 }
 
+/// `TRAMPOLINE_PAGES` pages of low RAM (below 1 MiB) that the kernel may
+/// use to start the other CPUs; no one else uses them.
+pub fn trampoline_area() -> Option<u64> {
+    Some(TRAMPOLINE.load(Ordering::Relaxed)).filter(|&base| base != 0)
+}
+
 /// NX if the CPU has it; the bit is reserved otherwise.
 pub fn no_execute() -> MapFlags {
     if NO_EXECUTE.load(Ordering::Relaxed) {
@@ -211,6 +221,16 @@ pub fn init(boot: &BootInfo, has_no_execute: bool) -> Result<(), MemoryError> {
     for module in boot.modules() {
         reserved.push(PhysRange::new(module.start, module.end))?;
     }
+
+    // The trampoline goes into low RAM, which the allocator never hands
+    // out (LOW_MEMORY, the first reserved range), clear of the boot
+    // information and modules the kernel reads later.
+    let trampoline = place_trampoline(
+        usable.as_slice(),
+        &reserved.as_slice()[1..],
+        TRAMPOLINE_PAGES,
+    );
+    TRAMPOLINE.store(trampoline.unwrap_or(0), Ordering::Relaxed);
 
     let bitmap_range =
         place_bitmap(usable.as_slice(), reserved.as_slice()).map_err(MemoryError::Bitmap)?;

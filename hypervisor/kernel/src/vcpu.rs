@@ -62,9 +62,6 @@ fn state(phys: u64) -> &'static mut VcpuState {
     unsafe { &mut *(phys_to_virt(phys) as *mut VcpuState) }
 }
 
-/// TLB tags (ASID / VPID) handed out to vCPUs; 0 is the host's.
-static NEXT_TAG: core::sync::atomic::AtomicU16 = core::sync::atomic::AtomicU16::new(1);
-
 impl Kernel {
     /// `create_vcpu`.
     pub fn sys_create_vcpu(
@@ -86,9 +83,9 @@ impl Kernel {
         }
         self.object_slot_free(caller, selector)?;
         self.charge(vm, VCPU_COST)?;
-        let tag = NEXT_TAG
-            .fetch_add(1, core::sync::atomic::Ordering::Relaxed)
-            .max(1);
+        // The TLB tag (ASID / VPID) comes from the space of the CPU the
+        // vCPU runs on: the one creating it (the boot CPU, for now).
+        let tag = crate::arch::x86_64::percpu::current().alloc_tlb_tag();
         let backend = match virt::vendor() {
             Vendor::Svm => SvmVcpu::new(root, tag).map(|b| Backend::Svm(alloc::boxed::Box::new(b))),
             Vendor::Vmx => VmxVcpu::new(root, tag).map(|b| Backend::Vmx(alloc::boxed::Box::new(b))),

@@ -5,6 +5,7 @@ use super::layout::{phys_to_virt, BOOT_DIRECT_MAP_SIZE};
 use acpi::madt::{Madt, MadtEntry};
 use acpi::{AcpiHandler, AcpiTables, PhysicalMapping};
 use core::ptr::NonNull;
+use moat_kernel::smp::MAX_CPUS;
 
 pub const MAX_IOAPICS: usize = 8;
 pub const MAX_OVERRIDES: usize = 16;
@@ -22,9 +23,12 @@ pub struct Override {
     pub gsi: u32,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Platform {
+    /// Enabled CPUs in the MADT, also those past `MAX_CPUS`.
     pub cpus: u32,
+    /// Their APIC ids in MADT order (the first `MAX_CPUS`).
+    apic_ids: [u32; MAX_CPUS],
     pub ioapics: [IoApic; MAX_IOAPICS],
     pub ioapic_count: usize,
     pub overrides: [Override; MAX_OVERRIDES],
@@ -32,7 +36,32 @@ pub struct Platform {
     pub has_8259: bool,
 }
 
+impl Default for Platform {
+    fn default() -> Self {
+        Self {
+            cpus: 0,
+            apic_ids: [0; MAX_CPUS],
+            ioapics: [IoApic::default(); MAX_IOAPICS],
+            ioapic_count: 0,
+            overrides: [Override::default(); MAX_OVERRIDES],
+            override_count: 0,
+            has_8259: false,
+        }
+    }
+}
+
 impl Platform {
+    pub fn apic_ids(&self) -> &[u32] {
+        &self.apic_ids[..(self.cpus as usize).min(MAX_CPUS)]
+    }
+
+    fn add_cpu(&mut self, apic_id: u32) {
+        if let Some(slot) = self.apic_ids.get_mut(self.cpus as usize) {
+            *slot = apic_id;
+        }
+        self.cpus += 1;
+    }
+
     pub fn ioapics(&self) -> &[IoApic] {
         &self.ioapics[..self.ioapic_count]
     }
@@ -95,16 +124,17 @@ pub fn discover() -> Result<Platform, AcpiProblem> {
     };
     for entry in madt.entries() {
         match entry {
+            // Bit 0, enabled: the CPU is there and may be started.
             MadtEntry::LocalApic(lapic) => {
                 let flags = lapic.flags;
                 if flags & 1 != 0 {
-                    platform.cpus += 1;
+                    platform.add_cpu(lapic.apic_id.into());
                 }
             }
             MadtEntry::LocalX2Apic(lapic) => {
                 let flags = lapic.flags;
                 if flags & 1 != 0 {
-                    platform.cpus += 1;
+                    platform.add_cpu(lapic.x2apic_id);
                 }
             }
             MadtEntry::IoApic(ioapic) => {

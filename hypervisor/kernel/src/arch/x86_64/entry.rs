@@ -1,8 +1,9 @@
 //! Entries into the kernel: interrupt/exception stubs and SYSCALL. Both build
 //! the same [`TrapFrame`] on the kernel stack and call into Rust with it.
 
-use super::cpu::{self, PERCPU_KERNEL_RSP, PERCPU_USER_RSP};
+use super::cpu;
 use super::gdt::{KERNEL_CS, SYSRET_BASE, USER_CS, USER_DS};
+use super::percpu::{PERCPU_KERNEL_RSP, PERCPU_STACK_TOP, PERCPU_USER_RSP};
 use x86::msr;
 
 /// The `vector` of a frame built by the SYSCALL entry.
@@ -170,7 +171,7 @@ core::arch::global_asm!(
     user_interrupt = sym super::trap::user_interrupt,
     kernel_interrupt = sym super::trap::kernel_interrupt,
     syscall = sym crate::syscall::syscall_entry,
-    stack_top = const super::cpu::PERCPU_STACK_TOP,
+    stack_top = const PERCPU_STACK_TOP,
     user_rsp = const PERCPU_USER_RSP,
     kernel_rsp = const PERCPU_KERNEL_RSP,
     user_ss = const USER_DS as u64,

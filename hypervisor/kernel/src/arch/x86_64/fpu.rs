@@ -33,24 +33,33 @@ const HOST_XCR0: u64 = XCR0_X87 | XCR0_SSE;
 /// XSAVE (then FXSAVE keeps x87 and SSE only).
 static SUPPORTED_XCR0: AtomicU64 = AtomicU64::new(0);
 
-/// Enables FXSAVE/SSE (and XSAVE where the CPU has it and its state fits a
-/// page) for guests, and traps FPU use everywhere else.
+/// Finds what the CPU can save for guests (XSAVE components, or FXSAVE
+/// only), reports it, and sets up the boot CPU (`init_this_cpu`).
 pub fn init() {
     let features = core::arch::x86_64::__cpuid(1);
     let has_xsave = features.ecx & (1 << 26) != 0;
-    let mut cr4 = cpu::read_cr4() | CR4_OSFXSR | CR4_OSXMMEXCPT;
     if has_xsave {
         // SAFETY: CPUID says XSAVE exists; leaf 0xd is then defined.
         let leaf = core::arch::x86_64::__cpuid_count(0xd, 0);
         let supported = u64::from(leaf.eax) | (u64::from(leaf.edx) << 32);
         if u64::from(leaf.ecx) <= AREA_SIZE {
-            cr4 |= CR4_OSXSAVE;
             SUPPORTED_XCR0.store(supported, Ordering::Relaxed);
         }
         log::info!(
             "fpu: xsave, components {supported:#x}, {} bytes per guest",
             leaf.ecx
         );
+    }
+    init_this_cpu();
+}
+
+/// Enables FXSAVE/SSE (and XSAVE where `init` found it usable) for guests
+/// on this CPU, and traps FPU use everywhere else.
+pub fn init_this_cpu() {
+    let xsave = SUPPORTED_XCR0.load(Ordering::Relaxed) != 0;
+    let mut cr4 = cpu::read_cr4() | CR4_OSFXSR | CR4_OSXMMEXCPT;
+    if xsave {
+        cr4 |= CR4_OSXSAVE;
     }
     // SAFETY: OSFXSR/OSXMMEXCPT/OSXSAVE only enable FXSAVE, SSE exceptions
     // and XSAVE; TS and MP make FPU instructions trap, which the kernel
@@ -59,7 +68,7 @@ pub fn init() {
         cpu::write_cr4(cr4);
         cpu::write_cr0(cpu::read_cr0() | CR0_TS | CR0_MP);
     }
-    if SUPPORTED_XCR0.load(Ordering::Relaxed) != 0 {
+    if xsave {
         xsetbv(HOST_XCR0);
     }
 }

@@ -1,9 +1,12 @@
 //! The local APIC: x2APIC (MSRs) when the CPU has it, xAPIC (MMIO) otherwise.
-//! Its timer is calibrated against the PIT at boot and then ticks
-//! periodically.
+//! Its timer is calibrated against the PIT at boot, on the boot CPU; every
+//! CPU's timer then runs one-shot from that calibration, with its state
+//! (next tick, armed expiry, ticks) in the CPU's per-CPU block. The boot
+//! CPU starts the others with INIT and STARTUP IPIs.
 
 use super::cpu::{rdtsc, read_msr, write_msr};
 use super::layout::phys_to_virt;
+use super::percpu;
 use super::pit;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -15,6 +18,8 @@ const X2APIC_MSR_BASE: u32 = 0x800;
 
 const REG_ID: u32 = 0x20;
 const REG_EOI: u32 = 0xb0;
+const REG_ICR_LOW: u32 = 0x300;
+const REG_ICR_HIGH: u32 = 0x310;
 const REG_SPURIOUS: u32 = 0xf0;
 const REG_LVT_TIMER: u32 = 0x320;
 const REG_TIMER_INITIAL: u32 = 0x380;
@@ -22,6 +27,11 @@ const REG_TIMER_CURRENT: u32 = 0x390;
 const REG_TIMER_DIVIDE: u32 = 0x3e0;
 
 const SPURIOUS_ENABLE: u32 = 1 << 8;
+const ICR_DELIVERY_INIT: u32 = 0b101 << 8;
+const ICR_DELIVERY_STARTUP: u32 = 0b110 << 8;
+/// xAPIC only: the previous IPI has not been sent yet.
+const ICR_SEND_PENDING: u32 = 1 << 12;
+const ICR_LEVEL_ASSERT: u32 = 1 << 14;
 const LVT_MASKED: u32 = 1 << 16;
 const DIVIDE_BY_16: u32 = 0b0011;
 
@@ -32,19 +42,19 @@ pub const TICK_HZ: u64 = 100;
 /// Microseconds per timer tick.
 pub const TICK_US: u64 = 1_000_000 / TICK_HZ;
 
+/// The same on every CPU: the mode the boot CPU chose, the xAPIC page's
+/// physical address (every CPU's own APIC answers there), the timer and
+/// TSC frequencies it measured.
 static X2APIC: AtomicBool = AtomicBool::new(false);
 static MMIO_BASE: AtomicU64 = AtomicU64::new(0);
-static TICKS: AtomicU64 = AtomicU64::new(0);
 static TIMER_HZ: AtomicU64 = AtomicU64::new(0);
 static TSC_HZ: AtomicU64 = AtomicU64::new(0);
-/// TSC value of the next scheduling tick, and of the armed expiry.
-static NEXT_TICK: AtomicU64 = AtomicU64::new(0);
-static ARMED: AtomicU64 = AtomicU64::new(u64::MAX);
-static ID: AtomicU64 = AtomicU64::new(0);
+static TIMER_VECTOR: AtomicU64 = AtomicU64::new(0);
+static SPURIOUS_VECTOR: AtomicU64 = AtomicU64::new(0);
 
 /// This CPU's APIC id.
 pub fn id() -> u32 {
-    ID.load(Ordering::Relaxed) as u32
+    percpu::current().apic_id.load(Ordering::Relaxed)
 }
 
 fn read(register: u32) -> u32 {
@@ -81,23 +91,12 @@ pub struct Calibration {
 /// (Bochs ignores later writes once it was).
 pub fn init(use_x2apic: bool, timer_vector: u8, spurious_vector: u8) -> Calibration {
     let base = read_msr(IA32_APIC_BASE);
-    if use_x2apic {
-        write_msr(IA32_APIC_BASE, base | APIC_BASE_ENABLE);
-        write_msr(IA32_APIC_BASE, base | APIC_BASE_ENABLE | APIC_BASE_X2APIC);
-        X2APIC.store(true, Ordering::Relaxed);
-    } else {
-        write_msr(IA32_APIC_BASE, base | APIC_BASE_ENABLE);
-        MMIO_BASE.store(phys_to_virt(base & APIC_BASE_ADDRESS), Ordering::Relaxed);
-    }
-    write(REG_SPURIOUS, SPURIOUS_ENABLE | u32::from(spurious_vector));
-    let id = if use_x2apic {
-        read(REG_ID)
-    } else {
-        read(REG_ID) >> 24
-    };
-    ID.store(id.into(), Ordering::Relaxed);
+    X2APIC.store(use_x2apic, Ordering::Relaxed);
+    MMIO_BASE.store(phys_to_virt(base & APIC_BASE_ADDRESS), Ordering::Relaxed);
+    TIMER_VECTOR.store(timer_vector.into(), Ordering::Relaxed);
+    SPURIOUS_VECTOR.store(spurious_vector.into(), Ordering::Relaxed);
+    let id = enable();
 
-    write(REG_TIMER_DIVIDE, DIVIDE_BY_16);
     write(REG_LVT_TIMER, LVT_MASKED | u32::from(timer_vector));
     let mut tsc_start = 0;
     let mut tsc_end = 0;
@@ -119,16 +118,115 @@ pub fn init(use_x2apic: bool, timer_vector: u8, spurious_vector: u8) -> Calibrat
     TIMER_HZ.store(timer_hz, Ordering::Relaxed);
     TSC_HZ.store(tsc_hz, Ordering::Relaxed);
 
-    // One-shot mode: every expiry is armed for the next event.
-    write(REG_LVT_TIMER, u32::from(timer_vector));
-    NEXT_TICK.store(rdtsc() + tick_period(), Ordering::Relaxed);
-    arm(NEXT_TICK.load(Ordering::Relaxed));
+    start_timer();
     Calibration {
         x2apic: use_x2apic,
         id,
         timer_hz,
         tsc_hz,
     }
+}
+
+/// Enables this CPU's APIC in the boot CPU's mode, with the spurious
+/// vector and the timer's divider; returns (and records) its id.
+fn enable() -> u32 {
+    let base = read_msr(IA32_APIC_BASE);
+    if X2APIC.load(Ordering::Relaxed) {
+        // xAPIC first: x2APIC may only be entered from it.
+        if base & APIC_BASE_X2APIC == 0 {
+            write_msr(IA32_APIC_BASE, base | APIC_BASE_ENABLE);
+            write_msr(IA32_APIC_BASE, base | APIC_BASE_ENABLE | APIC_BASE_X2APIC);
+        }
+    } else {
+        write_msr(IA32_APIC_BASE, base | APIC_BASE_ENABLE);
+    }
+    write(
+        REG_SPURIOUS,
+        SPURIOUS_ENABLE | SPURIOUS_VECTOR.load(Ordering::Relaxed) as u32,
+    );
+    let id = if X2APIC.load(Ordering::Relaxed) {
+        read(REG_ID)
+    } else {
+        read(REG_ID) >> 24
+    };
+    percpu::current().apic_id.store(id, Ordering::Relaxed);
+    write(REG_TIMER_DIVIDE, DIVIDE_BY_16);
+    id
+}
+
+/// One-shot mode: every expiry is armed for the next event; the first is
+/// a tick period from now.
+fn start_timer() {
+    write(REG_LVT_TIMER, TIMER_VECTOR.load(Ordering::Relaxed) as u32);
+    let first = rdtsc() + tick_period();
+    percpu::current().next_tick.store(first, Ordering::Relaxed);
+    arm(first);
+}
+
+/// Brings up the APIC of a CPU other than the boot CPU, with the boot
+/// CPU's mode and calibration, and starts its timer; returns its id.
+pub fn init_this_cpu() -> u32 {
+    let id = enable();
+    start_timer();
+    id
+}
+
+/// Sends INIT to the CPU with APIC id `apic_id`: it stops whatever it does
+/// and waits for a STARTUP IPI.
+pub fn send_init(apic_id: u32) {
+    send_ipi(apic_id, ICR_DELIVERY_INIT | ICR_LEVEL_ASSERT);
+}
+
+/// Sends a STARTUP IPI: the CPU, waiting after INIT, starts in real mode at
+/// `vector` * 4 KiB.
+pub fn send_startup(apic_id: u32, vector: u8) {
+    send_ipi(
+        apic_id,
+        ICR_DELIVERY_STARTUP | ICR_LEVEL_ASSERT | u32::from(vector),
+    );
+}
+
+fn send_ipi(apic_id: u32, command: u32) {
+    if X2APIC.load(Ordering::Relaxed) {
+        // One 64-bit write; x2APIC has no send-pending bit to wait for.
+        write_msr(
+            X2APIC_MSR_BASE + (REG_ICR_LOW >> 4),
+            (u64::from(apic_id) << 32) | u64::from(command),
+        );
+    } else {
+        wait_until_sent();
+        write(REG_ICR_HIGH, apic_id << 24);
+        write(REG_ICR_LOW, command);
+        wait_until_sent();
+    }
+}
+
+/// Waits (at most 10 ms) until the xAPIC has sent the last IPI.
+fn wait_until_sent() {
+    let limit = TSC_HZ.load(Ordering::Relaxed) / 100;
+    let start = rdtsc();
+    while read(REG_ICR_LOW) & ICR_SEND_PENDING != 0 && rdtsc().wrapping_sub(start) < limit {
+        core::hint::spin_loop();
+    }
+}
+
+/// Spins for `us` microseconds by the TSC.
+pub fn delay_us(us: u64) {
+    let cycles = TSC_HZ.load(Ordering::Relaxed) / 1_000_000 * us;
+    let start = rdtsc();
+    while rdtsc().wrapping_sub(start) < cycles {
+        core::hint::spin_loop();
+    }
+}
+
+/// Whether the APICs run in x2APIC mode.
+pub fn x2apic() -> bool {
+    X2APIC.load(Ordering::Relaxed)
+}
+
+/// The TSC frequency the boot CPU measured.
+pub fn tsc_hz() -> u64 {
+    TSC_HZ.load(Ordering::Relaxed)
 }
 
 /// Waits with interrupts on for `count` timer ticks, at most one second by
@@ -164,18 +262,18 @@ pub fn arm(deadline: u64) {
     let timer_hz = u128::from(TIMER_HZ.load(Ordering::Relaxed));
     let tsc_hz = u128::from(TSC_HZ.load(Ordering::Relaxed).max(1));
     let count = (u128::from(delta) * timer_hz / tsc_hz).clamp(1, u128::from(u32::MAX)) as u32;
-    ARMED.store(deadline, Ordering::Relaxed);
+    percpu::current().armed.store(deadline, Ordering::Relaxed);
     write(REG_TIMER_INITIAL, count);
 }
 
-/// The TSC deadline the one-shot timer is armed for.
+/// The TSC deadline this CPU's one-shot timer is armed for.
 pub fn armed() -> u64 {
-    ARMED.load(Ordering::Relaxed)
+    percpu::current().armed.load(Ordering::Relaxed)
 }
 
 /// Brings the next expiry forward to `deadline` if that is sooner.
 pub fn arm_if_earlier(deadline: u64) {
-    if deadline < ARMED.load(Ordering::Relaxed) {
+    if deadline < armed() {
         arm(deadline);
     }
 }
@@ -183,7 +281,8 @@ pub fn arm_if_earlier(deadline: u64) {
 /// On a timer interrupt at TSC `now`: whether a scheduling tick (budget
 /// accounting) is due; if so the next one is scheduled a period later.
 pub fn tick_due(now: u64) -> bool {
-    let next = NEXT_TICK.load(Ordering::Relaxed);
+    let percpu = percpu::current();
+    let next = percpu.next_tick.load(Ordering::Relaxed);
     if now < next {
         return false;
     }
@@ -193,17 +292,17 @@ pub fn tick_due(now: u64) -> bool {
     } else {
         now + period
     };
-    NEXT_TICK.store(following, Ordering::Relaxed);
-    TICKS.fetch_add(1, Ordering::Relaxed);
+    percpu.next_tick.store(following, Ordering::Relaxed);
+    percpu.ticks.fetch_add(1, Ordering::Relaxed);
     true
 }
 
-/// The TSC value of the next scheduling tick.
+/// The TSC value of this CPU's next scheduling tick.
 pub fn next_tick() -> u64 {
-    NEXT_TICK.load(Ordering::Relaxed)
+    percpu::current().next_tick.load(Ordering::Relaxed)
 }
 
-/// Timer interrupts seen since the tick started.
+/// Ticks this CPU's timer counted since it started.
 pub fn ticks() -> u64 {
-    TICKS.load(Ordering::Relaxed)
+    percpu::current().ticks.load(Ordering::Relaxed)
 }

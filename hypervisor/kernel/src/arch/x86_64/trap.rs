@@ -1,7 +1,7 @@
 //! What happens after an entry: exceptions, interrupts and system calls.
 
 use super::entry::TrapFrame;
-use super::{cpu, ioapic, lapic};
+use super::{cpu, ioapic, lapic, percpu};
 use crate::console;
 use moat_abi::ExceptionMessage;
 
@@ -84,10 +84,7 @@ pub extern "C" fn user_interrupt(frame: *mut TrapFrame) -> *const TrapFrame {
                 }
             }
         }
-        VECTOR_TIMER => {
-            crate::scheduler::tick();
-            lapic::end_of_interrupt();
-        }
+        VECTOR_TIMER => timer_interrupt(),
         VECTOR_SPURIOUS => {}
         vector => device_interrupt(vector),
     }
@@ -99,13 +96,23 @@ pub extern "C" fn kernel_interrupt(frame: &mut TrapFrame) {
     match frame.vector {
         NMI => log::warn!("NMI at rip {:#x}", frame.rip),
         0..=31 => kernel_exception(frame),
-        VECTOR_TIMER => {
-            crate::scheduler::tick();
-            lapic::end_of_interrupt();
-        }
+        VECTOR_TIMER => timer_interrupt(),
         VECTOR_SPURIOUS => {}
         vector => device_interrupt(vector),
     }
+}
+
+/// The LAPIC timer: on the boot CPU the scheduler's tick; the other CPUs
+/// (which only idle for now) keep their own clock and feed the console.
+fn timer_interrupt() {
+    if percpu::current_id() == percpu::BOOT_CPU {
+        crate::scheduler::tick();
+    } else {
+        let now = cpu::rdtsc();
+        lapic::tick_due(now);
+        lapic::arm(lapic::next_tick().min(crate::console::feed()));
+    }
+    lapic::end_of_interrupt();
 }
 
 /// A device interrupt: mask its GSI, acknowledge it, up its semaphore.
