@@ -5,9 +5,9 @@
 //! kernel and root task load tasks with.
 
 use arbitrary::{Arbitrary, Unstructured};
-use moat_abi::{ExceptionMessage, TypedItem};
 use moat_abi::vcpu::Inject;
 use moat_abi::{Call, CallWord, Space, Status};
+use moat_abi::{ExceptionMessage, TypedItem};
 use moat_kernel::elf::ElfImage;
 use moat_kernel::virt::event::Event;
 use moat_kernel::virt::exit::{decode_svm, decode_vmx, SvmExitInfo, VmxExitInfo};
@@ -59,7 +59,11 @@ pub fn abi(data: &[u8]) {
     let event = Event::from_abi(&inject);
     let (info, code) = event.to_vmx();
     assert_eq!(Event::from_vmx(info, code), Some(event), "VMX round trip");
-    assert_eq!(Event::from_svm(event.to_svm()), Some(event), "SVM round trip");
+    assert_eq!(
+        Event::from_svm(event.to_svm()),
+        Some(event),
+        "SVM round trip"
+    );
     let _ = event.to_abi();
 }
 

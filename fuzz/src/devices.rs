@@ -345,9 +345,16 @@ enum PciOp {
     /// CF8/CFC.
     ConfigIo(Access),
     /// ECAM, bus 0 (and a little past it).
-    Ecam { device: u8, register: u16, access: Access },
+    Ecam {
+        device: u8,
+        register: u16,
+        access: Access,
+    },
     /// The MMIO window, where BARs decode.
-    Mmio { page: u8, access: Access },
+    Mmio {
+        page: u8,
+        access: Access,
+    },
     AssignBars,
 }
 
@@ -387,7 +394,10 @@ pub fn pci(data: &[u8]) {
         } => {
             let function = u64::from(device) << 12;
             let at = ECAM_BASE + function + u64::from(register % 0x1000);
-            let a = Access { offset: 0, ..access };
+            let a = Access {
+                offset: 0,
+                ..access
+            };
             a.apply(&bus, at, 0, false);
         }
         PciOp::Mmio { page, access } => {

@@ -34,8 +34,13 @@ fn memory_map() -> Vec<E820Entry> {
 /// `(addr, size)` lies inside RAM, after `after`.
 fn initrd_fits(initrd: Option<(u64, u64)>, after: u64, ram: &[u8]) {
     if let Some((addr, size)) = initrd {
-        assert!(addr >= after, "initrd at {addr:#x} below the kernel's end {after:#x}");
-        assert!(addr.checked_add(size).is_some_and(|end| end <= ram.len() as u64));
+        assert!(
+            addr >= after,
+            "initrd at {addr:#x} below the kernel's end {after:#x}"
+        );
+        assert!(addr
+            .checked_add(size)
+            .is_some_and(|end| end <= ram.len() as u64));
     }
 }
 

@@ -130,7 +130,10 @@ impl Access {
         } else {
             let claimed = bus.read(addr, &mut raw[..width]);
             if !claimed {
-                assert!(raw[..width].iter().all(|&b| b == 0xff), "unclaimed reads as ones");
+                assert!(
+                    raw[..width].iter().all(|&b| b == 0xff),
+                    "unclaimed reads as ones"
+                );
             }
             u64::from_le_bytes(raw)
         }

@@ -63,18 +63,35 @@ struct BringUp {
 
 #[derive(Arbitrary, Debug)]
 enum Op<H> {
-    Add { queue: u8, buffers: Vec<BufferSpec> },
-    AddIndirect { queue: u8, buffers: Vec<BufferSpec> },
+    Add {
+        queue: u8,
+        buffers: Vec<BufferSpec>,
+    },
+    AddIndirect {
+        queue: u8,
+        buffers: Vec<BufferSpec>,
+    },
     Kick(u16),
     Used(u8),
     /// Any register of the BAR (common, ISR, device config, notify, MSI-X).
     Bar(Access),
     /// Configuration space through CF8/CFC.
-    Config { register: u8, width: u8, value: u32, write: bool },
+    Config {
+        register: u8,
+        width: u8,
+        value: u32,
+        write: bool,
+    },
     /// Guest memory anywhere from the rings to the end of the data area:
     /// descriptors, ring indices and flags, buffers.
-    Poke { at: u32, bytes: Vec<u8> },
-    SetAvailIdx { queue: u8, idx: u16 },
+    Poke {
+        at: u32,
+        bytes: Vec<u8>,
+    },
+    SetAvailIdx {
+        queue: u8,
+        idx: u16,
+    },
     /// Reset the device and bring it up again.
     Again(BringUp),
     Host(H),

@@ -32,7 +32,11 @@ struct FuzzPlatform {
 fn one_page(gpa: u64, len: usize) {
     if len > 0 {
         let last = gpa.wrapping_add(len as u64 - 1);
-        assert_eq!(gpa / PAGE, last / PAGE, "access at {gpa:#x}+{len} crosses a page");
+        assert_eq!(
+            gpa / PAGE,
+            last / PAGE,
+            "access at {gpa:#x}+{len} crosses a page"
+        );
     }
 }
 
@@ -41,7 +45,9 @@ impl FuzzPlatform {
         one_page(gpa, len);
         let start = usize::try_from(gpa).map_err(|_| NotRam(gpa))?;
         let end = start.checked_add(len).ok_or(NotRam(gpa))?;
-        (end <= self.ram.len()).then_some(start..end).ok_or(NotRam(gpa))
+        (end <= self.ram.len())
+            .then_some(start..end)
+            .ok_or(NotRam(gpa))
     }
 }
 
@@ -71,14 +77,22 @@ impl Platform for FuzzPlatform {
 
     fn mmio_read(&mut self, gpa: u64, data: &mut [u8]) {
         one_page(gpa, data.len());
-        assert!((1..=8).contains(&data.len()), "MMIO read of {} bytes", data.len());
+        assert!(
+            (1..=8).contains(&data.len()),
+            "MMIO read of {} bytes",
+            data.len()
+        );
         let bytes = self.mmio_value.to_le_bytes();
         data.copy_from_slice(&bytes[..data.len()]);
     }
 
     fn mmio_write(&mut self, gpa: u64, data: &[u8]) {
         one_page(gpa, data.len());
-        assert!((1..=8).contains(&data.len()), "MMIO write of {} bytes", data.len());
+        assert!(
+            (1..=8).contains(&data.len()),
+            "MMIO write of {} bytes",
+            data.len()
+        );
     }
 
     fn phys_addr_bits(&self) -> u32 {
@@ -244,7 +258,10 @@ pub fn emulate(data: &[u8]) {
             Outcome::Repeat => continue,
             Outcome::Done => {}
             // Only a REP string instruction may have made progress.
-            Outcome::Fault(_) | Outcome::Unsupported(_) | Outcome::Mismatch | Outcome::NotRam(_) => {
+            Outcome::Fault(_)
+            | Outcome::Unsupported(_)
+            | Outcome::Mismatch
+            | Outcome::NotRam(_) => {
                 assert_eq!(cpu.rip, before.rip, "{outcome:?} moved RIP");
             }
         }
