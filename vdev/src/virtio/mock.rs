@@ -125,6 +125,12 @@ pub struct Machine {
     next_bar: Cell<u64>,
 }
 
+impl Default for Machine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Machine {
     pub fn new() -> Self {
         let root = Rc::new(RefCell::new(PciRoot::new(MMIO_BASE, MMIO_LEN)));
