@@ -58,6 +58,12 @@ commands:
                         (AT + SMS; no missed deadline under load, worst jitter;
                         Linux panics and is restarted; the modem crashes and is
                         restarted; root in Linux cannot reach the modem)
+  fuzz [TARGET] [--seconds N]
+                        coverage-guided fuzzing (cargo-fuzz, libFuzzer) of the
+                        device models, virtio, the VMM's emulator and exit
+                        handler, firmware loaders, manifest parser and ABI:
+                        TARGET (a file of fuzz/fuzz_targets/) or all in turn,
+                        N seconds each (default 60); see docs/fuzzing.md
   help                  this text";
 
 #[derive(Debug, PartialEq, Eq)]
@@ -70,6 +76,15 @@ pub enum Cmd {
     Bench(BenchOpts),
     Linux(LinuxOpts),
     Demo(DemoOpts),
+    Fuzz(FuzzOpts),
+}
+
+/// `cargo xtask fuzz`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FuzzOpts {
+    /// One target; all of them if `None`.
+    pub target: Option<String>,
+    pub seconds: u64,
 }
 
 /// `cargo xtask demo modem`.
@@ -204,6 +219,18 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
             }),
             _ => return Err(Error::Usage("demo needs modem".into())),
         },
+        "fuzz" => {
+            let seconds = match opts.value("--seconds")? {
+                None => crate::fuzz::DEFAULT_SECONDS,
+                Some(n) => n.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+                    Error::Usage(format!("--seconds needs a positive number, not `{n}`"))
+                })?,
+            };
+            Cmd::Fuzz(FuzzOpts {
+                target: opts.positional(),
+                seconds,
+            })
+        }
         other => return Err(Error::Usage(format!("unknown command `{other}`"))),
     };
     opts.finish()?;
@@ -445,6 +472,26 @@ mod tests {
         assert!(p("linux").is_err());
         assert!(p("linux boot").is_err());
         assert!(p("linux build --emu qemu").is_err());
+    }
+
+    #[test]
+    fn fuzz_options() {
+        let fuzz = |target: Option<&str>, seconds| {
+            Cmd::Fuzz(FuzzOpts {
+                target: target.map(String::from),
+                seconds,
+            })
+        };
+        assert_eq!(p("fuzz").unwrap(), fuzz(None, 60));
+        assert_eq!(p("fuzz uart").unwrap(), fuzz(Some("uart"), 60));
+        assert_eq!(
+            p("fuzz --seconds 300 lapic").unwrap(),
+            fuzz(Some("lapic"), 300)
+        );
+        assert_eq!(p("fuzz --seconds=5").unwrap(), fuzz(None, 5));
+        assert!(p("fuzz --seconds 0").is_err());
+        assert!(p("fuzz --seconds x").is_err());
+        assert!(p("fuzz uart pic").is_err());
     }
 
     #[test]

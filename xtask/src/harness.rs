@@ -56,6 +56,11 @@ const HOST_SUITES: &[HostSuite] = &[
         name: "xtask",
         args: &["-p", "xtask"],
     },
+    // Every fuzz target over its corpus (fuzz/corpus/), without libFuzzer.
+    HostSuite {
+        name: "moat-fuzz corpus replay",
+        args: &["-p", "moat-fuzz", "--manifest-path", "fuzz/Cargo.toml"],
+    },
 ];
 
 /// Output lines shown when a host suite fails.

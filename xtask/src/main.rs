@@ -11,6 +11,7 @@ mod build;
 mod cli;
 mod demo;
 mod emu;
+mod fuzz;
 mod harness;
 mod image;
 mod linux;
@@ -113,6 +114,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Test(opts) => harness::run(&opts),
         Cmd::Bench(opts) => bench::run(&opts),
         Cmd::Demo(opts) => demo::run(&opts),
+        Cmd::Fuzz(opts) => fuzz::run(&opts),
         Cmd::Linux(cli::LinuxOpts::Build) => linux::build_command(),
         Cmd::Linux(cli::LinuxOpts::Direct {
             emu,

@@ -3,6 +3,7 @@
 use std::io;
 use std::process::Command;
 
+use crate::fuzz::CARGO_FUZZ;
 use crate::util::{self, describe};
 use crate::{Error, Result};
 
@@ -21,6 +22,9 @@ pub const APT_PACKAGES: &[&str] = &[
 
 /// Cross targets: the kernel and user tasks, and static host-side tools.
 pub const RUST_TARGETS: &[&str] = &["x86_64-unknown-none", "x86_64-unknown-linux-musl"];
+
+/// `cargo xtask fuzz` runs cargo-fuzz (on stable, see `fuzz.rs`).
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 const INSTALLED: &str = "install ok installed";
 
@@ -57,9 +61,23 @@ pub fn run() -> Result<()> {
         Some(_) => {}
     }
 
+    if util::which("cargo-fuzz").is_none() {
+        let mut install = crate::build::host_cargo();
+        install.args([
+            "install",
+            "--locked",
+            "--version",
+            CARGO_FUZZ_VERSION,
+            CARGO_FUZZ,
+        ]);
+        println!("setup: {}", describe(&install));
+        util::run(&mut install)?;
+        changed = true;
+    }
+
     if !changed {
         println!(
-            "setup: all host tools present ({} packages, {} rust targets)",
+            "setup: all host tools present ({} packages, {} rust targets, {CARGO_FUZZ})",
             APT_PACKAGES.len(),
             RUST_TARGETS.len()
         );

@@ -1,7 +1,8 @@
-//! Test-only guest side: RAM, interrupt recorders, a PCI bus, and a driver
-//! that finds and programs a virtio-pci device the way Linux's
-//! virtio_pci_modern and virtio_ring do — through CF8/CFC and BAR accesses
-//! only, never through the model's Rust API.
+//! The guest side, for tests and (feature `test-utils`) the fuzz targets:
+//! RAM, interrupt recorders, a PCI bus, and a driver that finds and
+//! programs a virtio-pci device the way Linux's virtio_pci_modern and
+//! virtio_ring do — through CF8/CFC and BAR accesses only, never through
+//! the model's Rust API.
 
 use alloc::rc::Rc;
 use alloc::vec;
@@ -122,6 +123,12 @@ pub struct Machine {
     pub mmio: RefCell<PciMmio>,
     heap: Cell<u64>,
     next_bar: Cell<u64>,
+}
+
+impl Default for Machine {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Machine {

@@ -14,8 +14,8 @@ pub mod pci;
 pub mod queue;
 pub mod rng;
 
-#[cfg(test)]
-pub(crate) mod mock;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod mock;
 
 use crate::GuestMemory;
 use queue::{Chain, Queue, QueueError};
