@@ -307,14 +307,112 @@ pub fn spawn_logged(cmd: &mut Command, output: &Path) -> Result<Child> {
 pub type Decided<'a> = &'a dyn Fn() -> bool;
 
 /// Runs QEMU with the given arguments, its own output going to `output`.
+///
+/// QEMU's monitor listens on a socket beside `output` (`.monitor`); a run
+/// that times out is sampled there before it is killed (see
+/// [`sample_stalled_qemu`]).
 pub fn run_qemu(
     args: &[String],
     timeout: Option<Duration>,
     decided: Option<Decided<'_>>,
     output: &Path,
 ) -> Result<Outcome> {
-    let child = spawn_logged(&mut qemu_command(args), output)?;
-    supervise(child, timeout, None, decided)
+    let monitor = output.with_extension("monitor");
+    remove_stale(&monitor)?;
+    let args = with_monitor(args, &monitor);
+    let child = spawn_logged(&mut qemu_command(&args), output)?;
+    let sample = || sample_stalled_qemu(&monitor, &output.with_extension("stall"));
+    supervise_with(child, timeout, None, decided, Some(&sample))
+}
+
+/// `args` with QEMU's monitor on the unix socket `path` instead of none.
+fn with_monitor(args: &[String], path: &Path) -> Vec<String> {
+    let socket = format!("unix:{},server=on,wait=off", path.display());
+    let mut out = Vec::with_capacity(args.len() + 2);
+    let mut replaced = false;
+    let mut words = args.iter();
+    while let Some(word) = words.next() {
+        if word == "-monitor" {
+            words.next();
+            out.extend(["-monitor".to_string(), socket.clone()]);
+            replaced = true;
+        } else {
+            out.push(word.clone());
+        }
+    }
+    if !replaced {
+        out.extend(["-monitor".to_string(), socket]);
+    }
+    out
+}
+
+/// Monitor samples of a stalled run: every CPU's registers, this often.
+const STALL_SAMPLES: usize = 3;
+const STALL_SAMPLE_GAP: Duration = Duration::from_secs(1);
+
+/// What a person needs to see why a QEMU run stalled, before it is
+/// killed: each CPU's registers, sampled [`STALL_SAMPLES`] times (a RIP
+/// that never moves is a guest spinning in one place, or one exiting
+/// without progress), then the local APIC; the full text goes to `file`
+/// and the RIP/RFLAGS lines to stdout.
+fn sample_stalled_qemu(monitor: &Path, file: &Path) {
+    let mut text = String::new();
+    for sample in 0..STALL_SAMPLES {
+        if sample > 0 {
+            thread::sleep(STALL_SAMPLE_GAP);
+        }
+        text.push_str(&format!("--- sample {} ---\n", sample + 1));
+        text.push_str(&monitor_command(monitor, "info registers -a"));
+    }
+    text.push_str("--- local APIC ---\n");
+    text.push_str(&monitor_command(monitor, "info lapic"));
+    let _ = fs::write(file, &text);
+    println!(
+        "    stalled: QEMU's view before the kill ({}):",
+        file.display()
+    );
+    for line in text.lines() {
+        let shown = ["--- sample", "CPU#", "RIP=", "EIP="];
+        if shown.iter().any(|p| line.starts_with(p)) {
+            println!("      {line}");
+        }
+    }
+}
+
+/// One monitor command's answer (empty if the monitor cannot be reached).
+fn monitor_command(path: &Path, command: &str) -> String {
+    use std::os::unix::net::UnixStream;
+    let Ok(mut stream) = UnixStream::connect(path) else {
+        return String::new();
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let prompt: &[u8] = b"(qemu) ";
+    // The greeting ends at the first prompt; the answer, after the echo
+    // of the command, at a prompt that starts a line.
+    let mut greeting = Vec::new();
+    while !greeting.ends_with(prompt) {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return String::new(),
+            Ok(n) => greeting.extend_from_slice(&buf[..n]),
+        }
+    }
+    if stream.write_all(format!("{command}\n").as_bytes()).is_err() {
+        return String::new();
+    }
+    while !(answer.ends_with(prompt) && answer.contains(&b'\n')) {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&answer);
+    // Drop the echoed command line (with its terminal escapes) and prompt.
+    text.lines()
+        .filter(|l| !l.contains("(qemu)") && !l.contains('\u{1b}'))
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 /// Runs Bochs, its own output going to `output`; with `echo`, streams the
@@ -379,10 +477,21 @@ pub struct Outcome {
 /// `decided` first says yes. With `echo`, bytes appended to that file are
 /// copied to stdout while the child runs (Bochs' serial port).
 pub fn supervise(
+    child: Child,
+    timeout: Option<Duration>,
+    echo: Option<&Path>,
+    decided: Option<Decided<'_>>,
+) -> Result<Outcome> {
+    supervise_with(child, timeout, echo, decided, None)
+}
+
+/// [`supervise`], calling `on_timeout` before a timed-out child is killed.
+fn supervise_with(
     mut child: Child,
     timeout: Option<Duration>,
     echo: Option<&Path>,
     decided: Option<Decided<'_>>,
+    on_timeout: Option<&dyn Fn()>,
 ) -> Result<Outcome> {
     let start = Instant::now();
     let mut follower = echo.map(Follower::new);
@@ -398,6 +507,9 @@ pub fn supervise(
             break Exit::Status(status);
         }
         if timeout.is_some_and(|t| start.elapsed() >= t) {
+            if let Some(sample) = on_timeout {
+                sample();
+            }
             // Already exited if kill fails; the wait below reaps it either way.
             let _ = child.kill();
             let _ = child.wait();
@@ -454,6 +566,65 @@ impl Follower {
 mod tests {
     use super::*;
     use crate::image::Module;
+
+    #[test]
+    fn the_monitor_replaces_none_or_is_added() {
+        let socket = Path::new("t/x.monitor");
+        let args: Vec<String> = ["-m", "64M", "-monitor", "none", "-S"]
+            .map(String::from)
+            .into();
+        assert_eq!(
+            with_monitor(&args, socket),
+            [
+                "-m",
+                "64M",
+                "-monitor",
+                "unix:t/x.monitor,server=on,wait=off",
+                "-S"
+            ]
+        );
+        assert_eq!(
+            with_monitor(&args[..2], socket),
+            [
+                "-m",
+                "64M",
+                "-monitor",
+                "unix:t/x.monitor,server=on,wait=off"
+            ]
+        );
+    }
+
+    /// A QEMU that never runs (`-S`: the CPU waits at the reset vector)
+    /// times out, and its registers were sampled before the kill.
+    #[test]
+    fn a_stalled_qemu_is_sampled_before_the_kill() {
+        if Command::new("qemu-system-x86_64")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("skipped: no qemu-system-x86_64 (cargo xtask setup installs it)");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("moat-stall-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let output = dir.join("run.out");
+        let args: Vec<String> = [
+            "-machine", "pc", "-display", "none", "-monitor", "none", "-S",
+        ]
+        .map(String::from)
+        .into();
+        let outcome = run_qemu(&args, Some(Duration::from_secs(2)), None, &output).unwrap();
+        assert!(matches!(outcome.exit, Exit::TimedOut));
+        let stall = fs::read_to_string(output.with_extension("stall")).unwrap();
+        assert_eq!(
+            stall.matches("EIP=0000fff0").count(),
+            STALL_SAMPLES,
+            "{stall}"
+        );
+        assert!(stall.contains("--- local APIC ---"), "{stall}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn boot() -> BootSpec {
         BootSpec {
