@@ -178,6 +178,23 @@ component fuzzer
     args seed=0x5eed calls=100000
 ";
 
+/// `fuzzer_long` (opt-in): a million hostile calls from another seed.
+pub const FUZZER_LONG: &str = "\
+component ticker
+    module ticker
+    priority 20
+    memory 128K
+    quota 64K
+    args count=100 period_ms=20
+component fuzzer
+    module fuzzer
+    priority 10
+    memory 256K
+    quota 64K
+    restart 0
+    args seed=0xf00d calls=1000000
+";
+
 /// `quota` runs out of kernel memory on purpose, with a small quota.
 pub const QUOTA: &str = "\
 component quota
@@ -372,7 +389,7 @@ component modemclient
 mod tests {
     use super::*;
 
-    const ALL: [&str; 17] = [
+    const ALL: [&str; 18] = [
         IPC_PINGPONG,
         SUPERVISION,
         SEMAPHORE,
@@ -386,6 +403,7 @@ mod tests {
         CALLER_DIES,
         DELEGATE_REVOKE,
         FUZZER,
+        FUZZER_LONG,
         QUOTA,
         BENCH_IPC,
         BENCH_EXITS,

@@ -143,6 +143,9 @@ pub struct SysTest {
     pub check: Option<Check>,
     /// Times the emulator's usual time limit the test may take.
     pub slow: u32,
+    /// Runs only when a filter names it exactly (long runs kept out of
+    /// `cargo xtask test`).
+    pub opt_in: bool,
 }
 
 /// The defaults for the fields a test does not set.
@@ -159,6 +162,7 @@ const BASE: SysTest = SysTest {
     cpus: 1,
     check: None,
     slow: 1,
+    opt_in: false,
 };
 
 impl SysTest {
@@ -791,6 +795,37 @@ pub const TESTS: &[SysTest] = &[
         stop: Stop::WhenDecided,
         ..BASE
     },
+    // Opt-in (`cargo xtask test --filter fuzzer_long`): issue 11's million
+    // calls per run; `fuzzer` keeps CI at 100,000.
+    SysTest {
+        name: "fuzzer_long",
+        modules: &[
+            ROOTTASK,
+            manifest("fuzzer_long", manifests::FUZZER_LONG),
+            component("ticker"),
+            component("fuzzer"),
+        ],
+        expect: &[
+            all("fuzzer: seed 0xf00d, 1000000 calls"),
+            all("fuzzer: 1000000 calls, every call returned a status"),
+            all("fuzzer: statuses Success="),
+            all("roottask: component 'fuzzer' finished"),
+        ],
+        forbid: &[
+            "fuzzer: BAD status",
+            "fuzzer: FAIL",
+            "ticker: FAIL",
+            "roottask: component 'fuzzer' faulted",
+            "roottask: component 'ticker' faulted",
+            "roottask: component 'fuzzer' restarted",
+            "roottask: component 'ticker' restarted",
+        ],
+        sequences: &[TICKER_100],
+        stop: Stop::WhenDecided,
+        slow: 10,
+        opt_in: true,
+        ..BASE
+    },
     SysTest {
         name: "quota",
         modules: &[
@@ -1199,11 +1234,16 @@ impl RunResult {
     }
 }
 
-/// Selects tests by name substring; an unmatched filter is an error.
+/// Selects tests by name substring (an opt-in test only by its whole
+/// name); an unmatched filter is an error.
 pub fn select(filter: Option<&str>) -> Result<Vec<&'static SysTest>> {
     let tests: Vec<_> = TESTS
         .iter()
-        .filter(|t| filter.is_none_or(|f| t.name.contains(f)))
+        .filter(|t| match filter {
+            Some(f) if t.opt_in => t.name == f,
+            Some(f) => t.name.contains(f),
+            None => !t.opt_in,
+        })
         .collect();
     if tests.is_empty() {
         let names: Vec<_> = TESTS.iter().map(|t| t.name).collect();
@@ -1538,7 +1578,17 @@ mod tests {
 
     #[test]
     fn selection() {
-        assert_eq!(select(None).unwrap().len(), TESTS.len());
+        let opt_in = TESTS.iter().filter(|t| t.opt_in).count();
+        assert_eq!(select(None).unwrap().len(), TESTS.len() - opt_in);
+        assert_eq!(
+            select(Some("fuzzer_long"))
+                .unwrap()
+                .iter()
+                .map(|t| t.name)
+                .collect::<Vec<_>>(),
+            ["fuzzer_long"]
+        );
+        assert!(select(Some("fuzzer")).unwrap().iter().all(|t| !t.opt_in));
         let picked: Vec<_> = select(Some("module"))
             .unwrap()
             .iter()
