@@ -17,35 +17,11 @@ use vdev::uart::{self, SerialOut, Uart};
 use vdev::virtio::mock::MsiLog;
 use vdev::virtio::pci::{VirtioPci, VirtioPciWiring};
 use vdev::virtio::rng::{Rng, SplitMix64};
-use vdev::{Bus, BusDevice, Clock, IrqLine};
+use vdev::{Bus, BusDevice};
 
 use crate::{for_each_op, Access, Ram};
 
-/// Guest time the target moves.
-#[derive(Clone, Default)]
-pub struct FakeClock(pub Rc<Cell<u64>>);
-
-impl FakeClock {
-    pub fn advance(&self, ns: u64) {
-        self.0.set(self.0.get().saturating_add(ns));
-    }
-}
-
-impl Clock for FakeClock {
-    fn now_ns(&self) -> u64 {
-        self.0.get()
-    }
-}
-
-/// An interrupt line that remembers its level.
-#[derive(Clone, Default)]
-pub struct Line(pub Rc<Cell<bool>>);
-
-impl IrqLine for Line {
-    fn set_level(&self, high: bool) {
-        self.0.set(high);
-    }
-}
+pub use vdev::testutil::{FakeClock, Line};
 
 fn shared<D>(device: D) -> Rc<RefCell<D>> {
     Rc::new(RefCell::new(device))

@@ -44,8 +44,13 @@ fn initrd_fits(initrd: Option<(u64, u64)>, after: u64, ram: &[u8]) {
     }
 }
 
-/// A bzImage through the 64-bit Linux boot protocol.
-pub fn linux(data: &[u8]) {
+/// Runs `load` on the input's image with its command line and initrd in a
+/// fresh RAM; `check` judges what it loaded.
+fn load_with<L, E>(
+    data: &[u8],
+    load: impl FnOnce(&mut [u8], &[u8], &BootInfo<'_>) -> Result<L, E>,
+    check: impl FnOnce(L, &[u8]),
+) {
     let Some(input) = split(data) else { return };
     let map = memory_map();
     let mut ram = vec![0u8; RAM];
@@ -55,26 +60,24 @@ pub fn linux(data: &[u8]) {
         e820: &map,
         rsdp: Some(RSDP),
     };
-    if let Ok(loaded) = linux::load(&mut ram, input.image, &info) {
+    if let Ok(loaded) = load(&mut ram, input.image, &info) {
+        check(loaded, &ram);
+    }
+}
+
+/// A bzImage through the 64-bit Linux boot protocol.
+pub fn linux(data: &[u8]) {
+    load_with(data, linux::load, |loaded, ram| {
         assert!(loaded.kernel_addr >= MIB && loaded.kernel_end <= RAM as u64);
         assert!(loaded.kernel_addr <= loaded.kernel_end);
-        initrd_fits(loaded.initrd, loaded.kernel_end, &ram);
-    }
+        initrd_fits(loaded.initrd, loaded.kernel_end, ram);
+    });
 }
 
 /// An ELF vmlinux through its PVH entry note.
 pub fn pvh(data: &[u8]) {
-    let Some(input) = split(data) else { return };
-    let map = memory_map();
-    let mut ram = vec![0u8; RAM];
-    let info = BootInfo {
-        cmdline: &input.cmdline,
-        initrd: (!input.initrd.is_empty()).then_some(&input.initrd[..]),
-        e820: &map,
-        rsdp: Some(RSDP),
-    };
-    if let Ok(loaded) = pvh::load(&mut ram, input.image, &info) {
+    load_with(data, pvh::load, |loaded, ram| {
         assert!(loaded.kernel_end <= RAM as u64);
-        initrd_fits(loaded.initrd, loaded.kernel_end, &ram);
-    }
+        initrd_fits(loaded.initrd, loaded.kernel_end, ram);
+    });
 }

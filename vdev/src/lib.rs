@@ -18,8 +18,8 @@ pub mod pci;
 pub mod pic;
 pub mod pit;
 pub mod rtc;
-#[cfg(test)]
-mod testutil;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testutil;
 pub mod uart;
 pub mod virtio;
 

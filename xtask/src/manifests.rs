@@ -161,8 +161,12 @@ component borrower
     restart 0
 ";
 
-/// The hostile `fuzzer` beside a `ticker` of higher priority.
-pub const FUZZER: &str = "\
+/// The hostile `fuzzer` beside a `ticker` of higher priority; the
+/// `fuzzer` arguments (seed and call count) follow.
+macro_rules! fuzzer_beside_ticker {
+    ($args:literal) => {
+        concat!(
+            "\
 component ticker
     module ticker
     priority 20
@@ -175,25 +179,17 @@ component fuzzer
     memory 256K
     quota 64K
     restart 0
-    args seed=0x5eed calls=100000
-";
+    args ",
+            $args,
+            "\n"
+        )
+    };
+}
+
+pub const FUZZER: &str = fuzzer_beside_ticker!("seed=0x5eed calls=100000");
 
 /// `fuzzer_long` (opt-in): a million hostile calls from another seed.
-pub const FUZZER_LONG: &str = "\
-component ticker
-    module ticker
-    priority 20
-    memory 128K
-    quota 64K
-    args count=100 period_ms=20
-component fuzzer
-    module fuzzer
-    priority 10
-    memory 256K
-    quota 64K
-    restart 0
-    args seed=0xf00d calls=1000000
-";
+pub const FUZZER_LONG: &str = fuzzer_beside_ticker!("seed=0xf00d calls=1000000");
 
 /// `quota` runs out of kernel memory on purpose, with a small quota.
 pub const QUOTA: &str = "\

@@ -782,15 +782,7 @@ pub const TESTS: &[SysTest] = &[
             all("fuzzer: statuses Success="),
             all("roottask: component 'fuzzer' finished"),
         ],
-        forbid: &[
-            "fuzzer: BAD status",
-            "fuzzer: FAIL",
-            "ticker: FAIL",
-            "roottask: component 'fuzzer' faulted",
-            "roottask: component 'ticker' faulted",
-            "roottask: component 'fuzzer' restarted",
-            "roottask: component 'ticker' restarted",
-        ],
+        forbid: FUZZER_FORBIDDEN,
         sequences: &[TICKER_100],
         stop: Stop::WhenDecided,
         ..BASE
@@ -811,15 +803,7 @@ pub const TESTS: &[SysTest] = &[
             all("fuzzer: statuses Success="),
             all("roottask: component 'fuzzer' finished"),
         ],
-        forbid: &[
-            "fuzzer: BAD status",
-            "fuzzer: FAIL",
-            "ticker: FAIL",
-            "roottask: component 'fuzzer' faulted",
-            "roottask: component 'ticker' faulted",
-            "roottask: component 'fuzzer' restarted",
-            "roottask: component 'ticker' restarted",
-        ],
+        forbid: FUZZER_FORBIDDEN,
         sequences: &[TICKER_100],
         stop: Stop::WhenDecided,
         slow: 10,
@@ -1014,6 +998,17 @@ const TESTVM_VERDICTS: &[Expect] = &[
     all("testvmm: fuzzstate: 500 runs, every one returned"),
     all("testvmm: all guests done"),
     all("roottask: component 'testvmm' finished"),
+];
+
+/// What `fuzzer` and `fuzzer_long` must not print.
+const FUZZER_FORBIDDEN: &[&str] = &[
+    "fuzzer: BAD status",
+    "fuzzer: FAIL",
+    "ticker: FAIL",
+    "roottask: component 'fuzzer' faulted",
+    "roottask: component 'ticker' faulted",
+    "roottask: component 'fuzzer' restarted",
+    "roottask: component 'ticker' restarted",
 ];
 
 const TICKER_150: Sequence = Sequence {

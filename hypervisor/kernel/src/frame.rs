@@ -335,27 +335,34 @@ pub fn place_bitmap(usable: &[PhysRange], reserved: &[PhysRange]) -> Result<Phys
     let bytes = words * 8;
     let size = align_up(bytes, PAGE_SIZE).ok_or(FrameError::NoRoomForBitmap { bytes })?;
 
-    for range in usable.iter().map(PhysRange::page_align_inward) {
-        let mut start = range.start;
-        while let Some(candidate) = PhysRange::from_len(start, size) {
-            if candidate.end > range.end {
-                break;
-            }
-            let blocker = reserved
-                .iter()
-                .map(PhysRange::page_align_outward)
-                .filter(|r| r.overlaps(&candidate))
-                .map(|r| r.end)
-                .max();
-            match blocker {
-                None => return Ok(candidate),
-                // Every reserved range overlapping the candidate ends above
-                // `start`, so the search always moves forward.
-                Some(end) => start = end,
-            }
+    usable
+        .iter()
+        .find_map(|range| first_fit(range.page_align_inward(), reserved, size))
+        .ok_or(FrameError::NoRoomForBitmap { bytes })
+}
+
+/// The lowest `size` bytes, page-aligned, inside `range` (whole pages)
+/// that overlap no `reserved` range.
+pub fn first_fit(range: PhysRange, reserved: &[PhysRange], size: u64) -> Option<PhysRange> {
+    let mut start = range.start;
+    while let Some(candidate) = PhysRange::from_len(start, size) {
+        if candidate.end > range.end {
+            return None;
+        }
+        let blocker = reserved
+            .iter()
+            .map(PhysRange::page_align_outward)
+            .filter(|r| r.overlaps(&candidate))
+            .map(|r| r.end)
+            .max();
+        match blocker {
+            None => return Some(candidate),
+            // Every reserved range overlapping the candidate ends above
+            // `start`, so the search always moves forward.
+            Some(end) => start = end,
         }
     }
-    Err(FrameError::NoRoomForBitmap { bytes })
+    None
 }
 
 #[cfg(test)]

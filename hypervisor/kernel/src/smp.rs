@@ -2,7 +2,7 @@
 //! start and in what order, and where the real-mode trampoline can go.
 //! The INIT-SIPI-SIPI sequence itself is in `arch/x86_64/smp.rs`.
 
-use crate::frame::{PhysRange, PAGE_SIZE};
+use crate::frame::{first_fit, PhysRange, PAGE_SIZE};
 
 /// CPUs the kernel keeps per-CPU data for; the MADT may list more.
 pub const MAX_CPUS: usize = 64;
@@ -27,35 +27,17 @@ pub fn sipi_vector(addr: u64) -> Option<u8> {
 /// modules: what the kernel still reads after the APs start).
 pub fn place_trampoline(usable: &[PhysRange], reserved: &[PhysRange], pages: u64) -> Option<u64> {
     let size = pages.checked_mul(PAGE_SIZE)?;
-    let mut best: Option<u64> = None;
-    for range in usable {
-        let clipped = PhysRange::new(
-            range.start.max(TRAMPOLINE_WINDOW.start),
-            range.end.min(TRAMPOLINE_WINDOW.end),
-        )
-        .page_align_inward();
-        let mut start = clipped.start;
-        while let Some(candidate) = PhysRange::from_len(start, size) {
-            if candidate.end > clipped.end {
-                break;
-            }
-            let blocker = reserved
-                .iter()
-                .map(PhysRange::page_align_outward)
-                .filter(|r| r.overlaps(&candidate))
-                .map(|r| r.end)
-                .max();
-            match blocker {
-                None => {
-                    best = Some(best.map_or(start, |b| b.min(start)));
-                    break;
-                }
-                // Every blocker ends above `start`: the search moves on.
-                Some(end) => start = end,
-            }
-        }
-    }
-    best
+    usable
+        .iter()
+        .filter_map(|range| {
+            let clipped = PhysRange::new(
+                range.start.max(TRAMPOLINE_WINDOW.start),
+                range.end.min(TRAMPOLINE_WINDOW.end),
+            );
+            first_fit(clipped.page_align_inward(), reserved, size)
+        })
+        .map(|found| found.start)
+        .min()
 }
 
 /// One CPU the boot CPU is to start.

@@ -55,6 +55,9 @@ pub struct SvmVcpu {
     virq: Option<u8>,
     /// The VMM asked for an interrupt-window exit.
     window: bool,
+    /// `(virq, window)` as the VMCB's V_INTR and VINTR intercept have
+    /// them, so an entry rewrites those only when they change.
+    offered: (Option<u8>, bool),
 }
 
 /// External interrupts go to the guest as the virtual interrupt (V_IRQ,
@@ -172,6 +175,7 @@ impl SvmVcpu {
             flush_next: true,
             virq: None,
             window: false,
+            offered: (None, false),
         })
     }
 
@@ -281,6 +285,10 @@ impl SvmVcpu {
     /// until it is taken, else the interrupt-window request (an exit
     /// instead of the interrupt, VINTR intercepted), else none.
     fn offer_virtual_interrupt(&mut self) {
+        if self.offered == (self.virq, self.window) {
+            return;
+        }
+        self.offered = (self.virq, self.window);
         let mut v = vmcb(self.vmcb);
         let mut misc1 = v.intercept_misc1();
         match (self.virq, self.window) {
@@ -303,14 +311,10 @@ impl SvmVcpu {
     }
 
     /// The injected interrupt, if the guest has not taken it yet; the
-    /// backend forgets it.
+    /// backend forgets it (the next entry's `offer_virtual_interrupt`
+    /// withdraws V_IRQ).
     fn take_untaken_virq(&mut self) -> Option<Event> {
-        let vector = self.virq.take()?;
-        let mut v = vmcb(self.vmcb);
-        let mut vintr = v.v_intr();
-        vintr.remove(VIntr::V_IRQ | VIntr::V_IGN_TPR);
-        v.set_v_intr(vintr);
-        Some(Event {
+        self.virq.take().map(|vector| Event {
             vector,
             kind: EventKind::ExternalInterrupt,
             error_code: None,
@@ -423,9 +427,12 @@ impl SvmVcpu {
                 exitinfo1: v.get(control::EXITINFO1),
                 exitinfo2: v.get(control::EXITINFO2),
             };
-            // The CPU clears V_IRQ when the guest takes the interrupt.
-            if !v.v_intr().contains(VIntr::V_IRQ) {
+            // The CPU clears V_IRQ when the guest takes the interrupt
+            // (and a CPU may when it exits for the window): the next
+            // entry offers afresh.
+            if self.offered != (None, false) && !v.v_intr().contains(VIntr::V_IRQ) {
                 self.virq = None;
+                self.offered = (None, false);
             }
             (info, v.get(control::EXITINTINFO))
         };
@@ -474,14 +481,11 @@ impl SvmVcpu {
     /// instead.
     pub fn take_pending(&mut self) -> Option<Inject> {
         let mut v = vmcb(self.vmcb);
-        let event = match Event::from_svm(v.get(control::EVENTINJ)) {
-            Some(event) => {
-                v.set(control::EVENTINJ, 0);
-                event
-            }
-            None => self.take_untaken_virq()?,
-        };
-        Some(event.to_abi())
+        let stashed = Event::from_svm(v.get(control::EVENTINJ));
+        v.set(control::EVENTINJ, 0);
+        stashed
+            .or_else(|| self.take_untaken_virq())
+            .map(Event::to_abi)
     }
 
     pub fn free(self) {
