@@ -316,16 +316,30 @@ impl Loader {
         // From here on its registry calls count.
         BOARD.start(plan.instance);
         let rsp = layout::STACK_TOP - plan.record.len() as u64;
-        sys::create_ec(
-            loaded.ec(),
-            pd,
-            false,
-            plan.elf.entry,
-            rsp,
-            layout::MAIN_UTCB,
-            EXCEPTION_PORTAL,
-            plan.instance.index as u64,
-        )
+        let create = |cpu: u64| {
+            sys::create_ec(
+                loaded.ec(),
+                pd,
+                false,
+                cpu,
+                plan.elf.entry,
+                rsp,
+                layout::MAIN_UTCB,
+                EXCEPTION_PORTAL,
+                plan.instance.index as u64,
+            )
+        };
+        match create(component.cpu.into()) {
+            Err(Status::BadCpu) => {
+                moat_user::println!(
+                    "roottask: component '{}': cpu {} is not online; it runs on cpu 0",
+                    component.name,
+                    component.cpu
+                );
+                create(0)
+            }
+            other => other,
+        }
         .map_err(kernel("create_ec"))?;
         sys::create_sc(
             loaded.sc(),
