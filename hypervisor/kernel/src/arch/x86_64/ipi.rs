@@ -13,7 +13,7 @@
 
 use super::percpu::{self, CpuState};
 use super::{cpu, lapic};
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// The IPI's vector (above the IOAPIC's GSIs, below the spurious vector).
 pub const VECTOR_IPI: u64 = 0xf0;
@@ -21,6 +21,16 @@ pub const VECTOR_IPI: u64 = 0xf0;
 /// How long an initiator waits for a CPU's acknowledgement before it
 /// reports the CPU and goes on without it.
 const ACK_TIMEOUT_MS: u64 = 1000;
+
+/// For the system test that shows the shootdown matters
+/// (`smp-test-no-shootdown`): remote CPUs are not asked to flush.
+static NO_REMOTE_SHOOTDOWN: AtomicBool = AtomicBool::new(false);
+
+/// Switches remote shootdowns off, for that test only.
+pub fn disable_remote_shootdowns() {
+    log::warn!("ipi: remote TLB shootdowns are off (smp-test-no-shootdown)");
+    NO_REMOTE_SHOOTDOWN.store(true, Ordering::Relaxed);
+}
 
 /// The generation of the latest shootdown request.
 static GENERATION: AtomicU64 = AtomicU64::new(0);
@@ -70,6 +80,12 @@ pub fn kick(index: usize) {
 /// included) and, with `retiring`, moves every CPU off that root table;
 /// returns when all have done so. The caller holds the kernel lock.
 pub fn shootdown(retiring: Option<u64>) {
+    if NO_REMOTE_SHOOTDOWN.load(Ordering::Relaxed) && retiring.is_none() {
+        // SAFETY: reloading the tables already loaded only flushes this
+        // CPU's non-global TLB entries.
+        unsafe { cpu::write_cr3(cpu::read_cr3()) };
+        return;
+    }
     RETIRING.store(retiring.unwrap_or(0), Ordering::Relaxed);
     let generation = GENERATION.fetch_add(1, Ordering::AcqRel) + 1;
     let me = percpu::current_id();
