@@ -832,6 +832,7 @@ fn initial_state(boot: &firmware::BootState) -> VcpuState {
         want: state::WANT,
         rip: boot.rip,
         rsp: boot.rsp,
+        rax: boot.rax,
         rsi: boot.rsi,
         rbx: boot.rbx,
         rflags: boot.rflags,
