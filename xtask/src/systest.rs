@@ -1233,13 +1233,21 @@ pub const TESTS: &[SysTest] = &[
         name: "bad_guests",
         modules: BAD_GUEST_MODULES,
         expect: &[all("ticker: done"), all(NO_TASKS_LEFT)],
-        forbid: &["MBTEST", "roottask: component 'ticker'", "ticker: FAIL"],
+        forbid: &[
+            "MBTEST",
+            "roottask: component 'ticker' faulted",
+            "roottask: component 'ticker' exited",
+            "ticker: FAIL",
+        ],
         sequences: &[Sequence {
             prefix: "ticker: ",
             first: 1,
             last: 100,
         }],
         check: Some(bad_guests_check),
+        // Five VMMs' RAM, heaps and stacks: more than the default pool.
+        kernel_args: &["pool=160"],
+        memory_mib: 512,
         ..BASE
     },
 ];
