@@ -2027,7 +2027,12 @@ mod tests {
                     t.name
                 );
             }
-            assert_eq!(t.stop, Stop::WhenDecided, "{}: servers never exit", t.name);
+            // A system without servers ends by itself.
+            assert!(
+                t.stop == Stop::WhenDecided || !text.contains("provides "),
+                "{}: servers never exit",
+                t.name
+            );
         }
     }
 
