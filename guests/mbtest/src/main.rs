@@ -164,18 +164,24 @@ core::arch::global_asm!(
 fn outb(port: u16, value: u8) {
     // SAFETY: port I/O to COM1 and the debug-exit port, the devices this
     // kernel drives; it touches no memory.
-    unsafe { core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack)) };
+    unsafe {
+        core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack))
+    };
 }
 
 fn outl(port: u16, value: u32) {
     // SAFETY: as in `outb`.
-    unsafe { core::arch::asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack)) };
+    unsafe {
+        core::arch::asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack))
+    };
 }
 
 fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: as in `outb`; reading COM1's line status has no effect.
-    unsafe { core::arch::asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack)) };
+    unsafe {
+        core::arch::asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack))
+    };
     value
 }
 
@@ -203,7 +209,7 @@ struct Phys {
 }
 
 impl Phys {
-    fn bytes(&self, addr: u64, len: u64) -> Result<&'static [u8], String> {
+    fn bytes(&self, addr: u64, len: u64) -> Result<&'static [u8], Reason> {
         match addr.checked_add(len) {
             Some(end) if end <= self.limit => {
                 // SAFETY: `[addr, end)` lies below `limit`, which is at most
@@ -212,44 +218,44 @@ impl Phys {
                 // checks run.
                 Ok(unsafe { core::slice::from_raw_parts(addr as *const u8, len as usize) })
             }
-            _ => Err(String::from_args(format_args!(
+            _ => Err(Reason::from_args(format_args!(
                 "{addr:#x}+{len:#x} beyond readable memory {:#x}",
                 self.limit
             ))),
         }
     }
 
-    fn u32_at(&self, addr: u64) -> Result<u32, String> {
+    fn u32_at(&self, addr: u64) -> Result<u32, Reason> {
         let b = self.bytes(addr, 4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 
-    fn u64_at(&self, addr: u64) -> Result<u64, String> {
+    fn u64_at(&self, addr: u64) -> Result<u64, Reason> {
         Ok(u64::from(self.u32_at(addr)?) | (u64::from(self.u32_at(addr + 4)?) << 32))
     }
 
     /// The NUL-terminated string at `addr` (at most 4 KiB).
-    fn c_str(&self, addr: u64) -> Result<&'static [u8], String> {
+    fn c_str(&self, addr: u64) -> Result<&'static [u8], Reason> {
         let room = self.limit.saturating_sub(addr).min(4096);
         let bytes = self.bytes(addr, room)?;
         let len = bytes
             .iter()
             .position(|&b| b == 0)
-            .ok_or_else(|| String::from_str("string without NUL"))?;
+            .ok_or_else(|| Reason::from_str("string without NUL"))?;
         Ok(&bytes[..len])
     }
 }
 
 /// A small fixed-capacity string for failure reasons (no allocator here).
-struct String {
-    buf: [u8; 120],
+struct Reason {
+    buf: [u8; 112],
     len: usize,
 }
 
-impl String {
+impl Reason {
     fn from_args(args: fmt::Arguments) -> Self {
-        let mut s = String {
-            buf: [0; 120],
+        let mut s = Reason {
+            buf: [0; 112],
             len: 0,
         };
         let _ = s.write_fmt(args);
@@ -261,7 +267,7 @@ impl String {
     }
 }
 
-impl Write for String {
+impl Write for Reason {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         let n = s.len().min(self.buf.len() - self.len);
         self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
@@ -270,7 +276,7 @@ impl Write for String {
     }
 }
 
-impl fmt::Display for String {
+impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(core::str::from_utf8(&self.buf[..self.len]).unwrap_or("?"))
     }
@@ -278,7 +284,7 @@ impl fmt::Display for String {
 
 macro_rules! fail {
     ($($arg:tt)*) => {
-        return Err(String::from_args(format_args!($($arg)*)))
+        return Err(Reason::from_args(format_args!($($arg)*)))
     };
 }
 
@@ -289,7 +295,7 @@ struct Tally {
 }
 
 impl Tally {
-    fn check(&mut self, name: &str, result: Result<(), String>) -> bool {
+    fn check(&mut self, name: &str, result: Result<(), Reason>) -> bool {
         self.checks += 1;
         match result {
             Ok(()) => {
@@ -331,10 +337,13 @@ extern "C" fn mbtest_main(magic: u32, info: u32, cr0: u32, eflags: u32) -> ! {
         checks: 0,
         failed: 0,
     };
-    t.check("magic", match magic {
-        BOOTLOADER_MAGIC => Ok(()),
-        m => Err(String::from_args(format_args!("EAX {m:#x}"))),
-    });
+    t.check(
+        "magic",
+        match magic {
+            BOOTLOADER_MAGIC => Ok(()),
+            m => Err(Reason::from_args(format_args!("EAX {m:#x}"))),
+        },
+    );
     t.check("entry-state", entry_state(cr0, eflags));
     t.check("bss-zeroed", {
         let canary = (&raw const CANARY).cast::<u64>();
@@ -342,7 +351,7 @@ extern "C" fn mbtest_main(magic: u32, info: u32, cr0: u32, eflags: u32) -> ! {
         // SAFETY: CANARY is 64 words, only ever read, here.
         match (0..64).all(|i| unsafe { canary.add(i).read_volatile() } == 0) {
             true => Ok(()),
-            false => Err(String::from_str("the canary in bss is not zero")),
+            false => Err(Reason::from_str("the canary in bss is not zero")),
         }
     });
     let exit = match boot_info(&mut t, u64::from(info)) {
@@ -366,7 +375,7 @@ extern "C" fn mbtest_main(magic: u32, info: u32, cr0: u32, eflags: u32) -> ! {
     }
 }
 
-fn entry_state(cr0: u32, eflags: u32) -> Result<(), String> {
+fn entry_state(cr0: u32, eflags: u32) -> Result<(), Reason> {
     if cr0 & CR0_PG != 0 || cr0 & CR0_PE == 0 {
         fail!("CR0 {cr0:#x}: protection must be on, paging off");
     }
@@ -378,14 +387,19 @@ fn entry_state(cr0: u32, eflags: u32) -> Result<(), String> {
 
 /// Checks the information structure; gives the exit value the command
 /// line asks for.
-fn boot_info(t: &mut Tally, at: u64) -> Result<u32, String> {
+fn boot_info(t: &mut Tally, at: u64) -> Result<u32, Reason> {
     let low = Phys { limit: MIB };
     let flags = low.u32_at(at + info::FLAGS)?;
     let wanted = info::HAS_MEMORY | info::HAS_CMDLINE | info::HAS_MODS | info::HAS_MMAP;
-    t.check("info-flags", match flags & wanted {
-        w if w == wanted => Ok(()),
-        _ => Err(String::from_args(format_args!("flags {flags:#x} lack some of {wanted:#x}"))),
-    });
+    t.check(
+        "info-flags",
+        match flags & wanted {
+            w if w == wanted => Ok(()),
+            _ => Err(Reason::from_args(format_args!(
+                "flags {flags:#x} lack some of {wanted:#x}"
+            ))),
+        },
+    );
     low.bytes(at, info::SIZE)?;
     let mem_lower = u64::from(low.u32_at(at + info::MEM_LOWER)?);
     let mem_upper = u64::from(low.u32_at(at + info::MEM_UPPER)?);
@@ -400,10 +414,13 @@ fn boot_info(t: &mut Tally, at: u64) -> Result<u32, String> {
     let cmdline = ram.c_str(u64::from(low.u32_at(at + info::CMDLINE)?))?;
     let text = core::str::from_utf8(cmdline).unwrap_or("");
     say!("MBTEST cmdline \"{text}\"");
-    t.check("cmdline", match text.split_whitespace().any(|w| w == "mbtest") {
-        true => Ok(()),
-        false => Err(String::from_str("no word `mbtest`")),
-    });
+    t.check(
+        "cmdline",
+        match text.split_whitespace().any(|w| w == "mbtest") {
+            true => Ok(()),
+            false => Err(Reason::from_str("no word `mbtest`")),
+        },
+    );
     let exit = text
         .split_whitespace()
         .find_map(|w| w.strip_prefix("exit="))
@@ -412,10 +429,16 @@ fn boot_info(t: &mut Tally, at: u64) -> Result<u32, String> {
 
     let count = low.u32_at(at + info::MODS_COUNT)?;
     let list = u64::from(low.u32_at(at + info::MODS_ADDR)?);
-    t.check("module-count", match count as usize {
-        n if n == MODULES.len() => Ok(()),
-        n => Err(String::from_args(format_args!("{n} modules, {} expected", MODULES.len()))),
-    });
+    t.check(
+        "module-count",
+        match count as usize {
+            n if n == MODULES.len() => Ok(()),
+            n => Err(Reason::from_args(format_args!(
+                "{n} modules, {} expected",
+                MODULES.len()
+            ))),
+        },
+    );
     let mut floor = kernel_end();
     for (i, (content, line)) in MODULES.iter().enumerate().take(count as usize) {
         let entry = list + 16 * i as u64;
@@ -427,20 +450,21 @@ fn boot_info(t: &mut Tally, at: u64) -> Result<u32, String> {
         let placed = check_module(&ram, &map, (start, end), floor, content);
         let got = ram.c_str(u64::from(ram.u32_at(entry + 8)?))?;
         // QEMU puts the module's file name first.
-        let named = match got == *line || got.ends_with(line) && got[got.len() - line.len() - 1] == b' ' {
-            true => Ok(()),
-            false => Err(String::from_args(format_args!(
-                "command line \"{}\"",
-                core::str::from_utf8(got).unwrap_or("?")
-            ))),
-        };
+        let named =
+            match got == *line || got.ends_with(line) && got[got.len() - line.len() - 1] == b' ' {
+                true => Ok(()),
+                false => Err(Reason::from_args(format_args!(
+                    "command line \"{}\"",
+                    core::str::from_utf8(got).unwrap_or("?")
+                ))),
+            };
         t.check(name, placed.and(named));
         floor = end;
     }
     Ok(exit)
 }
 
-fn memory_map(ram: &Phys, at: u64) -> Result<[Option<Range>; 32], String> {
+fn memory_map(ram: &Phys, at: u64) -> Result<[Option<Range>; 32], Reason> {
     let low = Phys { limit: MIB };
     let len = u64::from(low.u32_at(at + info::MMAP_LENGTH)?);
     let mut entry = u64::from(low.u32_at(at + info::MMAP_ADDR)?);
@@ -450,7 +474,10 @@ fn memory_map(ram: &Phys, at: u64) -> Result<[Option<Range>; 32], String> {
     while entry < end {
         let size = u64::from(ram.u32_at(entry)?);
         if size < 20 || n == map.len() {
-            fail!("memory map entry {n}: size {size}, or more than {} entries", map.len());
+            fail!(
+                "memory map entry {n}: size {size}, or more than {} entries",
+                map.len()
+            );
         }
         let r = Range {
             base: ram.u64_at(entry + 4)?,
@@ -472,7 +499,7 @@ fn memory_map(ram: &Phys, at: u64) -> Result<[Option<Range>; 32], String> {
 
 /// Sorted and non-overlapping; RAM from 0 gives `mem_lower`, RAM from 1
 /// MiB gives `mem_upper`, and the kernel lies in it.
-fn check_map(map: &[Option<Range>], mem_lower: u64, mem_upper: u64) -> Result<(), String> {
+fn check_map(map: &[Option<Range>], mem_lower: u64, mem_upper: u64) -> Result<(), Reason> {
     let ranges = || map.iter().flatten();
     if ranges().count() == 0 {
         fail!("empty");
@@ -508,7 +535,7 @@ fn check_module(
     (start, end): (u64, u64),
     floor: u64,
     content: &[u8],
-) -> Result<(), String> {
+) -> Result<(), Reason> {
     if start % 4096 != 0 {
         fail!("at {start:#x}, not page-aligned");
     }

@@ -53,9 +53,7 @@ fn main(args: &str) -> i32 {
     }
     match supervise() {
         // Passed on to the kernel, which ends the machine with it.
-        Ok(Some(value)) if failures == 0 => {
-            (moat_abi::EXIT_WITH_VALUE + u64::from(value)) as i32
-        }
+        Ok(Some(value)) if failures == 0 => (moat_abi::EXIT_WITH_VALUE + u64::from(value)) as i32,
         Ok(_) => failures,
         Err(()) => failures + 1,
     }
