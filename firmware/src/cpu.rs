@@ -97,6 +97,8 @@ const TSS_LIMIT: u32 = 0x67;
 pub struct BootState {
     pub rip: u64,
     pub rsp: u64,
+    /// Multiboot: the boot loader's magic.
+    pub rax: u64,
     /// Linux 64-bit protocol: the `boot_params` address.
     pub rsi: u64,
     /// PVH: the `hvm_start_info` address.
@@ -125,6 +127,7 @@ fn flat_state(ram: &mut [u8], code_ar: u32) -> Result<BootState, OutOfRam> {
     Ok(BootState {
         rip: 0,
         rsp: low::STACK_TOP,
+        rax: 0,
         rsi: 0,
         rbx: 0,
         rflags: RFLAGS_DEFAULT,
@@ -190,7 +193,7 @@ pub fn long_mode(ram: &mut [u8]) -> Result<BootState, OutOfRam> {
 }
 
 /// Writes a GDT with flat 32-bit code and data and returns a 32-bit
-/// protected-mode state with paging off (the PVH entry state).
+/// protected-mode state with paging off (the PVH and Multiboot entry state).
 pub fn protected_mode(ram: &mut [u8]) -> Result<BootState, OutOfRam> {
     let mut s = flat_state(ram, ar::CODE32)?;
     s.cr0 = cr0::PE | cr0::ET | cr0::NE;

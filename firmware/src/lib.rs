@@ -6,14 +6,17 @@
 //! checked and every malformed image or layout is an error, never a panic.
 //! The slice is expected to be zeroed (fresh guest memory).
 //!
-//! Two boot paths, each returning the vCPU state to start in
+//! Three boot paths, each returning the vCPU state to start in
 //! ([`BootState`]):
 //! - [`boot_linux`]: a bzImage through the 64-bit Linux boot protocol
 //!   (long mode, identity-mapped page tables, `boot_params`);
 //! - [`boot_pvh`]: an ELF vmlinux through PVH (32-bit protected mode,
-//!   `hvm_start_info`).
+//!   `hvm_start_info`);
+//! - [`boot_multiboot`]: a Multiboot v1 kernel with its modules (32-bit
+//!   protected mode, the Multiboot information structure).
 //!
-//! Both also write the ACPI tables ([`acpi`]) and hand the guest the
+//! [`KernelFormat::detect`] tells a bzImage from a Multiboot kernel, as
+//! QEMU's `-kernel` does. All also write the ACPI tables ([`acpi`]) and hand the guest the
 //! memory map ([`e820`]) of the [`GuestLayout`].
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
@@ -26,6 +29,7 @@ pub mod cpu;
 pub mod e820;
 pub mod layout;
 pub mod linux;
+pub mod multiboot;
 pub mod pvh;
 pub mod ram;
 
@@ -48,6 +52,32 @@ pub enum Error {
     Acpi(acpi::Error),
     Linux(linux::Error),
     Pvh(pvh::Error),
+    Multiboot(multiboot::Error),
+    /// Neither a bzImage nor a file with a Multiboot header.
+    UnknownFormat,
+}
+
+impl core::fmt::Display for Error {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Error::Linux(e) => write!(f, "bzImage: {e}"),
+            Error::Multiboot(e) => write!(f, "Multiboot kernel: {e}"),
+            Error::UnknownFormat => write!(
+                f,
+                "the kernel is neither a bzImage (no \"HdrS\" setup header) \
+                 nor a Multiboot kernel (no header in its first 8 KiB)"
+            ),
+            Error::Layout(e) => write!(f, "guest layout: {e:?}"),
+            Error::Acpi(e) => write!(f, "ACPI tables: {e:?}"),
+            Error::Pvh(e) => write!(f, "PVH vmlinux: {e:?}"),
+        }
+    }
+}
+
+impl From<multiboot::Error> for Error {
+    fn from(e: multiboot::Error) -> Self {
+        Error::Multiboot(e)
+    }
 }
 
 impl From<LayoutError> for Error {
@@ -129,4 +159,56 @@ pub fn boot_pvh(
 ) -> Result<BootState, Error> {
     let (rsdp, map) = platform(ram, layout)?;
     Ok(pvh::load(ram, payload.kernel, &payload.info(&map, rsdp))?.state)
+}
+
+/// What kind of kernel a file is, by the same tests as QEMU's `-kernel`:
+/// the Linux setup header first, then a Multiboot header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelFormat {
+    BzImage,
+    Multiboot,
+    Unknown,
+}
+
+impl KernelFormat {
+    pub fn detect(kernel: &[u8]) -> Self {
+        if linux::has_setup_header(kernel) {
+            KernelFormat::BzImage
+        } else if multiboot::find_magic(kernel).is_some() {
+            KernelFormat::Multiboot
+        } else {
+            KernelFormat::Unknown
+        }
+    }
+}
+
+/// Sets up `ram` to boot a Multiboot v1 kernel with `modules` (see
+/// [`multiboot`]).
+pub fn boot_multiboot(
+    ram: &mut [u8],
+    layout: &GuestLayout,
+    kernel: &[u8],
+    cmdline: &[u8],
+    modules: &[multiboot::Module],
+) -> Result<BootState, Error> {
+    let (_, map) = platform(ram, layout)?;
+    Ok(multiboot::load(ram, kernel, cmdline, modules, &map)?.state)
+}
+
+/// Boots `payload.kernel` by its format: a bzImage through
+/// [`boot_linux`], a Multiboot kernel through [`boot_multiboot`] with
+/// `modules` (the payload's initrd is for Linux only).
+pub fn boot_detected(
+    ram: &mut [u8],
+    layout: &GuestLayout,
+    payload: &Payload,
+    modules: &[multiboot::Module],
+) -> Result<BootState, Error> {
+    match KernelFormat::detect(payload.kernel) {
+        KernelFormat::BzImage => boot_linux(ram, layout, payload),
+        KernelFormat::Multiboot => {
+            boot_multiboot(ram, layout, payload.kernel, payload.cmdline, modules)
+        }
+        KernelFormat::Unknown => Err(Error::UnknownFormat),
+    }
 }

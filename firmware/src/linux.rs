@@ -53,6 +53,53 @@ impl From<OutOfRam> for Error {
     }
 }
 
+impl core::fmt::Display for Error {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            Error::TooShort => write!(f, "file too short: it ends inside the setup header"),
+            Error::BadMagic => write!(f, "not a bzImage: no 0xaa55 boot flag or \"HdrS\" magic"),
+            Error::ProtocolTooOld(v) => write!(
+                f,
+                "boot protocol {}.{:02} too old (2.12 or later needed for the 64-bit entry)",
+                v >> 8,
+                v & 0xff
+            ),
+            Error::NotBzImage => write!(f, "a zImage, not a bzImage (LOADED_HIGH clear)"),
+            Error::No64BitEntry => write!(f, "no 64-bit entry point (XLF_KERNEL_64 clear)"),
+            Error::SetupPastEnd => write!(
+                f,
+                "file truncated: the setup sectors reach past the end of the file"
+            ),
+            Error::NoKernel => write!(f, "file truncated: nothing after the setup sectors"),
+            Error::BadPayload => write!(
+                f,
+                "file truncated or corrupt: the compressed kernel reaches past the end of the file"
+            ),
+            Error::BadAlignment => write!(f, "kernel_alignment is not a power of two"),
+            Error::KernelDoesNotFit => write!(
+                f,
+                "kernel does not fit in guest RAM (it needs init_size bytes of RAM from its \
+                 load address)"
+            ),
+            Error::CmdlineTooLong => write!(f, "command line too long"),
+            Error::CmdlineHasNul => write!(f, "command line contains a NUL byte"),
+            Error::InitrdDoesNotFit => {
+                write!(f, "initrd does not fit in guest RAM above the kernel")
+            }
+            Error::TooManyE820Entries => write!(f, "memory map too long for the zero page"),
+            Error::Ram(OutOfRam { addr, len }) => {
+                write!(f, "write of {len} bytes at {addr:#x} outside guest RAM")
+            }
+        }
+    }
+}
+
+/// Whether `image` has the Linux setup header's "HdrS" magic where the
+/// boot protocol puts it (QEMU's first test for `-kernel`).
+pub fn has_setup_header(image: &[u8]) -> bool {
+    image.get(hdr::HEADER..hdr::HEADER + 4) == Some(&hdr::HEADER_MAGIC[..])
+}
+
 /// Offsets in the image file, which equal those in `boot_params`.
 mod hdr {
     pub const START: usize = 0x1f1;

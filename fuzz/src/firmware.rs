@@ -1,12 +1,15 @@
 //! The guest firmware's loaders on untrusted kernel images: a bzImage
-//! through the Linux boot protocol, an ELF vmlinux through PVH.
+//! through the Linux boot protocol, an ELF vmlinux through PVH, a
+//! Multiboot kernel with modules.
 //!
 //! Input layout: one byte of command-line length (times 16), two bytes of
-//! initrd length (little endian, in bytes), then the kernel image.
+//! initrd length (little endian, in bytes; for Multiboot the size of each
+//! module, their number the low two bits of the command-line byte), then
+//! the kernel image.
 
 use firmware::e820::{self, E820Entry};
 use firmware::layout::MIB;
-use firmware::{linux, pvh, BootInfo, GuestLayout};
+use firmware::{linux, multiboot, pvh, BootInfo, GuestLayout};
 
 /// Guest RAM below the hole: room for a kernel at 16 MiB and an initrd.
 const RAM: usize = 24 * MIB as usize;
@@ -80,4 +83,31 @@ pub fn pvh(data: &[u8]) {
         assert!(loaded.kernel_end <= RAM as u64);
         initrd_fits(loaded.initrd, loaded.kernel_end, ram);
     });
+}
+
+/// A Multiboot kernel (a.out kludge or ELF) with up to three modules.
+pub fn multiboot(data: &[u8]) {
+    let Some(input) = split(data) else { return };
+    let count = usize::from(data[0] & 3);
+    let lines = [b"m0 a".as_slice(), b"m1", b""];
+    let modules: Vec<_> = lines[..count]
+        .iter()
+        .map(|line| multiboot::Module {
+            bytes: &input.initrd,
+            cmdline: line,
+        })
+        .collect();
+    let map = memory_map();
+    let mut ram = vec![0u8; RAM];
+    let Ok(loaded) = multiboot::load(&mut ram, input.image, &input.cmdline, &modules, &map) else {
+        return;
+    };
+    assert!(loaded.kernel_end <= RAM as u64);
+    assert_eq!(loaded.state.rax, u64::from(multiboot::BOOTLOADER_MAGIC));
+    let mut floor = loaded.kernel_end;
+    for &(start, end) in &loaded.modules {
+        assert!(start >= floor && start % 4096 == 0 && end <= RAM as u64);
+        assert_eq!(end - start, input.initrd.len() as u64);
+        floor = end;
+    }
 }

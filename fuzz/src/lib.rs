@@ -48,6 +48,7 @@ pub const TARGETS: &[Target] = &[
     ("vmm_exit", vmm::exit),
     ("firmware_linux", firmware::linux),
     ("firmware_pvh", firmware::pvh),
+    ("firmware_multiboot", firmware::multiboot),
     ("manifest", manifest::parse),
     ("abi", abi::abi),
     ("kernel_exit", abi::kernel_exit),

@@ -12,6 +12,7 @@ extern crate alloc;
 
 pub mod acpi_pm;
 pub mod bus;
+pub mod debug_exit;
 pub mod ioapic;
 pub mod lapic;
 pub mod pci;

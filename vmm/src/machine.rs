@@ -11,6 +11,7 @@ use core::cell::RefCell;
 
 use moat_abi::vcpu::{exit_flags, exit_reason, group, VcpuState};
 use vdev::acpi_pm::{self, AcpiPm, PowerRequest};
+use vdev::debug_exit::{self, DebugExit};
 use vdev::ioapic::{self, InterruptTarget, IoApic};
 use vdev::lapic::{self, Lapic, LapicConfig};
 use vdev::pci::{PciConfigIo, PciEcam, PciMmio, PciRoot};
@@ -258,6 +259,9 @@ pub enum Stop {
     TripleFault,
     /// HLT with interrupts disabled: nothing can wake it.
     HaltedForever,
+    /// The guest wrote this value to the isa-debug-exit port
+    /// ([`Machine::add_debug_exit`]).
+    DebugExit(u32),
     /// The kernel refused the vCPU state, or an exit the VMM cannot
     /// continue from.
     Failed(Failure),
@@ -349,6 +353,7 @@ pub struct Machine {
     pending_input: Vec<u8>,
     mismatch: (u64, u32),
     virtio: Option<Virtio>,
+    debug_exit: Option<Shared<DebugExit>>,
     refusals: Vec<(u64, Refused)>,
     /// The guest's CR8 as of the last exit.
     cr8_seen: u64,
@@ -444,10 +449,25 @@ impl Machine {
             pending_input: Vec::new(),
             mismatch: (0, 0),
             virtio: None,
+            debug_exit: None,
             refusals: Vec::new(),
             cr8_seen: 0,
             stats: ExitStats::default(),
         })
+    }
+
+    /// Adds QEMU's isa-debug-exit device at its default port (0xf4, 4
+    /// ports): a guest write there stops the guest with
+    /// [`Stop::DebugExit`].
+    pub fn add_debug_exit(&mut self) -> Result<(), vdev::BusError> {
+        let device = shared(DebugExit::new());
+        self.pio.insert(
+            debug_exit::DEFAULT_PORT,
+            debug_exit::WINDOW_LEN,
+            device.clone(),
+        )?;
+        self.debug_exit = Some(device);
+        Ok(())
     }
 
     /// Adds the PCI host bridge with the virtio devices: console (hvc0,
@@ -792,6 +812,9 @@ impl Machine {
         self.forward_eois();
         if self.pvpanic.borrow().panicked {
             return Action::Stop(Stop::Panic);
+        }
+        if let Some(value) = self.debug_exit.as_ref().and_then(|d| d.borrow().value()) {
+            return Action::Stop(Stop::DebugExit(value));
         }
         match self.pm.borrow().request() {
             Some(PowerRequest::PowerOff) => Action::Stop(Stop::PowerOff),

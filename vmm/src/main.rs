@@ -5,8 +5,16 @@
 //! pokes the vCPU when a device timer is due while the guest runs.
 //!
 //! Arguments: `guest=ADDR,SIZE` (RAM), `heap=ADDR,SIZE`, `kernel=ADDR,SIZE`
-//! (bzImage), `initrd=ADDR,SIZE`, `cmdline=ADDR,SIZE` (text), optional
-//! `disk=ADDR,SIZE`, `epoch=UNIX_SECONDS`, the flag `console-input` (the
+//! (a bzImage, or a Multiboot v1 kernel: told apart as QEMU's `-kernel`
+//! does), `initrd=ADDR,SIZE` (for a bzImage), `cmdline=ADDR,SIZE` (text),
+//! optional `disk=ADDR,SIZE`, `mod1=ADDR,SIZE`, `mod2=…`, … (a Multiboot
+//! kernel's modules, numbered from 1 without a gap) with
+//! `modcmdlines=ADDR,SIZE` (text: line N is module N's command line),
+//! the flag `debug-exit` (QEMU's isa-debug-exit device at ports
+//! 0xf4-0xf7: a guest write of V ends the guest, and the VMM exits with
+//! `moat_abi::EXIT_WITH_VALUE + V`, which the root task and the kernel
+//! pass on, so that QEMU exits with `(V << 1) | 1`),
+//! `epoch=UNIX_SECONDS`, the flag `console-input` (the
 //! VMM holds COM1's ports and IRQ 4 and feeds what is typed there to the
 //! guest's serial port; a third EC waits for it), `modem=SEL` (the
 //! guest's second virtio-console port is named `modem` and relayed to the
@@ -25,7 +33,9 @@
 extern crate alloc;
 
 use alloc::boxed::Box;
+use alloc::format;
 use alloc::rc::Rc;
+use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
@@ -301,6 +311,14 @@ fn main(args: &str) -> i32 {
         Ok(stop) => {
             match stop {
                 Stop::Failed(failure) => println!("vmm: guest stopped: {failure:?}"),
+                Stop::DebugExit(value) => {
+                    let byte = value as u8;
+                    println!(
+                        "vmm: guest stopped: isa-debug-exit value {value:#x}, exit code {:#x}",
+                        vdev::debug_exit::exit_status(value)
+                    );
+                    return (moat_abi::EXIT_WITH_VALUE + u64::from(byte)) as i32;
+                }
                 _ => println!("vmm: guest stopped: {}", describe(stop)),
             }
             i32::from(stop != Stop::PowerOff)
@@ -319,6 +337,7 @@ fn describe(stop: Stop) -> &'static str {
         Stop::Panic => "kernel panic (pvpanic)",
         Stop::TripleFault => "triple fault",
         Stop::HaltedForever => "halted with interrupts disabled",
+        Stop::DebugExit(_) => "isa-debug-exit",
         Stop::Failed(_) => "failure",
     }
 }
@@ -332,8 +351,8 @@ fn run(args: &str) -> Result<Stop, SetupError> {
     let ram = required(args, "guest")?;
     let heap = required(args, "heap")?;
     let kernel = required(args, "kernel")?;
-    let initrd = required(args, "initrd")?;
-    let cmdline = required(args, "cmdline")?;
+    let initrd = region(args, "initrd");
+    let cmdline = region(args, "cmdline");
     let epoch = args::number(args, "epoch", 0).unwrap_or(0);
 
     // SAFETY: the root task mapped the `heap` region read-write for this
@@ -343,6 +362,7 @@ fn run(args: &str) -> Result<Stop, SetupError> {
     if !moat_user::heap::HEAP.extend(heap_bytes) {
         return Err(SetupError("heap region", Status::BadParameter));
     }
+    let modules = multiboot_modules(args)?;
 
     // SAFETY: the `file` mappings are read-only boot modules, mapped for
     // this task's life.
@@ -350,8 +370,9 @@ fn run(args: &str) -> Result<Stop, SetupError> {
         Guest {
             ram,
             kernel: kernel.bytes(),
-            initrd: initrd.bytes(),
-            cmdline: trim_text(cmdline.bytes()),
+            initrd: initrd.map(|r| r.bytes()),
+            cmdline: cmdline.map_or(&[][..], |r| trim_text(r.bytes())),
+            modules,
             tsc_hz,
             epoch,
             start: moat_user::rdtsc(),
@@ -361,11 +382,15 @@ fn run(args: &str) -> Result<Stop, SetupError> {
     let disk = region(args, "disk").map(|disk| unsafe { disk.bytes() }.to_vec());
     let low_ram = guest.low_ram();
     println!(
-        "vmm: {} MiB RAM, kernel {} KiB, initrd {} KiB, disk {} KiB",
+        "vmm: {} MiB RAM, kernel {} KiB, initrd {} KiB, disk {} KiB{}",
         low_ram >> 20,
         guest.kernel.len() >> 10,
-        guest.initrd.len() >> 10,
+        guest.initrd.map_or(0, |i| i.len() >> 10),
         disk.as_ref().map_or(0, |d| d.len() >> 10),
+        match guest.modules.len() {
+            0 => String::new(),
+            n => format!(", {n} Multiboot modules"),
+        }
     );
     let vm_portals = args::value(args, "vm-portals").unwrap_or("");
     create_vm(
@@ -385,7 +410,8 @@ fn run(args: &str) -> Result<Stop, SetupError> {
         Some(_) => NamedPort::Relay("modem"),
         None => NamedPort::Echo,
     };
-    let mut machine = guest.boot(disk, named)?;
+    let debug_exit = args::flag(args, "debug-exit");
+    let mut machine = guest.boot(disk, named, debug_exit)?;
     let mut typed = Vec::new();
 
     let mut resets = 0;
@@ -439,7 +465,7 @@ fn run(args: &str) -> Result<Stop, SetupError> {
                     break Stop::Panic;
                 }
                 let disk = machine.disk();
-                machine = guest.boot(disk, named)?;
+                machine = guest.boot(disk, named, debug_exit)?;
                 // The new guest finds the port as the link left it.
                 machine.set_port_open(link.is_open());
             }
@@ -461,7 +487,7 @@ fn run(args: &str) -> Result<Stop, SetupError> {
                     break stop;
                 }
                 let disk = machine.disk();
-                machine = guest.boot(disk, named)?;
+                machine = guest.boot(disk, named, debug_exit)?;
                 machine.set_port_open(link.is_open());
             }
             Action::Stop(stop) => break stop,
@@ -485,8 +511,10 @@ fn run(args: &str) -> Result<Stop, SetupError> {
 struct Guest {
     ram: Region,
     kernel: &'static [u8],
-    initrd: &'static [u8],
+    initrd: Option<&'static [u8]>,
     cmdline: &'static [u8],
+    /// A Multiboot kernel's modules.
+    modules: Vec<firmware::multiboot::Module<'static>>,
     tsc_hz: u64,
     epoch: u64,
     /// Host TSC at guest TSC 0.
@@ -505,7 +533,12 @@ impl Guest {
 
     /// Clears RAM, loads the guest into it, and gives a machine with the
     /// vCPU set to its entry (its state page written).
-    fn boot(&self, disk: Option<Vec<u8>>, named: NamedPort) -> Result<Machine, SetupError> {
+    fn boot(
+        &self,
+        disk: Option<Vec<u8>>,
+        named: NamedPort,
+        debug_exit: bool,
+    ) -> Result<Machine, SetupError> {
         let low_ram = self.low_ram();
         let boot = {
             // SAFETY: the `guest` region is this task's RAM mapping; the
@@ -518,9 +551,9 @@ impl Guest {
             let payload = firmware::Payload {
                 kernel: self.kernel,
                 cmdline: self.cmdline,
-                initrd: Some(self.initrd),
+                initrd: self.initrd,
             };
-            let boot = firmware::boot_linux(ram, &self.layout(), &payload);
+            let boot = firmware::boot_detected(ram, &self.layout(), &payload, &self.modules);
             // Where a PC's BIOS would be: Linux's last way to reboot jumps
             // to the reset vector in real mode.
             if let Some(stub) = ram.get_mut(RESET_VECTOR..RESET_VECTOR + RESET_STUB.len()) {
@@ -529,7 +562,7 @@ impl Guest {
             boot
         };
         let boot = boot.map_err(|error| {
-            println!("vmm: FAIL cannot load the guest: {error:?}");
+            println!("vmm: FAIL cannot load the guest: {error}");
             SetupError("load", Status::BadParameter)
         })?;
         let mem = Rc::new(GuestRam {
@@ -547,6 +580,11 @@ impl Guest {
         machine
             .add_pci_devices(disk, Box::new(TscEntropy(moat_user::rdtsc())), named)
             .map_err(|_| SetupError("PCI devices", Status::BadParameter))?;
+        if debug_exit {
+            machine
+                .add_debug_exit()
+                .map_err(|_| SetupError("isa-debug-exit", Status::BadParameter))?;
+        }
         let mut initial = initial_state(&boot);
         initial.tsc_offset = self.start.wrapping_neg();
         // SAFETY: create_vcpu mapped the state page there, writable; the
@@ -573,6 +611,31 @@ impl vdev::virtio::rng::EntropySource for TscEntropy {
             chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
         }
     }
+}
+
+/// The Multiboot modules `mod1=`, `mod2=`, … with their command lines,
+/// the lines of `modcmdlines=` in order (a missing line is empty).
+fn multiboot_modules(args: &str) -> Result<Vec<firmware::multiboot::Module<'static>>, SetupError> {
+    // SAFETY: the `file` mappings are read-only boot modules, mapped for
+    // this task's life.
+    let lines = region(args, "modcmdlines").map_or(&[][..], |r| trim_text(unsafe { r.bytes() }));
+    let mut lines = lines.split(|&b| b == b'\n');
+    let mut modules = Vec::new();
+    for number in 1.. {
+        let Some(module) = region(args, &format!("mod{number}")) else {
+            break;
+        };
+        modules.push(firmware::multiboot::Module {
+            // SAFETY: as above.
+            bytes: unsafe { module.bytes() },
+            cmdline: lines.next().unwrap_or_default(),
+        });
+    }
+    if lines.any(|line| !line.is_empty()) {
+        println!("vmm: FAIL modcmdlines has more lines than there are modules mod1=…");
+        return Err(SetupError("modcmdlines", Status::BadParameter));
+    }
+    Ok(modules)
 }
 
 /// The command line module's text, up to a NUL or the end, without the
@@ -771,6 +834,7 @@ fn initial_state(boot: &firmware::BootState) -> VcpuState {
         want: state::WANT,
         rip: boot.rip,
         rsp: boot.rsp,
+        rax: boot.rax,
         rsi: boot.rsi,
         rbx: boot.rbx,
         rflags: boot.rflags,

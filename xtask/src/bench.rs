@@ -1073,6 +1073,10 @@ pub fn with_benchmarks(test: &SysTest) -> Option<SysTest> {
                 Content::Linux(LinuxFile::Cmdline { .. }) => {
                     Content::Linux(LinuxFile::Cmdline { args, dir })
                 }
+                Content::Linux(LinuxFile::TruncatedKernel { .. }) => {
+                    Content::Linux(LinuxFile::TruncatedKernel { dir })
+                }
+                Content::Multiboot { task, patch, .. } => Content::Multiboot { task, patch, dir },
             };
             ModuleSpec {
                 name: m.name,

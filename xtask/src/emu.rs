@@ -89,6 +89,25 @@ impl Emulator {
         status.code() == Some(clean)
     }
 
+    /// The exit status `cargo xtask run` ends with: 0 for the kernel's
+    /// "done"; QEMU's own status when a guest chose its isa-debug-exit
+    /// value (the VMM's `debug-exit`, passed on by the root task and the
+    /// kernel: odd, and not the kernel's panic value), as if QEMU had run
+    /// the guest itself; 1 for anything else (Bochs cannot tell more).
+    pub fn run_exit_code(self, status: ExitStatus) -> u8 {
+        if self.is_clean_exit(status) {
+            return 0;
+        }
+        match (self, status.code()) {
+            (Emulator::Qemu, Some(code))
+                if code & 1 == 1 && code != qemu_status(DEBUG_EXIT_PANIC) =>
+            {
+                code as u8
+            }
+            _ => 1,
+        }
+    }
+
     /// The exit status in words.
     pub fn describe_exit(self, status: ExitStatus) -> String {
         let Some(code) = status.code() else {
@@ -98,6 +117,7 @@ impl Emulator {
             Emulator::Qemu if code == qemu_status(DEBUG_EXIT_DONE) => "debug-exit: done",
             Emulator::Qemu if code == qemu_status(DEBUG_EXIT_PANIC) => "debug-exit: kernel panic",
             Emulator::Qemu if code == 0 => "triple fault, reset or power-off",
+            Emulator::Qemu if code & 1 == 1 => "debug-exit: the value a guest chose",
             Emulator::Bochs if code == BOCHS_STOP_STATUS => "stopped",
             _ => return format!("status {code}"),
         };
@@ -674,6 +694,18 @@ mod tests {
     fn exit_statuses() {
         assert_eq!(qemu_status(DEBUG_EXIT_DONE), 33);
         assert_eq!(qemu_status(DEBUG_EXIT_PANIC), 35);
+    }
+
+    #[test]
+    fn run_passes_on_a_guest_chosen_status() {
+        use std::os::unix::process::ExitStatusExt;
+        let exited = |code: i32| ExitStatus::from_raw(code << 8);
+        assert_eq!(Emulator::Qemu.run_exit_code(exited(33)), 0);
+        assert_eq!(Emulator::Qemu.run_exit_code(exited(0x55)), 0x55);
+        assert_eq!(Emulator::Qemu.run_exit_code(exited(35)), 1);
+        assert_eq!(Emulator::Qemu.run_exit_code(exited(0)), 1);
+        assert_eq!(Emulator::Bochs.run_exit_code(exited(1)), 0);
+        assert_eq!(Emulator::Bochs.run_exit_code(exited(2)), 1);
     }
 
     #[test]

@@ -452,6 +452,49 @@ component testvmm
 /// A hostile `fuzzer` on each of two CPUs at once (their own seeds)
 /// beside a `ticker` on CPU 0 that must keep its period.
 pub const SMP_FUZZER: &str = "\
+/// A VMM booting the Multiboot test kernel `mbtest` (guests/mbtest) as
+/// the component `$name` from the kernel module `$kernel` in `$ram` of RAM,
+/// with two modules, a command line and the isa-debug-exit device.
+macro_rules! multiboot_vmm {
+    ($name:literal, $kernel:literal, $ram:literal) => {
+        concat!(
+            "component ",
+            $name,
+            "
+    module vmm
+    priority 10
+    ceiling 30
+    memory 2M
+    stack 64K
+    quota 4M
+    restart 0
+    ram guest ",
+            $ram,
+            " at 0x10000000000
+    ram heap 4M at 0x20000000000
+    file kernel ",
+            $kernel,
+            " at 0x30000000000
+    file mod1 mbmod1 at 0x31000000000
+    file mod2 mbmod2 at 0x32000000000
+    file cmdline mbcmdline at 0x33000000000
+    file modcmdlines mbmodcmdlines at 0x34000000000
+    args debug-exit
+"
+        )
+    };
+}
+
+/// The Multiboot test kernel under the VMM, alone: its isa-debug-exit
+/// value becomes the machine's (system tests `multiboot`, `multiboot_elf`).
+pub const MULTIBOOT: &str = multiboot_vmm!("mbguest", "mbtest", "16M");
+
+/// Guests the VMM must refuse, each with a clear error, beside `ticker`,
+/// which counts on: a truncated bzImage, a bzImage in 4 MiB of RAM, and
+/// Multiboot kernels with a bad checksum, load addresses outside RAM and
+/// the entry point outside the image (system test `bad_guests`).
+pub const BAD_GUESTS: &str = concat!(
+    "\
 component ticker
     module ticker
     priority 20
@@ -495,12 +538,42 @@ component borrower
     restart 0
     args reader-cpu=1
 ";
+    args count=100 period_ms=100
+component truncated
+    module vmm
+    priority 10
+    ceiling 30
+    memory 2M
+    stack 64K
+    quota 4M
+    restart 0
+    ram guest 16M at 0x10000000000
+    ram heap 4M at 0x20000000000
+    file kernel bzImage.truncated at 0x30000000000
+    file initrd initramfs.cpio at 0x31000000000
+component toobig
+    module vmm
+    priority 10
+    ceiling 30
+    memory 2M
+    stack 64K
+    quota 4M
+    restart 0
+    ram guest 4M at 0x10000000000
+    ram heap 4M at 0x20000000000
+    file kernel bzImage at 0x30000000000
+    file initrd initramfs.cpio at 0x31000000000
+",
+    multiboot_vmm!("badsum", "mbtest.badsum", "16M"),
+    multiboot_vmm!("badload", "mbtest.badload", "16M"),
+    multiboot_vmm!("badentry", "mbtest.badentry", "16M"),
+);
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const ALL: [&str; 22] = [
+    const ALL: [&str; 24] = [
         IPC_PINGPONG,
         SUPERVISION,
         SEMAPHORE,
@@ -523,6 +596,8 @@ mod tests {
         SMP_SHOOTDOWN,
         SMP_VCPU,
         SMP_FUZZER,
+        MULTIBOOT,
+        BAD_GUESTS,
     ];
 
     /// The components each manifest names, in order.

@@ -78,10 +78,5 @@ pub fn run(opts: &RunOpts) -> Result<ExitCode> {
         opts.emu.name(),
         util::secs(outcome.elapsed)
     );
-    let clean = opts.emu.is_clean_exit(status);
-    Ok(if clean {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(ExitCode::from(opts.emu.run_exit_code(status)))
 }

@@ -260,9 +260,32 @@ pub const HYPERCALL_SELECTOR_MASK: u64 = 0xffff_ffff;
 /// than a CPU exception.
 pub const EXIT_VECTOR: u64 = 0x100;
 
+/// Exit codes `EXIT_WITH_VALUE + v` (`v` a byte) of the root task ask the
+/// kernel, when it stops the machine (`debug-exit`), to write `v` to QEMU's
+/// isa-debug-exit port instead of its own "done" value, so that the
+/// emulator's exit status is `(v << 1) | 1`; the root task passes on what
+/// a component (a VMM whose guest wrote `v` there) exited with.
+pub const EXIT_WITH_VALUE: u64 = 0x100;
+
+/// The byte an exit code asks to be written to the debug-exit port, if it
+/// is one of `EXIT_WITH_VALUE..=EXIT_WITH_VALUE + 0xff`.
+pub fn exit_value(code: u64) -> Option<u8> {
+    code.checked_sub(EXIT_WITH_VALUE)
+        .and_then(|v| u8::try_from(v).ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exit_values_are_one_byte_above_the_base() {
+        assert_eq!(exit_value(EXIT_WITH_VALUE + 0x31), Some(0x31));
+        assert_eq!(exit_value(EXIT_WITH_VALUE), Some(0));
+        assert_eq!(exit_value(EXIT_WITH_VALUE + 0x100), None);
+        assert_eq!(exit_value(1), None);
+        assert_eq!(exit_value(u64::MAX), None);
+    }
 
     #[test]
     fn call_numbers_round_trip() {

@@ -654,6 +654,11 @@ impl Kernel {
         e.message = message.to_words();
         e.calling = kind;
         let (pd, portal) = (e.pd, e.exception_portal);
+        if kind == CallKind::Exit && Some(ec) == self.root_ec {
+            if let Some(value) = moat_abi::exit_value(message.error_code) {
+                crate::set_exit_value(value);
+            }
+        }
         let delivered = self
             .lookup_pt(pd, portal, rights::PT_CALL)
             .and_then(|pt| self.call_portal(ec, pt, false));

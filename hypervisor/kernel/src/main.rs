@@ -25,7 +25,7 @@ use arch::x86_64::{
     acpi, boot, cpu, entry, features, gdt, idt, ioapic, lapic, layout, percpu, pit, smp, svm, trap,
     vmx,
 };
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use features::Virtualization;
 use moat_kernel::multiboot::{self, BootInfo, PhysRead, Unreadable};
 
@@ -36,6 +36,15 @@ const QEMU_DEBUG_EXIT_PORT: u16 = 0xf4;
 const QEMU_EXIT_SUCCESS: u8 = 0x10;
 const QEMU_EXIT_FAILURE: u8 = 0x11;
 const BOCHS_SHUTDOWN_PORT: u16 = 0x8900;
+/// What the kernel writes to the isa-debug-exit port when every task has
+/// ended: its own "done", or what the root task asked for by its exit code
+/// (`moat_abi::EXIT_WITH_VALUE`).
+static EXIT_VALUE: AtomicU8 = AtomicU8::new(QEMU_EXIT_SUCCESS);
+
+/// The root task asked to end the machine with `value` (see [`EXIT_VALUE`]).
+pub fn set_exit_value(value: u8) {
+    EXIT_VALUE.store(value, Ordering::Relaxed);
+}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
@@ -238,7 +247,11 @@ pub fn stop(reason: StopReason) -> ! {
             log::info!(
                 "moat: no tasks left, stopping after {} timer ticks",
                 lapic::ticks()
-            )
+            );
+            let value = EXIT_VALUE.load(Ordering::Relaxed);
+            if value != QEMU_EXIT_SUCCESS {
+                log::info!("moat: debug-exit value {value:#x}, asked for by the root task");
+            }
         }
         StopReason::Fatal => log::error!("moat: cannot continue, stopping"),
         StopReason::KernelFault | StopReason::Panic => {
@@ -248,7 +261,7 @@ pub fn stop(reason: StopReason) -> ! {
     console::drain();
     if DEBUG_EXIT.load(Ordering::Relaxed) {
         let code = if reason == StopReason::NoTasks {
-            QEMU_EXIT_SUCCESS
+            EXIT_VALUE.load(Ordering::Relaxed)
         } else {
             QEMU_EXIT_FAILURE
         };

@@ -52,20 +52,23 @@ fn main(args: &str) -> i32 {
         }
     }
     match supervise() {
-        Ok(()) => failures,
+        // Passed on to the kernel, which ends the machine with it.
+        Ok(Some(value)) if failures == 0 => (moat_abi::EXIT_WITH_VALUE + u64::from(value)) as i32,
+        Ok(_) => failures,
         Err(()) => failures + 1,
     }
 }
 
-/// Starts and supervises the manifest's components, if there is a manifest.
-fn supervise() -> Result<(), ()> {
+/// Starts and supervises the manifest's components, if there is a manifest;
+/// gives the debug-exit value a component asked for.
+fn supervise() -> Result<Option<u8>, ()> {
     let Some(info) = boot::info() else {
         println!("roottask: no boot information page");
         return Err(());
     };
     let Some(module) = boot::module(info, "manifest") else {
         println!("roottask: no 'manifest' boot module: nothing to start");
-        return Ok(());
+        return Ok(None);
     };
     let text = core::str::from_utf8(boot::module_bytes(module)).map_err(|e| {
         println!("roottask: the manifest is not UTF-8: {e}");
@@ -114,6 +117,5 @@ fn supervise() -> Result<(), ()> {
         selectors,
         semaphores,
     };
-    Supervisor::new(loader, manifest).run();
-    Ok(())
+    Ok(Supervisor::new(loader, manifest).run())
 }

@@ -54,6 +54,9 @@ pub struct Supervisor {
     manifest: Manifest,
     slots: Vec<Slot>,
     tsc_hz: u64,
+    /// The debug-exit value the last component to ask for one asked for
+    /// (exit code `moat_abi::EXIT_WITH_VALUE + v`).
+    exit_value: Option<u8>,
 }
 
 impl Supervisor {
@@ -77,6 +80,7 @@ impl Supervisor {
             manifest,
             slots,
             tsc_hz,
+            exit_value: None,
         }
     }
 
@@ -84,8 +88,9 @@ impl Supervisor {
         restart::ms_to_ticks(self.tsc_hz, ms)
     }
 
-    /// Runs until every component finished or failed for good.
-    pub fn run(mut self) {
+    /// Runs until every component finished or failed for good; gives the
+    /// debug-exit value a component asked for, if one did.
+    pub fn run(mut self) -> Option<u8> {
         loop {
             self.collect_reports();
             self.stop_idle_servers();
@@ -93,14 +98,14 @@ impl Supervisor {
             self.hand_out_publications();
             if self.slots.iter().all(Slot::done) {
                 println!("roottask: all components done");
-                return;
+                return self.exit_value;
             }
             let deadline = self.next_deadline();
             match sys::sm_down(SUPERVISOR_SM, deadline, false) {
                 Ok(()) | Err(Status::Timeout) => {}
                 Err(status) => {
                     println!("roottask: waiting for events failed: {status}");
-                    return;
+                    return self.exit_value;
                 }
             }
         }
@@ -151,6 +156,14 @@ impl Supervisor {
             self.destroy(index);
             let outcome = Outcome::of(&message);
             let name = self.name(index);
+            if let Outcome::Exited(code) = outcome {
+                if let Some(value) = moat_abi::exit_value(code as u64) {
+                    println!("roottask: component '{name}' finished, asking for debug-exit value {value:#x}");
+                    self.exit_value = Some(value);
+                    self.slots[index].state = State::Finished;
+                    continue;
+                }
+            }
             if outcome == Outcome::Finished {
                 println!("roottask: component '{name}' finished");
                 self.slots[index].state = State::Finished;

@@ -223,6 +223,21 @@ fn halting_with_interrupts_off_stops() {
 }
 
 #[test]
+fn debug_exit_stops_with_the_value_only_when_added() {
+    let mut s = setup();
+    let mut state = out(0xf4, 1, 0x31);
+    assert_eq!(s.machine.handle_exit(&mut state), Action::Resume);
+    let mut s = setup();
+    s.machine.add_debug_exit().unwrap();
+    let mut state = out(0xf6, 2, 0x1234);
+    assert_eq!(
+        s.machine.handle_exit(&mut state),
+        Action::Stop(Stop::DebugExit(0x1234))
+    );
+    assert!(s.machine.add_debug_exit().is_err(), "the port is taken");
+}
+
+#[test]
 fn power_off_reset_and_panic_are_reported() {
     let mut s = setup();
     let mut state = out(0x600, 1, (5 << 2) | (1 << 5));
