@@ -452,6 +452,50 @@ component testvmm
 /// A hostile `fuzzer` on each of two CPUs at once (their own seeds)
 /// beside a `ticker` on CPU 0 that must keep its period.
 pub const SMP_FUZZER: &str = "\
+component ticker
+    module ticker
+    priority 20
+    memory 128K
+    quota 64K
+    args count=100 period_ms=20
+component fuzzer0
+    module fuzzer
+    priority 10
+    cpu 0
+    memory 256K
+    quota 64K
+    restart 0
+    args seed=0x5eed calls=100000
+component fuzzer1
+    module fuzzer
+    priority 10
+    cpu 1
+    memory 256K
+    quota 64K
+    restart 0
+    args seed=0x5eee calls=100000
+";
+
+/// `borrower` on CPU 0 has the page it borrowed revoked while its second
+/// EC, on CPU 1, reads the page in a loop: the reader's next read faults.
+pub const SMP_SHOOTDOWN: &str = "\
+component lender
+    module lender
+    priority 20
+    memory 256K
+    quota 64K
+    provides lender
+component borrower
+    module borrower
+    priority 10
+    cpu 0
+    memory 128K
+    quota 64K
+    uses lender at 20
+    restart 0
+    args reader-cpu=1
+";
+
 /// A VMM booting the Multiboot test kernel `mbtest` (guests/mbtest) as
 /// the component `$name` from the kernel module `$kernel` in `$ram` of RAM,
 /// with two modules, a command line and the isa-debug-exit device.
@@ -500,44 +544,6 @@ component ticker
     priority 20
     memory 128K
     quota 64K
-    args count=100 period_ms=20
-component fuzzer0
-    module fuzzer
-    priority 10
-    cpu 0
-    memory 256K
-    quota 64K
-    restart 0
-    args seed=0x5eed calls=100000
-component fuzzer1
-    module fuzzer
-    priority 10
-    cpu 1
-    memory 256K
-    quota 64K
-    restart 0
-    args seed=0x5eee calls=100000
-";
-
-/// `borrower` on CPU 0 has the page it borrowed revoked while its second
-/// EC, on CPU 1, reads the page in a loop: the reader's next read faults.
-pub const SMP_SHOOTDOWN: &str = "\
-component lender
-    module lender
-    priority 20
-    memory 256K
-    quota 64K
-    provides lender
-component borrower
-    module borrower
-    priority 10
-    cpu 0
-    memory 128K
-    quota 64K
-    uses lender at 20
-    restart 0
-    args reader-cpu=1
-";
     args count=100 period_ms=100
 component truncated
     module vmm
