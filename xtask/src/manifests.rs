@@ -268,7 +268,8 @@ component linux
     };
 }
 
-/// The native modem, above every other priority, with the lines `$more`
+/// The native modem, above every other priority and on a CPU of its own
+/// when the machine has two (on one CPU, CPU 0), with the lines `$more`
 /// (its `restart` and `args`).
 macro_rules! modem_component {
     ($more:literal) => {
@@ -277,6 +278,7 @@ macro_rules! modem_component {
 component modem
     module modem
     priority 40
+    cpu 1
     memory 256K
     quota 64K
     provides modem
@@ -449,7 +451,8 @@ component testvmm
 "
 );
 
-/// A hostile `fuzzer` on each of two CPUs at once (their own seeds)
+/// A hostile `fuzzer` on each of two CPUs at once (their own seeds,
+/// 30,000 calls each: Bochs needs ~2 minutes on a shared machine)
 /// beside a `ticker` on CPU 0 that must keep its period.
 pub const SMP_FUZZER: &str = "\
 component ticker
@@ -465,7 +468,7 @@ component fuzzer0
     memory 256K
     quota 64K
     restart 0
-    args seed=0x5eed calls=100000
+    args seed=0x5eed calls=30000
 component fuzzer1
     module fuzzer
     priority 10
@@ -473,7 +476,7 @@ component fuzzer1
     memory 256K
     quota 64K
     restart 0
-    args seed=0x5eee calls=100000
+    args seed=0x5eee calls=30000
 ";
 
 /// `borrower` on CPU 0 has the page it borrowed revoked while its second

@@ -291,6 +291,13 @@ const DEMO_MODULES: &[ModuleSpec] = linux_beside_modem!(
     "console=ttyS0 panic=-1 moat.demo=1"
 );
 
+/// The demo on two CPUs (its own directory; the same manifest).
+const DEMO_SMP_MODULES: &[ModuleSpec] = linux_beside_modem!(
+    "demo_smp",
+    manifests::DEMO,
+    "console=ttyS0 panic=-1 moat.demo=1"
+);
+
 /// The same guest without a disk, which panics on purpose, beside `ticker`.
 const LINUX_PANIC_MODULES: &[ModuleSpec] = &[
     ROOTTASK,
@@ -664,6 +671,23 @@ fn every_ping_finished_twice(serial: &str) -> Vec<Part> {
     ]
 }
 
+/// `demo_smp`: the demo's own verdicts, and the modem on CPU 1.
+fn demo_smp_check(serial: &str) -> Vec<Part> {
+    let mut parts = crate::demo::check(serial);
+    let placed = serial
+        .lines()
+        .any(|line| line.contains("roottask: started 'modem' (") && line.contains(", cpu 1, "));
+    parts.push(Part {
+        name: "modem_cpu".to_string(),
+        result: if placed {
+            Ok("the modem runs on cpu 1".to_string())
+        } else {
+            Err("the modem did not start on cpu 1".to_string())
+        },
+    });
+    parts
+}
+
 /// The idle CPUs' timers went on ticking after bring-up (which waits for
 /// two ticks): each reports more ticks at the end than that.
 fn idle_cpus_kept_ticking(serial: &str) -> Vec<Part> {
@@ -876,8 +900,8 @@ pub const TESTS: &[SysTest] = &[
         cpus: 2,
         expect: &[
             all("roottask: started 'fuzzer1' (pd sel"),
-            all("fuzzer: 100000 calls, every call returned a status"),
-            all("fuzzer: 100000 calls, every call returned a status"),
+            all("fuzzer: 30000 calls, every call returned a status"),
+            all("fuzzer: 30000 calls, every call returned a status"),
         ],
         forbid: &[
             "fuzzer: BAD status",
@@ -1327,6 +1351,42 @@ pub const TESTS: &[SysTest] = &[
         ..BASE
     },
     SysTest {
+        // Opt-in (`--filter demo_smp`), and failing today: the demo on two
+        // CPUs, the modem alone on CPU 1, Linux and echo on CPU 0. Steps
+        // a, d and e pass; the modem misses frames (b, c) because a guest
+        // runs with the kernel lock held, so every kernel entry of the
+        // modem waits for a VM exit of Linux on CPU 0 (issue 12: run
+        // guests without the lock). Kept as the measure of that work.
+        name: "demo_smp",
+        opt_in: true,
+        modules: DEMO_SMP_MODULES,
+        kernel_args: &["pool=400"],
+        cpus: 2,
+        expect: &[
+            all("cpus: 2 online"),
+            all("roottask: started 'modem' (pd sel"),
+            all("modem: serving, frame 1 ms"),
+            all("MOAT-DEMO a ok"),
+            all("MOAT-DEMO b ok"),
+            all("MOAT-DEMO c ok"),
+            all("MOAT-DEMO d ok"),
+            all("MOAT-DEMO e ok"),
+            all("MOAT-DEMO done"),
+            all("roottask: component 'linux' finished"),
+        ],
+        forbid: &[
+            "FAIL",
+            "roottask: component 'linux' faulted",
+            "is not online",
+        ],
+        stop: Stop::WhenDecided,
+        qemu_args: &["-icount", "shift=0,sleep=off"],
+        memory_mib: 1024,
+        check: Some(demo_smp_check),
+        slow: 4,
+        ..BASE
+    },
+    SysTest {
         name: "linux_panic",
         modules: LINUX_PANIC_MODULES,
         kernel_args: &["pool=400"],
@@ -1360,6 +1420,62 @@ pub const TESTS: &[SysTest] = &[
         // Missed frames are judged on QEMU only, in instruction time
         // (`-icount`: host load cannot make the guest late); Bochs paces
         // its UART, so every console line stalls the CPU for milliseconds.
+        expect: &[
+            all("modem: serving, frame 1 ms"),
+            all("modemclient: ok at"),
+            all("modemclient: ok csq \"+CSQ: "),
+            all("modemclient: ok sms prompt"),
+            all("modem: SMS to +15550100: Hello from the application processor"),
+            all("modemclient: ok sms \"+CMGS: "),
+            all("modemclient: ok context"),
+            all("modemclient: ok dial"),
+            all("modemclient: ok data echo"),
+            all("modemclient: ok escape"),
+            all("modemclient: ok hangup"),
+            all("modemclient: ok unknown command"),
+            all("modemclient: ok hypercall half line"),
+            all("modemclient: ok port meanwhile"),
+            all("modemclient: ok hypercall line completes"),
+            all("modemclient: ok refused"),
+            all("modemclient: ok reset"),
+            all("modemclient: status frames "),
+            on(Emulator::Qemu, "modem: frames 500, missed 0,"),
+            on(Emulator::Qemu, "modem: frames 1000, missed 0,"),
+            on(Emulator::Bochs, "modem: frames "),
+            on(Emulator::Bochs, "modem: frames "),
+            all("modem: crashing on purpose after 1200 frames"),
+            all("roottask: component 'modem' faulted"),
+            all("roottask: component 'modem' restarted (restart 1)"),
+            all("modem: serving"),
+            all("modemclient: the modem restarted"),
+            all("modemclient: ok at after restart"),
+            on(Emulator::Qemu, "modem: frames 1000, missed 0,"),
+            on(Emulator::Bochs, "modem: frames 1000,"),
+            all("modemclient: final status frames "),
+            all("modemclient: done"),
+            all("roottask: component 'modemclient' finished"),
+        ],
+        forbid: &[
+            "modem: FAIL",
+            "modemclient: FAIL",
+            "roottask: component 'modemclient' faulted",
+        ],
+        stop: Stop::WhenDecided,
+        qemu_args: &["-icount", "shift=0,sleep=off"],
+        ..BASE
+    },
+    SysTest {
+        name: "modem_smp",
+        modules: &[
+            ROOTTASK,
+            manifest("modem_smp", manifests::MODEM),
+            component("modem"),
+            component("modemclient"),
+        ],
+        // Missed frames are judged on QEMU only, in instruction time
+        // (`-icount`: host load cannot make the guest late); Bochs paces
+        // its UART, so every console line stalls the CPU for milliseconds.
+        cpus: 2,
         expect: &[
             all("modem: serving, frame 1 ms"),
             all("modemclient: ok at"),

@@ -19,12 +19,13 @@ use crate::sc::Sc;
 use crate::sm::Sm;
 use alloc::boxed::Box;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 use moat_abi::{Space, Status};
 use moat_kernel::arena::{Arena, Id};
 use moat_kernel::cap::{CapError, CapSystem, Capability, Rights, SlotRef, SpaceId};
 use moat_kernel::sched::RunQueues;
-use spin::{Mutex, MutexGuard};
+use spin::mutex::{TicketMutex, TicketMutexGuard};
+use spin::RelaxStrategy;
 
 pub type PdId = Id<Pd>;
 pub type EcId = Id<Box<Ec>>;
@@ -60,42 +61,121 @@ pub enum Cap {
 /// Kernel memory charged per capability slot.
 pub const CAP_SLOT_COST: u64 = 96;
 
-pub static KERNEL: Mutex<Option<Kernel>> = Mutex::new(None);
+/// The kernel lock: a ticket lock, so that CPUs get it in the order they
+/// asked (an unfair spinlock starves a CPU whenever another re-takes the
+/// lock at once, as a CPU running a guest does at every exit).
+pub static KERNEL: TicketMutex<Option<Kernel>, KernelRelax> = TicketMutex::new(None);
 
-/// Takes the kernel lock; while another CPU holds it, carries out the TLB
-/// shootdown that CPU may be waiting for (`ipi`), so a CPU that waits for
-/// the lock with interrupts off never holds up one that holds it.
-/// A guest runs with the lock held (its CPU is named in [`GUEST_CPU`]):
-/// a CPU that waits for the lock sends that CPU a wake-up, whose arrival
-/// makes the guest exit, so the wait lasts one exit, not the guest's
-/// time slice.
-pub fn lock() -> MutexGuard<'static, Option<Kernel>> {
-    let mut kicked = false;
-    loop {
-        if let Some(guard) = KERNEL.try_lock() {
-            return guard;
-        }
+pub type KernelGuard = TicketMutexGuard<'static, Option<Kernel>, KernelRelax>;
+
+/// Takes the kernel lock.
+#[track_caller]
+pub fn lock() -> KernelGuard {
+    let guard = KERNEL.lock();
+    let me = percpu::current();
+    me.wants_lock.store(false, Ordering::Relaxed);
+    me.spin_since.store(0, Ordering::Relaxed);
+    HOLDER_SITE.store(
+        core::panic::Location::caller() as *const _ as usize,
+        Ordering::Relaxed,
+    );
+    HOLDER_SINCE.store(cpu::rdtsc(), Ordering::Relaxed);
+    HOLDER_CPU.store(here() as u64, Ordering::Relaxed);
+    guard
+}
+
+/// Where (`lock`'s caller), since when (TSC) and on which CPU the kernel
+/// lock was last taken: for the report of a long wait.
+static HOLDER_SITE: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+static HOLDER_SINCE: AtomicU64 = AtomicU64::new(0);
+static HOLDER_CPU: AtomicU64 = AtomicU64::new(0);
+
+/// Reporting of long waits for the kernel lock (kernel argument
+/// `debug-lock-waits`).
+pub static REPORT_LOCK_WAITS: core::sync::atomic::AtomicBool =
+    core::sync::atomic::AtomicBool::new(false);
+
+/// With `debug-lock-waits`, a wait for the lock longer than 20 ms is
+/// reported (once per wait) with where the holder took it: the tool that
+/// showed guests holding the lock for a tick (docs/architecture.md).
+fn report_long_wait(me: &percpu::PerCpu) {
+    if !REPORT_LOCK_WAITS.load(Ordering::Relaxed) {
+        return;
+    }
+    let now = cpu::rdtsc();
+    let since = me.spin_since.load(Ordering::Relaxed);
+    if since == 0 {
+        me.spin_since.store(now, Ordering::Relaxed);
+        return;
+    }
+    let hz = crate::arch::x86_64::lapic::tsc_hz().max(1);
+    if since != u64::MAX && now.saturating_sub(since) > hz / 50 {
+        me.spin_since.store(u64::MAX, Ordering::Relaxed);
+        let site = HOLDER_SITE.load(Ordering::Relaxed) as *const core::panic::Location<'static>;
+        // SAFETY: `site` is 0 or a `&'static Location` stored by `lock`.
+        let site = unsafe { site.as_ref() };
+        let held = now.saturating_sub(HOLDER_SINCE.load(Ordering::Relaxed)) * 1_000_000 / hz;
+        crate::console::write_emergency(format_args!(
+            "lock: cpu {} waits > 20 ms; cpu {} holds it for {} us, taken at {:?}, guest {:#x}\n",
+            here(),
+            HOLDER_CPU.load(Ordering::Relaxed),
+            held,
+            site,
+            GUEST.load(Ordering::Relaxed)
+        ));
+    }
+}
+
+/// Whether another CPU waits for the kernel lock: a long kernel operation
+/// (a preemptible `delegate`, `revoke` or teardown) then stops at its next
+/// step and lets it in, as it does for a due interrupt on its own CPU.
+pub fn lock_wanted() -> bool {
+    let me = here();
+    percpu::all()
+        .iter()
+        .enumerate()
+        .any(|(index, cpu)| index != me && cpu.wants_lock.load(Ordering::Relaxed))
+}
+
+/// What a CPU does while it waits for the kernel lock: carries out the TLB
+/// shootdown the holder may be waiting for (`ipi`), so a CPU that waits
+/// for the lock with interrupts off never holds up the one that holds it;
+/// and, when the holder is inside a guest, sends that CPU one wake-up per
+/// guest entry, whose arrival makes the guest exit, so the wait lasts one
+/// VM exit, not the guest's time slice.
+pub struct KernelRelax;
+
+impl RelaxStrategy for KernelRelax {
+    fn relax() {
+        percpu::current().wants_lock.store(true, Ordering::Relaxed);
+        report_long_wait(percpu::current());
         ipi::service();
-        if !kicked {
-            let guest = GUEST_CPU.load(Ordering::Relaxed);
-            if guest != NO_CPU {
-                ipi::kick(guest);
-                kicked = true;
+        let guest = GUEST.load(Ordering::Relaxed);
+        if guest != 0 {
+            let me = percpu::current();
+            if me.guest_kicked.swap(guest, Ordering::Relaxed) != guest {
+                ipi::kick((guest & 0xff) as usize - 1);
             }
         }
         core::hint::spin_loop();
     }
 }
 
-const NO_CPU: usize = usize::MAX;
-
-/// The CPU running a guest while it holds the kernel lock, if any.
-static GUEST_CPU: AtomicUsize = AtomicUsize::new(NO_CPU);
+/// The guest entry in progress with the kernel lock held: `(entry number
+/// << 8) | (CPU + 1)`, or 0.
+static GUEST: AtomicU64 = AtomicU64::new(0);
+static GUEST_ENTRIES: AtomicU64 = AtomicU64::new(0);
 
 /// Says that this CPU, holding the kernel lock, enters (`true`) or left a
 /// guest.
 pub fn in_guest(inside: bool) {
-    GUEST_CPU.store(if inside { here() } else { NO_CPU }, Ordering::Relaxed);
+    let value = if inside {
+        let entry = GUEST_ENTRIES.fetch_add(1, Ordering::Relaxed) + 1;
+        (entry << 8) | (here() as u64 + 1)
+    } else {
+        0
+    };
+    GUEST.store(value, Ordering::Relaxed);
 }
 
 /// One CPU's scheduling state.

@@ -174,6 +174,9 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
         },
     );
 
+    if has_word(cmdline, "debug-lock-waits") {
+        kernel::REPORT_LOCK_WAITS.store(true, Ordering::Relaxed);
+    }
     if has_word(cmdline, "smp-test-no-shootdown") {
         arch::x86_64::ipi::disable_remote_shootdowns();
     }

@@ -4,11 +4,10 @@
 
 use crate::arch::x86_64::entry::{self, TrapFrame};
 use crate::arch::x86_64::{cpu, ipi, lapic};
-use crate::kernel::{self, here, Kernel};
+use crate::kernel::{self, here, KernelGuard};
 use crate::vcpu::Step;
-use spin::MutexGuard;
 
-type Guard<'a> = MutexGuard<'a, Option<Kernel>>;
+type Guard<'a> = KernelGuard;
 
 /// Picks the EC to run and returns where its registers are; idles (never
 /// returning) when nothing can run; stops the system when the root task

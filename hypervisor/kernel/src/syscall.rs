@@ -307,10 +307,12 @@ impl Kernel {
     }
 }
 
-/// Whether the timer is due, so a long call should stop and let the
-/// interrupt in (it may wake a component of higher priority).
+/// Whether a long call should stop and let others in: this CPU's timer is
+/// due (the interrupt may wake a component of higher priority), or another
+/// CPU waits for the kernel lock (its component may be the urgent one).
 pub fn interrupt_due() -> bool {
     crate::arch::x86_64::lapic::armed() <= crate::arch::x86_64::cpu::rdtsc()
+        || crate::kernel::lock_wanted()
 }
 
 fn done(result: Result<(), Status>) -> Status {

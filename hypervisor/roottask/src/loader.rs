@@ -338,7 +338,7 @@ impl Loader {
             Err(Status::BadCpu) => {
                 loaded.cpu = 0;
                 moat_user::println!(
-                    "roottask: component '{}': cpu {} is not online; it runs on cpu 0",
+                    "roottask: '{}' asked for cpu {}, which is not online: it runs on cpu 0",
                     component.name,
                     component.cpu
                 );

@@ -68,6 +68,13 @@ pub struct PerCpu {
     /// A shootdown may have revoked ports: the TSS's I/O bitmap must be
     /// reloaded before the next return to user mode.
     pub io_stale: AtomicBool,
+    /// The guest entry this CPU last sent a wake-up to while it waited for
+    /// the kernel lock (`kernel::KernelRelax`).
+    pub guest_kicked: AtomicU64,
+    /// The CPU waits for the kernel lock (`kernel::lock_wanted`).
+    pub wants_lock: AtomicBool,
+    /// Since when (TSC) the CPU waits for the kernel lock; 0: it does not.
+    pub spin_since: AtomicU64,
 }
 
 pub const PERCPU_KERNEL_RSP: usize = 8;
@@ -113,6 +120,9 @@ impl PerCpu {
             scheduling: AtomicBool::new(false),
             ipi_ack: AtomicU64::new(0),
             io_stale: AtomicBool::new(false),
+            guest_kicked: AtomicU64::new(0),
+            wants_lock: AtomicBool::new(false),
+            spin_since: AtomicU64::new(0),
         }
     }
 
