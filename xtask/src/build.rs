@@ -53,10 +53,15 @@ pub const USER_TASKS: &[UserTask] = &[
     task("moat-modemclient", "modemclient"),
 ];
 
+/// Bare-metal guests built beside the user tasks, for a VMM to load (boot
+/// modules, not components): `guests/hostile` links itself as a bzImage.
+pub const GUEST_IMAGES: &[UserTask] = &[task("moat-hostile", "hostile")];
+
 /// What a build leaves behind.
 pub struct Artifacts {
     pub kernel: PathBuf,
-    /// `(binary name, path)` for each entry of [`USER_TASKS`].
+    /// `(binary name, path)` for each entry of [`USER_TASKS`] and
+    /// [`GUEST_IMAGES`].
     pub tasks: Vec<(&'static str, PathBuf)>,
 }
 
@@ -122,12 +127,13 @@ fn build_kernel() -> Result<PathBuf> {
 
 fn build_user_tasks() -> Result<Vec<(&'static str, PathBuf)>> {
     let mut cmd = cross_cargo(USER_TARGET_DIR, USER_RUSTFLAGS);
-    for task in USER_TASKS {
+    for task in USER_TASKS.iter().chain(GUEST_IMAGES) {
         cmd.args(["-p", task.package]);
     }
     run_build("user tasks", &mut cmd)?;
     USER_TASKS
         .iter()
+        .chain(GUEST_IMAGES)
         .map(|t| Ok((t.binary, existing(artifact(USER_TARGET_DIR, t.binary))?)))
         .collect()
 }
