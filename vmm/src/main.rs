@@ -476,8 +476,8 @@ fn run(args: &str) -> Result<Stop, SetupError> {
         // SAFETY: as above; the vCPU does not run any more.
         let state = unsafe { &*(STATE_PAGE as *const VcpuState) };
         println!(
-            "vmm: at rip {:#x} cr0 {:#x} cr4 {:#x} efer {:#x} rax {:#x} rsi {:#x}",
-            state.rip, state.cr0, state.cr4, state.efer, state.rax, state.rsi
+            "vmm: at rip {:#x} rsp {:#x} cr0 {:#x} cr4 {:#x} efer {:#x} rax {:#x} rsi {:#x}",
+            state.rip, state.rsp, state.cr0, state.cr4, state.efer, state.rax, state.rsi
         );
     }
     Ok(stop)

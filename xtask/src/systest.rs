@@ -857,6 +857,8 @@ pub const TESTS: &[SysTest] = &[
     SysTest {
         name: "hostile",
         modules: HOSTILE_MODULES,
+        // Two VMMs with 32 MiB guests, 4 MiB heaps and 2 MiB images.
+        kernel_args: &["pool=128"],
         expect: &[
             all("roottask: started 'hostile_a'"),
             all("roottask: started 'hostile_b'"),
@@ -1091,7 +1093,7 @@ fn hostile_check(output: &str) -> Vec<Part> {
     let mut parts = Vec::new();
     for (i, (seed, _, done)) in HOSTILE_CMDLINES.iter().enumerate() {
         let vm = ["hostile_a", "hostile_b"][i];
-        let start = format!("hostile: seed {seed}, 100000 actions");
+        let start = format!("hostile: seed {seed}, 100000 actions, classes 0x7f");
         let exited = format!("roottask: component '{vm}' exited with code 1");
         let missing: Vec<&str> = [start.as_str(), done, exited.as_str()]
             .into_iter()

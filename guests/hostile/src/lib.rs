@@ -33,6 +33,9 @@ pub use common::rng::Xorshift;
 pub struct Config {
     pub seed: u64,
     pub actions: u64,
+    /// Which action classes to draw ([`plan::class`] bits; default all),
+    /// to narrow a failing seed down.
+    pub classes: u32,
 }
 
 pub const DEFAULT_SEED: u64 = 0x5eed;
@@ -49,7 +52,9 @@ impl Config {
         let mut config = Config {
             seed: DEFAULT_SEED,
             actions: DEFAULT_ACTIONS,
+            classes: plan::class::ALL,
         };
+        let mut classes = u64::from(config.classes);
         for word in words.split_whitespace() {
             let Some(rest) = word.strip_prefix(prefix) else {
                 continue;
@@ -58,11 +63,14 @@ impl Config {
                 (&mut config.seed, text)
             } else if let Some(text) = rest.strip_prefix("actions=") {
                 (&mut config.actions, text)
+            } else if let Some(text) = rest.strip_prefix("classes=") {
+                (&mut classes, text)
             } else {
                 continue;
             };
             *slot = common::args::parse_number(text).ok_or(BadWord(word))?;
         }
+        config.classes = u32::try_from(classes).map_err(|_| BadWord("classes"))?;
         Ok(config)
     }
 }
@@ -100,17 +108,22 @@ impl Layout {
     /// clock page), `near` being the ring under construction: mostly in
     /// scratch, else the ring itself, straddling the end of RAM, beyond
     /// it, in device memory, or at the top of the address space.
+    ///
+    /// The low 32 bits alone are such an address too: a device's 64-bit
+    /// address register is written in halves, and a high half of zero
+    /// left from before must not turn a high address into a low one.
     pub fn dma_target(&self, rng: &mut Xorshift, near: u64) -> u64 {
         let in_scratch = |rng: &mut Xorshift| self.scratch + rng.below(self.ram_end - self.scratch);
+        let low = |rng: &mut Xorshift| self.scratch + rng.below(FOUR_GIB - self.scratch);
         match rng.below(16) {
             0..=7 => in_scratch(rng),
-            8 | 9 => near.saturating_add(rng.below(0x100)),
+            8 | 9 if near < FOUR_GIB => near.saturating_add(rng.below(0x100)).min(FOUR_GIB - 1),
             10 => self.ram_end - rng.below(64),
             11 => self.ram_end + rng.below(MIB),
             12 => MMIO_HOLE + rng.below(FOUR_GIB - MMIO_HOLE),
             13 => u64::MAX - rng.below(0x1000),
-            14 => rng.next_u64(),
-            _ => FOUR_GIB + rng.below(1 << 36),
+            14 => (rng.next_u64() & !0xffff_ffff) | low(rng),
+            _ => (1 + rng.below(1 << 4)) << 32 | low(rng),
         }
     }
 
@@ -151,9 +164,12 @@ mod tests {
 
     #[test]
     fn config_from_words() {
-        let c = Config::parse("console=ttyS0 hostile.seed=0x1234 hostile.actions=7", "hostile.")
-            .unwrap();
-        assert_eq!((c.seed, c.actions), (0x1234, 7));
+        let c = Config::parse(
+            "console=ttyS0 hostile.seed=0x1234 hostile.actions=7 hostile.classes=0x3",
+            "hostile.",
+        )
+        .unwrap();
+        assert_eq!((c.seed, c.actions, c.classes), (0x1234, 7, 3));
         let d = Config::parse("", "hostile.").unwrap();
         assert_eq!((d.seed, d.actions), (DEFAULT_SEED, DEFAULT_ACTIONS));
         assert_eq!(
@@ -173,6 +189,7 @@ mod tests {
             let near = layout.dma_target(&mut rng, layout.scratch + 0x1000);
             let addr = layout.dma_target(&mut rng, near);
             assert!(layout.dma_allowed(addr), "{addr:#x}");
+            assert!(layout.dma_allowed(addr & 0xffff_ffff), "{addr:#x}");
         }
         assert!(!layout.dma_allowed(0x10_0000));
         assert!(layout.dma_allowed(layout.ram_end + 5));

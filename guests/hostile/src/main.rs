@@ -465,11 +465,11 @@ extern "C" fn hostile_main(zero_page: u64) -> ! {
     cmdline.copy_from_slice(ram(cmd_ptr, CMDLINE_MAX));
     let len = cmdline.iter().position(|&b| b == 0).unwrap_or(CMDLINE_MAX);
     let words = core::str::from_utf8(&cmdline[..len]).unwrap_or("");
-    // Nothing below 1 MiB is needed any more: cleared, so a device
-    // pointed at low memory finds zeros, not the firmware's tables.
-    ram(0x1000, 0x9_e000).fill(0);
-
     build_tables();
+    // Nothing below 1 MiB is needed any more (the firmware's page tables
+    // and GDT are replaced): cleared, so a device pointed at low memory
+    // finds zeros, not tables.
+    ram(0x1000, 0x9_e000).fill(0);
     let config = match Config::parse(words, "hostile.") {
         Ok(c) => c,
         Err(bad) => {
@@ -485,9 +485,10 @@ extern "C" fn hostile_main(zero_page: u64) -> ! {
     let (devices, found) = pci::find_virtio::<MAX_VIRTIO>(&mut PortConfig);
     let amd = vendor_is_amd();
     say!(
-        "hostile: seed {:#x}, {} actions, {} MiB RAM, {} virtio devices, {}",
+        "hostile: seed {:#x}, {} actions, classes {:#x}, {} MiB RAM, {} virtio devices, {}",
         config.seed,
         config.actions,
+        config.classes,
         layout.ram_end / MIB,
         found,
         if amd { "vmmcall" } else { "vmcall" }
@@ -510,13 +511,15 @@ extern "C" fn hostile_main(zero_page: u64) -> ! {
     let targets = Targets {
         layout,
         virtio: &devices[..found],
-        classes: class::ALL,
+        classes: config.classes,
         port_writes: true,
         interrupt_controllers: true,
     };
     let mut plan = Plan::new(config.seed, targets);
     for n in 1..=config.actions {
-        exec.run(plan.next());
+        let action = plan.next();
+        note_last(n, &action);
+        exec.run(action);
         if n % PROGRESS_EVERY == 0 {
             say!("hostile: {n} actions");
         }
@@ -559,11 +562,81 @@ fn halt() -> ! {
     unsafe { hostile_triple_fault() }
 }
 
+/// The action under way, for the report of an unexpected exception.
+static LAST_ACTION: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+static LAST_TEXT: spin_free::Text = spin_free::Text::new();
+
+mod spin_free {
+    use core::sync::atomic::{AtomicU8, Ordering};
+
+    /// A line of text kept by a single-threaded guest.
+    pub struct Text {
+        bytes: [AtomicU8; 160],
+    }
+
+    impl Text {
+        pub const fn new() -> Self {
+            Self {
+                bytes: [const { AtomicU8::new(0) }; 160],
+            }
+        }
+
+        pub fn set(&self, text: &[u8]) {
+            for (i, slot) in self.bytes.iter().enumerate() {
+                slot.store(text.get(i).copied().unwrap_or(0), Ordering::Relaxed);
+            }
+        }
+
+        pub fn get(&self, out: &mut [u8; 160]) -> usize {
+            for (o, b) in out.iter_mut().zip(&self.bytes) {
+                *o = b.load(Ordering::Relaxed);
+            }
+            out.iter().position(|&b| b == 0).unwrap_or(160)
+        }
+    }
+}
+
+/// Keeps the action's number and a short description.
+fn note_last(n: u64, action: &Action) {
+    struct Buf {
+        bytes: [u8; 160],
+        len: usize,
+    }
+    impl Write for Buf {
+        fn write_str(&mut self, s: &str) -> fmt::Result {
+            for b in s.bytes() {
+                if self.len < self.bytes.len() {
+                    self.bytes[self.len] = b;
+                    self.len += 1;
+                }
+            }
+            Ok(())
+        }
+    }
+    LAST_ACTION.store(n, core::sync::atomic::Ordering::Relaxed);
+    let mut buf = Buf {
+        bytes: [0; 160],
+        len: 0,
+    };
+    let _ = match action {
+        Action::Ring(r) => write!(buf, "ring at {:#x} queue {} size {}", r.base, r.queue, r.size),
+        Action::Junk(j) => write!(buf, "junk {:02x?}", j.code),
+        other => write!(buf, "{other:?}"),
+    };
+    LAST_TEXT.set(&buf.bytes[..buf.len]);
+}
+
 /// An exception no guard expected: report it and end.
 #[no_mangle]
 extern "C" fn hostile_unexpected(vector: u64, top: u64, next: u64) -> ! {
     // The frame's first words: the RIP, or the error code and the RIP.
-    say!("hostile: FAIL unexpected exception {vector}, frame {top:#x} {next:#x}");
+    let mut text = [0u8; 160];
+    let len = LAST_TEXT.get(&mut text);
+    say!(
+        "hostile: FAIL unexpected exception {vector}, frame {top:#x} {next:#x}, in action {}: {}",
+        LAST_ACTION.load(core::sync::atomic::Ordering::Relaxed),
+        core::str::from_utf8(&text[..len]).unwrap_or("?")
+    );
     halt()
 }
 
@@ -587,7 +660,8 @@ global_asm!(
     ".2byte 0x020f",          // 0x206 version 2.15
     ".fill 0x211 - 0x208, 1, 0",
     ".byte 1",                // 0x211 loadflags: LOADED_HIGH
-    ".fill 0x230 - 0x212, 1, 0",
+    ".fill 0x22c - 0x212, 1, 0",
+    ".4byte 0x7fffffff",      // 0x22c initrd_addr_max
     ".4byte 0x1000",          // 0x230 kernel_alignment
     ".byte 0",                // 0x234 relocatable_kernel
     ".byte 0",                // 0x235
