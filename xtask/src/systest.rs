@@ -1076,12 +1076,12 @@ const HOSTILE_MODULES: &[ModuleSpec] = &[
 const HOSTILE_CMDLINES: [(&str, &str, &str); 2] = [
     (
         "0x5eed",
-        "hostile.seed=0x5eed hostile.actions=100000",
+        "hostile.seed=0x5eed hostile.actions=100000 hostile.classes=0x3f",
         "hostile: done, 100000 actions (seed 0x5eed)",
     ),
     (
         "0xbad5eed",
-        "hostile.seed=0xbad5eed hostile.actions=100000",
+        "hostile.seed=0xbad5eed hostile.actions=100000 hostile.classes=0x3f",
         "hostile: done, 100000 actions (seed 0xbad5eed)",
     ),
 ];
@@ -1093,7 +1093,7 @@ fn hostile_check(output: &str) -> Vec<Part> {
     let mut parts = Vec::new();
     for (i, (seed, _, done)) in HOSTILE_CMDLINES.iter().enumerate() {
         let vm = ["hostile_a", "hostile_b"][i];
-        let start = format!("hostile: seed {seed}, 100000 actions, classes 0x7f");
+        let start = format!("hostile: seed {seed}, 100000 actions, classes 0x3f");
         let exited = format!("roottask: component '{vm}' exited with code 1");
         let missing: Vec<&str> = [start.as_str(), done, exited.as_str()]
             .into_iter()

@@ -130,10 +130,15 @@ pub fn build(rng: &mut Xorshift, layout: &Layout, device: &VirtioDevice, ring: &
         2 => base + offset(rng),
         _ => base + (entries * DESC_SIZE) as u64,
     };
+    // The used ring (which the device writes) never on the descriptor
+    // table: a used index written over a descriptor's address would aim
+    // the device at RAM the guest keeps (its canary was hit so).
+    let rings = base + IMAGE_LEN as u64 / 2;
     let used = match rng.below(5) {
-        0 => avail,
-        1 => desc,
-        2 => layout.dma_target(rng, base),
+        0 if avail != desc => avail,
+        0 => rings,
+        1 => rings + offset(rng) / 2,
+        2 => layout.dma_target(rng, rings),
         _ => (base + (entries * DESC_SIZE + 6 + 2 * entries) as u64 + 3) & !3,
     };
 
@@ -173,7 +178,9 @@ pub fn build(rng: &mut Xorshift, layout: &Layout, device: &VirtioDevice, ring: &
             let Some(d) = ring.image.get_mut(at..at + DESC_SIZE) else {
                 break;
             };
-            let addr = layout.dma_target(rng, base);
+            // "Into the ring itself": the rings' half of the image, never
+            // the table (a device writing there would rewrite addresses).
+            let addr = layout.dma_target(rng, rings);
             let len: u32 = match rng.below(6) {
                 0 => 0,
                 1 => u32::MAX,
@@ -333,6 +340,7 @@ mod tests {
             for a in addr {
                 assert!(layout.dma_allowed(a), "{a:#x}");
             }
+            assert_ne!(addr[2], addr[0], "used ring on the descriptor table");
             // Descriptor buffers in the image.
             let table = addr[0]
                 .checked_sub(ring.base)
