@@ -1121,7 +1121,9 @@ fn hostile_check(output: &str) -> Vec<Part> {
         result: if intact == 2 && stopped == 2 {
             Ok("both canaries intact, both triple faults reported".to_string())
         } else {
-            Err(format!("{intact} canaries intact, {stopped} triple faults reported"))
+            Err(format!(
+                "{intact} canaries intact, {stopped} triple faults reported"
+            ))
         },
     });
     parts

@@ -186,10 +186,18 @@ mod tests {
                 assert!(!bad_second(j.code[first + 1]) && !jumps(j.code[first + 1]));
             }
             // No jump opcode anywhere after the opcode.
-            assert!(j.code[first + 1..].iter().all(|&b| !jumps(b)), "{:02x?}", j.code);
+            assert!(
+                j.code[first + 1..].iter().all(|&b| !jumps(b)),
+                "{:02x?}",
+                j.code
+            );
             assert!(op == 0x0f || !jumps(op), "{:02x?}", j.code);
             assert!(j.regs[2] < 8);
-            aimed += j.regs.iter().filter(|&&r| (0xfee0_0000..0xfee0_1000).contains(&r)).count();
+            aimed += j
+                .regs
+                .iter()
+                .filter(|&&r| (0xfee0_0000..0xfee0_1000).contains(&r))
+                .count();
         }
         assert!(aimed > 20_000, "{aimed}");
     }

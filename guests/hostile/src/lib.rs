@@ -172,12 +172,12 @@ mod tests {
         assert_eq!((c.seed, c.actions, c.classes), (0x1234, 7, 3));
         let d = Config::parse("", "hostile.").unwrap();
         assert_eq!((d.seed, d.actions), (DEFAULT_SEED, DEFAULT_ACTIONS));
-        assert_eq!(
-            Config::parse("seed=12x", ""),
-            Err(BadWord("seed=12x"))
-        );
+        assert_eq!(Config::parse("seed=12x", ""), Err(BadWord("seed=12x")));
         // Another prefix's words are not ours.
-        assert_eq!(Config::parse("seed=5", "hostile.").unwrap().seed, DEFAULT_SEED);
+        assert_eq!(
+            Config::parse("seed=5", "hostile.").unwrap().seed,
+            DEFAULT_SEED
+        );
     }
 
     #[test]

@@ -78,7 +78,11 @@ extern "C" {
     fn hostile_vmmcall(ctx: *mut Ctx);
     fn hostile_user(ctx: *mut Ctx);
     /// Loads the GDT, TSS, IDT and CR3 the guest built.
-    fn hostile_load_tables(gdtr: *const DescriptorPointer, idtr: *const DescriptorPointer, cr3: u64);
+    fn hostile_load_tables(
+        gdtr: *const DescriptorPointer,
+        idtr: *const DescriptorPointer,
+        cr3: u64,
+    );
     /// IDT limit 0, then an exception: nothing can be delivered.
     fn hostile_triple_fault() -> !;
     static hostile_stubs: u8;
@@ -460,7 +464,9 @@ fn vendor_is_amd() -> bool {
 extern "C" fn hostile_main(zero_page: u64) -> ! {
     let mut zp = [0u8; ZERO_PAGE_LEN];
     zp.copy_from_slice(ram(zero_page, ZERO_PAGE_LEN));
-    let cmd_ptr = u64::from(u32::from_le_bytes([zp[0x228], zp[0x229], zp[0x22a], zp[0x22b]]));
+    let cmd_ptr = u64::from(u32::from_le_bytes([
+        zp[0x228], zp[0x229], zp[0x22a], zp[0x22b],
+    ]));
     let mut cmdline = [0u8; CMDLINE_MAX];
     cmdline.copy_from_slice(ram(cmd_ptr, CMDLINE_MAX));
     let len = cmdline.iter().position(|&b| b == 0).unwrap_or(CMDLINE_MAX);
@@ -477,7 +483,8 @@ extern "C" fn hostile_main(zero_page: u64) -> ! {
             halt();
         }
     };
-    let Some(layout) = hostile::ram_end_from_zero_page(&zp).and_then(|end| Layout::new(end, KEEP_BELOW))
+    let Some(layout) =
+        hostile::ram_end_from_zero_page(&zp).and_then(|end| Layout::new(end, KEEP_BELOW))
     else {
         say!("hostile: FAIL no RAM map, or too little RAM");
         halt();
@@ -517,7 +524,7 @@ extern "C" fn hostile_main(zero_page: u64) -> ! {
     };
     let mut plan = Plan::new(config.seed, targets);
     for n in 1..=config.actions {
-        let action = plan.next();
+        let action = plan.next_action();
         note_last(n, &action);
         exec.run(action);
         if n % PROGRESS_EVERY == 0 {
@@ -536,7 +543,11 @@ extern "C" fn hostile_main(zero_page: u64) -> ! {
     for (name, n) in class::NAMES.iter().zip(c.by_class) {
         let _ = write!(Serial, " {name} {n}");
     }
-    let _ = writeln!(Serial, "; {} port and {} MMIO writes", c.port_writes, c.mmio_writes);
+    let _ = writeln!(
+        Serial,
+        "; {} port and {} MMIO writes",
+        c.port_writes, c.mmio_writes
+    );
     let _ = write!(Serial, "hostile: exceptions taken");
     for (v, n) in c.vectors.iter().enumerate().filter(|(_, &n)| n > 0) {
         let _ = write!(Serial, " #{v}:{n}");
@@ -619,7 +630,11 @@ fn note_last(n: u64, action: &Action) {
         len: 0,
     };
     let _ = match action {
-        Action::Ring(r) => write!(buf, "ring at {:#x} queue {} size {}", r.base, r.queue, r.size),
+        Action::Ring(r) => write!(
+            buf,
+            "ring at {:#x} queue {} size {}",
+            r.base, r.queue, r.size
+        ),
         Action::Junk(j) => write!(buf, "junk {:02x?}", j.code),
         other => write!(buf, "{other:?}"),
     };
@@ -640,7 +655,6 @@ extern "C" fn hostile_unexpected(vector: u64, top: u64, next: u64) -> ! {
     halt()
 }
 
-#[cfg(target_os = "none")]
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     say!("hostile: FAIL panic: {info}");

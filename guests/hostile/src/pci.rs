@@ -73,9 +73,7 @@ fn bar(cfg: &mut impl ConfigSpace, slot: u8, index: u8) -> Option<u64> {
 }
 
 /// Every virtio device on bus 0 with its regions, at most `N`.
-pub fn find_virtio<const N: usize>(
-    cfg: &mut impl ConfigSpace,
-) -> ([VirtioDevice; N], usize) {
+pub fn find_virtio<const N: usize>(cfg: &mut impl ConfigSpace) -> ([VirtioDevice; N], usize) {
     let mut found = [VirtioDevice::default(); N];
     let mut count = 0;
     for slot in 0..SLOTS {

@@ -23,15 +23,39 @@ pub mod class {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action<'a> {
-    PortRead { port: u16, size: u8 },
-    PortWrite { port: u16, size: u8, value: u32 },
-    MmioRead { addr: u64, size: u8 },
-    MmioWrite { addr: u64, size: u8, value: u64 },
-    Cpuid { leaf: u32, subleaf: u32 },
-    MsrRead { msr: u32 },
-    MsrWrite { msr: u32, value: u64 },
+    PortRead {
+        port: u16,
+        size: u8,
+    },
+    PortWrite {
+        port: u16,
+        size: u8,
+        value: u32,
+    },
+    MmioRead {
+        addr: u64,
+        size: u8,
+    },
+    MmioWrite {
+        addr: u64,
+        size: u8,
+        value: u64,
+    },
+    Cpuid {
+        leaf: u32,
+        subleaf: u32,
+    },
+    MsrRead {
+        msr: u32,
+    },
+    MsrWrite {
+        msr: u32,
+        value: u64,
+    },
     /// rax, rbx, rcx, rdx, rsi, rdi.
-    Hypercall { regs: [u64; 6] },
+    Hypercall {
+        regs: [u64; 6],
+    },
     Ring(&'a Ring),
     Junk(Junk),
 }
@@ -156,7 +180,7 @@ impl<'a> Plan<'a> {
     }
 
     /// The next action.
-    pub fn next(&mut self) -> Action<'_> {
+    pub fn next_action(&mut self) -> Action<'_> {
         let classes = self.targets.classes
             & if self.targets.virtio.is_empty() {
                 !class::RING
@@ -236,7 +260,7 @@ impl<'a> Plan<'a> {
         if covers(PCI_ADDRESS) || (port > PCI_ADDRESS && port < PCI_DATA) {
             self.cf8 = (port == PCI_ADDRESS && size == 4).then_some(value);
         }
-        if port >= PCI_DATA && port < PCI_DATA + 4 || covers(PCI_DATA) {
+        if (PCI_DATA..PCI_DATA + 4).contains(&port) || covers(PCI_DATA) {
             let Some(cf8) = self.cf8 else {
                 return Action::PortRead { port, size };
             };
@@ -294,7 +318,11 @@ impl<'a> Plan<'a> {
                     // address a device may be given.
                     let field = (offset.max(virtio::common::QUEUE_DESC) & !3).min(0x34);
                     let target = t.layout.dma_target(&mut self.rng, t.layout.scratch);
-                    let half = if field % 8 == 4 { target >> 32 } else { target & 0xffff_ffff };
+                    let half = if field % 8 == 4 {
+                        target >> 32
+                    } else {
+                        target & 0xffff_ffff
+                    };
                     return Action::MmioWrite {
                         addr: d.common.base + field,
                         size: 4,
@@ -451,7 +479,9 @@ mod tests {
     fn trace(seed: u64, n: usize) -> Vec<String> {
         let devices = [device()];
         let mut plan = Plan::new(seed, targets(&devices));
-        (0..n).map(|_| format!("{:?}", plan.next())).collect()
+        (0..n)
+            .map(|_| format!("{:?}", plan.next_action()))
+            .collect()
     }
 
     #[test]
@@ -467,7 +497,7 @@ mod tests {
         let mut seen = [0u32; 7];
         let layout = targets(&devices).layout;
         for _ in 0..100_000 {
-            let action = plan.next();
+            let action = plan.next_action();
             seen[action.class()] += 1;
             match action {
                 Action::PortWrite { port, size, value } => {
@@ -513,7 +543,7 @@ mod tests {
         let mut plan = Plan::new(1, t);
         for _ in 0..1000 {
             assert!(matches!(
-                plan.next(),
+                plan.next_action(),
                 Action::PortRead { .. } | Action::Cpuid { .. }
             ));
         }

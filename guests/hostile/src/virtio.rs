@@ -214,7 +214,11 @@ pub fn build(rng: &mut Xorshift, layout: &Layout, device: &VirtioDevice, ring: &
     s.steps.fill(Step::None);
     // Reset, then a driver's bring-up, each step skipped now and then.
     s.write(c + common::DEVICE_STATUS, 1, 0);
-    s.write(c + common::DEVICE_STATUS, 1, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    s.write(
+        c + common::DEVICE_STATUS,
+        1,
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER,
+    );
     for select in 0..2 {
         s.write(c + common::DRIVER_FEATURE_SELECT, 4, select);
         let features = match (select, rng.below(3)) {
