@@ -1789,7 +1789,11 @@ mod tests {
 
     #[test]
     fn component_tests_boot_the_root_task_with_a_manifest() {
-        let tasks: Vec<&str> = crate::build::USER_TASKS.iter().map(|t| t.binary).collect();
+        let tasks: Vec<&str> = crate::build::USER_TASKS
+            .iter()
+            .chain(crate::build::GUEST_IMAGES)
+            .map(|t| t.binary)
+            .collect();
         for t in TESTS.iter().chain([&BENCH_IPC, &BENCH_EXITS]) {
             for m in t.modules {
                 if let Content::Task(task) = m.content {
