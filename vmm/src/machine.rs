@@ -242,6 +242,10 @@ pub enum Refused {
     StringIo(u16),
     /// An exit reason the VMM has no use for.
     Exit(u32),
+    /// An instruction whose memory operand kept missing the exit's
+    /// address ([`MISMATCH_LIMIT`] times at one RIP): not a page-table
+    /// race but an access the emulator cannot see (the exit's address).
+    Mismatch(u64),
 }
 
 /// Refusals kept for the log between two calls of
@@ -320,8 +324,9 @@ pub struct Config {
     pub boot_unix_secs: u64,
 }
 
-/// Emulation gives up after this many page-table races at one RIP.
-const MISMATCH_LIMIT: u32 = 1000;
+/// Emulation gives up after this many page-table races at one RIP and
+/// answers the instruction with #UD.
+pub const MISMATCH_LIMIT: u32 = 1000;
 /// Fixed lengths of the instructions whose exits may lack one (SVM
 /// without NRIP): CPUID, RDMSR, WRMSR (0F xx), HLT (F4), XSETBV and
 /// VMCALL/VMMCALL (0F 01 xx).
@@ -891,7 +896,11 @@ impl Machine {
                 let count = if rip == state.rip { count + 1 } else { 1 };
                 self.mismatch = (state.rip, count);
                 if count >= MISMATCH_LIMIT {
-                    return Action::Stop(Stop::Failed(Failure::Mismatch(state.rip)));
+                    // Hostile guest (issue 11): user-mode junk made this
+                    // repeat for ever; stopping the VM for it would let
+                    // any process with an MMIO mapping end the guest.
+                    self.mismatch = (0, 0);
+                    self.refuse(state, Refused::Mismatch(gpa));
                 }
             }
             Outcome::NotRam(gpa) => return Action::Stop(Stop::Failed(Failure::NotRam(gpa))),

@@ -22,7 +22,8 @@
 //! modem is gone and reopened when it is back, so the guest sees a
 //! restart as a port reset), `on-panic=restart` (a guest kernel panic
 //! reported through pvpanic reboots the guest, as a reset does; else the
-//! VMM stops), `vm-portals=SEL,SEL,…` (portals the VM
+//! VMM stops), `on-triple-fault=stop` (a triple fault ends the guest;
+//! by default it resets it, as a PC does), `vm-portals=SEL,SEL,…` (portals the VM
 //! gets at the same selectors, for the IPC hypercall), the flag
 //! `user-hypercalls` (guest CPL 3 may make it too), and the root's
 //! `tsc_hz=`.
@@ -401,6 +402,7 @@ fn run(args: &str) -> Result<Stop, SetupError> {
     )?;
     let modem = args::number(args, "modem", 0).ok().filter(|&sel| sel != 0);
     let restart_on_panic = args::value(args, "on-panic") == Some("restart");
+    let stop_on_triple_fault = args::value(args, "on-triple-fault") == Some("stop");
     let mut link = ModemLink::new(common::ms_to_ticks(tsc_hz, MODEM_CHECK_MS));
     start_timer()?;
     if args::flag(args, "console-input") {
@@ -469,6 +471,7 @@ fn run(args: &str) -> Result<Stop, SetupError> {
                 // The new guest finds the port as the link left it.
                 machine.set_port_open(link.is_open());
             }
+            Action::Stop(Stop::TripleFault) if stop_on_triple_fault => break Stop::TripleFault,
             Action::Stop(stop @ (Stop::Reset | Stop::TripleFault)) => {
                 // SAFETY: as above.
                 let state = unsafe { &*(STATE_PAGE as *const VcpuState) };
@@ -500,8 +503,8 @@ fn run(args: &str) -> Result<Stop, SetupError> {
         // SAFETY: as above; the vCPU does not run any more.
         let state = unsafe { &*(STATE_PAGE as *const VcpuState) };
         println!(
-            "vmm: at rip {:#x} cr0 {:#x} cr4 {:#x} efer {:#x} rax {:#x} rsi {:#x}",
-            state.rip, state.cr0, state.cr4, state.efer, state.rax, state.rsi
+            "vmm: at rip {:#x} rsp {:#x} cr0 {:#x} cr4 {:#x} efer {:#x} rax {:#x} rsi {:#x}",
+            state.rip, state.rsp, state.cr0, state.cr4, state.efer, state.rax, state.rsi
         );
     }
     Ok(stop)

@@ -36,6 +36,8 @@ pub const AMD_DE_CFG: u32 = 0xc001_1029;
 pub const AMD_INT_PENDING_MSG: u32 = 0xc001_0055;
 
 const EFER_LMA: u64 = 1 << 10;
+const EFER_LME: u64 = 1 << 8;
+const CR0_PG: u64 = 1 << 31;
 /// SCE, LME, LMA, NXE: the bits a guest may have.
 const EFER_VALID: u64 = 1 | (1 << 8) | EFER_LMA | (1 << 11);
 /// IA32_FEATURE_CONTROL: locked, VMX off.
@@ -111,6 +113,12 @@ impl MsrState {
         match index {
             EFER => {
                 if value & !EFER_VALID != 0 {
+                    return None;
+                }
+                // Changing LME with paging on is #GP on the CPU (SDM
+                // Vol. 3, 2.2.1); let through, it left LMA without LME
+                // and the next entry failed (found by the hostile guest).
+                if state.cr0 & CR0_PG != 0 && (value ^ state.efer) & EFER_LME != 0 {
                     return None;
                 }
                 // LMA is the CPU's to set; keep what it is.
@@ -203,6 +211,27 @@ mod tests {
         assert_eq!(msrs.read(&state, 0x179, 0), None, "no machine checks");
         assert_eq!(msrs.write(&mut state, DEBUGCTL, 1), None);
         assert_eq!(state, VcpuState::default(), "nothing changed");
+    }
+
+    /// Hostile guests (issue 11): a 64-bit guest clearing EFER.LME got
+    /// LMA without LME, a state the next VM entry refused.
+    #[test]
+    fn efer_lme_cannot_change_while_paging_is_on() {
+        let mut msrs = MsrState::default();
+        let mut state = VcpuState {
+            efer: EFER_LME | EFER_LMA,
+            cr0: CR0_PG | 1,
+            ..VcpuState::default()
+        };
+        assert_eq!(msrs.write(&mut state, EFER, 1 << 11), None);
+        assert_eq!(state.efer, EFER_LME | EFER_LMA);
+        // NXE alone may change.
+        assert!(msrs.write(&mut state, EFER, EFER_LME | (1 << 11)).is_some());
+        assert_eq!(state.efer, EFER_LME | EFER_LMA | (1 << 11));
+        // With paging off, LME may be set (how long mode is entered).
+        let mut real = VcpuState::default();
+        assert!(msrs.write(&mut real, EFER, EFER_LME).is_some());
+        assert_eq!(real.efer, EFER_LME);
     }
 
     #[test]

@@ -1067,6 +1067,7 @@ pub fn with_benchmarks(test: &SysTest) -> Option<SysTest> {
                 Content::Task(task) => Content::Task(task),
                 Content::Truncated { task, len, .. } => Content::Truncated { task, len, dir },
                 Content::Text { text, .. } => Content::Text { text, dir },
+                Content::Zeros { len, .. } => Content::Zeros { len, dir },
                 Content::Linux(LinuxFile::Kernel) => Content::Linux(LinuxFile::Kernel),
                 Content::Linux(LinuxFile::Initramfs) => Content::Linux(LinuxFile::Initramfs),
                 Content::Linux(LinuxFile::Disk { .. }) => Content::Linux(LinuxFile::Disk { dir }),

@@ -55,10 +55,15 @@ pub const USER_TASKS: &[UserTask] = &[
     task("moat-mbtest", "mbtest"),
 ];
 
+/// Bare-metal guests built beside the user tasks, for a VMM to load (boot
+/// modules, not components): `guests/hostile` links itself as a bzImage.
+pub const GUEST_IMAGES: &[UserTask] = &[task("moat-hostile", "hostile")];
+
 /// What a build leaves behind.
 pub struct Artifacts {
     pub kernel: PathBuf,
-    /// `(binary name, path)` for each entry of [`USER_TASKS`].
+    /// `(binary name, path)` for each entry of [`USER_TASKS`] and
+    /// [`GUEST_IMAGES`].
     pub tasks: Vec<(&'static str, PathBuf)>,
 }
 
@@ -128,8 +133,16 @@ fn build_user_tasks() -> Result<Vec<(&'static str, PathBuf)>> {
         cmd.args(["-p", task.package]);
     }
     run_build("user tasks", &mut cmd)?;
+    // Apart: built with the tasks, cargo would unify features and link
+    // the user runtime (its panic handler) into the guests.
+    let mut guests = cross_cargo(USER_TARGET_DIR, USER_RUSTFLAGS);
+    for guest in GUEST_IMAGES {
+        guests.args(["-p", guest.package]);
+    }
+    run_build("bare-metal guests", &mut guests)?;
     USER_TASKS
         .iter()
+        .chain(GUEST_IMAGES)
         .map(|t| Ok((t.binary, existing(artifact(USER_TARGET_DIR, t.binary))?)))
         .collect()
 }

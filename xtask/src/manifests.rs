@@ -578,11 +578,67 @@ component toobig
     multiboot_vmm!("badentry", "mbtest.badentry", "16M"),
 );
 
+/// A bare-metal hostile guest (`guests/hostile`) under `vmm`: 32 MiB of
+/// RAM, its command line (seed and count) as the module `$cmdline` (also
+/// given as the initrd, which the VMM requires), the VM given `echo` so
+/// that some hypercalls reach a live portal; a triple fault stops it.
+macro_rules! hostile_vmm {
+    ($name:literal, $cmdline:literal, $disk:literal) => {
+        concat!(
+            "component ",
+            $name,
+            "
+    module vmm
+    priority 10
+    ceiling 30
+    memory 2M
+    stack 64K
+    quota 8M
+    restart 0
+    ram guest 32M at 0x10000000000
+    ram heap 4M at 0x20000000000
+    file kernel hostile at 0x30000000000
+    file initrd ",
+            $cmdline,
+            " at 0x31000000000
+    file cmdline ",
+            $cmdline,
+            " at 0x33000000000
+",
+            $disk,
+            "    uses echo at 20
+    args epoch=1764000000 vm-portals=20 on-triple-fault=stop
+"
+        )
+    };
+}
+
+/// Two hostile guests side by side (one with a disk), each making its
+/// seeded actions against its own VMM, beside `echo` (which both VMs may
+/// call) and a `ticker` above them that must count on without a gap.
+pub const HOSTILE: &str = concat!(
+    echo_server!(),
+    "\
+component ticker
+    module ticker
+    priority 20
+    memory 128K
+    quota 64K
+    args count=100 period_ms=20
+",
+    hostile_vmm!(
+        "hostile_a",
+        "cmdline_a",
+        "    file disk disk.img at 0x32000000000\n"
+    ),
+    hostile_vmm!("hostile_b", "cmdline_b", ""),
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const ALL: [&str; 24] = [
+    const ALL: [&str; 25] = [
         IPC_PINGPONG,
         SUPERVISION,
         SEMAPHORE,
@@ -607,6 +663,7 @@ mod tests {
         SMP_FUZZER,
         MULTIBOOT,
         BAD_GUESTS,
+        HOSTILE,
     ];
 
     /// The components each manifest names, in order.

@@ -56,6 +56,8 @@ pub enum Content {
         patch: MultibootPatch,
         dir: &'static str,
     },
+    /// `len` zero bytes (a blank disk), written under `target/systest/<dir>/`.
+    Zeros { len: usize, dir: &'static str },
 }
 
 /// How [`Content::Multiboot`] changes a kernel's Multiboot header.
@@ -1306,6 +1308,40 @@ pub const TESTS: &[SysTest] = &[
         qemu_args: &["-icount", "shift=0,sleep=off"],
         ..BASE
     },
+    // Issue 11 item 3: two bare-metal hostile guests (guests/hostile), each
+    // 100,000 seeded actions against the real VMM and its devices, then a
+    // triple fault; judged per guest by `hostile_check`.
+    SysTest {
+        name: "hostile",
+        modules: HOSTILE_MODULES,
+        // Two VMMs with 32 MiB guests, 4 MiB heaps and 2 MiB images.
+        kernel_args: &["pool=128"],
+        expect: &[
+            all("roottask: started 'hostile_a'"),
+            all("roottask: started 'hostile_b'"),
+            all("ticker: done"),
+            all("hostile: triple fault next"),
+            all("vmm: guest stopped: triple fault"),
+            all("hostile: triple fault next"),
+            all("vmm: guest stopped: triple fault"),
+        ],
+        forbid: &[
+            "hostile: FAIL",
+            "panicked",
+            "vmm: FAIL",
+            "roottask: component 'hostile_a' faulted",
+            "roottask: component 'hostile_b' faulted",
+            "roottask: component 'echo' faulted",
+            "ticker: FAIL",
+            "roottask: component 'ticker' faulted",
+        ],
+        sequences: &[TICKER_100],
+        stop: Stop::WhenDecided,
+        check: Some(hostile_check),
+        // 2 x 100,000 actions, most of them exits: ~4 minutes on Bochs.
+        slow: 3,
+        ..BASE
+    },
     SysTest {
         name: "linux",
         modules: LINUX_MODULES,
@@ -1585,6 +1621,99 @@ const TESTVM_VERDICTS: &[Expect] = &[
     all("testvmm: all guests done"),
     all("roottask: component 'testvmm' finished"),
 ];
+
+/// The hostile guests' boot modules: the bare-metal guest once, a command
+/// line (seed and count) per guest, a blank 64 KiB disk for `hostile_a`.
+const HOSTILE_MODULES: &[ModuleSpec] = &[
+    ROOTTASK,
+    manifest("hostile", manifests::HOSTILE),
+    component("echo"),
+    component("ticker"),
+    component("vmm"),
+    component("hostile"),
+    ModuleSpec {
+        name: "cmdline_a",
+        content: Content::Text {
+            text: HOSTILE_CMDLINES[0].1,
+            dir: "hostile",
+        },
+        args: &[],
+    },
+    ModuleSpec {
+        name: "cmdline_b",
+        content: Content::Text {
+            text: HOSTILE_CMDLINES[1].1,
+            dir: "hostile",
+        },
+        args: &[],
+    },
+    ModuleSpec {
+        name: "disk.img",
+        content: Content::Zeros {
+            len: 64 * 1024,
+            dir: "hostile",
+        },
+        args: &[],
+    },
+];
+
+/// Each hostile guest's seed, its command line, and the summary line its
+/// run must print.
+const HOSTILE_CMDLINES: [(&str, &str, &str); 2] = [
+    (
+        "0x5eed",
+        "hostile.seed=0x5eed hostile.actions=100000 hostile.classes=0x3f",
+        "hostile: done, 100000 actions (seed 0x5eed)",
+    ),
+    (
+        "0xbad5eed",
+        "hostile.seed=0xbad5eed hostile.actions=100000 hostile.classes=0x3f",
+        "hostile: done, 100000 actions (seed 0xbad5eed)",
+    ),
+];
+
+/// Per hostile guest: its start line with the seed, every action done,
+/// its canary intact, and its VMM's report of the triple fault; and the
+/// VMMs exited (code 1: not a power-off) rather than faulted.
+fn hostile_check(output: &str) -> Vec<Part> {
+    let mut parts = Vec::new();
+    for (i, (seed, _, done)) in HOSTILE_CMDLINES.iter().enumerate() {
+        let vm = ["hostile_a", "hostile_b"][i];
+        let start = format!("hostile: seed {seed}, 100000 actions, classes 0x3f");
+        let exited = format!("roottask: component '{vm}' exited with code 1");
+        let missing: Vec<&str> = [start.as_str(), done, exited.as_str()]
+            .into_iter()
+            .filter(|line| !output.contains(line))
+            .collect();
+        let result = if missing.is_empty() {
+            let summary = output
+                .lines()
+                .find(|l| l.contains("hostile: by class"))
+                .unwrap_or("")
+                .to_string();
+            Ok(summary)
+        } else {
+            Err(format!("missing: {}", missing.join("; ")))
+        };
+        parts.push(Part {
+            name: format!("hostile/{vm}"),
+            result,
+        });
+    }
+    let intact = output.matches("hostile: canary intact").count();
+    let stopped = output.matches("vmm: guest stopped: triple fault").count();
+    parts.push(Part {
+        name: "hostile/isolation".to_string(),
+        result: if intact == 2 && stopped == 2 {
+            Ok("both canaries intact, both triple faults reported".to_string())
+        } else {
+            Err(format!(
+                "{intact} canaries intact, {stopped} triple faults reported"
+            ))
+        },
+    });
+    parts
+}
 
 /// What `fuzzer` and `fuzzer_long` must not print.
 const FUZZER_FORBIDDEN: &[&str] = &[
@@ -1921,6 +2050,7 @@ pub(crate) fn boot_spec(test: &SysTest, artifacts: &Artifacts) -> Result<BootSpe
                     .map_err(|e| Error::Other(format!("{name}: {e}")))?;
                 write_module(dir, m.name, &patched)?
             }
+            Content::Zeros { len, dir } => write_module(dir, m.name, &vec![0; len])?,
         };
         modules.push(Module {
             name: m.name.to_string(),
@@ -2308,7 +2438,11 @@ mod tests {
 
     #[test]
     fn component_tests_boot_the_root_task_with_a_manifest() {
-        let tasks: Vec<&str> = crate::build::USER_TASKS.iter().map(|t| t.binary).collect();
+        let tasks: Vec<&str> = crate::build::USER_TASKS
+            .iter()
+            .chain(crate::build::GUEST_IMAGES)
+            .map(|t| t.binary)
+            .collect();
         for t in TESTS.iter().chain([&BENCH_IPC, &BENCH_EXITS]) {
             for m in t.modules {
                 if let Content::Task(task) = m.content {

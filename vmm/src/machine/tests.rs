@@ -339,6 +339,25 @@ fn garbage_behind_an_mmio_exit_gives_ud_and_never_panics() {
     assert!(s.machine.take_refusals().is_empty());
 }
 
+/// Hostile guests (issue 11): an instruction whose operand is not the
+/// exit's address is retried as a page-table race, but one that keeps
+/// missing it gets #UD; it used to stop the whole guest.
+#[test]
+fn an_mmio_exit_the_instruction_never_matches_gives_ud_not_a_stop() {
+    let mut s = setup();
+    // mov eax, [0xfee00030], but the exit names the IOAPIC.
+    for round in 1..=MISMATCH_LIMIT {
+        let mut state = protected_mode(&[0xa1, 0x30, 0x00, 0xe0, 0xfe], &s.ram);
+        state.exit.gpa = 0xfec0_0000;
+        assert_eq!(s.machine.handle_exit(&mut state), Action::Resume);
+        assert_eq!(state.rip, 0x1000, "not emulated");
+        let expected = (round == MISMATCH_LIMIT).then_some((6, event_kind::HARDWARE_EXCEPTION));
+        assert_eq!(injected(&state), expected, "round {round}");
+    }
+    let refusals = s.machine.take_refusals();
+    assert_eq!(refusals, [(0x1000, Refused::Mismatch(0xfec0_0000))]);
+}
+
 #[test]
 fn pci_enumerates_the_virtio_devices() {
     struct Zeros;
