@@ -146,6 +146,11 @@ pub struct SysTest {
     /// Runs only when a filter names it exactly (long runs kept out of
     /// `cargo xtask test`).
     pub opt_in: bool,
+    /// The test stalls on purpose and judges the harness's stall handling
+    /// (the state dump after the monitor's NMI): QEMU stops it after this
+    /// many seconds; Bochs, which cannot be sent an NMI from outside, does
+    /// not run it.
+    pub stall_secs: Option<u64>,
 }
 
 /// The defaults for the fields a test does not set.
@@ -163,6 +168,7 @@ const BASE: SysTest = SysTest {
     check: None,
     slow: 1,
     opt_in: false,
+    stall_secs: None,
 };
 
 impl SysTest {
@@ -277,6 +283,23 @@ const LINUX_PANIC_MODULES: &[ModuleSpec] = &[
         content: Content::Linux(LinuxFile::Cmdline {
             args: "console=ttyS0 panic=-1 moat.panic=1",
             dir: "linux_panic",
+        }),
+        args: &[],
+    },
+];
+
+/// The same guest without a disk, left at its shell (test `stall_dump`).
+const STALL_MODULES: &[ModuleSpec] = &[
+    ROOTTASK,
+    manifest("stall_dump", manifests::STALL),
+    component("vmm"),
+    LINUX_KERNEL,
+    LINUX_INITRAMFS,
+    ModuleSpec {
+        name: "cmdline",
+        content: Content::Linux(LinuxFile::Cmdline {
+            args: "console=ttyS0 panic=-1 moat.shell=1",
+            dir: "stall_dump",
         }),
         args: &[],
     },
@@ -1084,6 +1107,38 @@ pub const TESTS: &[SysTest] = &[
         slow: 4,
         ..BASE
     },
+    // A system that stalls on purpose (Linux waits at its shell for input
+    // that never comes) is stopped after 35 s; what is judged is the
+    // harness's stall handling: the NMI it sends through QEMU's monitor
+    // makes each CPU report, the kernel print its state (per CPU the
+    // current EC and run queue) and the VMM its own (exits, the last one,
+    // every virtqueue's indices). QEMU only (stall_secs).
+    SysTest {
+        name: "stall_dump",
+        modules: STALL_MODULES,
+        kernel_args: &["pool=400"],
+        expect: &[
+            all("MOAT-INIT done"),
+            all("dump: cpu0 nmi at rip"),
+            all("dump: cpu1 nmi at rip"),
+            all("dump: kernel state"),
+            all("dump: cpu0 current ec"),
+            all("dump: cpu1 current "),
+            all("dump: ecs: running"),
+            all("dump: end of kernel state"),
+            all("vmm: dump: exits "),
+            all("vmm: dump: last exit "),
+            all("vmm: dump: interrupts: lapic"),
+            all("vmm: dump: virtio-console (status 0xf) queue 0: size "),
+            all("vmm: dump: virtio-rng (status 0xf) queue 0: size "),
+            all("vmm: dump: end"),
+        ],
+        forbid: &["roottask: component 'linux'"],
+        memory_mib: 1024,
+        cpus: 2,
+        stall_secs: Some(35),
+        ..BASE
+    },
     SysTest {
         name: "linux_panic",
         modules: LINUX_PANIC_MODULES,
@@ -1456,6 +1511,9 @@ pub fn run_all(
         let boot = boot_spec(test, artifacts);
         // Bochs runs are the long ones: start them first.
         for &emu in emus.iter().rev() {
+            if test.stall_secs.is_some() && emu == Emulator::Bochs {
+                continue;
+            }
             let serial = dir.join(format!("{}-{}.log", test.name, emu.name()));
             let launch = match &boot {
                 Ok(boot) => prepare(test, emu, boot, &serial).map_err(|e| e.to_string()),
@@ -1610,7 +1668,10 @@ fn execute(job: &Job<'_>) -> RunResult {
     };
     // The emulator's own output goes next to the serial log.
     let output = job.serial.with_extension("out");
-    let limit = job.emu.timeout() * job.test.slow;
+    let limit = match job.test.stall_secs {
+        Some(secs) => std::time::Duration::from_secs(secs),
+        None => job.emu.timeout() * job.test.slow,
+    };
     let timeout = Some(limit);
     let decided = || decided(job.test, job.emu, &read_serial(&job.serial));
     let decided: Option<emu::Decided<'_>> = match job.test.stop {
