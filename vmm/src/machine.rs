@@ -579,11 +579,14 @@ impl Machine {
             self.lapic.borrow().tpr(),
         ));
         if let Some(v) = &self.virtio {
-            let mut device = |name: &str, status: u8, views: Vec<vdev::virtio::queue::QueueView>| {
-                for (index, view) in views.iter().enumerate() {
-                    lines.push(format!("virtio-{name} (status {status:#x}) queue {index}: {view}"));
-                }
-            };
+            let mut device =
+                |name: &str, status: u8, views: Vec<vdev::virtio::queue::QueueView>| {
+                    for (index, view) in views.iter().enumerate() {
+                        lines.push(format!(
+                            "virtio-{name} (status {status:#x}) queue {index}: {view}"
+                        ));
+                    }
+                };
             let c = v.console.borrow();
             device("console", c.status(), c.queue_views());
             if let Some(b) = &v.block {

@@ -278,13 +278,15 @@ extern "C" fn dump_ec() -> ! {
         let _ = kernel_call(Call::VcpuPoke, VCPU, [0; 6]);
         let ticks = common::ms_to_ticks(TSC_HZ.load(Ordering::Relaxed), DUMP_ANSWER_MS);
         let deadline = moat_user::rdtsc().wrapping_add(ticks).max(1);
-        if sys::sm_down(DUMP_SM, deadline, false) == Err(Status::Timeout)
-            && DUMP.load(Ordering::Acquire)
-        {
-            println!("vmm: dump: the vCPU loop did not answer within {DUMP_ANSWER_MS} ms");
-        } else {
+        match sys::sm_down(DUMP_SM, deadline, false) {
+            Err(Status::Timeout) if DUMP.load(Ordering::Acquire) => {
+                println!("vmm: dump: the vCPU loop did not answer within {DUMP_ANSWER_MS} ms")
+            }
             // Another debug event came meanwhile: serve it too.
-            let _ = sys::sm_up(DUMP_SM);
+            Ok(()) => {
+                let _ = sys::sm_up(DUMP_SM);
+            }
+            _ => {}
         }
     }
 }

@@ -322,13 +322,8 @@ pub fn run_qemu(
     let serial = serial_file(args);
     let args = with_monitor(args, &monitor);
     let child = spawn_logged(&mut qemu_command(&args), output)?;
-    let sample = || {
-        sample_stalled_qemu(
-            &monitor,
-            serial.as_deref(),
-            &output.with_extension("stall"),
-        )
-    };
+    let sample =
+        || sample_stalled_qemu(&monitor, serial.as_deref(), &output.with_extension("stall"));
     supervise_with(child, timeout, None, decided, Some(&sample))
 }
 
@@ -405,12 +400,19 @@ pub fn dump_lines(serial: &str) -> Vec<String> {
         let Some(at) = line.find("dump: ") else {
             continue;
         };
-        let is_dump = line[..at].is_empty() || line[..at].ends_with("vmm: ");
+        // A CPU's NMI line may follow a partial line (a shell prompt).
+        let is_dump = line[..at].is_empty()
+            || line[..at].ends_with("vmm: ")
+            || (line[at..].starts_with("dump: cpu") && line.contains(" nmi at rip "));
         if !is_dump {
             continue;
         }
         let text = name_root_selectors(&line[at..], &names);
-        lines.push(if at == 0 { text } else { format!("vmm: {text}") });
+        lines.push(if at == 0 {
+            text
+        } else {
+            format!("vmm: {text}")
+        });
     }
     lines
 }
@@ -728,6 +730,7 @@ mod tests {
 roottask: started 'echo' (pd sel 32, prio 20, cpu 0, 256 KiB RAM, 64 KiB quota)\r
 roottask: started 'linux' (pd sel 33, prio 10, cpu 0, 2048 KiB RAM, 32768 KiB quota)
 [    1.0] random: crng init done
+/ # dump: cpu1 nmi at rip 0xffff800000000042 (in the kernel), 98 timer ticks
 dump: cpu0 nmi at rip 0xffff800000001234 (in a guest), 99 timer ticks
 dump: cpu0 current ec 5 (pd 3 = root sel 33, running, runs a vcpu); entered ec 5; ready p20 ec 2 (pd 2 = root sel 32, running)
 echo: dump: not a dump line
@@ -736,6 +739,7 @@ vmm: dump: exits 10: io 9 hlt 1
         assert_eq!(
             dump_lines(serial),
             [
+                "dump: cpu1 nmi at rip 0xffff800000000042 (in the kernel), 98 timer ticks",
                 "dump: cpu0 nmi at rip 0xffff800000001234 (in a guest), 99 timer ticks",
                 "dump: cpu0 current ec 5 (pd 3 = root sel 33 'linux', running, runs a vcpu); \
                  entered ec 5; ready p20 ec 2 (pd 2 = root sel 32 'echo', running)",

@@ -22,7 +22,7 @@ use crate::console;
 use crate::ec::EcState;
 use crate::kernel::{self, Cap, EcId, Kernel, Object, PdId};
 use core::fmt::{self, Write};
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use moat_abi::Space;
 use moat_kernel::cap::SlotRef;
 
@@ -33,6 +33,12 @@ pub const PREFIX: &str = "dump: ";
 static STATE_PENDING: AtomicBool = AtomicBool::new(false);
 /// The debug event's semaphores are still to be upped.
 static EVENT_PENDING: AtomicBool = AtomicBool::new(false);
+
+/// When the last NMI asked for a dump (TSC; 0: never).
+static LAST_REQUEST: AtomicU64 = AtomicU64::new(0);
+/// NMIs closer than this to the one that asked for a dump are the same
+/// request (it reaches every CPU).
+const DUMP_GAP_MS: u64 = 500;
 
 /// Root selectors looked at to name a PD (the root task's component PDs
 /// are far below).
@@ -53,8 +59,19 @@ pub fn nmi(rip: u64, cs: u64) {
         "{PREFIX}cpu{here} nmi at rip {rip:#x} ({mode}), {} timer ticks\n",
         percpu::current().ticks.load(Ordering::Relaxed)
     ));
-    STATE_PENDING.store(true, Ordering::Release);
-    EVENT_PENDING.store(true, Ordering::Release);
+    // One NMI reaches every CPU: the first asks for the dump, the others
+    // (within DUMP_GAP_MS) only report.
+    let now = cpu::rdtsc();
+    let last = LAST_REQUEST.load(Ordering::Acquire);
+    let gap = lapic::tsc_hz() / 1000 * DUMP_GAP_MS;
+    if (last == 0 || now.wrapping_sub(last) >= gap)
+        && LAST_REQUEST
+            .compare_exchange(last, now.max(1), Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    {
+        STATE_PENDING.store(true, Ordering::Release);
+        EVENT_PENDING.store(true, Ordering::Release);
+    }
     // Never wait: this CPU may hold the lock itself (then it prints at its
     // next safe point).
     if let Some(guard) = kernel::KERNEL.try_lock() {
@@ -96,16 +113,19 @@ fn write_state(out: &mut impl Write, k: &Kernel) -> fmt::Result {
     let now = cpu::rdtsc();
     writeln!(
         out,
-        "{PREFIX}kernel state (cpu{}): {} cpus, {} pds, {} ecs, {} scs, {} sms, {} vcpus",
+        "{PREFIX}kernel state (cpu{}): {} cpus online, {} pds, {} ecs, {} scs, {} sms, {} vcpus",
         kernel::here(),
-        k.cpus.len(),
+        (0..k.cpus.len())
+            .filter(|&n| percpu::get(n).state() == percpu::CpuState::Online)
+            .count(),
         k.pds.len(),
         k.ecs.len(),
         k.scs.len(),
         k.sms.len(),
         k.vcpus.len()
     )?;
-    for (n, c) in k.cpus.iter().enumerate() {
+    let online = |n: usize| percpu::get(n).state() == percpu::CpuState::Online;
+    for (n, c) in k.cpus.iter().enumerate().filter(|&(n, _)| online(n)) {
         write!(out, "{PREFIX}cpu{n} current ")?;
         write_ec_opt(out, k, c.current)?;
         write!(out, "; entered ")?;
