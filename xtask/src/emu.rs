@@ -408,10 +408,11 @@ pub fn dump_lines(serial: &str) -> Vec<String> {
             continue;
         }
         let text = name_root_selectors(&line[at..], &names);
-        lines.push(if at == 0 {
-            text
-        } else {
+        let from_vmm = line[..at].ends_with("vmm: ");
+        lines.push(if from_vmm {
             format!("vmm: {text}")
+        } else {
+            text
         });
     }
     lines
