@@ -1138,7 +1138,7 @@ pub const TESTS: &[SysTest] = &[
         expect: &[
             all("MOAT-INIT done"),
             all("dump: kernel state (cpu"),
-            all("dump: cpu0 current ec"),
+            all("dump: cpu0 current "),
             all("dump: cpu1 current "),
             all("dump: ecs: running"),
             all("dump: end of kernel state"),
