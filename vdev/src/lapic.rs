@@ -402,6 +402,12 @@ impl<C: Clock> Lapic<C> {
         (vector >> 4 > self.ppr() >> 4).then_some(vector)
     }
 
+    /// The highest vector requested (IRR) and the highest in service
+    /// (ISR), whatever the priorities: for the VMM's state dump.
+    pub fn highest_requested_and_in_service(&self) -> (Option<u8>, Option<u8>) {
+        (self.irr.highest(), self.isr.highest())
+    }
+
     /// The VMM injected `vector`: it moves from requested to in service.
     pub fn acknowledge(&mut self, vector: u8) {
         if self.irr.contains(vector) {

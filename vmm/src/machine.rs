@@ -5,7 +5,9 @@
 #![forbid(unsafe_code)]
 
 use alloc::boxed::Box;
+use alloc::format;
 use alloc::rc::Rc;
+use alloc::string::String;
 use alloc::vec::Vec;
 use core::cell::RefCell;
 
@@ -151,6 +153,8 @@ struct Virtio {
     echo: [EchoPort; 2],
     named: NamedPort,
     block: Option<Shared<VirtioPci<Block<MemDisk>>>>,
+    net: Shared<VirtioPci<Net<EchoPeer>>>,
+    rng: Shared<VirtioPci<Rng>>,
 }
 
 /// The guest's console bytes, collected for the binary to print.
@@ -308,11 +312,34 @@ pub struct ExitStats {
     pub msr_faults: u64,
     /// The last of them: the MSR and whether it was a write.
     pub last_msr_fault: Option<(u32, bool)>,
+    /// The last exit: its reason and the guest's RIP.
+    pub last_exit: Option<(u32, u64)>,
 }
 
 impl ExitStats {
     pub fn total(&self) -> u64 {
         self.by_reason.iter().sum()
+    }
+}
+
+/// An exit reason's name in the state dump.
+pub fn exit_name(reason: u32) -> &'static str {
+    match reason {
+        exit_reason::POKED => "poked",
+        exit_reason::IO => "io",
+        exit_reason::MEMORY => "mmio",
+        exit_reason::CPUID => "cpuid",
+        exit_reason::MSR_READ => "rdmsr",
+        exit_reason::MSR_WRITE => "wrmsr",
+        exit_reason::HLT => "hlt",
+        exit_reason::HYPERCALL => "hypercall",
+        exit_reason::INTERRUPT_WINDOW => "window",
+        exit_reason::NMI_WINDOW => "nmi-window",
+        exit_reason::EXCEPTION => "exception",
+        exit_reason::SHUTDOWN => "shutdown",
+        exit_reason::INVALID_STATE => "invalid-state",
+        exit_reason::XSETBV => "xsetbv",
+        _ => "other",
     }
 }
 
@@ -517,10 +544,10 @@ impl Machine {
             None => None,
         };
         let net = Net::new(GUEST_MAC, EchoPeer::new(ECHO_PEER_MAC, ECHO_PEER_IP));
-        root.borrow_mut()
-            .add(shared(VirtioPci::new(net, wiring(next))?))?;
-        root.borrow_mut()
-            .add(shared(VirtioPci::new(Rng::new(entropy), wiring(next + 1))?))?;
+        let net = shared(VirtioPci::new(net, wiring(next))?);
+        root.borrow_mut().add(net.clone())?;
+        let rng = shared(VirtioPci::new(Rng::new(entropy), wiring(next + 1))?);
+        root.borrow_mut().add(rng.clone())?;
         root.borrow_mut().assign_bars()?;
 
         let placed = [
@@ -542,8 +569,61 @@ impl Machine {
             echo,
             named,
             block,
+            net,
+            rng,
         });
         Ok(())
+    }
+
+    /// The VMM's state dump, one line each (without a prefix): exits by
+    /// reason and the last one, the interrupt controllers' pending and
+    /// in-service vectors, and every virtqueue's indices as the guest and
+    /// the device see them. docs/architecture.md, "A stalled run explains
+    /// itself".
+    pub fn dump(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        let s = &self.stats;
+        let mut exits = format!("exits {}:", s.total());
+        for (reason, &count) in s.by_reason.iter().enumerate() {
+            if count > 0 {
+                exits.push_str(&format!(" {} {count}", exit_name(reason as u32)));
+            }
+        }
+        lines.push(exits);
+        lines.push(match s.last_exit {
+            Some((reason, rip)) => format!("last exit {} at rip {rip:#x}", exit_name(reason)),
+            None => "last exit none".into(),
+        });
+        let (requested, in_service) = self.lapic.borrow().highest_requested_and_in_service();
+        let vector = |v: Option<u8>| v.map_or("none".into(), |v| format!("{v:#x}"));
+        lines.push(format!(
+            "interrupts: lapic highest requested {} in service {}, deliverable {}, tpr {:#x}",
+            vector(requested),
+            vector(in_service),
+            vector(self.lapic.borrow().pending_interrupt()),
+            self.lapic.borrow().tpr(),
+        ));
+        if let Some(v) = &self.virtio {
+            let mut device =
+                |name: &str, status: u8, views: Vec<vdev::virtio::queue::QueueView>| {
+                    for (index, view) in views.iter().enumerate() {
+                        lines.push(format!(
+                            "virtio-{name} (status {status:#x}) queue {index}: {view}"
+                        ));
+                    }
+                };
+            let c = v.console.borrow();
+            device("console", c.status(), c.queue_views());
+            if let Some(b) = &v.block {
+                let b = b.borrow();
+                device("block", b.status(), b.queue_views());
+            }
+            let n = v.net.borrow();
+            device("net", n.status(), n.queue_views());
+            let r = v.rng.borrow();
+            device("rng", r.status(), r.queue_views());
+        }
+        lines
     }
 
     /// The virtio disk's contents, to keep across a guest reset.
@@ -748,6 +828,7 @@ impl Machine {
         if let Some(count) = self.stats.by_reason.get_mut(reason as usize) {
             *count += 1;
         }
+        self.stats.last_exit = Some((reason, state.rip));
         let action = match reason {
             exit_reason::POKED => {
                 self.kick_devices();

@@ -38,7 +38,7 @@ use alloc::format;
 use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use common::modem_link::{self, ModemLink};
 use common::{args, sel};
@@ -63,6 +63,13 @@ const INPUT_EC: Sel = VM + 6;
 const INPUT_SC: Sel = VM + 7;
 const INPUT_SM: Sel = VM + 8;
 const INPUT_UTCB: u64 = 0x0000_6000_0002_0000;
+const DUMP_EC: Sel = VM + 9;
+const DUMP_SC: Sel = VM + 10;
+const DUMP_SM: Sel = VM + 11;
+const DUMP_UTCB: u64 = 0x0000_6000_0003_0000;
+/// How long the dump EC waits for the vCPU loop to print the dump before
+/// it says that the loop does not answer.
+const DUMP_ANSWER_MS: u64 = 200;
 /// Between the vCPU's EC and the timer EC (see `TIMER_PRIORITY`).
 const INPUT_PRIORITY: u8 = 25;
 /// The host's COM1, where the console is typed.
@@ -262,6 +269,86 @@ extern "C" fn input_ec() -> ! {
     }
 }
 
+/// The kernel's debug event asked for a state dump: the vCPU loop prints
+/// it at its next pass.
+static DUMP: AtomicBool = AtomicBool::new(false);
+static DUMP_STACK: moat_user::Stack<8192> = moat_user::Stack::new();
+static TSC_HZ: AtomicU64 = AtomicU64::new(0);
+
+/// Waits for the kernel's debug event (`moat_abi::DEBUG_GSI`), then has
+/// the vCPU loop print the VMM's state: wakes it if the guest halted,
+/// pokes the vCPU if it runs. The loop owns the machine, so this EC only
+/// says when the loop does not answer (it waits in a call, say).
+extern "C" fn dump_ec() -> ! {
+    loop {
+        if sys::sm_down(DUMP_SM, 0, false).is_err() {
+            sys::exit(5);
+        }
+        DUMP.store(true, Ordering::Release);
+        let _ = sys::sm_up(WAKE_SM);
+        let _ = kernel_call(Call::VcpuPoke, VCPU, [0; 6]);
+        let ticks = common::ms_to_ticks(TSC_HZ.load(Ordering::Relaxed), DUMP_ANSWER_MS);
+        let deadline = moat_user::rdtsc().wrapping_add(ticks).max(1);
+        match sys::sm_down(DUMP_SM, deadline, false) {
+            Err(Status::Timeout) if DUMP.load(Ordering::Acquire) => {
+                println!("vmm: dump: the vCPU loop did not answer within {DUMP_ANSWER_MS} ms")
+            }
+            // Another debug event came meanwhile: serve it too.
+            Ok(()) => {
+                let _ = sys::sm_up(DUMP_SM);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Ties [`DUMP_SM`] to the kernel's debug event if the manifest gave this
+/// VMM that GSI (`irq 255 to …`); without it there is no dump.
+fn start_dump() -> Result<(), SetupError> {
+    let fail = |what| move |s| SetupError(what, s);
+    sys::create_sm(DUMP_SM, sel::OWN_PD, 0).map_err(fail("dump semaphore"))?;
+    if sys::irq_assign(DUMP_SM, moat_abi::DEBUG_GSI, 0).is_err() {
+        return Ok(());
+    }
+    sys::create_ec(
+        DUMP_EC,
+        sel::OWN_PD,
+        false,
+        moat_user::abi::CPU_OF_CALLER,
+        dump_ec as *const () as u64,
+        DUMP_STACK.top() - 8,
+        DUMP_UTCB,
+        sel::EXCEPTION_PORTAL,
+        DUMP_EC,
+    )
+    .map_err(fail("dump EC"))?;
+    sys::create_sc(
+        DUMP_SC,
+        sel::OWN_PD,
+        DUMP_EC,
+        INPUT_PRIORITY,
+        TIMER_BUDGET_US,
+    )
+    .map_err(fail("dump SC"))
+}
+
+/// Prints the VMM's state dump if the debug event asked for one.
+fn dump_if_asked(machine: &Machine, link: Option<&ModemLink>) {
+    if !DUMP.swap(false, Ordering::AcqRel) {
+        return;
+    }
+    for line in machine.dump() {
+        println!("vmm: dump: {line}");
+    }
+    if let Some(link) = link {
+        println!(
+            "vmm: dump: port `modem` {}",
+            if link.is_open() { "open" } else { "closed" }
+        );
+    }
+    println!("vmm: dump: end");
+}
+
 fn start_input() -> Result<(), SetupError> {
     let fail = |what| move |s| SetupError(what, s);
     sys::create_sm(INPUT_SM, sel::OWN_PD, 0).map_err(fail("input semaphore"))?;
@@ -405,6 +492,8 @@ fn run(args: &str) -> Result<Stop, SetupError> {
     let stop_on_triple_fault = args::value(args, "on-triple-fault") == Some("stop");
     let mut link = ModemLink::new(common::ms_to_ticks(tsc_hz, MODEM_CHECK_MS));
     start_timer()?;
+    TSC_HZ.store(tsc_hz, Ordering::Relaxed);
+    start_dump()?;
     if args::flag(args, "console-input") {
         start_input()?;
     }
@@ -423,6 +512,7 @@ fn run(args: &str) -> Result<Stop, SetupError> {
         // SAFETY: the kernel writes the state page only during vcpu_run;
         // this is the only reference until the next one.
         let state = unsafe { &mut *(STATE_PAGE as *mut VcpuState) };
+        dump_if_asked(&machine, modem.map(|_| &link));
         INPUT.drain(&mut typed);
         if !typed.is_empty() {
             machine.console_input(&typed);

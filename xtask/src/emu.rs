@@ -339,10 +339,37 @@ pub fn run_qemu(
 ) -> Result<Outcome> {
     let monitor = output.with_extension("monitor");
     remove_stale(&monitor)?;
+    let serial = serial_file(args);
     let args = with_monitor(args, &monitor);
     let child = spawn_logged(&mut qemu_command(&args), output)?;
-    let sample = || sample_stalled_qemu(&monitor, &output.with_extension("stall"));
+    let sample =
+        || sample_stalled_qemu(&monitor, serial.as_deref(), &output.with_extension("stall"));
     supervise_with(child, timeout, None, decided, Some(&sample))
+}
+
+/// `text` with each `root sel N` followed by the name of the component
+/// `names` gives for selector N.
+fn name_root_selectors(text: &str, names: &[(String, String)]) -> String {
+    const MARK: &str = "root sel ";
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(MARK) {
+        let after = &rest[at + MARK.len()..];
+        let digits = after.len() - after.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        out.push_str(&rest[..at + MARK.len() + digits]);
+        if let Some((_, name)) = names.iter().find(|(sel, _)| *sel == after[..digits]) {
+            out.push_str(&format!(" '{name}'"));
+        }
+        rest = &after[digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The file QEMU's first serial port writes (`-serial file:PATH`).
+fn serial_file(args: &[String]) -> Option<PathBuf> {
+    let at = args.iter().position(|a| a == "-serial")?;
+    args.get(at + 1)?.strip_prefix("file:").map(PathBuf::from)
 }
 
 /// `args` with QEMU's monitor on the unix socket `path` instead of none.
@@ -369,13 +396,64 @@ fn with_monitor(args: &[String], path: &Path) -> Vec<String> {
 /// Monitor samples of a stalled run: every CPU's registers, this often.
 const STALL_SAMPLES: usize = 3;
 const STALL_SAMPLE_GAP: Duration = Duration::from_secs(1);
+/// How long Moat gets to print its state dump after the NMI (the
+/// register samples follow, so the dump has their time too).
+const DUMP_WAIT: Duration = Duration::from_secs(2);
+
+/// The lines of Moat's state dump in serial output: the kernel's
+/// (`dump: …`, hypervisor/kernel/src/dump.rs) and each VMM's (`vmm: dump:
+/// …`), with a PD the root task started named after its component (the
+/// kernel prints `pd 3 = root sel 32`, the root task `started 'linux' (pd
+/// sel 32, …)`).
+pub fn dump_lines(serial: &str) -> Vec<String> {
+    let mut names: Vec<(String, String)> = Vec::new();
+    let mut lines = Vec::new();
+    for line in serial.lines() {
+        let line = line.trim_end_matches('\r');
+        if let Some(rest) = line.split_once("roottask: started '").map(|(_, r)| r) {
+            if let Some((name, rest)) = rest.split_once("' (pd sel ") {
+                let sel: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                names.retain(|(s, _)| *s != sel);
+                names.push((sel, name.to_string()));
+            }
+        }
+        let Some(at) = line.find("dump: ") else {
+            continue;
+        };
+        // A CPU's NMI line may follow a partial line (a shell prompt).
+        let is_dump = line[..at].is_empty()
+            || line[..at].ends_with("vmm: ")
+            || (line[at..].starts_with("dump: cpu") && line.contains(" nmi at rip "));
+        if !is_dump {
+            continue;
+        }
+        let text = name_root_selectors(&line[at..], &names);
+        let from_vmm = line[..at].ends_with("vmm: ");
+        lines.push(if from_vmm {
+            format!("vmm: {text}")
+        } else {
+            text
+        });
+    }
+    lines
+}
 
 /// What a person needs to see why a QEMU run stalled, before it is
 /// killed: each CPU's registers, sampled [`STALL_SAMPLES`] times (a RIP
 /// that never moves is a guest spinning in one place, or one exiting
 /// without progress), then the local APIC; the full text goes to `file`
 /// and the RIP/RFLAGS lines to stdout.
-fn sample_stalled_qemu(monitor: &Path, file: &Path) {
+///
+/// First Moat is asked for its state dump: the monitor's `nmi` reaches
+/// every CPU, the kernel prints its state and the VMMs theirs on the
+/// serial port; those lines (from the serial log, past what it held before
+/// the NMI) go to `file` and stdout too.
+fn sample_stalled_qemu(monitor: &Path, serial: Option<&Path>, file: &Path) {
+    let serial_len = serial
+        .and_then(|s| fs::metadata(s).ok())
+        .map_or(0, |m| m.len());
+    monitor_command(monitor, "nmi");
+    thread::sleep(DUMP_WAIT);
     let mut text = String::new();
     for sample in 0..STALL_SAMPLES {
         if sample > 0 {
@@ -386,6 +464,19 @@ fn sample_stalled_qemu(monitor: &Path, file: &Path) {
     }
     text.push_str("--- local APIC ---\n");
     text.push_str(&monitor_command(monitor, "info lapic"));
+    let whole = serial.and_then(|s| fs::read(s).ok()).unwrap_or_default();
+    // The whole log for the names; the dump's lines only after the NMI.
+    let before = String::from_utf8_lossy(&whole[..(serial_len as usize).min(whole.len())]);
+    let skip = dump_lines(&before).len();
+    let dump: Vec<String> = dump_lines(&String::from_utf8_lossy(&whole))
+        .into_iter()
+        .skip(skip)
+        .collect();
+    text.push_str("--- Moat's state dump (after the NMI) ---\n");
+    for line in &dump {
+        text.push_str(line);
+        text.push('\n');
+    }
     let _ = fs::write(file, &text);
     println!(
         "    stalled: QEMU's view before the kill ({}):",
@@ -394,6 +485,14 @@ fn sample_stalled_qemu(monitor: &Path, file: &Path) {
     for line in text.lines() {
         let shown = ["--- sample", "CPU#", "RIP=", "EIP="];
         if shown.iter().any(|p| line.starts_with(p)) {
+            println!("      {line}");
+        }
+    }
+    if dump.is_empty() {
+        println!("    no state dump from Moat after the NMI");
+    } else {
+        println!("    Moat's state dump:");
+        for line in &dump {
             println!("      {line}");
         }
     }
@@ -644,6 +743,40 @@ mod tests {
         );
         assert!(stall.contains("--- local APIC ---"), "{stall}");
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn dump_lines_are_collected_and_pds_named() {
+        let serial = "\
+roottask: started 'echo' (pd sel 32, prio 20, cpu 0, 256 KiB RAM, 64 KiB quota)\r
+roottask: started 'linux' (pd sel 33, prio 10, cpu 0, 2048 KiB RAM, 32768 KiB quota)
+[    1.0] random: crng init done
+/ # dump: cpu1 nmi at rip 0xffff800000000042 (in the kernel), 98 timer ticks
+dump: cpu0 nmi at rip 0xffff800000001234 (in a guest), 99 timer ticks
+dump: cpu0 current ec 5 (pd 3 = root sel 33, running, runs a vcpu); entered ec 5; ready p20 ec 2 (pd 2 = root sel 32, running)
+echo: dump: not a dump line
+vmm: dump: exits 10: io 9 hlt 1
+";
+        assert_eq!(
+            dump_lines(serial),
+            [
+                "dump: cpu1 nmi at rip 0xffff800000000042 (in the kernel), 98 timer ticks",
+                "dump: cpu0 nmi at rip 0xffff800000001234 (in a guest), 99 timer ticks",
+                "dump: cpu0 current ec 5 (pd 3 = root sel 33 'linux', running, runs a vcpu); \
+                 entered ec 5; ready p20 ec 2 (pd 2 = root sel 32 'echo', running)",
+                "vmm: dump: exits 10: io 9 hlt 1",
+            ]
+        );
+        assert!(dump_lines("no dump here\n").is_empty());
+    }
+
+    #[test]
+    fn the_serial_file_is_found_in_qemu_args() {
+        let args: Vec<String> = ["-m", "1G", "-serial", "file:t/x.log"]
+            .map(String::from)
+            .into();
+        assert_eq!(serial_file(&args), Some(PathBuf::from("t/x.log")));
+        assert_eq!(serial_file(&args[..2]), None);
     }
 
     fn boot() -> BootSpec {

@@ -313,6 +313,7 @@ pub const LINUX: &str = concat!(
     uses echo at 20
     uses modem at 21
     args epoch=1764000000 modem=21 vm-portals=20 user-hypercalls
+irq 255 to linux
 "
 );
 
@@ -330,6 +331,7 @@ pub const DEMO: &str = concat!(
     uses echo at 20
     uses modem at 21
     args epoch=1764000000 modem=21 vm-portals=20 user-hypercalls on-panic=restart
+irq 255 to linux
 "
 );
 
@@ -349,6 +351,19 @@ component ticker
 "
 );
 
+/// The Linux guest without a disk, left at its shell with nothing typed:
+/// the system stalls on purpose, and the harness's state dump (the
+/// kernel's debug event, GSI 255, which the VMM holds) is what the test
+/// `stall_dump` judges.
+pub const STALL: &str = concat!(
+    linux_vmm!(),
+    "\
+    file cmdline cmdline at 0x33000000000
+    args epoch=1764000000
+irq 255 to linux
+"
+);
+
 /// `cargo xtask run`: the Linux guest with a shell on the console, which
 /// the VMM reads from COM1 (its ports and IRQ 4 go to the VMM).
 pub const RUN: &str = concat!(
@@ -362,6 +377,7 @@ pub const RUN: &str = concat!(
     args epoch=1764000000 console-input modem=21 vm-portals=20 user-hypercalls
 ioports 0x3f8-0x3ff to linux
 irq 4 to linux
+irq 255 to linux
 "
 );
 
@@ -638,7 +654,8 @@ component ticker
 mod tests {
     use super::*;
 
-    const ALL: [&str; 25] = [
+    const ALL: [&str; 26] = [
+        STALL,
         IPC_PINGPONG,
         SUPERVISION,
         SEMAPHORE,

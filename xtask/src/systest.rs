@@ -174,6 +174,11 @@ pub struct SysTest {
     pub opt_in: bool,
     /// The exit status QEMU must end with (Bochs always ends with 1).
     pub qemu_status: Option<i32>,
+    /// The test stalls on purpose and judges the harness's stall handling
+    /// (the state dump after the monitor's NMI): QEMU stops it after this
+    /// many seconds; Bochs, which cannot be sent an NMI from outside, does
+    /// not run it.
+    pub stall_secs: Option<u64>,
 }
 
 /// The defaults for the fields a test does not set.
@@ -192,6 +197,7 @@ const BASE: SysTest = SysTest {
     slow: 1,
     opt_in: false,
     qemu_status: None,
+    stall_secs: None,
 };
 
 impl SysTest {
@@ -532,6 +538,22 @@ fn bad_guests_check(serial: &str) -> Vec<Part> {
     });
     parts
 }
+/// The same guest without a disk, left at its shell (test `stall_dump`).
+const STALL_MODULES: &[ModuleSpec] = &[
+    ROOTTASK,
+    manifest("stall_dump", manifests::STALL),
+    component("vmm"),
+    LINUX_KERNEL,
+    LINUX_INITRAMFS,
+    ModuleSpec {
+        name: "cmdline",
+        content: Content::Linux(LinuxFile::Cmdline {
+            args: "console=ttyS0 panic=-1 moat.shell=1",
+            dir: "stall_dump",
+        }),
+        args: &[],
+    },
+];
 
 /// The guest kernel's arguments, as for the direct-boot baseline, and what
 /// `/init` should try beyond its device checks: the modem's AT service
@@ -692,6 +714,24 @@ fn demo_smp_check(serial: &str) -> Vec<Part> {
 
 /// The idle CPUs' timers went on ticking after bring-up (which waits for
 /// two ticks): each reports more ticks at the end than that.
+/// Each of the two CPUs printed its NMI line (`dump: cpuN nmi at rip …`),
+/// in whichever order they came.
+fn every_cpu_reported_its_nmi(serial: &str) -> Vec<Part> {
+    (0..2)
+        .map(|cpu| {
+            let mark = format!("dump: cpu{cpu} nmi at rip ");
+            let result = serial
+                .lines()
+                .find_map(|l| l.find(&mark).map(|at| l[at..].to_string()))
+                .ok_or_else(|| format!("no line `{mark}…`"));
+            Part {
+                name: format!("nmi-cpu{cpu}"),
+                result,
+            }
+        })
+        .collect()
+}
+
 fn idle_cpus_kept_ticking(serial: &str) -> Vec<Part> {
     let counts: Vec<(String, Option<u64>)> = serial
         .lines()
@@ -1386,6 +1426,39 @@ pub const TESTS: &[SysTest] = &[
         slow: 4,
         ..BASE
     },
+    // A system that stalls on purpose (Linux waits at its shell for input
+    // that never comes) is stopped after 35 s; what is judged is the
+    // harness's stall handling: the NMI it sends through QEMU's monitor
+    // makes each CPU report, the kernel print its state (per CPU the
+    // current EC and run queue) and the VMM its own (exits, the last one,
+    // every virtqueue's indices). QEMU only (stall_secs).
+    SysTest {
+        name: "stall_dump",
+        modules: STALL_MODULES,
+        kernel_args: &["pool=400"],
+        expect: &[
+            all("MOAT-INIT done"),
+            all("dump: kernel state (cpu"),
+            all("dump: cpu0 current "),
+            all("dump: cpu1 current "),
+            all("dump: ecs: running"),
+            all("dump: end of kernel state"),
+            all("vmm: dump: exits "),
+            all("vmm: dump: last exit "),
+            all("vmm: dump: interrupts: lapic"),
+            all("vmm: dump: virtio-console (status 0xf) queue 0: size "),
+            all("vmm: dump: virtio-rng (status 0xf) queue 0: size "),
+            all("vmm: dump: end"),
+        ],
+        forbid: &["roottask: component 'linux'"],
+        check: Some(every_cpu_reported_its_nmi),
+        // Never decided before the stall handling: the dump is its output.
+        stop: Stop::WhenDecided,
+        memory_mib: 1024,
+        cpus: 2,
+        stall_secs: Some(35),
+        ..BASE
+    },
     SysTest {
         // Opt-in (`--filter demo_smp`), and failing today: the demo on two
         // CPUs, the modem alone on CPU 1, Linux and echo on CPU 0. Steps
@@ -1980,6 +2053,9 @@ pub fn run_all(
         let boot = boot_spec(test, artifacts);
         // Bochs runs are the long ones: start them first.
         for &emu in emus.iter().rev() {
+            if test.stall_secs.is_some() && emu == Emulator::Bochs {
+                continue;
+            }
             let serial = dir.join(format!("{}-{}.log", test.name, emu.name()));
             let launch = match &boot {
                 Ok(boot) => prepare(test, emu, boot, &serial).map_err(|e| e.to_string()),
@@ -2188,7 +2264,10 @@ fn execute(job: &Job<'_>) -> RunResult {
     };
     // The emulator's own output goes next to the serial log.
     let output = job.serial.with_extension("out");
-    let limit = job.emu.timeout() * job.test.slow;
+    let limit = match job.test.stall_secs {
+        Some(secs) => std::time::Duration::from_secs(secs),
+        None => job.emu.timeout() * job.test.slow,
+    };
     let timeout = Some(limit);
     let decided = || decided(job.test, job.emu, &read_serial(&job.serial));
     let decided: Option<emu::Decided<'_>> = match job.test.stop {

@@ -31,6 +31,16 @@ pub const PAGE_SIZE: u64 = 4096;
 /// address (as in NOVA); this value there means the calling EC's CPU.
 pub const CPU_OF_CALLER: u64 = 0xfff;
 
+/// The kernel's debug event, as a GSI of the IRQ space: `irq_assign` of
+/// it ties a semaphore to the kernel's state dump (an NMI, see
+/// docs/architecture.md "A stalled run explains itself"), which ups the
+/// semaphore after printing the kernel's part, so that the holder prints
+/// its own. No device interrupt has this number; `irq_unmask` of it does
+/// nothing.
+pub const DEBUG_GSI: u64 = 255;
+/// Semaphores the debug event ups at most (one per `irq_assign` of it).
+pub const DEBUG_SMS_MAX: usize = 16;
+
 /// Call numbers (`rax` bits 0..8).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]

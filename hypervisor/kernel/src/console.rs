@@ -185,6 +185,26 @@ pub fn drain() {
     console.serial.drain();
 }
 
+/// Waited for the console lock before writing past it (NMI): long enough
+/// for another CPU to finish a line, short enough not to matter when the
+/// lock holder is the interrupted code on this CPU.
+const BOUNDED_WAIT_SPINS: u32 = 1_000_000;
+
+/// Writes at once, from any context (the NMI handler, the state dump):
+/// waits a bounded time for the console lock, so that lines of CPUs
+/// writing together stay whole, then writes past it.
+pub fn write_bounded(args: core::fmt::Arguments) {
+    for _ in 0..BOUNDED_WAIT_SPINS {
+        if let Some(mut console) = CONSOLE.try_lock() {
+            console.flush();
+            let _ = console.serial.write_fmt(args);
+            return;
+        }
+        core::hint::spin_loop();
+    }
+    let _ = Serial::com1().write_fmt(args);
+}
+
 /// For the last words of a crashing kernel: writes even if the console lock
 /// is held by the code that crashed.
 pub fn write_emergency(args: core::fmt::Arguments) {

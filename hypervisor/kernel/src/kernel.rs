@@ -178,6 +178,12 @@ pub fn in_guest(inside: bool) {
     GUEST.store(value, Ordering::Relaxed);
 }
 
+/// The CPU running a guest with the kernel lock held, if any (read
+/// without the lock, by the NMI handler).
+pub fn guest_cpu() -> Option<usize> {
+    Some(GUEST_CPU.load(Ordering::Relaxed)).filter(|&cpu| cpu != NO_CPU)
+}
+
 /// One CPU's scheduling state.
 pub struct CpuSched {
     /// The SCs of this CPU that are ready, by priority.
@@ -275,6 +281,9 @@ pub struct Kernel {
     pub free_after_shootdown: Vec<u64>,
     /// The semaphore each GSI is assigned to.
     pub irq_sms: [Option<SmId>; crate::arch::x86_64::ioapic::MAX_GSIS as usize],
+    /// The semaphores of the debug event (`moat_abi::DEBUG_GSI`): upped
+    /// after each state dump (`dump.rs`).
+    pub debug_sms: Vec<SmId>,
 }
 
 /// A PD's capabilities to itself do not keep it alive: it lives as long as
@@ -317,6 +326,7 @@ impl Kernel {
             tlb_dirty: false,
             free_after_shootdown: Vec::new(),
             irq_sms: [None; crate::arch::x86_64::ioapic::MAX_GSIS as usize],
+            debug_sms: Vec::new(),
         }
     }
 

@@ -5,6 +5,7 @@
 
 mod arch;
 mod console;
+mod dump;
 mod ec;
 mod heap;
 mod kernel;

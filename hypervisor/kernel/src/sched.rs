@@ -123,6 +123,16 @@ impl<T: Copy + Eq> RunQueues<T> {
         self.len
     }
 
+    /// Every queued item with its priority, highest priority first, FIFO
+    /// within one (the order [`pick`](Self::pick) takes them); for the
+    /// kernel's state dump.
+    pub fn iter(&self) -> impl Iterator<Item = (u8, T)> + '_ {
+        (0..PRIORITIES as u8)
+            .rev()
+            .filter(|&p| self.ready & (1 << p) != 0)
+            .flat_map(move |p| self.queues[usize::from(p)].iter().map(move |&t| (p, t)))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -260,6 +270,21 @@ mod tests {
         assert!(rq.remove(5));
         assert_eq!(rq.peek_priority(), None);
         assert!(rq.is_empty());
+    }
+
+    #[test]
+    fn iter_shows_the_pick_order_without_taking() {
+        let mut rq = RunQueues::new();
+        rq.enqueue(1u32, 3).unwrap();
+        rq.enqueue(2, 40).unwrap();
+        rq.enqueue(3, 3).unwrap();
+        rq.enqueue_front(4, 40).unwrap();
+        let shown: Vec<(u8, u32)> = rq.iter().collect();
+        assert_eq!(shown, [(40, 4), (40, 2), (3, 1), (3, 3)]);
+        assert_eq!(rq.len(), 4);
+        let picked: Vec<(u8, u32)> = drain(&mut rq).into_iter().map(|(t, p)| (p, t)).collect();
+        assert_eq!(picked, shown);
+        assert_eq!(rq.iter().count(), 0);
     }
 
     #[test]

@@ -39,6 +39,7 @@ fn next(mut guard: Guard<'_>) -> Option<*const TrapFrame> {
         // this CPU is off the register areas of ECs destroyed meanwhile.
         kernel.sync_tlbs();
         kernel.free_left_here();
+        crate::dump::at_safe_point(kernel);
         let Some(ec) = kernel.pick() else {
             kernel.cpus[here()].entered = None;
             return None;
@@ -154,6 +155,7 @@ pub fn tick() {
     let mut guard = kernel::lock();
     if let Some(kernel) = guard.as_mut() {
         kernel.expire_timeouts(now);
+        crate::dump::at_safe_point(kernel);
         if due {
             kernel.rotate_current();
         }

@@ -4,7 +4,7 @@ use crate::arch::x86_64::{ioapic, lapic};
 use crate::ec::EcState;
 use crate::kernel::{EcId, Kernel, Object, PdId, SmId};
 use alloc::collections::VecDeque;
-use moat_abi::{rights, Space, Status};
+use moat_abi::{rights, Space, Status, DEBUG_GSI, DEBUG_SMS_MAX};
 use moat_kernel::cap::{Rights, SlotRef};
 
 pub struct Sm {
@@ -121,7 +121,7 @@ impl Kernel {
 
     /// Whether `pd` may control `gsi`.
     fn holds_gsi(&self, pd: PdId, gsi: u64) -> Result<(), Status> {
-        if !ioapic::present(gsi) {
+        if !ioapic::present(gsi) && gsi != DEBUG_GSI {
             return Err(Status::BadParameter);
         }
         if self.pds.get(pd).is_some_and(|p| p.all_io) {
@@ -150,6 +150,21 @@ impl Kernel {
         if mode > 3 {
             return Err(Status::BadParameter);
         }
+        if gsi == DEBUG_GSI {
+            if mode != 0 {
+                return Err(Status::BadParameter);
+            }
+            if !self.debug_sms.contains(&sm) {
+                if self.debug_sms.len() >= DEBUG_SMS_MAX {
+                    return Err(Status::QuotaExceeded);
+                }
+                self.debug_sms
+                    .try_reserve(1)
+                    .map_err(|_| Status::QuotaExceeded)?;
+                self.debug_sms.push(sm);
+            }
+            return Ok(());
+        }
         self.irq_sms[gsi as usize] = Some(sm);
         ioapic::route(gsi as u32, mode & 1 != 0, mode & 2 != 0, lapic::id());
         Ok(())
@@ -158,6 +173,9 @@ impl Kernel {
     /// `irq_unmask`.
     pub fn sys_irq_unmask(&mut self, pd: PdId, gsi: u64) -> Result<(), Status> {
         self.holds_gsi(pd, gsi)?;
+        if gsi == DEBUG_GSI {
+            return Ok(());
+        }
         if self.irq_sms[gsi as usize].is_none() {
             return Err(Status::BadCapability);
         }
@@ -165,7 +183,17 @@ impl Kernel {
         Ok(())
     }
 
+    /// The debug event: ups every semaphore assigned to it.
+    pub fn debug_event(&mut self) {
+        for i in 0..self.debug_sms.len() {
+            if let Some(&sm) = self.debug_sms.get(i) {
+                self.sm_up(sm);
+            }
+        }
+    }
+
     pub fn destroy_sm(&mut self, id: SmId) {
+        self.debug_sms.retain(|&sm| sm != id);
         for (gsi, slot) in self.irq_sms.iter_mut().enumerate() {
             if *slot == Some(id) {
                 *slot = None;

@@ -213,6 +213,14 @@ impl<D: VirtioDevice> VirtioPci<D> {
         self.status
     }
 
+    /// Each queue's indices, for the VMM's state dump.
+    pub fn queue_views(&self) -> Vec<super::queue::QueueView> {
+        self.queues
+            .iter()
+            .map(|q| q.view(self.wiring.mem.as_ref()))
+            .collect()
+    }
+
     /// Why the device last set NEEDS_RESET, for the VMM's log.
     pub fn last_error(&self) -> Option<QueueError> {
         self.last_error

@@ -224,6 +224,49 @@ pub struct Queue {
 
 pub const NO_VECTOR: u16 = 0xffff;
 
+/// A queue as a person debugging a stall wants to see it: the driver's
+/// indices in guest memory beside the device's own positions. `avail`
+/// ahead of `next_avail` is work the device has not taken; `used` behind
+/// `next_used` would be a used index the guest cannot see.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueView {
+    pub ready: bool,
+    pub size: u16,
+    /// The avail ring's index as the guest last wrote it (`None`: the ring
+    /// is outside guest memory).
+    pub avail: Option<u16>,
+    /// The used ring's index in guest memory.
+    pub used: Option<u16>,
+    /// The next avail entry the device takes.
+    pub next_avail: u16,
+    /// The next used entry the device fills.
+    pub next_used: u16,
+    /// The device owes the driver an interrupt.
+    pub signal: bool,
+}
+
+impl core::fmt::Display for QueueView {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        if !self.ready {
+            return write!(f, "off");
+        }
+        let index = |i: Option<u16>| i.map_or("?".into(), |i| alloc::format!("{i}"));
+        write!(
+            f,
+            "size {} avail {} used {}, device next_avail {} next_used {}",
+            self.size,
+            index(self.avail),
+            index(self.used),
+            self.next_avail,
+            self.next_used
+        )?;
+        if self.signal {
+            write!(f, ", interrupt owed")?;
+        }
+        Ok(())
+    }
+}
+
 impl Queue {
     pub fn new(max_size: u16) -> Self {
         Self {
@@ -243,6 +286,20 @@ impl Queue {
 
     pub fn ready(&self) -> bool {
         self.ready
+    }
+
+    /// The queue's indices, read from guest memory, beside the device's.
+    pub fn view(&self, mem: &dyn GuestMemory) -> QueueView {
+        let read = |gpa: u64| (self.ready).then(|| read_u16(mem, gpa).ok()).flatten();
+        QueueView {
+            ready: self.ready,
+            size: self.size,
+            avail: read(self.avail_ring + AVAIL_IDX),
+            used: read(self.used_ring + USED_IDX),
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            signal: self.signal,
+        }
     }
 
     pub fn size(&self) -> u16 {
@@ -461,6 +518,32 @@ mod tests {
 
     fn buffer(m: &Machine) -> u64 {
         m.alloc(64, 16)
+    }
+
+    /// The dump's view: the guest's indices beside the device's, before
+    /// and after the device served a request.
+    #[test]
+    fn view_shows_both_sides_of_the_ring() {
+        let (m, device) = setup();
+        assert_eq!(device.borrow().queue_views()[0].to_string(), "off");
+        let mut driver = driver(&m, FEATURES, Some(8));
+        let buf = m.alloc(8, 8);
+        driver.add(0, &[(buf, 8, true)]);
+        let view = device.borrow().queue_views()[0];
+        assert_eq!(
+            (view.avail, view.used, view.next_avail, view.next_used),
+            (Some(1), Some(0), 0, 0)
+        );
+        assert_eq!(
+            view.to_string(),
+            "size 8 avail 1 used 0, device next_avail 0 next_used 0"
+        );
+        driver.kick(0);
+        let view = device.borrow().queue_views()[0];
+        assert_eq!(
+            (view.avail, view.used, view.next_avail, view.next_used),
+            (Some(1), Some(1), 1, 1)
+        );
     }
 
     #[test]

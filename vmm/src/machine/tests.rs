@@ -394,3 +394,41 @@ fn pci_enumerates_the_virtio_devices() {
     );
     assert_eq!(s.machine.disk().map(|d| d.len()), Some(4096));
 }
+
+/// The state dump: exits by reason, the last one with its RIP, the APIC's
+/// vectors, and a line per virtqueue of every device (off until the
+/// driver enables it).
+#[test]
+fn the_dump_shows_exits_interrupts_and_every_queue() {
+    struct Zeros;
+    impl EntropySource for Zeros {
+        fn fill(&mut self, buf: &mut [u8]) {
+            buf.fill(0);
+        }
+    }
+    let mut s = setup();
+    assert_eq!(s.machine.dump()[..2], ["exits 0:", "last exit none"]);
+    s.machine
+        .add_pci_devices(Some(vec![0; 4096]), Box::new(Zeros), NamedPort::Echo)
+        .unwrap();
+    let mut state = out(0x3f8, 1, u64::from(b'x'));
+    s.machine.handle_exit(&mut state);
+    let mut state = exit(exit_reason::CPUID);
+    state.rip = 0xffff_ffff_8100_0000;
+    s.machine.handle_exit(&mut state);
+    let dump = s.machine.dump();
+    assert_eq!(dump[0], "exits 2: io 1 cpuid 1");
+    assert_eq!(dump[1], "last exit cpuid at rip 0xffffffff81000000");
+    assert!(dump[2].starts_with("interrupts: lapic highest requested none in service none"));
+    let queues = |name: &str| {
+        dump.iter()
+            .filter(|l| l.starts_with(&format!("virtio-{name} (status 0x0) queue ")))
+            .count()
+    };
+    // Console: receive and transmit of two ports plus the control pair.
+    assert_eq!(queues("console"), 6, "{dump:#?}");
+    assert_eq!(queues("block"), 1, "{dump:#?}");
+    assert_eq!(queues("net"), 2, "{dump:#?}");
+    assert_eq!(queues("rng"), 1, "{dump:#?}");
+    assert!(dump[3..].iter().all(|l| l.ends_with(": off")), "{dump:#?}");
+}

@@ -22,6 +22,7 @@ const REG_ICR_LOW: u32 = 0x300;
 const REG_ICR_HIGH: u32 = 0x310;
 const REG_SPURIOUS: u32 = 0xf0;
 const REG_LVT_TIMER: u32 = 0x320;
+const REG_LVT_LINT1: u32 = 0x360;
 const REG_TIMER_INITIAL: u32 = 0x380;
 const REG_TIMER_CURRENT: u32 = 0x390;
 const REG_TIMER_DIVIDE: u32 = 0x3e0;
@@ -33,6 +34,7 @@ const ICR_DELIVERY_STARTUP: u32 = 0b110 << 8;
 const ICR_SEND_PENDING: u32 = 1 << 12;
 const ICR_LEVEL_ASSERT: u32 = 1 << 14;
 const LVT_MASKED: u32 = 1 << 16;
+const LVT_DELIVERY_NMI: u32 = 0b100 << 8;
 const DIVIDE_BY_16: u32 = 0b0011;
 
 /// The calibration window: 10 ms of PIT ticks.
@@ -151,6 +153,11 @@ fn enable() -> u32 {
     };
     percpu::current().apic_id.store(id, Ordering::Relaxed);
     write(REG_TIMER_DIVIDE, DIVIDE_BY_16);
+    // LINT1 is the PC's NMI line (firmware sets it up on the boot CPU
+    // only; others come out of reset masked): every CPU takes it, so an
+    // NMI from outside (QEMU's monitor `nmi`) reaches all of them and
+    // each reports for the state dump (`dump.rs`).
+    write(REG_LVT_LINT1, LVT_DELIVERY_NMI);
     id
 }
 

@@ -58,12 +58,12 @@ pub fn exception_name(vector: u64) -> &'static str {
 pub extern "C" fn user_interrupt(frame: *mut TrapFrame) -> *const TrapFrame {
     // SAFETY: the entry stub passes the registers it just saved, in the
     // running EC's register area, which nothing else touches meanwhile.
-    let (vector, error_code, rip, rsp) = unsafe {
+    let (vector, error_code, rip, rsp, cs) = unsafe {
         let f = &*frame;
-        (f.vector, f.error_code, f.rip, f.rsp)
+        (f.vector, f.error_code, f.rip, f.rsp, f.cs)
     };
     match vector {
-        NMI => log::warn!("NMI at rip {rip:#x}"),
+        NMI => crate::dump::nmi(rip, cs),
         0..=31 => {
             let message = ExceptionMessage {
                 vector,
@@ -95,7 +95,7 @@ pub extern "C" fn user_interrupt(frame: *mut TrapFrame) -> *const TrapFrame {
 /// An interrupt in kernel mode (the idle loop) or a kernel exception.
 pub extern "C" fn kernel_interrupt(frame: &mut TrapFrame) {
     match frame.vector {
-        NMI => log::warn!("NMI at rip {:#x}", frame.rip),
+        NMI => crate::dump::nmi(frame.rip, frame.cs),
         0..=31 => kernel_exception(frame),
         VECTOR_TIMER => timer_interrupt(),
         ipi::VECTOR_IPI => ipi_interrupt(),
