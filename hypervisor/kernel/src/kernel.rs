@@ -181,7 +181,8 @@ pub fn in_guest(inside: bool) {
 /// The CPU running a guest with the kernel lock held, if any (read
 /// without the lock, by the NMI handler).
 pub fn guest_cpu() -> Option<usize> {
-    Some(GUEST_CPU.load(Ordering::Relaxed)).filter(|&cpu| cpu != NO_CPU)
+    let guest = GUEST.load(Ordering::Relaxed);
+    (guest != 0).then(|| (guest & 0xff) as usize - 1)
 }
 
 /// One CPU's scheduling state.
