@@ -84,7 +84,14 @@ pub fn nmi(rip: u64, cs: u64) {
 /// Where a CPU holds the kernel lock with the state consistent: prints the
 /// state if an NMI asked for it, and raises the debug event (which may
 /// allocate and wake ECs, so it is never done in the NMI handler).
+#[inline]
 pub fn at_safe_point(k: &mut Kernel) {
+    if STATE_PENDING.load(Ordering::Relaxed) || EVENT_PENDING.load(Ordering::Relaxed) {
+        at_safe_point_slow(k);
+    }
+}
+
+fn at_safe_point_slow(k: &mut Kernel) {
     print_if_pending(k);
     if EVENT_PENDING.swap(false, Ordering::AcqRel) {
         k.debug_event();

@@ -139,7 +139,7 @@ impl Kernel {
         // The CPU is in the UTCB address's low bits (as in NOVA); a
         // handler runs wherever its callers' SCs run.
         let cpu = match utcb_virt % PAGE_SIZE {
-            moat_abi::CPU_OF_CALLER => crate::kernel::here(),
+            moat_abi::CPU_OF_CALLER => self.me,
             cpu => cpu as usize,
         };
         let utcb_virt = utcb_virt - utcb_virt % PAGE_SIZE;
@@ -297,7 +297,7 @@ impl Kernel {
         h.active = true;
         h.state = EcState::Running;
         h.sc = Some(sc);
-        h.cpu = crate::kernel::here();
+        h.cpu = self.me;
         let target = utcb(h.utcb_phys);
         target.untyped = 0;
         target.typed = 0;
@@ -795,7 +795,7 @@ impl Kernel {
         // Another CPU that entered this EC last may still be in it: its
         // next entry saves registers into the EC, so the EC is freed only
         // after that CPU has passed through its scheduler.
-        let me = crate::kernel::here();
+        let me = self.me;
         let busy = self
             .cpus
             .iter()

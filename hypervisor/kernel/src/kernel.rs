@@ -24,6 +24,7 @@ use moat_abi::{Space, Status};
 use moat_kernel::arena::{Arena, Id};
 use moat_kernel::cap::{CapError, CapSystem, Capability, Rights, SlotRef, SpaceId};
 use moat_kernel::sched::RunQueues;
+use moat_kernel::smp::MAX_CPUS;
 use spin::mutex::{TicketMutex, TicketMutexGuard};
 use spin::RelaxStrategy;
 
@@ -71,16 +72,25 @@ pub type KernelGuard = TicketMutexGuard<'static, Option<Kernel>, KernelRelax>;
 /// Takes the kernel lock.
 #[track_caller]
 pub fn lock() -> KernelGuard {
-    let guard = KERNEL.lock();
+    let mut guard = KERNEL.lock();
     let me = percpu::current();
-    me.wants_lock.store(false, Ordering::Relaxed);
-    me.spin_since.store(0, Ordering::Relaxed);
-    HOLDER_SITE.store(
-        core::panic::Location::caller() as *const _ as usize,
-        Ordering::Relaxed,
-    );
-    HOLDER_SINCE.store(cpu::rdtsc(), Ordering::Relaxed);
-    HOLDER_CPU.store(here() as u64, Ordering::Relaxed);
+    if let Some(kernel) = guard.as_mut() {
+        kernel.me = me.id.load(Ordering::Relaxed) as usize % MAX_CPUS;
+    }
+    // Set only by a wait (`KernelRelax`): the common, uncontended case
+    // writes nothing.
+    if me.wants_lock.load(Ordering::Relaxed) {
+        me.wants_lock.store(false, Ordering::Relaxed);
+        me.spin_since.store(0, Ordering::Relaxed);
+    }
+    if REPORT_LOCK_WAITS.load(Ordering::Relaxed) {
+        HOLDER_SITE.store(
+            core::panic::Location::caller() as *const _ as usize,
+            Ordering::Relaxed,
+        );
+        HOLDER_SINCE.store(cpu::rdtsc(), Ordering::Relaxed);
+        HOLDER_CPU.store(here() as u64, Ordering::Relaxed);
+    }
     guard
 }
 
@@ -265,7 +275,10 @@ pub struct Kernel {
     pub sms: Arena<Sm>,
     pub vcpus: Arena<Box<crate::vcpu::Vcpu>>,
     /// Per CPU, by the kernel's CPU number.
-    pub cpus: Vec<CpuSched>,
+    pub cpus: Box<[CpuSched; MAX_CPUS]>,
+    /// The CPU holding the kernel lock (set by `lock`): the kernel's code
+    /// runs for this CPU.
+    pub me: usize,
     /// ECs waiting with a deadline (absolute TSC).
     pub timeouts: Vec<(u64, EcId)>,
     /// The root task's first EC: when it ends, the system stops.
@@ -316,9 +329,14 @@ impl Kernel {
             pts: Arena::new(),
             sms: Arena::new(),
             vcpus: Arena::new(),
-            cpus: (0..moat_kernel::smp::MAX_CPUS)
+            // Built on the heap: the array is too large for the stack.
+            cpus: (0..MAX_CPUS)
                 .map(|_| CpuSched::new())
-                .collect(),
+                .collect::<Vec<_>>()
+                .into_boxed_slice()
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("MAX_CPUS entries were made")),
+            me: here(),
             timeouts: Vec::new(),
             root_ec: None,
             root_dead: false,
@@ -688,22 +706,22 @@ impl Kernel {
 
     /// The EC running on this CPU.
     pub fn current(&self) -> Option<EcId> {
-        self.cpus[here()].current
+        self.cpus[self.me % MAX_CPUS].current
     }
 
     pub fn set_current(&mut self, ec: Option<EcId>) {
-        self.cpus[here()].current = ec;
+        self.cpus[self.me % MAX_CPUS].current = ec;
     }
 
     /// The CPU an SC runs on.
     fn sc_cpu(&self, sc: ScId) -> usize {
-        self.scs.get(sc).map_or(here(), |s| s.cpu)
+        self.scs.get(sc).map_or(self.me, |s| s.cpu)
     }
 
     /// Stops `ec` running on whichever CPU runs it; another CPU is sent a
     /// wake-up so that it leaves the EC at once.
     pub fn take_off_cpu(&mut self, ec: EcId) {
-        let me = here();
+        let me = self.me % MAX_CPUS;
         for index in 0..self.cpus.len() {
             if self.cpus[index].current == Some(ec) {
                 self.cpus[index].current = None;
@@ -770,7 +788,7 @@ impl Kernel {
 
     /// Lets a higher-priority ready SC take this CPU from the current one.
     pub fn preempt_if_needed(&mut self) {
-        let me = here();
+        let me = self.me % MAX_CPUS;
         let (Some(current), Some(best)) =
             (self.cpus[me].current, self.cpus[me].run.peek_priority())
         else {
@@ -789,7 +807,7 @@ impl Kernel {
 
     /// The current SC's budget ran out: to the tail of its priority.
     pub fn rotate_current(&mut self) {
-        let me = here();
+        let me = self.me % MAX_CPUS;
         let Some(current) = self.cpus[me].current else {
             return;
         };
@@ -816,7 +834,7 @@ impl Kernel {
     /// Who runs next on this CPU: the current EC, or the head of its run
     /// queue.
     pub fn pick(&mut self) -> Option<EcId> {
-        let me = here();
+        let me = self.me % MAX_CPUS;
         if let Some(current) = self.cpus[me].current {
             if self
                 .ecs
@@ -867,14 +885,24 @@ impl Kernel {
     /// running, vCPUs whose VMCS may be current here. Called when this CPU
     /// is in the kernel and off every EC's register area.
     pub fn free_left_here(&mut self) {
-        let me = here();
-        self.cpus[me].zombies.clear();
-        for backend in core::mem::take(&mut self.cpus[me].dead_vcpus) {
+        let cpu = &mut self.cpus[self.me % MAX_CPUS];
+        if cpu.zombies.is_empty() && cpu.dead_vcpus.is_empty() {
+            return;
+        }
+        cpu.zombies.clear();
+        for backend in core::mem::take(&mut cpu.dead_vcpus) {
             crate::vcpu::free_backend(backend);
         }
     }
 
+    #[inline]
     pub fn sync_tlbs(&mut self) {
+        if self.tlb_dirty || !self.free_after_shootdown.is_empty() {
+            self.sync_tlbs_now();
+        }
+    }
+
+    fn sync_tlbs_now(&mut self) {
         if self.tlb_dirty {
             self.tlb_dirty = false;
             ipi::shootdown(None);
@@ -911,8 +939,10 @@ impl Kernel {
             None => (None, None),
         };
         let wanted = bitmap.map(|_| pd);
-        let me = here();
-        if percpu::current().io_stale.swap(false, Ordering::Relaxed) {
+        let me = self.me % MAX_CPUS;
+        let block = percpu::current();
+        if block.io_stale.load(Ordering::Relaxed) {
+            block.io_stale.store(false, Ordering::Relaxed);
             self.cpus[me].io_loaded = None;
         }
         if self.cpus[me].io_loaded != Some(wanted) {

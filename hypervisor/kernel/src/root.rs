@@ -343,8 +343,9 @@ fn build(
 impl Kernel {
     /// The root task has ended, said once: the CPU that hears it stops
     /// the system.
+    #[inline]
     pub fn root_ended(&mut self) -> bool {
-        core::mem::take(&mut self.root_dead)
+        self.root_dead && core::mem::take(&mut self.root_dead)
     }
 }
 

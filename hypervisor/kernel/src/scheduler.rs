@@ -4,7 +4,7 @@
 
 use crate::arch::x86_64::entry::{self, TrapFrame};
 use crate::arch::x86_64::{cpu, ipi, lapic};
-use crate::kernel::{self, here, KernelGuard};
+use crate::kernel::{self, KernelGuard};
 use crate::vcpu::Step;
 
 type Guard<'a> = KernelGuard;
@@ -41,7 +41,7 @@ fn next(mut guard: Guard<'_>) -> Option<*const TrapFrame> {
         kernel.free_left_here();
         crate::dump::at_safe_point(kernel);
         let Some(ec) = kernel.pick() else {
-            kernel.cpus[here()].entered = None;
+            kernel.cpus[kernel.me % moat_kernel::smp::MAX_CPUS].entered = None;
             return None;
         };
         if kernel.ecs.get(ec).is_some_and(|e| e.vcpu.is_some()) {

@@ -102,7 +102,7 @@ impl Kernel {
         // A vCPU runs on the CPU that creates it: its VMCS takes this
         // CPU's host state, and its TLB tag (ASID / VPID) comes from this
         // CPU's space.
-        let cpu = crate::kernel::here();
+        let cpu = self.me;
         let tag = crate::arch::x86_64::percpu::current().alloc_tlb_tag();
         let backend = match virt::vendor() {
             Vendor::Svm => SvmVcpu::new(root, tag).map(|b| Backend::Svm(alloc::boxed::Box::new(b))),
@@ -226,7 +226,7 @@ impl Kernel {
         };
         let mut backend = vcpu.backend.take();
         // Its VMCS may be current on its own CPU: that CPU frees it.
-        if vcpu.cpu != crate::kernel::here() {
+        if vcpu.cpu != self.me {
             if let Some(b) = backend.take() {
                 self.free_backend_on(vcpu.cpu, b);
             }
