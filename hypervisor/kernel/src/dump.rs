@@ -84,6 +84,12 @@ pub fn nmi(rip: u64, cs: u64) {
 /// Where a CPU holds the kernel lock with the state consistent: prints the
 /// state if an NMI asked for it, and raises the debug event (which may
 /// allocate and wake ECs, so it is never done in the NMI handler).
+/// Whether an NMI asked for the state or the debug event.
+#[inline]
+pub fn pending() -> bool {
+    STATE_PENDING.load(Ordering::Relaxed) || EVENT_PENDING.load(Ordering::Relaxed)
+}
+
 #[inline]
 pub fn at_safe_point(k: &mut Kernel) {
     if STATE_PENDING.load(Ordering::Relaxed) || EVENT_PENDING.load(Ordering::Relaxed) {

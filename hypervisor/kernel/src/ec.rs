@@ -818,6 +818,7 @@ impl Kernel {
             Some(cpu) if self.cpus[cpu].zombies.try_reserve(1).is_ok() => {
                 self.cpus[cpu].entered = None;
                 self.cpus[cpu].zombies.push(ec);
+                self.cpus[cpu].left_work = true;
                 crate::arch::x86_64::ipi::kick(cpu);
             }
             // Without room to defer it, it is leaked rather than freed

@@ -212,6 +212,8 @@ pub struct CpuSched {
     /// Control structures of vCPUs of this CPU destroyed by another CPU:
     /// freed here (a VMCS must be cleared on the CPU where it is current).
     pub dead_vcpus: Vec<crate::vcpu::Backend>,
+    /// `zombies` or `dead_vcpus` got something (`before_leaving` looks).
+    pub left_work: bool,
     /// Whose I/O bitmap this CPU's TSS holds: `Some(None)` means it must be
     /// reloaded, `None` that it denies everything.
     pub io_loaded: Option<Option<PdId>>,
@@ -225,6 +227,7 @@ impl CpuSched {
             entered: None,
             zombies: Vec::new(),
             dead_vcpus: Vec::new(),
+            left_work: false,
             io_loaded: None,
         }
     }
@@ -871,6 +874,8 @@ impl Kernel {
     /// A frame that may still be in another CPU's TLB: freed after the
     /// shootdown.
     pub fn free_after_shootdown(&mut self, phys: u64) {
+        // Also what makes `before_leaving` look.
+        self.tlb_dirty = true;
         if self.free_after_shootdown.try_reserve(1).is_ok() {
             self.free_after_shootdown.push(phys);
         } else {
@@ -881,11 +886,33 @@ impl Kernel {
 
     /// Carries out the pending TLB shootdown on every CPU, then frees what
     /// waited for it. Called before this CPU leaves the kernel.
+    /// What a CPU does before it leaves the kernel: the pending shootdown,
+    /// the frees other CPUs left it, a requested state dump. One test in
+    /// the common case where there is nothing to do.
+    #[inline]
+    pub fn before_leaving(&mut self) {
+        if self.tlb_dirty
+            || self.cpus[self.me % MAX_CPUS].left_work
+            || crate::dump::pending()
+        {
+            self.before_leaving_slow();
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn before_leaving_slow(&mut self) {
+        self.sync_tlbs();
+        self.free_left_here();
+        crate::dump::at_safe_point(self);
+    }
+
     /// What other CPUs left this one to free: ECs it may have been
     /// running, vCPUs whose VMCS may be current here. Called when this CPU
     /// is in the kernel and off every EC's register area.
     pub fn free_left_here(&mut self) {
         let cpu = &mut self.cpus[self.me % MAX_CPUS];
+        cpu.left_work = false;
         if cpu.zombies.is_empty() && cpu.dead_vcpus.is_empty() {
             return;
         }

@@ -37,9 +37,7 @@ fn next(mut guard: Guard<'_>) -> Option<*const TrapFrame> {
         }
         // What this CPU did may have revoked what others still cache; and
         // this CPU is off the register areas of ECs destroyed meanwhile.
-        kernel.sync_tlbs();
-        kernel.free_left_here();
-        crate::dump::at_safe_point(kernel);
+        kernel.before_leaving();
         let Some(ec) = kernel.pick() else {
             kernel.cpus[kernel.me % moat_kernel::smp::MAX_CPUS].entered = None;
             return None;

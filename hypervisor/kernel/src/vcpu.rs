@@ -390,6 +390,7 @@ impl Kernel {
     fn free_backend_on(&mut self, cpu: usize, backend: Backend) {
         if self.cpus[cpu].dead_vcpus.try_reserve(1).is_ok() {
             self.cpus[cpu].dead_vcpus.push(backend);
+            self.cpus[cpu].left_work = true;
             crate::arch::x86_64::ipi::kick(cpu);
         } else {
             // Leaked rather than freed while another CPU may use it.
