@@ -71,27 +71,33 @@ pub type KernelGuard = TicketMutexGuard<'static, Option<Kernel>, KernelRelax>;
 
 /// Takes the kernel lock.
 #[track_caller]
+#[inline(always)]
 pub fn lock() -> KernelGuard {
     let mut guard = KERNEL.lock();
     let me = percpu::current();
     if let Some(kernel) = guard.as_mut() {
         kernel.me = me.id.load(Ordering::Relaxed) as usize % MAX_CPUS;
     }
-    // Set only by a wait (`KernelRelax`): the common, uncontended case
-    // writes nothing.
-    if me.wants_lock.load(Ordering::Relaxed) {
-        me.wants_lock.store(false, Ordering::Relaxed);
-        me.spin_since.store(0, Ordering::Relaxed);
+    // Set only by a wait (`KernelRelax`) or `debug-lock-waits`: the common,
+    // uncontended case does nothing more.
+    if me.wants_lock.load(Ordering::Relaxed) || REPORT_LOCK_WAITS.load(Ordering::Relaxed) {
+        after_wait(me, core::panic::Location::caller());
     }
+    guard
+}
+
+/// `lock`'s uncommon part: the wait is over; with `debug-lock-waits`, where
+/// the lock was taken.
+#[cold]
+#[inline(never)]
+fn after_wait(me: &percpu::PerCpu, site: &'static core::panic::Location<'static>) {
+    me.wants_lock.store(false, Ordering::Relaxed);
+    me.spin_since.store(0, Ordering::Relaxed);
     if REPORT_LOCK_WAITS.load(Ordering::Relaxed) {
-        HOLDER_SITE.store(
-            core::panic::Location::caller() as *const _ as usize,
-            Ordering::Relaxed,
-        );
+        HOLDER_SITE.store(site as *const _ as usize, Ordering::Relaxed);
         HOLDER_SINCE.store(cpu::rdtsc(), Ordering::Relaxed);
         HOLDER_CPU.store(here() as u64, Ordering::Relaxed);
     }
-    guard
 }
 
 /// Where (`lock`'s caller), since when (TSC) and on which CPU the kernel
@@ -891,10 +897,7 @@ impl Kernel {
     /// the common case where there is nothing to do.
     #[inline]
     pub fn before_leaving(&mut self) {
-        if self.tlb_dirty
-            || self.cpus[self.me % MAX_CPUS].left_work
-            || crate::dump::pending()
-        {
+        if self.tlb_dirty || self.cpus[self.me % MAX_CPUS].left_work || crate::dump::pending() {
             self.before_leaving_slow();
         }
     }
