@@ -1,5 +1,8 @@
 //! The command line: a small hand-written parser, no dependencies.
 
+use std::path::{Path, PathBuf};
+
+use crate::config::{GuestOverride, Size};
 use crate::emu::Emulator;
 use crate::{Error, Result};
 
@@ -15,7 +18,16 @@ commands:
   build [--release]     build the kernel and user tasks (always release) and
                         assemble target/image/ (kernel, modules, qemu.args, moat.iso)
   run [options] [-- KERNEL ARGS...]
-                        setup, build, then boot with the serial console here
+                        setup, build, then boot a system with the serial
+                        console here: examples/default.toml (the pinned Linux
+                        guest beside the native modem and echo) unless told
+      --config FILE     boot the system FILE describes (docs/configuration.md;
+                        examples/: default.toml, two-guests.toml)
+      --kernel PATH     the quick form, for one guest: these replace the
+      --initrd PATH     values of the guest that owns the console in the
+      --append TEXT     configuration (default.toml's unless --config):
+      --memory SIZE     its kernel (bzImage), initramfs, command line,
+      --vcpus N         RAM (e.g. 512M, 1G) and vCPUs (1 for now)
       --emu qemu|bochs  emulator (default: qemu)
       --kvm             QEMU with KVM and -cpu host (default: only if the host
                         can nest virtualization; otherwise TCG with -cpu max)
@@ -133,6 +145,28 @@ pub struct RunOpts {
     pub cpus: u32,
     /// Extra kernel command-line words (after `--`).
     pub kernel_args: Vec<String>,
+    /// `--config FILE`; the default example without.
+    pub config: Option<PathBuf>,
+    /// The quick form's options for the console guest.
+    pub guest: GuestOverride,
+}
+
+impl RunOpts {
+    /// Makes the paths given on the command line absolute, from `cwd`
+    /// (xtask works from the workspace root).
+    pub fn absolutize(&mut self, cwd: &Path) {
+        if let Some(config) = &mut self.config {
+            *config = cwd.join(&*config);
+        }
+        for path in [&mut self.guest.kernel, &mut self.guest.initrd]
+            .into_iter()
+            .flatten()
+        {
+            if !path.starts_with(crate::config::PINNED_PREFIX) {
+                *path = cwd.join(&*path).to_string_lossy().into_owned();
+            }
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -147,6 +181,9 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
         return Ok(Cmd::Help);
     };
     let mut opts = Options::new(rest);
+    if opts.flag("--help") || opts.flag("-h") {
+        return Ok(Cmd::Help);
+    }
     let cmd = match cmd.as_str() {
         "help" | "-h" | "--help" => Cmd::Help,
         "setup" => Cmd::Setup,
@@ -169,6 +206,24 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
                             "--cpus needs a number from 1 to {MAX_CPUS}, not `{n}`"
                         ))
                     })?,
+            },
+            config: opts.value("--config")?.map(PathBuf::from),
+            guest: GuestOverride {
+                kernel: opts.value("--kernel")?,
+                initrd: opts.value("--initrd")?,
+                append: opts.value("--append")?,
+                memory: match opts.value("--memory")? {
+                    None => None,
+                    Some(text) => Some(
+                        Size::parse(&text).map_err(|e| Error::Usage(format!("--memory: {e}")))?,
+                    ),
+                },
+                vcpus: match opts.value("--vcpus")? {
+                    None => None,
+                    Some(n) => Some(n.parse().map_err(|_| {
+                        Error::Usage(format!("--vcpus needs a number, not `{n}`"))
+                    })?),
+                },
             },
             kernel_args: opts.trailing(),
         }),
@@ -350,6 +405,8 @@ mod tests {
                 force_kvm: false,
                 cpus: 1,
                 kernel_args: vec![],
+                config: None,
+                guest: GuestOverride::default(),
             })
         );
         assert_eq!(
@@ -359,6 +416,8 @@ mod tests {
                 force_kvm: true,
                 cpus: 1,
                 kernel_args: vec!["log=debug".into(), "x".into()],
+                config: None,
+                guest: GuestOverride::default(),
             })
         );
         assert_eq!(
@@ -368,12 +427,52 @@ mod tests {
                 force_kvm: false,
                 cpus: 4,
                 kernel_args: vec!["cpus=2".into()],
+                config: None,
+                guest: GuestOverride::default(),
             })
         );
         assert!(p("run --cpus 0").is_err());
         assert!(p("run --cpus 65").is_err());
         assert!(p("run --cpus two").is_err());
         assert!(p("run --cpus").is_err());
+    }
+
+    #[test]
+    fn run_config_and_quick_form() {
+        let Cmd::Run(opts) = p("run --config examples/two-guests.toml").unwrap() else {
+            panic!("not run");
+        };
+        assert_eq!(opts.config, Some(PathBuf::from("examples/two-guests.toml")));
+        assert!(opts.guest.is_empty());
+        let args: Vec<String> = [
+            "run", "--kernel", "k/bzImage", "--initrd=i.cpio", "--append",
+            "console=ttyS0 quiet", "--memory", "512M", "--vcpus", "1",
+        ]
+        .map(String::from)
+        .to_vec();
+        let Cmd::Run(mut opts) = parse(&args).unwrap() else {
+            panic!("not run");
+        };
+        assert_eq!(
+            opts.guest,
+            GuestOverride {
+                kernel: Some("k/bzImage".into()),
+                initrd: Some("i.cpio".into()),
+                append: Some("console=ttyS0 quiet".into()),
+                memory: Some(Size(512 << 20)),
+                vcpus: Some(1),
+            }
+        );
+        opts.absolutize(Path::new("/home/u"));
+        assert_eq!(opts.guest.kernel.as_deref(), Some("/home/u/k/bzImage"));
+        assert_eq!(opts.guest.initrd.as_deref(), Some("/home/u/i.cpio"));
+        assert!(p("run --memory lots").is_err());
+        assert!(p("run --memory 512").is_err());
+        assert!(p("run --vcpus two").is_err());
+        assert!(p("run --kernel").is_err());
+        assert_eq!(p("run --help").unwrap(), Cmd::Help);
+        assert_eq!(p("run --config x -h").unwrap(), Cmd::Help);
+        assert!(USAGE.contains("--config FILE") && USAGE.contains("--kernel PATH"));
     }
 
     #[test]

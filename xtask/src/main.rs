@@ -9,6 +9,7 @@
 mod bench;
 mod build;
 mod cli;
+mod config;
 mod demo;
 mod emu;
 mod fuzz;
@@ -74,6 +75,12 @@ impl<T> Context<T> for io::Result<T> {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let cmd = match cli::parse(&args) {
+        Ok(Cmd::Run(mut opts)) => {
+            if let Ok(cwd) = std::env::current_dir() {
+                opts.absolutize(&cwd);
+            }
+            Cmd::Run(opts)
+        }
         Ok(cmd) => cmd,
         Err(e) => {
             eprintln!("xtask: {e}\n\n{}", cli::USAGE);

@@ -1,7 +1,7 @@
 //! Small helpers for running commands and formatting their results.
 
 use std::ffi::OsStr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -93,4 +93,11 @@ mod tests {
         assert_eq!(tail("a", 5), ["a"]);
         assert!(tail("", 3).is_empty());
     }
+}
+
+/// The workspace root (xtask's parent), where every command runs.
+pub fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
 }
