@@ -220,9 +220,11 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
                 },
                 vcpus: match opts.value("--vcpus")? {
                     None => None,
-                    Some(n) => Some(n.parse().map_err(|_| {
-                        Error::Usage(format!("--vcpus needs a number, not `{n}`"))
-                    })?),
+                    Some(n) => {
+                        Some(n.parse().map_err(|_| {
+                            Error::Usage(format!("--vcpus needs a number, not `{n}`"))
+                        })?)
+                    }
                 },
             },
             kernel_args: opts.trailing(),
@@ -445,8 +447,16 @@ mod tests {
         assert_eq!(opts.config, Some(PathBuf::from("examples/two-guests.toml")));
         assert!(opts.guest.is_empty());
         let args: Vec<String> = [
-            "run", "--kernel", "k/bzImage", "--initrd=i.cpio", "--append",
-            "console=ttyS0 quiet", "--memory", "512M", "--vcpus", "1",
+            "run",
+            "--kernel",
+            "k/bzImage",
+            "--initrd=i.cpio",
+            "--append",
+            "console=ttyS0 quiet",
+            "--memory",
+            "512M",
+            "--vcpus",
+            "1",
         ]
         .map(String::from)
         .to_vec();

@@ -175,16 +175,16 @@ pub const SIZE_EXPECTED: &str = "a size such as \"256M\" (a number with K, M or 
 impl Size {
     pub fn parse(text: &str) -> Result<Size, String> {
         let text = text.trim();
-        let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let digits = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
         let (number, unit) = text.split_at(digits);
         let shift = match unit.trim_start() {
             "K" | "KiB" | "k" => 10,
             "M" | "MiB" | "m" => 20,
             "G" | "GiB" | "g" => 30,
             "" if !number.is_empty() => {
-                return Err(format!(
-                    "\"{text}\" has no unit: expected {SIZE_EXPECTED}"
-                ))
+                return Err(format!("\"{text}\" has no unit: expected {SIZE_EXPECTED}"))
             }
             _ => return Err(format!("expected {SIZE_EXPECTED}, not \"{text}\"")),
         };
@@ -278,7 +278,12 @@ pub struct Source<'a> {
 
 impl Source<'_> {
     /// An error at `span` (an empty span at 0: a command-line value).
-    fn error(&self, span: Range<usize>, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    fn error(
+        &self,
+        span: Range<usize>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
         let field = field.into();
         if span == (0..0) {
             return ConfigError {
@@ -297,7 +302,9 @@ impl Source<'_> {
             .map_or(self.text.len(), |i| start + i);
         let line_text = self.text[line_start..line_end].trim_end_matches('\r');
         let column = self.text[line_start..start].chars().count() + 1;
-        let end = span.end.clamp(start, (line_start + line_text.len()).max(start));
+        let end = span
+            .end
+            .clamp(start, (line_start + line_text.len()).max(start));
         let cols = (column - 1)..(column - 1 + self.text[start..end].chars().count());
         ConfigError {
             file: self.name.to_string(),
@@ -319,8 +326,12 @@ impl Source<'_> {
         let mut key = String::new();
         for line in self.text.split_inclusive('\n') {
             let trimmed = line.trim();
-            let is_here = offset < line_start + line.len() || line_start + line.len() == self.text.len();
-            if let Some(name) = trimmed.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let is_here =
+                offset < line_start + line.len() || line_start + line.len() == self.text.len();
+            if let Some(name) = trimmed
+                .strip_prefix("[[")
+                .and_then(|r| r.split("]]").next())
+            {
                 let name = name.trim().to_string();
                 let n = counts.entry(name.clone()).or_insert(0);
                 table = format!("{name}[{n}]");
@@ -348,7 +359,11 @@ impl Source<'_> {
     pub fn parse(&self) -> Result<ConfigFile, ConfigError> {
         toml::from_str(self.text).map_err(|e| {
             let span = e.span().unwrap_or(0..0);
-            let span = if span == (0..0) { 0..1.min(self.text.len()) } else { span };
+            let span = if span == (0..0) {
+                0..1.min(self.text.len())
+            } else {
+                span
+            };
             let field = self.field_at(span.start);
             self.error(span, field, e.message().trim().to_string())
         })
@@ -470,7 +485,10 @@ pub fn load(
         crate::Error::Other(format!("cannot read configuration {}: {e}", path.display()))
     })?;
     let name = path.display().to_string();
-    let source = Source { name: &name, text: &text };
+    let source = Source {
+        name: &name,
+        text: &text,
+    };
     let base = path.parent().unwrap_or(Path::new("."));
     plan_text(&source, base, overrides, size_of).map_err(|e| crate::Error::Other(e.to_string()))
 }
@@ -515,16 +533,27 @@ fn name_ok(name: &str, max: usize) -> bool {
 }
 
 impl Planner<'_> {
-    fn err<T>(&self, span: Range<usize>, field: &str, message: impl Into<String>) -> Result<T, ConfigError> {
+    fn err<T>(
+        &self,
+        span: Range<usize>,
+        field: &str,
+        message: impl Into<String>,
+    ) -> Result<T, ConfigError> {
         Err(self.source.error(span, field, message))
     }
 
     /// A guest file: `pinned:NAME` or a path relative to the file.
-    fn guest_file(&self, value: &Spanned<String>, field: &str) -> Result<(PathBuf, bool, u64), ConfigError> {
+    fn guest_file(
+        &self,
+        value: &Spanned<String>,
+        field: &str,
+    ) -> Result<(PathBuf, bool, u64), ConfigError> {
         let text = value.get_ref();
         let (path, pinned) = match text.strip_prefix(PINNED_PREFIX) {
             Some(name) if PINNED_FILES.contains(&name) => (
-                crate::util::workspace_root().join(linux::LINUX_DIR).join(name),
+                crate::util::workspace_root()
+                    .join(linux::LINUX_DIR)
+                    .join(name),
                 true,
             ),
             Some(name) => {
@@ -533,11 +562,15 @@ impl Planner<'_> {
                     field,
                     format!(
                         "the pinned guest has no file \"{name}\" (expected {})",
-                        PINNED_FILES.map(|f| format!("\"{PINNED_PREFIX}{f}\"")).join(" or ")
+                        PINNED_FILES
+                            .map(|f| format!("\"{PINNED_PREFIX}{f}\""))
+                            .join(" or ")
                     ),
                 )
             }
-            None if text.is_empty() => return self.err(value.span(), field, "expected a file's path, not \"\""),
+            None if text.is_empty() => {
+                return self.err(value.span(), field, "expected a file's path, not \"\"")
+            }
             None => (self.base.join(text), false),
         };
         // The pinned files may not be built yet: their size is known only
@@ -545,7 +578,13 @@ impl Planner<'_> {
         let size = match (self.size_of)(&path) {
             Ok(size) => size,
             Err(_) if pinned => 16 << 20,
-            Err(why) => return self.err(value.span(), field, format!("cannot use {}: {why}", path.display())),
+            Err(why) => {
+                return self.err(
+                    value.span(),
+                    field,
+                    format!("cannot use {}: {why}", path.display()),
+                )
+            }
         };
         Ok((path, pinned, size))
     }
@@ -557,30 +596,54 @@ impl Planner<'_> {
         let mut entries = Vec::new();
         for (i, g) in file.guests.iter().enumerate() {
             let field = format!("guest[{i}]");
-            entries.push((Entry { name: g.name.get_ref(), field: field.clone() }, g.name.span(), GUEST_NAME_MAX));
+            entries.push((
+                Entry {
+                    name: g.name.get_ref(),
+                    field: field.clone(),
+                },
+                g.name.span(),
+                GUEST_NAME_MAX,
+            ));
         }
         for (i, c) in file.components.iter().enumerate() {
             let field = format!("component[{i}]");
-            entries.push((Entry { name: c.name.get_ref(), field }, c.name.span(), COMPONENT_NAME_MAX));
+            entries.push((
+                Entry {
+                    name: c.name.get_ref(),
+                    field,
+                },
+                c.name.span(),
+                COMPONENT_NAME_MAX,
+            ));
         }
         for (entry, span, max) in &entries {
             if !name_ok(entry.name, *max) {
                 return self.err(
                     span.clone(),
                     &format!("{}.name", entry.field),
-                    format!("expected 1 to {max} of A-Z a-z 0-9 _ - . , not \"{}\"", entry.name),
+                    format!(
+                        "expected 1 to {max} of A-Z a-z 0-9 _ - . , not \"{}\"",
+                        entry.name
+                    ),
                 );
             }
             if let Some(first) = names.insert(entry.name, entry.field.clone()) {
                 return self.err(
                     span.clone(),
                     &format!("{}.name", entry.field),
-                    format!("\"{}\" is already the name of {first}; names must be unique", entry.name),
+                    format!(
+                        "\"{}\" is already the name of {first}; names must be unique",
+                        entry.name
+                    ),
                 );
             }
         }
         if file.guests.is_empty() && file.components.is_empty() {
-            return self.err(0..1.min(self.source.text.len()), "", "no [[guest]] and no [[component]]: nothing to boot");
+            return self.err(
+                0..1.min(self.source.text.len()),
+                "",
+                "no [[guest]] and no [[component]]: nothing to boot",
+            );
         }
 
         // Services: who provides what.
@@ -589,35 +652,54 @@ impl Planner<'_> {
             if let Some(p) = &c.provides {
                 let field = format!("component[{i}].provides");
                 if !name_ok(p.get_ref(), PORTAL_NAME_MAX) {
-                    return self.err(p.span(), &field, format!("expected 1 to {PORTAL_NAME_MAX} of A-Z a-z 0-9 _ - . , not \"{}\"", p.get_ref()));
+                    return self.err(
+                        p.span(),
+                        &field,
+                        format!(
+                            "expected 1 to {PORTAL_NAME_MAX} of A-Z a-z 0-9 _ - . , not \"{}\"",
+                            p.get_ref()
+                        ),
+                    );
                 }
                 if let Some(first) = providers.insert(p.get_ref(), c.name.get_ref()) {
-                    return self.err(p.span(), &field, format!("\"{}\" is already provided by '{first}'", p.get_ref()));
+                    return self.err(
+                        p.span(),
+                        &field,
+                        format!("\"{}\" is already provided by '{first}'", p.get_ref()),
+                    );
                 }
             }
         }
-        let check_provided = |s: &Spanned<String>, field: &str, me: &str| -> Result<(), ConfigError> {
-            match providers.get(s.get_ref().as_str()) {
-                None => {
-                    let known: Vec<_> = providers.keys().map(|k| format!("\"{k}\"")).collect();
-                    self.err(
+        let check_provided =
+            |s: &Spanned<String>, field: &str, me: &str| -> Result<(), ConfigError> {
+                match providers.get(s.get_ref().as_str()) {
+                    None => {
+                        let known: Vec<_> = providers.keys().map(|k| format!("\"{k}\"")).collect();
+                        self.err(
+                            s.span(),
+                            field,
+                            format!(
+                                "no component provides \"{}\" (provided: {})",
+                                s.get_ref(),
+                                if known.is_empty() {
+                                    "nothing".to_string()
+                                } else {
+                                    known.join(", ")
+                                }
+                            ),
+                        )
+                    }
+                    Some(&p) if p == me => self.err(
                         s.span(),
                         field,
-                        format!(
-                            "no component provides \"{}\" (provided: {})",
-                            s.get_ref(),
-                            if known.is_empty() { "nothing".to_string() } else { known.join(", ") }
-                        ),
-                    )
+                        format!("'{me}' cannot use its own service"),
+                    ),
+                    Some(_) => Ok(()),
                 }
-                Some(&p) if p == me => self.err(s.span(), field, format!("'{me}' cannot use its own service")),
-                Some(_) => Ok(()),
-            }
-        };
+            };
 
-        let mut manifest = String::from(
-            "# Written by cargo xtask from a system configuration; do not edit.\n",
-        );
+        let mut manifest =
+            String::from("# Written by cargo xtask from a system configuration; do not edit.\n");
         let mut tasks: Vec<String> = Vec::new();
         let mut pool: u64 = 0;
         let mut ram_regions: u64 = 0;
@@ -630,7 +712,11 @@ impl Planner<'_> {
             let module = c.module.as_ref().map_or(name.as_str(), |m| m.get_ref());
             let module_span = c.module.as_ref().map_or(c.name.span(), |m| m.span());
             if module == VMM_MODULE {
-                return self.err(module_span, &f("module"), "the VMM is started for each [[guest]]: describe the guest there");
+                return self.err(
+                    module_span,
+                    &f("module"),
+                    "the VMM is started for each [[guest]]: describe the guest there",
+                );
             }
             if module == crate::image::ROOT_TASK || !USER_TASKS.iter().any(|t| t.binary == module) {
                 let known: Vec<_> = USER_TASKS
@@ -638,20 +724,39 @@ impl Planner<'_> {
                     .map(|t| t.binary)
                     .filter(|b| *b != crate::image::ROOT_TASK && *b != VMM_MODULE)
                     .collect();
-                return self.err(module_span, &f("module"), format!("no component module \"{module}\" (xtask builds: {})", known.join(", ")));
+                return self.err(
+                    module_span,
+                    &f("module"),
+                    format!(
+                        "no component module \"{module}\" (xtask builds: {})",
+                        known.join(", ")
+                    ),
+                );
             }
-            let priority = c.priority.as_ref().map_or(DEFAULT_COMPONENT_PRIORITY, |p| *p.get_ref());
+            let priority = c
+                .priority
+                .as_ref()
+                .map_or(DEFAULT_COMPONENT_PRIORITY, |p| *p.get_ref());
             if let Some(p) = &c.priority {
                 if *p.get_ref() > 63 {
-                    return self.err(p.span(), &f("priority"), format!("expected a priority from 0 to 63, not {}", p.get_ref()));
+                    return self.err(
+                        p.span(),
+                        &f("priority"),
+                        format!("expected a priority from 0 to 63, not {}", p.get_ref()),
+                    );
                 }
             }
             if let Some(cpu) = &c.cpu {
                 if *cpu.get_ref() != 0 {
-                    return self.err(cpu.span(), &f("cpu"), format!("tasks run on CPU 0 only for now, not CPU {}", cpu.get_ref()));
+                    return self.err(
+                        cpu.span(),
+                        &f("cpu"),
+                        format!("tasks run on CPU 0 only for now, not CPU {}", cpu.get_ref()),
+                    );
                 }
             }
-            let memory = self.page_size(c.memory.as_ref(), DEFAULT_COMPONENT_MEMORY, &f("memory"))?;
+            let memory =
+                self.page_size(c.memory.as_ref(), DEFAULT_COMPONENT_MEMORY, &f("memory"))?;
             let quota = self.page_size(c.quota.as_ref(), DEFAULT_COMPONENT_QUOTA, &f("quota"))?;
             manifest += &format!(
                 "component {name}\n    module {module}\n    priority {priority}\n    memory {}\n    quota {}\n",
@@ -668,7 +773,14 @@ impl Planner<'_> {
             }
             if let Some(r) = &c.restart {
                 if *r.get_ref() > MAX_RESTARTS {
-                    return self.err(r.span(), &f("restart"), format!("expected at most {MAX_RESTARTS} restarts, not {}", r.get_ref()));
+                    return self.err(
+                        r.span(),
+                        &f("restart"),
+                        format!(
+                            "expected at most {MAX_RESTARTS} restarts, not {}",
+                            r.get_ref()
+                        ),
+                    );
                 }
                 manifest += &format!("    restart {}\n", r.get_ref());
             }
@@ -699,28 +811,40 @@ impl Planner<'_> {
                 Some(m) => {
                     let bytes = m.get_ref().0;
                     if bytes < GUEST_MIN_MEMORY || !bytes.is_multiple_of(GUEST_MEMORY_ALIGN) {
-                        return self.err(m.span(), &f("memory"), format!(
+                        return self.err(
+                            m.span(),
+                            &f("memory"),
+                            format!(
                             "a guest's memory is a multiple of 2M and at least {}M, not {} bytes",
                             GUEST_MIN_MEMORY >> 20,
                             bytes
-                        ));
+                        ),
+                        );
                     }
                     if bytes > MAX_MACHINE_MEMORY {
-                        return self.err(m.span(), &f("memory"), format!(
-                            "{} MiB is more than the machine's most, {} MiB",
-                            bytes >> 20,
-                            MAX_MACHINE_MEMORY >> 20
-                        ));
+                        return self.err(
+                            m.span(),
+                            &f("memory"),
+                            format!(
+                                "{} MiB is more than the machine's most, {} MiB",
+                                bytes >> 20,
+                                MAX_MACHINE_MEMORY >> 20
+                            ),
+                        );
                     }
                     bytes
                 }
             };
             if let Some(v) = &g.vcpus {
                 if *v.get_ref() != 1 {
-                    return self.err(v.span(), &f("vcpus"), format!(
+                    return self.err(
+                        v.span(),
+                        &f("vcpus"),
+                        format!(
                         "a guest has exactly 1 vCPU for now (the VMM runs one; issue 12), not {}",
                         v.get_ref()
-                    ));
+                    ),
+                    );
                 }
             }
             let priority = match &g.priority {
@@ -735,19 +859,25 @@ impl Planner<'_> {
             };
             if g.owns_console() {
                 if let Some((first, _)) = &console {
-                    return self.err(g.console_span(), &f("console"), format!(
-                        "guest '{}' already owns the console; at most one guest may",
-                        file.guests[*first].name.get_ref()
-                    ));
+                    return self.err(
+                        g.console_span(),
+                        &f("console"),
+                        format!(
+                            "guest '{}' already owns the console; at most one guest may",
+                            file.guests[*first].name.get_ref()
+                        ),
+                    );
                 }
                 console = Some((i, g.console_span()));
             }
             let cmdline = g.cmdline.as_ref().map_or("", |c| c.get_ref().as_str());
             if cmdline.len() > CMDLINE_MAX || cmdline.contains(['\0', '\n']) {
                 let span = g.cmdline.as_ref().map_or(g.name.span(), |c| c.span());
-                return self.err(span, &f("cmdline"), format!(
-                    "expected one line of at most {CMDLINE_MAX} bytes"
-                ));
+                return self.err(
+                    span,
+                    &f("cmdline"),
+                    format!("expected one line of at most {CMDLINE_MAX} bytes"),
+                );
             }
 
             let (kernel, k_pinned, kernel_size) = self.guest_file(&g.kernel, &f("kernel"))?;
@@ -802,13 +932,20 @@ impl Planner<'_> {
                 manifest_size(quota)
             );
             for (slot, mapping) in mappings.iter().enumerate() {
-                manifest += &format!("    {mapping} at {:#x}\n", MAPPING_BASE + slot as u64 * MAPPING_SLOT);
+                manifest += &format!(
+                    "    {mapping} at {:#x}\n",
+                    MAPPING_BASE + slot as u64 * MAPPING_SLOT
+                );
             }
             let mut uses = Vec::new();
             for called in &g.calls {
                 check_provided(called, &f("calls"), name)?;
                 if uses.contains(&called.get_ref().as_str()) {
-                    return self.err(called.span(), &f("calls"), format!("\"{}\" named twice", called.get_ref()));
+                    return self.err(
+                        called.span(),
+                        &f("calls"),
+                        format!("\"{}\" named twice", called.get_ref()),
+                    );
                 }
                 uses.push(called.get_ref().as_str());
             }
@@ -865,15 +1002,20 @@ impl Planner<'_> {
         let pool_mib = mib_up(pool + pool / 10) + 2 * ram_regions + 16;
         let quota_mib = mib_up(quotas) + file.components.len() as u64 + file.guests.len() as u64;
         let free_needed = (pool_mib * 4).div_ceil(3).max(pool_mib + 2 * quota_mib);
-        let needed = MACHINE_OVERHEAD + (file_sizes.next_multiple_of(1 << 20)) + (free_needed << 20);
+        let needed =
+            MACHINE_OVERHEAD + (file_sizes.next_multiple_of(1 << 20)) + (free_needed << 20);
         let memory = match &file.machine.memory {
             Some(m) => {
                 let bytes = m.get_ref().0;
                 if !bytes.is_multiple_of(1 << 20) || bytes > MAX_MACHINE_MEMORY {
-                    return self.err(m.span(), "machine.memory", format!(
-                        "expected a whole number of MiB up to {}M, not {bytes} bytes",
-                        MAX_MACHINE_MEMORY >> 20
-                    ));
+                    return self.err(
+                        m.span(),
+                        "machine.memory",
+                        format!(
+                            "expected a whole number of MiB up to {}M, not {bytes} bytes",
+                            MAX_MACHINE_MEMORY >> 20
+                        ),
+                    );
                 }
                 if bytes < needed {
                     return self.err(m.span(), "machine.memory", format!(
@@ -885,7 +1027,9 @@ impl Planner<'_> {
                 }
                 bytes
             }
-            None => needed.next_multiple_of(MACHINE_MEMORY_STEP).max(DEFAULT_MACHINE_MEMORY),
+            None => needed
+                .next_multiple_of(MACHINE_MEMORY_STEP)
+                .max(DEFAULT_MACHINE_MEMORY),
         };
         if memory > MAX_MACHINE_MEMORY {
             let (span, field) = file
@@ -893,19 +1037,33 @@ impl Planner<'_> {
                 .iter()
                 .enumerate()
                 .max_by_key(|(_, g)| g.memory.as_ref().map_or(0, |m| m.get_ref().0))
-                .and_then(|(i, g)| g.memory.as_ref().map(|m| (m.span(), format!("guest[{i}].memory"))))
+                .and_then(|(i, g)| {
+                    g.memory
+                        .as_ref()
+                        .map(|m| (m.span(), format!("guest[{i}].memory")))
+                })
                 .unwrap_or((0..1.min(self.source.text.len()), String::new()));
-            return self.err(span, &field, format!(
-                "the guests and components need {} MiB of the machine's memory, more than the \
+            return self.err(
+                span,
+                &field,
+                format!(
+                    "the guests and components need {} MiB of the machine's memory, more than the \
                  {} MiB an emulated machine has",
-                mib_up(needed),
-                MAX_MACHINE_MEMORY >> 20
-            ));
+                    mib_up(needed),
+                    MAX_MACHINE_MEMORY >> 20
+                ),
+            );
         }
         let cpus = match &file.machine.cpus {
             None => 1,
             Some(c) if (1..=MAX_CPUS).contains(c.get_ref()) => *c.get_ref(),
-            Some(c) => return self.err(c.span(), "machine.cpus", format!("expected 1 to {MAX_CPUS} CPUs, not {}", c.get_ref())),
+            Some(c) => {
+                return self.err(
+                    c.span(),
+                    "machine.cpus",
+                    format!("expected 1 to {MAX_CPUS} CPUs, not {}", c.get_ref()),
+                )
+            }
         };
 
         let mut modules = vec![
@@ -924,10 +1082,14 @@ impl Planner<'_> {
         }));
         for m in files {
             if modules.iter().any(|n| n.name == m.name) {
-                return self.err(0..1.min(self.source.text.len()), "", format!(
-                    "two boot modules would be named \"{}\"; rename the file or the guest",
-                    m.name
-                ));
+                return self.err(
+                    0..1.min(self.source.text.len()),
+                    "",
+                    format!(
+                        "two boot modules would be named \"{}\"; rename the file or the guest",
+                        m.name
+                    ),
+                );
             }
             modules.push(m);
         }
@@ -941,24 +1103,39 @@ impl Planner<'_> {
         })
     }
 
-    fn page_size(&self, size: Option<&Spanned<Size>>, default: u64, field: &str) -> Result<u64, ConfigError> {
+    fn page_size(
+        &self,
+        size: Option<&Spanned<Size>>,
+        default: u64,
+        field: &str,
+    ) -> Result<u64, ConfigError> {
         match size {
             None => Ok(default),
-            Some(s) if s.get_ref().0.is_multiple_of(4096) && s.get_ref().0 <= 1 << 30 => Ok(s.get_ref().0),
-            Some(s) => self.err(s.span(), field, format!(
-                "expected a multiple of 4K up to 1G, not {} bytes",
-                s.get_ref().0
-            )),
+            Some(s) if s.get_ref().0.is_multiple_of(4096) && s.get_ref().0 <= 1 << 30 => {
+                Ok(s.get_ref().0)
+            }
+            Some(s) => self.err(
+                s.span(),
+                field,
+                format!(
+                    "expected a multiple of 4K up to 1G, not {} bytes",
+                    s.get_ref().0
+                ),
+            ),
         }
     }
 
     fn selector(&self, n: usize, span: Range<usize>, field: &str) -> Result<u64, ConfigError> {
         let sel = FIRST_USE_SELECTOR + n as u64;
         if sel > LAST_USE_SELECTOR {
-            return self.err(span, field, format!(
-                "at most {} services per component",
-                LAST_USE_SELECTOR - FIRST_USE_SELECTOR + 1
-            ));
+            return self.err(
+                span,
+                field,
+                format!(
+                    "at most {} services per component",
+                    LAST_USE_SELECTOR - FIRST_USE_SELECTOR + 1
+                ),
+            );
         }
         Ok(sel)
     }
@@ -966,9 +1143,11 @@ impl Planner<'_> {
     fn check_args(&self, args: &Spanned<String>, field: &str) -> Result<(), ConfigError> {
         let text = args.get_ref();
         if text.contains(['\n', '\r', '#']) || text.len() > ARGS_MAX {
-            return self.err(args.span(), field, format!(
-                "expected words on one line, without '#', at most {ARGS_MAX} bytes"
-            ));
+            return self.err(
+                args.span(),
+                field,
+                format!("expected words on one line, without '#', at most {ARGS_MAX} bytes"),
+            );
         }
         Ok(())
     }
@@ -1020,4 +1199,455 @@ pub fn load_pinned_aware(path: &Path, overrides: &GuestOverride) -> crate::Resul
     }
     linux::build()?;
     load(path, overrides, &file_size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every guest file is 8 MiB here, except names with `missing`.
+    fn fake_size(path: &Path) -> Result<u64, String> {
+        if path.to_string_lossy().contains("missing") {
+            Err("No such file or directory (os error 2)".into())
+        } else {
+            Ok(8 << 20)
+        }
+    }
+
+    fn plan(text: &str) -> Result<Plan, ConfigError> {
+        plan_with(text, &GuestOverride::default())
+    }
+
+    fn plan_with(text: &str, overrides: &GuestOverride) -> Result<Plan, ConfigError> {
+        let source = Source {
+            name: "test.toml",
+            text,
+        };
+        plan_text(&source, Path::new("/cfg"), overrides, &fake_size)
+    }
+
+    /// The error's location, field and message, for matching.
+    fn error(text: &str) -> (usize, usize, String, String) {
+        let e = plan(text).expect_err("the configuration should be refused");
+        assert_eq!(e.file, "test.toml");
+        (e.line, e.column, e.field, e.message)
+    }
+
+    const GUEST: &str = "[[guest]]\nname = \"g\"\nkernel = \"bzImage\"\ninitrd = \"initrd.cpio\"\n";
+
+    fn example(name: &str) -> String {
+        let path = crate::util::workspace_root().join("examples").join(name);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    fn example_plan(name: &str, overrides: &GuestOverride) -> Plan {
+        let text = example(name);
+        let source = Source { name, text: &text };
+        plan_text(&source, Path::new("/examples"), overrides, &fake_size)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn root_parse(manifest: &str) -> moat_roottask::manifest::Manifest {
+        moat_roottask::manifest::parse(manifest).unwrap_or_else(|e| panic!("{e}\n{manifest}"))
+    }
+
+    #[test]
+    fn every_example_parses_and_the_root_task_accepts_its_manifest() {
+        let dir = crate::util::workspace_root().join("examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+                continue;
+            }
+            let name = path.file_name().unwrap().to_str().unwrap().to_string();
+            let plan = example_plan(&name, &GuestOverride::default());
+            root_parse(&plan.manifest);
+            assert_eq!(plan.modules[0].name, "roottask", "{name}");
+            assert_eq!(plan.modules[1].name, "manifest", "{name}");
+            assert!(plan.memory_mib >= 1024, "{name}");
+            seen += 1;
+        }
+        assert!(seen >= 2, "examples/ has default.toml and two-guests.toml");
+    }
+
+    #[test]
+    fn the_default_example_is_the_system_run_always_booted() {
+        let plan = example_plan("default.toml", &GuestOverride::default());
+        let m = root_parse(&plan.manifest);
+        let names: Vec<_> = m.components.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["echo", "modem", "linux"]);
+        let linux = &m.components[2];
+        assert_eq!(linux.module, "vmm");
+        assert_eq!((linux.priority, linux.ceiling), (10, 30));
+        assert_eq!(linux.restart.max_restarts, 0);
+        // The guest's portals at the selectors its command line names.
+        let uses: Vec<_> = linux
+            .uses
+            .iter()
+            .map(|u| (u.name.as_str(), u.selector))
+            .collect();
+        assert_eq!(uses, [("echo", 20), ("modem", 21)]);
+        assert_eq!(
+            linux.args.as_deref(),
+            Some("epoch=1764000000 console-input modem=21 vm-portals=20 user-hypercalls")
+        );
+        let mappings: Vec<_> = linux
+            .mappings
+            .iter()
+            .map(|m| (m.name.as_str(), m.address))
+            .collect();
+        assert_eq!(
+            mappings,
+            [
+                ("guest", 0x100_0000_0000),
+                ("heap", 0x200_0000_0000),
+                ("kernel", 0x300_0000_0000),
+                ("initrd", 0x400_0000_0000),
+                ("disk", 0x500_0000_0000),
+                ("cmdline", 0x600_0000_0000),
+            ]
+        );
+        use moat_roottask::manifest::MappingSource;
+        assert_eq!(linux.mappings[0].source, MappingSource::Ram(256 << 20));
+        // 16 MiB and the disk's copy.
+        assert_eq!(linux.mappings[1].source, MappingSource::Ram(17 << 20));
+        assert!(linux.quota >= 32 << 20);
+        // COM1 goes to the console guest.
+        assert_eq!(linux.ioports.len(), 1);
+        assert_eq!(
+            (linux.ioports[0].first, linux.ioports[0].last),
+            (0x3f8, 0x3ff)
+        );
+        assert_eq!(linux.irqs, [4]);
+        let modem = &m.components[1];
+        assert_eq!(modem.priority, 40);
+        assert_eq!(modem.args.as_deref(), Some("report_every=10000"));
+        assert_eq!(modem.provides.as_deref(), Some("modem"));
+
+        let names: Vec<_> = plan.modules.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "roottask",
+                "manifest",
+                "echo",
+                "modem",
+                "vmm",
+                "bzImage",
+                "initramfs.cpio",
+                "disk.img",
+                "linux.cmdline"
+            ]
+        );
+        let root = crate::util::workspace_root();
+        assert_eq!(
+            plan.modules[5].source,
+            ModuleSource::File(root.join("target/linux/bzImage"))
+        );
+        assert!(plan.uses_pinned_linux);
+        let ModuleSource::Text(cmdline) = &plan.modules[8].source else {
+            panic!("the command line is written by xtask");
+        };
+        let disk = linux::TestDisk::for_image(&linux::test_disk_image());
+        assert_eq!(
+            *cmdline,
+            format!(
+                "console=ttyS0 panic=-1 moat.modem=1 moat.ipc=20 moat.shell=1 {}\n",
+                disk.kernel_args().join(" ")
+            )
+        );
+        // The guest's 256 MiB and its heap fit the pool, the pool three
+        // quarters of the 1 GiB machine the Linux tests always had.
+        assert!(
+            plan.pool_mib >= 256 + 17 + 2 && plan.pool_mib <= 768,
+            "{}",
+            plan.pool_mib
+        );
+        assert_eq!((plan.memory_mib, plan.cpus), (1024, 1));
+        assert_eq!(plan.kernel_args(), [format!("pool={}", plan.pool_mib)]);
+    }
+
+    #[test]
+    fn the_quick_form_with_the_pinned_guest_is_the_default() {
+        let root = crate::util::workspace_root();
+        let quick = GuestOverride {
+            kernel: Some(
+                root.join("target/linux/bzImage")
+                    .to_string_lossy()
+                    .into_owned(),
+            ),
+            initrd: Some(
+                root.join("target/linux/initramfs.cpio")
+                    .to_string_lossy()
+                    .into_owned(),
+            ),
+            append: Some("console=ttyS0 panic=-1 moat.modem=1 moat.ipc=20 moat.shell=1".into()),
+            memory: Some(Size(256 << 20)),
+            vcpus: Some(1),
+        };
+        assert_eq!(
+            example_plan("default.toml", &quick),
+            Plan {
+                // The files are the user's now, not the pinned names.
+                uses_pinned_linux: false,
+                ..example_plan("default.toml", &GuestOverride::default())
+            }
+        );
+        // What the quick form changes.
+        let other = GuestOverride {
+            kernel: Some("/home/u/vmlinuz".into()),
+            append: Some("console=ttyS0 quiet".into()),
+            memory: Some(Size(512 << 20)),
+            ..GuestOverride::default()
+        };
+        let plan = example_plan("default.toml", &other);
+        let m = root_parse(&plan.manifest);
+        assert!(plan.manifest.contains("ram guest 512M at"));
+        assert!(plan.manifest.contains("file kernel vmlinuz at"));
+        assert!(plan
+            .modules
+            .iter()
+            .any(|m| m.source == ModuleSource::File("/home/u/vmlinuz".into())));
+        assert_eq!(m.components.len(), 3);
+        let ModuleSource::Text(line) = &plan.modules.last().unwrap().source else {
+            panic!("no command line");
+        };
+        assert!(line.starts_with("console=ttyS0 quiet moat.disk_sum="));
+        let two = GuestOverride {
+            vcpus: Some(2),
+            ..GuestOverride::default()
+        };
+        let e = plan_with(&example("default.toml"), &two).unwrap_err();
+        assert_eq!(
+            (e.file.as_str(), e.line, e.field.as_str()),
+            ("command line", 0, "guest[0].vcpus")
+        );
+        assert!(e.message.contains("exactly 1 vCPU"), "{e}");
+    }
+
+    #[test]
+    fn two_guests_each_get_a_vmm_and_share_the_files() {
+        let plan = example_plan("two-guests.toml", &GuestOverride::default());
+        let m = root_parse(&plan.manifest);
+        let vmms: Vec<_> = m
+            .components
+            .iter()
+            .filter(|c| c.module == "vmm")
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(vmms, ["linux", "second"]);
+        // One copy of the kernel, initramfs, disk and VMM; a command line each.
+        let names: Vec<_> = plan.modules.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "roottask",
+                "manifest",
+                "echo",
+                "vmm",
+                "bzImage",
+                "initramfs.cpio",
+                "disk.img",
+                "linux.cmdline",
+                "second.cmdline"
+            ]
+        );
+        // Only the console guest gets COM1.
+        assert_eq!(m.components[1].irqs, [4]);
+        assert!(m.components[2].irqs.is_empty());
+        assert!(m.components[2]
+            .args
+            .as_deref()
+            .unwrap()
+            .contains("vm-portals=20"));
+        assert!(!m.components[2]
+            .args
+            .as_deref()
+            .unwrap()
+            .contains("console-input"));
+        assert!(plan.pool_mib >= 2 * (256 + 17) - 64, "{}", plan.pool_mib);
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error_naming_it() {
+        let (line, column, field, message) = error(&format!("{GUEST}kernal = \"x\"\n"));
+        assert_eq!((line, column, field.as_str()), (5, 1, "guest[0].kernal"));
+        assert!(message.contains("unknown field `kernal`"), "{message}");
+        assert!(message.contains("expected one of"), "{message}");
+        let (line, _, field, _) = error("[machine]\nram = \"1G\"\n");
+        assert_eq!((line, field.as_str()), (2, "machine.ram"));
+        let (line, _, field, message) = error("[[guests]]\nname = \"x\"\n");
+        assert_eq!((line, field.as_str()), (1, "guests[0]"));
+        assert!(message.contains("unknown field `guests`"), "{message}");
+    }
+
+    #[test]
+    fn a_wrong_type_is_an_error_saying_what_was_expected() {
+        let (line, column, field, message) = error(&format!("{GUEST}memory = 256\n"));
+        assert_eq!((line, column, field.as_str()), (5, 10, "guest[0].memory"));
+        assert_eq!(
+            message,
+            format!("invalid type: integer `256`, expected {SIZE_EXPECTED}")
+        );
+        let (line, _, field, message) = error(&format!("{GUEST}vcpus = \"one\"\n"));
+        assert_eq!((line, field.as_str()), (5, "guest[0].vcpus"));
+        assert!(message.contains("expected u32"), "{message}");
+        let (_, _, field, message) = error(&format!("{GUEST}console = \"yes\"\n"));
+        assert_eq!(field, "guest[0].console");
+        assert!(message.contains("expected a boolean"), "{message}");
+        let (_, _, field, message) = error(&format!("{GUEST}on-panic = \"reboot\"\n"));
+        assert_eq!(field, "guest[0].on-panic");
+        assert!(
+            message.contains("unknown variant `reboot`, expected `stop` or `restart`"),
+            "{message}"
+        );
+        let (line, _, _, message) = error("[[guest]\n");
+        assert_eq!(line, 1);
+        assert!(!message.is_empty());
+    }
+
+    #[test]
+    fn a_guest_without_a_kernel_is_an_error() {
+        let (line, _, field, message) = error("[[guest]]\nname = \"g\"\ninitrd = \"i\"\n");
+        assert_eq!((line, field.as_str()), (1, "guest[0]"));
+        assert_eq!(message, "missing field `kernel`");
+        let (line, _, field, message) =
+            error(&format!("{GUEST}").replace("bzImage", "missing-bzImage"));
+        assert_eq!((line, field.as_str()), (3, "guest[0].kernel"));
+        assert!(
+            message.starts_with("cannot use /cfg/missing-bzImage: No such file"),
+            "{message}"
+        );
+        let (_, _, field, message) = error(&GUEST.replace("\"bzImage\"", "\"pinned:vmlinuz\""));
+        assert_eq!(field, "guest[0].kernel");
+        assert!(
+            message.contains("the pinned guest has no file \"vmlinuz\""),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn two_guests_cannot_both_own_the_console() {
+        let text = format!(
+            "{GUEST}console = true\n{}console = true\n",
+            GUEST.replace("\"g\"", "\"h\"")
+        );
+        let (line, column, field, message) = error(&text);
+        assert_eq!((line, column, field.as_str()), (10, 11, "guest[1].console"));
+        assert_eq!(
+            message,
+            "guest 'g' already owns the console; at most one guest may"
+        );
+    }
+
+    #[test]
+    fn memory_over_the_machines_is_an_error() {
+        let (line, _, field, message) = error(&format!(
+            "[machine]\nmemory = \"1G\"\n{GUEST}memory = \"1G\"\n"
+        ));
+        assert_eq!((line, field.as_str()), (2, "machine.memory"));
+        assert!(
+            message.starts_with("1024 MiB is too little: the guests and components need "),
+            "{message}"
+        );
+        let (line, _, field, message) = error(&format!("{GUEST}memory = \"3G\"\n"));
+        assert_eq!((line, field.as_str()), (5, "guest[0].memory"));
+        assert!(
+            message.contains("more than the 3072 MiB an emulated machine has"),
+            "{message}"
+        );
+        let (_, _, field, message) = error(&format!("{GUEST}memory = \"8G\"\n"));
+        assert_eq!(field, "guest[0].memory");
+        assert!(
+            message.contains("more than the machine's most, 3072 MiB"),
+            "{message}"
+        );
+        // Without [machine], the machine grows with the guests.
+        let plan = plan(&format!("{GUEST}memory = \"1G\"\n")).unwrap();
+        assert!(
+            plan.memory_mib >= 1024 + 512 && plan.memory_mib % 256 == 0,
+            "{}",
+            plan.memory_mib
+        );
+    }
+
+    #[test]
+    fn bad_sizes_are_errors() {
+        for (value, wanted) in [
+            ("\"lots\"", "expected a size such as \"256M\""),
+            ("\"256\"", "\"256\" has no unit"),
+            ("\"0M\"", "not a usable size"),
+            ("\"99999999999G\"", "not a usable size"),
+            ("\"12M\"", "at least 16M"),
+            ("\"255M\"", "a multiple of 2M"),
+        ] {
+            let (line, column, field, message) = error(&format!("{GUEST}memory = {value}\n"));
+            assert_eq!(
+                (line, column, field.as_str()),
+                (5, 10, "guest[0].memory"),
+                "{value}"
+            );
+            assert!(message.contains(wanted), "{value}: {message}");
+        }
+        let text = "[[component]]\nname = \"echo\"\nmemory = \"1000\"\n";
+        assert!(error(text).3.contains("no unit"));
+        let text = "[[component]]\nname = \"echo\"\nquota = \"6000K\"\nmemory = \"5K\"\n";
+        let (line, _, field, message) = error(text);
+        assert_eq!((line, field.as_str()), (4, "component[0].memory"));
+        assert!(message.contains("multiple of 4K"), "{message}");
+        assert_eq!(Size::parse("16 MiB"), Ok(Size(16 << 20)));
+        assert_eq!(Size::parse("64K"), Ok(Size(64 << 10)));
+        assert_eq!(manifest_size(17 << 20), "17M");
+        assert_eq!(manifest_size(5000), "5000");
+    }
+
+    #[test]
+    fn names_services_and_limits_are_checked() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("[[component]]\nname = \"a b\"\n", "component[0].name", "expected 1 to 32 of"),
+            (&format!("{GUEST}{}", GUEST), "guest[1].name", "\"g\" is already the name of guest[0]"),
+            ("[[component]]\nname = \"x\"\nmodule = \"nosuch\"\n", "component[0].module", "no component module \"nosuch\" (xtask builds: echo"),
+            ("[[component]]\nname = \"x\"\nmodule = \"vmm\"\n", "component[0].module", "the VMM is started for each [[guest]]"),
+            ("[[component]]\nname = \"ping\"\nuses = [\"echo\"]\n", "component[0].uses", "no component provides \"echo\" (provided: nothing)"),
+            ("[[component]]\nname = \"echo\"\nprovides = \"echo\"\nuses = [\"echo\"]\n", "component[0].uses", "cannot use its own service"),
+            ("[[component]]\nname = \"echo\"\nprovides = \"e\"\n[[component]]\nname = \"ping\"\nprovides = \"e\"\n", "component[1].provides", "already provided by 'echo'"),
+            ("[[component]]\nname = \"echo\"\ncpu = 1\n", "component[0].cpu", "CPU 0 only"),
+            ("[[component]]\nname = \"echo\"\npriority = 64\n", "component[0].priority", "from 0 to 63"),
+            ("[[component]]\nname = \"echo\"\nargs = \"a # b\"\n", "component[0].args", "without '#'"),
+            ("[[component]]\nname = \"echo\"\nrestart = 5000\n", "component[0].restart", "at most 1000"),
+            (&format!("{GUEST}priority = 30\n"), "guest[0].priority", "from 1 to 24"),
+            (&format!("{GUEST}calls = [\"echo\"]\n"), "guest[0].calls", "no component provides \"echo\""),
+            (&format!("{GUEST}modem = \"modem\"\n"), "guest[0].modem", "no component provides \"modem\""),
+            (&format!("{GUEST}vcpus = 2\n"), "guest[0].vcpus", "exactly 1 vCPU for now"),
+            ("[machine]\ncpus = 0\n[[component]]\nname = \"echo\"\n", "machine.cpus", "expected 1 to 64 CPUs"),
+            ("", "", "nothing to boot"),
+        ];
+        for (text, field, wanted) in cases {
+            let e = plan(text).expect_err(text);
+            assert_eq!(e.field, *field, "{text}: {e}");
+            assert!(e.message.contains(wanted), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn errors_show_file_line_column_and_the_line() {
+        let e = plan(&format!("{GUEST}memory = \"lots\"\n")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "test.toml:5:10: guest[0].memory: expected {SIZE_EXPECTED}, not \"lots\"\n   |\n \
+                 5 | memory = \"lots\"\n   |          ^^^^^^"
+            )
+        );
+    }
+
+    #[test]
+    fn nothing_panics_on_arbitrary_text() {
+        // Truncations of a whole example at every byte: an error or a plan.
+        let text = example("two-guests.toml");
+        for end in (0..text.len()).filter(|&i| text.is_char_boundary(i)) {
+            let _ = plan(&text[..end]).map_err(|e| e.to_string());
+        }
+    }
 }

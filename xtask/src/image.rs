@@ -250,7 +250,9 @@ pub fn plan_boot(plan: &Plan, artifacts: &Artifacts, dir: &Path) -> Result<BootS
         match &m.source {
             ModuleSource::Task(task) => {
                 if artifacts.task(task).is_none() {
-                    return Err(Error::Other(format!("no user task named '{task}' was built")));
+                    return Err(Error::Other(format!(
+                        "no user task named '{task}' was built"
+                    )));
                 }
                 let built = Path::new(IMAGE_DIR).join(task);
                 if built != file {

@@ -1450,7 +1450,11 @@ pub(crate) fn boot_spec(test: &SysTest, artifacts: &Artifacts) -> Result<BootSpe
 /// The boot description of a test that boots a system configuration: its
 /// modules written under `target/systest/<test>/`, the test's kernel
 /// arguments after the plan's.
-fn config_boot_spec(test: &SysTest, config: &SystemConfig, artifacts: &Artifacts) -> Result<BootSpec> {
+fn config_boot_spec(
+    test: &SysTest,
+    config: &SystemConfig,
+    artifacts: &Artifacts,
+) -> Result<BootSpec> {
     let overrides = crate::config::GuestOverride::default();
     let plan = match config {
         SystemConfig::File(path) => crate::config::load_pinned_aware(Path::new(path), &overrides)?,
@@ -1467,8 +1471,10 @@ fn config_boot_spec(test: &SysTest, config: &SystemConfig, artifacts: &Artifacts
             plan(&crate::config::file_size)?
         }
     };
-    let mut boot = crate::image::plan_boot(&plan, artifacts, &Path::new(SYSTEST_DIR).join(test.name))?;
-    boot.kernel_args.extend(test.kernel_args.iter().map(|a| a.to_string()));
+    let mut boot =
+        crate::image::plan_boot(&plan, artifacts, &Path::new(SYSTEST_DIR).join(test.name))?;
+    boot.kernel_args
+        .extend(test.kernel_args.iter().map(|a| a.to_string()));
     boot.cpus = test.cpus;
     Ok(boot)
 }
