@@ -66,7 +66,7 @@ impl Package {
     }
 }
 
-/// `guests/linux/recipe.toml`: `key = "value"` lines and `#` comments.
+/// `guests/linux/recipe.toml`.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Recipe {
     pub kernel: Package,
@@ -75,49 +75,32 @@ pub struct Recipe {
     pub modules: Vec<String>,
 }
 
+/// The recipe file as written: every key required, no other key.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecipeFile {
+    kernel_package: String,
+    kernel_version: String,
+    busybox_package: String,
+    busybox_version: String,
+    /// Module names separated by spaces.
+    modules: String,
+}
+
 impl Recipe {
     pub fn parse(text: &str) -> Result<Recipe, String> {
-        let mut values = BTreeMap::new();
-        for (n, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let parsed = line.split_once('=').and_then(|(key, value)| {
-                let value = value.trim().strip_prefix('"')?.strip_suffix('"')?;
-                (!value.contains('"')).then(|| (key.trim(), value))
-            });
-            let Some((key, value)) = parsed else {
-                return Err(format!("line {}: expected key = \"value\"", n + 1));
-            };
-            if values.insert(key, value).is_some() {
-                return Err(format!("line {}: `{key}` given twice", n + 1));
-            }
-        }
-        let mut take = |key: &str| {
-            values
-                .remove(key)
-                .map(str::to_string)
-                .ok_or_else(|| format!("`{key}` missing"))
-        };
-        let recipe = Recipe {
+        let file: RecipeFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        Ok(Recipe {
             kernel: Package {
-                name: take("kernel_package")?,
-                version: take("kernel_version")?,
+                name: file.kernel_package,
+                version: file.kernel_version,
             },
             busybox: Package {
-                name: take("busybox_package")?,
-                version: take("busybox_version")?,
+                name: file.busybox_package,
+                version: file.busybox_version,
             },
-            modules: take("modules")?
-                .split_whitespace()
-                .map(String::from)
-                .collect(),
-        };
-        if let Some(key) = values.keys().next() {
-            return Err(format!("unknown key `{key}`"));
-        }
-        Ok(recipe)
+            modules: file.modules.split_whitespace().map(String::from).collect(),
+        })
     }
 }
 
@@ -878,30 +861,9 @@ impl TestDisk {
     }
 }
 
-/// CRC-32 as zlib and busybox `crc32` compute it (reflected, 0xEDB88320).
+/// CRC-32 as zlib and busybox `crc32` compute it (IEEE, reflected).
 pub fn crc32(bytes: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut table = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
-            let mut c = i as u32;
-            let mut k = 0;
-            while k < 8 {
-                c = if c & 1 != 0 {
-                    0xedb8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-                k += 1;
-            }
-            table[i] = c;
-            i += 1;
-        }
-        table
-    };
-    !bytes
-        .iter()
-        .fold(!0u32, |c, &b| TABLE[usize::from((c as u8) ^ b)] ^ (c >> 8))
+    crc32fast::hash(bytes)
 }
 
 // ---------------------------------------------------------------- timing
