@@ -242,7 +242,7 @@ pub struct ConfigError {
     pub field: String,
     pub message: String,
     /// The line the error points into, and the span's columns on it.
-    pub excerpt: Option<(String, Range<usize>)>,
+    pub excerpt: Option<Box<(String, Range<usize>)>>,
 }
 
 impl fmt::Display for ConfigError {
@@ -256,7 +256,7 @@ impl fmt::Display for ConfigError {
             write!(f, "{}: ", self.field)?;
         }
         write!(f, "{}", self.message)?;
-        if let Some((text, cols)) = &self.excerpt {
+        if let Some((text, cols)) = self.excerpt.as_deref() {
             let number = self.line.to_string();
             let pad = " ".repeat(number.len());
             let marks = "^".repeat(cols.len().max(1));
@@ -312,7 +312,7 @@ impl Source<'_> {
             column,
             field,
             message: message.into(),
-            excerpt: Some((line_text.to_string(), cols)),
+            excerpt: Some(Box::new((line_text.to_string(), cols))),
         }
     }
 
@@ -1512,8 +1512,7 @@ mod tests {
         let (line, _, field, message) = error("[[guest]]\nname = \"g\"\ninitrd = \"i\"\n");
         assert_eq!((line, field.as_str()), (1, "guest[0]"));
         assert_eq!(message, "missing field `kernel`");
-        let (line, _, field, message) =
-            error(&format!("{GUEST}").replace("bzImage", "missing-bzImage"));
+        let (line, _, field, message) = error(&GUEST.replace("bzImage", "missing-bzImage"));
         assert_eq!((line, field.as_str()), (3, "guest[0].kernel"));
         assert!(
             message.starts_with("cannot use /cfg/missing-bzImage: No such file"),
@@ -1566,7 +1565,7 @@ mod tests {
         // Without [machine], the machine grows with the guests.
         let plan = plan(&format!("{GUEST}memory = \"1G\"\n")).unwrap();
         assert!(
-            plan.memory_mib >= 1024 + 512 && plan.memory_mib % 256 == 0,
+            plan.memory_mib >= 1024 + 512 && plan.memory_mib.is_multiple_of(256),
             "{}",
             plan.memory_mib
         );

@@ -33,8 +33,9 @@ pub const INIT_START: &str = "MOAT-INIT start";
 pub const INIT_DONE: &str = "MOAT-INIT done";
 pub const CHECK: &str = "MOAT-CHECK ";
 
-/// Bump when the initramfs layout changes without an input changing.
-const LAYOUT: u32 = 2;
+/// Bump when the initramfs layout changes without an input changing (3: the
+/// `cpio` crate writes the archive, with lower-case hex headers).
+const LAYOUT: u32 = 3;
 /// Where `/init` finds the modules to load, one name a line, in order.
 const MODULE_LIST: &str = "etc/moat-modules";
 
@@ -548,16 +549,19 @@ pub fn static_elf(elf: &[u8]) -> Result<(), String> {
 /// A newc ("070701") cpio archive, the format the kernel unpacks as an
 /// initramfs: per entry a 110-byte ASCII header, the NUL-terminated name and
 /// the data, each of the two padded to a multiple of 4 bytes, and a final
-/// entry named `TRAILER!!!`. Entries are written in order, so parents first.
+/// entry named `TRAILER!!!`. Entries are written in order, so parents first;
+/// the `cpio` crate writes the headers, this type checks paths and numbers
+/// the inodes.
 pub struct Cpio {
     out: Vec<u8>,
     next_ino: u32,
 }
 
-pub const CPIO_MAGIC: &[u8; 6] = b"070701";
-pub const CPIO_HEADER_LEN: usize = 110;
+#[cfg(test)]
+const CPIO_MAGIC: &[u8; 6] = b"070701";
+#[cfg(test)]
+const CPIO_HEADER_LEN: usize = 110;
 pub const CPIO_TRAILER: &str = "TRAILER!!!";
-const CPIO_ALIGN: usize = 4;
 
 pub const S_IFDIR: u32 = 0o040_000;
 pub const S_IFREG: u32 = 0o100_000;
@@ -595,9 +599,8 @@ impl Cpio {
     }
 
     /// The archive with its trailer.
-    pub fn finish(mut self) -> Vec<u8> {
-        self.push(0, CPIO_TRAILER, 0, 1, (0, 0), &[]);
-        self.out
+    pub fn finish(self) -> Vec<u8> {
+        cpio::newc::trailer(self.out).expect("writing to a Vec cannot fail")
     }
 
     fn entry(
@@ -618,49 +621,22 @@ impl Cpio {
         if bad_path {
             return Err(Error::Other(format!("cpio: bad path `{path}`")));
         }
-        if u32::try_from(data.len()).is_err() {
+        let Ok(size) = u32::try_from(data.len()) else {
             return Err(Error::Other(format!("cpio: `{path}` is 4 GiB or more")));
-        }
+        };
         let ino = self.next_ino;
         self.next_ino += 1;
-        self.push(ino, path, mode, nlink, rdev, data);
+        // uid, gid and mtime stay 0: equal inputs give equal archives.
+        let mut writer = cpio::newc::Builder::new(path)
+            .ino(ino)
+            .mode(mode)
+            .nlink(nlink)
+            .rdev_major(rdev.0)
+            .rdev_minor(rdev.1)
+            .write(std::mem::take(&mut self.out), size);
+        let written = std::io::Write::write_all(&mut writer, data).and_then(|()| writer.finish());
+        self.out = written.map_err(|e| Error::Other(format!("cpio: `{path}`: {e}")))?;
         Ok(())
-    }
-
-    /// Appends one entry; `path` and `data` are known to fit the header.
-    fn push(&mut self, ino: u32, path: &str, mode: u32, nlink: u32, rdev: (u32, u32), data: &[u8]) {
-        let hex = |v: usize| format!("{v:08X}");
-        let fields = [
-            ino as usize,
-            mode as usize,
-            0, // uid
-            0, // gid
-            nlink as usize,
-            0, // mtime: fixed, so equal inputs give equal archives
-            data.len(),
-            0, // devmajor
-            0, // devminor
-            rdev.0 as usize,
-            rdev.1 as usize,
-            path.len() + 1,
-            0, // check (only for the "070702" variant)
-        ];
-        let start = self.out.len();
-        self.out.extend_from_slice(CPIO_MAGIC);
-        for f in fields {
-            self.out.extend_from_slice(hex(f).as_bytes());
-        }
-        debug_assert_eq!(self.out.len() - start, CPIO_HEADER_LEN);
-        self.out.extend_from_slice(path.as_bytes());
-        self.out.push(0);
-        self.pad();
-        self.out.extend_from_slice(data);
-        self.pad();
-    }
-
-    fn pad(&mut self) {
-        let len = self.out.len().next_multiple_of(CPIO_ALIGN);
-        self.out.resize(len, 0);
     }
 }
 
@@ -1345,7 +1321,7 @@ mod tests {
     }
 
     #[test]
-    fn cpio_is_deterministic_and_uppercase_hex() {
+    fn cpio_is_deterministic() {
         let make = || {
             let mut c = Cpio::new();
             c.file("x", 0o644, &[1; 300]).unwrap();
@@ -1354,8 +1330,8 @@ mod tests {
         let a = make();
         assert_eq!(a, make());
         // mode 0o100644 = 0x81A4, size 300 = 0x12C
-        assert_eq!(&a[6..22], b"00000001000081A4");
-        assert_eq!(&a[54..62], b"0000012C");
+        assert_eq!(&a[6..22], b"00000001000081a4");
+        assert_eq!(&a[54..62], b"0000012c");
     }
 
     #[test]
