@@ -25,7 +25,6 @@ mod util;
 
 use std::fmt;
 use std::io;
-use std::path::Path;
 use std::process::{ExitCode, ExitStatus};
 
 use cli::Cmd;
@@ -83,12 +82,12 @@ fn main() -> ExitCode {
         }
         Ok(cmd) => cmd,
         Err(e) => {
-            eprintln!("xtask: {e}\n\n{}", cli::USAGE);
+            eprintln!("xtask: {e}");
             return ExitCode::from(2);
         }
     };
-    if let Cmd::Help = cmd {
-        println!("{}", cli::USAGE);
+    if let Cmd::Help(text) = &cmd {
+        println!("{}", text.trim_end());
         return ExitCode::SUCCESS;
     }
     let root = util::workspace_root();
@@ -107,7 +106,7 @@ fn main() -> ExitCode {
 
 fn dispatch(cmd: Cmd) -> Result<ExitCode> {
     match cmd {
-        Cmd::Help => unreachable!("handled before entering the workspace"),
+        Cmd::Help(_) => unreachable!("handled before entering the workspace"),
         Cmd::Setup => setup::run().map(|()| ExitCode::SUCCESS),
         Cmd::Build => {
             let artifacts = build::build_all()?;
