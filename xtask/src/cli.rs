@@ -77,8 +77,8 @@ pub struct RunOpts {
     pub emu: Emulator,
     /// `--kvm` given: use KVM even if detection says no.
     pub force_kvm: bool,
-    /// The machine's CPUs (`--cpus`).
-    pub cpus: u32,
+    /// The machine's CPUs (`--cpus`), if not the configuration's.
+    pub cpus: Option<u32>,
     /// Extra kernel command-line words (after `--`).
     pub kernel_args: Vec<String>,
     /// `--config FILE`; the default example without.
@@ -159,9 +159,10 @@ System configurations, field by field: docs/configuration.md.")]
         kvm: bool,
         /// Give the machine N CPUs; the kernel starts them all (the kernel
         /// argument cpus=N limits that)
-        #[arg(long, value_name = "N", default_value_t = 1,
+        /// (default: the configuration's `[machine] cpus`, 1 unless it says)
+        #[arg(long, value_name = "N",
               value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_CPUS)))]
-        cpus: u32,
+        cpus: Option<u32>,
         /// Boot the system FILE describes (examples/: default.toml, two-guests.toml)
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
@@ -412,7 +413,7 @@ mod tests {
             Cmd::Run(RunOpts {
                 emu: Emulator::Qemu,
                 force_kvm: false,
-                cpus: 1,
+                cpus: None,
                 kernel_args: vec![],
                 config: None,
                 guest: GuestOverride::default(),
@@ -423,7 +424,7 @@ mod tests {
             Cmd::Run(RunOpts {
                 emu: Emulator::Bochs,
                 force_kvm: true,
-                cpus: 1,
+                cpus: None,
                 kernel_args: vec!["log=debug".into(), "x".into()],
                 config: None,
                 guest: GuestOverride::default(),
@@ -434,7 +435,7 @@ mod tests {
             Cmd::Run(RunOpts {
                 emu: Emulator::Qemu,
                 force_kvm: false,
-                cpus: 4,
+                cpus: Some(4),
                 kernel_args: vec!["cpus=2".into()],
                 config: None,
                 guest: GuestOverride::default(),

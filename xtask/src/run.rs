@@ -11,15 +11,15 @@ use crate::image::{self, DEBUG_EXIT_ARG, IMAGE_DIR};
 use crate::util::{self, describe};
 use crate::{build, config, setup, Context, Result};
 
-/// `cargo xtask run`: setup, build, and boot the default image here.
+/// `cargo xtask run`: setup, build, and boot the configuration here.
 pub fn run(opts: &RunOpts) -> Result<ExitCode> {
-    setup::run()?;
     let config = opts
         .config
         .clone()
         .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG));
-    // A bad configuration is reported before the long build.
+    // A bad configuration is reported before setup and the long build.
     let plan = config::load(&config, &opts.guest, &config::file_size)?;
+    setup::run()?;
     let plan = if plan.uses_pinned_linux {
         config::load_pinned_aware(&config, &opts.guest)?
     } else {
@@ -36,7 +36,7 @@ pub fn run(opts: &RunOpts) -> Result<ExitCode> {
     let image = image::assemble_plan(&artifacts, &plan)?;
     let mut boot = image.boot.clone();
     boot.kernel_args.extend(opts.kernel_args.iter().cloned());
-    boot.cpus = opts.cpus;
+    boot.cpus = opts.cpus.unwrap_or(plan.cpus);
     debug_assert!(boot.kernel_args.iter().any(|a| a == DEBUG_EXIT_ARG));
 
     let mut bochs_log = None;
