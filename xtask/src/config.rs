@@ -897,7 +897,7 @@ impl Planner<'_> {
                     if !line.is_empty() {
                         line.push(' ');
                     }
-                    line += &arg;
+                    line += arg;
                 }
                 (linux::DISK_SECTORS * linux::SECTOR) as u64
             } else {
