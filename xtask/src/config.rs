@@ -646,6 +646,18 @@ impl Planner<'_> {
             );
         }
 
+        let cpus = match &file.machine.cpus {
+            None => 1,
+            Some(c) if (1..=MAX_CPUS).contains(c.get_ref()) => *c.get_ref(),
+            Some(c) => {
+                return self.err(
+                    c.span(),
+                    "machine.cpus",
+                    format!("expected 1 to {MAX_CPUS} CPUs, not {}", c.get_ref()),
+                )
+            }
+        };
+
         // Services: who provides what.
         let mut providers: BTreeMap<&str, &str> = BTreeMap::new();
         for (i, c) in file.components.iter().enumerate() {
@@ -746,15 +758,21 @@ impl Planner<'_> {
                     );
                 }
             }
-            if let Some(cpu) = &c.cpu {
-                if *cpu.get_ref() != 0 {
+            let cpu = match &c.cpu {
+                None => 0,
+                Some(cpu) if *cpu.get_ref() < cpus => *cpu.get_ref(),
+                Some(cpu) => {
                     return self.err(
                         cpu.span(),
                         &f("cpu"),
-                        format!("tasks run on CPU 0 only for now, not CPU {}", cpu.get_ref()),
-                    );
+                        format!(
+                            "the machine has {cpus} CPU(s) ([machine] cpus), numbered from 0, \
+                             so no CPU {}",
+                            cpu.get_ref()
+                        ),
+                    )
                 }
-            }
+            };
             let memory =
                 self.page_size(c.memory.as_ref(), DEFAULT_COMPONENT_MEMORY, &f("memory"))?;
             let quota = self.page_size(c.quota.as_ref(), DEFAULT_COMPONENT_QUOTA, &f("quota"))?;
@@ -763,6 +781,9 @@ impl Planner<'_> {
                 manifest_size(memory),
                 manifest_size(quota)
             );
+            if cpu != 0 {
+                manifest += &format!("    cpu {cpu}\n");
+            }
             if let Some(p) = &c.provides {
                 manifest += &format!("    provides {}\n", p.get_ref());
             }
@@ -1053,17 +1074,6 @@ impl Planner<'_> {
                 ),
             );
         }
-        let cpus = match &file.machine.cpus {
-            None => 1,
-            Some(c) if (1..=MAX_CPUS).contains(c.get_ref()) => *c.get_ref(),
-            Some(c) => {
-                return self.err(
-                    c.span(),
-                    "machine.cpus",
-                    format!("expected 1 to {MAX_CPUS} CPUs, not {}", c.get_ref()),
-                )
-            }
-        };
 
         let mut modules = vec![
             PlannedModule {
@@ -1617,7 +1627,7 @@ mod tests {
             ("[[component]]\nname = \"ping\"\nuses = [\"echo\"]\n", "component[0].uses", "no component provides \"echo\" (provided: nothing)"),
             ("[[component]]\nname = \"echo\"\nprovides = \"echo\"\nuses = [\"echo\"]\n", "component[0].uses", "cannot use its own service"),
             ("[[component]]\nname = \"echo\"\nprovides = \"e\"\n[[component]]\nname = \"ping\"\nprovides = \"e\"\n", "component[1].provides", "already provided by 'echo'"),
-            ("[[component]]\nname = \"echo\"\ncpu = 1\n", "component[0].cpu", "CPU 0 only"),
+            ("[[component]]\nname = \"echo\"\ncpu = 1\n", "component[0].cpu", "no CPU 1"),
             ("[[component]]\nname = \"echo\"\npriority = 64\n", "component[0].priority", "from 0 to 63"),
             ("[[component]]\nname = \"echo\"\nargs = \"a # b\"\n", "component[0].args", "without '#'"),
             ("[[component]]\nname = \"echo\"\nrestart = 5000\n", "component[0].restart", "at most 1000"),
@@ -1633,6 +1643,17 @@ mod tests {
             assert_eq!(e.field, *field, "{text}: {e}");
             assert!(e.message.contains(wanted), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn a_component_runs_on_the_cpu_it_names() {
+        let text =
+            "[machine]\ncpus = 2\n[[component]]\nname = \"echo\"\nprovides = \"echo\"\ncpu = 1\n\
+                    [[component]]\nname = \"ping\"\nuses = [\"echo\"]\n";
+        let plan = plan(text).unwrap();
+        let m = root_parse(&plan.manifest);
+        assert_eq!((m.components[0].cpu, m.components[1].cpu), (1, 0));
+        assert_eq!(plan.cpus, 2);
     }
 
     #[test]

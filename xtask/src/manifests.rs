@@ -365,11 +365,82 @@ component modemclient
 "
 );
 
+/// Two CPUs at once: a ping on each CPU calls the one `echo` (its handler
+/// runs on each caller's CPU in turn), `notifier` on CPU 0 ups a semaphore
+/// 10,000 times for `waiter` on CPU 1, and `rtc` takes its interrupts on
+/// CPU 1.
+pub const SMP_IPC: &str = concat!(
+    echo_server!(),
+    "\
+component ping0
+    module ping
+    priority 10
+    cpu 0
+    memory 256K
+    quota 64K
+    uses echo at 20
+    args calls=10000
+component ping1
+    module ping
+    priority 10
+    cpu 1
+    memory 256K
+    quota 64K
+    uses echo at 20
+    args calls=10000
+component waiter
+    module waiter
+    priority 20
+    cpu 1
+    memory 128K
+    quota 64K
+    args count=10000 then-none
+component notifier
+    module notifier
+    priority 10
+    cpu 0
+    memory 128K
+    quota 64K
+    args count=10000 interval_ms=0
+semaphore tick up notifier at 21 down waiter at 21
+component rtc
+    module rtc
+    priority 30
+    cpu 1
+    memory 128K
+    quota 64K
+    restart 0
+    args count=20
+ioports 0x70-0x71 to rtc
+irq 8 to rtc
+"
+);
+
+/// `borrower` on CPU 0 has the page it borrowed revoked while its second
+/// EC, on CPU 1, reads the page in a loop: the reader's next read faults.
+pub const SMP_SHOOTDOWN: &str = "\
+component lender
+    module lender
+    priority 20
+    memory 256K
+    quota 64K
+    provides lender
+component borrower
+    module borrower
+    priority 10
+    cpu 0
+    memory 128K
+    quota 64K
+    uses lender at 20
+    restart 0
+    args reader-cpu=1
+";
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const ALL: [&str; 17] = [
+    const ALL: [&str; 19] = [
         IPC_PINGPONG,
         SUPERVISION,
         SEMAPHORE,
@@ -387,6 +458,8 @@ mod tests {
         BENCH_IPC,
         BENCH_EXITS,
         TESTVM,
+        SMP_IPC,
+        SMP_SHOOTDOWN,
     ];
 
     /// The components each manifest names, in order.

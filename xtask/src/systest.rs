@@ -361,6 +361,84 @@ const SMP_TWO_ONLINE: &[Expect] = &[
     all(NO_TASKS_LEFT),
 ];
 
+/// `smp_ipc`: both pings checked their payloads, the semaphore lost and
+/// doubled nothing, the interrupts arrived, everyone finished, and each
+/// component ran on the CPU its manifest gave it.
+fn smp_ipc_verdicts(serial: &str) -> Vec<Part> {
+    let mut parts = every_ping_finished_twice(serial);
+    let lines = [
+        "waiter: 10000 notifications, then none",
+        "notifier: 10000 ups",
+        "rtc: 20 interrupts through the semaphore",
+        "roottask: component 'ping0' finished",
+        "roottask: component 'ping1' finished",
+        "roottask: component 'waiter' finished",
+        "roottask: component 'notifier' finished",
+        "roottask: component 'rtc' finished",
+    ];
+    let missing: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|line| !serial.contains(line))
+        .collect();
+    parts.push(Part {
+        name: "finished".to_string(),
+        result: if missing.is_empty() {
+            Ok(
+                "semaphore 10000/10000, then none; 20 interrupts on cpu 1; all finished"
+                    .to_string(),
+            )
+        } else {
+            Err(format!("missing: {}", missing.join("; ")))
+        },
+    });
+    parts
+}
+
+fn every_ping_finished_twice(serial: &str) -> Vec<Part> {
+    let pings = serial.matches("ping: 10000 calls, payload checked").count();
+    let placed = |name: &str, cpu: u32| {
+        let started = format!("roottask: started '{name}' (");
+        let on = format!(", cpu {cpu}, ");
+        serial
+            .lines()
+            .any(|line| line.contains(&started) && line.contains(&on))
+    };
+    let wanted = [
+        ("echo", 0),
+        ("ping0", 0),
+        ("ping1", 1),
+        ("waiter", 1),
+        ("notifier", 0),
+        ("rtc", 1),
+    ];
+    let misplaced: Vec<String> = wanted
+        .iter()
+        .filter(|&&(name, cpu)| !placed(name, cpu))
+        .map(|&(name, cpu)| format!("{name} not on cpu {cpu}"))
+        .collect();
+    vec![
+        Part {
+            name: "two_pings".to_string(),
+            result: if pings == 2 {
+                Ok("both pings: 10000 calls, payload checked".to_string())
+            } else {
+                Err(format!(
+                    "{pings} ping(s) reported 10000 checked calls, not 2"
+                ))
+            },
+        },
+        Part {
+            name: "placement".to_string(),
+            result: if misplaced.is_empty() {
+                Ok("every component on its CPU".to_string())
+            } else {
+                Err(misplaced.join(", "))
+            },
+        },
+    ]
+}
+
 /// The idle CPUs' timers went on ticking after bring-up (which waits for
 /// two ticks): each reports more ticks at the end than that.
 fn idle_cpus_kept_ticking(serial: &str) -> Vec<Part> {
@@ -513,6 +591,75 @@ pub const TESTS: &[SysTest] = &[
         ],
         forbid: &["cpu 1: online", "cpu 1: idle"],
         check: Some(idle_cpus_kept_ticking),
+        ..BASE
+    },
+    SysTest {
+        name: "smp_ipc",
+        modules: &[
+            ROOTTASK,
+            manifest("smp_ipc", manifests::SMP_IPC),
+            component("echo"),
+            component("ping"),
+            component("waiter"),
+            component("notifier"),
+            component("rtc"),
+        ],
+        cpus: 2,
+        // The five components finish in any order: `expect` waits for five
+        // of them, the check says which.
+        expect: &[
+            all("cpus: 2 online"),
+            all("roottask: started 'ping1' (pd sel"),
+            all("' finished"),
+            all("' finished"),
+            all("' finished"),
+            all("' finished"),
+            all("' finished"),
+        ],
+        forbid: &["FAIL", "faulted", "is not online"],
+        check: Some(smp_ipc_verdicts),
+        stop: Stop::WhenDecided,
+        ..BASE
+    },
+    SysTest {
+        name: "smp_shootdown",
+        modules: &[
+            ROOTTASK,
+            manifest("smp_shootdown", manifests::SMP_SHOOTDOWN),
+            component("lender"),
+            component("borrower"),
+        ],
+        cpus: 2,
+        expect: &[
+            all("borrower: read the lent page"),
+            all("borrower: revoking while the reader on cpu 1 reads"),
+            all("lender: revoked the lent page"),
+            all("roottask: component 'borrower' faulted: #PF"),
+        ],
+        forbid: &["borrower: FAIL", "lender: FAIL", "is not online"],
+        stop: Stop::WhenDecided,
+        ..BASE
+    },
+    SysTest {
+        // The same with the kernel's shootdown IPIs switched off: the
+        // reader on CPU 1 goes on reading the revoked page, so the test
+        // above would catch a kernel that does not shoot down.
+        name: "smp_shootdown_off",
+        modules: &[
+            ROOTTASK,
+            manifest("smp_shootdown_off", manifests::SMP_SHOOTDOWN),
+            component("lender"),
+            component("borrower"),
+        ],
+        kernel_args: &["smp-test-no-shootdown"],
+        cpus: 2,
+        expect: &[
+            all("ipi: remote TLB shootdowns are off (smp-test-no-shootdown)"),
+            all("borrower: revoking while the reader on cpu 1 reads"),
+            all("borrower: FAIL the reader read 0x"),
+        ],
+        forbid: &["lender: FAIL"],
+        stop: Stop::WhenDecided,
         ..BASE
     },
     SysTest {

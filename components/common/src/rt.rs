@@ -33,6 +33,7 @@ pub fn serve(
         server::HANDLER_EC,
         sel::OWN_PD,
         true,
+        moat_user::abi::CPU_OF_CALLER,
         0,
         stack_top,
         server::HANDLER_UTCB,

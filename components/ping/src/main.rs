@@ -93,6 +93,7 @@ fn die_during_call(tsc_hz: u64) -> i32 {
         SECOND_EC,
         0,
         false,
+        moat_user::abi::CPU_OF_CALLER,
         rip,
         SECOND_STACK.top() - 8,
         SECOND_UTCB,

@@ -88,6 +88,7 @@ fn ceiling_holds() -> Result<(), &'static str> {
         ec,
         sel::OWN_PD,
         false,
+        moat_user::abi::CPU_OF_CALLER,
         0x1000,
         0x2000,
         SPARE_UTCB,

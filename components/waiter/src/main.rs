@@ -2,7 +2,8 @@
 //! prints `waiter: N notifications`.
 //!
 //! Arguments: `count=N` (default 100), `timeout_ms=N` for each down
-//! (default 10000), `tsc_hz=N` (default 1 GHz).
+//! (default 10000), `tsc_hz=N` (default 1 GHz); `then-none`: after the
+//! `count` downs, one more must time out (nothing was counted twice).
 #![no_std]
 #![no_main]
 
@@ -26,6 +27,19 @@ fn main(args: &str) -> i32 {
         if let Err(status) = sys::sm_down(SHARED_SM, rdtsc().saturating_add(timeout), false) {
             println!("waiter: FAIL after {n} notifications: {status}");
             return 1;
+        }
+    }
+    if args::flag(args, "then-none") {
+        let deadline = rdtsc().saturating_add(ms_to_ticks(args::tsc_hz(args), 200));
+        match sys::sm_down(SHARED_SM, deadline, false) {
+            Err(moat_user::abi::Status::Timeout) => {
+                println!("waiter: {count} notifications, then none");
+                return 0;
+            }
+            other => {
+                println!("waiter: FAIL one more notification than ups: {other:?}");
+                return 1;
+            }
         }
     }
     println!("waiter: {count} notifications");

@@ -27,6 +27,9 @@ pub const MESSAGE_REGISTERS: usize = 6;
 /// Scheduling priorities: 0 (lowest) to 63.
 pub const PRIORITIES: u8 = 64;
 pub const PAGE_SIZE: u64 = 4096;
+/// `create_ec`: the CPU number travels in the low 12 bits of the UTCB
+/// address (as in NOVA); this value there means the calling EC's CPU.
+pub const CPU_OF_CALLER: u64 = 0xfff;
 
 /// Call numbers (`rax` bits 0..8).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -28,10 +28,13 @@ pub enum Status {
     Aborted = 10,
     /// `call`: the server died (or its PD was destroyed) before replying.
     Dead = 11,
+    /// The CPU named is not one that schedules, or the object is bound to
+    /// another CPU than the caller's.
+    BadCpu = 12,
 }
 
 impl Status {
-    pub const ALL: [Status; 12] = [
+    pub const ALL: [Status; 13] = [
         Status::Success,
         Status::BadCall,
         Status::BadAddress,
@@ -44,6 +47,7 @@ impl Status {
         Status::Timeout,
         Status::Aborted,
         Status::Dead,
+        Status::BadCpu,
     ];
 
     pub const fn code(self) -> u64 {
@@ -81,6 +85,7 @@ impl fmt::Display for Status {
             Status::Timeout => "timed out",
             Status::Aborted => "aborted: the caller is gone",
             Status::Dead => "the partner died",
+            Status::BadCpu => "bad cpu",
         })
     }
 }

@@ -56,6 +56,9 @@ pub struct Ec {
     pub regs: TrapFrame,
     pub pd: PdId,
     pub kind: EcKind,
+    /// The CPU a global EC is bound to (its SC runs there); a handler runs
+    /// on the CPU of the SC it was lent.
+    pub cpu: usize,
     pub handler_rsp: u64,
     pub utcb_phys: u64,
     pub utcb_virt: u64,
@@ -133,6 +136,16 @@ impl Kernel {
     ) -> Result<(), Status> {
         let pd = self.lookup_pd(caller, pd_sel, rights::PD_CONTROL)?;
         self.object_slot_free(caller, selector)?;
+        // The CPU is in the UTCB address's low bits (as in NOVA); a
+        // handler runs wherever its callers' SCs run.
+        let cpu = match utcb_virt % PAGE_SIZE {
+            moat_abi::CPU_OF_CALLER => crate::kernel::here(),
+            cpu => cpu as usize,
+        };
+        let utcb_virt = utcb_virt - utcb_virt % PAGE_SIZE;
+        if !handler && !crate::arch::x86_64::ipi::schedules(cpu) {
+            return Err(Status::BadCpu);
+        }
         if !utcb_virt.is_multiple_of(PAGE_SIZE) || !(PAGE_SIZE..USER_END).contains(&utcb_virt) {
             return Err(Status::BadParameter);
         }
@@ -144,7 +157,8 @@ impl Kernel {
         } else {
             EcKind::Global
         };
-        let id = self.new_ec(pd, kind, rip, rsp, utcb_virt, exception_portal, ec_id)?;
+        let cpu = if handler { 0 } else { cpu };
+        let id = self.new_ec(pd, kind, cpu, rip, rsp, utcb_virt, exception_portal, ec_id)?;
         if let Err(status) = self.install_object(caller, selector, Object::Ec(id)) {
             self.destroy_ec(id);
             return Err(status);
@@ -158,6 +172,7 @@ impl Kernel {
         &mut self,
         pd: PdId,
         kind: EcKind,
+        cpu: usize,
         rip: u64,
         rsp: u64,
         utcb_virt: u64,
@@ -180,6 +195,7 @@ impl Kernel {
             regs: TrapFrame::new_user(rip, rsp),
             pd,
             kind,
+            cpu,
             handler_rsp: rsp,
             utcb_phys,
             utcb_virt,
@@ -239,7 +255,7 @@ impl Kernel {
     /// and returns true; false leaves everything untouched for the general
     /// path.
     pub fn fast_call(&mut self, caller: EcId, selector: u64) -> bool {
-        if self.current != Some(caller) {
+        if self.current() != Some(caller) {
             return false;
         }
         let Some(c) = self.ecs.get(caller) else {
@@ -281,13 +297,14 @@ impl Kernel {
         h.active = true;
         h.state = EcState::Running;
         h.sc = Some(sc);
+        h.cpu = crate::kernel::here();
         let target = utcb(h.utcb_phys);
         target.untyped = 0;
         target.typed = 0;
         if let Some(s) = self.scs.get_mut(sc) {
             s.holder = Some(handler);
         }
-        self.current = Some(handler);
+        self.set_current(Some(handler));
         true
     }
 
@@ -295,7 +312,7 @@ impl Kernel {
     /// a plain message, no UTCB payload, nobody queued. Switches back with
     /// the SC and returns true; false leaves everything to the general path.
     pub fn fast_reply(&mut self, handler: EcId) -> bool {
-        if self.current != Some(handler) {
+        if self.current() != Some(handler) {
             return false;
         }
         let Some(h) = self.ecs.get(handler) else {
@@ -345,7 +362,7 @@ impl Kernel {
         if let Some(s) = self.scs.get_mut(sc) {
             s.holder = Some(caller);
         }
-        self.current = Some(caller);
+        self.set_current(Some(caller));
         true
     }
 
@@ -382,10 +399,10 @@ impl Kernel {
             None | Some(EcState::Dead) => Err(Status::Dead),
             Some(EcState::Idle) => {
                 self.start_activation(handler, caller, pt);
-                let was_current = self.current == Some(caller);
+                let was_current = self.current() == Some(caller);
                 self.pass_sc(caller, handler);
                 if was_current {
-                    self.current = Some(handler);
+                    self.set_current(Some(handler));
                 } else {
                     self.make_ready(handler);
                 }
@@ -526,7 +543,7 @@ impl Kernel {
             (None, _) => self.release_orphan_sc(handler),
             (Some(c), Some(_)) => {
                 let calling = self.ecs.get(c).map(|e| e.calling)?;
-                let was_current = self.current == Some(handler);
+                let was_current = self.current() == Some(handler);
                 self.pass_sc(handler, c);
                 match calling {
                     CallKind::Message => {
@@ -558,10 +575,10 @@ impl Kernel {
                     }
                 }
                 if was_current && self.ecs.get(c).is_some_and(|e| e.state == EcState::Running) {
-                    self.current = Some(c);
+                    self.set_current(Some(c));
                 } else {
                     if was_current {
-                        self.current = None;
+                        self.set_current(None);
                     }
                     self.make_ready(c);
                 }
@@ -574,8 +591,8 @@ impl Kernel {
     /// The handler is free again: the next queued caller's activation
     /// starts right away (on that caller's SC), else it idles.
     fn end_activation(&mut self, handler: EcId) {
-        if self.current == Some(handler) {
-            self.current = None;
+        if self.current() == Some(handler) {
+            self.set_current(None);
         }
         let Some(h) = self.ecs.get_mut(handler) else {
             return;
@@ -608,7 +625,8 @@ impl Kernel {
     fn release_orphan_sc(&mut self, handler: EcId) {
         let sc = self.ecs.get_mut(handler).and_then(|h| h.sc.take());
         if let Some(sc) = sc {
-            self.run.remove(sc);
+            let cpu = self.scs.get(sc).map_or(0, |s| s.cpu);
+            self.cpus[cpu].run.remove(sc);
             if let Some(s) = self.scs.get_mut(sc) {
                 s.holder = None;
                 if s.zombie {
@@ -687,9 +705,7 @@ impl Kernel {
         e.state = EcState::Dead;
         let (kind, active, caller) = (e.kind, e.active, e.caller.take());
         let queue = core::mem::take(&mut e.queue);
-        if self.current == Some(ec) {
-            self.current = None;
-        }
+        self.take_off_cpu(ec);
         // The SC it holds goes back to whoever it was donated by.
         let serving = caller.filter(|&c| {
             kind == EcKind::Handler
@@ -771,17 +787,38 @@ impl Kernel {
 
     /// Removes an EC object (its PD is going, or its last capability went).
     pub fn destroy_ec(&mut self, id: EcId) {
+        // Another CPU that entered this EC last may still be in it: its
+        // next entry saves registers into the EC, so the EC is freed only
+        // after that CPU has passed through its scheduler.
+        let me = crate::kernel::here();
+        let busy = self
+            .cpus
+            .iter()
+            .enumerate()
+            .find(|&(index, cpu)| index != me && cpu.entered == Some(id))
+            .map(|(index, _)| index);
         self.kill_ec(id, "destroyed");
         let Some(ec) = self.ecs.remove(id) else {
             return;
         };
         self.unmap_page(ec.pd, ec.utcb_virt / PAGE_SIZE);
-        memory::free_frame(ec.utcb_phys);
+        self.free_after_shootdown(ec.utcb_phys);
         self.refund(ec.pd, EC_COST);
         if let Some(p) = self.pds.get_mut(ec.pd) {
             p.owned.retain(|&o| o != Object::Ec(id));
         }
         // An SC bound to it that it held was released by `kill_ec`; one it
         // donated comes back to nobody when the activation ends.
+        match busy {
+            Some(cpu) if self.cpus[cpu].zombies.try_reserve(1).is_ok() => {
+                self.cpus[cpu].entered = None;
+                self.cpus[cpu].zombies.push(ec);
+                crate::arch::x86_64::ipi::kick(cpu);
+            }
+            // Without room to defer it, it is leaked rather than freed
+            // under a running CPU.
+            Some(_) => core::mem::forget(ec),
+            None => {}
+        }
     }
 }

@@ -1,6 +1,9 @@
-//! The kernel's state: every object, every capability space, the run queues
-//! and the running EC, behind one lock (the kernel runs with interrupts off
-//! and is not preemptible, so the lock only makes that exclusion explicit).
+//! The kernel's state: every object, every capability space, each CPU's
+//! run queue and running EC, behind one lock, the kernel lock: a CPU takes
+//! it on every entry (system call, interrupt, exception) and drops it when
+//! it leaves, with interrupts off throughout, so the kernel is one
+//! critical section (the design of seL4's SMP kernel). See
+//! docs/architecture.md, "Many CPUs", for what runs without it.
 //!
 //! The object files (`pd.rs`, `ec.rs`, `sc.rs`, `pt.rs`, `sm.rs`) add the
 //! calls on each object as `impl Kernel` blocks; this file holds what they
@@ -8,7 +11,7 @@
 //! and scheduling.
 
 use crate::arch::x86_64::entry::TrapFrame;
-use crate::arch::x86_64::{cpu, gdt, percpu};
+use crate::arch::x86_64::{cpu, gdt, ipi, percpu};
 use crate::ec::{Ec, EcState};
 use crate::pd::Pd;
 use crate::pt::Pt;
@@ -16,11 +19,12 @@ use crate::sc::Sc;
 use crate::sm::Sm;
 use alloc::boxed::Box;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicUsize, Ordering};
 use moat_abi::{Space, Status};
 use moat_kernel::arena::{Arena, Id};
 use moat_kernel::cap::{CapError, CapSystem, Capability, Rights, SlotRef, SpaceId};
 use moat_kernel::sched::RunQueues;
-use spin::Mutex;
+use spin::{Mutex, MutexGuard};
 
 pub type PdId = Id<Pd>;
 pub type EcId = Id<Box<Ec>>;
@@ -57,6 +61,82 @@ pub enum Cap {
 pub const CAP_SLOT_COST: u64 = 96;
 
 pub static KERNEL: Mutex<Option<Kernel>> = Mutex::new(None);
+
+/// Takes the kernel lock; while another CPU holds it, carries out the TLB
+/// shootdown that CPU may be waiting for (`ipi`), so a CPU that waits for
+/// the lock with interrupts off never holds up one that holds it.
+/// A guest runs with the lock held (its CPU is named in [`GUEST_CPU`]):
+/// a CPU that waits for the lock sends that CPU a wake-up, whose arrival
+/// makes the guest exit, so the wait lasts one exit, not the guest's
+/// time slice.
+pub fn lock() -> MutexGuard<'static, Option<Kernel>> {
+    let mut kicked = false;
+    loop {
+        if let Some(guard) = KERNEL.try_lock() {
+            return guard;
+        }
+        ipi::service();
+        if !kicked {
+            let guest = GUEST_CPU.load(Ordering::Relaxed);
+            if guest != NO_CPU {
+                ipi::kick(guest);
+                kicked = true;
+            }
+        }
+        core::hint::spin_loop();
+    }
+}
+
+const NO_CPU: usize = usize::MAX;
+
+/// The CPU running a guest while it holds the kernel lock, if any.
+static GUEST_CPU: AtomicUsize = AtomicUsize::new(NO_CPU);
+
+/// Says that this CPU, holding the kernel lock, enters (`true`) or left a
+/// guest.
+pub fn in_guest(inside: bool) {
+    GUEST_CPU.store(if inside { here() } else { NO_CPU }, Ordering::Relaxed);
+}
+
+/// One CPU's scheduling state.
+pub struct CpuSched {
+    /// The SCs of this CPU that are ready, by priority.
+    pub run: RunQueues<ScId>,
+    /// The EC on the CPU (holding the current SC), if any.
+    pub current: Option<EcId>,
+    /// The EC whose register area this CPU entered last (its entries save
+    /// registers there until it enters another or idles).
+    pub entered: Option<EcId>,
+    /// ECs destroyed while this CPU may still have been running them: freed
+    /// when it next passes through the scheduler. (Boxed: the register
+    /// area must stay where that CPU saves into it.)
+    #[allow(clippy::vec_box)]
+    pub zombies: Vec<Box<Ec>>,
+    /// Control structures of vCPUs of this CPU destroyed by another CPU:
+    /// freed here (a VMCS must be cleared on the CPU where it is current).
+    pub dead_vcpus: Vec<crate::vcpu::Backend>,
+    /// Whose I/O bitmap this CPU's TSS holds: `Some(None)` means it must be
+    /// reloaded, `None` that it denies everything.
+    pub io_loaded: Option<Option<PdId>>,
+}
+
+impl CpuSched {
+    fn new() -> Self {
+        Self {
+            run: RunQueues::new(),
+            current: None,
+            entered: None,
+            zombies: Vec::new(),
+            dead_vcpus: Vec::new(),
+            io_loaded: None,
+        }
+    }
+}
+
+/// This CPU's number.
+pub fn here() -> usize {
+    percpu::current_id()
+}
 
 /// Capabilities a long `delegate` or `revoke` handles between two looks
 /// for a due interrupt: on Bochs, 8 page delegations take ~0.3 ms.
@@ -97,9 +177,8 @@ pub struct Kernel {
     pub pts: Arena<Pt>,
     pub sms: Arena<Sm>,
     pub vcpus: Arena<Box<crate::vcpu::Vcpu>>,
-    pub run: RunQueues<ScId>,
-    /// The EC on the CPU (holding the current SC), if any.
-    pub current: Option<EcId>,
+    /// Per CPU, by the kernel's CPU number.
+    pub cpus: Vec<CpuSched>,
     /// ECs waiting with a deadline (absolute TSC).
     pub timeouts: Vec<(u64, EcId)>,
     /// The root task's first EC: when it ends, the system stops.
@@ -109,9 +188,11 @@ pub struct Kernel {
     pub root_pd: Option<PdId>,
     /// Objects whose last capability went, to destroy after the revoke.
     doomed: Vec<Object>,
-    /// Whose I/O bitmap the TSS holds: `Some(None)` means it must be
-    /// reloaded, `None` that it denies everything.
-    pub io_loaded: Option<Option<PdId>>,
+    /// Memory or ports were revoked since the last shootdown: other CPUs
+    /// may still hold them in their TLBs (TSS I/O bitmaps).
+    pub tlb_dirty: bool,
+    /// Frames that were mapped until the pending shootdown: freed after it.
+    pub free_after_shootdown: Vec<u64>,
     /// The semaphore each GSI is assigned to.
     pub irq_sms: [Option<SmId>; crate::arch::x86_64::ioapic::MAX_GSIS as usize],
 }
@@ -145,14 +226,16 @@ impl Kernel {
             pts: Arena::new(),
             sms: Arena::new(),
             vcpus: Arena::new(),
-            run: RunQueues::new(),
-            current: None,
+            cpus: (0..moat_kernel::smp::MAX_CPUS)
+                .map(|_| CpuSched::new())
+                .collect(),
             timeouts: Vec::new(),
             root_ec: None,
             root_dead: false,
             root_pd: None,
             doomed: Vec::new(),
-            io_loaded: None,
+            tlb_dirty: false,
+            free_after_shootdown: Vec::new(),
             irq_sms: [None; crate::arch::x86_64::ioapic::MAX_GSIS as usize],
         }
     }
@@ -456,7 +539,7 @@ impl Kernel {
                     self.unmap_page(pd, slot.key);
                 }
                 if owned {
-                    crate::memory::free_frame(phys);
+                    self.free_after_shootdown(phys);
                 }
             }
             Cap::Port => {
@@ -512,42 +595,79 @@ impl Kernel {
 
     // ---- scheduling ----
 
-    /// The EC's SC goes on the run queue (unless it is the current EC's).
-    pub fn make_ready(&mut self, ec: EcId) {
-        let Some(sc) = self.ecs.get(ec).and_then(|e| e.sc) else {
-            return;
-        };
-        if self.current == Some(ec) {
-            return;
-        }
-        if let Some(priority) = self.scs.get(sc).map(|s| s.priority) {
-            if !self.run.contains(sc) {
-                let _ = self.run.enqueue(sc, priority);
+    /// The EC running on this CPU.
+    pub fn current(&self) -> Option<EcId> {
+        self.cpus[here()].current
+    }
+
+    pub fn set_current(&mut self, ec: Option<EcId>) {
+        self.cpus[here()].current = ec;
+    }
+
+    /// The CPU an SC runs on.
+    fn sc_cpu(&self, sc: ScId) -> usize {
+        self.scs.get(sc).map_or(here(), |s| s.cpu)
+    }
+
+    /// Stops `ec` running on whichever CPU runs it; another CPU is sent a
+    /// wake-up so that it leaves the EC at once.
+    pub fn take_off_cpu(&mut self, ec: EcId) {
+        let me = here();
+        for index in 0..self.cpus.len() {
+            if self.cpus[index].current == Some(ec) {
+                self.cpus[index].current = None;
+                if index != me {
+                    ipi::kick(index);
+                }
             }
         }
     }
 
-    /// Takes the EC off the CPU or the run queue (it blocks or dies).
-    pub fn make_unready(&mut self, ec: EcId) {
-        if self.current == Some(ec) {
-            self.current = None;
+    /// The EC's SC goes on its CPU's run queue (unless the EC runs); a
+    /// CPU other than this one is woken to look at it.
+    pub fn make_ready(&mut self, ec: EcId) {
+        let Some(sc) = self.ecs.get(ec).and_then(|e| e.sc) else {
+            return;
+        };
+        let Some((priority, cpu)) = self.scs.get(sc).map(|s| (s.priority, s.cpu)) else {
+            return;
+        };
+        if self.cpus[cpu].current == Some(ec) {
+            return;
         }
+        // A handler runs where the SC it holds runs.
+        if let Some(e) = self.ecs.get_mut(ec) {
+            e.cpu = cpu;
+        }
+        let queue = &mut self.cpus[cpu].run;
+        if !queue.contains(sc) {
+            let _ = queue.enqueue(sc, priority);
+            ipi::kick(cpu);
+        }
+    }
+
+    /// Takes the EC off its CPU or its run queue (it blocks or dies).
+    pub fn make_unready(&mut self, ec: EcId) {
+        self.take_off_cpu(ec);
         if let Some(sc) = self.ecs.get(ec).and_then(|e| e.sc) {
-            self.run.remove(sc);
+            let cpu = self.sc_cpu(sc);
+            self.cpus[cpu].run.remove(sc);
         }
     }
 
     /// Moves the SC held by `from` to `to` (donation on call, return on
-    /// reply).
+    /// reply); `to` runs where the SC runs.
     pub fn pass_sc(&mut self, from: EcId, to: EcId) {
         let sc = self.ecs.get_mut(from).and_then(|e| e.sc.take());
         if let Some(sc) = sc {
-            self.run.remove(sc);
+            let cpu = self.sc_cpu(sc);
+            self.cpus[cpu].run.remove(sc);
             if let Some(s) = self.scs.get_mut(sc) {
                 s.holder = Some(to);
             }
             if let Some(e) = self.ecs.get_mut(to) {
                 e.sc = Some(sc);
+                e.cpu = cpu;
             }
         }
     }
@@ -557,9 +677,12 @@ impl Kernel {
         Some(self.scs.get(sc)?.priority)
     }
 
-    /// Lets a higher-priority ready SC take the CPU from the current one.
+    /// Lets a higher-priority ready SC take this CPU from the current one.
     pub fn preempt_if_needed(&mut self) {
-        let (Some(current), Some(best)) = (self.current, self.run.peek_priority()) else {
+        let me = here();
+        let (Some(current), Some(best)) =
+            (self.cpus[me].current, self.cpus[me].run.peek_priority())
+        else {
             return;
         };
         let Some(mine) = self.priority_of(current) else {
@@ -567,15 +690,18 @@ impl Kernel {
         };
         if best > mine {
             if let Some(sc) = self.ecs.get(current).and_then(|e| e.sc) {
-                let _ = self.run.enqueue_front(sc, mine);
+                let _ = self.cpus[me].run.enqueue_front(sc, mine);
             }
-            self.current = None;
+            self.cpus[me].current = None;
         }
     }
 
     /// The current SC's budget ran out: to the tail of its priority.
     pub fn rotate_current(&mut self) {
-        let Some(current) = self.current else { return };
+        let me = here();
+        let Some(current) = self.cpus[me].current else {
+            return;
+        };
         let Some(sc) = self.ecs.get(current).and_then(|e| e.sc) else {
             return;
         };
@@ -589,16 +715,18 @@ impl Kernel {
             }
             None => false,
         };
-        if expired && !self.run.is_empty() {
+        if expired && !self.cpus[me].run.is_empty() {
             let priority = self.priority_of(current).unwrap_or(0);
-            let _ = self.run.enqueue(sc, priority);
-            self.current = None;
+            let _ = self.cpus[me].run.enqueue(sc, priority);
+            self.cpus[me].current = None;
         }
     }
 
-    /// Who runs next: the current EC, or the head of the run queue.
+    /// Who runs next on this CPU: the current EC, or the head of its run
+    /// queue.
     pub fn pick(&mut self) -> Option<EcId> {
-        if let Some(current) = self.current {
+        let me = here();
+        if let Some(current) = self.cpus[me].current {
             if self
                 .ecs
                 .get(current)
@@ -606,9 +734,9 @@ impl Kernel {
             {
                 return Some(current);
             }
-            self.current = None;
+            self.cpus[me].current = None;
         }
-        while let Some((sc, _)) = self.run.pick() {
+        while let Some((sc, _)) = self.cpus[me].run.pick() {
             let holder = self.scs.get(sc).and_then(|s| s.holder);
             if let Some(ec) = holder {
                 if self
@@ -616,12 +744,53 @@ impl Kernel {
                     .get(ec)
                     .is_some_and(|e| e.state == EcState::Running && e.sc == Some(sc))
                 {
-                    self.current = Some(ec);
+                    self.cpus[me].current = Some(ec);
                     return Some(ec);
                 }
             }
         }
         None
+    }
+
+    /// Memory or ports were revoked: every CPU flushes before the revoking
+    /// call returns (`sync_tlbs`), and the frames that were mapped are
+    /// freed only then.
+    pub fn tlb_changed(&mut self) {
+        self.tlb_dirty = true;
+    }
+
+    /// A frame that may still be in another CPU's TLB: freed after the
+    /// shootdown.
+    pub fn free_after_shootdown(&mut self, phys: u64) {
+        if self.free_after_shootdown.try_reserve(1).is_ok() {
+            self.free_after_shootdown.push(phys);
+        } else {
+            self.sync_tlbs();
+            crate::memory::free_frame(phys);
+        }
+    }
+
+    /// Carries out the pending TLB shootdown on every CPU, then frees what
+    /// waited for it. Called before this CPU leaves the kernel.
+    /// What other CPUs left this one to free: ECs it may have been
+    /// running, vCPUs whose VMCS may be current here. Called when this CPU
+    /// is in the kernel and off every EC's register area.
+    pub fn free_left_here(&mut self) {
+        let me = here();
+        self.cpus[me].zombies.clear();
+        for backend in core::mem::take(&mut self.cpus[me].dead_vcpus) {
+            crate::vcpu::free_backend(backend);
+        }
+    }
+
+    pub fn sync_tlbs(&mut self) {
+        if self.tlb_dirty {
+            self.tlb_dirty = false;
+            ipi::shootdown(None);
+        }
+        for phys in self.free_after_shootdown.drain(..) {
+            crate::memory::free_frame(phys);
+        }
     }
 
     /// Wakes ECs whose deadline passed, with `Timeout`.
@@ -651,10 +820,15 @@ impl Kernel {
             None => (None, None),
         };
         let wanted = bitmap.map(|_| pd);
-        if self.io_loaded != Some(wanted) {
-            gdt::load_io_bitmap(bitmap);
-            self.io_loaded = Some(wanted);
+        let me = here();
+        if percpu::current().io_stale.swap(false, Ordering::Relaxed) {
+            self.cpus[me].io_loaded = None;
         }
+        if self.cpus[me].io_loaded != Some(wanted) {
+            gdt::load_io_bitmap(bitmap);
+            self.cpus[me].io_loaded = Some(wanted);
+        }
+        self.cpus[me].entered = Some(ec);
         let top = frame as u64 + core::mem::size_of::<TrapFrame>() as u64;
         gdt::set_kernel_entry_stack(top);
         percpu::set_kernel_rsp(top);

@@ -165,6 +165,9 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
         },
     );
 
+    if has_word(cmdline, "smp-test-no-shootdown") {
+        arch::x86_64::ipi::disable_remote_shootdowns();
+    }
     if has_word(cmdline, "kernel-fault-test") {
         log::warn!("kernel-fault-test: executing ud2 in kernel mode on purpose");
         // SAFETY: not safe: this raises #UD in the kernel deliberately, to

@@ -45,9 +45,6 @@ pub struct Pd {
     /// A VM's guest-physical space (EPT or NPT); its memory space maps
     /// there instead of `space`.
     pub guest: Option<Guest>,
-    /// The guest space lost mappings or rights since its vCPUs last ran:
-    /// they flush the guest TLB on the next entry.
-    pub guest_flush: bool,
     /// The guest IPC hypercall is allowed from guest CPL 3.
     pub user_hypercalls: bool,
     /// Ports this PD may use (bit set = denied), once it holds any.
@@ -123,7 +120,7 @@ impl Guest {
     /// needs a flush).
     fn unmap(&mut self, mem: &mut impl TableMemory, gpa: u64) -> bool {
         // The flush itself happens at the next entry of each vCPU
-        // (`Pd::guest_flush`), so the tokens are consumed here.
+        // (`vcpu::guest_tlbs_stale`), so the tokens are consumed here.
         match self {
             Guest::Ept(space) => space.unmap(mem, gpa).map(|(_, _, _flush)| ()).is_ok(),
             Guest::Npt(space) => space.unmap(mem, gpa).map(|(_, _, _flush)| ()).is_ok(),
@@ -243,7 +240,6 @@ impl Kernel {
             spaces_gone: 0,
             io_bitmap: None,
             guest: None,
-            guest_flush: false,
             user_hypercalls: false,
         };
         let Some(id) = self.pds.insert(pd) else {
@@ -379,12 +375,16 @@ impl Kernel {
         let virt = vpn.wrapping_mul(PAGE_SIZE);
         if let Some(guest) = p.guest.as_mut() {
             if guest.unmap(&mut KernelTables, virt) {
-                p.guest_flush = true;
+                crate::vcpu::guest_tlbs_stale();
+                self.tlb_changed();
             }
             return;
         }
-        if p.space.unmap(&mut KernelTables, virt).is_ok() && cpu::read_cr3() == p.space.root() {
-            flush_page(virt);
+        if p.space.unmap(&mut KernelTables, virt).is_ok() {
+            if cpu::read_cr3() == p.space.root() {
+                flush_page(virt);
+            }
+            self.tlb_changed();
         }
     }
 
@@ -415,8 +415,14 @@ impl Kernel {
         } else {
             bitmap[port / 8] |= 1 << (port % 8);
         }
-        // Reload at the next switch.
-        self.io_loaded = Some(None);
+        // Every CPU reloads it at its next switch; one that runs the PD now
+        // must not keep a revoked port.
+        for cpu in self.cpus.iter_mut() {
+            cpu.io_loaded = None;
+        }
+        if !allowed {
+            self.tlb_changed();
+        }
         Ok(())
     }
 
@@ -487,13 +493,18 @@ impl Kernel {
                 return false;
             }
         }
+        let root = self.pds.get(id).map(|p| p.space.root());
+        if let Some(root) = root {
+            // No CPU may walk the tables freed below: each one that has
+            // them loaded moves to the kernel's own.
+            self.sync_tlbs();
+            crate::arch::x86_64::ipi::shootdown(Some(root));
+        }
         if let Some(pd) = self.pds.remove(id) {
-            if cpu::read_cr3() == pd.space.root() {
-                // SAFETY: the kernel's own tables map everything the kernel uses.
-                unsafe { cpu::write_cr3(memory::kernel_root()) };
-            }
             if pd.io_bitmap.is_some() {
-                self.io_loaded = Some(None);
+                for cpu in self.cpus.iter_mut() {
+                    cpu.io_loaded = None;
+                }
             }
             let mut quota = pd.quota;
             if let Some(guest) = pd.guest {

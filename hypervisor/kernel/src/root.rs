@@ -3,7 +3,7 @@
 
 use crate::arch::x86_64::layout::{phys_to_virt, USER_END, USER_START};
 use crate::heap;
-use crate::kernel::{Cap, Kernel, Object, PdId, KERNEL};
+use crate::kernel::{Cap, Kernel, Object, PdId};
 use crate::memory;
 use crate::util::Name;
 use crate::{stop, BootDirectMap, StopReason};
@@ -98,7 +98,8 @@ pub fn start(boot: &Multiboot, tsc_hz: u64, pool_mib: Option<u64>) -> ! {
             stop(StopReason::NoTasks);
         }
     }
-    *KERNEL.lock() = Some(kernel);
+    crate::scheduler::join_boot_cpu();
+    *crate::kernel::lock() = Some(kernel);
     let frame = crate::scheduler::leave();
     // SAFETY: `leave` returned the saved context of the root task's EC,
     // prepared for entry.
@@ -325,6 +326,7 @@ fn build(
     let ec = kernel.new_ec(
         pd,
         crate::ec::EcKind::Global,
+        crate::arch::x86_64::percpu::BOOT_CPU,
         image.entry,
         rsp,
         layout::MAIN_UTCB,
@@ -339,8 +341,10 @@ fn build(
 }
 
 impl Kernel {
-    pub fn root_ended(&self) -> bool {
-        self.root_dead
+    /// The root task has ended, said once: the CPU that hears it stops
+    /// the system.
+    pub fn root_ended(&mut self) -> bool {
+        core::mem::take(&mut self.root_dead)
     }
 }
 
@@ -348,14 +352,16 @@ impl Kernel {
 /// back, and stop.
 pub fn finish() -> ! {
     {
-        let mut guard = KERNEL.lock();
+        let mut guard = crate::kernel::lock();
         if let Some(kernel) = guard.as_mut() {
             kernel.root_ec = None;
             if let Some(pd) = kernel.root_pd.take() {
                 kernel.destroy_pd(pd);
             }
+            kernel.sync_tlbs();
         }
     }
+    crate::scheduler::await_zombies();
     // SAFETY: the kernel's tables map everything the kernel uses.
     unsafe { crate::arch::x86_64::cpu::write_cr3(memory::kernel_root()) };
     let now = memory::free_frames() + heap::pages();

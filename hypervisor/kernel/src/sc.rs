@@ -11,6 +11,8 @@ pub struct Sc {
     /// donated to), if any.
     pub holder: Option<EcId>,
     pub priority: u8,
+    /// The CPU whose run queue it is on when ready: its EC's.
+    pub cpu: usize,
     pub budget: Budget,
     pub owner: PdId,
     pub caps: u32,
@@ -67,10 +69,12 @@ impl Kernel {
         priority: u8,
         budget_us: u64,
     ) -> Result<crate::kernel::ScId, Status> {
+        let cpu = self.ecs.get(ec).map_or(0, |e| e.cpu);
         self.charge(owner, SC_COST)?;
         let sc = Sc {
             holder: Some(ec),
             priority,
+            cpu,
             budget: Budget::new(budget_us),
             owner,
             caps: 0,
@@ -116,16 +120,14 @@ impl Kernel {
         if sc.zombie {
             return;
         }
-        self.run.remove(id);
+        self.cpus[sc.cpu].run.remove(id);
         if let Some(holder) = sc.holder {
             if let Some(e) = self.ecs.get_mut(holder) {
                 if e.sc == Some(id) {
                     e.sc = None;
                 }
             }
-            if self.current == Some(holder) {
-                self.current = None;
-            }
+            self.take_off_cpu(holder);
         }
         self.refund(sc.owner, SC_COST);
         if let Some(p) = self.pds.get_mut(sc.owner) {

@@ -1,9 +1,10 @@
-//! Leaving the kernel: to the EC that runs next (into its guest, if it is
-//! running a vCPU), or to the idle loop.
+//! Leaving the kernel: to the EC that runs next on this CPU (into its
+//! guest, if it is running a vCPU), or to the idle loop. Every CPU runs
+//! this with its own run queue (`Kernel::cpus`).
 
 use crate::arch::x86_64::entry::{self, TrapFrame};
-use crate::arch::x86_64::{cpu, lapic};
-use crate::kernel::{Kernel, KERNEL};
+use crate::arch::x86_64::{cpu, ipi, lapic};
+use crate::kernel::{self, here, Kernel};
 use crate::vcpu::Step;
 use spin::MutexGuard;
 
@@ -13,7 +14,7 @@ type Guard<'a> = MutexGuard<'a, Option<Kernel>>;
 /// returning) when nothing can run; stops the system when the root task
 /// has ended.
 pub fn leave() -> *const TrapFrame {
-    leave_with(KERNEL.lock())
+    leave_with(kernel::lock())
 }
 
 /// `leave` for a caller that already holds the kernel lock.
@@ -35,7 +36,14 @@ fn next(mut guard: Guard<'_>) -> Option<*const TrapFrame> {
             drop(guard);
             crate::root::finish();
         }
-        let ec = kernel.pick()?;
+        // What this CPU did may have revoked what others still cache; and
+        // this CPU is off the register areas of ECs destroyed meanwhile.
+        kernel.sync_tlbs();
+        kernel.free_left_here();
+        let Some(ec) = kernel.pick() else {
+            kernel.cpus[here()].entered = None;
+            return None;
+        };
         if kernel.ecs.get(ec).is_some_and(|e| e.vcpu.is_some()) {
             match kernel.vcpu_step(ec) {
                 Step::ToUser => {}
@@ -43,7 +51,7 @@ fn next(mut guard: Guard<'_>) -> Option<*const TrapFrame> {
                 Step::HostInterrupt => {
                     drop(guard);
                     take_pending_interrupt();
-                    guard = KERNEL.lock();
+                    guard = kernel::lock();
                     continue;
                 }
             }
@@ -63,10 +71,11 @@ fn take_pending_interrupt() {
     unsafe { core::arch::asm!("sti", "nop", "cli", options(nomem, nostack)) };
 }
 
-/// Waits with interrupts on until an EC can run, then enters it.
+/// Waits with interrupts on until an EC can run on this CPU, then enters
+/// it.
 fn idle() -> ! {
     loop {
-        let mut guard = KERNEL.lock();
+        let mut guard = kernel::lock();
         let now = cpu::rdtsc();
         if let Some(kernel) = guard.as_mut() {
             kernel.expire_timeouts(now);
@@ -74,10 +83,17 @@ fn idle() -> ! {
             // may be gone) goes on while nothing else runs.
             kernel.destroy_doomed_until(&crate::syscall::interrupt_due);
         }
-        if let Some(frame) = next(guard) {
-            // SAFETY: `frame` is the saved user context of an EC that the
-            // scheduler just prepared (its address space and entry stack).
-            unsafe { entry::enter_user(frame) };
+        if guard.is_some() {
+            if let Some(frame) = next(guard) {
+                // SAFETY: `frame` is the saved user context of an EC that
+                // the scheduler just prepared (its address space and entry
+                // stack).
+                unsafe { entry::enter_user(frame) };
+            }
+        } else {
+            // The root task is not started yet (another CPU than the
+            // boot CPU, early).
+            drop(guard);
         }
         // SAFETY: STI's one-instruction shadow makes STI;HLT atomic, so no
         // wake-up is lost; interrupts are off again before the kernel lock
@@ -86,14 +102,57 @@ fn idle() -> ! {
     }
 }
 
-/// A timer interrupt: wakes ECs whose deadline passed, charges the current
-/// SC at a scheduling tick, preempts, and arms the one-shot timer for the
-/// next event (tick, deadline or console output, whichever is first).
+/// Where a CPU other than the boot CPU goes once it is online: it
+/// schedules the ECs bound to it.
+pub fn run_ap() -> ! {
+    ipi::join();
+    idle()
+}
+
+/// Where the boot CPU joins the others before it starts the root task.
+pub fn join_boot_cpu() {
+    ipi::join();
+}
+
+/// After the root task's teardown: waits (at most 100 ms) until every CPU
+/// has freed the ECs it may still have been running (`CpuSched::zombies`),
+/// so that the memory check at the end counts them as free.
+pub fn await_zombies() {
+    for cpu in ipi::scheduling_cpus() {
+        ipi::kick(cpu);
+    }
+    let limit = lapic::tsc_hz() / 10;
+    let start = cpu::rdtsc();
+    loop {
+        {
+            let mut guard = kernel::lock();
+            let Some(kernel) = guard.as_mut() else { return };
+            kernel.free_left_here();
+            if kernel
+                .cpus
+                .iter()
+                .all(|c| c.zombies.is_empty() && c.dead_vcpus.is_empty())
+            {
+                return;
+            }
+        }
+        if cpu::rdtsc().wrapping_sub(start) > limit {
+            log::warn!("smp: a CPU did not leave the ECs of the ended root task");
+            return;
+        }
+        core::hint::spin_loop();
+    }
+}
+
+/// A timer interrupt on this CPU: wakes ECs whose deadline passed, charges
+/// the current SC at a scheduling tick, preempts, and arms the one-shot
+/// timer for the next event (tick, deadline or console output, whichever
+/// is first).
 pub fn tick() {
     let now = cpu::rdtsc();
     let due = lapic::tick_due(now);
     let mut next = lapic::next_tick().min(crate::console::feed());
-    let mut guard = KERNEL.lock();
+    let mut guard = kernel::lock();
     if let Some(kernel) = guard.as_mut() {
         kernel.expire_timeouts(now);
         if due {
@@ -105,4 +164,14 @@ pub fn tick() {
         }
     }
     lapic::arm(next);
+}
+
+/// The wake-up IPI: another CPU made an EC of this CPU ready; it may
+/// preempt the current one.
+pub fn wake() {
+    ipi::service();
+    let mut guard = kernel::lock();
+    if let Some(kernel) = guard.as_mut() {
+        kernel.preempt_if_needed();
+    }
 }

@@ -4,7 +4,7 @@ use crate::arch::x86_64::entry::TrapFrame;
 use crate::arch::x86_64::layout::{phys_to_virt, USER_END};
 use crate::console;
 use crate::ec::Resume;
-use crate::kernel::{EcId, Kernel, Range, Stopped, KERNEL, PREEMPT_EVERY};
+use crate::kernel::{EcId, Kernel, Range, Stopped, PREEMPT_EVERY};
 use moat_abi::{
     flags, rights, Call, CallWord, ExceptionMessage, Space, Status, CONSOLE_WRITE_MAX, EXIT_VECTOR,
     PAGE_SIZE,
@@ -20,9 +20,9 @@ const SYSCALL_LENGTH: u64 = 2;
 /// The SYSCALL entry's Rust half: acts for the current EC, then leaves the
 /// kernel for whichever EC runs next.
 pub extern "C" fn syscall_entry(_frame: *mut TrapFrame) -> *const TrapFrame {
-    let mut guard = KERNEL.lock();
+    let mut guard = crate::kernel::lock();
     if let Some(kernel) = guard.as_mut() {
-        if let Some(ec) = kernel.current {
+        if let Some(ec) = kernel.current() {
             kernel.syscall(ec);
         }
     }

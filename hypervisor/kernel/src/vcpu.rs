@@ -14,6 +14,7 @@ use crate::arch::x86_64::{debug, fpu};
 use crate::ec::CallKind;
 use crate::kernel::{EcId, Kernel, Object, PdId};
 use crate::memory;
+use core::sync::atomic::{AtomicU64, Ordering};
 use moat_abi::vcpu::{exit_reason, group, VcpuState};
 use moat_abi::{rights, Status, HYPERCALL_SELECTOR_MASK, PAGE_SIZE};
 use moat_kernel::arena::Id;
@@ -41,6 +42,21 @@ pub struct Vcpu {
     pub xcr0: u64,
     pub poked: bool,
     pub caps: u32,
+    /// The CPU it runs on: the one it was created for.
+    pub cpu: usize,
+    /// The [`GUEST_TLB_GENERATION`] its last entry flushed for.
+    pub flushed: u64,
+}
+
+/// Counts the changes to guest-physical spaces that took mappings or
+/// rights away: a vCPU whose last flush is older flushes its guest TLB at
+/// its next entry, on whichever CPU it runs. (A guest runs with the kernel
+/// lock held, so no vCPU is inside its guest while the count moves.)
+static GUEST_TLB_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// A guest-physical space lost a mapping or rights.
+pub fn guest_tlbs_stale() {
+    GUEST_TLB_GENERATION.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Kernel memory a vCPU costs: the object, its state and FPU pages, and the
@@ -83,8 +99,10 @@ impl Kernel {
         }
         self.object_slot_free(caller, selector)?;
         self.charge(vm, VCPU_COST)?;
-        // The TLB tag (ASID / VPID) comes from the space of the CPU the
-        // vCPU runs on: the one creating it (the boot CPU, for now).
+        // A vCPU runs on the CPU that creates it: its VMCS takes this
+        // CPU's host state, and its TLB tag (ASID / VPID) comes from this
+        // CPU's space.
+        let cpu = crate::kernel::here();
         let tag = crate::arch::x86_64::percpu::current().alloc_tlb_tag();
         let backend = match virt::vendor() {
             Vendor::Svm => SvmVcpu::new(root, tag).map(|b| Backend::Svm(alloc::boxed::Box::new(b))),
@@ -134,6 +152,8 @@ impl Kernel {
             xcr0: 1,
             poked: false,
             caps: 0,
+            cpu,
+            flushed: u64::MAX,
         });
         let Some(id) = self.vcpus.insert(vcpu) else {
             memory::free_frame(fpu_phys);
@@ -167,13 +187,19 @@ impl Kernel {
             .map(|e| e.pd)
             .ok_or(Status::BadCapability)?;
         let vcpu = self.lookup_vcpu(pd, selector)?;
+        let cpu = self.vcpus.get(vcpu).map(|v| v.cpu);
         let e = self.ecs.get_mut(ec).ok_or(Status::BadCapability)?;
+        if cpu != Some(e.cpu) {
+            return Err(Status::BadCpu);
+        }
         e.vcpu = Some(vcpu);
         Ok(())
     }
 
-    /// `vcpu_poke`: the next entry returns to the VMM at once. (One CPU: a
-    /// vCPU is never in guest mode while another EC makes this call.)
+    /// `vcpu_poke`: the next entry returns to the VMM at once. (A guest runs
+    /// with the kernel lock held, so the vCPU is not in guest mode while
+    /// this call runs; a CPU waiting for the lock makes the guest exit,
+    /// see `kernel::lock`.)
     pub fn sys_vcpu_poke(&mut self, pd: PdId, selector: u64) -> Result<(), Status> {
         let vcpu = self.lookup_vcpu(pd, selector)?;
         if let Some(v) = self.vcpus.get_mut(vcpu) {
@@ -198,7 +224,13 @@ impl Kernel {
         let Some(mut vcpu) = self.vcpus.remove(id) else {
             return;
         };
-        let backend = vcpu.backend.take();
+        let mut backend = vcpu.backend.take();
+        // Its VMCS may be current on its own CPU: that CPU frees it.
+        if vcpu.cpu != crate::kernel::here() {
+            if let Some(b) = backend.take() {
+                self.free_backend_on(vcpu.cpu, b);
+            }
+        }
         memory::free_frame(vcpu.fpu_phys);
         self.destroy_vcpu_parts(vcpu.vm, vcpu.vmm, vcpu.state_vpn, vcpu.state_phys, backend);
         if let Some(p) = self.pds.get_mut(vcpu.vm) {
@@ -215,7 +247,7 @@ impl Kernel {
         backend: Option<Backend>,
     ) {
         self.unmap_page(vmm, vpn);
-        memory::free_frame(state_phys);
+        self.free_after_shootdown(state_phys);
         if let Some(backend) = backend {
             free_backend(backend);
         }
@@ -263,13 +295,8 @@ impl Kernel {
             return self.back_to_vmm(ec);
         }
         let vm = v.vm;
-        let flush = self
-            .pds
-            .get_mut(vm)
-            .is_some_and(|p| core::mem::take(&mut p.guest_flush));
-        let Some(v) = self.vcpus.get_mut(vcpu_id) else {
-            return Step::ToUser;
-        };
+        let generation = GUEST_TLB_GENERATION.load(Ordering::Relaxed);
+        let flush = core::mem::replace(&mut v.flushed, generation) != generation;
         if st.dirty & group::DEBUG != 0 {
             v.debug = debug::sanitize([st.dr0, st.dr1, st.dr2, st.dr3, st.dr6]);
         }
@@ -279,11 +306,13 @@ impl Kernel {
         debug::load(&v.debug);
         let fpu_area = page(v.fpu_phys);
         fpu::load_guest(fpu_area, v.xcr0);
+        crate::kernel::in_guest(true);
         let outcome = match v.backend.as_mut() {
             Some(Backend::Svm(b)) => b.run(st, flush),
             Some(Backend::Vmx(b)) => b.run(st, flush),
             None => RunOutcome::Vmm,
         };
+        crate::kernel::in_guest(false);
         v.xcr0 = fpu::save_guest(fpu_area, v.xcr0);
         debug::save(&mut v.debug);
         // Also when the backend marked the control registers dirty for the
@@ -355,7 +384,22 @@ pub enum Step {
     Reschedule,
 }
 
-fn free_backend(backend: Backend) {
+impl Kernel {
+    /// Hands a vCPU's control structures to `cpu` to free at its next pass
+    /// through the scheduler.
+    fn free_backend_on(&mut self, cpu: usize, backend: Backend) {
+        if self.cpus[cpu].dead_vcpus.try_reserve(1).is_ok() {
+            self.cpus[cpu].dead_vcpus.push(backend);
+            crate::arch::x86_64::ipi::kick(cpu);
+        } else {
+            // Leaked rather than freed while another CPU may use it.
+            core::mem::forget(backend);
+        }
+    }
+}
+
+/// Frees a vCPU's control structures; on the CPU it ran on.
+pub fn free_backend(backend: Backend) {
     match backend {
         Backend::Svm(b) => (*b).free(),
         Backend::Vmx(b) => (*b).free(),

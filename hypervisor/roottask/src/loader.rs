@@ -49,6 +49,8 @@ pub struct Loaded {
     pages: Vec<Range<u64>>,
     /// The publication of each of its `uses` it holds (0: none).
     pub delegated: Vec<u64>,
+    /// The CPU its first EC runs on.
+    pub cpu: u16,
 }
 
 impl Loaded {
@@ -195,6 +197,7 @@ impl Loader {
             base,
             pages: Vec::new(),
             delegated: Vec::new(),
+            cpu: 0,
         };
         let plan = Plan {
             manifest,
@@ -316,16 +319,33 @@ impl Loader {
         // From here on its registry calls count.
         BOARD.start(plan.instance);
         let rsp = layout::STACK_TOP - plan.record.len() as u64;
-        sys::create_ec(
-            loaded.ec(),
-            pd,
-            false,
-            plan.elf.entry,
-            rsp,
-            layout::MAIN_UTCB,
-            EXCEPTION_PORTAL,
-            plan.instance.index as u64,
-        )
+        let ec = loaded.ec();
+        let create = |cpu: u64| {
+            sys::create_ec(
+                ec,
+                pd,
+                false,
+                cpu,
+                plan.elf.entry,
+                rsp,
+                layout::MAIN_UTCB,
+                EXCEPTION_PORTAL,
+                plan.instance.index as u64,
+            )
+        };
+        loaded.cpu = component.cpu;
+        match create(component.cpu.into()) {
+            Err(Status::BadCpu) => {
+                loaded.cpu = 0;
+                moat_user::println!(
+                    "roottask: component '{}': cpu {} is not online; it runs on cpu 0",
+                    component.name,
+                    component.cpu
+                );
+                create(0)
+            }
+            other => other,
+        }
         .map_err(kernel("create_ec"))?;
         sys::create_sc(
             loaded.sc(),

@@ -13,6 +13,8 @@
 //!     ceiling PRIORITY           # highest priority its SCs may have
 //!                                # (>= priority; default: its priority)
 //!     budget DURATION            # SC budget per period; bare number = µs (default 10ms)
+//!     cpu N                      # the CPU its first EC runs on (default 0; a
+//!                                # CPU that is not online means CPU 0)
 //!     memory SIZE                # RAM for ELF segments + stack (required)
 //!     stack SIZE                 # of the first EC (default 16K)
 //!     quota SIZE                 # kernel memory for the PD (required)
@@ -82,6 +84,8 @@ pub struct Component {
     /// The highest priority the kernel lets the component's SCs have.
     pub ceiling: u8,
     pub budget_us: u64,
+    /// The CPU its first EC is bound to.
+    pub cpu: u16,
     /// Bytes, a multiple of the page size.
     pub memory: u64,
     pub stack: u64,
@@ -457,6 +461,7 @@ struct Draft {
     priority: Option<u8>,
     ceiling: Option<u8>,
     budget_us: Option<u64>,
+    cpu: Option<u16>,
     memory: Option<u64>,
     stack: Option<u64>,
     quota: Option<u64>,
@@ -491,6 +496,10 @@ impl Draft {
             "priority" => {
                 let priority = ranged("priority", number(words.next("priority")?)?, 0, 63)?;
                 set(&mut self.priority, "priority", priority as u8)?;
+            }
+            "cpu" => {
+                let cpu = ranged("cpu", number(words.next("cpu")?)?, 0, 63)?;
+                set(&mut self.cpu, "cpu", cpu as u16)?;
             }
             "ceiling" => {
                 let ceiling = ranged("ceiling", number(words.next("ceiling")?)?, 0, 63)?;
@@ -652,6 +661,7 @@ impl Draft {
             memory: self.memory.ok_or_else(|| missing("memory"))?,
             quota: self.quota.ok_or_else(|| missing("quota"))?,
             budget_us: self.budget_us.unwrap_or(DEFAULT_BUDGET_US),
+            cpu: self.cpu.unwrap_or(0),
             stack: self.stack.unwrap_or(DEFAULT_STACK),
             capacity: self.capacity.unwrap_or(DEFAULT_CAPACITY),
             restart: self.restart.unwrap_or(DEFAULT_RESTART),

@@ -272,10 +272,11 @@ impl Supervisor {
                 let restarts = self.slots[index].restarts;
                 if restarts == 0 {
                     println!(
-                        "roottask: started '{}' (pd sel {}, prio {}, {} KiB RAM, {} KiB quota)",
+                        "roottask: started '{}' (pd sel {}, prio {}, cpu {}, {} KiB RAM, {} KiB quota)",
                         c.name,
                         loaded.pd(),
                         c.priority,
+                        loaded.cpu,
                         c.memory / 1024,
                         c.quota / 1024
                     );

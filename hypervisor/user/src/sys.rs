@@ -119,13 +119,15 @@ pub fn create_pd(
 
 /// Creates an EC at `dst` in PD `pd`: a global EC that starts at `rip` once
 /// an SC is bound, or (`handler`) a portal handler EC entered at each call
-/// with `rsp`. The kernel maps its UTCB at `utcb` in `pd`.
-/// `exception_portal` is a selector in `pd`'s space (`u64::MAX`: none).
+/// with `rsp`. The kernel maps its UTCB at `utcb` in `pd`. A global EC is
+/// bound to CPU `cpu` (`moat_abi::CPU_OF_CALLER`: the caller's); a handler
+/// runs on its callers' CPUs and ignores it. `exception_portal` is a selector in `pd`'s space (`u64::MAX`: none).
 #[allow(clippy::too_many_arguments)]
 pub fn create_ec(
     dst: Sel,
     pd: Sel,
     handler: bool,
+    cpu: u64,
     rip: u64,
     rsp: u64,
     utcb: u64,
@@ -136,7 +138,14 @@ pub fn create_ec(
         Call::CreateEc,
         flag(handler, flags::HANDLER),
         dst,
-        [pd, rip, rsp, utcb, exception_portal, ec_id],
+        [
+            pd,
+            rip,
+            rsp,
+            utcb | (cpu & moat_abi::CPU_OF_CALLER),
+            exception_portal,
+            ec_id,
+        ],
     )
 }
 

@@ -186,6 +186,11 @@ pub fn send_startup(apic_id: u32, vector: u8) {
     );
 }
 
+/// Sends a fixed interrupt with `vector` to the CPU with APIC id `apic_id`.
+pub fn send_fixed(apic_id: u32, vector: u8) {
+    send_ipi(apic_id, ICR_LEVEL_ASSERT | u32::from(vector));
+}
+
 fn send_ipi(apic_id: u32, command: u32) {
     if X2APIC.load(Ordering::Relaxed) {
         // One 64-bit write; x2APIC has no send-pending bit to wait for.

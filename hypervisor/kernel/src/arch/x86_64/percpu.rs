@@ -11,8 +11,9 @@
 //! What is per-CPU now: the entry-path words (the kernel stack, where
 //! SYSCALL saves the user registers), the GDT and TSS with their IST
 //! stacks, the LAPIC timer's state, the VMXON region or host save area and
-//! the VPID/ASID space. Run queues and the current EC are still the
-//! kernel's (one CPU schedules); they belong here once each CPU schedules.
+//! the VPID/ASID space, and what the IPIs between CPUs need (`ipi`). Each
+//! CPU's run queue and current EC are in the kernel's state, under the
+//! kernel lock (`Kernel::cpus`).
 
 use super::cpu::write_msr;
 use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -58,6 +59,15 @@ pub struct PerCpu {
     /// The next VPID (Intel) or ASID (AMD) to hand out on this CPU: the
     /// tags are per CPU because each CPU's TLB is its own; 0 is the host's.
     next_tlb_tag: AtomicU16,
+    /// The CPU schedules ECs (`ipi::join`): wake-ups and shootdowns reach
+    /// it. Written by the CPU itself, read by every CPU.
+    pub scheduling: AtomicBool,
+    /// The latest shootdown generation this CPU carried out (`ipi`); read
+    /// by the initiator.
+    pub ipi_ack: AtomicU64,
+    /// A shootdown may have revoked ports: the TSS's I/O bitmap must be
+    /// reloaded before the next return to user mode.
+    pub io_stale: AtomicBool,
 }
 
 pub const PERCPU_KERNEL_RSP: usize = 8;
@@ -100,6 +110,9 @@ impl PerCpu {
             armed: AtomicU64::new(u64::MAX),
             ticks: AtomicU64::new(0),
             next_tlb_tag: AtomicU16::new(1),
+            scheduling: AtomicBool::new(false),
+            ipi_ack: AtomicU64::new(0),
+            io_stale: AtomicBool::new(false),
         }
     }
 

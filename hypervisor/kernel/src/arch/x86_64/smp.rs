@@ -22,8 +22,9 @@
 //! The started CPU loads the kernel's page tables, its own GDT and TSS, the
 //! IDT, enables its FPU/SSE state, SYSCALL, its local APIC with its own
 //! timer and its virtualization (VMXON or EFER.SVME + VM_HSAVE_PA), waits
-//! for two ticks of its timer, says it is online and idles with interrupts
-//! on. The scheduler runs on the boot CPU only (for now).
+//! for two ticks of its timer, says it is online and enters the scheduler
+//! (`scheduler::run_ap`), which idles until the kernel's state exists and
+//! an EC bound to this CPU is ready.
 
 use super::layout::phys_to_virt;
 use super::percpu::{self, CpuState};
@@ -312,6 +313,9 @@ pub struct Options {
 /// returns how many CPUs are online, the boot CPU included.
 pub fn start_all(apic_ids: &[u32], options: &Options) -> usize {
     let bsp = lapic::id();
+    let boot = percpu::get(percpu::BOOT_CPU);
+    boot.apic_id.store(bsp, Ordering::Relaxed);
+    boot.set_state(CpuState::Online);
     let listed = apic_ids.len().max(1);
     let planned = smp::plan(apic_ids, bsp, options.limit).count();
     if let Some(limit) = options.limit.filter(|&limit| limit < listed) {
@@ -509,7 +513,7 @@ extern "C" fn ap_main(index: u64) -> ! {
     let ticking = lapic::wait_for_ticks(2, lapic::tsc_hz()).is_some();
     block.timer_ticking.store(ticking, Ordering::Relaxed);
     block.set_state(CpuState::Online);
-    idle()
+    crate::scheduler::run_ap()
 }
 
 /// VMXON or SVM on this CPU, as the boot CPU turned it on, with the frame
@@ -526,16 +530,6 @@ fn enable_virtualization(area: u64) -> bool {
         Vendor::Svm => svm::enable(area).map_err(|error| log::error!("svm: off: {error}")),
     };
     result.is_ok()
-}
-
-/// A CPU with no work: waits for interrupts (its timer's) for ever.
-fn idle() -> ! {
-    loop {
-        // SAFETY: the IDT and this CPU's timer handler are set up and this
-        // CPU holds no lock; STI;HLT sleeps until the next interrupt and
-        // interrupts are off again before the loop goes round.
-        unsafe { core::arch::asm!("sti; hlt; cli", options(nomem, nostack)) };
-    }
 }
 
 /// The CPUs that came online besides the boot CPU, with their ticks.

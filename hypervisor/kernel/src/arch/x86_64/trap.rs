@@ -1,7 +1,7 @@
 //! What happens after an entry: exceptions, interrupts and system calls.
 
 use super::entry::TrapFrame;
-use super::{cpu, ioapic, lapic, percpu};
+use super::{cpu, ioapic, ipi, lapic};
 use crate::console;
 use moat_abi::ExceptionMessage;
 
@@ -77,14 +77,15 @@ pub extern "C" fn user_interrupt(frame: *mut TrapFrame) -> *const TrapFrame {
                 },
                 ec_id: 0,
             };
-            let mut guard = crate::kernel::KERNEL.lock();
+            let mut guard = crate::kernel::lock();
             if let Some(kernel) = guard.as_mut() {
-                if let Some(ec) = kernel.current {
+                if let Some(ec) = kernel.current() {
                     kernel.raise(ec, message);
                 }
             }
         }
         VECTOR_TIMER => timer_interrupt(),
+        ipi::VECTOR_IPI => ipi_interrupt(),
         VECTOR_SPURIOUS => {}
         vector => device_interrupt(vector),
     }
@@ -97,22 +98,22 @@ pub extern "C" fn kernel_interrupt(frame: &mut TrapFrame) {
         NMI => log::warn!("NMI at rip {:#x}", frame.rip),
         0..=31 => kernel_exception(frame),
         VECTOR_TIMER => timer_interrupt(),
+        ipi::VECTOR_IPI => ipi_interrupt(),
         VECTOR_SPURIOUS => {}
         vector => device_interrupt(vector),
     }
 }
 
-/// The LAPIC timer: on the boot CPU the scheduler's tick; the other CPUs
-/// (which only idle for now) keep their own clock and feed the console.
+/// The LAPIC timer: this CPU's scheduling tick.
 fn timer_interrupt() {
-    if percpu::current_id() == percpu::BOOT_CPU {
-        crate::scheduler::tick();
-    } else {
-        let now = cpu::rdtsc();
-        lapic::tick_due(now);
-        lapic::arm(lapic::next_tick().min(crate::console::feed()));
-    }
+    crate::scheduler::tick();
     lapic::end_of_interrupt();
+}
+
+/// Another CPU asks for a TLB shootdown or made an EC of this CPU ready.
+fn ipi_interrupt() {
+    lapic::end_of_interrupt();
+    crate::scheduler::wake();
 }
 
 /// A device interrupt: mask its GSI, acknowledge it, up its semaphore.
@@ -121,7 +122,7 @@ fn device_interrupt(vector: u64) {
     if ioapic::present(gsi) {
         ioapic::set_masked(gsi as u32, true);
         lapic::end_of_interrupt();
-        let mut guard = crate::kernel::KERNEL.lock();
+        let mut guard = crate::kernel::lock();
         if let Some(kernel) = guard.as_mut() {
             kernel.interrupt(gsi);
         }

@@ -5,8 +5,9 @@
 //! here, and TR is reloaded after an exit: VM exits cut its limit to 0x67,
 //! which would cut off the TSS I/O bitmap user mode relies on.
 //!
-//! One CPU: the VMCS current on it is tracked in `CURRENT_VMCS`, and the
-//! host state written at creation (GDT, IDT, TSS, GS base) is this CPU's.
+//! A vCPU lives on the CPU that created it: the host state written at
+//! creation (GDT, IDT, TSS, GS base) is that CPU's, and the VMCS current on
+//! each CPU is tracked in `CURRENT_VMCS[cpu]`.
 
 use core::arch::asm;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -37,7 +38,13 @@ const NO_VMCS: u64 = u64::MAX;
 const VTPR: usize = 0x80;
 const CR8_MASK: u64 = 0xf;
 /// The VMCS current on this (the only) CPU.
-static CURRENT_VMCS: AtomicU64 = AtomicU64::new(NO_VMCS);
+static CURRENT_VMCS: [AtomicU64; moat_kernel::smp::MAX_CPUS] =
+    [const { AtomicU64::new(NO_VMCS) }; moat_kernel::smp::MAX_CPUS];
+
+/// This CPU's entry of `CURRENT_VMCS`.
+fn current_vmcs() -> &'static AtomicU64 {
+    &CURRENT_VMCS[crate::arch::x86_64::percpu::current_id()]
+}
 
 /// Used for the preemption-timer period until `set_tsc_hz` is called.
 const ASSUMED_TSC_HZ: u64 = 1_000_000_000;
@@ -397,11 +404,11 @@ impl VmxVcpu {
     }
 
     fn make_current(&self) -> Result<(), VmFail> {
-        if CURRENT_VMCS.load(Ordering::Relaxed) != self.vmcs {
+        if current_vmcs().load(Ordering::Relaxed) != self.vmcs {
             // SAFETY: our VMCS region, cleared in `init`; it is only ever
             // current on this CPU.
             unsafe { insn::vmptrld(self.vmcs) }?;
-            CURRENT_VMCS.store(self.vmcs, Ordering::Relaxed);
+            current_vmcs().store(self.vmcs, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -881,7 +888,7 @@ impl VmxVcpu {
         if let Err(fail) = unsafe { insn::vmclear(self.vmcs) } {
             log::error!("vmx: VMCLEAR of a freed vCPU failed: {fail}; leaking its VMCS");
         } else {
-            let _ = CURRENT_VMCS.compare_exchange(
+            let _ = current_vmcs().compare_exchange(
                 self.vmcs,
                 NO_VMCS,
                 Ordering::Relaxed,

@@ -1,0 +1,135 @@
+//! Inter-processor interrupts between the CPUs that schedule: a wake-up
+//! (the target looks at its run queue again) and the TLB shootdown.
+//!
+//! A shootdown is started only by the CPU holding the kernel lock, so one
+//! request is in flight at a time and a single request slot serves: the
+//! initiator publishes the request (a new generation, and the root table of
+//! an address space that is going away, if any), sends the IPI to every
+//! other scheduling CPU and waits until each has acknowledged the
+//! generation. A target acknowledges from its IPI handler, or — when it is
+//! itself waiting for the kernel lock with interrupts off — from the lock's
+//! spin loop (`kernel::lock`), so the initiator never waits for a CPU that
+//! waits for it.
+
+use super::percpu::{self, CpuState};
+use super::{cpu, lapic};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// The IPI's vector (above the IOAPIC's GSIs, below the spurious vector).
+pub const VECTOR_IPI: u64 = 0xf0;
+
+/// How long an initiator waits for a CPU's acknowledgement before it
+/// reports the CPU and goes on without it.
+const ACK_TIMEOUT_MS: u64 = 1000;
+
+/// For the system test that shows the shootdown matters
+/// (`smp-test-no-shootdown`): remote CPUs are not asked to flush.
+static NO_REMOTE_SHOOTDOWN: AtomicBool = AtomicBool::new(false);
+
+/// Switches remote shootdowns off, for that test only.
+pub fn disable_remote_shootdowns() {
+    log::warn!("ipi: remote TLB shootdowns are off (smp-test-no-shootdown)");
+    NO_REMOTE_SHOOTDOWN.store(true, Ordering::Relaxed);
+}
+
+/// The generation of the latest shootdown request.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+/// The request's retiring root table (0: none): a CPU that has it loaded
+/// switches to the kernel's own tables.
+static RETIRING: AtomicU64 = AtomicU64::new(0);
+
+/// This CPU takes part in scheduling, wake-ups and shootdowns from now on.
+pub fn join() {
+    let me = percpu::current();
+    me.ipi_ack
+        .store(GENERATION.load(Ordering::Acquire), Ordering::Release);
+    me.scheduling.store(true, Ordering::Release);
+}
+
+/// The CPUs that schedule, by number.
+pub fn scheduling_cpus() -> impl Iterator<Item = usize> {
+    percpu::all()
+        .iter()
+        .enumerate()
+        .filter(|(_, block)| {
+            block.state() == CpuState::Online && block.scheduling.load(Ordering::Acquire)
+        })
+        .map(|(index, _)| index)
+}
+
+/// Whether CPU `index` schedules (a component may be bound to it).
+pub fn schedules(index: usize) -> bool {
+    index < moat_kernel::smp::MAX_CPUS
+        && percpu::get(index).state() == CpuState::Online
+        && percpu::get(index).scheduling.load(Ordering::Acquire)
+}
+
+fn send(index: usize) {
+    let apic_id = percpu::get(index).apic_id.load(Ordering::Relaxed);
+    lapic::send_fixed(apic_id, VECTOR_IPI as u8);
+}
+
+/// Makes CPU `index` look at its run queue soon (a no-op for this CPU).
+pub fn kick(index: usize) {
+    if index != percpu::current_id() && schedules(index) {
+        send(index);
+    }
+}
+
+/// Flushes the non-global TLB entries of every scheduling CPU (this one
+/// included) and, with `retiring`, moves every CPU off that root table;
+/// returns when all have done so. The caller holds the kernel lock.
+pub fn shootdown(retiring: Option<u64>) {
+    if NO_REMOTE_SHOOTDOWN.load(Ordering::Relaxed) && retiring.is_none() {
+        // SAFETY: reloading the tables already loaded only flushes this
+        // CPU's non-global TLB entries.
+        unsafe { cpu::write_cr3(cpu::read_cr3()) };
+        return;
+    }
+    RETIRING.store(retiring.unwrap_or(0), Ordering::Relaxed);
+    let generation = GENERATION.fetch_add(1, Ordering::AcqRel) + 1;
+    let me = percpu::current_id();
+    let mut targets = [false; moat_kernel::smp::MAX_CPUS];
+    for index in scheduling_cpus().filter(|&index| index != me) {
+        targets[index] = true;
+        send(index);
+    }
+    service();
+    let limit = lapic::tsc_hz() / 1000 * ACK_TIMEOUT_MS;
+    let start = cpu::rdtsc();
+    for (index, _) in targets.iter().enumerate().filter(|(_, &t)| t) {
+        let block = percpu::get(index);
+        while block.ipi_ack.load(Ordering::Acquire) < generation {
+            if cpu::rdtsc().wrapping_sub(start) > limit {
+                log::error!("tlb: cpu {index} did not acknowledge shootdown {generation}");
+                break;
+            }
+            core::hint::spin_loop();
+        }
+    }
+}
+
+/// Does what the latest shootdown asks of this CPU, if it has not yet.
+/// Cheap when nothing is pending; called with interrupts off.
+pub fn service() {
+    let me = percpu::current();
+    let generation = GENERATION.load(Ordering::Acquire);
+    if me.ipi_ack.load(Ordering::Relaxed) >= generation {
+        return;
+    }
+    let retiring = RETIRING.load(Ordering::Relaxed);
+    let loaded = cpu::read_cr3();
+    let root = if retiring != 0 && loaded == retiring {
+        crate::memory::kernel_root()
+    } else {
+        loaded
+    };
+    // SAFETY: either the tables already loaded or the kernel's own, which
+    // map the kernel exactly as every PD's tables do; writing CR3 flushes
+    // the non-global TLB entries (user mappings are never global).
+    unsafe { cpu::write_cr3(root) };
+    // The TSS's I/O bitmap may be a revoked copy: reload it at the next
+    // switch to user mode.
+    me.io_stale.store(true, Ordering::Relaxed);
+    me.ipi_ack.store(generation, Ordering::Release);
+}
