@@ -821,7 +821,7 @@ impl Planner<'_> {
         // Guests, each under its VMM.
         let mut files: Vec<PlannedModule> = Vec::new();
         let mut uses_pinned_linux = false;
-        let mut console: Option<(usize, Range<usize>)> = None;
+        let mut console: Option<usize> = None;
         let mut trailer = String::new();
         let mut file_sizes: u64 = 0;
         for (i, g) in file.guests.iter().enumerate() {
@@ -879,17 +879,17 @@ impl Planner<'_> {
                 }
             };
             if g.owns_console() {
-                if let Some((first, _)) = &console {
+                if let Some(first) = console {
                     return self.err(
                         g.console_span(),
                         &f("console"),
                         format!(
                             "guest '{}' already owns the console; at most one guest may",
-                            file.guests[*first].name.get_ref()
+                            file.guests[first].name.get_ref()
                         ),
                     );
                 }
-                console = Some((i, g.console_span()));
+                console = Some(i);
             }
             let cmdline = g.cmdline.as_ref().map_or("", |c| c.get_ref().as_str());
             if cmdline.len() > CMDLINE_MAX || cmdline.contains(['\0', '\n']) {
