@@ -416,6 +416,50 @@ irq 8 to rtc
 "
 );
 
+/// `testvmm` runs a spinning vCPU on CPU 1 while its second EC, on CPU 0,
+/// pokes it and then destroys its VM.
+pub const SMP_VCPU: &str = concat!(
+    echo_server!(),
+    "\
+component testvmm
+    module testvmm
+    priority 10
+    cpu 1
+    memory 1M
+    quota 512K
+    uses echo at 20
+    restart 0
+    args remote-cpu=0
+"
+);
+
+/// A hostile `fuzzer` on each of two CPUs at once (their own seeds)
+/// beside a `ticker` on CPU 0 that must keep its period.
+pub const SMP_FUZZER: &str = "\
+component ticker
+    module ticker
+    priority 20
+    memory 128K
+    quota 64K
+    args count=100 period_ms=20
+component fuzzer0
+    module fuzzer
+    priority 10
+    cpu 0
+    memory 256K
+    quota 64K
+    restart 0
+    args seed=0x5eed calls=100000
+component fuzzer1
+    module fuzzer
+    priority 10
+    cpu 1
+    memory 256K
+    quota 64K
+    restart 0
+    args seed=0x5eee calls=100000
+";
+
 /// `borrower` on CPU 0 has the page it borrowed revoked while its second
 /// EC, on CPU 1, reads the page in a loop: the reader's next read faults.
 pub const SMP_SHOOTDOWN: &str = "\
@@ -440,7 +484,7 @@ component borrower
 mod tests {
     use super::*;
 
-    const ALL: [&str; 19] = [
+    const ALL: [&str; 21] = [
         IPC_PINGPONG,
         SUPERVISION,
         SEMAPHORE,
@@ -460,6 +504,8 @@ mod tests {
         TESTVM,
         SMP_IPC,
         SMP_SHOOTDOWN,
+        SMP_VCPU,
+        SMP_FUZZER,
     ];
 
     /// The components each manifest names, in order.

@@ -626,6 +626,50 @@ pub const TESTS: &[SysTest] = &[
         ..BASE
     },
     SysTest {
+        name: "smp_vcpu",
+        modules: &[
+            ROOTTASK,
+            manifest("smp_vcpu", manifests::SMP_VCPU),
+            component("echo"),
+            component("testvmm"),
+        ],
+        cpus: 2,
+        expect: &[
+            all("roottask: started 'testvmm' (pd sel"),
+            all("testvmm: remote: poked from cpu 0 after "),
+            all("testvmm: remote: vm destroyed from cpu 0 while its vcpu ran"),
+            all("roottask: component 'testvmm' finished"),
+        ],
+        forbid: &["FAIL", "faulted", "is not online"],
+        stop: Stop::WhenDecided,
+        ..BASE
+    },
+    SysTest {
+        name: "smp_fuzzer",
+        modules: &[
+            ROOTTASK,
+            manifest("smp_fuzzer", manifests::SMP_FUZZER),
+            component("ticker"),
+            component("fuzzer"),
+        ],
+        cpus: 2,
+        expect: &[
+            all("roottask: started 'fuzzer1' (pd sel"),
+            all("fuzzer: 100000 calls, every call returned a status"),
+            all("fuzzer: 100000 calls, every call returned a status"),
+        ],
+        forbid: &[
+            "fuzzer: BAD status",
+            "FAIL",
+            "faulted",
+            "restarted",
+            "is not online",
+        ],
+        sequences: &[TICKER_100],
+        stop: Stop::WhenDecided,
+        ..BASE
+    },
+    SysTest {
         name: "smp_shootdown",
         modules: &[
             ROOTTASK,

@@ -7,7 +7,9 @@
 //! `testvmm: <guest>: <line>` per guest line or failure (`FAIL …`), then
 //! `testvmm: all guests done`.
 //!
-//! Arguments: `guests=NAME,NAME,…` (default: all, in their order).
+//! Arguments: `guests=NAME,NAME,…` (default: all, in their order);
+//! `remote-cpu=N`: instead, the cross-CPU poke and VM teardown test of
+//! `remote.rs`, with the second EC on CPU N.
 #![no_std]
 #![no_main]
 
@@ -28,6 +30,7 @@ extern crate alloc;
 
 mod bench;
 mod fuzzstate;
+mod remote;
 mod xsave;
 
 /// The `echo` portal, from the manifest's `uses echo at 20`.
@@ -115,6 +118,9 @@ fn raw(call: &'static str, word: CallWord, args: [u64; 6]) -> Result<(), KernelC
 fn main(args: &str) -> i32 {
     if args::flag(args, "bench") {
         return bench::run();
+    }
+    if let Some(cpu) = args::value(args, "remote-cpu").and_then(args::parse_number) {
+        return i32::from(!remote::run(cpu, args::tsc_hz(args)));
     }
     let selected = match moat_testvmm::select(args::value(args, "guests")) {
         Ok(selected) => selected,
