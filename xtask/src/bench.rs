@@ -28,6 +28,8 @@ use std::sync::{Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
 
+use serde_json::{json, Value};
+
 use crate::build::Artifacts;
 use crate::cli::BenchOpts;
 use crate::cli::Benchmark;
@@ -191,43 +193,32 @@ pub fn table(rows: &[(Emulator, IpcResult)]) -> String {
     out
 }
 
-fn json_string(text: &str) -> String {
-    let mut out = String::from("\"");
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+/// A benchmark's JSON file: pretty-printed, ending in a newline.
+fn json_text(value: &Value) -> String {
+    let mut text = serde_json::to_string_pretty(value).expect("a JSON value always serializes");
+    text.push('\n');
+    text
 }
 
 pub fn to_json_named(rows: &[(Emulator, IpcResult)], name: &str, method: &str) -> String {
-    let results: Vec<String> = rows
+    let results: Vec<Value> = rows
         .iter()
         .map(|(emu, r)| {
-            format!(
-                "    {{\"case\": {}, \"emulator\": {}, \"median\": {}, \"min\": {}, \"iterations\": {}}}",
-                json_string(&r.case),
-                json_string(emu.name()),
-                r.median,
-                r.min,
-                r.iterations
-            )
+            json!({
+                "case": r.case,
+                "emulator": emu.name(),
+                "median": r.median,
+                "min": r.min,
+                "iterations": r.iterations,
+            })
         })
         .collect();
-    format!(
-        "{{\n  \"benchmark\": {},\n  \"unit\": {},\n  \"method\": {},\n  \"results\": [\n{}\n  ]\n}}\n",
-        json_string(name),
-        json_string(UNIT),
-        json_string(method),
-        results.join(",\n")
-    )
+    json_text(&json!({
+        "benchmark": name,
+        "unit": UNIT,
+        "method": method,
+        "results": results,
+    }))
 }
 
 // ---------------------------------------------------------------- bench linux
@@ -700,87 +691,74 @@ pub fn linux_table(results: &[LinuxResult]) -> String {
     out
 }
 
-fn json_number(v: Option<f64>) -> String {
-    v.map_or("null".into(), |v| format!("{v:.3}"))
+/// Seconds and ratios to the millisecond (`null` when missing).
+fn json_number(v: Option<f64>) -> Value {
+    v.map_or(Value::Null, |v| json!((v * 1000.0).round() / 1000.0))
 }
 
-fn json_summary(s: Option<Summary>) -> String {
-    s.map_or("null".into(), |s| {
-        format!(
-            "{{\"median\": {}, \"min\": {}}}",
-            json_number(Some(s.median)),
-            json_number(Some(s.min))
-        )
-    })
-}
-
-fn json_figures(f: Figures) -> String {
-    format!(
-        "\"wall\": {}, \"uptime\": {}",
-        json_summary(f.wall),
-        json_summary(f.uptime)
+fn json_summary(s: Option<Summary>) -> Value {
+    s.map_or(
+        Value::Null,
+        |s| json!({"median": json_number(Some(s.median)), "min": json_number(Some(s.min))}),
     )
 }
 
-fn json_exits(e: Option<&Exits>) -> String {
-    e.map_or("null".into(), |e| {
-        let fields: String = e
-            .by_reason
-            .iter()
-            .map(|(n, c)| format!(", {}: {c}", json_string(n)))
-            .collect();
-        format!("{{\"total\": {}{fields}}}", e.total)
+fn json_figures(f: Figures) -> serde_json::Map<String, Value> {
+    let mut map = serde_json::Map::new();
+    map.insert("wall".into(), json_summary(f.wall));
+    map.insert("uptime".into(), json_summary(f.uptime));
+    map
+}
+
+fn json_exits(e: Option<&Exits>) -> Value {
+    e.map_or(Value::Null, |e| {
+        let mut map = serde_json::Map::new();
+        map.insert("total".into(), json!(e.total));
+        for (name, count) in &e.by_reason {
+            map.insert(name.clone(), json!(count));
+        }
+        Value::Object(map)
     })
 }
 
-fn json_samples(runs: &[BootRun]) -> String {
-    let samples: Vec<String> = runs
-        .iter()
+fn json_samples(runs: &[BootRun]) -> Value {
+    runs.iter()
         .map(|r| {
-            let exits = r
-                .exits
-                .as_ref()
-                .map_or(String::new(), |e| format!(", \"exits\": {}", e.total));
-            format!(
-                "{{\"wall\": {}, \"uptime\": {}{exits}}}",
-                json_number(r.wall),
-                json_number(r.uptime)
-            )
+            let mut map = serde_json::Map::new();
+            map.insert("wall".into(), json_number(r.wall));
+            map.insert("uptime".into(), json_number(r.uptime));
+            if let Some(e) = &r.exits {
+                map.insert("exits".into(), json!(e.total));
+            }
+            Value::Object(map)
         })
-        .collect();
-    format!("[{}]", samples.join(", "))
+        .collect()
 }
 
 pub fn linux_json(results: &[LinuxResult]) -> String {
-    let entries: Vec<String> = results
+    let entries: Vec<Value> = results
         .iter()
         .map(|r| {
             let direct = Figures::of(&r.direct);
             let moat = Figures::of(&r.moat);
-            format!(
-                "    {{\"emulator\": {}, \"runs\": {},\n      \
-                 \"direct\": {{{}}},\n      \
-                 \"moat\": {{{}, \"exits\": {}}},\n      \
-                 \"ratio\": {{{}}},\n      \
-                 \"samples\": {{\"direct\": {}, \"moat\": {}}}}}",
-                json_string(r.emu.name()),
-                r.direct.len().max(r.moat.len()),
-                json_figures(direct),
-                json_figures(moat),
-                json_exits(r.median_exits()),
-                json_figures(moat.ratio(direct)),
-                json_samples(&r.direct),
-                json_samples(&r.moat),
-            )
+            let mut moat_figures = json_figures(moat);
+            moat_figures.insert("exits".into(), json_exits(r.median_exits()));
+            json!({
+                "emulator": r.emu.name(),
+                "runs": r.direct.len().max(r.moat.len()),
+                "direct": json_figures(direct),
+                "moat": moat_figures,
+                "ratio": json_figures(moat.ratio(direct)),
+                "samples": {"direct": json_samples(&r.direct), "moat": json_samples(&r.moat)},
+            })
         })
         .collect();
-    format!(
-        "{{\n  \"benchmark\": {},\n  \"unit\": {},\n  \"method\": {},\n  \"results\": [\n{}\n  ]\n}}\n",
-        json_string(LINUX),
-        json_string(LINUX_UNIT),
-        json_string(LINUX_METHOD),
-        entries.join(",\n")
-    )
+    json_text(&json!({
+        "benchmark": LINUX,
+        "unit": LINUX_UNIT,
+        "method": LINUX_METHOD,
+        "results": entries,
+    }))
 }
 
 // ---------------------------------------------------------------- bench (all)
@@ -1359,49 +1337,33 @@ pub fn all_table(columns: &[Column], figures: &[Figure]) -> String {
     out
 }
 
-fn json_measure(m: Option<Measure>) -> String {
-    match m {
-        Some(m) => format!(
-            "\"median\": {}, \"min\": {}, \"count\": {}",
-            m.median, m.min, m.count
-        ),
-        None => "\"median\": null, \"min\": null, \"count\": null".into(),
-    }
-}
-
 /// Every row in every column, `null` where a figure is missing.
 pub fn all_json(columns: &[Column], figures: &[Figure]) -> String {
-    let column_entries: Vec<String> = columns
+    let column_entries: Vec<Value> = columns
         .iter()
-        .map(|c| {
-            format!(
-                "    {{\"emulator\": {}, \"unit\": {}, \"clock\": {}}}",
-                json_string(c.emu.name()),
-                json_string(c.unit.name()),
-                json_string(c.clock())
-            )
-        })
+        .map(|c| json!({"emulator": c.emu.name(), "unit": c.unit.name(), "clock": c.clock()}))
         .collect();
     let mut results = Vec::new();
     for trip in RoundTrip::ALL {
         for &c in columns {
-            results.push(format!(
-                "    {{\"round_trip\": {}, \"label\": {}, \"emulator\": {}, \"unit\": {}, {}}}",
-                json_string(trip.key()),
-                json_string(trip.label()),
-                json_string(c.emu.name()),
-                json_string(c.unit.name()),
-                json_measure(find(figures, trip, c))
-            ));
+            let m = find(figures, trip, c);
+            results.push(json!({
+                "round_trip": trip.key(),
+                "label": trip.label(),
+                "emulator": c.emu.name(),
+                "unit": c.unit.name(),
+                "median": m.map(|m| m.median),
+                "min": m.map(|m| m.min),
+                "count": m.map(|m| m.count),
+            }));
         }
     }
-    format!(
-        "{{\n  \"benchmark\": {},\n  \"method\": {},\n  \"columns\": [\n{}\n  ],\n  \"results\": [\n{}\n  ]\n}}\n",
-        json_string(ALL),
-        json_string(ALL_METHOD),
-        column_entries.join(",\n"),
-        results.join(",\n")
-    )
+    json_text(&json!({
+        "benchmark": ALL,
+        "method": ALL_METHOD,
+        "columns": column_entries,
+        "results": results,
+    }))
 }
 
 /// `text` safe inside an XML element or attribute.
@@ -1452,7 +1414,9 @@ const PLOT_BOTTOM: f64 = 400.0;
 
 /// A grouped bar chart: one group per round trip, one bar per column, its
 /// height the median on a log scale, a black line across it at the
-/// minimum.
+/// minimum. Written by hand: it is one fixed chart of rectangles, lines
+/// and text in about 80 lines, which a plotting crate (plotters and its
+/// font stack) would not make shorter or clearer.
 pub fn all_svg(columns: &[Column], figures: &[Figure]) -> String {
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{SVG_WIDTH}\" height=\"{SVG_HEIGHT}\" \
@@ -1658,13 +1622,15 @@ bench ipc broken
 
     #[test]
     fn json_lists_results() {
-        let json = to_json_named(&rows(), "ipc", METHOD);
-        assert!(json.contains(
-            "{\"case\": \"null\", \"emulator\": \"qemu\", \"median\": 812, \"min\": 790, \"iterations\": 10000}"
-        ));
-        assert!(json.contains("\"unit\": \"instructions\""));
-        assert_eq!(json_string("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
-        assert!(to_json_named(&[], "ipc", METHOD).contains("\"results\": [\n\n  ]"));
+        let json: Value = serde_json::from_str(&to_json_named(&rows(), "ipc", METHOD)).unwrap();
+        assert_eq!(
+            json["results"][0],
+            json!({"case": "null", "emulator": "qemu", "median": 812, "min": 790, "iterations": 10000})
+        );
+        assert_eq!(json["unit"], "instructions");
+        let empty: Value = serde_json::from_str(&to_json_named(&[], "a\"b\n", METHOD)).unwrap();
+        assert_eq!(empty["results"], json!([]));
+        assert_eq!(empty["benchmark"], "a\"b\n");
     }
 
     // ---- bench linux
@@ -1877,25 +1843,31 @@ vmm: guest stopped: power-off
             ["bochs", "moat/direct", "2.40x", "2.40x", "4.43x", "4.43x"]
         );
         assert_eq!(rows[5], ["bochs", "70:", "io", "70"]);
-        let json = linux_json(&[linux_result()]);
-        for part in [
-            "\"benchmark\": \"linux\"",
-            "\"unit\": \"seconds\"",
-            "\"direct\": {\"wall\": {\"median\": 100.000, \"min\": 100.000}, \"uptime\": {\"median\": 7.000, \"min\": 7.000}}",
-            "\"exits\": {\"total\": 70, \"io\": 70}",
-            "\"ratio\": {\"wall\": {\"median\": 2.400, \"min\": 2.400}",
-            "{\"wall\": null, \"uptime\": null, \"exits\": 90}",
-        ] {
-            assert!(json.contains(part), "{part} not in\n{json}");
-        }
+        let json: Value = serde_json::from_str(&linux_json(&[linux_result()])).unwrap();
+        assert_eq!(json["benchmark"], "linux");
+        assert_eq!(json["unit"], "seconds");
+        let r = &json["results"][0];
+        assert_eq!(
+            r["direct"],
+            json!({"wall": {"median": 100.0, "min": 100.0}, "uptime": {"median": 7.0, "min": 7.0}})
+        );
+        assert_eq!(r["moat"]["exits"], json!({"total": 70, "io": 70}));
+        assert_eq!(r["ratio"]["wall"], json!({"median": 2.4, "min": 2.4}));
+        assert!(r["samples"]["moat"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"wall": null, "uptime": null, "exits": 90})));
         let empty = LinuxResult {
             direct: vec![],
             moat: vec![],
             ..linux_result()
         };
-        let json = linux_json(&[empty]);
-        assert!(json.contains("\"direct\": {\"wall\": null, \"uptime\": null}"));
-        assert!(json.contains("\"exits\": null"));
+        let json: Value = serde_json::from_str(&linux_json(&[empty])).unwrap();
+        assert_eq!(
+            json["results"][0]["direct"],
+            json!({"wall": null, "uptime": null})
+        );
+        assert_eq!(json["results"][0]["moat"]["exits"], Value::Null);
         assert!(linux_table(&[]).lines().count() == 2);
     }
 
@@ -2098,53 +2070,27 @@ bench ipc words64 median=1606 min=1604 iterations=10000
         assert!(!all_table(&qemu, &all_figures()).contains("bochs"));
     }
 
-    /// Brackets and braces balance outside strings, and strings end.
-    fn json_balanced(json: &str) -> bool {
-        let mut depth = Vec::new();
-        let mut in_string = false;
-        let mut escaped = false;
-        for c in json.chars() {
-            if in_string {
-                match (escaped, c) {
-                    (true, _) => escaped = false,
-                    (false, '\\') => escaped = true,
-                    (false, '"') => in_string = false,
-                    _ => {}
-                }
-                continue;
-            }
-            match c {
-                '"' => in_string = true,
-                '{' | '[' => depth.push(c),
-                '}' if depth.pop() != Some('{') => return false,
-                ']' if depth.pop() != Some('[') => return false,
-                _ => {}
-            }
-        }
-        depth.is_empty() && !in_string
-    }
-
     #[test]
     fn json_has_a_result_for_every_cell() {
-        let json = all_json(&COLUMNS, &all_figures());
-        assert!(json_balanced(&json), "{json}");
-        assert!(json.contains("\"benchmark\": \"all\""));
-        assert_eq!(json.matches("\"round_trip\": ").count(), 12);
-        assert!(json.contains(
-            "{\"round_trip\": \"native\", \"label\": \"native <-> native IPC\", \
-             \"emulator\": \"qemu\", \"unit\": \"cycles\", \
-             \"median\": 1007, \"min\": 1003, \"count\": 10000}"
-        ));
-        assert!(json.contains(
-            "{\"round_trip\": \"port\", \"label\": \"guest -> native, virtio port + VMM\", \
-             \"emulator\": \"bochs\", \"unit\": \"instructions\", \
-             \"median\": null, \"min\": null, \"count\": null}"
-        ));
-        assert!(json.contains(
-            "{\"emulator\": \"bochs\", \"unit\": \"instructions\", \"clock\": \"Bochs clock: sync=none\"}"
-        ));
-        assert!(json_balanced(&all_json(&[], &[])));
-        assert!(!json_balanced("{\"a\": [1}"));
+        let json: Value = serde_json::from_str(&all_json(&COLUMNS, &all_figures())).unwrap();
+        assert_eq!(json["benchmark"], "all");
+        let results = json["results"].as_array().unwrap();
+        assert_eq!(results.len(), 12);
+        assert!(results.contains(&json!({
+            "round_trip": "native", "label": "native <-> native IPC",
+            "emulator": "qemu", "unit": "cycles",
+            "median": 1007, "min": 1003, "count": 10000
+        })));
+        assert!(results.contains(&json!({
+            "round_trip": "port", "label": "guest -> native, virtio port + VMM",
+            "emulator": "bochs", "unit": "instructions",
+            "median": null, "min": null, "count": null
+        })));
+        assert!(json["columns"].as_array().unwrap().contains(&json!({
+            "emulator": "bochs", "unit": "instructions", "clock": "Bochs clock: sync=none"
+        })));
+        let empty: Value = serde_json::from_str(&all_json(&[], &[])).unwrap();
+        assert_eq!(empty["results"], json!([]));
     }
 
     /// A small XML well-formedness check: tags nest and close, attribute

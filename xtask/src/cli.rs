@@ -1,5 +1,11 @@
-//! The command line: a small hand-written parser, no dependencies.
+//! The command line, read with clap (derive) into a [`Cmd`].
 
+use std::path::{Path, PathBuf};
+
+use clap::error::ErrorKind;
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+
+use crate::config::{GuestOverride, Size};
 use crate::emu::Emulator;
 use crate::{Error, Result};
 
@@ -7,68 +13,10 @@ use crate::{Error, Result};
 /// data for 64).
 const MAX_CPUS: u32 = 64;
 
-pub const USAGE: &str = "\
-usage: cargo xtask <command> [options]
-
-commands:
-  setup                 install missing host tools (apt packages, rustup targets)
-  build [--release]     build the kernel and user tasks (always release) and
-                        assemble target/image/ (kernel, modules, qemu.args, moat.iso)
-  run [options] [-- KERNEL ARGS...]
-                        setup, build, then boot with the serial console here
-      --emu qemu|bochs  emulator (default: qemu)
-      --kvm             QEMU with KVM and -cpu host (default: only if the host
-                        can nest virtualization; otherwise TCG with -cpu max)
-      --cpus N          give the machine N CPUs (default 1); the kernel starts
-                        them all (the kernel argument cpus=N limits that)
-  test [options]        setup, host unit tests, build, system tests on QEMU and Bochs
-      --emu qemu|bochs  run the system tests on this emulator only
-      --filter NAME     only system tests whose name contains NAME
-      --no-host         skip the host unit tests
-  bench [all] [--emu qemu|bochs]
-                        SLOW (about 5 minutes, most of it Linux on Bochs): every
-                        round trip in one table: native<->native IPC, the guest
-                        hypercall to a native server, AT over the virtio-console
-                        port through the VMM to the native modem, and a pipe
-                        ping-pong between two Linux processes; median and min in
-                        cycles (QEMU TCG) and instructions (QEMU -icount, Bochs);
-                        target/bench/all.json (and ipc.json), target/bench/bench.svg
-  bench ipc [--emu qemu|bochs]
-                        setup, build, then measure IPC round trips (null, 6 and
-                        64 words) in instructions on QEMU (-icount) and Bochs;
-                        prints a table and writes target/bench/ipc.json
-  bench exits [--emu qemu|bochs]
-                        the same for a CPUID exit handled by the VMM, the guest
-                        IPC hypercall and a native call; target/bench/exits.json
-  bench linux [--emu qemu|bochs] [--runs N]
-                        SLOW (about 5 minutes, most of it Bochs): the Linux guest
-                        booted by the emulator itself and under Moat; wall time
-                        and guest uptime to /init, their ratio, the VMM's exits;
-                        N runs of each boot (default 1); target/bench/linux.json
-  linux build           fetch the pinned Debian kernel and busybox (guests/linux/)
-                        and build target/linux/{bzImage,initramfs.cpio} (cached)
-  linux direct [--emu qemu|bochs] [--virtio] [-- KERNEL ARGS...]
-                        boot that guest in the emulator itself, without Moat,
-                        and time it from the emulator's start to /init;
-                        --virtio (QEMU): with QEMU's virtio devices
-  demo modem [--emu qemu|bochs]
-                        setup, build, then the modem / application-processor
-                        demo (QEMU by default; Bochs takes ~5 minutes): Linux
-                        beside the native modem, steps a-e with a verdict each
-                        (AT + SMS; no missed deadline under load, worst jitter;
-                        Linux panics and is restarted; the modem crashes and is
-                        restarted; root in Linux cannot reach the modem)
-  fuzz [TARGET] [--seconds N]
-                        coverage-guided fuzzing (cargo-fuzz, libFuzzer) of the
-                        device models, virtio, the VMM's emulator and exit
-                        handler, firmware loaders, manifest parser and ABI:
-                        TARGET (a file of fuzz/fuzz_targets/) or all in turn,
-                        N seconds each (default 60); see docs/fuzzing.md
-  help                  this text";
-
 #[derive(Debug, PartialEq, Eq)]
 pub enum Cmd {
-    Help,
+    /// Print this help text.
+    Help(String),
     Setup,
     Build,
     Run(RunOpts),
@@ -104,7 +52,7 @@ pub enum LinuxOpts {
 }
 
 /// What `cargo xtask bench` measures.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Benchmark {
     /// Every round trip, native and from the Linux guest, in one table
     /// (`bench` alone or `bench all`).
@@ -129,10 +77,32 @@ pub struct RunOpts {
     pub emu: Emulator,
     /// `--kvm` given: use KVM even if detection says no.
     pub force_kvm: bool,
-    /// The machine's CPUs (`--cpus`).
-    pub cpus: u32,
+    /// The machine's CPUs (`--cpus`), if not the configuration's.
+    pub cpus: Option<u32>,
     /// Extra kernel command-line words (after `--`).
     pub kernel_args: Vec<String>,
+    /// `--config FILE`; the default example without.
+    pub config: Option<PathBuf>,
+    /// The quick form's options for the console guest.
+    pub guest: GuestOverride,
+}
+
+impl RunOpts {
+    /// Makes the paths given on the command line absolute, from `cwd`
+    /// (xtask works from the workspace root).
+    pub fn absolutize(&mut self, cwd: &Path) {
+        if let Some(config) = &mut self.config {
+            *config = cwd.join(&*config);
+        }
+        for path in [&mut self.guest.kernel, &mut self.guest.initrd]
+            .into_iter()
+            .flatten()
+        {
+            if !path.starts_with(crate::config::PINNED_PREFIX) {
+                *path = cwd.join(&*path).to_string_lossy().into_owned();
+            }
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -142,181 +112,264 @@ pub struct TestOpts {
     pub host: bool,
 }
 
+/// The command line as clap reads it; [`parse`] turns it into a [`Cmd`].
+#[derive(Parser, Debug)]
+#[command(
+    name = "cargo xtask",
+    about = "Set up, build, run, test and measure Moat",
+    disable_help_subcommand = true,
+    after_help = "`cargo xtask help` or `cargo xtask COMMAND --help` show this; \
+                  docs/configuration.md describes the system configuration files."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Install missing host tools (apt packages, rustup targets)
+    Setup,
+    /// Build the kernel and user tasks and assemble target/image/
+    ///
+    /// Always release; the image (kernel, modules, qemu.args, moat.iso)
+    /// boots examples/default.toml.
+    Build {
+        /// Accepted for habit: the image is always built in release
+        #[arg(long)]
+        release: bool,
+    },
+    /// Setup, build, then boot a system with the serial console here
+    ///
+    /// The system is examples/default.toml (the pinned Linux guest beside the
+    /// native modem and echo) unless --config names another.
+    #[command(after_help = "\
+The quick form, for one guest, as QEMU users type it:
+  cargo xtask run --kernel PATH [--initrd PATH] [--append TEXT] [--memory SIZE] [--vcpus N]
+replaces the values of the guest that owns the console in the configuration
+(examples/default.toml unless --config); options not given keep its values.
+System configurations, field by field: docs/configuration.md.")]
+    Run {
+        /// Emulator
+        #[arg(long, value_name = "qemu|bochs", value_parser = emulator, default_value = "qemu")]
+        emu: Emulator,
+        /// QEMU with KVM and -cpu host (default: only if the host can nest
+        /// virtualization; otherwise TCG with -cpu max)
+        #[arg(long)]
+        kvm: bool,
+        /// Give the machine N CPUs; the kernel starts them all (the kernel
+        /// argument cpus=N limits that)
+        /// (default: the configuration's `[machine] cpus`, 1 unless it says)
+        #[arg(long, value_name = "N",
+              value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_CPUS)))]
+        cpus: Option<u32>,
+        /// Boot the system FILE describes (examples/: default.toml, two-guests.toml)
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Quick form: the console guest's kernel (a bzImage)
+        #[arg(long, value_name = "PATH")]
+        kernel: Option<String>,
+        /// Quick form: its initramfs
+        #[arg(long, value_name = "PATH")]
+        initrd: Option<String>,
+        /// Quick form: its kernel command line
+        #[arg(long, value_name = "TEXT", allow_hyphen_values = true)]
+        append: Option<String>,
+        /// Quick form: its RAM, e.g. 512M or 1G
+        #[arg(long, value_name = "SIZE", value_parser = size)]
+        memory: Option<Size>,
+        /// Quick form: its vCPUs (1 for now)
+        #[arg(long, value_name = "N")]
+        vcpus: Option<u32>,
+        /// Words added to Moat's kernel command line
+        #[arg(last = true, value_name = "KERNEL ARGS")]
+        kernel_args: Vec<String>,
+    },
+    /// Setup, host unit tests, build, system tests on QEMU and Bochs
+    Test {
+        /// Run the system tests on this emulator only
+        #[arg(long, value_name = "qemu|bochs", value_parser = emulator)]
+        emu: Option<Emulator>,
+        /// Only system tests whose name contains NAME (an opt-in test: its whole name)
+        #[arg(long, value_name = "NAME")]
+        filter: Option<String>,
+        /// Skip the host unit tests
+        #[arg(long)]
+        no_host: bool,
+    },
+    /// Measure round trips (SLOW: about 5 minutes for all)
+    ///
+    /// In cycles (QEMU TCG) and instructions (QEMU -icount, Bochs): `all` (SLOW, ~5 minutes: every round trip in one
+    /// table, target/bench/all.json and bench.svg), `ipc` (IPC round trips,
+    /// ipc.json), `exits` (a CPUID exit, the guest IPC hypercall, a native
+    /// call; exits.json), `linux` (SLOW: the Linux guest booted by the
+    /// emulator itself and under Moat, wall time and uptime to /init;
+    /// linux.json)
+    Bench {
+        #[arg(value_enum, default_value = "all")]
+        benchmark: Benchmark,
+        #[arg(long, value_name = "qemu|bochs", value_parser = emulator)]
+        emu: Option<Emulator>,
+        /// Boots of each kind (bench linux only; default 1)
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        runs: Option<u32>,
+    },
+    /// The Linux test guest
+    Linux {
+        #[command(subcommand)]
+        command: LinuxCommand,
+    },
+    /// Demonstrations
+    Demo {
+        #[command(subcommand)]
+        command: DemoCommand,
+    },
+    /// Coverage-guided fuzzing (cargo-fuzz, libFuzzer)
+    ///
+    /// Of the device models, virtio, the VMM's emulator and exit handler,
+    /// firmware loaders, manifest parser and ABI (docs/fuzzing.md).
+    Fuzz {
+        /// A file of fuzz/fuzz_targets/; all of them in turn if none
+        target: Option<String>,
+        /// Seconds per target
+        #[arg(long, value_name = "N", default_value_t = crate::fuzz::DEFAULT_SECONDS,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        seconds: u64,
+    },
+    /// Print this help (`cargo xtask COMMAND --help`: a command's own)
+    Help,
+}
+
+#[derive(Subcommand, Debug)]
+enum LinuxCommand {
+    /// Fetch and build the pinned guest (cached)
+    ///
+    /// The Debian kernel and busybox of guests/linux/, built into
+    /// target/linux/{bzImage,initramfs.cpio}.
+    Build,
+    /// Boot that guest in the emulator itself, without Moat
+    ///
+    /// Timed from the emulator's start to /init.
+    Direct {
+        #[arg(long, value_name = "qemu|bochs", value_parser = emulator, default_value = "qemu")]
+        emu: Emulator,
+        /// QEMU: with QEMU's virtio devices
+        #[arg(long)]
+        virtio: bool,
+        /// Words added to the guest kernel's command line
+        #[arg(last = true, value_name = "KERNEL ARGS")]
+        kernel_args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DemoCommand {
+    /// The modem / application-processor demo
+    ///
+    /// QEMU by default; Bochs takes ~5 minutes. Linux beside the native
+    /// modem, steps a-e with a verdict each.
+    Modem {
+        #[arg(long, value_name = "qemu|bochs", value_parser = emulator)]
+        emu: Option<Emulator>,
+    },
+}
+
+fn emulator(name: &str) -> Result<Emulator, String> {
+    Emulator::from_name(name).ok_or_else(|| format!("expected qemu or bochs, not `{name}`"))
+}
+
+fn size(text: &str) -> Result<Size, String> {
+    Size::parse(text)
+}
+
+/// The help text of the whole command line.
+pub fn usage() -> String {
+    Cli::command().render_help().to_string()
+}
+
+/// Reads the arguments after `cargo xtask`. `--help` anywhere is
+/// [`Cmd::Help`] with the help of the command it follows.
 pub fn parse(args: &[String]) -> Result<Cmd> {
-    let Some((cmd, rest)) = args.split_first() else {
-        return Ok(Cmd::Help);
-    };
-    let mut opts = Options::new(rest);
-    let cmd = match cmd.as_str() {
-        "help" | "-h" | "--help" => Cmd::Help,
-        "setup" => Cmd::Setup,
-        "build" => {
-            // Release is the only profile the image is built from.
-            opts.flag("--release");
-            Cmd::Build
+    let argv = std::iter::once("cargo xtask").chain(args.iter().map(String::as_str));
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(cli) => cli,
+        Err(e) if e.kind() == ErrorKind::DisplayHelp => {
+            return Ok(Cmd::Help(e.render().to_string()))
         }
-        "run" => Cmd::Run(RunOpts {
-            emu: opts.emulator()?.unwrap_or(Emulator::Qemu),
-            force_kvm: opts.flag("--kvm"),
-            cpus: match opts.value("--cpus")? {
-                None => 1,
-                Some(n) => n
-                    .parse()
-                    .ok()
-                    .filter(|&n| (1..=MAX_CPUS).contains(&n))
-                    .ok_or_else(|| {
-                        Error::Usage(format!(
-                            "--cpus needs a number from 1 to {MAX_CPUS}, not `{n}`"
-                        ))
-                    })?,
+        Err(e) => return Err(Error::Usage(e.render().to_string().trim_end().to_string())),
+    };
+    Ok(match cli.command {
+        None | Some(Command::Help) => Cmd::Help(usage()),
+        Some(Command::Setup) => Cmd::Setup,
+        Some(Command::Build { release: _ }) => Cmd::Build,
+        Some(Command::Run {
+            emu,
+            kvm,
+            cpus,
+            config,
+            kernel,
+            initrd,
+            append,
+            memory,
+            vcpus,
+            kernel_args,
+        }) => Cmd::Run(RunOpts {
+            emu,
+            force_kvm: kvm,
+            cpus,
+            kernel_args,
+            config,
+            guest: GuestOverride {
+                kernel,
+                initrd,
+                append,
+                memory,
+                vcpus,
             },
-            kernel_args: opts.trailing(),
         }),
-        "test" => Cmd::Test(TestOpts {
-            emu: opts.emulator()?,
-            filter: opts.value("--filter")?,
-            host: !opts.flag("--no-host"),
+        Some(Command::Test {
+            emu,
+            filter,
+            no_host,
+        }) => Cmd::Test(TestOpts {
+            emu,
+            filter,
+            host: !no_host,
         }),
-        "bench" => {
-            let benchmark = match opts.positional().as_deref() {
-                None | Some("all") => Benchmark::All,
-                Some("ipc") => Benchmark::Ipc,
-                Some("exits") => Benchmark::Exits,
-                Some("linux") => Benchmark::Linux,
-                Some(other) => {
-                    return Err(Error::Usage(format!(
-                        "unknown benchmark `{other}` (expected all, ipc, exits or linux)"
-                    )))
-                }
-            };
-            let runs = match opts.value("--runs")? {
-                None => 1,
-                Some(_) if benchmark != Benchmark::Linux => {
-                    return Err(Error::Usage("--runs is for bench linux only".into()))
-                }
-                Some(n) => n.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
-                    Error::Usage(format!("--runs needs a positive number, not `{n}`"))
-                })?,
-            };
+        Some(Command::Bench {
+            benchmark,
+            emu,
+            runs,
+        }) => {
+            if runs.is_some() && benchmark != Benchmark::Linux {
+                return Err(Error::Usage("--runs is for bench linux only".into()));
+            }
             Cmd::Bench(BenchOpts {
                 benchmark,
-                emu: opts.emulator()?,
-                runs,
+                emu,
+                runs: runs.unwrap_or(1),
             })
         }
-        "linux" => Cmd::Linux(match opts.positional().as_deref() {
-            Some("build") => LinuxOpts::Build,
-            Some("direct") => LinuxOpts::Direct {
-                emu: opts.emulator()?.unwrap_or(Emulator::Qemu),
-                virtio: opts.flag("--virtio"),
-                kernel_args: opts.trailing(),
-            },
-            _ => return Err(Error::Usage("linux needs build or direct".into())),
+        Some(Command::Linux {
+            command: LinuxCommand::Build,
+        }) => Cmd::Linux(LinuxOpts::Build),
+        Some(Command::Linux {
+            command:
+                LinuxCommand::Direct {
+                    emu,
+                    virtio,
+                    kernel_args,
+                },
+        }) => Cmd::Linux(LinuxOpts::Direct {
+            emu,
+            virtio,
+            kernel_args,
         }),
-        "demo" => match opts.positional().as_deref() {
-            Some("modem") => Cmd::Demo(DemoOpts {
-                emu: opts.emulator()?,
-            }),
-            _ => return Err(Error::Usage("demo needs modem".into())),
-        },
-        "fuzz" => {
-            let seconds = match opts.value("--seconds")? {
-                None => crate::fuzz::DEFAULT_SECONDS,
-                Some(n) => n.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
-                    Error::Usage(format!("--seconds needs a positive number, not `{n}`"))
-                })?,
-            };
-            Cmd::Fuzz(FuzzOpts {
-                target: opts.positional(),
-                seconds,
-            })
-        }
-        other => return Err(Error::Usage(format!("unknown command `{other}`"))),
-    };
-    opts.finish()?;
-    Ok(cmd)
-}
-
-/// The options after the command word; each accessor removes what it used,
-/// and `finish` rejects whatever is left.
-struct Options {
-    args: Vec<String>,
-    trailing: Option<Vec<String>>,
-}
-
-impl Options {
-    fn new(args: &[String]) -> Self {
-        match args.iter().position(|a| a == "--") {
-            Some(i) => Options {
-                args: args[..i].to_vec(),
-                trailing: Some(args[i + 1..].to_vec()),
-            },
-            None => Options {
-                args: args.to_vec(),
-                trailing: None,
-            },
-        }
-    }
-
-    /// The first word that is not an option (nor an option's value, when it
-    /// comes first).
-    fn positional(&mut self) -> Option<String> {
-        let first = self.args.first()?;
-        (!first.starts_with("--")).then(|| self.args.remove(0))
-    }
-
-    fn flag(&mut self, name: &str) -> bool {
-        let before = self.args.len();
-        self.args.retain(|a| a != name);
-        self.args.len() != before
-    }
-
-    /// `--name VALUE` or `--name=VALUE`; the last one wins.
-    fn value(&mut self, name: &str) -> Result<Option<String>> {
-        let mut found = None;
-        let mut i = 0;
-        while i < self.args.len() {
-            let arg = &self.args[i];
-            if arg == name {
-                if i + 1 >= self.args.len() || self.args[i + 1].starts_with("--") {
-                    return Err(Error::Usage(format!("{name} needs a value")));
-                }
-                found = Some(self.args.remove(i + 1));
-                self.args.remove(i);
-            } else if let Some(v) = arg.strip_prefix(name).and_then(|v| v.strip_prefix('=')) {
-                found = Some(v.to_string());
-                self.args.remove(i);
-            } else {
-                i += 1;
-            }
-        }
-        Ok(found)
-    }
-
-    fn emulator(&mut self) -> Result<Option<Emulator>> {
-        match self.value("--emu")? {
-            None => Ok(None),
-            Some(name) => Emulator::from_name(&name).map(Some).ok_or_else(|| {
-                Error::Usage(format!(
-                    "unknown emulator `{name}` (expected qemu or bochs)"
-                ))
-            }),
-        }
-    }
-
-    fn trailing(&mut self) -> Vec<String> {
-        self.trailing.take().unwrap_or_default()
-    }
-
-    fn finish(self) -> Result<()> {
-        if let Some(arg) = self.args.first() {
-            return Err(Error::Usage(format!("unexpected argument `{arg}`")));
-        }
-        if self.trailing.is_some() {
-            return Err(Error::Usage("this command takes no `--` arguments".into()));
-        }
-        Ok(())
-    }
+        Some(Command::Demo {
+            command: DemoCommand::Modem { emu },
+        }) => Cmd::Demo(DemoOpts { emu }),
+        Some(Command::Fuzz { target, seconds }) => Cmd::Fuzz(FuzzOpts { target, seconds }),
+    })
 }
 
 #[cfg(test)]
@@ -330,8 +383,20 @@ mod tests {
 
     #[test]
     fn no_arguments_is_help() {
-        assert_eq!(p("").unwrap(), Cmd::Help);
-        assert_eq!(p("--help").unwrap(), Cmd::Help);
+        for line in ["", "--help", "help", "-h"] {
+            let Cmd::Help(text) = p(line).unwrap() else {
+                panic!("{line}: not help");
+            };
+            assert!(text.contains("Usage: cargo xtask [COMMAND]"), "{text}");
+            for command in [
+                "setup", "build", "run", "test", "bench", "linux", "demo", "fuzz",
+            ] {
+                assert!(
+                    text.contains(&format!("  {command} ")),
+                    "{command} in {text}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -348,8 +413,10 @@ mod tests {
             Cmd::Run(RunOpts {
                 emu: Emulator::Qemu,
                 force_kvm: false,
-                cpus: 1,
+                cpus: None,
                 kernel_args: vec![],
+                config: None,
+                guest: GuestOverride::default(),
             })
         );
         assert_eq!(
@@ -357,8 +424,10 @@ mod tests {
             Cmd::Run(RunOpts {
                 emu: Emulator::Bochs,
                 force_kvm: true,
-                cpus: 1,
+                cpus: None,
                 kernel_args: vec!["log=debug".into(), "x".into()],
+                config: None,
+                guest: GuestOverride::default(),
             })
         );
         assert_eq!(
@@ -366,14 +435,82 @@ mod tests {
             Cmd::Run(RunOpts {
                 emu: Emulator::Qemu,
                 force_kvm: false,
-                cpus: 4,
+                cpus: Some(4),
                 kernel_args: vec!["cpus=2".into()],
+                config: None,
+                guest: GuestOverride::default(),
             })
         );
         assert!(p("run --cpus 0").is_err());
         assert!(p("run --cpus 65").is_err());
         assert!(p("run --cpus two").is_err());
         assert!(p("run --cpus").is_err());
+    }
+
+    #[test]
+    fn run_config_and_quick_form() {
+        let Cmd::Run(opts) = p("run --config examples/two-guests.toml").unwrap() else {
+            panic!("not run");
+        };
+        assert_eq!(opts.config, Some(PathBuf::from("examples/two-guests.toml")));
+        assert!(opts.guest.is_empty());
+        let args: Vec<String> = [
+            "run",
+            "--kernel",
+            "k/bzImage",
+            "--initrd=i.cpio",
+            "--append",
+            "console=ttyS0 quiet",
+            "--memory",
+            "512M",
+            "--vcpus",
+            "1",
+        ]
+        .map(String::from)
+        .to_vec();
+        let Cmd::Run(mut opts) = parse(&args).unwrap() else {
+            panic!("not run");
+        };
+        assert_eq!(
+            opts.guest,
+            GuestOverride {
+                kernel: Some("k/bzImage".into()),
+                initrd: Some("i.cpio".into()),
+                append: Some("console=ttyS0 quiet".into()),
+                memory: Some(Size(512 << 20)),
+                vcpus: Some(1),
+            }
+        );
+        opts.absolutize(Path::new("/home/u"));
+        assert_eq!(opts.guest.kernel.as_deref(), Some("/home/u/k/bzImage"));
+        assert_eq!(opts.guest.initrd.as_deref(), Some("/home/u/i.cpio"));
+        assert!(p("run --memory lots").is_err());
+        assert!(p("run --memory 512").is_err());
+        assert!(p("run --vcpus two").is_err());
+        assert!(p("run --kernel").is_err());
+        let Cmd::Help(help) = p("run --help").unwrap() else {
+            panic!("run --help is help");
+        };
+        for option in [
+            "--config <FILE>",
+            "--kernel <PATH>",
+            "--initrd <PATH>",
+            "--append <TEXT>",
+            "--memory <SIZE>",
+            "--vcpus <N>",
+            "--cpus <N>",
+            "--emu <qemu|bochs>",
+            "--kvm",
+            "The quick form",
+            "docs/configuration.md",
+        ] {
+            assert!(help.contains(option), "{option} not in\n{help}");
+        }
+        assert!(matches!(p("run --config x -h").unwrap(), Cmd::Help(_)));
+        let Err(Error::Usage(e)) = p("run --memory 512") else {
+            panic!("a size without unit is refused");
+        };
+        assert!(e.contains("\"512\" has no unit"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::build::Artifacts;
+use crate::config::{self, ModuleSource, Plan};
 use crate::util::{self, describe, shell_quote};
 use crate::{Context, Error, Result};
 
@@ -202,16 +203,6 @@ fn copy(from: &Path, to: &Path) -> Result<()> {
         .context(|| format!("cannot copy {} to {}", from.display(), to.display()))
 }
 
-/// The tasks the default image's manifest (`manifests::RUN`) starts: the
-/// native services beside the guest, and its VMM.
-const RUN_TASKS: [&str; 3] = ["echo", "modem", "vmm"];
-/// The guest kernel's arguments in the default image: a shell on the
-/// serial console once `/init` has made its checks.
-const RUN_GUEST_ARGS: &str = "console=ttyS0 panic=-1 moat.modem=1 moat.ipc=20 moat.shell=1";
-/// The root task's pool holds the guest's 256 MiB.
-const RUN_POOL_ARG: &str = "pool=400";
-const RUN_MEMORY_MIB: u32 = 1024;
-
 /// The default image in `target/image/`.
 pub struct Image {
     pub dir: PathBuf,
@@ -219,81 +210,76 @@ pub struct Image {
     pub iso: PathBuf,
 }
 
-/// Copies the build into `target/image/` and writes `qemu.args` and `moat.iso`,
-/// booting the kernel with the root task.
+/// Copies the build into `target/image/` and makes the default image
+/// (`examples/default.toml`) there: `qemu.args` and `moat.iso`.
 pub fn assemble(artifacts: &Artifacts) -> Result<Image> {
+    let plan = config::load_pinned_aware(
+        Path::new(config::DEFAULT_CONFIG),
+        &config::GuestOverride::default(),
+    )?;
+    assemble_plan(artifacts, &plan)
+}
+
+/// Copies the build into `target/image/` and makes the image of `plan`
+/// there: `qemu.args` and `moat.iso`.
+pub fn assemble_plan(artifacts: &Artifacts, plan: &Plan) -> Result<Image> {
     let dir = PathBuf::from(IMAGE_DIR);
     fs::create_dir_all(&dir).context(|| format!("cannot create {}", dir.display()))?;
     let kernel = dir.join(KERNEL_NAME);
     copy(&artifacts.kernel, &kernel)?;
-    let mut modules = Vec::new();
     for (name, path) in &artifacts.tasks {
-        let file = dir.join(name);
-        copy(path, &file)?;
-        if *name == ROOT_TASK {
-            modules.push(Module {
-                name: name.to_string(),
-                file,
-                args: Vec::new(),
-            });
-        }
+        copy(path, &dir.join(name))?;
     }
-    // The default system: the Linux guest under the VMM, with a shell.
-    let text = |name: &str, bytes: &[u8]| -> Result<Module> {
-        let file = dir.join(name);
-        fs::write(&file, bytes).context(|| format!("cannot write {}", file.display()))?;
-        Ok(Module {
-            name: name.to_string(),
-            file,
-            args: Vec::new(),
-        })
-    };
-    modules.push(text(
-        crate::manifests::MANIFEST_MODULE,
-        crate::manifests::RUN.as_bytes(),
-    )?);
-    for task in RUN_TASKS {
-        modules.push(Module {
-            name: task.to_string(),
-            file: dir.join(task),
-            args: Vec::new(),
-        });
-    }
-    let guest = crate::linux::build()?;
-    for (name, from) in [
-        ("bzImage", &guest.kernel),
-        ("initramfs.cpio", &guest.initramfs),
-    ] {
-        let file = dir.join(name);
-        copy(from, &file)?;
-        modules.push(Module {
-            name: name.to_string(),
-            file,
-            args: Vec::new(),
-        });
-    }
-    let disk = crate::linux::write_test_disk(&dir.join("disk.img"))?;
-    modules.push(Module {
-        name: "disk.img".to_string(),
-        file: disk.path.clone(),
-        args: Vec::new(),
-    });
-    let cmdline = format!("{RUN_GUEST_ARGS} {}\n", disk.kernel_args().join(" "));
-    modules.push(text("cmdline", cmdline.as_bytes())?);
-    let boot = BootSpec {
-        kernel,
-        kernel_args: vec![DEBUG_EXIT_ARG.to_string(), RUN_POOL_ARG.to_string()],
-        modules,
-        memory_mib: RUN_MEMORY_MIB,
-        cpus: 1,
-    };
-
+    let boot = plan_boot(plan, artifacts, &dir)?;
     let args_file = dir.join("qemu.args");
     fs::write(&args_file, qemu_args_text(&boot)?)
         .context(|| format!("cannot write {}", args_file.display()))?;
     let iso = dir.join("moat.iso");
     boot.make_iso(&dir.join("iso"), &iso)?;
     Ok(Image { dir, boot, iso })
+}
+
+/// The boot description of `plan`: its tasks from `target/image/` (where
+/// [`assemble_plan`] copied them), its other modules written or copied
+/// into `dir`.
+pub fn plan_boot(plan: &Plan, artifacts: &Artifacts, dir: &Path) -> Result<BootSpec> {
+    fs::create_dir_all(dir).context(|| format!("cannot create {}", dir.display()))?;
+    let mut modules = Vec::new();
+    for m in &plan.modules {
+        let file = dir.join(&m.name);
+        match &m.source {
+            ModuleSource::Task(task) => {
+                if artifacts.task(task).is_none() {
+                    return Err(Error::Other(format!(
+                        "no user task named '{task}' was built"
+                    )));
+                }
+                let built = Path::new(IMAGE_DIR).join(task);
+                if built != file {
+                    copy(&built, &file)?;
+                }
+            }
+            ModuleSource::File(from) => copy(from, &file)?,
+            ModuleSource::Text(text) => {
+                fs::write(&file, text).context(|| format!("cannot write {}", file.display()))?
+            }
+            ModuleSource::TestDisk => drop(crate::linux::write_test_disk(&file)?),
+        }
+        modules.push(Module {
+            name: m.name.clone(),
+            file,
+            args: Vec::new(),
+        });
+    }
+    let mut kernel_args = vec![DEBUG_EXIT_ARG.to_string()];
+    kernel_args.extend(plan.kernel_args());
+    Ok(BootSpec {
+        kernel: Path::new(IMAGE_DIR).join(KERNEL_NAME),
+        kernel_args,
+        modules,
+        memory_mib: plan.memory_mib,
+        cpus: plan.cpus,
+    })
 }
 
 fn qemu_args_text(boot: &BootSpec) -> Result<String> {

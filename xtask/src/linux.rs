@@ -33,8 +33,9 @@ pub const INIT_START: &str = "MOAT-INIT start";
 pub const INIT_DONE: &str = "MOAT-INIT done";
 pub const CHECK: &str = "MOAT-CHECK ";
 
-/// Bump when the initramfs layout changes without an input changing.
-const LAYOUT: u32 = 2;
+/// Bump when the initramfs layout changes without an input changing (3: the
+/// `cpio` crate writes the archive, with lower-case hex headers).
+const LAYOUT: u32 = 3;
 /// Where `/init` finds the modules to load, one name a line, in order.
 const MODULE_LIST: &str = "etc/moat-modules";
 
@@ -66,7 +67,7 @@ impl Package {
     }
 }
 
-/// `guests/linux/recipe.toml`: `key = "value"` lines and `#` comments.
+/// `guests/linux/recipe.toml`.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Recipe {
     pub kernel: Package,
@@ -75,49 +76,32 @@ pub struct Recipe {
     pub modules: Vec<String>,
 }
 
+/// The recipe file as written: every key required, no other key.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecipeFile {
+    kernel_package: String,
+    kernel_version: String,
+    busybox_package: String,
+    busybox_version: String,
+    /// Module names separated by spaces.
+    modules: String,
+}
+
 impl Recipe {
     pub fn parse(text: &str) -> Result<Recipe, String> {
-        let mut values = BTreeMap::new();
-        for (n, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let parsed = line.split_once('=').and_then(|(key, value)| {
-                let value = value.trim().strip_prefix('"')?.strip_suffix('"')?;
-                (!value.contains('"')).then(|| (key.trim(), value))
-            });
-            let Some((key, value)) = parsed else {
-                return Err(format!("line {}: expected key = \"value\"", n + 1));
-            };
-            if values.insert(key, value).is_some() {
-                return Err(format!("line {}: `{key}` given twice", n + 1));
-            }
-        }
-        let mut take = |key: &str| {
-            values
-                .remove(key)
-                .map(str::to_string)
-                .ok_or_else(|| format!("`{key}` missing"))
-        };
-        let recipe = Recipe {
+        let file: RecipeFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        Ok(Recipe {
             kernel: Package {
-                name: take("kernel_package")?,
-                version: take("kernel_version")?,
+                name: file.kernel_package,
+                version: file.kernel_version,
             },
             busybox: Package {
-                name: take("busybox_package")?,
-                version: take("busybox_version")?,
+                name: file.busybox_package,
+                version: file.busybox_version,
             },
-            modules: take("modules")?
-                .split_whitespace()
-                .map(String::from)
-                .collect(),
-        };
-        if let Some(key) = values.keys().next() {
-            return Err(format!("unknown key `{key}`"));
-        }
-        Ok(recipe)
+            modules: file.modules.split_whitespace().map(String::from).collect(),
+        })
     }
 }
 
@@ -565,16 +549,19 @@ pub fn static_elf(elf: &[u8]) -> Result<(), String> {
 /// A newc ("070701") cpio archive, the format the kernel unpacks as an
 /// initramfs: per entry a 110-byte ASCII header, the NUL-terminated name and
 /// the data, each of the two padded to a multiple of 4 bytes, and a final
-/// entry named `TRAILER!!!`. Entries are written in order, so parents first.
+/// entry named `TRAILER!!!`. Entries are written in order, so parents first;
+/// the `cpio` crate writes the headers, this type checks paths and numbers
+/// the inodes.
 pub struct Cpio {
     out: Vec<u8>,
     next_ino: u32,
 }
 
-pub const CPIO_MAGIC: &[u8; 6] = b"070701";
-pub const CPIO_HEADER_LEN: usize = 110;
+#[cfg(test)]
+const CPIO_MAGIC: &[u8; 6] = b"070701";
+#[cfg(test)]
+const CPIO_HEADER_LEN: usize = 110;
 pub const CPIO_TRAILER: &str = "TRAILER!!!";
-const CPIO_ALIGN: usize = 4;
 
 pub const S_IFDIR: u32 = 0o040_000;
 pub const S_IFREG: u32 = 0o100_000;
@@ -612,9 +599,8 @@ impl Cpio {
     }
 
     /// The archive with its trailer.
-    pub fn finish(mut self) -> Vec<u8> {
-        self.push(0, CPIO_TRAILER, 0, 1, (0, 0), &[]);
-        self.out
+    pub fn finish(self) -> Vec<u8> {
+        cpio::newc::trailer(self.out).expect("writing to a Vec cannot fail")
     }
 
     fn entry(
@@ -635,49 +621,22 @@ impl Cpio {
         if bad_path {
             return Err(Error::Other(format!("cpio: bad path `{path}`")));
         }
-        if u32::try_from(data.len()).is_err() {
+        let Ok(size) = u32::try_from(data.len()) else {
             return Err(Error::Other(format!("cpio: `{path}` is 4 GiB or more")));
-        }
+        };
         let ino = self.next_ino;
         self.next_ino += 1;
-        self.push(ino, path, mode, nlink, rdev, data);
+        // uid, gid and mtime stay 0: equal inputs give equal archives.
+        let mut writer = cpio::newc::Builder::new(path)
+            .ino(ino)
+            .mode(mode)
+            .nlink(nlink)
+            .rdev_major(rdev.0)
+            .rdev_minor(rdev.1)
+            .write(std::mem::take(&mut self.out), size);
+        let written = std::io::Write::write_all(&mut writer, data).and_then(|()| writer.finish());
+        self.out = written.map_err(|e| Error::Other(format!("cpio: `{path}`: {e}")))?;
         Ok(())
-    }
-
-    /// Appends one entry; `path` and `data` are known to fit the header.
-    fn push(&mut self, ino: u32, path: &str, mode: u32, nlink: u32, rdev: (u32, u32), data: &[u8]) {
-        let hex = |v: usize| format!("{v:08X}");
-        let fields = [
-            ino as usize,
-            mode as usize,
-            0, // uid
-            0, // gid
-            nlink as usize,
-            0, // mtime: fixed, so equal inputs give equal archives
-            data.len(),
-            0, // devmajor
-            0, // devminor
-            rdev.0 as usize,
-            rdev.1 as usize,
-            path.len() + 1,
-            0, // check (only for the "070702" variant)
-        ];
-        let start = self.out.len();
-        self.out.extend_from_slice(CPIO_MAGIC);
-        for f in fields {
-            self.out.extend_from_slice(hex(f).as_bytes());
-        }
-        debug_assert_eq!(self.out.len() - start, CPIO_HEADER_LEN);
-        self.out.extend_from_slice(path.as_bytes());
-        self.out.push(0);
-        self.pad();
-        self.out.extend_from_slice(data);
-        self.pad();
-    }
-
-    fn pad(&mut self) {
-        let len = self.out.len().next_multiple_of(CPIO_ALIGN);
-        self.out.resize(len, 0);
     }
 }
 
@@ -878,30 +837,9 @@ impl TestDisk {
     }
 }
 
-/// CRC-32 as zlib and busybox `crc32` compute it (reflected, 0xEDB88320).
+/// CRC-32 as zlib and busybox `crc32` compute it (IEEE, reflected).
 pub fn crc32(bytes: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut table = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
-            let mut c = i as u32;
-            let mut k = 0;
-            while k < 8 {
-                c = if c & 1 != 0 {
-                    0xedb8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-                k += 1;
-            }
-            table[i] = c;
-            i += 1;
-        }
-        table
-    };
-    !bytes
-        .iter()
-        .fold(!0u32, |c, &b| TABLE[usize::from((c as u8) ^ b)] ^ (c >> 8))
+    crc32fast::hash(bytes)
 }
 
 // ---------------------------------------------------------------- timing
@@ -1383,7 +1321,7 @@ mod tests {
     }
 
     #[test]
-    fn cpio_is_deterministic_and_uppercase_hex() {
+    fn cpio_is_deterministic() {
         let make = || {
             let mut c = Cpio::new();
             c.file("x", 0o644, &[1; 300]).unwrap();
@@ -1392,8 +1330,8 @@ mod tests {
         let a = make();
         assert_eq!(a, make());
         // mode 0o100644 = 0x81A4, size 300 = 0x12C
-        assert_eq!(&a[6..22], b"00000001000081A4");
-        assert_eq!(&a[54..62], b"0000012C");
+        assert_eq!(&a[6..22], b"00000001000081a4");
+        assert_eq!(&a[54..62], b"0000012c");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 mod bench;
 mod build;
 mod cli;
+mod config;
 mod demo;
 mod emu;
 mod fuzz;
@@ -24,7 +25,6 @@ mod util;
 
 use std::fmt;
 use std::io;
-use std::path::Path;
 use std::process::{ExitCode, ExitStatus};
 
 use cli::Cmd;
@@ -74,19 +74,23 @@ impl<T> Context<T> for io::Result<T> {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let cmd = match cli::parse(&args) {
+        Ok(Cmd::Run(mut opts)) => {
+            if let Ok(cwd) = std::env::current_dir() {
+                opts.absolutize(&cwd);
+            }
+            Cmd::Run(opts)
+        }
         Ok(cmd) => cmd,
         Err(e) => {
-            eprintln!("xtask: {e}\n\n{}", cli::USAGE);
+            eprintln!("xtask: {e}");
             return ExitCode::from(2);
         }
     };
-    if let Cmd::Help = cmd {
-        println!("{}", cli::USAGE);
+    if let Cmd::Help(text) = &cmd {
+        println!("{}", text.trim_end());
         return ExitCode::SUCCESS;
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives one level below the workspace root");
+    let root = util::workspace_root();
     if let Err(e) = std::env::set_current_dir(root) {
         eprintln!("xtask: cannot enter {}: {e}", root.display());
         return ExitCode::FAILURE;
@@ -102,7 +106,7 @@ fn main() -> ExitCode {
 
 fn dispatch(cmd: Cmd) -> Result<ExitCode> {
     match cmd {
-        Cmd::Help => unreachable!("handled before entering the workspace"),
+        Cmd::Help(_) => unreachable!("handled before entering the workspace"),
         Cmd::Setup => setup::run().map(|()| ExitCode::SUCCESS),
         Cmd::Build => {
             let artifacts = build::build_all()?;

@@ -364,23 +364,6 @@ irq 255 to linux
 "
 );
 
-/// `cargo xtask run`: the Linux guest with a shell on the console, which
-/// the VMM reads from COM1 (its ports and IRQ 4 go to the VMM).
-pub const RUN: &str = concat!(
-    linux_neighbours!(),
-    linux_vmm!(),
-    "\
-    file disk disk.img at 0x32000000000
-    file cmdline cmdline at 0x33000000000
-    uses echo at 20
-    uses modem at 21
-    args epoch=1764000000 console-input modem=21 vm-portals=20 user-hypercalls
-ioports 0x3f8-0x3ff to linux
-irq 4 to linux
-irq 255 to linux
-"
-);
-
 /// `modem` ticks its 1 ms frames above every other priority and serves
 /// its AT sessions to `modemclient`; it crashes on purpose after 1200
 /// frames and is restarted once; the client stays (keeping the modem
@@ -654,14 +637,13 @@ component ticker
 mod tests {
     use super::*;
 
-    const ALL: [&str; 26] = [
+    const ALL: [&str; 25] = [
         STALL,
         IPC_PINGPONG,
         SUPERVISION,
         SEMAPHORE,
         INTERRUPT,
         ROUND_ROBIN,
-        RUN,
         LINUX,
         LINUX_PANIC,
         MODEM,

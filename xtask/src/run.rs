@@ -1,23 +1,42 @@
-//! `cargo xtask run`: setup, build, and boot the default image with the
-//! serial console on this terminal.
+//! `cargo xtask run`: setup, build, and boot a system configuration
+//! (`examples/default.toml` unless `--config`; the quick form's options
+//! change its console guest) with the serial console on this terminal.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use crate::cli::RunOpts;
 use crate::emu::{self, Accel, BochsFiles, Emulator, Exit, Serial};
 use crate::image::{self, DEBUG_EXIT_ARG, IMAGE_DIR};
 use crate::util::{self, describe};
-use crate::{build, setup, Context, Result};
+use crate::{build, config, setup, Context, Result};
 
-/// `cargo xtask run`: setup, build, and boot the default image here.
+/// `cargo xtask run`: setup, build, and boot the configuration here.
 pub fn run(opts: &RunOpts) -> Result<ExitCode> {
+    let config = opts
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG));
+    // A bad configuration is reported before setup and the long build.
+    let plan = config::load(&config, &opts.guest, &config::file_size)?;
     setup::run()?;
+    let plan = if plan.uses_pinned_linux {
+        config::load_pinned_aware(&config, &opts.guest)?
+    } else {
+        plan
+    };
+    println!(
+        "run: {}: {} module(s), pool {} MiB, machine {} MiB",
+        config.display(),
+        plan.modules.len(),
+        plan.pool_mib,
+        plan.memory_mib
+    );
     let artifacts = build::build_all()?;
-    let image = image::assemble(&artifacts)?;
+    let image = image::assemble_plan(&artifacts, &plan)?;
     let mut boot = image.boot.clone();
     boot.kernel_args.extend(opts.kernel_args.iter().cloned());
-    boot.cpus = opts.cpus;
+    boot.cpus = opts.cpus.unwrap_or(plan.cpus);
     debug_assert!(boot.kernel_args.iter().any(|a| a == DEBUG_EXIT_ARG));
 
     let mut bochs_log = None;

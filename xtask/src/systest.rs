@@ -179,6 +179,21 @@ pub struct SysTest {
     /// many seconds; Bochs, which cannot be sent an NMI from outside, does
     /// not run it.
     pub stall_secs: Option<u64>,
+    /// Boots a system configuration (docs/configuration.md) instead of
+    /// `modules`: its modules, pool and machine memory.
+    pub config: Option<SystemConfig>,
+    /// Runs on this emulator only (a long test whose paths another test
+    /// covers on the other emulator).
+    pub only_on: Option<Emulator>,
+}
+
+/// A system configuration a test boots.
+#[derive(Clone, Copy)]
+pub enum SystemConfig {
+    /// A file, relative to the workspace root (an example).
+    File(&'static str),
+    /// A configuration's text.
+    Text(&'static str),
 }
 
 /// The defaults for the fields a test does not set.
@@ -198,6 +213,8 @@ const BASE: SysTest = SysTest {
     opt_in: false,
     qemu_status: None,
     stall_secs: None,
+    config: None,
+    only_on: None,
 };
 
 impl SysTest {
@@ -596,6 +613,10 @@ const LINUX_CHECKS: &[Expect] = &[
     all("vm: 128 guest region(s) were mapped as 2 MiB pages"),
     all("roottask: component 'linux' finished"),
 ];
+
+/// [`LINUX_CHECKS`] up to `/init`'s verdict, for a guest that then waits
+/// in a shell (`moat.shell=1`, as `cargo xtask run` boots it).
+const LINUX_INIT_CHECKS: &[Expect] = LINUX_CHECKS.split_at(26).0;
 
 /// Two CPUs, both online with their virtualization on and their timers
 /// ticking, the root task running, and the second CPU still ticking at
@@ -1666,7 +1687,98 @@ pub const TESTS: &[SysTest] = &[
         memory_mib: 512,
         ..BASE
     },
+    // The shipped examples (docs/configuration.md): what `cargo xtask run`
+    // boots reaches the end of its /init checks (then waits in a shell).
+    SysTest {
+        name: "example_default",
+        config: Some(SystemConfig::File("examples/default.toml")),
+        expect: LINUX_INIT_CHECKS,
+        forbid: &["FAIL", "roottask: component 'linux' faulted"],
+        stop: Stop::WhenDecided,
+        // On Bochs a guest that owns the console (`console-input`: COM1 to
+        // the VMM) prints its first line only after ~100 s of guest time,
+        // with the hand-written manifest of before as well: more than the
+        // usual 300 s.
+        slow: 4,
+        ..BASE
+    },
+    // Two guests under two VMMs: both make every check (the order of their
+    // lines is not fixed: two `done` lines, each with no failure).
+    SysTest {
+        name: "example_two_guests",
+        config: Some(SystemConfig::File("examples/two-guests.toml")),
+        expect: &[
+            all("roottask: started 'linux'"),
+            all("roottask: started 'second'"),
+            all("MOAT-INIT done checks="),
+            all("failed=0"),
+            all("MOAT-INIT done checks="),
+            all("failed=0"),
+        ],
+        forbid: &["FAIL", "faulted"],
+        stop: Stop::WhenDecided,
+        // Two Linux boots (each rebooting once) on one CPU: 866 s on Bochs
+        // beside another Bochs run.
+        slow: 4,
+        ..BASE
+    },
+    // One guest panics (and is not restarted); the other goes on to the
+    // end of its checks and powers off.
+    SysTest {
+        name: "two_guests_panic",
+        config: Some(SystemConfig::Text(TWO_GUESTS_PANIC)),
+        expect: &[
+            all("Kernel panic - not syncing: sysrq triggered crash"),
+            all("vmm: guest stopped: kernel panic (pvpanic)"),
+            all("roottask: component 'crash' exited with code 1"),
+            all("MOAT-INIT done checks="),
+            all("failed=0"),
+            all("vmm: guest stopped: power-off"),
+            all("roottask: component 'linux' finished"),
+            all("roottask: component 'echo' stopped: its clients are done"),
+            all(MEMORY_RETURNED),
+            all(NO_TASKS_LEFT),
+        ],
+        forbid: &[
+            "roottask: component 'linux' faulted",
+            "roottask: component 'echo' faulted",
+            "MOAT-CHECK ipc-hypercall FAIL",
+        ],
+        slow: 3,
+        // Two Linux boots take Bochs about 15 minutes; there the guest's
+        // panic is `linux_panic`'s and two VMMs are `example_two_guests`'.
+        only_on: Some(Emulator::Qemu),
+        ..BASE
+    },
 ];
+
+/// `two_guests_panic`: `linux` makes its checks (disk, reboot, hypercall)
+/// while `crash`, above it and with less to check, panics at the end of
+/// its /init (`moat.panic=1`); its VMM stops, `linux` goes on.
+const TWO_GUESTS_PANIC: &str = r#"
+[[guest]]
+name = "linux"
+kernel = "pinned:bzImage"
+initrd = "pinned:initramfs.cpio"
+cmdline = "console=ttyS0 panic=-1 moat.ipc=20"
+calls = ["echo"]
+user-hypercalls = true
+test-disk = true
+
+[[guest]]
+name = "crash"
+kernel = "pinned:bzImage"
+initrd = "pinned:initramfs.cpio"
+cmdline = "console=ttyS0 panic=-1 moat.panic=1"
+memory = "128M"
+priority = 12
+on-panic = "stop"
+
+[[component]]
+name = "echo"
+priority = 20
+provides = "echo"
+"#;
 
 /// Every test guest's verdict lines (`moat_testvm::TestGuest::expect`,
 /// after `testvmm: <guest>: `), in the order testvmm runs them.
@@ -2056,6 +2168,9 @@ pub fn run_all(
             if test.stall_secs.is_some() && emu == Emulator::Bochs {
                 continue;
             }
+            if test.only_on.is_some_and(|only| only != emu) {
+                continue;
+            }
             let serial = dir.join(format!("{}-{}.log", test.name, emu.name()));
             let launch = match &boot {
                 Ok(boot) => prepare(test, emu, boot, &serial).map_err(|e| e.to_string()),
@@ -2094,6 +2209,9 @@ pub fn run_all(
 
 /// The boot description of a test, writing the module files it generates.
 pub(crate) fn boot_spec(test: &SysTest, artifacts: &Artifacts) -> Result<BootSpec> {
+    if let Some(config) = &test.config {
+        return config_boot_spec(test, config, artifacts);
+    }
     let mut modules = Vec::new();
     for m in test.modules {
         let task = |name: &str| {
@@ -2145,6 +2263,38 @@ pub(crate) fn boot_spec(test: &SysTest, artifacts: &Artifacts) -> Result<BootSpe
         memory_mib: test.memory_mib,
         cpus: test.cpus,
     })
+}
+
+/// The boot description of a test that boots a system configuration: its
+/// modules written under `target/systest/<test>/`, the test's kernel
+/// arguments after the plan's.
+fn config_boot_spec(
+    test: &SysTest,
+    config: &SystemConfig,
+    artifacts: &Artifacts,
+) -> Result<BootSpec> {
+    let overrides = crate::config::GuestOverride::default();
+    let plan = match config {
+        SystemConfig::File(path) => crate::config::load_pinned_aware(Path::new(path), &overrides)?,
+        SystemConfig::Text(text) => {
+            let name = format!("system test {}", test.name);
+            let source = crate::config::Source { name: &name, text };
+            let plan = |size_of: &dyn Fn(&Path) -> Result<u64, String>| {
+                crate::config::plan_text(&source, Path::new("."), &overrides, size_of)
+                    .map_err(|e| Error::Other(e.to_string()))
+            };
+            if plan(&crate::config::file_size)?.uses_pinned_linux {
+                linux::build()?;
+            }
+            plan(&crate::config::file_size)?
+        }
+    };
+    let mut boot =
+        crate::image::plan_boot(&plan, artifacts, &Path::new(SYSTEST_DIR).join(test.name))?;
+    boot.kernel_args
+        .extend(test.kernel_args.iter().map(|a| a.to_string()));
+    boot.cpus = test.cpus;
+    Ok(boot)
 }
 
 /// The file behind a Linux guest module, built or written as needed.

@@ -1,7 +1,7 @@
 //! Small helpers for running commands and formatting their results.
 
 use std::ffi::OsStr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -63,6 +63,13 @@ pub fn tail(text: &str, n: usize) -> Vec<&str> {
 
 pub fn secs(d: Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())
+}
+
+/// The workspace root (xtask's parent), where every command runs.
+pub fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
 }
 
 #[cfg(test)]

@@ -1,0 +1,1694 @@
+//! The system configuration (docs/configuration.md): a TOML file that
+//! describes the guests and native components of a Moat system. xtask
+//! turns it into the root task's manifest (addresses, selectors, the VMM's
+//! heap and kernel quota, the root's pool, the machine's RAM all computed
+//! here) and the list of boot modules.
+//!
+//! Parsing is serde + toml with `deny_unknown_fields`; every error, the
+//! parser's and the checks' after it, names the file, line, column and
+//! field ([`ConfigError`]).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::build::USER_TASKS;
+use crate::linux;
+
+/// What `cargo xtask run` boots without `--config`.
+pub const DEFAULT_CONFIG: &str = "examples/default.toml";
+/// Paths starting with this name a file of the pinned Linux test guest
+/// (`cargo xtask linux build`, built when first needed).
+pub const PINNED_PREFIX: &str = "pinned:";
+const PINNED_FILES: [&str; 2] = ["bzImage", "initramfs.cpio"];
+
+/// Manifest selectors for `uses` start here (below the VMM's own, 64 on).
+pub const FIRST_USE_SELECTOR: u64 = 20;
+const LAST_USE_SELECTOR: u64 = 63;
+/// `ram`/`file` mappings lie in 1 TiB slots from 1 TiB on (the manifest's
+/// mapping range is 1..112 TiB); no mapping reaches 1 TiB.
+const MAPPING_BASE: u64 = 1 << 40;
+const MAPPING_SLOT: u64 = 1 << 40;
+
+/// The VMM: its image and stack, its ECs' highest priority, its heap
+/// before the disk copy.
+const VMM_MODULE: &str = "vmm";
+const VMM_MEMORY: u64 = 2 << 20;
+const VMM_STACK: u64 = 64 << 10;
+const VMM_CEILING: u8 = 30;
+/// The VMM's input EC runs at 25: a guest's vCPU must be below.
+const GUEST_MAX_PRIORITY: u8 = 24;
+const VMM_HEAP_BASE: u64 = 16 << 20;
+/// The VMM's kernel quota: a base plus one eighth of what it maps
+/// (capability slots and page tables for every 4 KiB page, twice: in its
+/// own space and in the guest's).
+const VMM_QUOTA_BASE: u64 = 8 << 20;
+const VMM_QUOTA_DIVISOR: u64 = 8;
+
+const GUEST_MIN_MEMORY: u64 = 16 << 20;
+const GUEST_MEMORY_ALIGN: u64 = 2 << 20;
+const DEFAULT_GUEST_MEMORY: u64 = 256 << 20;
+const DEFAULT_GUEST_PRIORITY: u8 = 10;
+/// Longest guest name: its `NAME.cmdline` module must fit the root's
+/// 31-character module names.
+const GUEST_NAME_MAX: usize = 23;
+const COMPONENT_NAME_MAX: usize = 32;
+const PORTAL_NAME_MAX: usize = 40;
+const MODULE_NAME_MAX: usize = 31;
+/// Linux's COMMAND_LINE_SIZE less its terminating zero.
+const CMDLINE_MAX: usize = 2047;
+/// The manifest's limit less the root's ` index=N tsc_hz=H`.
+const ARGS_MAX: usize = 960;
+
+const DEFAULT_COMPONENT_PRIORITY: u8 = 10;
+const DEFAULT_COMPONENT_MEMORY: u64 = 256 << 10;
+const DEFAULT_COMPONENT_QUOTA: u64 = 64 << 10;
+/// The manifest's default stack of a component's first EC.
+const DEFAULT_STACK: u64 = 16 << 10;
+const MAX_RESTARTS: u32 = 1000;
+
+/// The emulated machine: the kernel, tasks, boot structures and the
+/// kernel's reserve, besides the modules and the root's pool and quota.
+const MACHINE_OVERHEAD: u64 = 64 << 20;
+/// The machine's RAM when the file does not say (what the Linux system
+/// tests have always had), unless the system needs more.
+const DEFAULT_MACHINE_MEMORY: u64 = 1 << 30;
+/// Most RAM an emulated machine gets: QEMU's `pc` puts RAM above 3 GiB
+/// beyond the 4 GiB hole, which Moat has not been tried with.
+const MAX_MACHINE_MEMORY: u64 = 3 << 30;
+const MACHINE_MEMORY_STEP: u64 = 256 << 20;
+/// The kernel starts at most this many CPUs.
+const MAX_CPUS: u32 = 64;
+
+// ---------------------------------------------------------------- the file
+
+/// A configuration file as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub machine: MachineEntry,
+    #[serde(default, rename = "guest")]
+    pub guests: Vec<GuestEntry>,
+    #[serde(default, rename = "component")]
+    pub components: Vec<ComponentEntry>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineEntry {
+    pub memory: Option<Spanned<Size>>,
+    pub cpus: Option<Spanned<u32>>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnPanic {
+    /// The VMM reports the panic and ends; the rest of the system goes on.
+    #[default]
+    Stop,
+    /// The VMM boots the guest again.
+    Restart,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct GuestEntry {
+    pub name: Spanned<String>,
+    pub kernel: Spanned<String>,
+    pub initrd: Spanned<String>,
+    pub cmdline: Option<Spanned<String>>,
+    pub memory: Option<Spanned<Size>>,
+    pub vcpus: Option<Spanned<u32>>,
+    pub priority: Option<Spanned<u8>>,
+    pub console: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub on_panic: OnPanic,
+    #[serde(default)]
+    pub calls: Vec<Spanned<String>>,
+    pub modem: Option<Spanned<String>>,
+    #[serde(default)]
+    pub user_hypercalls: bool,
+    #[serde(default)]
+    pub test_disk: bool,
+    pub epoch: Option<u64>,
+}
+
+impl GuestEntry {
+    fn owns_console(&self) -> bool {
+        self.console.as_ref().is_some_and(|c| *c.get_ref())
+    }
+
+    fn console_span(&self) -> Range<usize> {
+        self.console.as_ref().map_or(self.name.span(), |c| c.span())
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ComponentEntry {
+    pub name: Spanned<String>,
+    pub module: Option<Spanned<String>>,
+    pub priority: Option<Spanned<u8>>,
+    pub cpu: Option<Spanned<u32>>,
+    pub memory: Option<Spanned<Size>>,
+    pub quota: Option<Spanned<Size>>,
+    pub provides: Option<Spanned<String>>,
+    #[serde(default)]
+    pub uses: Vec<Spanned<String>>,
+    pub args: Option<Spanned<String>>,
+    pub restart: Option<Spanned<u32>>,
+}
+
+/// A size in bytes, written as a string: a number and `K`, `M` or `G`
+/// (binary units; `KiB`, `MiB`, `GiB` too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+pub const SIZE_EXPECTED: &str = "a size such as \"256M\" (a number with K, M or G)";
+
+impl Size {
+    pub fn parse(text: &str) -> Result<Size, String> {
+        let text = text.trim();
+        let digits = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(digits);
+        let shift = match unit.trim_start() {
+            "K" | "KiB" | "k" => 10,
+            "M" | "MiB" | "m" => 20,
+            "G" | "GiB" | "g" => 30,
+            "" if !number.is_empty() => {
+                return Err(format!("\"{text}\" has no unit: expected {SIZE_EXPECTED}"))
+            }
+            _ => return Err(format!("expected {SIZE_EXPECTED}, not \"{text}\"")),
+        };
+        let value: u64 = number
+            .parse()
+            .map_err(|_| format!("expected {SIZE_EXPECTED}, not \"{text}\""))?;
+        let bytes = value
+            .checked_mul(1 << shift)
+            .filter(|&b| b > 0)
+            .ok_or_else(|| format!("\"{text}\" is not a usable size (zero or too large)"))?;
+        Ok(Size(bytes))
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SizeVisitor;
+        impl Visitor<'_> for SizeVisitor {
+            type Value = Size;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(SIZE_EXPECTED)
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Size, E> {
+                Size::parse(text).map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_str(SizeVisitor)
+    }
+}
+
+/// `256M`, `64K`, `1G` or a byte count, as the manifest writes sizes.
+pub fn manifest_size(bytes: u64) -> String {
+    for (shift, unit) in [(30, "G"), (20, "M"), (10, "K")] {
+        if bytes.is_multiple_of(1 << shift) {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
+}
+
+fn mib_up(bytes: u64) -> u64 {
+    bytes.div_ceil(1 << 20)
+}
+
+// ---------------------------------------------------------------- errors
+
+/// A problem in a configuration, where it is and what was expected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    /// 1-based; 0 when the value came from the command line.
+    pub line: usize,
+    pub column: usize,
+    /// `guest[1].memory`, `component[0]`, … (empty when not known).
+    pub field: String,
+    pub message: String,
+    /// The line the error points into, and the span's columns on it.
+    pub excerpt: Option<Box<(String, Range<usize>)>>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: ", self.file)?;
+        } else {
+            write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        }
+        if !self.field.is_empty() {
+            write!(f, "{}: ", self.field)?;
+        }
+        write!(f, "{}", self.message)?;
+        if let Some((text, cols)) = self.excerpt.as_deref() {
+            let number = self.line.to_string();
+            let pad = " ".repeat(number.len());
+            let marks = "^".repeat(cols.len().max(1));
+            write!(
+                f,
+                "\n {pad} |\n {number} | {text}\n {pad} | {}{marks}",
+                " ".repeat(cols.start)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A configuration's text and name, for locating errors.
+pub struct Source<'a> {
+    pub name: &'a str,
+    pub text: &'a str,
+}
+
+impl Source<'_> {
+    /// An error at `span` (an empty span at 0: a command-line value).
+    fn error(
+        &self,
+        span: Range<usize>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        let field = field.into();
+        if span == (0..0) {
+            return ConfigError {
+                file: "command line".into(),
+                line: 0,
+                column: 0,
+                field,
+                message: message.into(),
+                excerpt: None,
+            };
+        }
+        let start = span.start.min(self.text.len());
+        let line_start = self.text[..start].rfind('\n').map_or(0, |i| i + 1);
+        let line_end = self.text[start..]
+            .find('\n')
+            .map_or(self.text.len(), |i| start + i);
+        let line_text = self.text[line_start..line_end].trim_end_matches('\r');
+        let column = self.text[line_start..start].chars().count() + 1;
+        let end = span
+            .end
+            .clamp(start, (line_start + line_text.len()).max(start));
+        let cols = (column - 1)..(column - 1 + self.text[start..end].chars().count());
+        ConfigError {
+            file: self.name.to_string(),
+            line: self.text[..start].matches('\n').count() + 1,
+            column,
+            field,
+            message: message.into(),
+            excerpt: Some(Box::new((line_text.to_string(), cols))),
+        }
+    }
+
+    /// The field at `offset`: the key on that line (if any) inside the
+    /// nearest `[table]` or `[[array]]` header before it, numbered.
+    fn field_at(&self, offset: usize) -> String {
+        let offset = offset.min(self.text.len());
+        let mut table = String::new();
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        let mut line_start = 0;
+        let mut key = String::new();
+        for line in self.text.split_inclusive('\n') {
+            let trimmed = line.trim();
+            let is_here =
+                offset < line_start + line.len() || line_start + line.len() == self.text.len();
+            if let Some(name) = trimmed
+                .strip_prefix("[[")
+                .and_then(|r| r.split("]]").next())
+            {
+                let name = name.trim().to_string();
+                let n = counts.entry(name.clone()).or_insert(0);
+                table = format!("{name}[{n}]");
+                *n += 1;
+            } else if let Some(name) = trimmed.strip_prefix('[').and_then(|r| r.split(']').next()) {
+                table = name.trim().to_string();
+            } else if is_here {
+                if let Some((k, _)) = trimmed.split_once('=') {
+                    key = k.trim().trim_matches('"').to_string();
+                }
+            }
+            if is_here {
+                break;
+            }
+            line_start += line.len();
+        }
+        match (table.is_empty(), key.is_empty()) {
+            (_, true) => table,
+            (true, false) => key,
+            (false, false) => format!("{table}.{key}"),
+        }
+    }
+
+    /// Parses the text; a TOML or schema error located and named.
+    pub fn parse(&self) -> Result<ConfigFile, ConfigError> {
+        toml::from_str(self.text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            let span = if span == (0..0) {
+                0..1.min(self.text.len())
+            } else {
+                span
+            };
+            let field = self.field_at(span.start);
+            self.error(span, field, e.message().trim().to_string())
+        })
+    }
+}
+
+// ---------------------------------------------------------------- overrides
+
+/// The quick form's options (`run --kernel … --memory …`): they replace
+/// the console guest's values (or the only guest's).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GuestOverride {
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub append: Option<String>,
+    pub memory: Option<Size>,
+    pub vcpus: Option<u32>,
+}
+
+impl GuestOverride {
+    pub fn is_empty(&self) -> bool {
+        *self == GuestOverride::default()
+    }
+
+    /// Applies the options to `file`'s console guest, or its only guest.
+    pub fn apply(&self, file: &mut ConfigFile) -> Result<(), String> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        let index = match file.guests.iter().position(GuestEntry::owns_console) {
+            Some(i) => i,
+            None if file.guests.len() == 1 => 0,
+            None => {
+                return Err(format!(
+                    "--kernel, --initrd, --append, --memory and --vcpus change the guest that \
+                     owns the console, and this configuration has {} guests, none with \
+                     `console = true`",
+                    file.guests.len()
+                ))
+            }
+        };
+        let guest = &mut file.guests[index];
+        if let Some(kernel) = &self.kernel {
+            guest.kernel = from_cli(kernel.clone());
+        }
+        if let Some(initrd) = &self.initrd {
+            guest.initrd = from_cli(initrd.clone());
+        }
+        if let Some(append) = &self.append {
+            guest.cmdline = Some(from_cli(append.clone()));
+        }
+        if let Some(memory) = self.memory {
+            guest.memory = Some(from_cli(memory));
+        }
+        if let Some(vcpus) = self.vcpus {
+            guest.vcpus = Some(from_cli(vcpus));
+        }
+        Ok(())
+    }
+}
+
+/// A value from the command line: an empty span at 0, which no value in
+/// a file has.
+fn from_cli<T>(value: T) -> Spanned<T> {
+    Spanned::new(0..0, value)
+}
+
+// ---------------------------------------------------------------- the plan
+
+/// Where a boot module's bytes come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModuleSource {
+    /// A user task as built (`build::USER_TASKS`' binary name).
+    Task(String),
+    /// A file of the user's (absolute, or relative to the workspace).
+    File(PathBuf),
+    /// Bytes xtask writes (the manifest, a command line).
+    Text(String),
+    /// The Linux test guest's check disk (`linux::write_test_disk`).
+    TestDisk,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedModule {
+    pub name: String,
+    pub source: ModuleSource,
+}
+
+/// What a configuration boots: modules in order (the root task first,
+/// then the manifest), the root's pool and the machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub manifest: String,
+    pub modules: Vec<PlannedModule>,
+    /// The kernel's `pool=` (MiB).
+    pub pool_mib: u64,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// Some file is the pinned Linux guest's (build it first).
+    pub uses_pinned_linux: bool,
+}
+
+impl Plan {
+    /// The kernel arguments the plan needs (besides `debug-exit`).
+    pub fn kernel_args(&self) -> Vec<String> {
+        vec![format!("pool={}", self.pool_mib)]
+    }
+}
+
+/// Reads and plans the configuration file at `path` (relative paths in it
+/// are relative to its directory), with the quick form's `overrides`.
+/// `size_of` gives the size of a guest file (kernel, initrd).
+pub fn load(
+    path: &Path,
+    overrides: &GuestOverride,
+    size_of: &dyn Fn(&Path) -> Result<u64, String>,
+) -> crate::Result<Plan> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        crate::Error::Other(format!("cannot read configuration {}: {e}", path.display()))
+    })?;
+    let name = path.display().to_string();
+    let source = Source {
+        name: &name,
+        text: &text,
+    };
+    let base = path.parent().unwrap_or(Path::new("."));
+    plan_text(&source, base, overrides, size_of).map_err(|e| crate::Error::Other(e.to_string()))
+}
+
+/// Parses and plans a configuration's text.
+pub fn plan_text(
+    source: &Source,
+    base: &Path,
+    overrides: &GuestOverride,
+    size_of: &dyn Fn(&Path) -> Result<u64, String>,
+) -> Result<Plan, ConfigError> {
+    let mut file = source.parse()?;
+    overrides
+        .apply(&mut file)
+        .map_err(|message| source.error(0..0, "", message))?;
+    Planner {
+        source,
+        base,
+        size_of,
+    }
+    .plan(&file)
+}
+
+struct Planner<'a> {
+    source: &'a Source<'a>,
+    base: &'a Path,
+    size_of: &'a dyn Fn(&Path) -> Result<u64, String>,
+}
+
+/// A checked component or guest, before the text is written.
+struct Entry<'a> {
+    name: &'a str,
+    field: String,
+}
+
+fn name_ok(name: &str, max: usize) -> bool {
+    !name.is_empty()
+        && name.len() <= max
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+}
+
+impl Planner<'_> {
+    fn err<T>(
+        &self,
+        span: Range<usize>,
+        field: &str,
+        message: impl Into<String>,
+    ) -> Result<T, ConfigError> {
+        Err(self.source.error(span, field, message))
+    }
+
+    /// A guest file: `pinned:NAME` or a path relative to the file.
+    fn guest_file(
+        &self,
+        value: &Spanned<String>,
+        field: &str,
+    ) -> Result<(PathBuf, bool, u64), ConfigError> {
+        let text = value.get_ref();
+        let (path, pinned) = match text.strip_prefix(PINNED_PREFIX) {
+            Some(name) if PINNED_FILES.contains(&name) => (
+                crate::util::workspace_root()
+                    .join(linux::LINUX_DIR)
+                    .join(name),
+                true,
+            ),
+            Some(name) => {
+                return self.err(
+                    value.span(),
+                    field,
+                    format!(
+                        "the pinned guest has no file \"{name}\" (expected {})",
+                        PINNED_FILES
+                            .map(|f| format!("\"{PINNED_PREFIX}{f}\""))
+                            .join(" or ")
+                    ),
+                )
+            }
+            None if text.is_empty() => {
+                return self.err(value.span(), field, "expected a file's path, not \"\"")
+            }
+            None => (self.base.join(text), false),
+        };
+        // The pinned files may not be built yet: their size is known only
+        // afterwards; a rough one serves the quota.
+        let size = match (self.size_of)(&path) {
+            Ok(size) => size,
+            Err(_) if pinned => 16 << 20,
+            Err(why) => {
+                return self.err(
+                    value.span(),
+                    field,
+                    format!("cannot use {}: {why}", path.display()),
+                )
+            }
+        };
+        Ok((path, pinned, size))
+    }
+
+    fn plan(&self, file: &ConfigFile) -> Result<Plan, ConfigError> {
+        // Names: unique among guests and components (each is a manifest
+        // component).
+        let mut names: BTreeMap<&str, String> = BTreeMap::new();
+        let mut entries = Vec::new();
+        for (i, g) in file.guests.iter().enumerate() {
+            let field = format!("guest[{i}]");
+            entries.push((
+                Entry {
+                    name: g.name.get_ref(),
+                    field: field.clone(),
+                },
+                g.name.span(),
+                GUEST_NAME_MAX,
+            ));
+        }
+        for (i, c) in file.components.iter().enumerate() {
+            let field = format!("component[{i}]");
+            entries.push((
+                Entry {
+                    name: c.name.get_ref(),
+                    field,
+                },
+                c.name.span(),
+                COMPONENT_NAME_MAX,
+            ));
+        }
+        for (entry, span, max) in &entries {
+            if !name_ok(entry.name, *max) {
+                return self.err(
+                    span.clone(),
+                    &format!("{}.name", entry.field),
+                    format!(
+                        "expected 1 to {max} of A-Z a-z 0-9 _ - . , not \"{}\"",
+                        entry.name
+                    ),
+                );
+            }
+            if let Some(first) = names.insert(entry.name, entry.field.clone()) {
+                return self.err(
+                    span.clone(),
+                    &format!("{}.name", entry.field),
+                    format!(
+                        "\"{}\" is already the name of {first}; names must be unique",
+                        entry.name
+                    ),
+                );
+            }
+        }
+        if file.guests.is_empty() && file.components.is_empty() {
+            return self.err(
+                0..1.min(self.source.text.len()),
+                "",
+                "no [[guest]] and no [[component]]: nothing to boot",
+            );
+        }
+
+        let cpus = match &file.machine.cpus {
+            None => 1,
+            Some(c) if (1..=MAX_CPUS).contains(c.get_ref()) => *c.get_ref(),
+            Some(c) => {
+                return self.err(
+                    c.span(),
+                    "machine.cpus",
+                    format!("expected 1 to {MAX_CPUS} CPUs, not {}", c.get_ref()),
+                )
+            }
+        };
+
+        // Services: who provides what.
+        let mut providers: BTreeMap<&str, &str> = BTreeMap::new();
+        for (i, c) in file.components.iter().enumerate() {
+            if let Some(p) = &c.provides {
+                let field = format!("component[{i}].provides");
+                if !name_ok(p.get_ref(), PORTAL_NAME_MAX) {
+                    return self.err(
+                        p.span(),
+                        &field,
+                        format!(
+                            "expected 1 to {PORTAL_NAME_MAX} of A-Z a-z 0-9 _ - . , not \"{}\"",
+                            p.get_ref()
+                        ),
+                    );
+                }
+                if let Some(first) = providers.insert(p.get_ref(), c.name.get_ref()) {
+                    return self.err(
+                        p.span(),
+                        &field,
+                        format!("\"{}\" is already provided by '{first}'", p.get_ref()),
+                    );
+                }
+            }
+        }
+        let check_provided =
+            |s: &Spanned<String>, field: &str, me: &str| -> Result<(), ConfigError> {
+                match providers.get(s.get_ref().as_str()) {
+                    None => {
+                        let known: Vec<_> = providers.keys().map(|k| format!("\"{k}\"")).collect();
+                        self.err(
+                            s.span(),
+                            field,
+                            format!(
+                                "no component provides \"{}\" (provided: {})",
+                                s.get_ref(),
+                                if known.is_empty() {
+                                    "nothing".to_string()
+                                } else {
+                                    known.join(", ")
+                                }
+                            ),
+                        )
+                    }
+                    Some(&p) if p == me => self.err(
+                        s.span(),
+                        field,
+                        format!("'{me}' cannot use its own service"),
+                    ),
+                    Some(_) => Ok(()),
+                }
+            };
+
+        let mut manifest =
+            String::from("# Written by cargo xtask from a system configuration; do not edit.\n");
+        let mut tasks: Vec<String> = Vec::new();
+        let mut pool: u64 = 0;
+        let mut ram_regions: u64 = 0;
+        let mut quotas: u64 = 0;
+
+        // Native components.
+        for (i, c) in file.components.iter().enumerate() {
+            let f = |name: &str| format!("component[{i}].{name}");
+            let name = c.name.get_ref();
+            let module = c.module.as_ref().map_or(name.as_str(), |m| m.get_ref());
+            let module_span = c.module.as_ref().map_or(c.name.span(), |m| m.span());
+            if module == VMM_MODULE {
+                return self.err(
+                    module_span,
+                    &f("module"),
+                    "the VMM is started for each [[guest]]: describe the guest there",
+                );
+            }
+            if module == crate::image::ROOT_TASK || !USER_TASKS.iter().any(|t| t.binary == module) {
+                let known: Vec<_> = USER_TASKS
+                    .iter()
+                    .map(|t| t.binary)
+                    .filter(|b| *b != crate::image::ROOT_TASK && *b != VMM_MODULE)
+                    .collect();
+                return self.err(
+                    module_span,
+                    &f("module"),
+                    format!(
+                        "no component module \"{module}\" (xtask builds: {})",
+                        known.join(", ")
+                    ),
+                );
+            }
+            let priority = c
+                .priority
+                .as_ref()
+                .map_or(DEFAULT_COMPONENT_PRIORITY, |p| *p.get_ref());
+            if let Some(p) = &c.priority {
+                if *p.get_ref() > 63 {
+                    return self.err(
+                        p.span(),
+                        &f("priority"),
+                        format!("expected a priority from 0 to 63, not {}", p.get_ref()),
+                    );
+                }
+            }
+            let cpu = match &c.cpu {
+                None => 0,
+                Some(cpu) if *cpu.get_ref() < cpus => *cpu.get_ref(),
+                Some(cpu) => {
+                    return self.err(
+                        cpu.span(),
+                        &f("cpu"),
+                        format!(
+                            "the machine has {cpus} CPU(s) ([machine] cpus), numbered from 0, \
+                             so no CPU {}",
+                            cpu.get_ref()
+                        ),
+                    )
+                }
+            };
+            let memory =
+                self.page_size(c.memory.as_ref(), DEFAULT_COMPONENT_MEMORY, &f("memory"))?;
+            let quota = self.page_size(c.quota.as_ref(), DEFAULT_COMPONENT_QUOTA, &f("quota"))?;
+            manifest += &format!(
+                "component {name}\n    module {module}\n    priority {priority}\n    memory {}\n    quota {}\n",
+                manifest_size(memory),
+                manifest_size(quota)
+            );
+            if cpu != 0 {
+                manifest += &format!("    cpu {cpu}\n");
+            }
+            if let Some(p) = &c.provides {
+                manifest += &format!("    provides {}\n", p.get_ref());
+            }
+            for (n, used) in c.uses.iter().enumerate() {
+                check_provided(used, &f("uses"), name)?;
+                let sel = self.selector(n, used.span(), &f("uses"))?;
+                manifest += &format!("    uses {} at {sel}\n", used.get_ref());
+            }
+            if let Some(r) = &c.restart {
+                if *r.get_ref() > MAX_RESTARTS {
+                    return self.err(
+                        r.span(),
+                        &f("restart"),
+                        format!(
+                            "expected at most {MAX_RESTARTS} restarts, not {}",
+                            r.get_ref()
+                        ),
+                    );
+                }
+                manifest += &format!("    restart {}\n", r.get_ref());
+            }
+            if let Some(args) = &c.args {
+                self.check_args(args, &f("args"))?;
+                if !args.get_ref().trim().is_empty() {
+                    manifest += &format!("    args {}\n", args.get_ref().trim());
+                }
+            }
+            if !tasks.iter().any(|t| t == module) {
+                tasks.push(module.to_string());
+            }
+            pool += memory + DEFAULT_STACK;
+            quotas += quota;
+        }
+
+        // Guests, each under its VMM.
+        let mut files: Vec<PlannedModule> = Vec::new();
+        let mut uses_pinned_linux = false;
+        let mut console: Option<usize> = None;
+        let mut trailer = String::new();
+        let mut file_sizes: u64 = 0;
+        for (i, g) in file.guests.iter().enumerate() {
+            let f = |name: &str| format!("guest[{i}].{name}");
+            let name = g.name.get_ref().as_str();
+            let memory = match &g.memory {
+                None => DEFAULT_GUEST_MEMORY,
+                Some(m) => {
+                    let bytes = m.get_ref().0;
+                    if bytes < GUEST_MIN_MEMORY || !bytes.is_multiple_of(GUEST_MEMORY_ALIGN) {
+                        return self.err(
+                            m.span(),
+                            &f("memory"),
+                            format!(
+                            "a guest's memory is a multiple of 2M and at least {}M, not {} bytes",
+                            GUEST_MIN_MEMORY >> 20,
+                            bytes
+                        ),
+                        );
+                    }
+                    if bytes > MAX_MACHINE_MEMORY {
+                        return self.err(
+                            m.span(),
+                            &f("memory"),
+                            format!(
+                                "{} MiB is more than the machine's most, {} MiB",
+                                bytes >> 20,
+                                MAX_MACHINE_MEMORY >> 20
+                            ),
+                        );
+                    }
+                    bytes
+                }
+            };
+            if let Some(v) = &g.vcpus {
+                if *v.get_ref() != 1 {
+                    return self.err(
+                        v.span(),
+                        &f("vcpus"),
+                        format!(
+                        "a guest has exactly 1 vCPU for now (the VMM runs one; issue 12), not {}",
+                        v.get_ref()
+                    ),
+                    );
+                }
+            }
+            let priority = match &g.priority {
+                None => DEFAULT_GUEST_PRIORITY,
+                Some(p) if (1..=GUEST_MAX_PRIORITY).contains(p.get_ref()) => *p.get_ref(),
+                Some(p) => {
+                    return self.err(p.span(), &f("priority"), format!(
+                        "expected a guest priority from 1 to {GUEST_MAX_PRIORITY} (below the VMM's own threads), not {}",
+                        p.get_ref()
+                    ))
+                }
+            };
+            if g.owns_console() {
+                if let Some(first) = console {
+                    return self.err(
+                        g.console_span(),
+                        &f("console"),
+                        format!(
+                            "guest '{}' already owns the console; at most one guest may",
+                            file.guests[first].name.get_ref()
+                        ),
+                    );
+                }
+                console = Some(i);
+            }
+            let cmdline = g.cmdline.as_ref().map_or("", |c| c.get_ref().as_str());
+            if cmdline.len() > CMDLINE_MAX || cmdline.contains(['\0', '\n']) {
+                let span = g.cmdline.as_ref().map_or(g.name.span(), |c| c.span());
+                return self.err(
+                    span,
+                    &f("cmdline"),
+                    format!("expected one line of at most {CMDLINE_MAX} bytes"),
+                );
+            }
+
+            let (kernel, k_pinned, kernel_size) = self.guest_file(&g.kernel, &f("kernel"))?;
+            let (initrd, i_pinned, initrd_size) = self.guest_file(&g.initrd, &f("initrd"))?;
+            uses_pinned_linux |= k_pinned || i_pinned;
+            let kernel_module = file_module(&mut files, &kernel, "kernel", i);
+            let initrd_module = file_module(&mut files, &initrd, "initrd", i);
+            let mut line = cmdline.trim().to_string();
+            let disk_size = if g.test_disk {
+                if !files.iter().any(|m| m.source == ModuleSource::TestDisk) {
+                    files.push(PlannedModule {
+                        name: "disk.img".into(),
+                        source: ModuleSource::TestDisk,
+                    });
+                }
+                for arg in test_disk_args() {
+                    if !line.is_empty() {
+                        line.push(' ');
+                    }
+                    line += arg;
+                }
+                (linux::DISK_SECTORS * linux::SECTOR) as u64
+            } else {
+                0
+            };
+            line.push('\n');
+            let cmdline_module = format!("{name}.cmdline");
+            files.push(PlannedModule {
+                name: cmdline_module.clone(),
+                source: ModuleSource::Text(line.clone()),
+            });
+
+            let heap = (VMM_HEAP_BASE + disk_size).next_multiple_of(1 << 20);
+            let mapped = memory + heap + kernel_size + initrd_size + disk_size + line.len() as u64;
+            let quota = (VMM_QUOTA_BASE + mapped / VMM_QUOTA_DIVISOR).next_multiple_of(1 << 20);
+            let mut mappings = vec![
+                format!("ram guest {}", manifest_size(memory)),
+                format!("ram heap {}", manifest_size(heap)),
+                format!("file kernel {kernel_module}"),
+                format!("file initrd {initrd_module}"),
+            ];
+            if g.test_disk {
+                mappings.push("file disk disk.img".into());
+            }
+            mappings.push(format!("file cmdline {cmdline_module}"));
+            manifest += &format!(
+                "component {name}\n    module {VMM_MODULE}\n    priority {priority}\n    ceiling {VMM_CEILING}\n    \
+                 memory {}\n    stack {}\n    quota {}\n    restart 0\n",
+                manifest_size(VMM_MEMORY),
+                manifest_size(VMM_STACK),
+                manifest_size(quota)
+            );
+            for (slot, mapping) in mappings.iter().enumerate() {
+                manifest += &format!(
+                    "    {mapping} at {:#x}\n",
+                    MAPPING_BASE + slot as u64 * MAPPING_SLOT
+                );
+            }
+            let mut uses = Vec::new();
+            for called in &g.calls {
+                check_provided(called, &f("calls"), name)?;
+                if uses.contains(&called.get_ref().as_str()) {
+                    return self.err(
+                        called.span(),
+                        &f("calls"),
+                        format!("\"{}\" named twice", called.get_ref()),
+                    );
+                }
+                uses.push(called.get_ref().as_str());
+            }
+            let calls = uses.len();
+            if let Some(modem) = &g.modem {
+                check_provided(modem, &f("modem"), name)?;
+                uses.push(modem.get_ref().as_str());
+            }
+            let mut args = Vec::new();
+            if let Some(epoch) = g.epoch {
+                args.push(format!("epoch={epoch}"));
+            }
+            if g.owns_console() {
+                args.push("console-input".to_string());
+            }
+            let mut portals = Vec::new();
+            for (n, service) in uses.iter().enumerate() {
+                let sel = self.selector(n, g.name.span(), &f("calls"))?;
+                manifest += &format!("    uses {service} at {sel}\n");
+                if n < calls {
+                    portals.push(sel.to_string());
+                } else {
+                    args.push(format!("modem={sel}"));
+                }
+            }
+            if !portals.is_empty() {
+                args.push(format!("vm-portals={}", portals.join(",")));
+            }
+            if g.user_hypercalls {
+                args.push("user-hypercalls".to_string());
+            }
+            if g.on_panic == OnPanic::Restart {
+                args.push("on-panic=restart".to_string());
+            }
+            if !args.is_empty() {
+                manifest += &format!("    args {}\n", args.join(" "));
+            }
+            if g.owns_console() {
+                // COM1, and the kernel's debug event (a state dump, GSI
+                // 255: docs/architecture.md, "A stalled run explains
+                // itself") for the guest the user sees.
+                trailer +=
+                    &format!("ioports 0x3f8-0x3ff to {name}\nirq 4 to {name}\nirq 255 to {name}\n");
+            }
+            if !tasks.iter().any(|t| t == VMM_MODULE) {
+                tasks.push(VMM_MODULE.to_string());
+            }
+            pool += VMM_MEMORY + VMM_STACK + memory + heap;
+            ram_regions += 2;
+            quotas += quota;
+            file_sizes += kernel_size + initrd_size + disk_size;
+        }
+        manifest += &trailer;
+
+        // The root's pool holds every component's memory, stack and RAM
+        // mappings (a tenth more for 2 MiB alignment of large runs); its
+        // kernel quota is half of what the pool leaves free.
+        let pool_mib = mib_up(pool + pool / 10) + 2 * ram_regions + 16;
+        let quota_mib = mib_up(quotas) + file.components.len() as u64 + file.guests.len() as u64;
+        let free_needed = (pool_mib * 4).div_ceil(3).max(pool_mib + 2 * quota_mib);
+        let needed =
+            MACHINE_OVERHEAD + (file_sizes.next_multiple_of(1 << 20)) + (free_needed << 20);
+        let memory = match &file.machine.memory {
+            Some(m) => {
+                let bytes = m.get_ref().0;
+                if !bytes.is_multiple_of(1 << 20) || bytes > MAX_MACHINE_MEMORY {
+                    return self.err(
+                        m.span(),
+                        "machine.memory",
+                        format!(
+                            "expected a whole number of MiB up to {}M, not {bytes} bytes",
+                            MAX_MACHINE_MEMORY >> 20
+                        ),
+                    );
+                }
+                if bytes < needed {
+                    return self.err(m.span(), "machine.memory", format!(
+                        "{} MiB is too little: the guests and components need {} MiB of the \
+                         machine's memory (the root's pool {pool_mib} MiB, kernel quotas, boot modules)",
+                        bytes >> 20,
+                        mib_up(needed)
+                    ));
+                }
+                bytes
+            }
+            None => needed
+                .next_multiple_of(MACHINE_MEMORY_STEP)
+                .max(DEFAULT_MACHINE_MEMORY),
+        };
+        if memory > MAX_MACHINE_MEMORY {
+            let (span, field) = file
+                .guests
+                .iter()
+                .enumerate()
+                .max_by_key(|(_, g)| g.memory.as_ref().map_or(0, |m| m.get_ref().0))
+                .and_then(|(i, g)| {
+                    g.memory
+                        .as_ref()
+                        .map(|m| (m.span(), format!("guest[{i}].memory")))
+                })
+                .unwrap_or((0..1.min(self.source.text.len()), String::new()));
+            return self.err(
+                span,
+                &field,
+                format!(
+                    "the guests and components need {} MiB of the machine's memory, more than the \
+                 {} MiB an emulated machine has",
+                    mib_up(needed),
+                    MAX_MACHINE_MEMORY >> 20
+                ),
+            );
+        }
+
+        let mut modules = vec![
+            PlannedModule {
+                name: crate::image::ROOT_TASK.into(),
+                source: ModuleSource::Task(crate::image::ROOT_TASK.into()),
+            },
+            PlannedModule {
+                name: crate::manifests::MANIFEST_MODULE.into(),
+                source: ModuleSource::Text(manifest.clone()),
+            },
+        ];
+        modules.extend(tasks.into_iter().map(|t| PlannedModule {
+            name: t.clone(),
+            source: ModuleSource::Task(t),
+        }));
+        for m in files {
+            if modules.iter().any(|n| n.name == m.name) {
+                return self.err(
+                    0..1.min(self.source.text.len()),
+                    "",
+                    format!(
+                        "two boot modules would be named \"{}\"; rename the file or the guest",
+                        m.name
+                    ),
+                );
+            }
+            modules.push(m);
+        }
+        Ok(Plan {
+            manifest,
+            modules,
+            pool_mib,
+            memory_mib: (memory >> 20) as u32,
+            cpus,
+            uses_pinned_linux,
+        })
+    }
+
+    fn page_size(
+        &self,
+        size: Option<&Spanned<Size>>,
+        default: u64,
+        field: &str,
+    ) -> Result<u64, ConfigError> {
+        match size {
+            None => Ok(default),
+            Some(s) if s.get_ref().0.is_multiple_of(4096) && s.get_ref().0 <= 1 << 30 => {
+                Ok(s.get_ref().0)
+            }
+            Some(s) => self.err(
+                s.span(),
+                field,
+                format!(
+                    "expected a multiple of 4K up to 1G, not {} bytes",
+                    s.get_ref().0
+                ),
+            ),
+        }
+    }
+
+    fn selector(&self, n: usize, span: Range<usize>, field: &str) -> Result<u64, ConfigError> {
+        let sel = FIRST_USE_SELECTOR + n as u64;
+        if sel > LAST_USE_SELECTOR {
+            return self.err(
+                span,
+                field,
+                format!(
+                    "at most {} services per component",
+                    LAST_USE_SELECTOR - FIRST_USE_SELECTOR + 1
+                ),
+            );
+        }
+        Ok(sel)
+    }
+
+    fn check_args(&self, args: &Spanned<String>, field: &str) -> Result<(), ConfigError> {
+        let text = args.get_ref();
+        if text.contains(['\n', '\r', '#']) || text.len() > ARGS_MAX {
+            return self.err(
+                args.span(),
+                field,
+                format!("expected words on one line, without '#', at most {ARGS_MAX} bytes"),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What `/init` must know about the test disk (computed once: the image
+/// is 1 MiB of generated bytes).
+fn test_disk_args() -> &'static [String; 2] {
+    static ARGS: std::sync::OnceLock<[String; 2]> = std::sync::OnceLock::new();
+    ARGS.get_or_init(|| linux::TestDisk::for_image(&linux::test_disk_image()).kernel_args())
+}
+
+/// The module for a guest file: its own name if free (one module for
+/// guests that share a file), else `KIND-GUEST_INDEX`.
+fn file_module(files: &mut Vec<PlannedModule>, path: &Path, kind: &str, guest: usize) -> String {
+    let source = ModuleSource::File(path.to_path_buf());
+    if let Some(m) = files.iter().find(|m| m.source == source) {
+        return m.name.clone();
+    }
+    let base = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let reserved = [crate::manifests::MANIFEST_MODULE, "disk.img"];
+    let taken = |name: &str| {
+        files.iter().any(|m| m.name == name)
+            || reserved.contains(&name)
+            || USER_TASKS.iter().any(|t| t.binary == name)
+            || name.ends_with(".cmdline")
+    };
+    let name = if name_ok(base, MODULE_NAME_MAX) && !taken(base) {
+        base.to_string()
+    } else {
+        format!("{kind}-{guest}")
+    };
+    files.push(PlannedModule {
+        name: name.clone(),
+        source,
+    });
+    name
+}
+
+/// The size of a file, for [`load`].
+pub fn file_size(path: &Path) -> Result<u64, String> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(m.len()),
+        Ok(_) => Err("not a file".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// [`load`] with the files' real sizes; when the configuration names the
+/// pinned Linux guest, that is built first (`cargo xtask linux build`),
+/// so that its sizes count.
+pub fn load_pinned_aware(path: &Path, overrides: &GuestOverride) -> crate::Result<Plan> {
+    let plan = load(path, overrides, &file_size)?;
+    if !plan.uses_pinned_linux {
+        return Ok(plan);
+    }
+    linux::build()?;
+    load(path, overrides, &file_size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every guest file is 8 MiB here, except names with `missing`.
+    fn fake_size(path: &Path) -> Result<u64, String> {
+        if path.to_string_lossy().contains("missing") {
+            Err("No such file or directory (os error 2)".into())
+        } else {
+            Ok(8 << 20)
+        }
+    }
+
+    fn plan(text: &str) -> Result<Plan, ConfigError> {
+        plan_with(text, &GuestOverride::default())
+    }
+
+    fn plan_with(text: &str, overrides: &GuestOverride) -> Result<Plan, ConfigError> {
+        let source = Source {
+            name: "test.toml",
+            text,
+        };
+        plan_text(&source, Path::new("/cfg"), overrides, &fake_size)
+    }
+
+    /// The error's location, field and message, for matching.
+    fn error(text: &str) -> (usize, usize, String, String) {
+        let e = plan(text).expect_err("the configuration should be refused");
+        assert_eq!(e.file, "test.toml");
+        (e.line, e.column, e.field, e.message)
+    }
+
+    const GUEST: &str = "[[guest]]\nname = \"g\"\nkernel = \"bzImage\"\ninitrd = \"initrd.cpio\"\n";
+
+    fn example(name: &str) -> String {
+        let path = crate::util::workspace_root().join("examples").join(name);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    fn example_plan(name: &str, overrides: &GuestOverride) -> Plan {
+        let text = example(name);
+        let source = Source { name, text: &text };
+        plan_text(&source, Path::new("/examples"), overrides, &fake_size)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn root_parse(manifest: &str) -> moat_roottask::manifest::Manifest {
+        moat_roottask::manifest::parse(manifest).unwrap_or_else(|e| panic!("{e}\n{manifest}"))
+    }
+
+    #[test]
+    fn every_example_parses_and_the_root_task_accepts_its_manifest() {
+        let dir = crate::util::workspace_root().join("examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+                continue;
+            }
+            let name = path.file_name().unwrap().to_str().unwrap().to_string();
+            let plan = example_plan(&name, &GuestOverride::default());
+            root_parse(&plan.manifest);
+            assert_eq!(plan.modules[0].name, "roottask", "{name}");
+            assert_eq!(plan.modules[1].name, "manifest", "{name}");
+            assert!(plan.memory_mib >= 1024, "{name}");
+            seen += 1;
+        }
+        assert!(seen >= 2, "examples/ has default.toml and two-guests.toml");
+    }
+
+    #[test]
+    fn the_default_example_is_the_system_run_always_booted() {
+        let plan = example_plan("default.toml", &GuestOverride::default());
+        let m = root_parse(&plan.manifest);
+        let names: Vec<_> = m.components.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["echo", "modem", "linux"]);
+        let linux = &m.components[2];
+        assert_eq!(linux.module, "vmm");
+        assert_eq!((linux.priority, linux.ceiling), (10, 30));
+        assert_eq!(linux.restart.max_restarts, 0);
+        // The guest's portals at the selectors its command line names.
+        let uses: Vec<_> = linux
+            .uses
+            .iter()
+            .map(|u| (u.name.as_str(), u.selector))
+            .collect();
+        assert_eq!(uses, [("echo", 20), ("modem", 21)]);
+        assert_eq!(
+            linux.args.as_deref(),
+            Some("epoch=1764000000 console-input modem=21 vm-portals=20 user-hypercalls")
+        );
+        let mappings: Vec<_> = linux
+            .mappings
+            .iter()
+            .map(|m| (m.name.as_str(), m.address))
+            .collect();
+        assert_eq!(
+            mappings,
+            [
+                ("guest", 0x100_0000_0000),
+                ("heap", 0x200_0000_0000),
+                ("kernel", 0x300_0000_0000),
+                ("initrd", 0x400_0000_0000),
+                ("disk", 0x500_0000_0000),
+                ("cmdline", 0x600_0000_0000),
+            ]
+        );
+        use moat_roottask::manifest::MappingSource;
+        assert_eq!(linux.mappings[0].source, MappingSource::Ram(256 << 20));
+        // 16 MiB and the disk's copy.
+        assert_eq!(linux.mappings[1].source, MappingSource::Ram(17 << 20));
+        assert!(linux.quota >= 32 << 20);
+        // COM1 goes to the console guest.
+        assert_eq!(linux.ioports.len(), 1);
+        assert_eq!(
+            (linux.ioports[0].first, linux.ioports[0].last),
+            (0x3f8, 0x3ff)
+        );
+        assert_eq!(linux.irqs, [4, 255]);
+        let modem = &m.components[1];
+        assert_eq!(modem.priority, 40);
+        assert_eq!(modem.args.as_deref(), Some("report_every=10000"));
+        assert_eq!(modem.provides.as_deref(), Some("modem"));
+
+        let names: Vec<_> = plan.modules.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "roottask",
+                "manifest",
+                "echo",
+                "modem",
+                "vmm",
+                "bzImage",
+                "initramfs.cpio",
+                "disk.img",
+                "linux.cmdline"
+            ]
+        );
+        let root = crate::util::workspace_root();
+        assert_eq!(
+            plan.modules[5].source,
+            ModuleSource::File(root.join("target/linux/bzImage"))
+        );
+        assert!(plan.uses_pinned_linux);
+        let ModuleSource::Text(cmdline) = &plan.modules[8].source else {
+            panic!("the command line is written by xtask");
+        };
+        let disk = linux::TestDisk::for_image(&linux::test_disk_image());
+        assert_eq!(
+            *cmdline,
+            format!(
+                "console=ttyS0 panic=-1 moat.modem=1 moat.ipc=20 moat.shell=1 {}\n",
+                disk.kernel_args().join(" ")
+            )
+        );
+        // The guest's 256 MiB and its heap fit the pool, the pool three
+        // quarters of the 1 GiB machine the Linux tests always had.
+        assert!(
+            plan.pool_mib >= 256 + 17 + 2 && plan.pool_mib <= 768,
+            "{}",
+            plan.pool_mib
+        );
+        assert_eq!((plan.memory_mib, plan.cpus), (1024, 1));
+        assert_eq!(plan.kernel_args(), [format!("pool={}", plan.pool_mib)]);
+    }
+
+    #[test]
+    fn the_quick_form_with_the_pinned_guest_is_the_default() {
+        let root = crate::util::workspace_root();
+        let quick = GuestOverride {
+            kernel: Some(
+                root.join("target/linux/bzImage")
+                    .to_string_lossy()
+                    .into_owned(),
+            ),
+            initrd: Some(
+                root.join("target/linux/initramfs.cpio")
+                    .to_string_lossy()
+                    .into_owned(),
+            ),
+            append: Some("console=ttyS0 panic=-1 moat.modem=1 moat.ipc=20 moat.shell=1".into()),
+            memory: Some(Size(256 << 20)),
+            vcpus: Some(1),
+        };
+        assert_eq!(
+            example_plan("default.toml", &quick),
+            Plan {
+                // The files are the user's now, not the pinned names.
+                uses_pinned_linux: false,
+                ..example_plan("default.toml", &GuestOverride::default())
+            }
+        );
+        // What the quick form changes.
+        let other = GuestOverride {
+            kernel: Some("/home/u/vmlinuz".into()),
+            append: Some("console=ttyS0 quiet".into()),
+            memory: Some(Size(512 << 20)),
+            ..GuestOverride::default()
+        };
+        let plan = example_plan("default.toml", &other);
+        let m = root_parse(&plan.manifest);
+        assert!(plan.manifest.contains("ram guest 512M at"));
+        assert!(plan.manifest.contains("file kernel vmlinuz at"));
+        assert!(plan
+            .modules
+            .iter()
+            .any(|m| m.source == ModuleSource::File("/home/u/vmlinuz".into())));
+        assert_eq!(m.components.len(), 3);
+        let ModuleSource::Text(line) = &plan.modules.last().unwrap().source else {
+            panic!("no command line");
+        };
+        assert!(line.starts_with("console=ttyS0 quiet moat.disk_sum="));
+        let two = GuestOverride {
+            vcpus: Some(2),
+            ..GuestOverride::default()
+        };
+        let e = plan_with(&example("default.toml"), &two).unwrap_err();
+        assert_eq!(
+            (e.file.as_str(), e.line, e.field.as_str()),
+            ("command line", 0, "guest[0].vcpus")
+        );
+        assert!(e.message.contains("exactly 1 vCPU"), "{e}");
+    }
+
+    #[test]
+    fn two_guests_each_get_a_vmm_and_share_the_files() {
+        let plan = example_plan("two-guests.toml", &GuestOverride::default());
+        let m = root_parse(&plan.manifest);
+        let vmms: Vec<_> = m
+            .components
+            .iter()
+            .filter(|c| c.module == "vmm")
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(vmms, ["linux", "second"]);
+        // One copy of the kernel, initramfs, disk and VMM; a command line each.
+        let names: Vec<_> = plan.modules.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "roottask",
+                "manifest",
+                "echo",
+                "vmm",
+                "bzImage",
+                "initramfs.cpio",
+                "disk.img",
+                "linux.cmdline",
+                "second.cmdline"
+            ]
+        );
+        // Only the console guest gets COM1 (and the debug event, GSI 255).
+        assert_eq!(m.components[1].irqs, [4, 255]);
+        assert!(m.components[2].irqs.is_empty());
+        assert!(m.components[2]
+            .args
+            .as_deref()
+            .unwrap()
+            .contains("vm-portals=20"));
+        assert!(!m.components[2]
+            .args
+            .as_deref()
+            .unwrap()
+            .contains("console-input"));
+        assert!(plan.pool_mib >= 2 * (256 + 17) - 64, "{}", plan.pool_mib);
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error_naming_it() {
+        let (line, column, field, message) = error(&format!("{GUEST}kernal = \"x\"\n"));
+        assert_eq!((line, column, field.as_str()), (5, 1, "guest[0].kernal"));
+        assert!(message.contains("unknown field `kernal`"), "{message}");
+        assert!(message.contains("expected one of"), "{message}");
+        let (line, _, field, _) = error("[machine]\nram = \"1G\"\n");
+        assert_eq!((line, field.as_str()), (2, "machine.ram"));
+        let (line, _, field, message) = error("[[guests]]\nname = \"x\"\n");
+        assert_eq!((line, field.as_str()), (1, "guests[0]"));
+        assert!(message.contains("unknown field `guests`"), "{message}");
+    }
+
+    #[test]
+    fn a_wrong_type_is_an_error_saying_what_was_expected() {
+        let (line, column, field, message) = error(&format!("{GUEST}memory = 256\n"));
+        assert_eq!((line, column, field.as_str()), (5, 10, "guest[0].memory"));
+        assert_eq!(
+            message,
+            format!("invalid type: integer `256`, expected {SIZE_EXPECTED}")
+        );
+        let (line, _, field, message) = error(&format!("{GUEST}vcpus = \"one\"\n"));
+        assert_eq!((line, field.as_str()), (5, "guest[0].vcpus"));
+        assert!(message.contains("expected u32"), "{message}");
+        let (_, _, field, message) = error(&format!("{GUEST}console = \"yes\"\n"));
+        assert_eq!(field, "guest[0].console");
+        assert!(message.contains("expected a boolean"), "{message}");
+        let (_, _, field, message) = error(&format!("{GUEST}on-panic = \"reboot\"\n"));
+        assert_eq!(field, "guest[0].on-panic");
+        assert!(
+            message.contains("unknown variant `reboot`, expected `stop` or `restart`"),
+            "{message}"
+        );
+        let (line, _, _, message) = error("[[guest]\n");
+        assert_eq!(line, 1);
+        assert!(!message.is_empty());
+    }
+
+    #[test]
+    fn a_guest_without_a_kernel_is_an_error() {
+        let (line, _, field, message) = error("[[guest]]\nname = \"g\"\ninitrd = \"i\"\n");
+        assert_eq!((line, field.as_str()), (1, "guest[0]"));
+        assert_eq!(message, "missing field `kernel`");
+        let (line, _, field, message) = error(&GUEST.replace("bzImage", "missing-bzImage"));
+        assert_eq!((line, field.as_str()), (3, "guest[0].kernel"));
+        assert!(
+            message.starts_with("cannot use /cfg/missing-bzImage: No such file"),
+            "{message}"
+        );
+        let (_, _, field, message) = error(&GUEST.replace("\"bzImage\"", "\"pinned:vmlinuz\""));
+        assert_eq!(field, "guest[0].kernel");
+        assert!(
+            message.contains("the pinned guest has no file \"vmlinuz\""),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn two_guests_cannot_both_own_the_console() {
+        let text = format!(
+            "{GUEST}console = true\n{}console = true\n",
+            GUEST.replace("\"g\"", "\"h\"")
+        );
+        let (line, column, field, message) = error(&text);
+        assert_eq!((line, column, field.as_str()), (10, 11, "guest[1].console"));
+        assert_eq!(
+            message,
+            "guest 'g' already owns the console; at most one guest may"
+        );
+    }
+
+    #[test]
+    fn memory_over_the_machines_is_an_error() {
+        let (line, _, field, message) = error(&format!(
+            "[machine]\nmemory = \"1G\"\n{GUEST}memory = \"1G\"\n"
+        ));
+        assert_eq!((line, field.as_str()), (2, "machine.memory"));
+        assert!(
+            message.starts_with("1024 MiB is too little: the guests and components need "),
+            "{message}"
+        );
+        let (line, _, field, message) = error(&format!("{GUEST}memory = \"3G\"\n"));
+        assert_eq!((line, field.as_str()), (5, "guest[0].memory"));
+        assert!(
+            message.contains("more than the 3072 MiB an emulated machine has"),
+            "{message}"
+        );
+        let (_, _, field, message) = error(&format!("{GUEST}memory = \"8G\"\n"));
+        assert_eq!(field, "guest[0].memory");
+        assert!(
+            message.contains("more than the machine's most, 3072 MiB"),
+            "{message}"
+        );
+        // Without [machine], the machine grows with the guests.
+        let plan = plan(&format!("{GUEST}memory = \"1G\"\n")).unwrap();
+        assert!(
+            plan.memory_mib >= 1024 + 512 && plan.memory_mib.is_multiple_of(256),
+            "{}",
+            plan.memory_mib
+        );
+    }
+
+    #[test]
+    fn bad_sizes_are_errors() {
+        for (value, wanted) in [
+            ("\"lots\"", "expected a size such as \"256M\""),
+            ("\"256\"", "\"256\" has no unit"),
+            ("\"0M\"", "not a usable size"),
+            ("\"99999999999G\"", "not a usable size"),
+            ("\"12M\"", "at least 16M"),
+            ("\"255M\"", "a multiple of 2M"),
+        ] {
+            let (line, column, field, message) = error(&format!("{GUEST}memory = {value}\n"));
+            assert_eq!(
+                (line, column, field.as_str()),
+                (5, 10, "guest[0].memory"),
+                "{value}"
+            );
+            assert!(message.contains(wanted), "{value}: {message}");
+        }
+        let text = "[[component]]\nname = \"echo\"\nmemory = \"1000\"\n";
+        assert!(error(text).3.contains("no unit"));
+        let text = "[[component]]\nname = \"echo\"\nquota = \"6000K\"\nmemory = \"5K\"\n";
+        let (line, _, field, message) = error(text);
+        assert_eq!((line, field.as_str()), (4, "component[0].memory"));
+        assert!(message.contains("multiple of 4K"), "{message}");
+        assert_eq!(Size::parse("16 MiB"), Ok(Size(16 << 20)));
+        assert_eq!(Size::parse("64K"), Ok(Size(64 << 10)));
+        assert_eq!(manifest_size(17 << 20), "17M");
+        assert_eq!(manifest_size(5000), "5000");
+    }
+
+    #[test]
+    fn names_services_and_limits_are_checked() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("[[component]]\nname = \"a b\"\n", "component[0].name", "expected 1 to 32 of"),
+            (&format!("{GUEST}{}", GUEST), "guest[1].name", "\"g\" is already the name of guest[0]"),
+            ("[[component]]\nname = \"x\"\nmodule = \"nosuch\"\n", "component[0].module", "no component module \"nosuch\" (xtask builds: echo"),
+            ("[[component]]\nname = \"x\"\nmodule = \"vmm\"\n", "component[0].module", "the VMM is started for each [[guest]]"),
+            ("[[component]]\nname = \"ping\"\nuses = [\"echo\"]\n", "component[0].uses", "no component provides \"echo\" (provided: nothing)"),
+            ("[[component]]\nname = \"echo\"\nprovides = \"echo\"\nuses = [\"echo\"]\n", "component[0].uses", "cannot use its own service"),
+            ("[[component]]\nname = \"echo\"\nprovides = \"e\"\n[[component]]\nname = \"ping\"\nprovides = \"e\"\n", "component[1].provides", "already provided by 'echo'"),
+            ("[[component]]\nname = \"echo\"\ncpu = 1\n", "component[0].cpu", "no CPU 1"),
+            ("[[component]]\nname = \"echo\"\npriority = 64\n", "component[0].priority", "from 0 to 63"),
+            ("[[component]]\nname = \"echo\"\nargs = \"a # b\"\n", "component[0].args", "without '#'"),
+            ("[[component]]\nname = \"echo\"\nrestart = 5000\n", "component[0].restart", "at most 1000"),
+            (&format!("{GUEST}priority = 30\n"), "guest[0].priority", "from 1 to 24"),
+            (&format!("{GUEST}calls = [\"echo\"]\n"), "guest[0].calls", "no component provides \"echo\""),
+            (&format!("{GUEST}modem = \"modem\"\n"), "guest[0].modem", "no component provides \"modem\""),
+            (&format!("{GUEST}vcpus = 2\n"), "guest[0].vcpus", "exactly 1 vCPU for now"),
+            ("[machine]\ncpus = 0\n[[component]]\nname = \"echo\"\n", "machine.cpus", "expected 1 to 64 CPUs"),
+            ("", "", "nothing to boot"),
+        ];
+        for (text, field, wanted) in cases {
+            let e = plan(text).expect_err(text);
+            assert_eq!(e.field, *field, "{text}: {e}");
+            assert!(e.message.contains(wanted), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_component_runs_on_the_cpu_it_names() {
+        let text =
+            "[machine]\ncpus = 2\n[[component]]\nname = \"echo\"\nprovides = \"echo\"\ncpu = 1\n\
+                    [[component]]\nname = \"ping\"\nuses = [\"echo\"]\n";
+        let plan = plan(text).unwrap();
+        let m = root_parse(&plan.manifest);
+        assert_eq!((m.components[0].cpu, m.components[1].cpu), (1, 0));
+        assert_eq!(plan.cpus, 2);
+    }
+
+    #[test]
+    fn errors_show_file_line_column_and_the_line() {
+        let e = plan(&format!("{GUEST}memory = \"lots\"\n")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "test.toml:5:10: guest[0].memory: expected {SIZE_EXPECTED}, not \"lots\"\n   |\n \
+                 5 | memory = \"lots\"\n   |          ^^^^^^"
+            )
+        );
+    }
+
+    #[test]
+    fn nothing_panics_on_arbitrary_text() {
+        // Truncations of a whole example at every byte: an error or a plan.
+        let text = example("two-guests.toml");
+        for end in (0..text.len()).filter(|&i| text.is_char_boundary(i)) {
+            let _ = plan(&text[..end]).map_err(|e| e.to_string());
+        }
+        // Each byte replaced by characters that matter to TOML or to sizes.
+        let bytes = example("default.toml").into_bytes();
+        for i in 0..bytes.len() {
+            for b in [b'"', b'=', b'[', b']', b'\n', b'0', b'x', b'G', 0xff] {
+                let mut mutated = bytes.clone();
+                mutated[i] = b;
+                if let Ok(text) = String::from_utf8(mutated) {
+                    let _ = plan(&text).map_err(|e| e.to_string());
+                }
+            }
+        }
+    }
+}
