@@ -76,25 +76,37 @@ pub fn kick(index: usize) {
     }
 }
 
-/// Flushes the non-global TLB entries of every scheduling CPU (this one
-/// included) and, with `retiring`, moves every CPU off that root table;
+/// Flushes the non-global TLB entries of every other scheduling CPU and,
+/// with `retiring`, moves every CPU (this one too) off that root table;
 /// returns when all have done so. The caller holds the kernel lock.
+///
+/// This CPU needs no flush: the unmapping already invalidated the page
+/// where its address space is loaded here, and without PCIDs an address
+/// space that is not loaded has no entries in this CPU's TLB.
 pub fn shootdown(retiring: Option<u64>) {
-    if NO_REMOTE_SHOOTDOWN.load(Ordering::Relaxed) && retiring.is_none() {
-        // SAFETY: reloading the tables already loaded only flushes this
-        // CPU's non-global TLB entries.
-        unsafe { cpu::write_cr3(cpu::read_cr3()) };
+    if let Some(root) = retiring {
+        if cpu::read_cr3() == root {
+            // SAFETY: the kernel's own tables map everything the kernel
+            // uses, as every PD's do.
+            unsafe { cpu::write_cr3(crate::memory::kernel_root()) };
+        }
+    }
+    let me = percpu::current_id();
+    if NO_REMOTE_SHOOTDOWN.load(Ordering::Relaxed) && retiring.is_none()
+        || !scheduling_cpus().any(|index| index != me)
+    {
         return;
     }
     RETIRING.store(retiring.unwrap_or(0), Ordering::Relaxed);
     let generation = GENERATION.fetch_add(1, Ordering::AcqRel) + 1;
-    let me = percpu::current_id();
+    percpu::current()
+        .ipi_ack
+        .store(generation, Ordering::Release);
     let mut targets = [false; moat_kernel::smp::MAX_CPUS];
     for index in scheduling_cpus().filter(|&index| index != me) {
         targets[index] = true;
         send(index);
     }
-    service();
     let limit = lapic::tsc_hz() / 1000 * ACK_TIMEOUT_MS;
     let start = cpu::rdtsc();
     for (index, _) in targets.iter().enumerate().filter(|(_, &t)| t) {
