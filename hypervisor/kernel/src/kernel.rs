@@ -25,7 +25,7 @@ use moat_kernel::arena::{Arena, Id};
 use moat_kernel::cap::{CapError, CapSystem, Capability, Rights, SlotRef, SpaceId};
 use moat_kernel::sched::RunQueues;
 use moat_kernel::smp::MAX_CPUS;
-use spin::mutex::{TicketMutex, TicketMutexGuard};
+use spin::mutex::{SpinMutex, SpinMutexGuard};
 use spin::RelaxStrategy;
 
 pub type PdId = Id<Pd>;
@@ -62,12 +62,14 @@ pub enum Cap {
 /// Kernel memory charged per capability slot.
 pub const CAP_SLOT_COST: u64 = 96;
 
-/// The kernel lock: a ticket lock, so that CPUs get it in the order they
-/// asked (an unfair spinlock starves a CPU whenever another re-takes the
-/// lock at once, as a CPU running a guest does at every exit).
-pub static KERNEL: TicketMutex<Option<Kernel>, KernelRelax> = TicketMutex::new(None);
+/// The kernel lock: a spinlock whose wait (`KernelRelax`) carries out
+/// shootdowns and makes a guest running under the lock exit. Not a ticket
+/// lock: on an emulator or under nested virtualization the CPUs are
+/// threads the host may preempt, and a fair lock then waits for whichever
+/// preempted CPU's turn it is (smp_ipc timed out so on a loaded host).
+pub static KERNEL: SpinMutex<Option<Kernel>, KernelRelax> = SpinMutex::new(None);
 
-pub type KernelGuard = TicketMutexGuard<'static, Option<Kernel>, KernelRelax>;
+pub type KernelGuard = SpinMutexGuard<'static, Option<Kernel>, KernelRelax>;
 
 /// Takes the kernel lock.
 #[track_caller]
@@ -220,6 +222,8 @@ pub struct CpuSched {
     pub dead_vcpus: Vec<crate::vcpu::Backend>,
     /// `zombies` or `dead_vcpus` got something (`before_leaving` looks).
     pub left_work: bool,
+    /// The TLB tags (VPIDs / ASIDs) of this CPU's vCPUs.
+    pub tags: moat_kernel::virt::tags::TagSpace,
     /// Whose I/O bitmap this CPU's TSS holds: `Some(None)` means it must be
     /// reloaded, `None` that it denies everything.
     pub io_loaded: Option<Option<PdId>>,
@@ -234,6 +238,9 @@ impl CpuSched {
             zombies: Vec::new(),
             dead_vcpus: Vec::new(),
             left_work: false,
+            tags: moat_kernel::virt::tags::TagSpace::new(
+                crate::arch::x86_64::virt::highest_tlb_tag(),
+            ),
             io_loaded: None,
         }
     }

@@ -220,12 +220,13 @@ fn enable_virtualization(features: &features::Features) {
             match vmx::enable(phys, page) {
                 Ok(()) => {
                     arch::x86_64::virt::set_vendor(arch::x86_64::virt::Vendor::Vmx);
+                    arch::x86_64::virt::set_highest_tlb_tag(u16::MAX);
                     log::info!("vmx: on")
                 }
                 Err(error) => log::error!("vmx: off: {error}"),
             }
         }
-        Virtualization::Svm(_) => {
+        Virtualization::Svm(svm_features) => {
             let Some((phys, _)) = memory::alloc_zeroed_page() else {
                 log::error!("svm: off: no memory for the host save area");
                 return;
@@ -233,6 +234,11 @@ fn enable_virtualization(features: &features::Features) {
             match svm::enable(phys) {
                 Ok(()) => {
                     arch::x86_64::virt::set_vendor(arch::x86_64::virt::Vendor::Svm);
+                    let highest = svm_features
+                        .asids
+                        .saturating_sub(1)
+                        .min(u32::from(u16::MAX));
+                    arch::x86_64::virt::set_highest_tlb_tag(highest as u16);
                     log::info!("svm: on")
                 }
                 Err(error) => log::error!("svm: off: {error}"),

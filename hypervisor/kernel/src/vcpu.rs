@@ -18,6 +18,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use moat_abi::vcpu::{exit_reason, group, VcpuState};
 use moat_abi::{rights, Status, HYPERCALL_SELECTOR_MASK, PAGE_SIZE};
 use moat_kernel::arena::Id;
+use moat_kernel::smp::MAX_CPUS;
 
 pub type VcpuId = Id<alloc::boxed::Box<Vcpu>>;
 
@@ -44,6 +45,8 @@ pub struct Vcpu {
     pub caps: u32,
     /// The CPU it runs on: the one it was created for.
     pub cpu: usize,
+    /// Its TLB tag (VPID / ASID) in that CPU's space.
+    pub tag: u16,
     /// The [`GUEST_TLB_GENERATION`] its last entry flushed for.
     pub flushed: u64,
 }
@@ -98,12 +101,18 @@ impl Kernel {
             return Err(Status::BadParameter);
         }
         self.object_slot_free(caller, selector)?;
-        self.charge(vm, VCPU_COST)?;
         // A vCPU runs on the CPU that creates it: its VMCS takes this
         // CPU's host state, and its TLB tag (ASID / VPID) comes from this
-        // CPU's space.
+        // CPU's space — all in use is `QuotaExceeded`.
         let cpu = self.me;
-        let tag = crate::arch::x86_64::percpu::current().alloc_tlb_tag();
+        let tag = self.cpus[cpu % MAX_CPUS]
+            .tags
+            .alloc()
+            .ok_or(Status::QuotaExceeded)?;
+        if let Err(status) = self.charge(vm, VCPU_COST) {
+            self.cpus[cpu % MAX_CPUS].tags.release(tag);
+            return Err(status);
+        }
         let backend = match virt::vendor() {
             Vendor::Svm => SvmVcpu::new(root, tag).map(|b| Backend::Svm(alloc::boxed::Box::new(b))),
             Vendor::Vmx => VmxVcpu::new(root, tag).map(|b| Backend::Vmx(alloc::boxed::Box::new(b))),
@@ -112,18 +121,21 @@ impl Kernel {
         let backend = match backend {
             Ok(backend) => backend,
             Err(status) => {
+                self.cpus[cpu % MAX_CPUS].tags.release(tag);
                 self.refund(vm, VCPU_COST);
                 return Err(status);
             }
         };
         let Some((state_phys, _)) = memory::alloc_zeroed_page() else {
             free_backend(backend);
+            self.cpus[cpu % MAX_CPUS].tags.release(tag);
             self.refund(vm, VCPU_COST);
             return Err(Status::QuotaExceeded);
         };
         let Some((fpu_phys, fpu_area)) = memory::alloc_zeroed_page() else {
             memory::free_frame(state_phys);
             free_backend(backend);
+            self.cpus[cpu % MAX_CPUS].tags.release(tag);
             self.refund(vm, VCPU_COST);
             return Err(Status::QuotaExceeded);
         };
@@ -138,6 +150,7 @@ impl Kernel {
             memory::free_frame(fpu_phys);
             memory::free_frame(state_phys);
             free_backend(backend);
+            self.cpus[cpu % MAX_CPUS].tags.release(tag);
             self.refund(vm, VCPU_COST);
             return Err(status);
         }
@@ -153,11 +166,13 @@ impl Kernel {
             poked: false,
             caps: 0,
             cpu,
+            tag,
             flushed: u64::MAX,
         });
         let Some(id) = self.vcpus.insert(vcpu) else {
             memory::free_frame(fpu_phys);
             self.destroy_vcpu_parts(vm, caller, vpn, state_phys, None);
+            self.cpus[cpu % MAX_CPUS].tags.release(tag);
             return Err(Status::QuotaExceeded);
         };
         if let Some(p) = self.pds.get_mut(vm) {
@@ -233,6 +248,8 @@ impl Kernel {
         }
         memory::free_frame(vcpu.fpu_phys);
         self.destroy_vcpu_parts(vcpu.vm, vcpu.vmm, vcpu.state_vpn, vcpu.state_phys, backend);
+        // The next vCPU given this tag flushes it at its first entry.
+        self.cpus[vcpu.cpu % MAX_CPUS].tags.release(vcpu.tag);
         if let Some(p) = self.pds.get_mut(vcpu.vm) {
             p.owned.retain(|&o| o != Object::Vcpu(id));
         }

@@ -15,6 +15,7 @@ pub mod event;
 pub mod exit;
 pub mod npt;
 mod space;
+pub mod tags;
 pub mod vmcb;
 pub mod vmcs;
 pub mod vmx_state;

@@ -10,13 +10,13 @@
 //!
 //! What is per-CPU now: the entry-path words (the kernel stack, where
 //! SYSCALL saves the user registers), the GDT and TSS with their IST
-//! stacks, the LAPIC timer's state, the VMXON region or host save area and
-//! the VPID/ASID space, and what the IPIs between CPUs need (`ipi`). Each
-//! CPU's run queue and current EC are in the kernel's state, under the
+//! stacks, the LAPIC timer's state, the VMXON region or host save area,
+//! and what the IPIs between CPUs need (`ipi`). Each CPU's run queue,
+//! current EC and VPID/ASID space are in the kernel's state, under the
 //! kernel lock (`Kernel::cpus`).
 
 use super::cpu::write_msr;
-use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use moat_kernel::smp::MAX_CPUS;
 use x86::msr;
 
@@ -56,9 +56,6 @@ pub struct PerCpu {
     pub next_tick: AtomicU64,
     pub armed: AtomicU64,
     pub ticks: AtomicU64,
-    /// The next VPID (Intel) or ASID (AMD) to hand out on this CPU: the
-    /// tags are per CPU because each CPU's TLB is its own; 0 is the host's.
-    next_tlb_tag: AtomicU16,
     /// The CPU schedules ECs (`ipi::join`): wake-ups and shootdowns reach
     /// it. Written by the CPU itself, read by every CPU.
     pub scheduling: AtomicBool,
@@ -116,7 +113,6 @@ impl PerCpu {
             next_tick: AtomicU64::new(0),
             armed: AtomicU64::new(u64::MAX),
             ticks: AtomicU64::new(0),
-            next_tlb_tag: AtomicU16::new(1),
             scheduling: AtomicBool::new(false),
             ipi_ack: AtomicU64::new(0),
             io_stale: AtomicBool::new(false),
@@ -139,17 +135,6 @@ impl PerCpu {
     /// whoever reads this state.
     pub fn set_state(&self, state: CpuState) {
         self.state.store(state as u8, Ordering::Release);
-    }
-
-    /// A VPID or ASID for a vCPU that runs on this CPU; never 0 (the
-    /// host's). Tags are not recycled: after 65,535 the space wraps.
-    pub fn alloc_tlb_tag(&self) -> u16 {
-        loop {
-            let tag = self.next_tlb_tag.fetch_add(1, Ordering::Relaxed);
-            if tag != 0 {
-                return tag;
-            }
-        }
     }
 }
 

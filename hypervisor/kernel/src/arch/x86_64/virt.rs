@@ -38,6 +38,18 @@ pub fn set_vendor(vendor: Vendor) {
     VENDOR.store(vendor as u8, Ordering::Relaxed);
 }
 
+/// The highest VPID or ASID a vCPU may have (set with the vendor).
+static HIGHEST_TLB_TAG: core::sync::atomic::AtomicU16 = core::sync::atomic::AtomicU16::new(0);
+
+/// Intel: every 16-bit VPID; AMD: one less than the ASIDs CPUID reports.
+pub fn set_highest_tlb_tag(tag: u16) {
+    HIGHEST_TLB_TAG.store(tag, Ordering::Relaxed);
+}
+
+pub fn highest_tlb_tag() -> u16 {
+    HIGHEST_TLB_TAG.load(Ordering::Relaxed)
+}
+
 pub fn vendor() -> Vendor {
     match VENDOR.load(Ordering::Relaxed) {
         1 => Vendor::Vmx,
