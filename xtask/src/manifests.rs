@@ -71,19 +71,31 @@ component notifier
 semaphore tick up notifier at 21 down waiter at 21
 ";
 
-/// `rtc` drives the CMOS clock's periodic interrupt through ports and a GSI
-/// given by capability; `ticker` runs beside it.
-pub const INTERRUPT: &str = "\
+/// The `rtc` driver with its ports and interrupt, on the CPU the lines
+/// `$cpu` give (a macro, so that `concat!` can use it).
+macro_rules! rtc_driver {
+    ($cpu:literal) => {
+        concat!(
+            "\
 component rtc
     module rtc
     priority 30
-    memory 128K
+",
+            $cpu,
+            "    memory 128K
     quota 64K
     restart 0
     args count=20
 ioports 0x70-0x71 to rtc
 irq 8 to rtc
-";
+"
+        )
+    };
+}
+
+/// `rtc` drives the CMOS clock's periodic interrupt through ports and a GSI
+/// given by capability; `ticker` runs beside it.
+pub const INTERRUPT: &str = rtc_driver!("");
 
 /// `echo` crashes inside a call from `ping`: ping gets `Dead`, the root
 /// restarts echo and ping reaches the new instance.
@@ -420,17 +432,8 @@ component notifier
     quota 64K
     args count=10000 interval_ms=0
 semaphore tick up notifier at 21 down waiter at 21
-component rtc
-    module rtc
-    priority 30
-    cpu 1
-    memory 128K
-    quota 64K
-    restart 0
-    args count=20
-ioports 0x70-0x71 to rtc
-irq 8 to rtc
-"
+",
+    rtc_driver!("    cpu 1\n"),
 );
 
 /// `testvmm` runs a spinning vCPU on CPU 1 while its second EC, on CPU 0,
