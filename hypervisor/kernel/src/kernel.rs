@@ -736,14 +736,19 @@ impl Kernel {
 
     /// Stops `ec` running on whichever CPU runs it; another CPU is sent a
     /// wake-up so that it leaves the EC at once.
+    ///
+    /// An EC can be current only on its own CPU (`Ec::cpu`: every path
+    /// that makes an EC current on a CPU — a pick from that CPU's queue, a
+    /// donation or return of an SC of that CPU — sets it), so one CPU is
+    /// looked at, not all.
     pub fn take_off_cpu(&mut self, ec: EcId) {
-        let me = self.me % MAX_CPUS;
-        for index in 0..self.cpus.len() {
-            if self.cpus[index].current == Some(ec) {
-                self.cpus[index].current = None;
-                if index != me {
-                    ipi::kick(index);
-                }
+        let Some(index) = self.ecs.get(ec).map(|e| e.cpu % MAX_CPUS) else {
+            return;
+        };
+        if self.cpus[index].current == Some(ec) {
+            self.cpus[index].current = None;
+            if index != self.me % MAX_CPUS {
+                ipi::kick(index);
             }
         }
     }
