@@ -48,7 +48,7 @@ const ROOT_SELECTORS_SCANNED: u64 = 4096;
 /// the kernel lock is free.
 pub fn nmi(rip: u64, cs: u64) {
     let here = kernel::here();
-    let mode = if kernel::guest_cpu() == Some(here) {
+    let mode = if kernel::in_guest(here) {
         "in a guest"
     } else if cs & 3 == 3 {
         "in user mode"

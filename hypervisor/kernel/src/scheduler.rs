@@ -3,6 +3,7 @@
 //! this with its own run queue (`Kernel::cpus`).
 
 use crate::arch::x86_64::entry::{self, TrapFrame};
+use crate::arch::x86_64::virt::RunOutcome;
 use crate::arch::x86_64::{cpu, ipi, lapic};
 use crate::kernel::{self, KernelGuard};
 use crate::vcpu::Step;
@@ -25,12 +26,18 @@ pub fn leave_with(guard: Guard<'_>) -> *const TrapFrame {
 }
 
 /// The user context to enter next, running vCPU steps on the way; None if
-/// nothing can run.
+/// nothing can run. A guest runs with the kernel lock dropped: other CPUs
+/// go on meanwhile, and what they do to the vCPU (poke, destroy, revoke of
+/// guest memory) reaches it by IPI, which ends the run.
 fn next(mut guard: Guard<'_>) -> Option<*const TrapFrame> {
+    let mut finished = None;
     loop {
         let Some(kernel) = guard.as_mut() else {
             crate::stop(crate::StopReason::Fatal)
         };
+        if let Some((ec, run, outcome)) = finished.take() {
+            kernel.vcpu_finish(ec, run, outcome);
+        }
         if kernel.root_ended() {
             drop(guard);
             crate::root::finish();
@@ -45,11 +52,14 @@ fn next(mut guard: Guard<'_>) -> Option<*const TrapFrame> {
         if kernel.ecs.get(ec).is_some_and(|e| e.vcpu.is_some()) {
             match kernel.vcpu_step(ec) {
                 Step::ToUser => {}
-                Step::Reschedule => continue,
-                Step::HostInterrupt => {
+                Step::Enter(mut run) => {
                     drop(guard);
-                    take_pending_interrupt();
+                    let outcome = run.go();
+                    if outcome == RunOutcome::Host {
+                        take_pending_interrupt();
+                    }
                     guard = kernel::lock();
+                    finished = Some((ec, run, outcome));
                     continue;
                 }
             }
@@ -126,11 +136,9 @@ pub fn await_zombies() {
             let mut guard = kernel::lock();
             let Some(kernel) = guard.as_mut() else { return };
             kernel.free_left_here();
-            if kernel
-                .cpus
-                .iter()
-                .all(|c| c.zombies.is_empty() && c.dead_vcpus.is_empty())
-            {
+            if kernel.cpus.iter().all(|c| {
+                c.zombies.is_empty() && c.dead_vcpus.is_empty() && c.dead_frames.is_empty()
+            }) {
                 return;
             }
         }
@@ -148,21 +156,29 @@ pub fn await_zombies() {
 /// is first).
 pub fn tick() {
     let now = cpu::rdtsc();
+    // The one-shot timer fired: nothing is armed until the end.
+    lapic::fired();
     let due = lapic::tick_due(now);
     let mut next = lapic::next_tick().min(crate::console::feed());
-    let mut guard = kernel::lock();
-    if let Some(kernel) = guard.as_mut() {
-        kernel.expire_timeouts(now);
-        crate::dump::at_safe_point(kernel);
-        if due {
-            kernel.rotate_current();
-        }
-        kernel.preempt_if_needed();
-        if let Some(deadline) = kernel.timeouts.iter().map(|&(deadline, _)| deadline).min() {
-            next = next.min(deadline);
+    {
+        let mut guard = kernel::lock();
+        if let Some(kernel) = guard.as_mut() {
+            kernel.expire_timeouts(now);
+            crate::dump::at_safe_point(kernel);
+            if due {
+                kernel.rotate_current();
+            }
+            kernel.preempt_if_needed();
+            if let Some(deadline) = kernel.timeouts.iter().map(|&(deadline, _)| deadline).min() {
+                next = next.min(deadline);
+            }
         }
     }
-    lapic::arm(next);
+    // Without the lock (see `lapic::arm_if_earlier`), unless dropping it
+    // armed an earlier expiry.
+    if next < lapic::armed() {
+        lapic::arm(next);
+    }
 }
 
 /// The wake-up IPI: another CPU made an EC of this CPU ready; it may
