@@ -985,6 +985,7 @@ pub const TESTS: &[SysTest] = &[
         expect: &[
             all("roottask: started 'testvmm' (pd sel"),
             all("testvmm: remote: poked from cpu 0 after "),
+            all("testvmm: remote: page revoked from cpu 0 while its vcpu ran: counter "),
             all("testvmm: remote: vm destroyed from cpu 0 while its vcpu ran"),
             all("roottask: component 'testvmm' finished"),
         ],
