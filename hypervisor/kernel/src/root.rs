@@ -301,7 +301,10 @@ fn build(
                         pool_first + i + j,
                         phys + j * PAGE_SIZE,
                         true,
-                        rights::MEM_READ | rights::MEM_WRITE | rights::MEM_EXECUTE | rights::MEM_DMA,
+                        rights::MEM_READ
+                            | rights::MEM_WRITE
+                            | rights::MEM_EXECUTE
+                            | rights::MEM_DMA,
                         rights::MEM_READ | rights::MEM_WRITE,
                     );
                     if let Err(status) = given {

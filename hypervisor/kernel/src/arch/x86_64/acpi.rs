@@ -5,9 +5,9 @@
 use super::layout::{phys_to_virt, BOOT_DIRECT_MAP_SIZE};
 use acpi::madt::{Madt, MadtEntry};
 use acpi::mcfg::Mcfg;
-use core::sync::atomic::{AtomicU64, Ordering};
 use acpi::{AcpiHandler, AcpiTables, PhysicalMapping};
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU64, Ordering};
 use moat_kernel::smp::MAX_CPUS;
 
 pub const MAX_IOAPICS: usize = 8;
