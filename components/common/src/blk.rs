@@ -131,8 +131,16 @@ pub struct Disk {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Device sector, sector count, byte offset of the buffer in the region.
-    Read { sector: u64, count: u32, buffer: u64 },
-    Write { sector: u64, count: u32, buffer: u64 },
+    Read {
+        sector: u64,
+        count: u32,
+        buffer: u64,
+    },
+    Write {
+        sector: u64,
+        count: u32,
+        buffer: u64,
+    },
     Flush,
     Info,
 }
@@ -255,8 +263,14 @@ mod tests {
                 buffer: REGION - 4096
             })
         );
-        assert_eq!(check(&req(op::FLUSH, 0, 0, 0), DISK, REGION), Ok(Action::Flush));
-        assert_eq!(check(&req(op::INFO, 0, 0, 0), DISK, REGION), Ok(Action::Info));
+        assert_eq!(
+            check(&req(op::FLUSH, 0, 0, 0), DISK, REGION),
+            Ok(Action::Flush)
+        );
+        assert_eq!(
+            check(&req(op::INFO, 0, 0, 0), DISK, REGION),
+            Ok(Action::Info)
+        );
     }
 
     #[test]
@@ -265,11 +279,17 @@ mod tests {
         assert_eq!(bad(req(0, 0, 1, DATA)), status::UNSUPPORTED);
         assert_eq!(bad(req(99, 0, 1, DATA)), status::UNSUPPORTED);
         assert_eq!(bad(req(op::READ, 0, 0, DATA)), status::BAD_COUNT);
-        assert_eq!(bad(req(op::READ, 0, MAX_SECTORS + 1, DATA)), status::BAD_COUNT);
+        assert_eq!(
+            bad(req(op::READ, 0, MAX_SECTORS + 1, DATA)),
+            status::BAD_COUNT
+        );
         // Past the end, straddling it, and wrapping around.
         assert_eq!(bad(req(op::READ, 2048, 1, DATA)), status::OUT_OF_RANGE);
         assert_eq!(bad(req(op::WRITE, 2047, 2, DATA)), status::OUT_OF_RANGE);
-        assert_eq!(bad(req(op::READ, u64::MAX - 1, 8, DATA)), status::OUT_OF_RANGE);
+        assert_eq!(
+            bad(req(op::READ, u64::MAX - 1, 8, DATA)),
+            status::OUT_OF_RANGE
+        );
         // Buffers over the rings, past the region, wrapping.
         assert_eq!(bad(req(op::READ, 0, 1, 0)), status::BAD_BUFFER);
         assert_eq!(bad(req(op::READ, 0, 1, DATA - 1)), status::BAD_BUFFER);
@@ -294,16 +314,18 @@ mod tests {
                 sector: pick(&mut rng, DISK.sectors),
                 buffer: pick(&mut rng, REGION),
             };
-            if let Ok(Action::Read {
-                sector,
-                count,
-                buffer,
-            }
-            | Action::Write {
-                sector,
-                count,
-                buffer,
-            }) = check(&r, DISK, REGION)
+            if let Ok(
+                Action::Read {
+                    sector,
+                    count,
+                    buffer,
+                }
+                | Action::Write {
+                    sector,
+                    count,
+                    buffer,
+                },
+            ) = check(&r, DISK, REGION)
             {
                 let count = u64::from(count);
                 assert!(sector >= DISK.start && sector + count <= DISK.start + DISK.sectors);
