@@ -347,11 +347,9 @@ impl Device {
                 let window = bar(args, bar_index).and_then(|b| b.sub(offset, length));
                 match kind {
                     CFG_COMMON => common = common.or(window),
-                    CFG_NOTIFY => {
-                        if notify.is_none() {
-                            notify = window;
-                            multiplier = u64::from(config.read::<u32>(cap + 16));
-                        }
+                    CFG_NOTIFY if notify.is_none() => {
+                        notify = window;
+                        multiplier = u64::from(config.read::<u32>(cap + 16));
                     }
                     CFG_DEVICE => device_cfg = device_cfg.or(window),
                     _ => {}

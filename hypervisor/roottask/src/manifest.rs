@@ -1766,4 +1766,58 @@ irq 4 to uart
             .iter()
             .all(|c| c.uses.iter().all(|u| u.provider < m.components.len())));
     }
+
+    #[test]
+    fn shared_dma_and_pci_lines() {
+        let text = "\
+component drv
+    module blk
+    priority 20
+    memory 256K
+    quota 64K
+    pci dev 1af4:1042 at 0x20000000000
+    pci dev2 1af4:1042 at 0x21000000000
+    dma dma 16K at 0x30000000000
+    shared c0 64K at 0x10000000000
+component client
+    module blktest
+    priority 10
+    memory 128K
+    quota 64K
+    shared c0 64K at 0x10000000000
+";
+        let m = parse(text).expect("parses");
+        assert_eq!(m.shared, [("c0".to_string(), 64 * 1024)]);
+        assert_eq!(m.devices.len(), 2);
+        assert_eq!((m.devices[0].nth, m.devices[1].nth), (0, 1));
+        assert_eq!(m.devices[1].vendor, 0x1af4);
+        let sources: Vec<_> = m.components[0]
+            .mappings
+            .iter()
+            .map(|x| x.source.clone())
+            .collect();
+        assert_eq!(
+            sources,
+            [
+                MappingSource::Pci(0),
+                MappingSource::Pci(1),
+                MappingSource::Dma(16 * 1024),
+                MappingSource::Shared {
+                    index: 0,
+                    bytes: 64 * 1024
+                },
+            ]
+        );
+        assert_eq!(m.components[0].mappings[2].source.own_pages(), 4);
+        let mismatch = format!(
+            "{text}component other\n module blktest\n priority 1\n memory 128K\n quota 64K\n shared c0 8K at 0x10000000000\n"
+        );
+        assert!(parse(&mismatch).is_err());
+        let overlapping = text.replace("0x21000000000", "0x20000001000");
+        assert!(matches!(
+            parse(&overlapping).map_err(|e| e.kind),
+            Err(ErrorKind::MappingOverlap(_))
+        ));
+        assert!(parse(&text.replace("1af4:1042", "1af4")).is_err());
+    }
 }
