@@ -717,3 +717,39 @@ mod tests {
         assert_eq!(components(IPC_PINGPONG), ["echo", "ping"]);
     }
 }
+
+/// The block service on QEMU's virtio-blk device (a 2 MiB image): client
+/// `blktest-a` owns sectors 0..2048, `blktest-b` 2048..4096; each has a
+/// 64 KiB region shared with `blk` only, and a reply semaphore.
+pub const BLK: &str = "\
+component blk
+    module blk
+    priority 20
+    memory 256K
+    quota 128K
+    restart 0
+    pci dev 1af4:1042 at 0x20000000000
+    dma dma 16K at 0x30000000000
+    shared c0 64K at 0x10000000000
+    shared c1 64K at 0x11000000000
+    args c0.disk=0,2048 c1.disk=2048,2048
+component blktest-a
+    module blktest
+    priority 10
+    memory 128K
+    quota 64K
+    restart 0
+    shared c0 64K at 0x10000000000
+    args name=blktest-a region=c0
+component blktest-b
+    module blktest
+    priority 10
+    memory 128K
+    quota 64K
+    restart 0
+    shared c1 64K at 0x10000000000
+    args name=blktest-b region=c1
+semaphore blkreq up blktest-a at 30 up blktest-b at 30 down blk at 30
+semaphore areply up blk at 31 down blktest-a at 31
+semaphore breply up blk at 32 down blktest-b at 31
+";

@@ -185,6 +185,9 @@ pub struct SysTest {
     /// Runs on this emulator only (a long test whose paths another test
     /// covers on the other emulator).
     pub only_on: Option<Emulator>,
+    /// If not empty: once the run passed, the same machine boots again
+    /// (QEMU; its disk image kept) and must show these lines, in any order.
+    pub second_boot: &'static [Expect],
 }
 
 /// A system configuration a test boots.
@@ -215,6 +218,7 @@ const BASE: SysTest = SysTest {
     stall_secs: None,
     config: None,
     only_on: None,
+    second_boot: &[],
 };
 
 impl SysTest {
@@ -1240,6 +1244,57 @@ pub const TESTS: &[SysTest] = &[
         ],
         forbid: &["rtc: FAIL", "roottask: component 'rtc' faulted"],
         stop: Stop::WhenDecided,
+        ..BASE
+    },
+    SysTest {
+        name: "blk",
+        modules: &[
+            ROOTTASK,
+            manifest("blk", manifests::BLK),
+            component("blk"),
+            component("blktest"),
+            ModuleSpec {
+                name: "disk.img",
+                content: Content::Zeros {
+                    len: 2 << 20,
+                    dir: "blk",
+                },
+                args: &[],
+            },
+        ],
+        qemu_args: &[
+            "-machine",
+            "q35",
+            "-drive",
+            "if=none,file=target/systest/blk/disk.img,format=raw,id=d0",
+            "-device",
+            "virtio-blk-pci,drive=d0,disable-legacy=on,disable-modern=off",
+        ],
+        expect: &[
+            all("roottask: pci 00:"),
+            all("blk: virtio-blk ready: 4096 sectors, flush supported"),
+            all("blk: first completion interrupt arrived"),
+            all("blktest-a: wrote, flushed and read back 16 sectors"),
+            all("blktest-a: 8 bad requests refused"),
+            all("roottask: component 'blktest-a' finished"),
+        ],
+        check: Some(blk_second_client),
+        second_boot: &[
+            all("blktest-a: second boot read back what the first wrote"),
+            all("blktest-a: 8 bad requests refused"),
+            all("blktest-b: second boot read back what the first wrote"),
+            all("blktest-b: 8 bad requests refused"),
+        ],
+        forbid: &[
+            "blk: FAIL",
+            "blk: a completion came without its interrupt",
+            "did not complete a request",
+            "blktest-a: FAIL",
+            "blktest-b: FAIL",
+            "faulted",
+        ],
+        stop: Stop::WhenDecided,
+        only_on: Some(Emulator::Qemu),
         ..BASE
     },
     SysTest {
@@ -2373,6 +2428,77 @@ pub(crate) fn prepare(
     }
 }
 
+/// The block test's second client, whose lines interleave with the
+/// first's in any order.
+fn blk_second_client(serial: &str) -> Vec<Part> {
+    [
+        "blktest-b: wrote, flushed and read back 16 sectors",
+        "blktest-b: 8 bad requests refused",
+        "roottask: component 'blktest-b' finished",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, line)| Part {
+        name: format!("client_b_{i}"),
+        result: if serial.contains(line) {
+            Ok(line.to_string())
+        } else {
+            Err(format!("missing '{line}'"))
+        },
+    })
+    .collect()
+}
+
+/// Boots the machine of a passed run again, its serial output going to
+/// `<test>-<emu>-2.log`, and judges that output by `second_boot`.
+fn second_boot(
+    job: &Job<'_>,
+    args: &[String],
+    timeout: Option<std::time::Duration>,
+) -> Result<(), String> {
+    let serial = job.serial.with_extension("2.log");
+    emu::remove_stale(&serial).map_err(|e| e.to_string())?;
+    let first = format!("file:{}", job.serial.display());
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if *a == first {
+                format!("file:{}", serial.display())
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    let expect: Vec<&str> = job
+        .test
+        .second_boot
+        .iter()
+        .filter(|e| e.only.is_none_or(|only| only == job.emu))
+        .map(|e| e.text)
+        .collect();
+    // In any order: the components' lines interleave.
+    let judge_all = |out: &str| -> Result<(), String> {
+        if let Some(bad) = job.test.forbidden().iter().find(|f| out.contains(**f)) {
+            return Err(format!("forbidden \"{bad}\" appeared"));
+        }
+        match expect.iter().find(|e| !out.contains(**e)) {
+            Some(missing) => Err(format!("missing \"{missing}\"")),
+            None => Ok(()),
+        }
+    };
+    let decided = || {
+        let out = read_serial(&serial);
+        judge_all(&out).is_ok() || job.test.forbidden().iter().any(|f| out.contains(*f))
+    };
+    let decided: Option<emu::Decided<'_>> = match job.test.stop {
+        Stop::AtExit => None,
+        Stop::WhenDecided => Some(&decided),
+    };
+    emu::run_qemu(&args, timeout, decided, &serial.with_extension("out"))
+        .map_err(|e| format!("second boot: {e}"))?;
+    judge_all(&read_serial(&serial)).map_err(|e| format!("second boot ({}): {e}", serial.display()))
+}
+
 fn execute(job: &Job<'_>) -> RunResult {
     let label = format!("{} [{}]", job.test.name, job.emu.name());
     let fail = |line: String| RunResult {
@@ -2442,6 +2568,12 @@ fn execute(job: &Job<'_>) -> RunResult {
             })
         }
         _ => verdict,
+    };
+    let verdict = match (verdict, launch) {
+        (Ok(()), Launch::Qemu(args)) if !job.test.second_boot.is_empty() => {
+            second_boot(job, args, timeout)
+        }
+        (verdict, _) => verdict,
     };
     match verdict {
         Ok(()) => RunResult {

@@ -323,7 +323,7 @@ pub struct Kernel {
     /// Frames that were mapped until the pending shootdown: freed after it.
     pub free_after_shootdown: Vec<u64>,
     /// The semaphore each GSI is assigned to.
-    pub irq_sms: [Option<SmId>; crate::arch::x86_64::ioapic::MAX_GSIS as usize],
+    pub irq_sms: [Option<SmId>; crate::arch::x86_64::msi::IRQ_SLOTS],
     /// The semaphores of the debug event (`moat_abi::DEBUG_GSI`): upped
     /// after each state dump (`dump.rs`).
     pub debug_sms: Vec<SmId>,
@@ -373,7 +373,7 @@ impl Kernel {
             doomed: Vec::new(),
             tlb_dirty: false,
             free_after_shootdown: Vec::new(),
-            irq_sms: [None; crate::arch::x86_64::ioapic::MAX_GSIS as usize],
+            irq_sms: [None; crate::arch::x86_64::msi::IRQ_SLOTS],
             debug_sms: Vec::new(),
         }
     }

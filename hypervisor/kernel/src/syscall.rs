@@ -120,7 +120,26 @@ impl Kernel {
             Ok(Call::Revoke) => self.long_call(ec, args, |k, start| {
                 k.sys_revoke(pd, word.flags & flags::SELF != 0, args, start)
             }),
-            Ok(Call::IrqAssign) => Some(done(self.sys_irq_assign(pd, sel, args[0], args[1]))),
+            Ok(Call::IrqAssign) => match self.sys_irq_assign(pd, sel, args[0], args[1]) {
+                Ok(message) => {
+                    if let (Some((address, data)), Some(e)) = (message, self.ecs.get_mut(ec)) {
+                        e.regs.rdi = address;
+                        e.regs.rsi = data;
+                    }
+                    Some(Status::Success)
+                }
+                Err(status) => Some(status),
+            },
+            Ok(Call::MapDevice) => Some(done(self.sys_map_device(pd, args[0], args[1], args[2]))),
+            Ok(Call::MemPhys) => match self.sys_mem_phys(pd, args[0]) {
+                Ok(phys) => {
+                    if let Some(e) = self.ecs.get_mut(ec) {
+                        e.regs.rdi = phys;
+                    }
+                    Some(Status::Success)
+                }
+                Err(status) => Some(status),
+            },
             Ok(Call::IrqUnmask) => Some(done(self.sys_irq_unmask(pd, args[0]))),
             Ok(Call::CreateVcpu) => Some(done(self.sys_create_vcpu(pd, sel, args[0], args[1]))),
             Ok(Call::VcpuRun) => self.sys_vcpu_run(ec, sel).err(),
@@ -247,7 +266,11 @@ impl Kernel {
         count: u64,
     ) -> Result<(), Status> {
         let all_io = self.pds.get(pd).is_some_and(|p| p.all_io);
-        let limit = if kind == Space::Io { 1 << 16 } else { 256 };
+        let limit = if kind == Space::Io {
+            1 << 16
+        } else {
+            moat_abi::IRQ_KEYS
+        };
         if !all_io {
             return Ok(());
         }

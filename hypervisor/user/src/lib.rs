@@ -13,6 +13,7 @@ pub use moat_abi as abi;
 pub mod console;
 pub mod heap;
 pub mod io;
+pub mod mmio;
 pub mod portal;
 mod rt;
 pub mod sys;
