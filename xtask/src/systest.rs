@@ -1582,10 +1582,10 @@ pub const TESTS: &[SysTest] = &[
     SysTest {
         // Opt-in (`--filter demo_smp`), and failing today: the demo on two
         // CPUs, the modem alone on CPU 1, Linux and echo on CPU 0. Steps
-        // a, d and e pass; the modem misses frames (b, c) because a guest
-        // runs with the kernel lock held, so every kernel entry of the
-        // modem waits for a VM exit of Linux on CPU 0 (issue 12: run
-        // guests without the lock). Kept as the measure of that work.
+        // a, d and e pass; the modem misses frames (b, c): worst jitter
+        // 80-98 ms under -icount since guests run without the kernel lock
+        // (5-6 s before); CPU 1's timer interrupts arrive late in QEMU's
+        // round robin (docs/architecture.md, "Guests and the lock").
         name: "demo_smp",
         opt_in: true,
         modules: DEMO_SMP_MODULES,
