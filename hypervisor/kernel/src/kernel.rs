@@ -80,6 +80,7 @@ pub struct KernelGuard {
 struct AfterUnlock;
 
 impl Drop for AfterUnlock {
+    #[inline(always)]
     fn drop(&mut self) {
         ipi::send_kicks();
         crate::arch::x86_64::lapic::arm_deferred();

@@ -6,7 +6,7 @@ use crate::arch::x86_64::entry::{self, TrapFrame};
 use crate::arch::x86_64::virt::RunOutcome;
 use crate::arch::x86_64::{cpu, ipi, lapic};
 use crate::kernel::{self, KernelGuard};
-use crate::vcpu::Step;
+use crate::vcpu::{GuestRun, Step};
 
 type Guard<'a> = KernelGuard;
 
@@ -30,14 +30,10 @@ pub fn leave_with(guard: Guard<'_>) -> *const TrapFrame {
 /// go on meanwhile, and what they do to the vCPU (poke, destroy, revoke of
 /// guest memory) reaches it by IPI, which ends the run.
 fn next(mut guard: Guard<'_>) -> Option<*const TrapFrame> {
-    let mut finished = None;
     loop {
         let Some(kernel) = guard.as_mut() else {
             crate::stop(crate::StopReason::Fatal)
         };
-        if let Some((ec, run, outcome)) = finished.take() {
-            kernel.vcpu_finish(ec, run, outcome);
-        }
         if kernel.root_ended() {
             drop(guard);
             crate::root::finish();
@@ -52,14 +48,8 @@ fn next(mut guard: Guard<'_>) -> Option<*const TrapFrame> {
         if kernel.ecs.get(ec).is_some_and(|e| e.vcpu.is_some()) {
             match kernel.vcpu_step(ec) {
                 Step::ToUser => {}
-                Step::Enter(mut run) => {
-                    drop(guard);
-                    let outcome = run.go();
-                    if outcome == RunOutcome::Host {
-                        take_pending_interrupt();
-                    }
-                    guard = kernel::lock();
-                    finished = Some((ec, run, outcome));
+                Step::Enter(run) => {
+                    guard = run_guest(guard, ec, run);
                     continue;
                 }
             }
@@ -69,6 +59,23 @@ fn next(mut guard: Guard<'_>) -> Option<*const TrapFrame> {
             return Some(frame);
         }
     }
+}
+
+/// Runs the guest without the kernel lock, then takes the lock again and
+/// hands the exit to `vcpu_finish`. (Out of line: the IPC path does not
+/// carry it.)
+#[inline(never)]
+fn run_guest(guard: Guard<'_>, ec: crate::kernel::EcId, mut run: GuestRun) -> Guard<'static> {
+    drop(guard);
+    let outcome = run.go();
+    if outcome == RunOutcome::Host {
+        take_pending_interrupt();
+    }
+    let mut guard = kernel::lock();
+    if let Some(kernel) = guard.as_mut() {
+        kernel.vcpu_finish(ec, run, outcome);
+    }
+    guard
 }
 
 /// Lets the interrupt that ended a guest run be delivered, in kernel mode.

@@ -84,7 +84,16 @@ pub fn kick(index: usize) {
 
 /// Sends the wake-ups `kick` recorded on this CPU; called after the
 /// kernel lock was dropped.
+#[inline]
 pub fn send_kicks() {
+    if percpu::current().kicks.load(Ordering::Relaxed) != 0 {
+        send_kicks_now();
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn send_kicks_now() {
     let mut pending = percpu::current().kicks.swap(0, Ordering::Relaxed);
     while pending != 0 {
         let index = pending.trailing_zeros() as usize;

@@ -303,12 +303,17 @@ pub fn arm_if_earlier(deadline: u64) {
 
 /// Carries out what `arm_if_earlier` asked for; called after the kernel
 /// lock was dropped.
+#[inline]
 pub fn arm_deferred() {
-    let block = percpu::current();
-    if block.arm_at.load(Ordering::Relaxed) == u64::MAX {
-        return;
+    if percpu::current().arm_at.load(Ordering::Relaxed) != u64::MAX {
+        arm_deferred_now();
     }
-    let deadline = block.arm_at.swap(u64::MAX, Ordering::Relaxed);
+}
+
+#[cold]
+#[inline(never)]
+fn arm_deferred_now() {
+    let deadline = percpu::current().arm_at.swap(u64::MAX, Ordering::Relaxed);
     if deadline < armed() {
         arm(deadline);
     }
