@@ -32,14 +32,10 @@ pub extern "C" fn syscall_entry(_frame: *mut TrapFrame) -> *const TrapFrame {
 impl Kernel {
     fn syscall(&mut self, ec: EcId) {
         let Some(e) = self.ecs.get(ec) else { return };
-        let regs = &e.regs;
-        let word = CallWord::decode(regs.rax);
-        let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9];
-        let (pd, rip, rsp) = (e.pd, regs.rip, regs.rsp);
+        let word = CallWord::decode(e.regs.rax);
         let sel = word.selector;
-        let nonblock = word.flags & flags::NONBLOCK != 0;
         // The IPC fast path: plain messages between the current EC and an
-        // idle handler (and back).
+        // idle handler (and back); before the arguments are read out.
         if word.flags == 0 {
             if word.number == Call::Call.number() && self.fast_call(ec, sel) {
                 return;
@@ -48,6 +44,11 @@ impl Kernel {
                 return;
             }
         }
+        let Some(e) = self.ecs.get(ec) else { return };
+        let regs = &e.regs;
+        let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9];
+        let (pd, rip, rsp) = (e.pd, regs.rip, regs.rsp);
+        let nonblock = word.flags & flags::NONBLOCK != 0;
         let status: Option<Status> = match Call::try_from(word.number) {
             Err(status) => Some(status),
             Ok(Call::ConsoleWrite) => Some(self.console_write(pd, args[0], args[1])),
