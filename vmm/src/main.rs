@@ -747,10 +747,15 @@ fn trim_text(bytes: &[u8]) -> &[u8] {
 
 /// The guest's serial output on its way to the console: whole lines, so
 /// that other components' lines never land inside one of the guest's
-/// (the guest writes a byte per exit).
+/// (the guest writes a byte per exit). A VMM that holds the console UART
+/// (`console-input`) writes them raw, byte for byte (escape sequences,
+/// `\r`, backspace: the user's terminal is the guest's); any other's
+/// are sanitised by the kernel, and its carriage returns dropped.
 #[derive(Default)]
 struct ConsoleLines {
     pending: Vec<u8>,
+    /// The kernel refused a raw write: this VMM does not hold the UART.
+    sanitised: bool,
 }
 
 /// A partial line longer than this is written anyway.
@@ -759,10 +764,13 @@ const CONSOLE_LINE_MAX: usize = 512;
 impl ConsoleLines {
     /// Takes the guest's new output and writes its complete lines (all of
     /// it with `all`: the guest waits, e.g. at a prompt, or stopped).
-    /// Carriage returns are dropped: the console ends lines itself.
     fn flush(&mut self, machine: &Machine, all: bool) {
         let out = machine.take_console_output();
-        self.pending.extend(out.iter().filter(|&&b| b != b'\r'));
+        if self.sanitised {
+            self.pending.extend(out.iter().filter(|&&b| b != b'\r'));
+        } else {
+            self.pending.extend_from_slice(&out);
+        }
         let end = if all || self.pending.len() > CONSOLE_LINE_MAX {
             self.pending.len()
         } else {
@@ -771,10 +779,24 @@ impl ConsoleLines {
                 .rposition(|&b| b == b'\n')
                 .map_or(0, |i| i + 1)
         };
-        if end > 0 {
-            let _ = sys::console_write(&self.pending[..end]);
-            self.pending.drain(..end);
+        if end == 0 {
+            return;
         }
+        if !self.sanitised {
+            match moat_user::console::write_raw(&self.pending[..end]) {
+                Err(Status::InsufficientRights) => {
+                    self.sanitised = true;
+                    self.pending.retain(|&b| b != b'\r');
+                    return self.flush(machine, all);
+                }
+                _ => {
+                    self.pending.drain(..end);
+                    return;
+                }
+            }
+        }
+        let _ = sys::console_write(&self.pending[..end]);
+        self.pending.drain(..end);
     }
 }
 
