@@ -14,7 +14,9 @@
 //! 0xf4-0xf7: a guest write of V ends the guest, and the VMM exits with
 //! `moat_abi::EXIT_WITH_VALUE + V`, which the root task and the kernel
 //! pass on, so that QEMU exits with `(V << 1) | 1`),
-//! `epoch=UNIX_SECONDS`, the flag `console-input` (the
+//! `clock=SEL` (the machine's clock, the `rtc` driver's `clock` portal:
+//! the guest's RTC and kvm-clock wall clock start at the time it gives)
+//! or else `epoch=UNIX_SECONDS` (a fixed start), the flag `console-input` (the
 //! VMM holds COM1's ports and IRQ 4 and feeds what is typed there to the
 //! guest's serial port; a third EC waits for it), `modem=SEL` (the
 //! guest's second virtio-console port is named `modem` and relayed to the
@@ -430,6 +432,33 @@ fn describe(stop: Stop) -> &'static str {
     }
 }
 
+/// The Unix time at host TSC `start`, from the machine's clock (the
+/// portal `clock`); 0, the guest's clock at 1970, if it cannot be had.
+fn clock_epoch(clock: Sel, start: u64, tsc_hz: u64) -> u64 {
+    use common::cmos::service;
+    match sys::call(clock, [0; 6]) {
+        Ok([service::OK, unix, read_at, ..]) => {
+            let since = read_at.saturating_sub(start) / tsc_hz.max(1);
+            let epoch = unix.saturating_sub(since);
+            println!("vmm: guest clock from the machine's RTC: Unix time {epoch}");
+            epoch
+        }
+        Ok(words) => {
+            println!(
+                "vmm: the machine's clock cannot be read ({}); the guest's clock starts at 0",
+                words[0]
+            );
+            0
+        }
+        Err(status) => {
+            println!(
+                "vmm: no answer from the machine's clock ({status}); the guest's clock starts at 0"
+            );
+            0
+        }
+    }
+}
+
 fn required(args: &str, name: &'static str) -> Result<Region, SetupError> {
     region(args, name).ok_or(SetupError(name, Status::BadParameter))
 }
@@ -441,7 +470,11 @@ fn run(args: &str) -> Result<Stop, SetupError> {
     let kernel = required(args, "kernel")?;
     let initrd = region(args, "initrd");
     let cmdline = region(args, "cmdline");
-    let epoch = args::number(args, "epoch", 0).unwrap_or(0);
+    let start = moat_user::rdtsc();
+    let epoch = match args::number(args, "clock", 0) {
+        Ok(clock) if clock != 0 => clock_epoch(clock, start, tsc_hz),
+        _ => args::number(args, "epoch", 0).unwrap_or(0),
+    };
 
     // SAFETY: the root task mapped the `heap` region read-write for this
     // task's life, and nothing else uses it: it becomes the heap's.
@@ -463,7 +496,7 @@ fn run(args: &str) -> Result<Stop, SetupError> {
             modules,
             tsc_hz,
             epoch,
-            start: moat_user::rdtsc(),
+            start,
         }
     };
     // SAFETY: as above; the disk image is copied, the guest writes the copy.

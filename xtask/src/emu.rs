@@ -203,6 +203,10 @@ pub fn qemu_args(boot: &BootSpec, accel: Accel, serial: Serial<'_>) -> Result<Ve
         "none",
         "-monitor",
         "none",
+        // The machine's RTC holds UTC, as Linux expects; Moat's clock
+        // driver gives it to every guest.
+        "-rtc",
+        "base=utc",
     ]
     .map(String::from)
     .to_vec();
@@ -260,7 +264,7 @@ romimage: file={BOCHS_BIOS}
 vgaromimage: file={BOCHS_VGA_BIOS}
 ata0-master: type=cdrom, path={iso}, status=inserted
 boot: cdrom
-clock: sync=none, time0=local
+clock: sync=none, time0=utc
 com1: enabled=1, mode=file, dev={serial}
 sound: driver=dummy
 log: {log}
@@ -821,6 +825,7 @@ vmm: dump: exits 10: io 9 hlt 1
             text.contains("-accel kvm -cpu host -serial stdio"),
             "{text}"
         );
+        assert!(text.contains("-rtc base=utc"), "{text}");
     }
 
     #[test]
@@ -917,6 +922,7 @@ vmm: dump: exits 10: io 9 hlt 1
             "com1: enabled=1, mode=file, dev=target/systest/boot-bochs.log\n",
             "log: target/systest/boot-bochs.bochslog\n",
             "boot: cdrom\n",
+            "clock: sync=none, time0=utc\n",
             "panic: action=fatal\n",
         ] {
             assert!(rc.contains(line), "{line:?} not in\n{rc}");

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod args;
+pub mod cmos;
 pub mod fuzz;
 pub mod lend;
 pub mod modem;
