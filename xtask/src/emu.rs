@@ -804,7 +804,7 @@ vmm: dump: exits 10: io 9 hlt 1
             args.join(" "),
             "-machine pc -m 512M -smp 1 -no-reboot \
              -device isa-debug-exit,iobase=0xf4,iosize=0x04 -display none -monitor none \
-             -accel tcg -cpu max -serial file:t/x.log \
+             -rtc base=utc -accel tcg -cpu max -serial file:t/x.log \
              -kernel target/image/moat-kernel -append debug-exit \
              -initrd target/image/roottask fault"
         );
