@@ -141,45 +141,6 @@ pub enum Accel {
     Kvm,
 }
 
-/// KVM is worth using only if `/dev/kvm` opens and the host CPU lends its
-/// virtualization extensions to guests (the kernel under test needs them).
-/// Here `/dev/kvm` is PVM, whose host shows neither `vmx` nor `svm`.
-pub fn detect_kvm() -> bool {
-    let opens = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    opens && cpuinfo_nests(&cpuinfo, nested_param)
-}
-
-fn nested_param(module: &str) -> Option<String> {
-    fs::read_to_string(format!("/sys/module/{module}/parameters/nested")).ok()
-}
-
-/// True if the CPU flags show vmx or svm and the matching KVM module does not
-/// say nesting is off.
-fn cpuinfo_nests(cpuinfo: &str, nested: impl Fn(&str) -> Option<String>) -> bool {
-    let flags = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("flags"))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, f)| f.split_whitespace().collect::<Vec<_>>())
-        .unwrap_or_default();
-    let module = if flags.contains(&"vmx") {
-        "kvm_intel"
-    } else if flags.contains(&"svm") {
-        "kvm_amd"
-    } else {
-        return false;
-    };
-    match nested(module) {
-        Some(v) => matches!(v.trim(), "Y" | "y" | "1"),
-        None => true,
-    }
-}
-
 /// Where QEMU's first serial port goes.
 pub enum Serial<'a> {
     Stdio,
@@ -886,21 +847,6 @@ vmm: dump: exits 10: io 9 hlt 1
         assert!(matches!(outcome.exit, Exit::Decided));
         assert!(outcome.elapsed >= DECIDED_GRACE);
         assert!(outcome.elapsed < Duration::from_secs(10));
-    }
-
-    #[test]
-    fn kvm_needs_nesting_flags() {
-        let no_nested = |_: &str| None;
-        assert!(!cpuinfo_nests("flags\t\t: fpu sse hypervisor\n", no_nested));
-        assert!(cpuinfo_nests("flags\t\t: fpu vmx sse\n", no_nested));
-        assert!(cpuinfo_nests("flags\t: svm\n", |m: &str| {
-            assert_eq!(m, "kvm_amd");
-            Some("1\n".into())
-        }));
-        assert!(!cpuinfo_nests("flags\t: vmx\n", |_: &str| Some(
-            "N\n".into()
-        )));
-        assert!(!cpuinfo_nests("", no_nested));
     }
 
     #[test]

@@ -88,10 +88,9 @@ impl Registers {
         };
         let (seconds, minutes) = (value(self.seconds)?, value(self.minutes)?);
         let (day, month, year) = (value(self.day)?, value(self.month)?, value(self.year)?);
-        let century = match value(self.century) {
-            Some(c @ 19..=20) => c,
-            _ => 20,
-        };
+        let century = value(self.century)
+            .filter(|c| (19..=20).contains(c))
+            .unwrap_or(20);
         if seconds > 59 || minutes > 59 || hours > 23 || year > 99 {
             return None;
         }
@@ -105,7 +104,7 @@ impl Registers {
 }
 
 fn leap(year: u64) -> bool {
-    year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)
+    year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400))
 }
 
 fn days_in_month(year: u64, month: u64) -> u64 {
