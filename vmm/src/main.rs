@@ -29,7 +29,8 @@
 //! gets at the same selectors, for the IPC hypercall), the flag
 //! `user-hypercalls` (guest CPL 3 may make it too), and the root's
 //! `tsc_hz=`.
-//! Lines: `vmm: …`; the guest's console goes to the console as it is.
+//! Lines: `vmm: …`; the guest's console goes to the console byte for byte
+//! when the VMM holds COM1 (`console-input`), else sanitised by the kernel.
 #![no_std]
 #![no_main]
 
