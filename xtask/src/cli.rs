@@ -75,8 +75,9 @@ pub struct BenchOpts {
 #[derive(Debug, PartialEq, Eq)]
 pub struct RunOpts {
     pub emu: Emulator,
-    /// `--kvm` given: use KVM even if detection says no.
-    pub force_kvm: bool,
+    /// `--kvm` given: KVM or nothing; if the host's KVM cannot run Moat,
+    /// say what is missing and exit with `run::KVM_UNUSABLE`.
+    pub require_kvm: bool,
     /// The machine's CPUs (`--cpus`), if not the configuration's.
     pub cpus: Option<u32>,
     /// Extra kernel command-line words (after `--`).
@@ -153,8 +154,9 @@ System configurations, field by field: docs/configuration.md.")]
         /// Emulator
         #[arg(long, value_name = "qemu|bochs", value_parser = emulator, default_value = "qemu")]
         emu: Emulator,
-        /// QEMU with KVM and -cpu host (default: only if the host can nest
-        /// virtualization; otherwise TCG with -cpu max)
+        /// QEMU with KVM and -cpu host, or stop (exit 77) saying what the
+        /// host lacks: /dev/kvm, vmx/svm, kvm_intel/kvm_amd with nested=1
+        /// (default: KVM when the host has all that; otherwise TCG, -cpu max)
         #[arg(long)]
         kvm: bool,
         /// Give the machine N CPUs; the kernel starts them all (the kernel
@@ -315,7 +317,7 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
             kernel_args,
         }) => Cmd::Run(RunOpts {
             emu,
-            force_kvm: kvm,
+            require_kvm: kvm,
             cpus,
             kernel_args,
             config,
@@ -412,7 +414,7 @@ mod tests {
             p("run").unwrap(),
             Cmd::Run(RunOpts {
                 emu: Emulator::Qemu,
-                force_kvm: false,
+                require_kvm: false,
                 cpus: None,
                 kernel_args: vec![],
                 config: None,
@@ -423,7 +425,7 @@ mod tests {
             p("run --emu=bochs --kvm -- log=debug x").unwrap(),
             Cmd::Run(RunOpts {
                 emu: Emulator::Bochs,
-                force_kvm: true,
+                require_kvm: true,
                 cpus: None,
                 kernel_args: vec!["log=debug".into(), "x".into()],
                 config: None,
@@ -434,7 +436,7 @@ mod tests {
             p("run --cpus 4 -- cpus=2").unwrap(),
             Cmd::Run(RunOpts {
                 emu: Emulator::Qemu,
-                force_kvm: false,
+                require_kvm: false,
                 cpus: Some(4),
                 kernel_args: vec!["cpus=2".into()],
                 config: None,

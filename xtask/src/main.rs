@@ -15,6 +15,7 @@ mod emu;
 mod fuzz;
 mod harness;
 mod image;
+mod kvm;
 mod linux;
 mod manifests;
 mod mbcheck;

@@ -300,6 +300,23 @@ component modem
     };
 }
 
+/// The machine's clock: the `rtc` driver in its `serve` mode, with the
+/// CMOS ports, publishing `clock` (the VMM's `clock=` asks it the time).
+macro_rules! clock_driver {
+    () => {
+        "\
+component clock
+    module rtc
+    priority 20
+    memory 128K
+    quota 64K
+    provides clock
+    args serve
+ioports 0x70-0x71 to clock
+"
+    };
+}
+
 /// The native services beside the Linux guest: the `echo` server (the
 /// guest calls it with the IPC hypercall) and the `modem` (its AT service
 /// reached through the virtio-console port `modem`), above the guest.
@@ -315,16 +332,19 @@ macro_rules! linux_neighbours {
 /// A Debian Linux guest under `vmm`: 256 MiB of RAM, a 16 MiB heap for the
 /// VMM, and the kernel, initramfs, test disk and command line as files;
 /// beside it `echo` (given to the VM for the hypercall, from guest user
-/// space too) and `modem` (relayed to the guest's `modem` port).
+/// space too), `modem` (relayed to the guest's `modem` port) and the
+/// `clock` its VMM takes the guest's time from.
 pub const LINUX: &str = concat!(
     linux_neighbours!(),
+    clock_driver!(),
     linux_vmm!(),
     "\
     file disk disk.img at 0x32000000000
     file cmdline cmdline at 0x33000000000
     uses echo at 20
     uses modem at 21
-    args epoch=1764000000 modem=21 vm-portals=20 user-hypercalls
+    uses clock at 22
+    args clock=22 modem=21 vm-portals=20 user-hypercalls
 irq 255 to linux
 "
 );

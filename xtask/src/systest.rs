@@ -277,10 +277,11 @@ const LINUX_INITRAMFS: ModuleSpec = ModuleSpec {
     args: &[],
 };
 
-/// The boot modules of a Linux guest beside `echo` and `modem`: the root
-/// task, the manifest `$manifest` (named `$dir`), the components, and what
-/// the manifest's `file` lines name, the test disk and command line in
-/// their own directory.
+/// The boot modules of a Linux guest beside `echo`, `modem` and `rtc` (the
+/// clock, for a manifest that has it): the root task, the manifest
+/// `$manifest` (named `$dir`), the components, and what the manifest's
+/// `file` lines name, the test disk and command line in their own
+/// directory.
 macro_rules! linux_beside_modem {
     ($dir:literal, $manifest:expr, $args:expr) => {
         &[
@@ -288,6 +289,7 @@ macro_rules! linux_beside_modem {
             manifest($dir, $manifest),
             component("echo"),
             component("modem"),
+            component("rtc"),
             component("vmm"),
             LINUX_KERNEL,
             LINUX_INITRAMFS,
@@ -597,6 +599,9 @@ const LINUX_CHECKS: &[Expect] = &[
     all("MOAT-CHECK blk-persist ok"),
     all("MOAT-CHECK cpu-hypervisor ok"),
     all("MOAT-CHECK clocksource ok kvm-clock"),
+    all("MOAT-CHECK cpu-features ok mce mca mtrr arat"),
+    all("MOAT-CHECK cpu-msrs ok"),
+    all("MOAT-CHECK clock ok date="),
     all("MOAT-CHECK virtio-console ok"),
     all("MOAT-CHECK virtio-block ok"),
     all("MOAT-CHECK virtio-net ok"),
@@ -620,7 +625,7 @@ const LINUX_CHECKS: &[Expect] = &[
 
 /// [`LINUX_CHECKS`] up to `/init`'s verdict, for a guest that then waits
 /// in a shell (`moat.shell=1`, as `cargo xtask run` boots it).
-const LINUX_INIT_CHECKS: &[Expect] = LINUX_CHECKS.split_at(26).0;
+const LINUX_INIT_CHECKS: &[Expect] = LINUX_CHECKS.split_at(29).0;
 
 /// Two CPUs, both online with their virtualization on and their timers
 /// ticking, the root task running, and the second CPU still ticking at
@@ -1507,6 +1512,7 @@ pub const TESTS: &[SysTest] = &[
         forbid: &["FAIL", "roottask: component 'linux' faulted"],
         stop: Stop::WhenDecided,
         memory_mib: 1024,
+        check: Some(linux_check),
         // Boot, checks and a reboot: 280 s on Bochs alone, past its 300 s
         // limit beside another Bochs run (and 45-65 s of QEMU's 60).
         slow: 2,
@@ -1721,6 +1727,7 @@ pub const TESTS: &[SysTest] = &[
         expect: LINUX_INIT_CHECKS,
         forbid: &["FAIL", "roottask: component 'linux' faulted"],
         stop: Stop::WhenDecided,
+        check: Some(console_guest_check),
         // On Bochs a guest that owns the console (`console-input`: COM1 to
         // the VMM) prints its first line only after ~100 s of guest time,
         // and in 2 of 2 full runs one of the two examples met the known
@@ -1886,6 +1893,93 @@ const HOSTILE_CMDLINES: [(&str, &str, &str); 2] = [
         "hostile: done, 100000 actions (seed 0xbad5eed)",
     ),
 ];
+
+/// The Linux guest's clock against the machine's RTC as Moat's clock
+/// driver read it at boot (`rtc: serving `clock`, Unix time N`) and the
+/// host's time now: the RTC is the host's time (the emulator started
+/// within the hour), and the guest's date, `uptime` seconds into its
+/// boot, is at least that much past it and not past now.
+fn clock_part(output: &str) -> Part {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Part {
+        name: "clock".to_string(),
+        result: judge_clock(output, now),
+    }
+}
+
+/// Seconds of slack: the RTC counts whole seconds, and the VMM reads it
+/// once.
+const CLOCK_SLACK: u64 = 5;
+
+fn judge_clock(output: &str, now: u64) -> Result<String, String> {
+    let number_after = |marker: &str| -> Option<u64> {
+        let line = output.lines().rev().find(|l| l.contains(marker))?;
+        let rest = &line[line.find(marker)? + marker.len()..];
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    let rtc = number_after("rtc: serving `clock`, Unix time ")
+        .ok_or("no `rtc: serving `clock`` line with the machine's time")?;
+    let date = number_after("MOAT-CHECK clock ok date=").ok_or("no clock check with a date")?;
+    let uptime = number_after(" uptime=").ok_or("no uptime in the clock check")?;
+    if rtc > now + CLOCK_SLACK || rtc + 3600 < now {
+        return Err(format!(
+            "the machine's RTC read {rtc}, the host's time is {now}: not the host's time"
+        ));
+    }
+    if date + CLOCK_SLACK < rtc + uptime || date > now + CLOCK_SLACK {
+        return Err(format!(
+            "the guest's date {date} ({uptime} s into its boot) is not between the machine's \
+             RTC at boot plus that ({}) and the host's time now ({now})",
+            rtc + uptime
+        ));
+    }
+    Ok(format!(
+        "guest date {date}, machine RTC at boot {rtc}, guest uptime {uptime} s, host now {now}"
+    ))
+}
+
+/// `/init`'s `MOAT-ANSI` line: raw escape sequences (`raw`) or as the
+/// kernel sanitises them.
+fn ansi_part(output: &str, raw: bool) -> Part {
+    const RAW: &str = "MOAT-ANSI \x1b[1;32mgreen\x1b[0m";
+    const SANITISED: &str = "MOAT-ANSI ?[1;32mgreen?[0m";
+    let (want, other) = if raw {
+        (RAW, SANITISED)
+    } else {
+        (SANITISED, RAW)
+    };
+    Part {
+        name: if raw {
+            "console-raw"
+        } else {
+            "console-sanitised"
+        }
+        .to_string(),
+        result: if output.contains(want) {
+            Ok(format!("{want:?}"))
+        } else if output.contains(other) {
+            Err(format!("found {other:?}, want {want:?}"))
+        } else {
+            Err("no MOAT-ANSI line".to_string())
+        },
+    }
+}
+
+/// `linux`: a VMM without the console UART, so its guest's output is
+/// sanitised; the clock.
+fn linux_check(output: &str) -> Vec<Part> {
+    vec![clock_part(output), ansi_part(output, false)]
+}
+
+/// A guest that owns the console: its bytes reach the terminal raw.
+fn console_guest_check(output: &str) -> Vec<Part> {
+    vec![clock_part(output), ansi_part(output, true)]
+}
 
 /// Per hostile guest: its start line with the seed, every action done,
 /// its canary intact, and its VMM's report of the triple fault; and the
@@ -2593,6 +2687,33 @@ fn execute(job: &Job<'_>) -> RunResult {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_guest_clock_is_judged_against_the_rtc_and_now() {
+        let log = |rtc: u64, date: u64, up: u64| {
+            format!(
+                "rtc: serving `clock`, Unix time {rtc}\r\n\
+                 MOAT-CHECK clock ok date={date} rtc={date} uptime={up}\r\n"
+            )
+        };
+        let now = 1_800_000_000;
+        assert!(judge_clock(&log(now - 40, now - 2, 30), now).is_ok());
+        // A fixed epoch of the past, a clock that did not run, one ahead.
+        assert!(judge_clock(&log(now - 40, 1_764_000_000, 30), now).is_err());
+        assert!(judge_clock(&log(now - 40, now - 40, 30), now).is_err());
+        assert!(judge_clock(&log(now - 40, now + 60, 30), now).is_err());
+        // The machine's RTC is not the host's time.
+        assert!(judge_clock(&log(1_764_000_000, 1_764_000_040, 30), now).is_err());
+        assert!(judge_clock("nothing", now).is_err());
+        let part = ansi_part("MOAT-ANSI \x1b[1;32mgreen\x1b[0m\r\n", true);
+        assert!(part.result.is_ok());
+        assert!(ansi_part("MOAT-ANSI ?[1;32mgreen?[0m\n", true)
+            .result
+            .is_err());
+        assert!(ansi_part("MOAT-ANSI ?[1;32mgreen?[0m\n", false)
+            .result
+            .is_ok());
+    }
     use super::*;
 
     #[test]

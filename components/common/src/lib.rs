@@ -8,6 +8,7 @@
 
 pub mod args;
 pub mod blk;
+pub mod cmos;
 pub mod fuzz;
 pub mod lend;
 pub mod modem;

@@ -150,7 +150,16 @@ pub mod flags {
     /// `create_pd` with `VM`: the guest IPC hypercall may be made from
     /// guest CPL 3 too (otherwise only from CPL 0-2).
     pub const USER_HYPERCALLS: u8 = 1 << 4;
+    /// `console_write`: the bytes go to the console as they are (escape
+    /// sequences, `\r`, backspace), not sanitised; only for a PD that
+    /// holds the console UART's data port ([`CONSOLE_PORT`]).
+    pub const RAW: u8 = 1 << 5;
 }
+
+/// COM1's data port: holding it (`IO_ACCESS`) is what lets a PD write raw
+/// bytes with `console_write` and `flags::RAW` — it could drive the UART
+/// itself anyway.
+pub const CONSOLE_PORT: u64 = 0x3f8;
 
 /// The decoded `rax` of a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -6,8 +6,8 @@ use crate::console;
 use crate::ec::Resume;
 use crate::kernel::{EcId, Kernel, Range, Stopped, PREEMPT_EVERY};
 use moat_abi::{
-    flags, rights, Call, CallWord, ExceptionMessage, Space, Status, CONSOLE_WRITE_MAX, EXIT_VECTOR,
-    PAGE_SIZE,
+    flags, rights, Call, CallWord, ExceptionMessage, Space, Status, CONSOLE_PORT,
+    CONSOLE_WRITE_MAX, EXIT_VECTOR, PAGE_SIZE,
 };
 use moat_kernel::cap::{Rights, SlotRef};
 use moat_kernel::paging::MapFlags;
@@ -51,7 +51,10 @@ impl Kernel {
         let nonblock = word.flags & flags::NONBLOCK != 0;
         let status: Option<Status> = match Call::try_from(word.number) {
             Err(status) => Some(status),
-            Ok(Call::ConsoleWrite) => Some(self.console_write(pd, args[0], args[1])),
+            Ok(Call::ConsoleWrite) => {
+                let raw = word.flags & flags::RAW != 0;
+                Some(self.console_write(pd, args[0], args[1], raw))
+            }
             Ok(Call::Exit) => {
                 let message = ExceptionMessage {
                     vector: EXIT_VECTOR,
@@ -153,7 +156,13 @@ impl Kernel {
         }
     }
 
-    fn console_write(&self, pd: crate::kernel::PdId, address: u64, len: u64) -> Status {
+    /// `raw`: as they are, for a PD that holds the console UART's data
+    /// port; otherwise control characters become `?`, so no component
+    /// garbles the kernel's log with terminal control sequences.
+    fn console_write(&self, pd: crate::kernel::PdId, address: u64, len: u64, raw: bool) -> Status {
+        if raw && !self.holds_console_port(pd) {
+            return Status::InsufficientRights;
+        }
         let Ok(len) = usize::try_from(len) else {
             return Status::BadParameter;
         };
@@ -165,14 +174,34 @@ impl Kernel {
         if !self.copy_from_user(pd, address, buffer) {
             return Status::BadAddress;
         }
-        // No terminal control sequences from user space on the console.
+        if raw {
+            console::write_raw(buffer);
+            return Status::Success;
+        }
         for byte in buffer.iter_mut() {
             if (*byte < 0x20 && !matches!(*byte, b'\n' | b'\t')) || *byte == 0x7f {
                 *byte = b'?';
             }
         }
-        console::write_raw(buffer);
+        console::write_text(buffer);
         Status::Success
+    }
+
+    /// Whether `pd` may drive the console UART itself: it holds its data
+    /// port (or, as the root task, every port).
+    fn holds_console_port(&self, pd: crate::kernel::PdId) -> bool {
+        if self.pds.get(pd).is_some_and(|p| p.all_io) {
+            return true;
+        }
+        let Ok(space) = self.space_of(pd, Space::Io) else {
+            return false;
+        };
+        self.caps
+            .lookup_with(
+                SlotRef::new(space, CONSOLE_PORT),
+                Rights::from_bits_retain(rights::IO_ACCESS),
+            )
+            .is_ok()
     }
 
     /// Copies from `pd`'s memory; false if a byte is not user-readable.

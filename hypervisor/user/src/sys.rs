@@ -65,6 +65,14 @@ pub fn console_write(bytes: &[u8]) -> Result<(), Status> {
     simple(Call::ConsoleWrite, 0, 0, args)
 }
 
+/// Writes at most [`moat_abi::CONSOLE_WRITE_MAX`] bytes to the console as
+/// they are (`flags::RAW`): `InsufficientRights` unless this PD holds the
+/// console UART's data port ([`moat_abi::CONSOLE_PORT`]).
+pub fn console_write_raw(bytes: &[u8]) -> Result<(), Status> {
+    let args = [bytes.as_ptr() as u64, bytes.len() as u64, 0, 0, 0, 0];
+    simple(Call::ConsoleWrite, flags::RAW, 0, args)
+}
+
 /// Ends the calling EC; its exception portal's handler sees an exception
 /// message with vector [`moat_abi::EXIT_VECTOR`] and `code`.
 pub fn exit(code: i64) -> ! {
