@@ -867,29 +867,26 @@ impl Kernel {
     }
 
     /// Who runs next on this CPU: the current EC, or the head of its run
-    /// queue.
-    pub fn pick(&mut self) -> Option<EcId> {
+    /// queue; and whether it runs a vCPU (one lookup for both).
+    pub fn pick(&mut self) -> Option<(EcId, bool)> {
         let me = self.me % MAX_CPUS;
         if let Some(current) = self.cpus[me].current {
-            if self
-                .ecs
-                .get(current)
-                .is_some_and(|e| e.state == EcState::Running && e.sc.is_some())
-            {
-                return Some(current);
+            if let Some(e) = self.ecs.get(current) {
+                if e.state == EcState::Running && e.sc.is_some() {
+                    return Some((current, e.vcpu.is_some()));
+                }
             }
             self.cpus[me].current = None;
         }
         while let Some((sc, _)) = self.cpus[me].run.pick() {
             let holder = self.scs.get(sc).and_then(|s| s.holder);
             if let Some(ec) = holder {
-                if self
-                    .ecs
-                    .get(ec)
-                    .is_some_and(|e| e.state == EcState::Running && e.sc == Some(sc))
-                {
-                    self.cpus[me].current = Some(ec);
-                    return Some(ec);
+                if let Some(e) = self.ecs.get(ec) {
+                    if e.state == EcState::Running && e.sc == Some(sc) {
+                        let vcpu = e.vcpu.is_some();
+                        self.cpus[me].current = Some(ec);
+                        return Some((ec, vcpu));
+                    }
                 }
             }
         }

@@ -41,11 +41,11 @@ fn next(mut guard: Guard<'_>) -> Option<*const TrapFrame> {
         // What this CPU did may have revoked what others still cache; and
         // this CPU is off the register areas of ECs destroyed meanwhile.
         kernel.before_leaving();
-        let Some(ec) = kernel.pick() else {
+        let Some((ec, vcpu)) = kernel.pick() else {
             kernel.cpus[kernel.me % moat_kernel::smp::MAX_CPUS].entered = None;
             return None;
         };
-        if kernel.ecs.get(ec).is_some_and(|e| e.vcpu.is_some()) {
+        if vcpu {
             match kernel.vcpu_step(ec) {
                 Step::ToUser => {}
                 Step::Enter(run) => {
