@@ -61,6 +61,9 @@ pub enum Benchmark {
     Exits,
     /// Slow: boots Linux twice per emulator and run.
     Linux,
+    /// Many CPUs: IPC throughput with one pair per CPU on 1, 2 and 4 CPUs,
+    /// and the cross-CPU wake-up (QEMU multi-threaded TCG, wall clock).
+    Smp,
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -226,6 +226,151 @@ component ping
 "
 );
 
+/// `cargo xtask bench smp`: one `echo`/`ping` pair per CPU on the first N
+/// CPUs, each pair on its own CPU, all at once (`ping throughput`).
+pub const BENCH_SMP1: &str = "\
+component echo0
+    module echo
+    priority 20
+    cpu 0
+    memory 256K
+    quota 64K
+    provides echo0
+    args service=echo0
+component ping0
+    module ping
+    priority 10
+    cpu 0
+    memory 512K
+    quota 64K
+    uses echo0 at 20
+    args throughput calls=50000 cpu=0
+";
+pub const BENCH_SMP2: &str = concat!(
+    "\
+component echo0
+    module echo
+    priority 20
+    cpu 0
+    memory 256K
+    quota 64K
+    provides echo0
+    args service=echo0
+component ping0
+    module ping
+    priority 10
+    cpu 0
+    memory 512K
+    quota 64K
+    uses echo0 at 20
+    args throughput calls=50000 cpu=0
+",
+    "\
+component echo1
+    module echo
+    priority 20
+    cpu 1
+    memory 256K
+    quota 64K
+    provides echo1
+    args service=echo1
+component ping1
+    module ping
+    priority 10
+    cpu 1
+    memory 512K
+    quota 64K
+    uses echo1 at 20
+    args throughput calls=50000 cpu=1
+"
+);
+pub const BENCH_SMP4: &str = concat!(
+    "\
+component echo0
+    module echo
+    priority 20
+    cpu 0
+    memory 256K
+    quota 64K
+    provides echo0
+    args service=echo0
+component ping0
+    module ping
+    priority 10
+    cpu 0
+    memory 512K
+    quota 64K
+    uses echo0 at 20
+    args throughput calls=50000 cpu=0
+",
+    "\
+component echo1
+    module echo
+    priority 20
+    cpu 1
+    memory 256K
+    quota 64K
+    provides echo1
+    args service=echo1
+component ping1
+    module ping
+    priority 10
+    cpu 1
+    memory 512K
+    quota 64K
+    uses echo1 at 20
+    args throughput calls=50000 cpu=1
+",
+    "\
+component echo2
+    module echo
+    priority 20
+    cpu 2
+    memory 256K
+    quota 64K
+    provides echo2
+    args service=echo2
+component ping2
+    module ping
+    priority 10
+    cpu 2
+    memory 512K
+    quota 64K
+    uses echo2 at 20
+    args throughput calls=50000 cpu=2
+",
+    "\
+component echo3
+    module echo
+    priority 20
+    cpu 3
+    memory 256K
+    quota 64K
+    provides echo3
+    args service=echo3
+component ping3
+    module ping
+    priority 10
+    cpu 3
+    memory 512K
+    quota 64K
+    uses echo3 at 20
+    args throughput calls=50000 cpu=3
+"
+);
+
+/// `cargo xtask bench smp`: the cross-CPU semaphore wake-up, from CPU 0 to
+/// an EC of the same PD on CPU 1.
+pub const BENCH_SMP_WAKEUP: &str = "\
+component ping
+    module ping
+    priority 10
+    cpu 0
+    memory 512K
+    quota 64K
+    args wakeup-cpu=1 iterations=2000 cpu=0
+";
+
 /// `testvmm` in bench mode: CPUID exits, guest IPC hypercalls to `echo`
 /// and native calls to `echo`, measured in one run.
 pub const BENCH_EXITS: &str = concat!(
@@ -677,6 +822,10 @@ mod tests {
         FUZZER_LONG,
         QUOTA,
         BENCH_IPC,
+        BENCH_SMP1,
+        BENCH_SMP2,
+        BENCH_SMP4,
+        BENCH_SMP_WAKEUP,
         BENCH_EXITS,
         TESTVM,
         SMP_IPC,

@@ -2074,6 +2074,72 @@ pub static BENCH_IPC: SysTest = SysTest {
     ..BASE
 };
 
+macro_rules! bench_smp_test {
+    ($name:literal, $cpus:literal, $modules:expr, $expect:expr) => {
+        SysTest {
+            name: $name,
+            modules: $modules,
+            expect: $expect,
+            slow: 4,
+            forbid: &["ping: FAIL", "echo: FAIL", "faulted", "is not online"],
+            stop: Stop::WhenDecided,
+            cpus: $cpus,
+            // Multi-threaded TCG, no -icount: the CPUs run at once, as
+            // host threads, and the TSC follows the host's clock.
+            qemu_args: &[],
+            ..BASE
+        }
+    };
+}
+
+/// `cargo xtask bench smp`: one echo/ping pair per CPU on 1, 2 and 4 CPUs,
+/// and the cross-CPU wake-up.
+pub static BENCH_SMP: [SysTest; 4] = [
+    bench_smp_test!(
+        "bench_smp1",
+        1,
+        &[
+            ROOTTASK,
+            manifest("bench_smp1", manifests::BENCH_SMP1),
+            component("echo"),
+            component("ping"),
+        ],
+        &[all("roottask: all components done")]
+    ),
+    bench_smp_test!(
+        "bench_smp2",
+        2,
+        &[
+            ROOTTASK,
+            manifest("bench_smp2", manifests::BENCH_SMP2),
+            component("echo"),
+            component("ping"),
+        ],
+        &[all("roottask: all components done")]
+    ),
+    bench_smp_test!(
+        "bench_smp4",
+        4,
+        &[
+            ROOTTASK,
+            manifest("bench_smp4", manifests::BENCH_SMP4),
+            component("echo"),
+            component("ping"),
+        ],
+        &[all("roottask: all components done")]
+    ),
+    bench_smp_test!(
+        "bench_smp_wakeup",
+        2,
+        &[
+            ROOTTASK,
+            manifest("bench_smp_wakeup", manifests::BENCH_SMP_WAKEUP),
+            component("ping"),
+        ],
+        &[all("bench smp wakeup ")]
+    ),
+];
+
 /// `cargo xtask bench exits`: `testvmm` in bench mode (see its `bench.rs`).
 pub static BENCH_EXITS: SysTest = SysTest {
     name: "bench_exits",
