@@ -226,137 +226,56 @@ component ping
 "
 );
 
+/// One `echo`/`ping` pair of `cargo xtask bench smp`, both on CPU `$k`.
+macro_rules! bench_smp_pair {
+    ($k:literal) => {
+        concat!(
+            "component echo",
+            $k,
+            "
+    module echo
+    priority 20
+    cpu ",
+            $k,
+            "
+    memory 256K
+    quota 64K
+    provides echo",
+            $k,
+            "
+    args service=echo",
+            $k,
+            "
+component ping",
+            $k,
+            "
+    module ping
+    priority 10
+    cpu ",
+            $k,
+            "
+    memory 512K
+    quota 64K
+    uses echo",
+            $k,
+            " at 20
+    args throughput calls=50000 cpu=",
+            $k,
+            "
+"
+        )
+    };
+}
+
 /// `cargo xtask bench smp`: one `echo`/`ping` pair per CPU on the first N
 /// CPUs, each pair on its own CPU, all at once (`ping throughput`).
-pub const BENCH_SMP1: &str = "\
-component echo0
-    module echo
-    priority 20
-    cpu 0
-    memory 256K
-    quota 64K
-    provides echo0
-    args service=echo0
-component ping0
-    module ping
-    priority 10
-    cpu 0
-    memory 512K
-    quota 64K
-    uses echo0 at 20
-    args throughput calls=50000 cpu=0
-";
-pub const BENCH_SMP2: &str = concat!(
-    "\
-component echo0
-    module echo
-    priority 20
-    cpu 0
-    memory 256K
-    quota 64K
-    provides echo0
-    args service=echo0
-component ping0
-    module ping
-    priority 10
-    cpu 0
-    memory 512K
-    quota 64K
-    uses echo0 at 20
-    args throughput calls=50000 cpu=0
-",
-    "\
-component echo1
-    module echo
-    priority 20
-    cpu 1
-    memory 256K
-    quota 64K
-    provides echo1
-    args service=echo1
-component ping1
-    module ping
-    priority 10
-    cpu 1
-    memory 512K
-    quota 64K
-    uses echo1 at 20
-    args throughput calls=50000 cpu=1
-"
-);
+pub const BENCH_SMP1: &str = bench_smp_pair!(0);
+pub const BENCH_SMP2: &str = concat!(bench_smp_pair!(0), bench_smp_pair!(1));
 pub const BENCH_SMP4: &str = concat!(
-    "\
-component echo0
-    module echo
-    priority 20
-    cpu 0
-    memory 256K
-    quota 64K
-    provides echo0
-    args service=echo0
-component ping0
-    module ping
-    priority 10
-    cpu 0
-    memory 512K
-    quota 64K
-    uses echo0 at 20
-    args throughput calls=50000 cpu=0
-",
-    "\
-component echo1
-    module echo
-    priority 20
-    cpu 1
-    memory 256K
-    quota 64K
-    provides echo1
-    args service=echo1
-component ping1
-    module ping
-    priority 10
-    cpu 1
-    memory 512K
-    quota 64K
-    uses echo1 at 20
-    args throughput calls=50000 cpu=1
-",
-    "\
-component echo2
-    module echo
-    priority 20
-    cpu 2
-    memory 256K
-    quota 64K
-    provides echo2
-    args service=echo2
-component ping2
-    module ping
-    priority 10
-    cpu 2
-    memory 512K
-    quota 64K
-    uses echo2 at 20
-    args throughput calls=50000 cpu=2
-",
-    "\
-component echo3
-    module echo
-    priority 20
-    cpu 3
-    memory 256K
-    quota 64K
-    provides echo3
-    args service=echo3
-component ping3
-    module ping
-    priority 10
-    cpu 3
-    memory 512K
-    quota 64K
-    uses echo3 at 20
-    args throughput calls=50000 cpu=3
-"
+    bench_smp_pair!(0),
+    bench_smp_pair!(1),
+    bench_smp_pair!(2),
+    bench_smp_pair!(3)
 );
 
 /// `cargo xtask bench smp`: the cross-CPU semaphore wake-up, from CPU 0 to
@@ -805,7 +724,7 @@ component ticker
 mod tests {
     use super::*;
 
-    const ALL: [&str; 25] = [
+    const ALL: [&str; 29] = [
         STALL,
         IPC_PINGPONG,
         SUPERVISION,
