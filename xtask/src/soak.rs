@@ -93,6 +93,14 @@ fn position(serial: &str, needle: &str) -> Option<usize> {
     serial.find(needle)
 }
 
+/// The frames a run of summaries covers (each reports 1000).
+fn span_frames(window: &[Report]) -> u64 {
+    match (window.first(), window.last()) {
+        (Some(first), Some(last)) => last.frames.saturating_sub(first.frames) + 1000,
+        _ => 0,
+    }
+}
+
 /// The frames the modem had counted by `at` (its last summary before).
 fn frames_at(reports: &[Report], at: usize) -> u64 {
     reports
@@ -153,10 +161,7 @@ pub fn figures(serial: &str) -> Option<Figures> {
         seconds,
         finished: done.is_some(),
         summaries: window.len(),
-        frames: match (window.first(), window.last()) {
-            (Some(first), Some(last)) => last.frames - first.frames + 1000,
-            _ => 0,
-        },
+        frames: span_frames(&window),
         missed: window.iter().map(|r| r.last_missed).sum(),
         worst_jitter_us: window.iter().map(|r| r.last_worst_us).fold(0.0, f64::max),
         heartbeats: beats.len(),
@@ -181,19 +186,17 @@ pub fn judge(serial: &str, emu: Emulator) -> Vec<Part> {
             result: Err(format!("no `{START}` line: the load never started")),
         }];
     };
-    let limit = jitter_limit_us(emu);
     // Every second of load has its summary, but for the ones cut at
     // either end.
     let want_summaries = (f.seconds as f64 / SUMMARY_SECS) as usize - 2;
-    let modem = format!(
-        "{} summaries, frames {}, missed {}, worst jitter {:.3} us (limit {limit} us)",
-        f.summaries, f.frames, f.missed, f.worst_jitter_us
+    let modem = judge_modem(
+        f.summaries,
+        f.frames,
+        f.missed,
+        f.worst_jitter_us,
+        want_summaries,
+        emu,
     );
-    let modem = if f.summaries >= want_summaries && f.missed == 0 && f.worst_jitter_us <= limit {
-        Ok(modem)
-    } else {
-        Err(format!("{modem}; want at least {want_summaries} summaries"))
-    };
     let want_beats = (f.seconds / 5).saturating_sub(1) as usize;
     let stalls = format!(
         "{} heartbeats, longest gap {:.0} s by the modem's clock ({} s by the guest's), \
@@ -228,6 +231,49 @@ pub fn judge(serial: &str, emu: Emulator) -> Vec<Part> {
         result,
     })
     .collect()
+}
+
+/// The modem's deadlines over a stretch of a run: at least `want`
+/// summaries (it ran throughout), no missed frame, the worst jitter
+/// within [`jitter_limit_us`].
+pub fn judge_modem(
+    summaries: usize,
+    frames: u64,
+    missed: u64,
+    worst_us: f64,
+    want: usize,
+    emu: Emulator,
+) -> std::result::Result<String, String> {
+    let limit = jitter_limit_us(emu);
+    let text = format!(
+        "{summaries} summaries, frames {frames}, missed {missed}, worst jitter {worst_us:.3} us \
+         (limit {limit} us)"
+    );
+    if summaries >= want && missed == 0 && worst_us <= limit {
+        Ok(text)
+    } else {
+        Err(format!("{text}; want at least {want} summaries"))
+    }
+}
+
+/// The modem over the summaries after `from` up to the first after `to`.
+pub fn judge_modem_between(
+    serial: &str,
+    from: usize,
+    to: usize,
+    want: usize,
+    emu: Emulator,
+) -> std::result::Result<String, String> {
+    let window = demo::covering(&demo::reports(serial), from, to);
+    let frames = span_frames(&window);
+    judge_modem(
+        window.len(),
+        frames,
+        window.iter().map(|r| r.last_missed).sum(),
+        window.iter().map(|r| r.last_worst_us).fold(0.0, f64::max),
+        want,
+        emu,
+    )
 }
 
 /// For the system test `soak_short` (QEMU).
