@@ -277,9 +277,9 @@ impl Machine {
         let refused = |tally: &mut Tally, what: &'static str| {
             *tally.refused.entry(what).or_default() += 1;
         };
-        // SAFETY (every routine below): each makes one access of the kind
-        // its name says and touches no memory of this process but the
-        // mapped device page given or `regs`; a fault returns FAULTED.
+        // Every routine below makes one access of the kind its name says
+        // and touches no memory of this process but the mapped device page
+        // given or `regs`; a fault returns FAULTED (`on_signal`).
         match access {
             Access::PortRead { port, size } => {
                 if size == 1 && n % 2 == 1 {
@@ -290,6 +290,8 @@ impl Machine {
                     return self.after(tally);
                 }
                 let port = u32::from(port);
+                // SAFETY: the routine makes one access of its kind and
+                // touches no memory of this process (`regs` aside).
                 unsafe {
                     match size {
                         1 => hostile_in8(port),
@@ -310,6 +312,8 @@ impl Machine {
                     return self.after(tally);
                 }
                 let port = u32::from(port);
+                // SAFETY: the routine makes one access of its kind and
+                // touches no memory of this process (`regs` aside).
                 unsafe {
                     match size {
                         1 => hostile_out8(port, value),
@@ -319,6 +323,8 @@ impl Machine {
                 };
             }
             Access::MmioRead { addr, size } => match self.mem.at(addr) {
+                // SAFETY: `at` lies in the two device pages mapped for it;
+                // the routine makes one access there (a fault returns).
                 Ok(at) => unsafe {
                     match size {
                         1 => hostile_load8(at),
@@ -330,6 +336,8 @@ impl Machine {
                 Err(_) => refused(tally, "mmio"),
             },
             Access::MmioWrite { addr, size, value } => match self.mem.at(addr) {
+                // SAFETY: `at` lies in the two device pages mapped for it;
+                // the routine makes one access there (a fault returns).
                 Ok(at) => unsafe {
                     match size {
                         1 => hostile_store8(at, value),
@@ -341,6 +349,8 @@ impl Machine {
                 Err(_) => refused(tally, "mmio"),
             },
             Access::Cpuid { leaf, subleaf } => {
+                // SAFETY: the routine makes one access of its kind and
+                // touches no memory of this process (`regs` aside).
                 unsafe { hostile_cpuid(leaf, subleaf) };
             }
             Access::MsrRead { msr } => {
@@ -354,6 +364,8 @@ impl Machine {
                 let mut regs = [
                     rax, words[0], words[1], words[2], words[3], words[4], words[5],
                 ];
+                // SAFETY: the routine makes one access of its kind and
+                // touches no memory of this process (`regs` aside).
                 let status = unsafe {
                     match self.insn {
                         Insn::Vmcall => hostile_vmcall(&mut regs),
