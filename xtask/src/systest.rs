@@ -1155,7 +1155,7 @@ pub const TESTS: &[SysTest] = &[
         expect: &[
             all("borrower: read the lent page"),
             all("borrower: revoking while the reader on cpu 1 reads"),
-            all("lender: revoked the lent page"),
+            all("lender: revoking the lent page"),
             all("roottask: component 'borrower' faulted: #PF"),
         ],
         forbid: &["borrower: FAIL", "lender: FAIL", "is not online"],
