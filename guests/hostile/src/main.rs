@@ -77,6 +77,9 @@ extern "C" {
     fn hostile_vmcall(ctx: *mut Ctx);
     fn hostile_vmmcall(ctx: *mut Ctx);
     fn hostile_user(ctx: *mut Ctx);
+    fn hostile_monitor(ctx: *mut Ctx);
+    fn hostile_mwait(ctx: *mut Ctx);
+    fn hostile_rdtscp(ctx: *mut Ctx);
     /// Loads the GDT, TSS, IDT and CR3 the guest built.
     fn hostile_load_tables(
         gdtr: *const DescriptorPointer,
@@ -508,6 +511,19 @@ extern "C" fn hostile_main(zero_page: u64) -> ! {
             d.common.base
         );
     }
+    let not_offered = [hostile_monitor as Routine, hostile_mwait, hostile_rdtscp].map(|routine| {
+        match guarded(routine, &mut Ctx::default()) {
+            Some(6) => "#UD",
+            Some(_) => "another exception",
+            None => "ran",
+        }
+    });
+    say!(
+        "hostile: not offered: monitor {}, mwait {}, rdtscp {}",
+        not_offered[0],
+        not_offered[1],
+        not_offered[2]
+    );
     canary_bytes(config.seed, ram(CANARY, CANARY_LEN));
 
     let mut exec = Executor {
@@ -770,6 +786,11 @@ global_asm!(
     "hostile_write16: mov rsi, [rdi + 40]", "    mov rax, [rdi]", "    mov word ptr [rsi], ax", "    ret",
     "hostile_write32: mov rsi, [rdi + 40]", "    mov rax, [rdi]", "    mov dword ptr [rsi], eax", "    ret",
     "hostile_write64: mov rsi, [rdi + 40]", "    mov rax, [rdi]", "    mov qword ptr [rsi], rax", "    ret",
+    // Instructions the CPU model does not offer (CPUID): each must #UD.
+    ".globl hostile_monitor, hostile_mwait, hostile_rdtscp",
+    "hostile_monitor: mov rax, rdi", "    xor ecx, ecx", "    xor edx, edx", "    monitor", "    ret",
+    "hostile_mwait: xor eax, eax", "    xor ecx, ecx", "    mwait", "    ret",
+    "hostile_rdtscp: rdtscp", "    mov [rdi], rax", "    ret",
     ".globl hostile_rdmsr, hostile_wrmsr, hostile_cpuid",
     "hostile_rdmsr: mov rcx, [rdi + 16]", "    rdmsr", "    mov [rdi], rax", "    mov [rdi + 24], rdx", "    ret",
     "hostile_wrmsr: mov rcx, [rdi + 16]", "    mov rax, [rdi]", "    mov rdx, [rdi + 24]", "    wrmsr", "    ret",

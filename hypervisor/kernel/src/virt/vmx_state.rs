@@ -161,8 +161,12 @@ pub fn setup(caps: &VmxCapabilities) -> Result<VmxSetup, SetupError> {
     } else {
         PrimaryControls::CR8_LOAD_EXITING | PrimaryControls::CR8_STORE_EXITING
     };
+    // MONITOR and MWAIT exit (not offered to guests: the VMM answers #UD);
+    // RDTSCP raises #UD in the guest by itself, "enable RDTSCP" being off.
     let primary = choose(
         (PrimaryControls::HLT_EXITING
+            | PrimaryControls::MWAIT_EXITING
+            | PrimaryControls::MONITOR_EXITING
             | PrimaryControls::USE_IO_BITMAPS
             | PrimaryControls::USE_MSR_BITMAPS
             | PrimaryControls::ACTIVATE_SECONDARY_CONTROLS

@@ -156,7 +156,14 @@ impl SvmVcpu {
                 | InterceptMisc2::STGI
                 | InterceptMisc2::CLGI
                 | InterceptMisc2::SKINIT
-                | InterceptMisc2::XSETBV,
+                | InterceptMisc2::XSETBV
+                // Not offered to guests (CPUID): they exit, and the VMM
+                // answers #UD — RDTSCP would read the host's TSC_AUX,
+                // MWAIT would wait on the host's monitor.
+                | InterceptMisc2::RDTSCP
+                | InterceptMisc2::MONITOR
+                | InterceptMisc2::MWAIT
+                | InterceptMisc2::MWAIT_ARMED,
         );
         v.set(control::IOPM_BASE_PA, iopm);
         v.set(control::MSRPM_BASE_PA, msrpm);
