@@ -76,7 +76,7 @@ impl ServiceDisk {
     fn failed(&mut self, what: &str, sector: u64, error: blk_client::Error) -> IoError {
         self.errors = self.errors.saturating_add(1);
         if self.errors <= MAX_ERRORS_LOGGED {
-            println!("vmm: disk: {what} at sector {sector} failed: {error:?}");
+            println!("vmm: disk error: {what} at sector {sector}: {error:?}");
         }
         IoError
     }

@@ -313,6 +313,38 @@ macro_rules! linux_beside_modem {
 /// The Linux guest's boot modules.
 const LINUX_MODULES: &[ModuleSpec] = linux_beside_modem!("linux", manifests::LINUX, LINUX_ARGS);
 
+/// The Linux guest on the block service (test `vmm_blk`): the test disk
+/// image is QEMU's drive, not a module the VMM copies; `/init` keeps its
+/// `moat.persist` mark at sector 1100 (past its disk checks' sectors).
+const VMM_BLK_MODULES: &[ModuleSpec] = &[
+    ROOTTASK,
+    manifest("vmm_blk", manifests::VMM_BLK),
+    component("echo"),
+    component("modem"),
+    component("rtc"),
+    component("vmm"),
+    component("blk"),
+    component("blktest"),
+    LINUX_KERNEL,
+    LINUX_INITRAMFS,
+    ModuleSpec {
+        name: "disk.img",
+        content: Content::Linux(LinuxFile::Disk { dir: "vmm_blk" }),
+        args: &[],
+    },
+    ModuleSpec {
+        name: "cmdline",
+        content: Content::Linux(LinuxFile::Cmdline {
+            args: concat!(
+                "console=ttyS0 panic=-1 moat.modem=1 moat.ipc=20 moat.persist=",
+                1100
+            ),
+            dir: "vmm_blk",
+        }),
+        args: &[],
+    },
+];
+
 /// The demo: the Linux guest in its demo mode (`moat.demo=1`) beside
 /// `echo` and a `modem` with fault injection, under a VMM that restarts
 /// it after a panic.
@@ -1302,6 +1334,47 @@ pub const TESTS: &[SysTest] = &[
         only_on: Some(Emulator::Qemu),
         ..BASE
     },
+    // The Linux guest's virtio disk is the block service's, on QEMU's
+    // virtio-blk device and the host's image file: /init's disk checks
+    // (and its reboot) through the service, its `moat.persist` data found
+    // on the image by the harness after the run and by the guest itself
+    // on a second boot of the machine; a native client beside it on the
+    // same device, kept to its own sectors.
+    SysTest {
+        name: "vmm_blk",
+        modules: VMM_BLK_MODULES,
+        kernel_args: &["pool=400"],
+        qemu_args: &[
+            "-machine",
+            "q35",
+            "-drive",
+            "if=none,file=target/systest/vmm_blk/disk.img,format=raw,id=d0",
+            "-device",
+            "virtio-blk-pci,drive=d0,disable-legacy=on,disable-modern=off",
+        ],
+        expect: LINUX_CHECKS,
+        forbid: &[
+            "FAIL",
+            "faulted",
+            "vmm: disk error",
+            "blk: a completion came without its interrupt",
+        ],
+        stop: Stop::WhenDecided,
+        memory_mib: 1024,
+        check: Some(vmm_blk_check),
+        second_boot: &[
+            all("vmm: disk from the block service: 1536 sectors"),
+            all("MOAT-CHECK disk-boot ok boot 3: found boot 2's data"),
+            all("MOAT-CHECK blk-persist ok"),
+            all("blktest: second boot read back what the first wrote"),
+            all("blktest: 8 bad requests refused"),
+            all("MOAT-INIT done checks="),
+            all("roottask: component 'linux' finished"),
+        ],
+        slow: 2,
+        only_on: Some(Emulator::Qemu),
+        ..BASE
+    },
     SysTest {
         name: "round_robin",
         modules: &[
@@ -1979,6 +2052,88 @@ fn linux_check(output: &str) -> Vec<Part> {
 /// A guest that owns the console: its bytes reach the terminal raw.
 fn console_guest_check(output: &str) -> Vec<Part> {
     vec![clock_part(output), ansi_part(output, true)]
+}
+
+/// `vmm_blk`: the guest's disk came from the block service and its flush
+/// reached it; the native client beside it kept to its own sectors; and
+/// the host's image file holds what the guest wrote last (its mark and
+/// the crc32 of its data, as `/init` reported them).
+fn vmm_blk_check(output: &str) -> Vec<Part> {
+    let mut parts = linux_check(output);
+    for (name, line) in [
+        ("service", "vmm: disk from the block service: 1536 sectors"),
+        (
+            "flush",
+            "vmm: disk: the guest's first flush reached the block service's device",
+        ),
+        (
+            "boot1",
+            "MOAT-CHECK disk-boot ok boot 1: no earlier boot's data",
+        ),
+        (
+            "boot2",
+            "MOAT-CHECK disk-boot ok boot 2: found boot 1's data",
+        ),
+        ("native", "blktest: wrote, flushed and read back 16 sectors"),
+        ("isolation", "blktest: 8 bad requests refused"),
+    ] {
+        parts.push(Part {
+            name: format!("vmm_blk/{name}"),
+            result: if output.contains(line) {
+                Ok(line.to_string())
+            } else {
+                Err(format!("missing '{line}'"))
+            },
+        });
+    }
+    let image = Path::new(SYSTEST_DIR).join("vmm_blk/disk.img");
+    parts.push(Part {
+        name: "vmm_blk/image".to_string(),
+        result: persisted_on_image(output, &image, VMM_BLK_PERSIST_SECTOR),
+    });
+    parts
+}
+
+/// The sector of `/init`'s `moat.persist` mark in test `vmm_blk`.
+const VMM_BLK_PERSIST_SECTOR: usize = 1100;
+
+/// Whether `image` holds what the guest's last `disk-boot` check says it
+/// wrote: the mark `MOAT-PERSIST BOOT CRC` at `sector`, and 8 sectors
+/// after it whose crc32 is CRC.
+fn persisted_on_image(output: &str, image: &Path, sector: usize) -> Result<String, String> {
+    const CHECK: &str = "MOAT-CHECK disk-boot ok boot ";
+    let line = output
+        .lines()
+        .filter_map(|l| l.split_once(CHECK).map(|(_, rest)| rest))
+        .last()
+        .ok_or("no disk-boot check in the output")?;
+    let boot = line.split(':').next().unwrap_or("");
+    let crc = line
+        .rsplit_once("; wrote crc32 ")
+        .map(|(_, crc)| crc.trim())
+        .ok_or_else(|| format!("no crc32 in '{line}'"))?;
+    let bytes = fs::read(image).map_err(|e| format!("cannot read {}: {e}", image.display()))?;
+    let at = sector * linux::SECTOR;
+    let data = bytes
+        .get(at + linux::SECTOR..at + 9 * linux::SECTOR)
+        .ok_or_else(|| format!("{} is too short", image.display()))?;
+    let mark = String::from_utf8_lossy(&bytes[at..at + linux::SECTOR]);
+    let mark = mark.lines().next().unwrap_or("");
+    let want = format!("MOAT-PERSIST {boot} {crc}");
+    let got = format!("{:08x}", linux::crc32(data));
+    if mark != want {
+        Err(format!(
+            "sector {sector} of the image holds '{mark}', not '{want}'"
+        ))
+    } else if got != crc {
+        Err(format!(
+            "the image's data after the mark has crc32 {got}, the guest wrote {crc}"
+        ))
+    } else {
+        Ok(format!(
+            "the image holds boot {boot}'s mark and data (crc32 {crc})"
+        ))
+    }
 }
 
 /// Per hostile guest: its start line with the seed, every action done,
