@@ -76,7 +76,6 @@ pub fn run(opts: &RunOpts) -> Result<ExitCode> {
                     Accel::Tcg
                 }
             };
-            let mut args = emu::qemu_args(&boot, accel, Serial::Stdio)?;
             if let Some(disk) = &plan.disk {
                 println!(
                     "run: guest '{}': its virtio disk is {} ({} MiB) through the block service",
@@ -84,9 +83,8 @@ pub fn run(opts: &RunOpts) -> Result<ExitCode> {
                     disk.path.display(),
                     disk.size >> 20
                 );
-                args.extend(disk.qemu_args());
             }
-            let mut cmd = emu::qemu_command(&args);
+            let mut cmd = emu::qemu_command(&emu::qemu_args(&boot, accel, Serial::Stdio)?);
             println!("run: {}", describe(&cmd));
             let child = cmd
                 .spawn()

@@ -1832,6 +1832,31 @@ pub const TESTS: &[SysTest] = &[
         only_on: Some(Emulator::Qemu),
         ..BASE
     },
+    // `cargo xtask run --disk FILE:SIZE` as a configuration: xtask creates
+    // the image and adds the block service; the guest (not told the test
+    // disk's checksum) leaves the disk's contents alone but for its
+    // `moat.persist` mark and data, which the image holds after the run and
+    // a second boot of the machine finds.
+    SysTest {
+        name: "config_disk",
+        config: Some(SystemConfig::Text(CONFIG_DISK)),
+        expect: &[
+            all("vmm: disk from the block service: 16384 sectors"),
+            all("MOAT-INIT /dev/vda is not the test disk (no moat.disk_sum=): left alone"),
+            all("MOAT-CHECK disk-boot ok boot 1: no earlier boot's data; wrote crc32 "),
+            all("MOAT-CHECK virtio-block ok"),
+            all("MOAT-INIT done checks="),
+            all("failed=0"),
+            all("vmm: guest stopped: power-off"),
+        ],
+        forbid: &["FAIL", "faulted", "vmm: disk error"],
+        stop: Stop::WhenDecided,
+        check: Some(config_disk_check),
+        second_boot: &[all("MOAT-CHECK disk-boot ok boot 2: found boot 1's data")],
+        slow: 2,
+        only_on: Some(Emulator::Qemu),
+        ..BASE
+    },
     // One guest panics (and is not restarted); the other goes on to the
     // end of its checks and powers off.
     SysTest {
@@ -1861,6 +1886,27 @@ pub const TESTS: &[SysTest] = &[
         ..BASE
     },
 ];
+
+/// `config_disk`: one guest whose disk is an 8 MiB image xtask creates
+/// (paths are relative to the workspace root here).
+const CONFIG_DISK: &str = r#"
+[[guest]]
+name = "linux"
+kernel = "pinned:bzImage"
+initrd = "pinned:initramfs.cpio"
+cmdline = "console=ttyS0 panic=-1 moat.persist=100"
+disk = "target/systest/config_disk/user.img"
+disk-size = "8M"
+"#;
+
+/// `config_disk`: the image holds the guest's mark and data.
+fn config_disk_check(output: &str) -> Vec<Part> {
+    let image = Path::new(SYSTEST_DIR).join("config_disk/user.img");
+    vec![Part {
+        name: "config_disk/image".to_string(),
+        result: persisted_on_image(output, &image, 100),
+    }]
+}
 
 /// `two_guests_panic`: `linux` makes its checks (disk, reboot, hypercall)
 /// while `crash`, above it and with less to check, panics at the end of
@@ -2607,6 +2653,7 @@ pub(crate) fn boot_spec(test: &SysTest, artifacts: &Artifacts) -> Result<BootSpe
         modules,
         memory_mib: test.memory_mib,
         cpus: test.cpus,
+        qemu_devices: Vec::new(),
     })
 }
 
@@ -2634,6 +2681,18 @@ fn config_boot_spec(
             plan(&crate::config::file_size)?
         }
     };
+    if let Some(disk) = &plan.disk {
+        // A fresh disk each run, as `cargo xtask run` creates a missing one.
+        if let Some(dir) = disk.path.parent() {
+            fs::create_dir_all(dir).context(|| format!("cannot create {}", dir.display()))?;
+        }
+        emu::remove_stale(&disk.path)?;
+        let fresh = crate::config::DiskPlan {
+            create: true,
+            ..disk.clone()
+        };
+        fresh.prepare().map_err(Error::Other)?;
+    }
     let mut boot =
         crate::image::plan_boot(&plan, artifacts, &Path::new(SYSTEST_DIR).join(test.name))?;
     boot.kernel_args
