@@ -146,13 +146,16 @@ impl MsiSink for MsiToLapic {
     }
 }
 
+/// The virtio disk's storage: the block service or a RAM disk.
+type Storage = Box<dyn BlockBackend>;
+
 /// The virtio devices and what feeds them.
 struct Virtio {
     console: Shared<VirtioPci<Console>>,
     /// hvc0's and the named port's output, echoed back.
     echo: [EchoPort; 2],
     named: NamedPort,
-    block: Option<Shared<VirtioPci<Block<Box<dyn BlockBackend>>>>>,
+    block: Option<Shared<VirtioPci<Block<Storage>>>>,
     net: Shared<VirtioPci<Net<EchoPeer>>>,
     rng: Shared<VirtioPci<Rng>>,
 }

@@ -861,7 +861,6 @@ vmm: dump: exits 10: io 9 hlt 1
             debugger_rc: "target/systest/bochs.rc".into(),
             memory_mib: crate::image::DEFAULT_MEMORY_MIB,
             cpus: 1,
-            qemu_devices: Vec::new(),
         };
         let rc = bochsrc(&files);
         for line in [

@@ -2150,8 +2150,8 @@ fn persisted_on_image(output: &str, image: &Path, sector: usize) -> Result<Strin
     const CHECK: &str = "MOAT-CHECK disk-boot ok boot ";
     let line = output
         .lines()
-        .filter_map(|l| l.split_once(CHECK).map(|(_, rest)| rest))
-        .last()
+        .rev()
+        .find_map(|l| l.split_once(CHECK).map(|(_, rest)| rest))
         .ok_or("no disk-boot check in the output")?;
     let boot = line.split(':').next().unwrap_or("");
     let crc = line
