@@ -279,11 +279,11 @@ const LINUX_INITRAMFS: ModuleSpec = ModuleSpec {
 
 /// The boot modules of a Linux guest beside `echo`, `modem` and `rtc` (the
 /// clock, for a manifest that has it): the root task, the manifest
-/// `$manifest` (named `$dir`), the components, and what the manifest's
-/// `file` lines name, the test disk and command line in their own
-/// directory.
+/// `$manifest` (named `$dir`), the components (and `$more`), and what the
+/// manifest's `file` lines name, the test disk and command line in their
+/// own directory.
 macro_rules! linux_beside_modem {
-    ($dir:literal, $manifest:expr, $args:expr) => {
+    ($dir:literal, $manifest:expr, $args:expr $(, $more:expr)*) => {
         &[
             ROOTTASK,
             manifest($dir, $manifest),
@@ -306,6 +306,7 @@ macro_rules! linux_beside_modem {
                 }),
                 args: &[],
             },
+            $($more,)*
         ]
     };
 }
@@ -314,36 +315,16 @@ macro_rules! linux_beside_modem {
 const LINUX_MODULES: &[ModuleSpec] = linux_beside_modem!("linux", manifests::LINUX, LINUX_ARGS);
 
 /// The Linux guest on the block service (test `vmm_blk`): the test disk
-/// image is QEMU's drive, not a module the VMM copies; `/init` keeps its
-/// `moat.persist` mark at sector 1100 (past its disk checks' sectors).
-const VMM_BLK_MODULES: &[ModuleSpec] = &[
-    ROOTTASK,
-    manifest("vmm_blk", manifests::VMM_BLK),
-    component("echo"),
-    component("modem"),
-    component("rtc"),
-    component("vmm"),
+/// image is QEMU's drive (the VMM's manifest does not map the module);
+/// `/init` keeps its `moat.persist` mark at sector 1100
+/// ([`VMM_BLK_PERSIST_SECTOR`], past its disk checks' sectors).
+const VMM_BLK_MODULES: &[ModuleSpec] = linux_beside_modem!(
+    "vmm_blk",
+    manifests::VMM_BLK,
+    "console=ttyS0 panic=-1 moat.modem=1 moat.ipc=20 moat.persist=1100",
     component("blk"),
-    component("blktest"),
-    LINUX_KERNEL,
-    LINUX_INITRAMFS,
-    ModuleSpec {
-        name: "disk.img",
-        content: Content::Linux(LinuxFile::Disk { dir: "vmm_blk" }),
-        args: &[],
-    },
-    ModuleSpec {
-        name: "cmdline",
-        content: Content::Linux(LinuxFile::Cmdline {
-            args: concat!(
-                "console=ttyS0 panic=-1 moat.modem=1 moat.ipc=20 moat.persist=",
-                1100
-            ),
-            dir: "vmm_blk",
-        }),
-        args: &[],
-    },
-];
+    component("blktest")
+);
 
 /// The demo: the Linux guest in its demo mode (`moat.demo=1`) beside
 /// `echo` and a `modem` with fault injection, under a VMM that restarts
