@@ -1823,12 +1823,15 @@ pub const TESTS: &[SysTest] = &[
         config: Some(SystemConfig::Text(CONFIG_DISK)),
         expect: &[
             all("vmm: disk from the block service: 16384 sectors"),
-            all("MOAT-INIT /dev/vda is not the test disk (no moat.disk_sum=): left alone"),
             all("MOAT-CHECK disk-boot ok boot 1: no earlier boot's data; wrote crc32 "),
+            all("MOAT-INIT /dev/vda is not the test disk (no moat.disk_sum=): left alone"),
             all("MOAT-CHECK virtio-block ok"),
             all("MOAT-INIT done checks="),
             all("failed=0"),
             all("vmm: guest stopped: power-off"),
+            // The driver ends with its only client, and with it the run.
+            all("roottask: component 'blk' stopped: its clients are done"),
+            all(NO_TASKS_LEFT),
         ],
         forbid: &["FAIL", "faulted", "vmm: disk error"],
         stop: Stop::WhenDecided,

@@ -95,9 +95,13 @@ impl Client {
             self.tail = self.tail.wrapping_add(1);
             self.region.write::<u32>(blk::RESP_TAIL as u64, self.tail);
             let response = Response::decode(&bytes);
-            // Anything else answers a request given up on earlier.
+            // Anything else answers a request given up on earlier (and a
+            // service that keeps sending those is no answer either).
             if response.id == id {
                 return Ok(response);
+            }
+            if rdtsc() > deadline {
+                return Err(Error::NoAnswer);
             }
         }
     }
