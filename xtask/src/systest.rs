@@ -311,6 +311,26 @@ macro_rules! linux_beside_modem {
     };
 }
 
+/// One guest whose disk is an 8 MiB image xtask creates under
+/// `target/systest/$dir/` (paths are relative to the workspace root here);
+/// `/init` keeps its `moat.persist` mark at sector 100.
+macro_rules! disk_config {
+    ($dir:literal) => {
+        concat!(
+            r#"
+[[guest]]
+name = "linux"
+kernel = "pinned:bzImage"
+initrd = "pinned:initramfs.cpio"
+cmdline = "console=ttyS0 panic=-1 moat.persist=100"
+disk-size = "8M"
+disk = "target/systest/"#,
+            $dir,
+            "/user.img\"\n"
+        )
+    };
+}
+
 /// The Linux guest's boot modules.
 const LINUX_MODULES: &[ModuleSpec] = linux_beside_modem!("linux", manifests::LINUX, LINUX_ARGS);
 
@@ -1820,7 +1840,7 @@ pub const TESTS: &[SysTest] = &[
     // a second boot of the machine finds.
     SysTest {
         name: "config_disk",
-        config: Some(SystemConfig::Text(CONFIG_DISK)),
+        config: Some(SystemConfig::Text(disk_config!("config_disk"))),
         expect: &[
             all("vmm: disk from the block service: 16384 sectors"),
             all("MOAT-CHECK disk-boot ok boot 1: no earlier boot's data; wrote crc32 "),
@@ -1838,6 +1858,22 @@ pub const TESTS: &[SysTest] = &[
         check: Some(config_disk_check),
         second_boot: &[all("MOAT-CHECK disk-boot ok boot 2: found boot 1's data")],
         slow: 2,
+        only_on: Some(Emulator::Qemu),
+        ..BASE
+    },
+    // The same, with QEMU killed once the guest's write and flush are done
+    // (the line comes after its fsync returned): the image holds them, and
+    // the next boot finds them.
+    SysTest {
+        name: "disk_kill",
+        config: Some(SystemConfig::Text(disk_config!("disk_kill"))),
+        expect: &[all(
+            "MOAT-CHECK disk-boot ok boot 1: no earlier boot's data; wrote crc32 ",
+        )],
+        forbid: &["FAIL", "faulted", "vmm: disk error"],
+        stop: Stop::WhenDecided,
+        check: Some(disk_kill_check),
+        second_boot: &[all("MOAT-CHECK disk-boot ok boot 2: found boot 1's data")],
         only_on: Some(Emulator::Qemu),
         ..BASE
     },
@@ -1871,25 +1907,22 @@ pub const TESTS: &[SysTest] = &[
     },
 ];
 
-/// `config_disk`: one guest whose disk is an 8 MiB image xtask creates
-/// (paths are relative to the workspace root here).
-const CONFIG_DISK: &str = r#"
-[[guest]]
-name = "linux"
-kernel = "pinned:bzImage"
-initrd = "pinned:initramfs.cpio"
-cmdline = "console=ttyS0 panic=-1 moat.persist=100"
-disk = "target/systest/config_disk/user.img"
-disk-size = "8M"
-"#;
-
-/// `config_disk`: the image holds the guest's mark and data.
-fn config_disk_check(output: &str) -> Vec<Part> {
-    let image = Path::new(SYSTEST_DIR).join("config_disk/user.img");
+/// Whether the image of a [`disk_config!`] test holds the guest's last
+/// mark and data.
+fn disk_config_image(output: &str, dir: &str) -> Vec<Part> {
+    let image = Path::new(SYSTEST_DIR).join(dir).join("user.img");
     vec![Part {
-        name: "config_disk/image".to_string(),
+        name: format!("{dir}/image"),
         result: persisted_on_image(output, &image, 100),
     }]
+}
+
+fn config_disk_check(output: &str) -> Vec<Part> {
+    disk_config_image(output, "config_disk")
+}
+
+fn disk_kill_check(output: &str) -> Vec<Part> {
+    disk_config_image(output, "disk_kill")
 }
 
 /// `two_guests_panic`: `linux` makes its checks (disk, reboot, hypercall)
