@@ -40,13 +40,9 @@ pub fn storage(
     // arguments, for this task's life; it is used only through volatile
     // accesses (`Window`).
     let region = unsafe { window_arg(vmm_args, mapping) }.ok_or("blk= names no region")?;
-    let client = Client::new(
-        region,
-        SERVICE_SM,
-        ANSWER_SM,
-        tsc_hz.saturating_mul(ANSWER_SECS),
-    );
-    let disk = ServiceDisk::connect(client).map_err(|error| {
+    let timeout = tsc_hz.saturating_mul(ANSWER_SECS);
+    let client = Client::new(region, SERVICE_SM, ANSWER_SM, timeout);
+    let disk = client.and_then(ServiceDisk::connect).map_err(|error| {
         println!("vmm: FAIL the block service does not give the disk: {error:?}");
         "block service"
     })?;

@@ -72,10 +72,11 @@ fn main(args: &str) -> i32 {
         return 1;
     };
     let timeout = args::tsc_hz(args).saturating_mul(10);
-    let mut client = Client {
-        name,
-        inner: blk_client::Client::new(region, SERVICE_SM, REPLY_SM, timeout),
+    let Ok(inner) = blk_client::Client::new(region, SERVICE_SM, REPLY_SM, timeout) else {
+        println!("{name}: FAIL the region is too small");
+        return 1;
     };
+    let mut client = Client { name, inner };
     match run(&mut client) {
         Ok(()) => 0,
         Err(()) => 1,

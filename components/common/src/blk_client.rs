@@ -21,8 +21,8 @@ pub enum Error {
     NoAnswer,
     /// The service answered with this status.
     Status(u32),
-    /// A transfer whose buffer is not whole sectors, or longer than the
-    /// region's data area can take.
+    /// A transfer whose buffer is not whole sectors, or a region too
+    /// small for the rings and a sector of data.
     BadLength,
 }
 
@@ -41,8 +41,11 @@ impl Client {
     /// A client of the service on `region`, upping `service` for each
     /// request and waiting on `answers`; it resumes the rings where they
     /// stand (a restarted client does not reuse old slots).
-    pub fn new(region: Window, service: Sel, answers: Sel, timeout: u64) -> Self {
-        Self {
+    pub fn new(region: Window, service: Sel, answers: Sel, timeout: u64) -> Result<Self, Error> {
+        if region.len() < blk::DATA + blk::SECTOR {
+            return Err(Error::BadLength);
+        }
+        Ok(Self {
             region,
             service,
             answers,
@@ -50,7 +53,7 @@ impl Client {
             tail: region.read::<u32>(blk::RESP_TAIL as u64),
             next_id: 1,
             timeout,
-        }
+        })
     }
 
     pub fn region(&self) -> &Window {
