@@ -507,8 +507,7 @@ impl Machine {
 
     /// Adds the PCI host bridge with the virtio devices: console (hvc0,
     /// echoed back by the VMM, and the `named` port), block on the storage
-    /// `disk` (if
-    /// any), net to an echo peer, entropy from `entropy`.
+    /// `disk` (if any), net to an echo peer, entropy from `entropy`.
     pub fn add_pci_devices(
         &mut self,
         disk: Option<Box<dyn BlockBackend>>,

@@ -9,8 +9,8 @@
 //! does), `initrd=ADDR,SIZE` (for a bzImage), `cmdline=ADDR,SIZE` (text),
 //! optional `disk=ADDR,SIZE` (a disk image, copied into RAM) or
 //! `blk=MAPPING` (the disk is the block service's, through that shared
-//! region and the semaphores at 30 and 31: `disk.rs`), `mod1=ADDR,SIZE`, `mod2=…`, … (a Multiboot
-//! kernel's modules, numbered from 1 without a gap) with
+//! region and the semaphores at 30 and 31: `disk.rs`), `mod1=ADDR,SIZE`,
+//! `mod2=…`, … (a Multiboot kernel's modules, numbered from 1 without a gap) with
 //! `modcmdlines=ADDR,SIZE` (text: line N is module N's command line),
 //! the flag `debug-exit` (QEMU's isa-debug-exit device at ports
 //! 0xf4-0xf7: a guest write of V ends the guest, and the VMM exits with
