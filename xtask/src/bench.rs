@@ -195,7 +195,7 @@ pub fn table(rows: &[(Emulator, IpcResult)]) -> String {
 }
 
 /// A benchmark's JSON file: pretty-printed, ending in a newline.
-fn json_text(value: &Value) -> String {
+pub fn json_text(value: &Value) -> String {
     let mut text = serde_json::to_string_pretty(value).expect("a JSON value always serializes");
     text.push('\n');
     text

@@ -25,6 +25,15 @@ pub enum Cmd {
     Linux(LinuxOpts),
     Demo(DemoOpts),
     Fuzz(FuzzOpts),
+    Soak(SoakOpts),
+}
+
+/// `cargo xtask soak`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SoakOpts {
+    pub emu: Emulator,
+    /// Minutes of guest time under load.
+    pub minutes: u64,
 }
 
 /// `cargo xtask fuzz`.
@@ -246,6 +255,21 @@ System configurations, field by field: docs/configuration.md.")]
               value_parser = clap::value_parser!(u64).range(1..))]
         seconds: u64,
     },
+    /// The soak (SLOW, opt-in): Linux under load beside the modem for a while
+    ///
+    /// Linux under CPU, memory, disk, console and modem-port load beside the
+    /// native 1 ms modem for N minutes of guest time (QEMU with -icount:
+    /// deterministic guest time); reports missed frames, worst jitter,
+    /// stalls, VM exits and the memory at the end; table and
+    /// target/bench/soak.json (docs/benchmarks.md).
+    Soak {
+        #[arg(long, value_name = "qemu|bochs", value_parser = emulator, default_value = "qemu")]
+        emu: Emulator,
+        /// Minutes of guest time under load
+        #[arg(long, value_name = "N", default_value_t = crate::soak::DEFAULT_MINUTES,
+              value_parser = clap::value_parser!(u64).range(1..=crate::soak::MAX_MINUTES))]
+        minutes: u64,
+    },
     /// Print this help (`cargo xtask COMMAND --help`: a command's own)
     Help,
 }
@@ -381,6 +405,7 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
             command: DemoCommand::Modem { emu },
         }) => Cmd::Demo(DemoOpts { emu }),
         Some(Command::Fuzz { target, seconds }) => Cmd::Fuzz(FuzzOpts { target, seconds }),
+        Some(Command::Soak { emu, minutes }) => Cmd::Soak(SoakOpts { emu, minutes }),
     })
 }
 

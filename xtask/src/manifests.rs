@@ -431,6 +431,24 @@ irq 255 to linux
 "
 );
 
+/// `cargo xtask soak` and the system test `soak_short`: the Linux guest
+/// under load (`moat.soak=`) beside `echo` and a `modem` that reports
+/// every 1000 frames (1 s): the clock by which the soak measures the gaps
+/// between the guest's heartbeats. A guest that panics is not restarted.
+pub const SOAK: &str = concat!(
+    echo_server!(),
+    modem_component!("    args report_every=1000\n"),
+    linux_vmm!(),
+    "\
+    file disk disk.img at 0x32000000000
+    file cmdline cmdline at 0x33000000000
+    uses echo at 20
+    uses modem at 21
+    args epoch=1764000000 modem=21 vm-portals=20 user-hypercalls
+irq 255 to linux
+"
+);
+
 /// The Linux guest without a disk, told to panic once `/init` is done,
 /// beside `ticker`, which must go on counting after the guest is gone.
 pub const LINUX_PANIC: &str = concat!(

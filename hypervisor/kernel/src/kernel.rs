@@ -785,6 +785,8 @@ impl Kernel {
         }
         let queue = &mut self.cpus[cpu].run;
         if !queue.contains(sc) {
+            // Cannot run out of memory: the SC's place was reserved when
+            // it was made (`new_sc`).
             let _ = queue.enqueue(sc, priority);
             ipi::kick(cpu);
         }
@@ -834,6 +836,7 @@ impl Kernel {
         };
         if best > mine {
             if let Some(sc) = self.ecs.get(current).and_then(|e| e.sc) {
+                // Its place was reserved when it was made (`new_sc`).
                 let _ = self.cpus[me].run.enqueue_front(sc, mine);
             }
             self.cpus[me].current = None;
@@ -861,6 +864,7 @@ impl Kernel {
         };
         if expired && !self.cpus[me].run.is_empty() {
             let priority = self.priority_of(current).unwrap_or(0);
+            // Its place was reserved when it was made (`new_sc`).
             let _ = self.cpus[me].run.enqueue(sc, priority);
             self.cpus[me].current = None;
         }
