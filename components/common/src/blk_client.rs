@@ -40,7 +40,8 @@ pub struct Client {
 impl Client {
     /// A client of the service on `region`, upping `service` for each
     /// request and waiting on `answers`; it resumes the rings where they
-    /// stand (a restarted client does not reuse old slots).
+    /// stand, and numbers its requests from the TSC (a restarted client
+    /// neither reuses old slots nor takes an old answer for its own).
     pub fn new(region: Window, service: Sel, answers: Sel, timeout: u64) -> Result<Self, Error> {
         if region.len() < blk::DATA + blk::SECTOR {
             return Err(Error::BadLength);
@@ -51,7 +52,7 @@ impl Client {
             answers,
             head: region.read::<u32>(blk::REQ_HEAD as u64),
             tail: region.read::<u32>(blk::RESP_TAIL as u64),
-            next_id: 1,
+            next_id: rdtsc(),
             timeout,
         })
     }
