@@ -70,7 +70,7 @@ impl Client {
         buffer: u64,
     ) -> Result<Response, Error> {
         let id = self.next_id;
-        self.next_id += 1;
+        self.next_id = self.next_id.wrapping_add(1);
         let request = Request {
             id,
             op,
