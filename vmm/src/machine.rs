@@ -21,7 +21,7 @@ use vdev::pic::{Pic, PicChip, PicPorts};
 use vdev::pit::{Pit, SystemControlPort};
 use vdev::rtc::Rtc;
 use vdev::uart::{self, SerialOut, Uart};
-use vdev::virtio::block::{Block, MemDisk};
+use vdev::virtio::block::{Block, BlockBackend, MemDisk};
 use vdev::virtio::console::{Console, PortBackend};
 use vdev::virtio::net::{EchoPeer, Net, ECHO_PEER_IP, ECHO_PEER_MAC};
 use vdev::virtio::pci::{VirtioPci, VirtioPciWiring};
@@ -146,13 +146,16 @@ impl MsiSink for MsiToLapic {
     }
 }
 
+/// The virtio disk's storage: the block service or a RAM disk.
+type Storage = Box<dyn BlockBackend>;
+
 /// The virtio devices and what feeds them.
 struct Virtio {
     console: Shared<VirtioPci<Console>>,
     /// hvc0's and the named port's output, echoed back.
     echo: [EchoPort; 2],
     named: NamedPort,
-    block: Option<Shared<VirtioPci<Block<MemDisk>>>>,
+    block: Option<Shared<VirtioPci<Block<Storage>>>>,
     net: Shared<VirtioPci<Net<EchoPeer>>>,
     rng: Shared<VirtioPci<Rng>>,
 }
@@ -503,11 +506,11 @@ impl Machine {
     }
 
     /// Adds the PCI host bridge with the virtio devices: console (hvc0,
-    /// echoed back by the VMM, and the `named` port), block on `disk` (if
-    /// any), net to an echo peer, entropy from `entropy`.
+    /// echoed back by the VMM, and the `named` port), block on the storage
+    /// `disk` (if any), net to an echo peer, entropy from `entropy`.
     pub fn add_pci_devices(
         &mut self,
-        disk: Option<Vec<u8>>,
+        disk: Option<Box<dyn BlockBackend>>,
         entropy: Box<dyn EntropySource>,
         named: NamedPort,
     ) -> Result<(), vdev::pci::PciError> {
@@ -534,8 +537,8 @@ impl Machine {
         root.borrow_mut().add(console.clone())?;
         let mut next = 2;
         let block = match disk {
-            Some(bytes) => {
-                let block = Block::new(MemDisk::new(bytes), b"moat-disk");
+            Some(storage) => {
+                let block = Block::new(storage, b"moat-disk");
                 let block = shared(VirtioPci::new(block, wiring(next))?);
                 root.borrow_mut().add(block.clone())?;
                 next += 1;
@@ -626,11 +629,15 @@ impl Machine {
         lines
     }
 
-    /// The virtio disk's contents, to keep across a guest reset.
-    pub fn disk(&self) -> Option<Vec<u8>> {
+    /// The virtio disk's storage, to keep across a guest reset; the
+    /// machine is left with an empty disk.
+    pub fn take_disk(&self) -> Option<Box<dyn BlockBackend>> {
         let block = self.virtio.as_ref()?.block.as_ref()?;
-        let bytes = block.borrow().device().backend().as_bytes().to_vec();
-        Some(bytes)
+        let empty: Box<dyn BlockBackend> = Box::new(MemDisk::new(Vec::new()));
+        let storage = block
+            .borrow_mut()
+            .update(|device| core::mem::replace(device.backend_mut(), empty));
+        Some(storage)
     }
 
     /// What the guest wrote to a relayed named port since the last call.

@@ -7,8 +7,10 @@
 //! Arguments: `guest=ADDR,SIZE` (RAM), `heap=ADDR,SIZE`, `kernel=ADDR,SIZE`
 //! (a bzImage, or a Multiboot v1 kernel: told apart as QEMU's `-kernel`
 //! does), `initrd=ADDR,SIZE` (for a bzImage), `cmdline=ADDR,SIZE` (text),
-//! optional `disk=ADDR,SIZE`, `mod1=ADDR,SIZE`, `mod2=…`, … (a Multiboot
-//! kernel's modules, numbered from 1 without a gap) with
+//! optional `disk=ADDR,SIZE` (a disk image, copied into RAM) or
+//! `blk=MAPPING` (the disk is the block service's, through that shared
+//! region and the semaphores at 30 and 31: `disk.rs`), `mod1=ADDR,SIZE`,
+//! `mod2=…`, … (a Multiboot kernel's modules, numbered from 1 without a gap) with
 //! `modcmdlines=ADDR,SIZE` (text: line N is module N's command line),
 //! the flag `debug-exit` (QEMU's isa-debug-exit device at ports
 //! 0xf4-0xf7: a guest write of V ends the guest, and the VMM exits with
@@ -49,9 +51,12 @@ use moat_abi::vcpu::{group, VcpuState};
 use moat_abi::{flags, rights, Call, CallWord, Space, Status, PAGE_SIZE};
 use moat_user::io::{inb, outb};
 use moat_user::{println, sys, Sel};
+use vdev::virtio::block::BlockBackend;
 use vdev::{BadGuestAddress, GuestMemory};
 use vmm::machine::{Action, Config, Machine, NamedPort, Stop, TimeSource};
 use vmm::state;
+
+mod disk;
 
 moat_user::entry!(main);
 
@@ -501,14 +506,16 @@ fn run(args: &str) -> Result<Stop, SetupError> {
         }
     };
     // SAFETY: as above; the disk image is copied, the guest writes the copy.
-    let disk = region(args, "disk").map(|disk| unsafe { disk.bytes() }.to_vec());
+    let ram_disk = region(args, "disk").map(|disk| unsafe { disk.bytes() }.to_vec());
+    let disk = disk::storage(args, tsc_hz, ram_disk)
+        .map_err(|what| SetupError(what, Status::BadParameter))?;
     let low_ram = guest.low_ram();
     println!(
         "vmm: {} MiB RAM, kernel {} KiB, initrd {} KiB, disk {} KiB{}",
         low_ram >> 20,
         guest.kernel.len() >> 10,
         guest.initrd.map_or(0, |i| i.len() >> 10),
-        disk.as_ref().map_or(0, |d| d.len() >> 10),
+        disk.as_ref().map_or(0, |d| d.sectors() >> 1),
         match guest.modules.len() {
             0 => String::new(),
             n => format!(", {n} Multiboot modules"),
@@ -590,7 +597,7 @@ fn run(args: &str) -> Result<Stop, SetupError> {
                 if resets > MAX_RESETS {
                     break Stop::Panic;
                 }
-                let disk = machine.disk();
+                let disk = machine.take_disk();
                 machine = guest.boot(disk, named, debug_exit)?;
                 // The new guest finds the port as the link left it.
                 machine.set_port_open(link.is_open());
@@ -613,7 +620,7 @@ fn run(args: &str) -> Result<Stop, SetupError> {
                 if resets > MAX_RESETS {
                     break stop;
                 }
-                let disk = machine.disk();
+                let disk = machine.take_disk();
                 machine = guest.boot(disk, named, debug_exit)?;
                 machine.set_port_open(link.is_open());
             }
@@ -662,7 +669,7 @@ impl Guest {
     /// vCPU set to its entry (its state page written).
     fn boot(
         &self,
-        disk: Option<Vec<u8>>,
+        disk: Option<Box<dyn BlockBackend>>,
         named: NamedPort,
         debug_exit: bool,
     ) -> Result<Machine, SetupError> {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
-use crate::config::{GuestOverride, Size};
+use crate::config::{DiskOption, GuestOverride, Size};
 use crate::emu::Emulator;
 use crate::{Error, Result};
 
@@ -107,10 +107,9 @@ impl RunOpts {
         if let Some(config) = &mut self.config {
             *config = cwd.join(&*config);
         }
-        for path in [&mut self.guest.kernel, &mut self.guest.initrd]
-            .into_iter()
-            .flatten()
-        {
+        let disk = self.guest.disk.as_mut().map(|d| &mut d.file);
+        let files = [self.guest.kernel.as_mut(), self.guest.initrd.as_mut(), disk];
+        for path in files.into_iter().flatten() {
             if !path.starts_with(crate::config::PINNED_PREFIX) {
                 *path = cwd.join(&*path).to_string_lossy().into_owned();
             }
@@ -159,6 +158,7 @@ enum Command {
     #[command(after_help = "\
 The quick form, for one guest, as QEMU users type it:
   cargo xtask run --kernel PATH [--initrd PATH] [--append TEXT] [--memory SIZE] [--vcpus N]
+                  [--disk FILE[:SIZE]]
 replaces the values of the guest that owns the console in the configuration
 (examples/default.toml unless --config); options not given keep its values.
 System configurations, field by field: docs/configuration.md.")]
@@ -195,6 +195,11 @@ System configurations, field by field: docs/configuration.md.")]
         /// Quick form: its vCPUs (1 for now)
         #[arg(long, value_name = "N")]
         vcpus: Option<u32>,
+        /// Quick form: a host file (raw) as its persistent virtio disk,
+        /// through the blk driver and block service (QEMU only); created
+        /// with SIZE (e.g. 64M) if missing
+        #[arg(long, value_name = "FILE[:SIZE]", value_parser = DiskOption::parse)]
+        disk: Option<DiskOption>,
         /// Words added to Moat's kernel command line
         #[arg(last = true, value_name = "KERNEL ARGS")]
         kernel_args: Vec<String>,
@@ -341,6 +346,7 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
             append,
             memory,
             vcpus,
+            disk,
             kernel_args,
         }) => Cmd::Run(RunOpts {
             emu,
@@ -354,6 +360,7 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
                 append,
                 memory,
                 vcpus,
+                disk,
             },
         }),
         Some(Command::Test {
@@ -495,6 +502,8 @@ mod tests {
             "512M",
             "--vcpus",
             "1",
+            "--disk",
+            "d.img:64M",
         ]
         .map(String::from)
         .to_vec();
@@ -509,15 +518,21 @@ mod tests {
                 append: Some("console=ttyS0 quiet".into()),
                 memory: Some(Size(512 << 20)),
                 vcpus: Some(1),
+                disk: Some(DiskOption {
+                    file: "d.img".into(),
+                    size: Some(Size(64 << 20)),
+                }),
             }
         );
         opts.absolutize(Path::new("/home/u"));
         assert_eq!(opts.guest.kernel.as_deref(), Some("/home/u/k/bzImage"));
+        assert_eq!(opts.guest.disk.unwrap().file, "/home/u/d.img");
         assert_eq!(opts.guest.initrd.as_deref(), Some("/home/u/i.cpio"));
         assert!(p("run --memory lots").is_err());
         assert!(p("run --memory 512").is_err());
         assert!(p("run --vcpus two").is_err());
         assert!(p("run --kernel").is_err());
+        assert!(p("run --disk d.img:64").is_err());
         let Cmd::Help(help) = p("run --help").unwrap() else {
             panic!("run --help is help");
         };
@@ -528,6 +543,7 @@ mod tests {
             "--append <TEXT>",
             "--memory <SIZE>",
             "--vcpus <N>",
+            "--disk <FILE[:SIZE]>",
             "--cpus <N>",
             "--emu <qemu|bochs>",
             "--kvm",

@@ -77,6 +77,17 @@ const CLOCK_MODULE: &str = "rtc";
 const CLOCK_SERVICE: &str = "clock";
 const CLOCK_MEMORY: u64 = 128 << 10;
 const MAX_RESTARTS: u32 = 1000;
+/// The block service xtask adds for a guest's persistent disk: the `blk`
+/// driver, its device, DMA pages and its client's shared region.
+const BLK_COMPONENT: &str = "blk";
+const BLK_MEMORY: u64 = 256 << 10;
+const BLK_QUOTA: u64 = 128 << 10;
+const BLK_PRIORITY: u8 = 20;
+const BLK_DMA: u64 = 16 << 10;
+const BLK_REGION: u64 = 64 << 10;
+/// The VMM's semaphores for the block service (`vmm/src/disk.rs`): the
+/// service's at 30, the answers' at 31; its services stay below.
+const VMM_BLK_SEMAPHORES: u64 = 30;
 
 /// The emulated machine: the kernel, tasks, boot structures and the
 /// kernel's reserve, besides the modules and the root's pool and quota.
@@ -142,6 +153,11 @@ pub struct GuestEntry {
     pub user_hypercalls: bool,
     #[serde(default)]
     pub test_disk: bool,
+    /// A host image file: the guest's persistent virtio disk, through the
+    /// `blk` driver and block service (QEMU's virtio-blk device).
+    pub disk: Option<Spanned<String>>,
+    /// The size `disk` is created with when the file is missing.
+    pub disk_size: Option<Spanned<Size>>,
     pub epoch: Option<u64>,
 }
 
@@ -387,6 +403,36 @@ pub struct GuestOverride {
     pub append: Option<String>,
     pub memory: Option<Size>,
     pub vcpus: Option<u32>,
+    /// `--disk FILE[:SIZE]`.
+    pub disk: Option<DiskOption>,
+}
+
+/// `--disk FILE[:SIZE]`: the guest's persistent disk, created with SIZE
+/// when missing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskOption {
+    pub file: String,
+    pub size: Option<Size>,
+}
+
+impl DiskOption {
+    /// `FILE` or `FILE:SIZE` (a suffix after the last `:` that is not a
+    /// size belongs to the file's name).
+    pub fn parse(text: &str) -> Result<DiskOption, String> {
+        let (file, size) = match text.rsplit_once(':') {
+            Some((file, size)) if size.starts_with(|c: char| c.is_ascii_digit()) => {
+                (file, Some(Size::parse(size)?))
+            }
+            _ => (text, None),
+        };
+        if file.is_empty() {
+            return Err(format!("expected FILE or FILE:SIZE, not \"{text}\""));
+        }
+        Ok(DiskOption {
+            file: file.to_string(),
+            size,
+        })
+    }
 }
 
 impl GuestOverride {
@@ -404,8 +450,8 @@ impl GuestOverride {
             None if file.guests.len() == 1 => 0,
             None => {
                 return Err(format!(
-                    "--kernel, --initrd, --append, --memory and --vcpus change the guest that \
-                     owns the console, and this configuration has {} guests, none with \
+                    "--kernel, --initrd, --append, --memory, --vcpus and --disk change the guest \
+                     that owns the console, and this configuration has {} guests, none with \
                      `console = true`",
                     file.guests.len()
                 ))
@@ -426,6 +472,12 @@ impl GuestOverride {
         }
         if let Some(vcpus) = self.vcpus {
             guest.vcpus = Some(from_cli(vcpus));
+        }
+        if let Some(disk) = &self.disk {
+            // The user's disk replaces the test disk.
+            guest.test_disk = false;
+            guest.disk = Some(from_cli(disk.file.clone()));
+            guest.disk_size = disk.size.map(from_cli);
         }
         Ok(())
     }
@@ -470,6 +522,84 @@ pub struct Plan {
     pub cpus: u32,
     /// Some file is the pinned Linux guest's (build it first).
     pub uses_pinned_linux: bool,
+    /// A guest's persistent disk: QEMU's virtio-blk device on this file.
+    pub disk: Option<DiskPlan>,
+}
+
+/// A guest's persistent disk, as planned (the file is checked, and
+/// created if missing, by [`DiskPlan::prepare`] before anything boots).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskPlan {
+    pub guest: String,
+    pub path: PathBuf,
+    /// Its size: the file's, or the one it is created with.
+    pub size: u64,
+    /// The file is missing: create it with `size`.
+    pub create: bool,
+}
+
+/// The smallest and largest persistent disk.
+pub const DISK_MIN: u64 = 1 << 20;
+pub const DISK_MAX: u64 = (u32::MAX as u64) * linux::SECTOR as u64;
+
+impl DiskPlan {
+    /// Creates the file if it is missing, and checks that it can be
+    /// written and is a usable disk, so that a bad one is reported before
+    /// anything boots.
+    pub fn prepare(&self) -> Result<(), String> {
+        let path = self.path.display();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(self.create)
+            .truncate(false)
+            .open(&self.path)
+            .map_err(|e| format!("guest '{}': cannot write the disk {path}: {e}", self.guest))?;
+        let meta = file.metadata().map_err(|e| format!("{path}: {e}"))?;
+        if !meta.is_file() {
+            return Err(format!(
+                "guest '{}': the disk {path} is not a file",
+                self.guest
+            ));
+        }
+        if self.create && meta.len() == 0 {
+            file.set_len(self.size)
+                .map_err(|e| format!("guest '{}': cannot size the disk {path}: {e}", self.guest))?;
+        }
+        let size = file.metadata().map_err(|e| format!("{path}: {e}"))?.len();
+        check_disk_size(size)
+            .map_err(|why| format!("guest '{}': the disk {path}: {why}", self.guest))
+    }
+
+    /// QEMU's arguments for the disk: the q35 machine (its MCFG gives the
+    /// driver its device's configuration page) and the virtio-blk device.
+    pub fn qemu_args(&self) -> Vec<String> {
+        vec![
+            "-machine".into(),
+            "q35".into(),
+            "-drive".into(),
+            format!(
+                "if=none,file={},format=raw,id=d0",
+                self.path.display().to_string().replace(',', ",,")
+            ),
+            "-device".into(),
+            "virtio-blk-pci,drive=d0,disable-legacy=on,disable-modern=off".into(),
+        ]
+    }
+}
+
+/// Whether `size` bytes make a disk: whole sectors, from [`DISK_MIN`] to
+/// [`DISK_MAX`].
+fn check_disk_size(size: u64) -> Result<(), String> {
+    if size < DISK_MIN {
+        Err(format!("{size} bytes is too small: a disk has at least 1M"))
+    } else if size > DISK_MAX {
+        Err(format!("{size} bytes is more than the block service's 2T"))
+    } else if !size.is_multiple_of(linux::SECTOR as u64) {
+        Err(format!("{size} bytes is not whole 512-byte sectors"))
+    } else {
+        Ok(())
+    }
 }
 
 impl Plan {
@@ -865,6 +995,7 @@ impl Planner<'_> {
         let mut uses_pinned_linux = false;
         let mut console: Option<usize> = None;
         let mut file_sizes: u64 = 0;
+        let mut disk: Option<DiskPlan> = None;
         for (i, g) in file.guests.iter().enumerate() {
             let f = |name: &str| format!("guest[{i}].{name}");
             let name = g.name.get_ref().as_str();
@@ -965,6 +1096,7 @@ impl Planner<'_> {
             } else {
                 0
             };
+            let guest_disk = self.guest_disk(g, &f, disk.as_ref())?;
             line.push('\n');
             let cmdline_module = format!("{name}.cmdline");
             files.push(PlannedModule {
@@ -983,6 +1115,9 @@ impl Planner<'_> {
             ];
             if g.test_disk {
                 mappings.push("file disk disk.img".into());
+            }
+            if guest_disk.is_some() {
+                mappings.push(format!("shared c0 {}", manifest_size(BLK_REGION)));
             }
             mappings.push(format!("file cmdline {cmdline_module}"));
             manifest += &format!(
@@ -1046,6 +1181,22 @@ impl Planner<'_> {
             if g.on_panic == OnPanic::Restart {
                 args.push("on-panic=restart".to_string());
             }
+            if let Some(planned) = guest_disk {
+                if FIRST_USE_SELECTOR + uses.len() as u64 > VMM_BLK_SEMAPHORES {
+                    return self.err(
+                        g.name.span(),
+                        &f("calls"),
+                        format!(
+                            "a guest with a `disk` uses at most {} services (selectors {} on \
+                             are the block service's semaphores)",
+                            VMM_BLK_SEMAPHORES - FIRST_USE_SELECTOR,
+                            VMM_BLK_SEMAPHORES
+                        ),
+                    );
+                }
+                args.push("blk=c0".to_string());
+                disk = Some(planned);
+            }
             if !args.is_empty() {
                 manifest += &format!("    args {}\n", args.join(" "));
             }
@@ -1063,6 +1214,52 @@ impl Planner<'_> {
             ram_regions += 2;
             quotas += quota;
             file_sizes += kernel_size + initrd_size + disk_size;
+        }
+        // The block service for the guest's persistent disk: the `blk`
+        // driver with QEMU's virtio-blk device, the guest's VMM its client.
+        if let Some(d) = &disk {
+            if let Some((i, c)) = file
+                .components
+                .iter()
+                .enumerate()
+                .find(|(_, c)| c.name.get_ref() == BLK_COMPONENT)
+            {
+                return self.err(
+                    c.name.span(),
+                    &format!("component[{i}].name"),
+                    format!(
+                        "'{BLK_COMPONENT}' is the name of the block service, which guest '{}' \
+                         needs for its `disk`: give this component another name",
+                        d.guest
+                    ),
+                );
+            }
+            manifest += &format!(
+                "component {BLK_COMPONENT}\n    module blk\n    priority {BLK_PRIORITY}\n    \
+                 memory {}\n    quota {}\n    restart 0\n    pci dev 1af4:1042 at {:#x}\n    \
+                 dma dma {} at {:#x}\n    shared c0 {} at {:#x}\n    args c0.disk=0,{}\n",
+                manifest_size(BLK_MEMORY),
+                manifest_size(BLK_QUOTA),
+                MAPPING_BASE + MAPPING_SLOT,
+                manifest_size(BLK_DMA),
+                MAPPING_BASE + 2 * MAPPING_SLOT,
+                manifest_size(BLK_REGION),
+                MAPPING_BASE,
+                d.size / linux::SECTOR as u64,
+            );
+            trailer += &format!(
+                "semaphore blkreq up {0} at {1} down {BLK_COMPONENT} at {1}\n\
+                 semaphore blkanswer up {BLK_COMPONENT} at {2} down {0} at {2}\n",
+                d.guest,
+                VMM_BLK_SEMAPHORES,
+                VMM_BLK_SEMAPHORES + 1
+            );
+            if !tasks.iter().any(|t| t == BLK_COMPONENT) {
+                tasks.push(BLK_COMPONENT.to_string());
+            }
+            pool += BLK_MEMORY + DEFAULT_STACK + BLK_DMA + 2 * BLK_REGION;
+            quotas += BLK_QUOTA;
+            extra_components += 1;
         }
         manifest += &trailer;
 
@@ -1161,7 +1358,87 @@ impl Planner<'_> {
             memory_mib: (memory >> 20) as u32,
             cpus,
             uses_pinned_linux,
+            disk,
         })
+    }
+
+    /// A guest's persistent disk (`disk`, `disk-size`), checked: one
+    /// guest may have one, not beside the test disk, an existing file of a
+    /// usable size or a size to create it with.
+    fn guest_disk(
+        &self,
+        g: &GuestEntry,
+        f: &dyn Fn(&str) -> String,
+        taken: Option<&DiskPlan>,
+    ) -> Result<Option<DiskPlan>, ConfigError> {
+        let Some(value) = &g.disk else {
+            if let Some(size) = &g.disk_size {
+                return self.err(
+                    size.span(),
+                    &f("disk-size"),
+                    "`disk-size` is the size a missing `disk` is created with: name the disk",
+                );
+            }
+            return Ok(None);
+        };
+        let text = value.get_ref();
+        if g.test_disk {
+            return self.err(
+                value.span(),
+                &f("disk"),
+                "a guest has one virtio disk: `disk` or `test-disk`, not both",
+            );
+        }
+        if let Some(other) = taken {
+            return self.err(
+                value.span(),
+                &f("disk"),
+                format!(
+                    "guest '{}' already has a persistent disk; one guest may have one for now \
+                     (the blk driver drives one virtio-blk device)",
+                    other.guest
+                ),
+            );
+        }
+        if text.is_empty() {
+            return self.err(value.span(), &f("disk"), "expected a file's path, not \"\"");
+        }
+        let path = self.base.join(text);
+        let (size, create) = match ((self.size_of)(&path), &g.disk_size) {
+            (Ok(size), _) => {
+                check_disk_size(size).or_else(|why| {
+                    self.err(
+                        value.span(),
+                        &f("disk"),
+                        format!("{}: {why}", path.display()),
+                    )
+                })?;
+                (size, false)
+            }
+            (Err(_), Some(size)) if !path.exists() => {
+                check_disk_size(size.get_ref().0)
+                    .or_else(|why| self.err(size.span(), &f("disk-size"), why))?;
+                (size.get_ref().0, true)
+            }
+            (Err(why), _) => {
+                let hint = if path.exists() {
+                    String::new()
+                } else {
+                    "; to create it, give its size (`disk-size`, or --disk FILE:SIZE)".to_string()
+                };
+                return self.err(
+                    value.span(),
+                    &f("disk"),
+                    format!("cannot use {}: {why}{hint}", path.display()),
+                );
+            }
+        };
+        Ok(Some(DiskPlan {
+            guest: g.name.get_ref().clone(),
+            path,
+            size,
+            create,
+        }))
     }
 
     fn page_size(
@@ -1463,6 +1740,7 @@ mod tests {
             append: Some("console=ttyS0 panic=-1 moat.modem=1 moat.ipc=20 moat.shell=1".into()),
             memory: Some(Size(256 << 20)),
             vcpus: Some(1),
+            disk: None,
         };
         assert_eq!(
             example_plan("default.toml", &quick),
@@ -1502,6 +1780,161 @@ mod tests {
             ("command line", 0, "guest[0].vcpus")
         );
         assert!(e.message.contains("exactly 1 vCPU"), "{e}");
+    }
+
+    const DISK_GUEST: &str = "[[guest]]\nname = \"g\"\nkernel = \"bz\"\ninitrd = \"rd\"\n";
+
+    #[test]
+    fn a_persistent_disk_brings_the_block_service() {
+        let plan = plan(&format!("{DISK_GUEST}disk = \"g.img\"\n")).unwrap();
+        let m = root_parse(&plan.manifest);
+        assert_eq!(
+            plan.disk,
+            Some(DiskPlan {
+                guest: "g".into(),
+                path: "/cfg/g.img".into(),
+                size: 8 << 20,
+                create: false,
+            })
+        );
+        let names: Vec<_> = m.components.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["clock", "g", "blk"]);
+        let vmm = &plan.manifest[plan.manifest.find("component g").unwrap()..];
+        let vmm = &vmm[..vmm.find("component blk").unwrap()];
+        assert!(vmm.contains("    shared c0 64K at "), "{vmm}");
+        assert!(vmm.contains(" blk=c0"), "{vmm}");
+        let blk = &plan.manifest[plan.manifest.find("component blk").unwrap()..];
+        for line in [
+            "    pci dev 1af4:1042 at ",
+            "    dma dma 16K at ",
+            "    shared c0 64K at ",
+            "    args c0.disk=0,16384\n",
+            "semaphore blkreq up g at 30 down blk at 30\n",
+            "semaphore blkanswer up blk at 31 down g at 31\n",
+        ] {
+            assert!(blk.contains(line), "{line} in {blk}");
+        }
+        assert!(plan.modules.iter().any(|m| m.name == "blk"));
+        assert!(!plan.modules.iter().any(|m| m.name == "disk.img"));
+        assert_eq!(
+            plan.disk.unwrap().qemu_args()[..4],
+            [
+                "-machine",
+                "q35",
+                "-drive",
+                "if=none,file=/cfg/g.img,format=raw,id=d0"
+            ]
+        );
+
+        // A missing file is created with `disk-size`.
+        let created = super::tests::plan(&format!(
+            "{DISK_GUEST}disk = \"missing.img\"\ndisk-size = \"64M\"\n"
+        ))
+        .unwrap();
+        let disk = created.disk.unwrap();
+        assert_eq!((disk.size, disk.create), (64 << 20, true));
+        assert!(created.manifest.contains("args c0.disk=0,131072\n"));
+    }
+
+    #[test]
+    fn bad_disks_are_errors() {
+        for (more, field, message) in [
+            (
+                "disk = \"missing.img\"\n",
+                "guest[0].disk",
+                "to create it, give its size",
+            ),
+            (
+                "disk = \"missing.img\"\ndisk-size = \"512K\"\n",
+                "guest[0].disk-size",
+                "524288 bytes is too small: a disk has at least 1M",
+            ),
+            (
+                "disk-size = \"1G\"\n",
+                "guest[0].disk-size",
+                "name the disk",
+            ),
+            ("disk = \"\"\n", "guest[0].disk", "expected a file's path"),
+            (
+                "disk = \"g.img\"\ntest-disk = true\n",
+                "guest[0].disk",
+                "`disk` or `test-disk`, not both",
+            ),
+            (
+                "disk = \"g.img\"\n[[guest]]\nname = \"h\"\nkernel = \"bz\"\ninitrd = \"rd\"\n\
+                 disk = \"h.img\"\n",
+                "guest[1].disk",
+                "guest 'g' already has a persistent disk",
+            ),
+            (
+                "disk = \"g.img\"\n[[component]]\nname = \"blk\"\nmodule = \"echo\"\n",
+                "component[0].name",
+                "'blk' is the name of the block service",
+            ),
+        ] {
+            let (_, _, got_field, got) = error(&format!("{DISK_GUEST}{more}"));
+            assert_eq!(got_field, field, "{more}");
+            assert!(got.contains(message), "{more}: {got}");
+        }
+    }
+
+    #[test]
+    fn the_quick_form_disk_replaces_the_test_disk() {
+        let quick = GuestOverride {
+            disk: Some(DiskOption::parse("/home/u/d.img:2G").unwrap()),
+            ..GuestOverride::default()
+        };
+        let plan = example_plan("default.toml", &quick);
+        root_parse(&plan.manifest);
+        assert!(!plan.manifest.contains("file disk disk.img"));
+        assert!(plan.manifest.contains("component blk\n"));
+        let disk = plan.disk.unwrap();
+        assert_eq!(disk.path, PathBuf::from("/home/u/d.img"));
+        assert_eq!(disk.size, 8 << 20, "an existing file keeps its size");
+        let ModuleSource::Text(line) = &plan.modules.last().unwrap().source else {
+            panic!("no command line");
+        };
+        assert!(!line.contains("moat.disk_sum="), "{line}");
+
+        let parse = |t: &str| DiskOption::parse(t).map(|d| (d.file, d.size.map(|s| s.0)));
+        assert_eq!(parse("a.img"), Ok(("a.img".into(), None)));
+        assert_eq!(parse("a.img:64M"), Ok(("a.img".into(), Some(64 << 20))));
+        assert_eq!(parse("a:b.img"), Ok(("a:b.img".into(), None)));
+        assert!(parse("a.img:64").is_err(), "a size needs its unit");
+        assert!(parse(":64M").is_err());
+    }
+
+    #[test]
+    fn a_disk_is_created_and_checked_before_the_boot() {
+        let dir = std::env::temp_dir().join(format!("xtask-blkdisk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let disk = |name: &str, create: bool| DiskPlan {
+            guest: "g".into(),
+            path: dir.join(name),
+            size: 4 << 20,
+            create,
+        };
+        disk("new.img", true).prepare().unwrap();
+        assert_eq!(
+            std::fs::metadata(dir.join("new.img")).unwrap().len(),
+            4 << 20
+        );
+        // Kept as it is the next time.
+        std::fs::write(dir.join("new.img"), vec![7u8; 2 << 20]).unwrap();
+        disk("new.img", false).prepare().unwrap();
+        assert_eq!(
+            std::fs::metadata(dir.join("new.img")).unwrap().len(),
+            2 << 20
+        );
+        std::fs::write(dir.join("small.img"), [0u8; 4096]).unwrap();
+        let e = disk("small.img", false).prepare().unwrap_err();
+        assert!(e.contains("4096 bytes is too small"), "{e}");
+        std::fs::create_dir_all(dir.join("a-dir")).unwrap();
+        let e = disk("a-dir", false).prepare().unwrap_err();
+        assert!(e.starts_with("guest 'g': cannot write the disk "), "{e}");
+        let e = disk("no/such/dir.img", true).prepare().unwrap_err();
+        assert!(e.contains("cannot write the disk"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

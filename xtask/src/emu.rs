@@ -182,6 +182,7 @@ pub fn qemu_args(boot: &BootSpec, accel: Accel, serial: Serial<'_>) -> Result<Ve
     };
     args.extend(["-serial".to_string(), serial]);
     args.extend(boot.qemu_boot_args()?);
+    args.extend(boot.qemu_devices.iter().cloned());
     Ok(args)
 }
 
@@ -755,6 +756,7 @@ vmm: dump: exits 10: io 9 hlt 1
             }],
             memory_mib: crate::image::DEFAULT_MEMORY_MIB,
             cpus: 1,
+            qemu_devices: Vec::new(),
         }
     }
 

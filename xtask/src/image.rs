@@ -42,6 +42,9 @@ pub struct BootSpec {
     pub memory_mib: u32,
     /// The emulated machine's CPUs.
     pub cpus: u32,
+    /// QEMU's devices for the system (a guest's persistent disk), after
+    /// the usual arguments.
+    pub qemu_devices: Vec<String>,
 }
 
 /// RAM of the emulated machine unless a test needs more (a Linux guest).
@@ -279,6 +282,7 @@ pub fn plan_boot(plan: &Plan, artifacts: &Artifacts, dir: &Path) -> Result<BootS
         modules,
         memory_mib: plan.memory_mib,
         cpus: plan.cpus,
+        qemu_devices: plan.disk.as_ref().map_or(Vec::new(), |d| d.qemu_args()),
     })
 }
 
@@ -319,6 +323,7 @@ mod tests {
             modules,
             memory_mib: DEFAULT_MEMORY_MIB,
             cpus: 1,
+            qemu_devices: Vec::new(),
         }
     }
 

@@ -738,11 +738,91 @@ component ticker
     hostile_vmm!("hostile_b", "cmdline_b", ""),
 );
 
+/// The `blk` driver on QEMU's virtio-blk device, serving two clients
+/// through the regions `c0` and `c1`; `$disks` gives their sectors.
+macro_rules! blk_driver {
+    ($disks:literal) => {
+        concat!(
+            "\
+component blk
+    module blk
+    priority 20
+    memory 256K
+    quota 128K
+    restart 0
+    pci dev 1af4:1042 at 0x20000000000
+    dma dma 16K at 0x30000000000
+    shared c0 64K at 0x10000000000
+    shared c1 64K at 0x11000000000
+    args ",
+            $disks,
+            "\n"
+        )
+    };
+}
+
+/// A `blktest` client named `$name` on the block service's region
+/// `$region`.
+macro_rules! blktest_client {
+    ($name:literal, $region:literal) => {
+        concat!(
+            "component ",
+            $name,
+            "\n    module blktest\n    priority 10\n    memory 128K\n    quota 64K\n    \
+             restart 0\n    shared ",
+            $region,
+            " 64K at 0x10000000000\n    args name=",
+            $name,
+            " region=",
+            $region,
+            "\n"
+        )
+    };
+}
+
+/// The block service on QEMU's virtio-blk device (a 2 MiB image): client
+/// `blktest-a` owns sectors 0..2048, `blktest-b` 2048..4096; each has a
+/// 64 KiB region shared with `blk` only, and a reply semaphore.
+pub const BLK: &str = concat!(
+    blk_driver!("c0.disk=0,2048 c1.disk=2048,2048"),
+    blktest_client!("blktest-a", "c0"),
+    blktest_client!("blktest-b", "c1"),
+    "\
+semaphore blkreq up blktest-a at 30 up blktest-b at 30 down blk at 30
+semaphore areply up blk at 31 down blktest-a at 31
+semaphore breply up blk at 32 down blktest-b at 31
+"
+);
+
+/// The Linux guest whose virtio disk is the block service's (QEMU's
+/// virtio-blk device on the 1 MiB test disk image): the guest's VMM is
+/// client `c0` with sectors 0..1536, a native `blktest` beside it client
+/// `c1` with sectors 1536..2048; each region is shared with `blk` alone.
+pub const VMM_BLK: &str = concat!(
+    linux_neighbours!(),
+    clock_driver!(),
+    blk_driver!("c0.disk=0,1536 c1.disk=1536,512"),
+    blktest_client!("blktest", "c1"),
+    linux_vmm!(),
+    "\
+    file cmdline cmdline at 0x33000000000
+    shared c0 64K at 0x34000000000
+    uses echo at 20
+    uses modem at 21
+    uses clock at 22
+    args clock=22 modem=21 vm-portals=20 user-hypercalls blk=c0
+irq 255 to linux
+semaphore blkreq up linux at 30 up blktest at 30 down blk at 30
+semaphore guestdisk up blk at 31 down linux at 31
+semaphore testdisk up blk at 32 down blktest at 31
+"
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const ALL: [&str; 29] = [
+    const ALL: [&str; 31] = [
         STALL,
         IPC_PINGPONG,
         SUPERVISION,
@@ -772,6 +852,8 @@ mod tests {
         MULTIBOOT,
         BAD_GUESTS,
         HOSTILE,
+        BLK,
+        VMM_BLK,
     ];
 
     /// The components each manifest names, in order.
@@ -823,39 +905,3 @@ mod tests {
         assert_eq!(components(IPC_PINGPONG), ["echo", "ping"]);
     }
 }
-
-/// The block service on QEMU's virtio-blk device (a 2 MiB image): client
-/// `blktest-a` owns sectors 0..2048, `blktest-b` 2048..4096; each has a
-/// 64 KiB region shared with `blk` only, and a reply semaphore.
-pub const BLK: &str = "\
-component blk
-    module blk
-    priority 20
-    memory 256K
-    quota 128K
-    restart 0
-    pci dev 1af4:1042 at 0x20000000000
-    dma dma 16K at 0x30000000000
-    shared c0 64K at 0x10000000000
-    shared c1 64K at 0x11000000000
-    args c0.disk=0,2048 c1.disk=2048,2048
-component blktest-a
-    module blktest
-    priority 10
-    memory 128K
-    quota 64K
-    restart 0
-    shared c0 64K at 0x10000000000
-    args name=blktest-a region=c0
-component blktest-b
-    module blktest
-    priority 10
-    memory 128K
-    quota 64K
-    restart 0
-    shared c1 64K at 0x10000000000
-    args name=blktest-b region=c1
-semaphore blkreq up blktest-a at 30 up blktest-b at 30 down blk at 30
-semaphore areply up blk at 31 down blktest-a at 31
-semaphore breply up blk at 32 down blktest-b at 31
-";

@@ -24,6 +24,18 @@ pub fn run(opts: &RunOpts) -> Result<ExitCode> {
     // A bad configuration, or a KVM that cannot run Moat when `--kvm`
     // asks for it, is reported before setup and the long build.
     let plan = config::load(&config, &opts.guest, &config::file_size)?;
+    if let Some(disk) = &plan.disk {
+        if opts.emu == Emulator::Bochs {
+            return Err(crate::Error::Other(format!(
+                "guest '{}': a persistent disk ({}) needs QEMU: Bochs has no virtio-blk \
+                 device for the blk driver; run with --emu qemu, or give the guest \
+                 `test-disk = true` (a RAM disk) instead",
+                disk.guest,
+                disk.path.display()
+            )));
+        }
+        disk.prepare().map_err(crate::Error::Other)?;
+    }
     let kvm_host = kvm::KvmHost::read();
     if opts.require_kvm {
         if let Err(why) = kvm::verdict(&kvm_host) {
@@ -64,6 +76,14 @@ pub fn run(opts: &RunOpts) -> Result<ExitCode> {
                     Accel::Tcg
                 }
             };
+            if let Some(disk) = &plan.disk {
+                println!(
+                    "run: guest '{}': its virtio disk is {} ({} MiB) through the block service",
+                    disk.guest,
+                    disk.path.display(),
+                    disk.size >> 20
+                );
+            }
             let mut cmd = emu::qemu_command(&emu::qemu_args(&boot, accel, Serial::Stdio)?);
             println!("run: {}", describe(&cmd));
             let child = cmd

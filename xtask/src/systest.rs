@@ -296,14 +296,14 @@ const LINUX_INITRAMFS: ModuleSpec = ModuleSpec {
 
 /// The boot modules of a Linux guest beside `echo`, `modem` and `rtc` (the
 /// clock, for a manifest that has it): the root task, the manifest
-/// `$manifest` (named `$dir`), the components, and what the manifest's
-/// `file` lines name, the test disk and command line in their own
-/// directory.
+/// `$manifest` (named `$dir`), the components (and `$more`), and what the
+/// manifest's `file` lines name, the test disk and command line in their
+/// own directory.
 macro_rules! linux_beside_modem {
-    ($dir:literal, $manifest:expr, $args:expr) => {
-        &linux_beside_modem!(@array $dir, $manifest, $args)
+    ($dir:literal, $manifest:expr, $args:expr $(, $more:expr)*) => {
+        &linux_beside_modem!(@array $dir, $manifest, $args $(, $more)*)
     };
-    (@array $dir:literal, $manifest:expr, $args:expr) => {
+    (@array $dir:literal, $manifest:expr, $args:expr $(, $more:expr)*) => {
         [
             ROOTTASK,
             manifest($dir, $manifest),
@@ -326,12 +326,45 @@ macro_rules! linux_beside_modem {
                 }),
                 args: &[],
             },
+            $($more,)*
         ]
+    };
+}
+
+/// One guest whose disk is an 8 MiB image xtask creates under
+/// `target/systest/$dir/` (paths are relative to the workspace root here);
+/// `/init` keeps its `moat.persist` mark at sector 100.
+macro_rules! disk_config {
+    ($dir:literal) => {
+        concat!(
+            r#"
+[[guest]]
+name = "linux"
+kernel = "pinned:bzImage"
+initrd = "pinned:initramfs.cpio"
+cmdline = "console=ttyS0 panic=-1 moat.persist=100"
+disk-size = "8M"
+disk = "target/systest/"#,
+            $dir,
+            "/user.img\"\n"
+        )
     };
 }
 
 /// The Linux guest's boot modules.
 const LINUX_MODULES: &[ModuleSpec] = linux_beside_modem!("linux", manifests::LINUX, LINUX_ARGS);
+
+/// The Linux guest on the block service (test `vmm_blk`): the test disk
+/// image is QEMU's drive (the VMM's manifest does not map the module);
+/// `/init` keeps its `moat.persist` mark at sector 1100
+/// ([`VMM_BLK_PERSIST_SECTOR`], past its disk checks' sectors).
+const VMM_BLK_MODULES: &[ModuleSpec] = linux_beside_modem!(
+    "vmm_blk",
+    manifests::VMM_BLK,
+    "console=ttyS0 panic=-1 moat.modem=1 moat.ipc=20 moat.persist=1100",
+    component("blk"),
+    component("blktest")
+);
 
 /// The demo: the Linux guest in its demo mode (`moat.demo=1`) beside
 /// `echo` and a `modem` with fault injection, under a VMM that restarts
@@ -1418,6 +1451,47 @@ pub const TESTS: &[SysTest] = &[
         only_on: Some(Emulator::Qemu),
         ..BASE
     },
+    // The Linux guest's virtio disk is the block service's, on QEMU's
+    // virtio-blk device and the host's image file: /init's disk checks
+    // (and its reboot) through the service, its `moat.persist` data found
+    // on the image by the harness after the run and by the guest itself
+    // on a second boot of the machine; a native client beside it on the
+    // same device, kept to its own sectors.
+    SysTest {
+        name: "vmm_blk",
+        modules: VMM_BLK_MODULES,
+        kernel_args: &["pool=400"],
+        qemu_args: &[
+            "-machine",
+            "q35",
+            "-drive",
+            "if=none,file=target/systest/vmm_blk/disk.img,format=raw,id=d0",
+            "-device",
+            "virtio-blk-pci,drive=d0,disable-legacy=on,disable-modern=off",
+        ],
+        expect: LINUX_CHECKS,
+        forbid: &[
+            "FAIL",
+            "faulted",
+            "vmm: disk error",
+            "blk: a completion came without its interrupt",
+        ],
+        stop: Stop::WhenDecided,
+        memory_mib: 1024,
+        check: Some(vmm_blk_check),
+        second_boot: &[
+            all("vmm: disk from the block service: 1536 sectors"),
+            all("MOAT-CHECK disk-boot ok boot 3: found boot 2's data"),
+            all("MOAT-CHECK blk-persist ok"),
+            all("blktest: second boot read back what the first wrote"),
+            all("blktest: 8 bad requests refused"),
+            all("MOAT-INIT done checks="),
+            all("roottask: component 'linux' finished"),
+        ],
+        slow: 2,
+        only_on: Some(Emulator::Qemu),
+        ..BASE
+    },
     SysTest {
         name: "round_robin",
         modules: &[
@@ -1917,6 +1991,50 @@ pub const TESTS: &[SysTest] = &[
         only_on: Some(Emulator::Qemu),
         ..BASE
     },
+    // `cargo xtask run --disk FILE:SIZE` as a configuration: xtask creates
+    // the image and adds the block service; the guest (not told the test
+    // disk's checksum) leaves the disk's contents alone but for its
+    // `moat.persist` mark and data, which the image holds after the run and
+    // a second boot of the machine finds.
+    SysTest {
+        name: "config_disk",
+        config: Some(SystemConfig::Text(disk_config!("config_disk"))),
+        expect: &[
+            all("vmm: disk from the block service: 16384 sectors"),
+            all("MOAT-CHECK disk-boot ok boot 1: no earlier boot's data; wrote crc32 "),
+            all("MOAT-INIT /dev/vda is not the test disk (no moat.disk_sum=): left alone"),
+            all("MOAT-CHECK virtio-block ok"),
+            all("MOAT-INIT done checks="),
+            all("failed=0"),
+            all("vmm: guest stopped: power-off"),
+            // The driver ends with its only client, and with it the run.
+            all("roottask: component 'blk' stopped: its clients are done"),
+            all(NO_TASKS_LEFT),
+        ],
+        forbid: &["FAIL", "faulted", "vmm: disk error"],
+        stop: Stop::WhenDecided,
+        check: Some(config_disk_check),
+        second_boot: &[all("MOAT-CHECK disk-boot ok boot 2: found boot 1's data")],
+        slow: 2,
+        only_on: Some(Emulator::Qemu),
+        ..BASE
+    },
+    // The same, with QEMU killed once the guest's write and flush are done
+    // (the line comes after its fsync returned): the image holds them, and
+    // the next boot finds them.
+    SysTest {
+        name: "disk_kill",
+        config: Some(SystemConfig::Text(disk_config!("disk_kill"))),
+        expect: &[all(
+            "MOAT-CHECK disk-boot ok boot 1: no earlier boot's data; wrote crc32 ",
+        )],
+        forbid: &["FAIL", "faulted", "vmm: disk error"],
+        stop: Stop::WhenDecided,
+        check: Some(disk_kill_check),
+        second_boot: &[all("MOAT-CHECK disk-boot ok boot 2: found boot 1's data")],
+        only_on: Some(Emulator::Qemu),
+        ..BASE
+    },
     // One guest panics (and is not restarted); the other goes on to the
     // end of its checks and powers off.
     SysTest {
@@ -1946,6 +2064,24 @@ pub const TESTS: &[SysTest] = &[
         ..BASE
     },
 ];
+
+/// Whether the image of a [`disk_config!`] test holds the guest's last
+/// mark and data.
+fn disk_config_image(output: &str, dir: &str) -> Vec<Part> {
+    let image = Path::new(SYSTEST_DIR).join(dir).join("user.img");
+    vec![Part {
+        name: format!("{dir}/image"),
+        result: persisted_on_image(output, &image, 100),
+    }]
+}
+
+fn config_disk_check(output: &str) -> Vec<Part> {
+    disk_config_image(output, "config_disk")
+}
+
+fn disk_kill_check(output: &str) -> Vec<Part> {
+    disk_config_image(output, "disk_kill")
+}
 
 /// `two_guests_panic`: `linux` makes its checks (disk, reboot, hypercall)
 /// while `crash`, above it and with less to check, panics at the end of
@@ -2137,6 +2273,88 @@ fn linux_check(output: &str) -> Vec<Part> {
 /// A guest that owns the console: its bytes reach the terminal raw.
 fn console_guest_check(output: &str) -> Vec<Part> {
     vec![clock_part(output), ansi_part(output, true)]
+}
+
+/// `vmm_blk`: the guest's disk came from the block service and its flush
+/// reached it; the native client beside it kept to its own sectors; and
+/// the host's image file holds what the guest wrote last (its mark and
+/// the crc32 of its data, as `/init` reported them).
+fn vmm_blk_check(output: &str) -> Vec<Part> {
+    let mut parts = linux_check(output);
+    for (name, line) in [
+        ("service", "vmm: disk from the block service: 1536 sectors"),
+        (
+            "flush",
+            "vmm: disk: the guest's first flush reached the block service's device",
+        ),
+        (
+            "boot1",
+            "MOAT-CHECK disk-boot ok boot 1: no earlier boot's data",
+        ),
+        (
+            "boot2",
+            "MOAT-CHECK disk-boot ok boot 2: found boot 1's data",
+        ),
+        ("native", "blktest: wrote, flushed and read back 16 sectors"),
+        ("isolation", "blktest: 8 bad requests refused"),
+    ] {
+        parts.push(Part {
+            name: format!("vmm_blk/{name}"),
+            result: if output.contains(line) {
+                Ok(line.to_string())
+            } else {
+                Err(format!("missing '{line}'"))
+            },
+        });
+    }
+    let image = Path::new(SYSTEST_DIR).join("vmm_blk/disk.img");
+    parts.push(Part {
+        name: "vmm_blk/image".to_string(),
+        result: persisted_on_image(output, &image, VMM_BLK_PERSIST_SECTOR),
+    });
+    parts
+}
+
+/// The sector of `/init`'s `moat.persist` mark in test `vmm_blk`.
+const VMM_BLK_PERSIST_SECTOR: usize = 1100;
+
+/// Whether `image` holds what the guest's last `disk-boot` check says it
+/// wrote: the mark `MOAT-PERSIST BOOT CRC` at `sector`, and 8 sectors
+/// after it whose crc32 is CRC.
+fn persisted_on_image(output: &str, image: &Path, sector: usize) -> Result<String, String> {
+    const CHECK: &str = "MOAT-CHECK disk-boot ok boot ";
+    let line = output
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once(CHECK).map(|(_, rest)| rest))
+        .ok_or("no disk-boot check in the output")?;
+    let boot = line.split(':').next().unwrap_or("");
+    let crc = line
+        .rsplit_once("; wrote crc32 ")
+        .map(|(_, crc)| crc.trim())
+        .ok_or_else(|| format!("no crc32 in '{line}'"))?;
+    let bytes = fs::read(image).map_err(|e| format!("cannot read {}: {e}", image.display()))?;
+    let at = sector * linux::SECTOR;
+    let data = bytes
+        .get(at + linux::SECTOR..at + 9 * linux::SECTOR)
+        .ok_or_else(|| format!("{} is too short", image.display()))?;
+    let mark = String::from_utf8_lossy(&bytes[at..at + linux::SECTOR]);
+    let mark = mark.lines().next().unwrap_or("");
+    let want = format!("MOAT-PERSIST {boot} {crc}");
+    let got = format!("{:08x}", linux::crc32(data));
+    if mark != want {
+        Err(format!(
+            "sector {sector} of the image holds '{mark}', not '{want}'"
+        ))
+    } else if got != crc {
+        Err(format!(
+            "the image's data after the mark has crc32 {got}, the guest wrote {crc}"
+        ))
+    } else {
+        Ok(format!(
+            "the image holds boot {boot}'s mark and data (crc32 {crc})"
+        ))
+    }
 }
 
 /// Per hostile guest: its start line with the seed, every action done,
@@ -2632,6 +2850,7 @@ pub(crate) fn boot_spec(test: &SysTest, artifacts: &Artifacts) -> Result<BootSpe
         modules,
         memory_mib: test.memory_mib,
         cpus: test.cpus,
+        qemu_devices: Vec::new(),
     })
 }
 
@@ -2659,6 +2878,18 @@ fn config_boot_spec(
             plan(&crate::config::file_size)?
         }
     };
+    if let Some(disk) = &plan.disk {
+        // A fresh disk each run, as `cargo xtask run` creates a missing one.
+        if let Some(dir) = disk.path.parent() {
+            fs::create_dir_all(dir).context(|| format!("cannot create {}", dir.display()))?;
+        }
+        emu::remove_stale(&disk.path)?;
+        let fresh = crate::config::DiskPlan {
+            create: true,
+            ..disk.clone()
+        };
+        fresh.prepare().map_err(Error::Other)?;
+    }
     let mut boot =
         crate::image::plan_boot(&plan, artifacts, &Path::new(SYSTEST_DIR).join(test.name))?;
     boot.kernel_args

@@ -16,10 +16,10 @@
 #![no_main]
 
 use common::args;
-use common::blk::{self, op, status, Request, Response};
-use core::sync::atomic::{fence, Ordering};
+use common::blk::{self, op, status, Response};
+use common::blk_client;
 use moat_user::mmio::{window_arg, Window};
-use moat_user::{println, rdtsc, sys};
+use moat_user::println;
 
 moat_user::entry!(main);
 
@@ -28,65 +28,30 @@ const REPLY_SM: u64 = 31;
 const SECTORS: u32 = 16;
 const MARK: &[u8; 8] = b"MOATBLK1";
 
+/// The shared client, with this component's name on its failures.
 struct Client<'a> {
     name: &'a str,
-    region: Window,
-    head: u32,
-    tail: u32,
-    next_id: u64,
-    timeout: u64,
+    inner: blk_client::Client,
 }
 
 impl Client<'_> {
+    fn region(&self) -> &Window {
+        self.inner.region()
+    }
+
     fn request(&mut self, op: u32, sector: u64, count: u32, buffer: u64) -> Result<Response, ()> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let request = Request {
-            id,
-            op,
-            count,
-            sector,
-            buffer,
-        };
-        let at = blk::slot(blk::REQUESTS, blk::REQUEST_SIZE, self.head) as u64;
-        self.region.write_bytes(at, &request.encode());
-        fence(Ordering::SeqCst);
-        self.head = self.head.wrapping_add(1);
-        self.region.write::<u32>(blk::REQ_HEAD as u64, self.head);
-        let _ = sys::sm_up(SERVICE_SM);
-        loop {
-            fence(Ordering::SeqCst);
-            if self.region.read::<u32>(blk::RESP_HEAD as u64) != self.tail {
-                break;
-            }
-            if sys::sm_down(REPLY_SM, rdtsc().saturating_add(self.timeout), false).is_err() {
-                println!("{}: FAIL no answer from the block service", self.name);
-                return Err(());
-            }
-        }
-        let mut bytes = [0; blk::RESPONSE_SIZE];
-        let at = blk::slot(blk::RESPONSES, blk::RESPONSE_SIZE, self.tail) as u64;
-        self.region.read_bytes(at, &mut bytes);
-        self.tail = self.tail.wrapping_add(1);
-        self.region.write::<u32>(blk::RESP_TAIL as u64, self.tail);
-        let response = Response::decode(&bytes);
-        if response.id != id {
-            println!("{}: FAIL answer {} to request {id}", self.name, response.id);
-            return Err(());
-        }
-        Ok(response)
+        self.inner
+            .request(op, sector, count, buffer)
+            .map_err(|error| println!("{}: FAIL op {op}: {error:?}", self.name))
     }
 
     fn ok(&mut self, op: u32, sector: u64, count: u32, buffer: u64) -> Result<Response, ()> {
-        let response = self.request(op, sector, count, buffer)?;
-        if response.status != status::OK {
+        self.inner.ok(op, sector, count, buffer).map_err(|error| {
             println!(
-                "{}: FAIL op {op} sector {sector} count {count}: status {}",
-                self.name, response.status
-            );
-            return Err(());
-        }
-        Ok(response)
+                "{}: FAIL op {op} sector {sector} count {count}: {error:?}",
+                self.name
+            )
+        })
     }
 }
 
@@ -106,14 +71,12 @@ fn main(args: &str) -> i32 {
         println!("{name}: FAIL no disk region");
         return 1;
     };
-    let mut client = Client {
-        name,
-        region,
-        head: region.read::<u32>(blk::REQ_HEAD as u64),
-        tail: region.read::<u32>(blk::RESP_TAIL as u64),
-        next_id: 1,
-        timeout: args::tsc_hz(args).saturating_mul(10),
+    let timeout = args::tsc_hz(args).saturating_mul(10);
+    let Ok(inner) = blk_client::Client::new(region, SERVICE_SM, REPLY_SM, timeout) else {
+        println!("{name}: FAIL the region is too small");
+        return 1;
     };
+    let mut client = Client { name, inner };
     match run(&mut client) {
         Ok(()) => 0,
         Err(()) => 1,
@@ -130,14 +93,14 @@ fn run(c: &mut Client) -> Result<(), ()> {
     // Sector 0: is our mark there?
     c.ok(op::READ, 0, 1, data)?;
     let mut mark = [0u8; 8];
-    c.region.read_bytes(data, &mut mark);
+    c.region().read_bytes(data, &mut mark);
     let second_boot = &mark == MARK;
     if !second_boot {
         for i in 0..span {
-            c.region
+            c.region()
                 .write::<u8>(data + i, pattern(name, i / blk::SECTOR, i % blk::SECTOR));
         }
-        c.region.write_bytes(data, MARK);
+        c.region().write_bytes(data, MARK);
         for first in (0..SECTORS).step_by(step as usize) {
             let buffer = data + u64::from(first) * blk::SECTOR;
             c.ok(op::WRITE, u64::from(first), step, buffer)?;
@@ -145,7 +108,7 @@ fn run(c: &mut Client) -> Result<(), ()> {
         c.ok(op::FLUSH, 0, 0, 0)?;
         // Wipe the buffer, read back.
         for i in 0..span {
-            c.region.write::<u8>(data + i, 0);
+            c.region().write::<u8>(data + i, 0);
         }
     }
     for first in (0..SECTORS).step_by(step as usize) {
@@ -154,7 +117,7 @@ fn run(c: &mut Client) -> Result<(), ()> {
     }
     for i in 8..span {
         let want = pattern(name, i / blk::SECTOR, i % blk::SECTOR);
-        let got = c.region.read::<u8>(data + i);
+        let got = c.region().read::<u8>(data + i);
         if got != want {
             println!("{name}: FAIL byte {i} read back as {got:#x}, not {want:#x}");
             return Err(());
@@ -166,7 +129,7 @@ fn run(c: &mut Client) -> Result<(), ()> {
         println!("{name}: wrote, flushed and read back {SECTORS} sectors");
     }
 
-    let region = c.region.len();
+    let region = c.region().len();
     let bad = [
         (op::READ, sectors, 1, data, status::OUT_OF_RANGE),
         (op::WRITE, sectors - 1, 2, data, status::OUT_OF_RANGE),

@@ -2,12 +2,15 @@
 //! arguments, the root task's registry message, a seeded PRNG, statistics
 //! over samples and the fuzzer's rules. Tested on the host
 //! (`cargo test -p moat-component-common`). With the `runtime` feature,
-//! [`rt`] adds the kernel calls they share (portals, publishing, sleeping).
+//! [`rt`] adds the kernel calls they share (portals, publishing, sleeping),
+//! and `blk_client` the block service's client.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
 pub mod args;
 pub mod blk;
+#[cfg(feature = "runtime")]
+pub mod blk_client;
 pub mod cmos;
 pub mod fuzz;
 pub mod lend;

@@ -99,6 +99,40 @@ pub struct Manifest {
     pub devices: Vec<PciRequest>,
 }
 
+impl Manifest {
+    /// Whether component `client` is served by component `server`: it
+    /// calls its portal, or `server` is a driver (it has a `pci` device)
+    /// and they share a region (the driver's clients, e.g. the block
+    /// service's). The root task stops a server once all its clients are
+    /// done.
+    pub fn serves(&self, server: usize, client: usize) -> bool {
+        let (Some(s), Some(c)) = (self.components.get(server), self.components.get(client)) else {
+            return false;
+        };
+        if server == client {
+            return false;
+        }
+        let driver = s
+            .mappings
+            .iter()
+            .any(|m| matches!(m.source, MappingSource::Pci(_)));
+        c.uses.iter().any(|u| u.provider == server)
+            || (driver
+                && c.shared_regions()
+                    .any(|r| s.shared_regions().any(|own| own == r)))
+    }
+}
+
+impl Component {
+    /// The indices (into [`Manifest::shared`]) of its shared regions.
+    fn shared_regions(&self) -> impl Iterator<Item = usize> + '_ {
+        self.mappings.iter().filter_map(|m| match m.source {
+            MappingSource::Shared { index, .. } => Some(index),
+            _ => None,
+        })
+    }
+}
+
 /// A `pci` line: the `nth` function (among the lines naming the same ids)
 /// with `vendor:device`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1819,5 +1853,16 @@ component client
             Err(ErrorKind::MappingOverlap(_))
         ));
         assert!(parse(&text.replace("1af4:1042", "1af4")).is_err());
+        // The driver serves the client it shares a region with; not the
+        // other way round, and not a component that shares nothing.
+        let with_other = format!(
+            "{text}component other\n module blktest\n priority 1\n memory 128K\n quota 64K\n shared c1 8K at 0x10000000000\n"
+        );
+        let m = parse(&with_other).expect("parses");
+        assert!(m.serves(0, 1));
+        assert!(!m.serves(1, 0));
+        assert!(!m.serves(0, 2));
+        assert!(!m.serves(0, 0));
+        assert!(!m.serves(0, 9));
     }
 }

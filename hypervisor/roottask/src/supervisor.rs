@@ -200,8 +200,8 @@ impl Supervisor {
                 .components
                 .iter()
                 .enumerate()
-                .filter(|(_, c)| c.uses.iter().any(|u| u.provider == index))
                 .map(|(client, _)| client)
+                .filter(|&client| self.manifest.serves(index, client))
                 .peekable();
             if clients.peek().is_none() || !clients.all(|c| self.slots[c].done()) {
                 continue;

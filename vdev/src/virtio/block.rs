@@ -1,5 +1,7 @@
 //! virtio block device: IN, OUT, FLUSH and GET_ID requests over a
-//! [`BlockBackend`] of 512-byte sectors; [`MemDisk`] keeps the disk in RAM.
+//! [`BlockBackend`] of 512-byte sectors (its storage; a failing back end
+//! gives the guest `VIRTIO_BLK_S_IOERR`); [`MemDisk`] keeps the disk in
+//! RAM, the VMM's other back end is a client of the block service.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -47,6 +49,25 @@ pub trait BlockBackend {
     }
     fn read_only(&self) -> bool {
         false
+    }
+}
+
+/// A back end chosen at run time (the VMM's: the block service or RAM).
+impl<B: BlockBackend + ?Sized> BlockBackend for alloc::boxed::Box<B> {
+    fn sectors(&self) -> u64 {
+        (**self).sectors()
+    }
+    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        (**self).read(sector, buf)
+    }
+    fn write(&mut self, sector: u64, data: &[u8]) -> Result<(), IoError> {
+        (**self).write(sector, data)
+    }
+    fn flush(&mut self) -> Result<(), IoError> {
+        (**self).flush()
+    }
+    fn read_only(&self) -> bool {
+        (**self).read_only()
     }
 }
 

@@ -368,7 +368,11 @@ fn pci_enumerates_the_virtio_devices() {
     }
     let mut s = setup();
     s.machine
-        .add_pci_devices(Some(vec![0; 4096]), Box::new(Zeros), NamedPort::Echo)
+        .add_pci_devices(
+            Some(Box::new(MemDisk::new(vec![0; 4096]))),
+            Box::new(Zeros),
+            NamedPort::Echo,
+        )
         .unwrap();
     let mut ids = Vec::new();
     for slot in 0..6u64 {
@@ -392,7 +396,8 @@ fn pci_enumerates_the_virtio_devices() {
             0xffff_ffff, // nothing
         ]
     );
-    assert_eq!(s.machine.disk().map(|d| d.len()), Some(4096));
+    assert_eq!(s.machine.take_disk().map(|d| d.sectors()), Some(8));
+    assert_eq!(s.machine.take_disk().map(|d| d.sectors()), Some(0));
 }
 
 /// The state dump: exits by reason, the last one with its RIP, the APIC's
@@ -409,7 +414,11 @@ fn the_dump_shows_exits_interrupts_and_every_queue() {
     let mut s = setup();
     assert_eq!(s.machine.dump()[..2], ["exits 0:", "last exit none"]);
     s.machine
-        .add_pci_devices(Some(vec![0; 4096]), Box::new(Zeros), NamedPort::Echo)
+        .add_pci_devices(
+            Some(Box::new(MemDisk::new(vec![0; 4096]))),
+            Box::new(Zeros),
+            NamedPort::Echo,
+        )
         .unwrap();
     let mut state = out(0x3f8, 1, u64::from(b'x'));
     s.machine.handle_exit(&mut state);
