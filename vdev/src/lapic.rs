@@ -132,7 +132,6 @@ const ICR_SHORTHAND_SHIFT: u32 = 18;
 const SHORTHAND_NONE: u32 = 0;
 const SHORTHAND_SELF: u32 = 1;
 const SHORTHAND_ALL_INCLUDING_SELF: u32 = 2;
-const SHORTHAND_ALL_EXCLUDING_SELF: u32 = 3;
 /// IPIs one vCPU may have queued before the VMM takes them (one ICR
 /// write per exit, so one in practice).
 const MAX_OUTGOING: usize = 8;
@@ -373,6 +372,15 @@ impl<C: Clock> Lapic<C> {
         };
         lapic.reset_registers();
         lapic
+    }
+
+    /// An INIT: the registers go to their power-up state; the ID and
+    /// IA32_APIC_BASE (so the xAPIC or x2APIC mode) stay (SDM Vol. 3A
+    /// 10.4.7.3).
+    pub fn init(&mut self) {
+        self.reset_registers();
+        self.outgoing.clear();
+        self.level_eois = VectorSet::default();
     }
 
     /// Power-up state of everything but the ID and IA32_APIC_BASE.
@@ -677,6 +685,7 @@ impl<C: Clock> Lapic<C> {
             SHORTHAND_NONE => Shorthand::None,
             SHORTHAND_SELF => Shorthand::Self_,
             SHORTHAND_ALL_INCLUDING_SELF => Shorthand::AllIncludingSelf,
+            // SHORTHAND_ALL_EXCLUDING_SELF, the last of two bits' values.
             _ => Shorthand::AllExcludingSelf,
         };
         let mode = match (low >> ICR_DELIVERY_MODE_SHIFT) & ICR_DELIVERY_MODE {
