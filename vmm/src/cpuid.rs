@@ -210,8 +210,8 @@ pub fn guest_cpuid(
             // than one (as KVM/QEMU set them).
             let logical = 1u32 << guest.core_bits();
             let ebx = (ebx & !leaf1::EBX_TOPOLOGY)
-                | (guest.apic_id & 0xff) << 24
-                | (logical & 0xff) * leaf1::EBX_ONE_LOGICAL;
+                | ((guest.apic_id & 0xff) << 24)
+                | ((logical & 0xff) * leaf1::EBX_ONE_LOGICAL);
             let htt = if guest.cores() > 1 { d::HTT } else { 0 };
             [eax, ebx, ecx, (edx & !hidden_edx) | d::APIC | htt]
         }
@@ -246,7 +246,12 @@ pub fn guest_cpuid(
         // (the package's cores); EDX the x2APIC ID at every level.
         0xb | 0x1f => match subleaf {
             0 => [0, 1, 1 << 8, guest.apic_id],
-            1 => [guest.core_bits(), guest.cores(), (2 << 8) | 1, guest.apic_id],
+            1 => [
+                guest.core_bits(),
+                guest.cores(),
+                (2 << 8) | 1,
+                guest.apic_id,
+            ],
             _ => [0, 0, subleaf & 0xff, guest.apic_id],
         },
         0x8000_0001 => {

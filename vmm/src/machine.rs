@@ -1044,7 +1044,8 @@ impl Machine {
         let nmi_window = moat_abi::vcpu::exit_on::NMI_WINDOW;
         let mut want_nmi_window = false;
         if self.vcpus[vcpu].nmi {
-            if state.dirty & group::INJECT == 0 && state.interruptibility & state::NMI_BLOCKED == 0 {
+            if state.dirty & group::INJECT == 0 && state.interruptibility & state::NMI_BLOCKED == 0
+            {
                 self.vcpus[vcpu].nmi = false;
                 state::inject(state, state::NMI, moat_abi::vcpu::event_kind::NMI, None);
             } else {

@@ -178,7 +178,7 @@ System configurations, field by field: docs/configuration.md.")]
         /// Quick form: its RAM, e.g. 512M or 1G
         #[arg(long, value_name = "SIZE", value_parser = size)]
         memory: Option<Size>,
-        /// Quick form: its vCPUs (1 for now)
+        /// Quick form: its vCPUs (default: the file's, or --cpus N)
         #[arg(long, value_name = "N")]
         vcpus: Option<u32>,
         /// Words added to Moat's kernel command line
@@ -325,6 +325,7 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
                 append,
                 memory,
                 vcpus,
+                cpus,
             },
         }),
         Some(Command::Test {
@@ -438,7 +439,10 @@ mod tests {
                 cpus: Some(4),
                 kernel_args: vec!["cpus=2".into()],
                 config: None,
-                guest: GuestOverride::default(),
+                guest: GuestOverride {
+                    cpus: Some(4),
+                    ..GuestOverride::default()
+                },
             })
         );
         assert!(p("run --cpus 0").is_err());
@@ -479,6 +483,7 @@ mod tests {
                 append: Some("console=ttyS0 quiet".into()),
                 memory: Some(Size(512 << 20)),
                 vcpus: Some(1),
+                cpus: None,
             }
         );
         opts.absolutize(Path::new("/home/u"));

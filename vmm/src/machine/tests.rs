@@ -252,10 +252,16 @@ fn power_off_reset_and_panic_are_reported() {
     );
     let mut s = setup();
     let mut state = out(0x602, 1, 1);
-    assert_eq!(s.machine.handle_exit(0, &mut state), Action::Stop(Stop::Reset));
+    assert_eq!(
+        s.machine.handle_exit(0, &mut state),
+        Action::Stop(Stop::Reset)
+    );
     let mut s = setup();
     let mut state = out(0x505, 1, 1);
-    assert_eq!(s.machine.handle_exit(0, &mut state), Action::Stop(Stop::Panic));
+    assert_eq!(
+        s.machine.handle_exit(0, &mut state),
+        Action::Stop(Stop::Panic)
+    );
     let mut state = exit(exit_reason::SHUTDOWN);
     assert_eq!(
         setup().machine.handle_exit(0, &mut state),
@@ -442,7 +448,10 @@ fn the_dump_shows_exits_interrupts_and_every_queue() {
 fn x2apic_on(s: &mut Setup, vcpu: usize) {
     let bsp = if vcpu == 0 { 1 << 8 } else { 0 };
     for (msr, value) in [
-        (lapic::APIC_BASE_MSR, 0xfee0_0000 | (1 << 11) | (1 << 10) | bsp),
+        (
+            lapic::APIC_BASE_MSR,
+            0xfee0_0000 | (1 << 11) | (1 << 10) | bsp,
+        ),
         (0x80f, 0x1ff),
     ] {
         let mut state = wrmsr(msr, value);
