@@ -147,6 +147,8 @@ const TIMER_BUDGET_US: u64 = 1000;
 /// Kernel memory of the VM beyond its page tables and capabilities.
 const VM_QUOTA_BASE: u64 = 512 * 1024;
 const CAP_SLOT_COST: u64 = 96;
+/// A vCPU's control structures, state page and XSAVE image, with room.
+const VM_QUOTA_PER_VCPU: u64 = 64 * 1024;
 /// #UDs for unemulated things the log shows, per run.
 const MAX_REFUSALS_LOGGED: u32 = 32;
 /// Pages per delegation of guest RAM (2 MiB).
@@ -656,6 +658,7 @@ fn run(args: &str) -> Result<Stop, SetupError> {
         low_ram,
         vm_portals,
         args::flag(args, "user-hypercalls"),
+        vcpus,
     )?;
     let modem = args::number(args, "modem", 0).ok().filter(|&sel| sel != 0);
     let link = ModemLink::new(common::ms_to_ticks(tsc_hz, MODEM_CHECK_MS));
@@ -1292,10 +1295,17 @@ fn relay_to_modem(machine: &mut Machine, link: &mut ModemLink, portal: Sel) {
 /// Creates the VM with the RAM at guest-physical 0, the `portals` (a
 /// comma-separated list of this PD's selectors, given at the same
 /// selectors); the vCPUs come later, each from the EC that runs it.
-fn create_vm(ram: Region, low_ram: u64, portals: &str, user: bool) -> Result<(), SetupError> {
+fn create_vm(
+    ram: Region,
+    low_ram: u64,
+    portals: &str,
+    user: bool,
+    vcpus: usize,
+) -> Result<(), SetupError> {
     let pages = low_ram / PAGE_SIZE;
     let tables = (pages / 512 + 8) * PAGE_SIZE;
-    let quota = VM_QUOTA_BASE + pages * CAP_SLOT_COST + tables;
+    let quota =
+        VM_QUOTA_BASE + pages * CAP_SLOT_COST + tables + (vcpus as u64 - 1) * VM_QUOTA_PER_VCPU;
     let (rax, _) = sys::raw(
         CallWord::new(Call::CreatePd, vm_flags(user), VM).encode(),
         [sel::OWN_PD, quota, 64, 0, 0, 0],
