@@ -462,6 +462,8 @@ struct VcpuSlot {
     nmi: bool,
     /// HLT: the vCPU waits until an interrupt is deliverable to it.
     halted: bool,
+    /// HLT with interrupts disabled: only an NMI or INIT ends it.
+    halted_if_off: bool,
     /// The guest's CR8 as of the last exit.
     cr8_seen: u64,
     msrs: MsrState,
@@ -475,6 +477,7 @@ impl VcpuSlot {
             sipi: None,
             nmi: false,
             halted: false,
+            halted_if_off: false,
             cr8_seen: 0,
             msrs: MsrState::default(),
             mismatch: (0, 0),
@@ -993,6 +996,7 @@ impl Machine {
                 slot.sipi = None;
                 slot.nmi = false;
                 slot.halted = false;
+                slot.halted_if_off = false;
                 self.apics.lapics[to].borrow_mut().init();
             }
             // Only a vCPU that waits takes it (a second STARTUP, as
@@ -1030,10 +1034,16 @@ impl Machine {
             return Entry::Wait;
         }
         if slot.halted {
-            if !self.interrupt_pending(vcpu) {
+            let wakes = if slot.halted_if_off {
+                slot.nmi
+            } else {
+                self.interrupt_pending(vcpu)
+            };
+            if !wakes {
                 return Entry::Wait;
             }
             self.vcpus[vcpu].halted = false;
+            self.vcpus[vcpu].halted_if_off = false;
         }
         let reinject = state.exit.pending_valid != 0 && state.dirty & group::INJECT == 0;
         if reinject {
@@ -1145,10 +1155,21 @@ impl Machine {
                 self.skip(state, HLT_LEN);
                 self.kick_devices();
                 self.poll();
-                if self.interrupt_pending(vcpu) {
+                if state.rflags & state::RFLAGS_IF == 0 {
+                    // Only an NMI or INIT from another vCPU can end it
+                    // (Linux stops its other CPUs so); with every vCPU so
+                    // halted or stopped, the guest is dead.
+                    self.vcpus[vcpu].halted_if_off = true;
+                    let others_dead = self.vcpus.iter().enumerate().all(|(i, v)| {
+                        i == vcpu || v.run == RunState::WaitForSipi || (v.halted && v.halted_if_off)
+                    });
+                    if others_dead && !self.vcpus[vcpu].nmi {
+                        Action::Stop(Stop::HaltedForever)
+                    } else {
+                        Action::Halt
+                    }
+                } else if self.interrupt_pending(vcpu) {
                     Action::Resume
-                } else if state.rflags & state::RFLAGS_IF == 0 {
-                    Action::Stop(Stop::HaltedForever)
                 } else {
                     Action::Halt
                 }

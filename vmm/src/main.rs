@@ -927,6 +927,9 @@ fn vcpu_loop(vcpu: usize) {
                     generation = v.generation;
                     if vcpu == 0 {
                         *state = v.boot_state.clone();
+                    } else {
+                        // One TSC for all vCPUs; STARTUP keeps it.
+                        state.tsc_offset = v.boot_state.tsc_offset;
                     }
                 }
                 dump_if_asked(&v.machine, v.modem.map(|_| &v.link));

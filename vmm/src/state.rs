@@ -166,7 +166,7 @@ pub const POWER_ON_PAT: u64 = 0x0007_0406_0007_0406;
 /// The state a STARTUP IPI with `vector` gives a vCPU waiting for it:
 /// real mode at `vector << 12` (CS selector `vector << 8`, base `vector
 /// << 12`, IP 0), everything else as after INIT (SDM Vol. 3A 9.1.1, 10.4.4).
-/// Keeps `old`'s TSC offset and wanted groups; every group is loaded.
+/// Keeps `old`'s TSC offset; wants [`WANT`]; every group is loaded.
 pub fn startup(vector: u8, old: &VcpuState) -> VcpuState {
     let data = AbiSegment {
         limit: REAL_LIMIT,
@@ -175,7 +175,7 @@ pub fn startup(vector: u8, old: &VcpuState) -> VcpuState {
     };
     let mut state = VcpuState {
         dirty: group::ALL & !group::INJECT,
-        want: old.want,
+        want: WANT,
         tsc_offset: old.tsc_offset,
         rflags: 2,
         cr0: CR0_AFTER_INIT,
@@ -243,7 +243,6 @@ mod tests {
     fn startup_is_real_mode_at_the_vector() {
         let old = VcpuState {
             tsc_offset: 77,
-            want: WANT,
             rip: 0x1234,
             cr0: 0x8000_0011,
             ..VcpuState::default()

@@ -1471,7 +1471,7 @@ pub const TESTS: &[SysTest] = &[
         expect: LINUX_SMP_CHECKS,
         forbid: &["FAIL", "faulted", "did not stop"],
         stop: Stop::WhenDecided,
-        slow: 4,
+        slow: 1,
         ..BASE
     },
     // The same guest with its vCPUs spread, vCPU 1 on CPU 1: opt-in until
@@ -1811,6 +1811,7 @@ initrd = "pinned:initramfs.cpio"
 cmdline = "console=ttyS0 panic=-1 moat.ipc=20 moat.cpus=2"
 vcpus = 2
 vcpu-cpus = [0, 0]
+console = true
 calls = ["echo"]
 user-hypercalls = true
 test-disk = true

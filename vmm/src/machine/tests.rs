@@ -580,3 +580,30 @@ fn device_interrupts_go_to_the_vcpu_their_destination_names() {
     assert!(!target.deliver_to(0x34, false, to(7, false)));
     assert_eq!(s.machine.take_kicks(), 0);
 }
+
+#[test]
+fn a_vcpu_halted_with_interrupts_off_sleeps_until_the_last_one_does() {
+    let mut s = setup_with(2);
+    x2apic_on(&mut s, 0);
+    send_ipi(&mut s, 0, 1, INIT);
+    send_ipi(&mut s, 0, 1, STARTUP | 0x10);
+    let mut ap = exit(exit_reason::POKED);
+    assert_eq!(s.machine.prepare_entry(1, &mut ap), Entry::Run);
+    // vCPU 1 stops itself as Linux's stop_this_cpu does: it sleeps, an
+    // interrupt does not wake it, an NMI does.
+    let mut stopped = exit(exit_reason::HLT);
+    assert_eq!(s.machine.handle_exit(1, &mut stopped), Action::Halt);
+    send_ipi(&mut s, 0, 1, 0x41);
+    assert_eq!(s.machine.prepare_entry(1, &mut stopped), Entry::Wait);
+    send_ipi(&mut s, 0, 1, 0x400);
+    assert_eq!(s.machine.prepare_entry(1, &mut stopped), Entry::Run);
+    assert_eq!(injected(&stopped), Some((state::NMI, event_kind::NMI)));
+    // Both halted with interrupts off: the guest is dead.
+    let mut again = exit(exit_reason::HLT);
+    assert_eq!(s.machine.handle_exit(1, &mut again), Action::Halt);
+    let mut last = exit(exit_reason::HLT);
+    assert_eq!(
+        s.machine.handle_exit(0, &mut last),
+        Action::Stop(Stop::HaltedForever)
+    );
+}
