@@ -1471,7 +1471,7 @@ pub const TESTS: &[SysTest] = &[
         expect: LINUX_SMP_CHECKS,
         forbid: &["FAIL", "faulted", "did not stop"],
         stop: Stop::WhenDecided,
-        slow: 1,
+        slow: 4,
         ..BASE
     },
     // The same guest with its vCPUs spread, vCPU 1 on CPU 1: opt-in until
