@@ -894,10 +894,13 @@ impl Planner<'_> {
                     )
                 }
             };
-            // vCPU i on the CPU the list names, else on CPU i mod the
-            // machine's CPUs.
+            // vCPU i on the CPU the list names, else every vCPU on CPU 0
+            // (the VMM's): while a guest runs holding the kernel lock, a
+            // vCPU spinning on another CPU can keep CPU 0's vCPU out of
+            // the kernel for good (docs/architecture.md, "The VMM's vCPU
+            // threads"). Once guests run without it: CPU i mod `cpus`.
             let vcpu_cpus: Vec<u32> = match &g.vcpu_cpus {
-                None => (0..vcpus).map(|i| i % cpus).collect(),
+                None => vec![0; vcpus as usize],
                 Some(list) => {
                     let given = list.get_ref();
                     if given.len() != vcpus as usize {
@@ -1729,17 +1732,24 @@ mod tests {
     }
 
     #[test]
-    fn vcpus_spread_over_the_cpus_or_go_where_named() {
-        let spread = plan(&format!("[machine]\ncpus = 2\n{GUEST}vcpus = 4\n")).unwrap();
-        let m = root_parse(&spread.manifest);
+    fn vcpus_share_cpu_0_or_go_where_named() {
+        let shared = plan(&format!("[machine]\ncpus = 2\n{GUEST}vcpus = 4\n")).unwrap();
+        let m = root_parse(&shared.manifest);
         assert_eq!(m.components[0].cpu, 0, "vCPU 0 runs in the VMM's EC");
         assert!(
-            spread
+            shared
                 .manifest
-                .contains("vcpus=4 vcpu-cpus=1,0,1 vcpu-priority=10"),
+                .contains("vcpus=4 vcpu-cpus=0,0,0 vcpu-priority=10"),
             "{}",
-            spread.manifest
+            shared.manifest
         );
+        let spread = plan(&format!(
+            "[machine]\ncpus = 2\n{GUEST}vcpus = 4\nvcpu-cpus = [0, 1, 0, 1]\n"
+        ))
+        .unwrap();
+        assert!(spread
+            .manifest
+            .contains("vcpus=4 vcpu-cpus=1,0,1 vcpu-priority=10"));
         let named = plan(&format!(
             "[machine]\ncpus = 2\n{GUEST}vcpus = 2\nvcpu-cpus = [1, 1]\npriority = 12\n"
         ))
@@ -1759,7 +1769,7 @@ mod tests {
         let two = plan_with(&example("default.toml"), &cpus).unwrap();
         assert_eq!(two.cpus, 2);
         assert!(
-            two.manifest.contains("vcpus=2 vcpu-cpus=1 vcpu-priority="),
+            two.manifest.contains("vcpus=2 vcpu-cpus=0 vcpu-priority="),
             "{}",
             two.manifest
         );

@@ -1496,7 +1496,11 @@ pub const TESTS: &[SysTest] = &[
             all("cpus: 2 online"),
             all("vmm: 4 vCPUs, vCPU 0 on the VMM's CPU, vCPUs 1.. on CPUs 0,0,0"),
             all("smp: Brought up 1 node, 4 CPUs"),
+            all("MOAT-INIT reboot"),
+            all("vmm: guest reset (reset"),
+            all("smp: Brought up 1 node, 4 CPUs"),
             all("MOAT-INIT start"),
+            all("MOAT-CHECK blk-persist ok"),
             all("MOAT-CHECK cpus ok 4 online (0-3)"),
             all("MOAT-CHECK cpus-pinned ok 4 jobs, one per CPU"),
             all("MOAT-INIT done checks="),
@@ -1867,7 +1871,8 @@ priority = 20
 provides = "echo"
 "#;
 
-/// `linux_4vcpus`: four vCPUs on one CPU of two.
+/// `linux_4vcpus`: four vCPUs on one CPU of two, with the disk check's
+/// reboot.
 const LINUX_SMP4: &str = r#"
 [machine]
 cpus = 2
@@ -1879,6 +1884,7 @@ initrd = "pinned:initramfs.cpio"
 cmdline = "console=ttyS0 panic=-1 moat.cpus=4"
 vcpus = 4
 vcpu-cpus = [0, 0, 0, 0]
+test-disk = true
 "#;
 
 /// `panic_2vcpus`: two vCPUs, /init panics at its end (`moat.panic=1`).
