@@ -1510,7 +1510,8 @@ pub const TESTS: &[SysTest] = &[
         ],
         forbid: &["FAIL", "faulted", "did not stop"],
         stop: Stop::WhenDecided,
-        slow: 4,
+        // Two boots of four vCPUs time-sliced on one CPU: 231 s on QEMU.
+        slow: 8,
         only_on: Some(Emulator::Qemu),
         ..BASE
     },
