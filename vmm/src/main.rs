@@ -260,7 +260,9 @@ struct VmmLock<T> {
 
 // SAFETY: the value is reached only through a `VmmGuard`, of which there
 // is one at a time (the count); the `Rc`s inside the machine are made,
-// cloned and dropped only by the holder, and none leaves the lock.
+// cloned and dropped only by the holder, and none leaves the lock (this
+// binary calls none of the `Machine` methods that hand one out:
+// `irq_line`, `lapic_target`, `clock`).
 unsafe impl<T> Sync for VmmLock<T> {}
 
 impl<T> VmmLock<T> {
@@ -698,7 +700,13 @@ fn run(args: &str) -> Result<Stop, SetupError> {
     create_vcpu(0)?;
     start_vcpus(&cpus, ap_priority)?;
     if vcpus > 1 {
-        let list: Vec<String> = cpus.iter().map(|c| format!("{c}")).collect();
+        let list: Vec<String> = cpus
+            .iter()
+            .map(|&c| match c {
+                moat_user::abi::CPU_OF_CALLER => "the VMM's".into(),
+                c => format!("{c}"),
+            })
+            .collect();
         println!(
             "vmm: {vcpus} vCPUs, vCPU 0 on the VMM's CPU, vCPUs 1.. on CPUs {}",
             list.join(",")
