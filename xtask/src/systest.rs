@@ -1471,7 +1471,8 @@ pub const TESTS: &[SysTest] = &[
         expect: LINUX_SMP_CHECKS,
         forbid: &["FAIL", "faulted", "did not stop"],
         stop: Stop::WhenDecided,
-        slow: 4,
+        // Two boots: 129-155 s on QEMU, 727 s on Bochs alone.
+        slow: 6,
         ..BASE
     },
     // The same guest with its vCPUs spread, vCPU 1 on CPU 1: opt-in until
