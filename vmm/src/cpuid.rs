@@ -5,9 +5,12 @@
 //! AMD's 0x8000_0008).
 //!
 //! Features whose MSRs or instructions nobody emulates are hidden (VMX/SVM,
-//! MONITOR, performance counters, machine checks, MTRRs, speculation-control
-//! MSRs, PKU, LA57); the local APIC is the VMM's model, so x2APIC and the
-//! TSC-deadline timer are offered whatever the host has.
+//! MONITOR, performance counters, speculation-control MSRs, PKU, LA57,
+//! RDTSCP); the local APIC is the VMM's model, so x2APIC, the TSC-deadline
+//! timer and ARAT (its timer runs in every C-state) are offered whatever
+//! the host has, and so are machine checks and MTRRs, whose few MSRs
+//! `msr.rs` emulates (no error banks, no variable ranges, default type
+//! WB). The choices: docs/architecture.md, "What the guest's CPU offers".
 #![forbid(unsafe_code)]
 
 /// `eax, ebx, ecx, edx`.
@@ -51,6 +54,9 @@ mod leaf1 {
         pub const DS: u32 = 1 << 21;
         pub const ACPI: u32 = 1 << 22;
         pub const HTT: u32 = 1 << 28;
+        /// What the VMM emulates: machine checks with no banks, MTRRs
+        /// with no ranges (`msr.rs`).
+        pub const EMULATED: u32 = MCE | MTRR | MCA;
         pub const TM: u32 = 1 << 29;
         pub const PBE: u32 = 1 << 31;
     }
@@ -58,6 +64,9 @@ mod leaf1 {
     pub const EBX_TOPOLOGY: u32 = 0xffff_0000;
     pub const EBX_ONE_LOGICAL: u32 = 1 << 16;
 }
+
+/// Leaf 6 eax bit 2: the APIC timer runs in every C-state.
+const ARAT: u32 = 1 << 2;
 
 mod leaf7 {
     pub mod ebx {
@@ -204,8 +213,7 @@ pub fn guest_cpuid(
             if guest.osxsave {
                 ecx |= c::OSXSAVE;
             }
-            let hidden_edx =
-                d::MCE | d::MTRR | d::MCA | d::PSN | d::DS | d::ACPI | d::HTT | d::TM | d::PBE;
+            let hidden_edx = d::PSN | d::DS | d::ACPI | d::HTT | d::TM | d::PBE;
             // Addressable IDs in the package, and HTT when there are more
             // than one (as KVM/QEMU set them).
             let logical = 1u32 << guest.core_bits();
@@ -213,7 +221,12 @@ pub fn guest_cpuid(
                 | ((guest.apic_id & 0xff) << 24)
                 | ((logical & 0xff) * leaf1::EBX_ONE_LOGICAL);
             let htt = if guest.cores() > 1 { d::HTT } else { 0 };
-            [eax, ebx, ecx, (edx & !hidden_edx) | d::APIC | htt]
+            [
+                eax,
+                ebx,
+                ecx,
+                (edx & !hidden_edx) | d::APIC | d::EMULATED | htt,
+            ]
         }
         // Cache parameters: one thread per cache, the package's cores
         // in 31:26.
@@ -225,9 +238,11 @@ pub fn guest_cpuid(
             };
             [(eax & 0x3fff) | cores, ebx, ecx, edx]
         }
-        // MONITOR/MWAIT, thermal and power, performance monitoring,
-        // resource-director monitoring/allocation, SGX, processor trace.
-        5 | 6 | 0xa | 0xf | 0x10 | 0x12 | 0x14 => [0; 4],
+        // Thermal and power: only that the (emulated) APIC timer never stops.
+        6 => [ARAT, 0, 0, 0],
+        // MONITOR/MWAIT, performance monitoring, resource-director
+        // monitoring/allocation, SGX, processor trace.
+        5 | 0xa | 0xf | 0x10 | 0x12 | 0x14 => [0; 4],
         7 if subleaf == 0 => {
             use leaf7::{ebx as b, ecx as c, edx as d};
             let ebx = ebx & !(b::TSC_ADJUST | b::SGX | b::INVPCID | b::PQM | b::PQE | b::INTEL_PT);
@@ -384,8 +399,12 @@ mod tests {
             assert_eq!(ecx & bit, 0, "{bit:#x}");
         }
         assert_ne!(edx & d::APIC, 0);
-        for bit in [d::MCE, d::MCA, d::MTRR, d::HTT] {
-            assert_eq!(edx & bit, 0, "{bit:#x}");
+        assert_eq!(edx & d::HTT, 0);
+        let no_host = |leaf, _| if leaf == 0 { [0x1f, 0, 0, 0] } else { [0; 4] };
+        let bare = guest_cpuid(&no_host, 1, 0, GuestView::default())[3];
+        for bit in [d::MCE, d::MCA, d::MTRR] {
+            assert_ne!(edx & bit, 0, "{bit:#x}");
+            assert_ne!(bare & bit, 0, "{bit:#x} emulated, not the host's");
         }
         let view = GuestView {
             osxsave: true,
@@ -403,6 +422,8 @@ mod tests {
         assert_eq!(cpuid(7, 0)[1] & leaf7::ebx::INVPCID, 0);
         assert_eq!(cpuid(7, 0)[2] & leaf7::ecx::LA57, 0);
         assert_eq!(cpuid(0xa, 0), [0; 4]);
+        assert_eq!(cpuid(5, 0), [0; 4], "no MONITOR/MWAIT");
+        assert_eq!(cpuid(6, 0), [ARAT, 0, 0, 0], "ARAT only");
         assert_eq!(cpuid(0x8000_0007, 0), [0; 4], "no invariant TSC");
         assert_eq!(cpuid(0x8000_000a, 0), [0; 4]);
         assert_eq!(cpuid(0xb, 0), [0, 1, 0x100, 0]);

@@ -29,7 +29,9 @@
 //! 0xf4-0xf7: a guest write of V ends the guest, and the VMM exits with
 //! `moat_abi::EXIT_WITH_VALUE + V`, which the root task and the kernel
 //! pass on, so that QEMU exits with `(V << 1) | 1`),
-//! `epoch=UNIX_SECONDS`, the flag `console-input` (the
+//! `clock=SEL` (the machine's clock, the `rtc` driver's `clock` portal:
+//! the guest's RTC and kvm-clock wall clock start at the time it gives)
+//! or else `epoch=UNIX_SECONDS` (a fixed start), the flag `console-input` (the
 //! VMM holds COM1's ports and IRQ 4 and feeds what is typed there to the
 //! guest's serial port; a third EC waits for it), `modem=SEL` (the
 //! guest's second virtio-console port is named `modem` and relayed to the
@@ -45,7 +47,8 @@
 //! runs on the VMM's own CPU; default the VMM's CPU), `vcpu-priority=P`
 //! (the priority of vCPUs 1, 2, …; default 10; vCPU 0 has the
 //! component's), and the root's `tsc_hz=`.
-//! Lines: `vmm: …`; the guest's console goes to the console as it is.
+//! Lines: `vmm: …`; the guest's console goes to the console byte for byte
+//! when the VMM holds COM1 (`console-input`), else sanitised by the kernel.
 #![no_std]
 #![no_main]
 
@@ -591,6 +594,33 @@ fn describe(stop: Stop) -> &'static str {
     }
 }
 
+/// The Unix time at host TSC `start`, from the machine's clock (the
+/// portal `clock`); 0, the guest's clock at 1970, if it cannot be had.
+fn clock_epoch(clock: Sel, start: u64, tsc_hz: u64) -> u64 {
+    use common::cmos::service;
+    match sys::call(clock, [0; 6]) {
+        Ok([service::OK, unix, read_at, ..]) => {
+            let since = read_at.saturating_sub(start) / tsc_hz.max(1);
+            let epoch = unix.saturating_sub(since);
+            println!("vmm: guest clock from the machine's RTC: Unix time {epoch}");
+            epoch
+        }
+        Ok(words) => {
+            println!(
+                "vmm: the machine's clock cannot be read ({}); the guest's clock starts at 0",
+                words[0]
+            );
+            0
+        }
+        Err(status) => {
+            println!(
+                "vmm: no answer from the machine's clock ({status}); the guest's clock starts at 0"
+            );
+            0
+        }
+    }
+}
+
 fn required(args: &str, name: &'static str) -> Result<Region, SetupError> {
     region(args, name).ok_or(SetupError(name, Status::BadParameter))
 }
@@ -602,7 +632,11 @@ fn run(args: &str) -> Result<Stop, SetupError> {
     let kernel = required(args, "kernel")?;
     let initrd = region(args, "initrd");
     let cmdline = region(args, "cmdline");
-    let epoch = args::number(args, "epoch", 0).unwrap_or(0);
+    let start = moat_user::rdtsc();
+    let epoch = match args::number(args, "clock", 0) {
+        Ok(clock) if clock != 0 => clock_epoch(clock, start, tsc_hz),
+        _ => args::number(args, "epoch", 0).unwrap_or(0),
+    };
     let vcpus = match args::number(args, "vcpus", 1) {
         Ok(n) if (1..=MAX_VCPUS as u64).contains(&n) => n as usize,
         _ => {
@@ -636,7 +670,7 @@ fn run(args: &str) -> Result<Stop, SetupError> {
             modules,
             tsc_hz,
             epoch,
-            start: moat_user::rdtsc(),
+            start,
             vcpus,
         }
     };
@@ -1204,10 +1238,15 @@ fn trim_text(bytes: &[u8]) -> &[u8] {
 
 /// The guest's serial output on its way to the console: whole lines, so
 /// that other components' lines never land inside one of the guest's
-/// (the guest writes a byte per exit).
+/// (the guest writes a byte per exit). A VMM that holds the console UART
+/// (`console-input`) writes them raw, byte for byte (escape sequences,
+/// `\r`, backspace: the user's terminal is the guest's); any other's
+/// are sanitised by the kernel, and its carriage returns dropped.
 #[derive(Default)]
 struct ConsoleLines {
     pending: Vec<u8>,
+    /// The kernel refused a raw write: this VMM does not hold the UART.
+    sanitised: bool,
 }
 
 /// A partial line longer than this is written anyway.
@@ -1216,10 +1255,13 @@ const CONSOLE_LINE_MAX: usize = 512;
 impl ConsoleLines {
     /// Takes the guest's new output and writes its complete lines (all of
     /// it with `all`: the guest waits, e.g. at a prompt, or stopped).
-    /// Carriage returns are dropped: the console ends lines itself.
     fn flush(&mut self, machine: &Machine, all: bool) {
         let out = machine.take_console_output();
-        self.pending.extend(out.iter().filter(|&&b| b != b'\r'));
+        if self.sanitised {
+            self.pending.extend(out.iter().filter(|&&b| b != b'\r'));
+        } else {
+            self.pending.extend_from_slice(&out);
+        }
         let end = if all || self.pending.len() > CONSOLE_LINE_MAX {
             self.pending.len()
         } else {
@@ -1228,10 +1270,24 @@ impl ConsoleLines {
                 .rposition(|&b| b == b'\n')
                 .map_or(0, |i| i + 1)
         };
-        if end > 0 {
-            let _ = sys::console_write(&self.pending[..end]);
-            self.pending.drain(..end);
+        if end == 0 {
+            return;
         }
+        if !self.sanitised {
+            match moat_user::console::write_raw(&self.pending[..end]) {
+                Err(Status::InsufficientRights) => {
+                    self.sanitised = true;
+                    self.pending.retain(|&b| b != b'\r');
+                    return self.flush(machine, all);
+                }
+                _ => {
+                    self.pending.drain(..end);
+                    return;
+                }
+            }
+        }
+        let _ = sys::console_write(&self.pending[..end]);
+        self.pending.drain(..end);
     }
 }
 

@@ -4,6 +4,14 @@
 //! KERNEL_GS_BASE, FS/GS base, EFER) live in the vCPU state page, a few
 //! are read-as-constant, and everything else gives #GP, as KVM does
 //! without `ignore_msrs`.
+//!
+//! Machine checks and MTRRs, which stock Linux expects (without MCA it
+//! says "Unable to init MCE device"; without MTRRs it turns PAT off too),
+//! are the smallest a CPU may have: MCG_CAP with no error banks, and
+//! MTRRcap with no fixed or variable ranges, the default type WB and
+//! enabled. The guest's writes are checked as the CPU would and kept for
+//! it to read back; they change nothing (guest memory types are the
+//! host's business).
 #![forbid(unsafe_code)]
 
 use moat_abi::vcpu::{group, VcpuState};
@@ -34,6 +42,11 @@ pub const AMD_SYSCFG: u32 = 0xc001_0010;
 pub const AMD_DE_CFG: u32 = 0xc001_1029;
 /// AMD: interrupt-pending message (C1E), read by Linux's AMD idle set-up.
 pub const AMD_INT_PENDING_MSG: u32 = 0xc001_0055;
+pub const MTRR_CAP: u32 = 0xfe;
+pub const MCG_CAP: u32 = 0x179;
+pub const MCG_STATUS: u32 = 0x17a;
+pub const MCG_CTL: u32 = 0x17b;
+pub const MTRR_DEF_TYPE: u32 = 0x2ff;
 
 const EFER_LMA: u64 = 1 << 10;
 const EFER_LME: u64 = 1 << 8;
@@ -44,6 +57,17 @@ const EFER_VALID: u64 = 1 | (1 << 8) | EFER_LMA | (1 << 11);
 const FEATURE_CONTROL_LOCKED: u64 = 1;
 /// IA32_MISC_ENABLE: fast strings.
 const MISC_ENABLE_FAST_STRINGS: u64 = 1;
+/// MTRRdefType: the default type (bits 7:0), FE (10), E (11).
+const MTRR_DEF_TYPE_VALID: u64 = 0xcff;
+const MTRR_ENABLED: u64 = 1 << 11;
+const MEMORY_TYPE_WB: u64 = 6;
+/// MCG_STATUS: RIPV, EIPV, MCIP, LMCES.
+const MCG_STATUS_VALID: u64 = 0xf;
+
+/// Memory types an MTRR may hold: UC, WC, WT, WP, WB.
+fn valid_mtrr_type(value: u64) -> bool {
+    matches!(value & 0xff, 0 | 1 | 4 | 5 | 6)
+}
 
 /// PAT memory types 0, 1, 4, 5, 6, 7 are valid in every byte.
 fn valid_pat(value: u64) -> bool {
@@ -59,12 +83,28 @@ fn canonical(value: u64) -> bool {
 }
 
 /// What the VMM keeps for MSRs outside the state page.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MsrState {
     /// Where the guest wants its `pvclock_vcpu_time_info`, once enabled.
     pub system_time: Option<u64>,
     /// A `pvclock_wall_clock` the guest asked to be filled.
     pub wall_clock_request: Option<u64>,
+    /// IA32_MTRR_DEF_TYPE as the guest last wrote it.
+    pub mtrr_def_type: u64,
+    /// IA32_MCG_STATUS as the guest last wrote it.
+    pub mcg_status: u64,
+}
+
+impl Default for MsrState {
+    /// As at reset, after a BIOS that enabled the MTRRs with WB.
+    fn default() -> Self {
+        Self {
+            system_time: None,
+            wall_clock_request: None,
+            mtrr_def_type: MTRR_ENABLED | MEMORY_TYPE_WB,
+            mcg_status: 0,
+        }
+    }
 }
 
 /// A WRMSR the machine must act on beyond the state page.
@@ -97,6 +137,10 @@ impl MsrState {
             FEATURE_CONTROL => FEATURE_CONTROL_LOCKED,
             MISC_ENABLE => MISC_ENABLE_FAST_STRINGS,
             UCODE_REV | DEBUGCTL | AMD_HWCR | AMD_SYSCFG | AMD_DE_CFG | AMD_INT_PENDING_MSG => 0,
+            // No banks, no MCG_CTL_P, no ranges, no WC: all zero.
+            MCG_CAP | MCG_CTL | MTRR_CAP => 0,
+            MCG_STATUS => self.mcg_status,
+            MTRR_DEF_TYPE => self.mtrr_def_type,
             pvclock::MSR_KVM_SYSTEM_TIME_NEW | pvclock::MSR_KVM_SYSTEM_TIME => self
                 .system_time
                 .map_or(0, |gpa| gpa | pvclock::SYSTEM_TIME_ENABLE),
@@ -150,6 +194,16 @@ impl MsrState {
             // Reading the microcode revision is preceded by clearing it.
             UCODE_REV | MISC_ENABLE | AMD_HWCR | AMD_DE_CFG => return Some(Effect::None),
             DEBUGCTL if value == 0 => return Some(Effect::None),
+            MTRR_DEF_TYPE if value & !MTRR_DEF_TYPE_VALID == 0 && valid_mtrr_type(value) => {
+                self.mtrr_def_type = value;
+                return Some(Effect::None);
+            }
+            MCG_STATUS if value & !MCG_STATUS_VALID == 0 => {
+                self.mcg_status = value;
+                return Some(Effect::None);
+            }
+            // All banks' reporting on or off: there are none.
+            MCG_CTL if value == 0 || value == u64::MAX => return Some(Effect::None),
             pvclock::MSR_KVM_SYSTEM_TIME_NEW | pvclock::MSR_KVM_SYSTEM_TIME => {
                 return Some(if value & pvclock::SYSTEM_TIME_ENABLE != 0 {
                     self.system_time = Some(value & !pvclock::SYSTEM_TIME_ENABLE);
@@ -208,9 +262,42 @@ mod tests {
         );
         assert_eq!(msrs.write(&mut state, EFER, 1 << 20), None);
         assert_eq!(msrs.write(&mut state, 0x48, 1), None, "SPEC_CTRL is hidden");
-        assert_eq!(msrs.read(&state, 0x179, 0), None, "no machine checks");
+        assert_eq!(msrs.read(&state, 0x200, 0), None, "no variable MTRRs");
+        assert_eq!(msrs.read(&state, 0x401, 0), None, "no machine-check banks");
+        assert_eq!(msrs.write(&mut state, MCG_CAP, 0), None, "read-only");
+        assert_eq!(
+            msrs.write(&mut state, MTRR_DEF_TYPE, 2),
+            None,
+            "type 2 is reserved"
+        );
+        assert_eq!(msrs.write(&mut state, MTRR_DEF_TYPE, 1 << 12), None);
+        assert_eq!(msrs.write(&mut state, MCG_STATUS, 1 << 4), None);
         assert_eq!(msrs.write(&mut state, DEBUGCTL, 1), None);
         assert_eq!(state, VcpuState::default(), "nothing changed");
+    }
+
+    /// What Linux's MCE and MTRR set-up reads and writes (issue 14).
+    #[test]
+    fn machine_checks_and_mtrrs_are_minimal() {
+        let mut msrs = MsrState::default();
+        let mut state = VcpuState::default();
+        assert_eq!(msrs.read(&state, MCG_CAP, 0), Some(0), "no banks");
+        assert_eq!(msrs.read(&state, MCG_STATUS, 0), Some(0));
+        assert_eq!(msrs.read(&state, MCG_CTL, 0), Some(0));
+        assert_eq!(msrs.read(&state, MTRR_CAP, 0), Some(0), "no ranges");
+        assert_eq!(
+            msrs.read(&state, MTRR_DEF_TYPE, 0),
+            Some(0x806),
+            "enabled, WB"
+        );
+        // Linux's MTRR update: disable, (nothing to set), restore.
+        assert!(msrs.write(&mut state, MTRR_DEF_TYPE, 0x006).is_some());
+        assert_eq!(msrs.read(&state, MTRR_DEF_TYPE, 0), Some(0x006));
+        assert!(msrs.write(&mut state, MTRR_DEF_TYPE, 0x806).is_some());
+        assert!(msrs.write(&mut state, MCG_STATUS, 0).is_some());
+        assert!(msrs.write(&mut state, MCG_CTL, u64::MAX).is_some());
+        assert_eq!(msrs.read(&state, MCG_CTL, 0), Some(0));
+        assert_eq!(state, VcpuState::default(), "nothing in the state page");
     }
 
     /// Hostile guests (issue 11): a 64-bit guest clearing EFER.LME got

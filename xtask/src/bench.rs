@@ -86,7 +86,7 @@ pub fn spec(benchmark: Benchmark) -> Option<Spec> {
             cases: &EXITS_CASES,
             method: EXITS_METHOD,
         },
-        Benchmark::Linux | Benchmark::All => return None,
+        Benchmark::Linux | Benchmark::All | Benchmark::Smp => return None,
     })
 }
 
@@ -118,6 +118,7 @@ pub fn run(opts: &BenchOpts) -> Result<ExitCode> {
     let Some(spec) = spec(opts.benchmark) else {
         return match opts.benchmark {
             Benchmark::All => run_all(opts),
+            Benchmark::Smp => run_smp(opts),
             _ => run_linux(opts),
         };
     };
@@ -194,7 +195,7 @@ pub fn table(rows: &[(Emulator, IpcResult)]) -> String {
 }
 
 /// A benchmark's JSON file: pretty-printed, ending in a newline.
-fn json_text(value: &Value) -> String {
+pub fn json_text(value: &Value) -> String {
     let mut text = serde_json::to_string_pretty(value).expect("a JSON value always serializes");
     text.push('\n');
     text
@@ -219,6 +220,189 @@ pub fn to_json_named(rows: &[(Emulator, IpcResult)], name: &str, method: &str) -
         "method": method,
         "results": results,
     }))
+}
+
+// ------------------------------------------------------------------ bench smp
+
+const SMP_METHOD: &str = "QEMU multi-threaded TCG without -icount (each CPU a host thread, \
+the TSC following the host clock), one boot per row: throughput = one echo/ping pair per CPU \
+on CPUs 0..N, each pair on its own CPU, 50,000 null calls each after 100 warm-up ones, all \
+pairs at once; aggregate = all calls / (latest end - earliest start) by the TSC (the same on \
+every CPU), ratio = aggregate / the 1-CPU aggregate of the same run; wakeup = an EC on CPU 0 \
+stamps the TSC and ups a semaphore that an EC of the same PD on CPU 1 waits on, which reads \
+the TSC when it runs (median and minimum of 2,000 after 100 warm-up ones; the waiter blocks \
+before each up). On a host with fewer cores than emulated CPUs the CPUs share them.";
+
+/// One `bench smp pair cpu=C calls=N start=S end=E` line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PairRun {
+    pub cpu: u64,
+    pub calls: u64,
+    pub start: u64,
+    pub end: u64,
+}
+
+/// A line's `key=value` words as numbers.
+fn fields(line: &str, keys: &[&str]) -> Option<Vec<u64>> {
+    keys.iter()
+        .map(|key| {
+            line.split_whitespace()
+                .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+                .and_then(|value| value.parse().ok())
+        })
+        .collect()
+}
+
+pub fn parse_pairs(serial: &str) -> Vec<PairRun> {
+    serial
+        .lines()
+        .filter_map(|line| line.split_once("bench smp pair ").map(|(_, rest)| rest))
+        .filter_map(|rest| {
+            let v = fields(rest, &["cpu", "calls", "start", "end"])?;
+            Some(PairRun {
+                cpu: v[0],
+                calls: v[1],
+                start: v[2],
+                end: v[3],
+            })
+        })
+        .collect()
+}
+
+/// Calls per TSC tick of the pairs together: all calls over the span from
+/// the earliest start to the latest end.
+pub fn aggregate(pairs: &[PairRun]) -> Option<f64> {
+    let start = pairs.iter().map(|p| p.start).min()?;
+    let end = pairs.iter().map(|p| p.end).max()?;
+    let calls: u64 = pairs.iter().map(|p| p.calls).sum();
+    (end > start).then(|| calls as f64 / (end - start) as f64)
+}
+
+/// The TSC rate the kernel measured (`lapic: ... tsc N MHz`), in Hz.
+pub fn tsc_hz(serial: &str) -> Option<u64> {
+    serial.lines().find_map(|line| {
+        let (_, rest) = line.split_once(", tsc ")?;
+        let mhz: u64 = rest.split_whitespace().next()?.parse().ok()?;
+        Some(mhz * 1_000_000)
+    })
+}
+
+pub fn run_smp(opts: &BenchOpts) -> Result<ExitCode> {
+    if opts.emu == Some(Emulator::Bochs) {
+        println!(
+            "bench smp: QEMU only: Bochs runs its CPUs one after another in one host thread, \
+             so it cannot show CPUs working at once"
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    setup::run()?;
+    let artifacts = build::build_all()?;
+    image::assemble(&artifacts)?;
+    let tests: Vec<&SysTest> = systest::BENCH_SMP.iter().collect();
+    println!("bench smp: on qemu (logs in {}/)", systest::SYSTEST_DIR);
+    // One at a time: the boots must not share the host's cores.
+    let mut runs = Vec::new();
+    for test in &tests {
+        runs.extend(systest::run_all(&[*test], &[Emulator::Qemu], &artifacts)?);
+    }
+    let serial_of = |name: &str| -> String {
+        runs.iter()
+            .find(|r| r.test == name)
+            .and_then(|r| fs::read(&r.serial).ok())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    };
+    let mut complete = runs.iter().all(|r| r.passed);
+    let mut rows = Vec::new();
+    let mut base = None;
+    println!(
+        "\n{:<14} {:>6} {:>16} {:>8}",
+        "case", "pairs", "calls/s", "ratio"
+    );
+    for (cpus, name) in [(1u64, "bench_smp1"), (2, "bench_smp2"), (4, "bench_smp4")] {
+        let serial = serial_of(name);
+        let pairs = parse_pairs(&serial);
+        let (Some(per_tick), Some(hz), true) = (
+            aggregate(&pairs),
+            tsc_hz(&serial),
+            pairs.len() as u64 == cpus,
+        ) else {
+            println!("bench smp: no complete result for {cpus} CPU(s)");
+            complete = false;
+            continue;
+        };
+        let per_second = per_tick * hz as f64;
+        let ratio = per_second / *base.get_or_insert(per_second);
+        println!(
+            "{:<14} {:>6} {:>16.0} {:>8.2}",
+            format!("throughput{cpus}"),
+            pairs.len(),
+            per_second,
+            ratio
+        );
+        rows.push(json!({
+            "case": format!("throughput{cpus}"),
+            "cpus": cpus,
+            "calls_per_second": per_second.round(),
+            "ratio_to_1_cpu": (ratio * 1000.0).round() / 1000.0,
+            "pairs": pairs.iter().map(|p| json!({
+                "cpu": p.cpu, "calls": p.calls, "start": p.start, "end": p.end,
+            })).collect::<Vec<_>>(),
+        }));
+    }
+    let serial = serial_of("bench_smp_wakeup");
+    let wakeup = serial.lines().find_map(|line| {
+        let (_, rest) = line.split_once("bench smp wakeup ")?;
+        fields(rest, &["from", "to", "median", "min", "samples"])
+    });
+    match (wakeup, tsc_hz(&serial)) {
+        (Some(v), Some(hz)) => {
+            let us = |ticks: u64| ticks as f64 * 1e6 / hz as f64;
+            println!(
+                "wakeup cpu{}->cpu{}: median {} ticks ({:.1} us), min {} ticks ({:.1} us), {} samples",
+                v[0], v[1], v[2], us(v[2]), v[3], us(v[3]), v[4]
+            );
+            rows.push(json!({
+                "case": "wakeup",
+                "from_cpu": v[0],
+                "to_cpu": v[1],
+                "median_ticks": v[2],
+                "min_ticks": v[3],
+                "median_us": (us(v[2]) * 10.0).round() / 10.0,
+                "min_us": (us(v[3]) * 10.0).round() / 10.0,
+                "samples": v[4],
+                "tsc_hz": hz,
+            }));
+        }
+        _ => {
+            println!("bench smp: no wake-up result");
+            complete = false;
+        }
+    }
+    for run in runs.iter().filter(|r| !r.passed) {
+        for line in run.serial_tail() {
+            println!("    {line}");
+        }
+    }
+    let dir = Path::new(BENCH_DIR);
+    fs::create_dir_all(dir).context(|| format!("cannot create {}", dir.display()))?;
+    let json_path = dir.join("smp.json");
+    fs::write(
+        &json_path,
+        json_text(&json!({
+            "benchmark": "smp",
+            "emulator": "qemu",
+            "method": SMP_METHOD,
+            "results": rows,
+        })),
+    )
+    .context(|| format!("cannot write {}", json_path.display()))?;
+    println!("bench smp: wrote {}", json_path.display());
+    Ok(if complete {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 // ---------------------------------------------------------------- bench linux

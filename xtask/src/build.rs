@@ -51,6 +51,8 @@ pub const USER_TASKS: &[UserTask] = &[
     task("moat-vmm", "vmm"),
     task("moat-modem", "modem"),
     task("moat-modemclient", "modemclient"),
+    task("moat-blk", "blk"),
+    task("moat-blktest", "blktest"),
     // Not a task: the Multiboot test kernel a VMM boots (guests/mbtest).
     task("moat-mbtest", "mbtest"),
 ];

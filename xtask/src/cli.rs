@@ -25,6 +25,15 @@ pub enum Cmd {
     Linux(LinuxOpts),
     Demo(DemoOpts),
     Fuzz(FuzzOpts),
+    Soak(SoakOpts),
+}
+
+/// `cargo xtask soak`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SoakOpts {
+    pub emu: Emulator,
+    /// Minutes of guest time under load.
+    pub minutes: u64,
 }
 
 /// `cargo xtask fuzz`.
@@ -61,6 +70,9 @@ pub enum Benchmark {
     Exits,
     /// Slow: boots Linux twice per emulator and run.
     Linux,
+    /// Many CPUs: IPC throughput with one pair per CPU on 1, 2 and 4 CPUs,
+    /// and the cross-CPU wake-up (QEMU multi-threaded TCG, wall clock).
+    Smp,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -75,8 +87,9 @@ pub struct BenchOpts {
 #[derive(Debug, PartialEq, Eq)]
 pub struct RunOpts {
     pub emu: Emulator,
-    /// `--kvm` given: use KVM even if detection says no.
-    pub force_kvm: bool,
+    /// `--kvm` given: KVM or nothing; if the host's KVM cannot run Moat,
+    /// say what is missing and exit with `run::KVM_UNUSABLE`.
+    pub require_kvm: bool,
     /// The machine's CPUs (`--cpus`), if not the configuration's.
     pub cpus: Option<u32>,
     /// Extra kernel command-line words (after `--`).
@@ -153,8 +166,9 @@ System configurations, field by field: docs/configuration.md.")]
         /// Emulator
         #[arg(long, value_name = "qemu|bochs", value_parser = emulator, default_value = "qemu")]
         emu: Emulator,
-        /// QEMU with KVM and -cpu host (default: only if the host can nest
-        /// virtualization; otherwise TCG with -cpu max)
+        /// QEMU with KVM and -cpu host, or stop (exit 77) saying what the
+        /// host lacks: /dev/kvm, vmx/svm, kvm_intel/kvm_amd with nested=1
+        /// (default: KVM when the host has all that; otherwise TCG, -cpu max)
         #[arg(long)]
         kvm: bool,
         /// Give the machine N CPUs; the kernel starts them all (the kernel
@@ -236,6 +250,21 @@ System configurations, field by field: docs/configuration.md.")]
               value_parser = clap::value_parser!(u64).range(1..))]
         seconds: u64,
     },
+    /// The soak (SLOW, opt-in): Linux under load beside the modem for a while
+    ///
+    /// Linux under CPU, memory, disk, console and modem-port load beside the
+    /// native 1 ms modem for N minutes of guest time (QEMU with -icount:
+    /// deterministic guest time); reports missed frames, worst jitter,
+    /// stalls, VM exits and the memory at the end; table and
+    /// target/bench/soak.json (docs/benchmarks.md).
+    Soak {
+        #[arg(long, value_name = "qemu|bochs", value_parser = emulator, default_value = "qemu")]
+        emu: Emulator,
+        /// Minutes of guest time under load
+        #[arg(long, value_name = "N", default_value_t = crate::soak::DEFAULT_MINUTES,
+              value_parser = clap::value_parser!(u64).range(1..=crate::soak::MAX_MINUTES))]
+        minutes: u64,
+    },
     /// Print this help (`cargo xtask COMMAND --help`: a command's own)
     Help,
 }
@@ -315,7 +344,7 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
             kernel_args,
         }) => Cmd::Run(RunOpts {
             emu,
-            force_kvm: kvm,
+            require_kvm: kvm,
             cpus,
             kernel_args,
             config,
@@ -370,6 +399,7 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
             command: DemoCommand::Modem { emu },
         }) => Cmd::Demo(DemoOpts { emu }),
         Some(Command::Fuzz { target, seconds }) => Cmd::Fuzz(FuzzOpts { target, seconds }),
+        Some(Command::Soak { emu, minutes }) => Cmd::Soak(SoakOpts { emu, minutes }),
     })
 }
 
@@ -413,7 +443,7 @@ mod tests {
             p("run").unwrap(),
             Cmd::Run(RunOpts {
                 emu: Emulator::Qemu,
-                force_kvm: false,
+                require_kvm: false,
                 cpus: None,
                 kernel_args: vec![],
                 config: None,
@@ -424,7 +454,7 @@ mod tests {
             p("run --emu=bochs --kvm -- log=debug x").unwrap(),
             Cmd::Run(RunOpts {
                 emu: Emulator::Bochs,
-                force_kvm: true,
+                require_kvm: true,
                 cpus: None,
                 kernel_args: vec!["log=debug".into(), "x".into()],
                 config: None,
@@ -435,7 +465,7 @@ mod tests {
             p("run --cpus 4 -- cpus=2").unwrap(),
             Cmd::Run(RunOpts {
                 emu: Emulator::Qemu,
-                force_kvm: false,
+                require_kvm: false,
                 cpus: Some(4),
                 kernel_args: vec!["cpus=2".into()],
                 config: None,

@@ -75,6 +75,12 @@ const DEFAULT_COMPONENT_MEMORY: u64 = 256 << 10;
 const DEFAULT_COMPONENT_QUOTA: u64 = 64 << 10;
 /// The manifest's default stack of a component's first EC.
 const DEFAULT_STACK: u64 = 16 << 10;
+/// The machine's clock, added for guests without a fixed `epoch`: the
+/// `rtc` driver in its `serve` mode (`common::cmos::service`).
+const CLOCK_COMPONENT: &str = "clock";
+const CLOCK_MODULE: &str = "rtc";
+const CLOCK_SERVICE: &str = "clock";
+const CLOCK_MEMORY: u64 = 128 << 10;
 const MAX_RESTARTS: u32 = 1000;
 
 /// The emulated machine: the kernel, tasks, boot structures and the
@@ -845,11 +851,46 @@ impl Planner<'_> {
             quotas += quota;
         }
 
+        // The machine's clock, for guests without a fixed `epoch`: the
+        // `rtc` driver serving `clock`, unless a component provides it.
+        let mut trailer = String::new();
+        let clock_needed = file.guests.iter().any(|g| g.epoch.is_none());
+        let mut extra_components = 0;
+        if clock_needed && !providers.contains_key(CLOCK_SERVICE) {
+            let taken = file
+                .components
+                .iter()
+                .enumerate()
+                .find(|(_, c)| c.name.get_ref() == CLOCK_COMPONENT);
+            if let Some((i, c)) = taken {
+                return self.err(
+                    c.name.span(),
+                    &format!("component[{i}].name"),
+                    format!(
+                        "'{CLOCK_COMPONENT}' is the name of the machine's clock, which a guest \
+                         without `epoch` needs: give this component another name"
+                    ),
+                );
+            }
+            manifest += &format!(
+                "component {CLOCK_COMPONENT}\n    module {CLOCK_MODULE}\n    priority {DEFAULT_COMPONENT_PRIORITY}\n    \
+                 memory {}\n    quota {}\n    provides {CLOCK_SERVICE}\n    args serve\n",
+                manifest_size(CLOCK_MEMORY),
+                manifest_size(DEFAULT_COMPONENT_QUOTA)
+            );
+            trailer += &format!("ioports 0x70-0x71 to {CLOCK_COMPONENT}\n");
+            if !tasks.iter().any(|t| t == CLOCK_MODULE) {
+                tasks.push(CLOCK_MODULE.to_string());
+            }
+            pool += CLOCK_MEMORY + DEFAULT_STACK;
+            quotas += DEFAULT_COMPONENT_QUOTA;
+            extra_components = 1;
+        }
+
         // Guests, each under its VMM.
         let mut files: Vec<PlannedModule> = Vec::new();
         let mut uses_pinned_linux = false;
         let mut console: Option<usize> = None;
-        let mut trailer = String::new();
         let mut file_sizes: u64 = 0;
         for (i, g) in file.guests.iter().enumerate() {
             let f = |name: &str| format!("guest[{i}].{name}");
@@ -1032,9 +1073,11 @@ impl Planner<'_> {
                 uses.push(called.get_ref().as_str());
             }
             let calls = uses.len();
+            let mut arg_of = Vec::new();
             if let Some(modem) = &g.modem {
                 check_provided(modem, &f("modem"), name)?;
                 uses.push(modem.get_ref().as_str());
+                arg_of.push("modem");
             }
             let mut args = Vec::new();
             if vcpus > 1 {
@@ -1043,8 +1086,12 @@ impl Planner<'_> {
                 args.push(format!("vcpu-cpus={}", rest.join(",")));
                 args.push(format!("vcpu-priority={priority}"));
             }
-            if let Some(epoch) = g.epoch {
-                args.push(format!("epoch={epoch}"));
+            match g.epoch {
+                Some(epoch) => args.push(format!("epoch={epoch}")),
+                None => {
+                    uses.push(CLOCK_SERVICE);
+                    arg_of.push("clock");
+                }
             }
             if g.owns_console() {
                 args.push("console-input".to_string());
@@ -1053,10 +1100,9 @@ impl Planner<'_> {
             for (n, service) in uses.iter().enumerate() {
                 let sel = self.selector(n, g.name.span(), &f("calls"))?;
                 manifest += &format!("    uses {service} at {sel}\n");
-                if n < calls {
-                    portals.push(sel.to_string());
-                } else {
-                    args.push(format!("modem={sel}"));
+                match n.checked_sub(calls) {
+                    None => portals.push(sel.to_string()),
+                    Some(k) => args.push(format!("{}={sel}", arg_of[k])),
                 }
             }
             if !portals.is_empty() {
@@ -1092,7 +1138,9 @@ impl Planner<'_> {
         // mappings (a tenth more for 2 MiB alignment of large runs); its
         // kernel quota is half of what the pool leaves free.
         let pool_mib = mib_up(pool + pool / 10) + 2 * ram_regions + 16;
-        let quota_mib = mib_up(quotas) + file.components.len() as u64 + file.guests.len() as u64;
+        let quota_mib = mib_up(quotas)
+            + (file.components.len() + extra_components) as u64
+            + file.guests.len() as u64;
         let free_needed = (pool_mib * 4).div_ceil(3).max(pool_mib + 2 * quota_mib);
         let needed =
             MACHINE_OVERHEAD + (file_sizes.next_multiple_of(1 << 20)) + (free_needed << 20);
@@ -1364,8 +1412,8 @@ mod tests {
         let plan = example_plan("default.toml", &GuestOverride::default());
         let m = root_parse(&plan.manifest);
         let names: Vec<_> = m.components.iter().map(|c| c.name.as_str()).collect();
-        assert_eq!(names, ["echo", "modem", "linux"]);
-        let linux = &m.components[2];
+        assert_eq!(names, ["echo", "modem", "clock", "linux"]);
+        let linux = &m.components[3];
         assert_eq!(linux.module, "vmm");
         assert_eq!((linux.priority, linux.ceiling), (10, 30));
         assert_eq!(linux.restart.max_restarts, 0);
@@ -1375,10 +1423,19 @@ mod tests {
             .iter()
             .map(|u| (u.name.as_str(), u.selector))
             .collect();
-        assert_eq!(uses, [("echo", 20), ("modem", 21)]);
+        assert_eq!(uses, [("echo", 20), ("modem", 21), ("clock", 22)]);
         assert_eq!(
             linux.args.as_deref(),
-            Some("epoch=1764000000 console-input modem=21 vm-portals=20 user-hypercalls")
+            Some("console-input modem=21 clock=22 vm-portals=20 user-hypercalls")
+        );
+        // The machine's clock: the rtc driver with the CMOS ports.
+        let clock = &m.components[2];
+        assert_eq!(clock.module, "rtc");
+        assert_eq!(clock.provides.as_deref(), Some("clock"));
+        assert_eq!(clock.args.as_deref(), Some("serve"));
+        assert_eq!(
+            (clock.ioports[0].first, clock.ioports[0].last),
+            (0x70, 0x71)
         );
         let mappings: Vec<_> = linux
             .mappings
@@ -1421,6 +1478,7 @@ mod tests {
                 "manifest",
                 "echo",
                 "modem",
+                "rtc",
                 "vmm",
                 "bzImage",
                 "initramfs.cpio",
@@ -1430,11 +1488,11 @@ mod tests {
         );
         let root = crate::util::workspace_root();
         assert_eq!(
-            plan.modules[5].source,
+            plan.modules[6].source,
             ModuleSource::File(root.join("target/linux/bzImage"))
         );
         assert!(plan.uses_pinned_linux);
-        let ModuleSource::Text(cmdline) = &plan.modules[8].source else {
+        let ModuleSource::Text(cmdline) = &plan.modules[9].source else {
             panic!("the command line is written by xtask");
         };
         let disk = linux::TestDisk::for_image(&linux::test_disk_image());
@@ -1498,7 +1556,7 @@ mod tests {
             .modules
             .iter()
             .any(|m| m.source == ModuleSource::File("/home/u/vmlinuz".into())));
-        assert_eq!(m.components.len(), 3);
+        assert_eq!(m.components.len(), 4);
         let ModuleSource::Text(line) = &plan.modules.last().unwrap().source else {
             panic!("no command line");
         };
@@ -1545,6 +1603,7 @@ mod tests {
                 "roottask",
                 "manifest",
                 "echo",
+                "rtc",
                 "vmm",
                 "bzImage",
                 "initramfs.cpio",
@@ -1553,15 +1612,20 @@ mod tests {
                 "second.cmdline"
             ]
         );
+        // One clock for both.
+        assert_eq!(m.components[1].name, "clock");
+        for guest in &m.components[2..] {
+            assert!(guest.args.as_deref().unwrap().contains("clock=21"));
+        }
         // Only the console guest gets COM1 (and the debug event, GSI 255).
-        assert_eq!(m.components[1].irqs, [4, 255]);
-        assert!(m.components[2].irqs.is_empty());
-        assert!(m.components[2]
+        assert_eq!(m.components[2].irqs, [4, 255]);
+        assert!(m.components[3].irqs.is_empty());
+        assert!(m.components[3]
             .args
             .as_deref()
             .unwrap()
             .contains("vm-portals=20"));
-        assert!(!m.components[2]
+        assert!(!m.components[3]
             .args
             .as_deref()
             .unwrap()
@@ -1721,6 +1785,7 @@ mod tests {
             (&format!("{GUEST}vcpus = 0\n"), "guest[0].vcpus", "expected 1 to 32 vCPUs, not 0"),
             (&format!("{GUEST}vcpus = 2\nvcpu-cpus = [0]\n"), "guest[0].vcpu-cpus", "one CPU per vCPU (2), not 1"),
             (&format!("{GUEST}vcpus = 2\nvcpu-cpus = [0, 1]\n"), "guest[0].vcpu-cpus", "no CPU 1"),
+            (&format!("[[component]]\nname = \"clock\"\nmodule = \"echo\"\n{GUEST}"), "component[0].name", "the name of the machine's clock"),
             ("[machine]\ncpus = 0\n[[component]]\nname = \"echo\"\n", "machine.cpus", "expected 1 to 64 CPUs"),
             ("", "", "nothing to boot"),
         ];
@@ -1733,9 +1798,13 @@ mod tests {
 
     #[test]
     fn vcpus_share_cpu_0_or_go_where_named() {
+        // The guest's VMM, `g` (beside the machine's clock).
+        fn vmm(m: &moat_roottask::manifest::Manifest) -> &moat_roottask::manifest::Component {
+            m.components.iter().find(|c| c.name == "g").unwrap()
+        }
         let shared = plan(&format!("[machine]\ncpus = 2\n{GUEST}vcpus = 4\n")).unwrap();
         let m = root_parse(&shared.manifest);
-        assert_eq!(m.components[0].cpu, 0, "vCPU 0 runs in the VMM's EC");
+        assert_eq!(vmm(&m).cpu, 0, "vCPU 0 runs in the VMM's EC");
         assert!(
             shared
                 .manifest
@@ -1755,7 +1824,7 @@ mod tests {
         ))
         .unwrap();
         let m = root_parse(&named.manifest);
-        assert_eq!(m.components[0].cpu, 1);
+        assert_eq!(vmm(&m).cpu, 1);
         assert!(named
             .manifest
             .contains("vcpus=2 vcpu-cpus=1 vcpu-priority=12"));
@@ -1773,6 +1842,29 @@ mod tests {
             "{}",
             two.manifest
         );
+    }
+
+    #[test]
+    fn guests_get_the_machines_clock_unless_their_epoch_is_fixed() {
+        let fixed = plan(&format!("{GUEST}epoch = 1764000000\n")).unwrap();
+        let m = root_parse(&fixed.manifest);
+        assert_eq!(m.components.len(), 1, "no clock: {}", fixed.manifest);
+        assert_eq!(m.components[0].args.as_deref(), Some("epoch=1764000000"));
+        let real = plan(GUEST).unwrap();
+        let m = root_parse(&real.manifest);
+        let names: Vec<_> = m.components.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["clock", "g"]);
+        assert_eq!(m.components[1].args.as_deref(), Some("clock=20"));
+        assert!(real.modules.iter().any(|m| m.name == "rtc"));
+        // A component of the user's that provides `clock` serves instead.
+        let own = plan(&format!(
+            "[[component]]\nname = \"myclock\"\nmodule = \"rtc\"\nprovides = \"clock\"\n\
+             args = \"serve\"\n{GUEST}"
+        ))
+        .unwrap();
+        let m = root_parse(&own.manifest);
+        let names: Vec<_> = m.components.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["myclock", "g"]);
     }
 
     #[test]

@@ -131,7 +131,7 @@ fn guest_line(serial: &str, step: char) -> std::result::Result<(usize, String), 
 
 /// The summaries after `from` up to and including the first one after
 /// `to`: every frame released in between is counted in one of them.
-fn covering(reports: &[Report], from: usize, to: usize) -> Vec<Report> {
+pub fn covering(reports: &[Report], from: usize, to: usize) -> Vec<Report> {
     let mut out = Vec::new();
     for r in reports.iter().filter(|r| r.at > from) {
         out.push(*r);

@@ -141,45 +141,6 @@ pub enum Accel {
     Kvm,
 }
 
-/// KVM is worth using only if `/dev/kvm` opens and the host CPU lends its
-/// virtualization extensions to guests (the kernel under test needs them).
-/// Here `/dev/kvm` is PVM, whose host shows neither `vmx` nor `svm`.
-pub fn detect_kvm() -> bool {
-    let opens = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    opens && cpuinfo_nests(&cpuinfo, nested_param)
-}
-
-fn nested_param(module: &str) -> Option<String> {
-    fs::read_to_string(format!("/sys/module/{module}/parameters/nested")).ok()
-}
-
-/// True if the CPU flags show vmx or svm and the matching KVM module does not
-/// say nesting is off.
-fn cpuinfo_nests(cpuinfo: &str, nested: impl Fn(&str) -> Option<String>) -> bool {
-    let flags = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("flags"))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, f)| f.split_whitespace().collect::<Vec<_>>())
-        .unwrap_or_default();
-    let module = if flags.contains(&"vmx") {
-        "kvm_intel"
-    } else if flags.contains(&"svm") {
-        "kvm_amd"
-    } else {
-        return false;
-    };
-    match nested(module) {
-        Some(v) => matches!(v.trim(), "Y" | "y" | "1"),
-        None => true,
-    }
-}
-
 /// Where QEMU's first serial port goes.
 pub enum Serial<'a> {
     Stdio,
@@ -203,6 +164,10 @@ pub fn qemu_args(boot: &BootSpec, accel: Accel, serial: Serial<'_>) -> Result<Ve
         "none",
         "-monitor",
         "none",
+        // The machine's RTC holds UTC, as Linux expects; Moat's clock
+        // driver gives it to every guest.
+        "-rtc",
+        "base=utc",
     ]
     .map(String::from)
     .to_vec();
@@ -260,7 +225,7 @@ romimage: file={BOCHS_BIOS}
 vgaromimage: file={BOCHS_VGA_BIOS}
 ata0-master: type=cdrom, path={iso}, status=inserted
 boot: cdrom
-clock: sync=none, time0=local
+clock: sync=none, time0=utc
 com1: enabled=1, mode=file, dev={serial}
 sound: driver=dummy
 log: {log}
@@ -800,7 +765,7 @@ vmm: dump: exits 10: io 9 hlt 1
             args.join(" "),
             "-machine pc -m 512M -smp 1 -no-reboot \
              -device isa-debug-exit,iobase=0xf4,iosize=0x04 -display none -monitor none \
-             -accel tcg -cpu max -serial file:t/x.log \
+             -rtc base=utc -accel tcg -cpu max -serial file:t/x.log \
              -kernel target/image/moat-kernel -append debug-exit \
              -initrd target/image/roottask fault"
         );
@@ -821,6 +786,7 @@ vmm: dump: exits 10: io 9 hlt 1
             text.contains("-accel kvm -cpu host -serial stdio"),
             "{text}"
         );
+        assert!(text.contains("-rtc base=utc"), "{text}");
     }
 
     #[test]
@@ -884,21 +850,6 @@ vmm: dump: exits 10: io 9 hlt 1
     }
 
     #[test]
-    fn kvm_needs_nesting_flags() {
-        let no_nested = |_: &str| None;
-        assert!(!cpuinfo_nests("flags\t\t: fpu sse hypervisor\n", no_nested));
-        assert!(cpuinfo_nests("flags\t\t: fpu vmx sse\n", no_nested));
-        assert!(cpuinfo_nests("flags\t: svm\n", |m: &str| {
-            assert_eq!(m, "kvm_amd");
-            Some("1\n".into())
-        }));
-        assert!(!cpuinfo_nests("flags\t: vmx\n", |_: &str| Some(
-            "N\n".into()
-        )));
-        assert!(!cpuinfo_nests("", no_nested));
-    }
-
-    #[test]
     fn bochsrc_text() {
         let files = BochsFiles {
             iso: "target/systest/boot.iso".into(),
@@ -917,6 +868,7 @@ vmm: dump: exits 10: io 9 hlt 1
             "com1: enabled=1, mode=file, dev=target/systest/boot-bochs.log\n",
             "log: target/systest/boot-bochs.bochslog\n",
             "boot: cdrom\n",
+            "clock: sync=none, time0=utc\n",
             "panic: action=fatal\n",
         ] {
             assert!(rc.contains(line), "{line:?} not in\n{rc}");

@@ -42,7 +42,15 @@ const MODULE_LIST: &str = "etc/moat-modules";
 /// The guest tools: static x86-64 Linux programs, each in the initramfs as
 /// `/bin/<name>`.
 const TOOLS_PACKAGE: &str = "moat-guest-tools";
-pub const TOOLS: &[&str] = &["at", "ipcbench", "stress", "pingpong", "portbench", "probe"];
+pub const TOOLS: &[&str] = &[
+    "at",
+    "ipcbench",
+    "stress",
+    "pingpong",
+    "portbench",
+    "probe",
+    "hostile",
+];
 const TOOLS_TARGET: &str = "x86_64-unknown-linux-musl";
 const TOOLS_TARGET_DIR: &str = "target/guest-tools";
 

@@ -15,11 +15,13 @@ mod emu;
 mod fuzz;
 mod harness;
 mod image;
+mod kvm;
 mod linux;
 mod manifests;
 mod mbcheck;
 mod run;
 mod setup;
+mod soak;
 mod systest;
 mod util;
 
@@ -119,6 +121,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Bench(opts) => bench::run(&opts),
         Cmd::Demo(opts) => demo::run(&opts),
         Cmd::Fuzz(opts) => fuzz::run(&opts),
+        Cmd::Soak(opts) => soak::run(&opts),
         Cmd::Linux(cli::LinuxOpts::Build) => linux::build_command(),
         Cmd::Linux(cli::LinuxOpts::Direct {
             emu,

@@ -226,6 +226,70 @@ component ping
 "
 );
 
+/// One `echo`/`ping` pair of `cargo xtask bench smp`, both on CPU `$k`.
+macro_rules! bench_smp_pair {
+    ($k:literal) => {
+        concat!(
+            "component echo",
+            $k,
+            "
+    module echo
+    priority 20
+    cpu ",
+            $k,
+            "
+    memory 256K
+    quota 64K
+    provides echo",
+            $k,
+            "
+    args service=echo",
+            $k,
+            "
+component ping",
+            $k,
+            "
+    module ping
+    priority 10
+    cpu ",
+            $k,
+            "
+    memory 512K
+    quota 64K
+    uses echo",
+            $k,
+            " at 20
+    args throughput calls=50000 cpu=",
+            $k,
+            "
+"
+        )
+    };
+}
+
+/// `cargo xtask bench smp`: one `echo`/`ping` pair per CPU on the first N
+/// CPUs, each pair on its own CPU, all at once (`ping throughput`).
+pub const BENCH_SMP1: &str = bench_smp_pair!(0);
+pub const BENCH_SMP2: &str = concat!(bench_smp_pair!(0), bench_smp_pair!(1));
+pub const BENCH_SMP4: &str = concat!(
+    bench_smp_pair!(0),
+    bench_smp_pair!(1),
+    bench_smp_pair!(2),
+    bench_smp_pair!(3)
+);
+
+/// `cargo xtask bench smp`: the cross-CPU semaphore wake-up, from CPU 0 to
+/// an EC of the same PD on CPU 1.
+pub const BENCH_SMP_WAKEUP: &str = "\
+component ping
+    module ping
+    priority 10
+    cpu 0
+    memory 512K
+    quota 64K
+    args wakeup-cpu=1 iterations=2000 cpu=0
+";
+
 /// `testvmm` in bench mode: CPUID exits, guest IPC hypercalls to `echo`
 /// and native calls to `echo`, measured in one run.
 pub const BENCH_EXITS: &str = concat!(
@@ -300,6 +364,23 @@ component modem
     };
 }
 
+/// The machine's clock: the `rtc` driver in its `serve` mode, with the
+/// CMOS ports, publishing `clock` (the VMM's `clock=` asks it the time).
+macro_rules! clock_driver {
+    () => {
+        "\
+component clock
+    module rtc
+    priority 20
+    memory 128K
+    quota 64K
+    provides clock
+    args serve
+ioports 0x70-0x71 to clock
+"
+    };
+}
+
 /// The native services beside the Linux guest: the `echo` server (the
 /// guest calls it with the IPC hypercall) and the `modem` (its AT service
 /// reached through the virtio-console port `modem`), above the guest.
@@ -315,16 +396,19 @@ macro_rules! linux_neighbours {
 /// A Debian Linux guest under `vmm`: 256 MiB of RAM, a 16 MiB heap for the
 /// VMM, and the kernel, initramfs, test disk and command line as files;
 /// beside it `echo` (given to the VM for the hypercall, from guest user
-/// space too) and `modem` (relayed to the guest's `modem` port).
+/// space too), `modem` (relayed to the guest's `modem` port) and the
+/// `clock` its VMM takes the guest's time from.
 pub const LINUX: &str = concat!(
     linux_neighbours!(),
+    clock_driver!(),
     linux_vmm!(),
     "\
     file disk disk.img at 0x32000000000
     file cmdline cmdline at 0x33000000000
     uses echo at 20
     uses modem at 21
-    args epoch=1764000000 modem=21 vm-portals=20 user-hypercalls
+    uses clock at 22
+    args clock=22 modem=21 vm-portals=20 user-hypercalls
 irq 255 to linux
 "
 );
@@ -343,6 +427,24 @@ pub const DEMO: &str = concat!(
     uses echo at 20
     uses modem at 21
     args epoch=1764000000 modem=21 vm-portals=20 user-hypercalls on-panic=restart
+irq 255 to linux
+"
+);
+
+/// `cargo xtask soak` and the system test `soak_short`: the Linux guest
+/// under load (`moat.soak=`) beside `echo` and a `modem` that reports
+/// every 1000 frames (1 s): the clock by which the soak measures the gaps
+/// between the guest's heartbeats. A guest that panics is not restarted.
+pub const SOAK: &str = concat!(
+    echo_server!(),
+    modem_component!("    args report_every=1000\n"),
+    linux_vmm!(),
+    "\
+    file disk disk.img at 0x32000000000
+    file cmdline cmdline at 0x33000000000
+    uses echo at 20
+    uses modem at 21
+    args epoch=1764000000 modem=21 vm-portals=20 user-hypercalls
 irq 255 to linux
 "
 );
@@ -640,7 +742,7 @@ component ticker
 mod tests {
     use super::*;
 
-    const ALL: [&str; 25] = [
+    const ALL: [&str; 29] = [
         STALL,
         IPC_PINGPONG,
         SUPERVISION,
@@ -657,6 +759,10 @@ mod tests {
         FUZZER_LONG,
         QUOTA,
         BENCH_IPC,
+        BENCH_SMP1,
+        BENCH_SMP2,
+        BENCH_SMP4,
+        BENCH_SMP_WAKEUP,
         BENCH_EXITS,
         TESTVM,
         SMP_IPC,
@@ -717,3 +823,39 @@ mod tests {
         assert_eq!(components(IPC_PINGPONG), ["echo", "ping"]);
     }
 }
+
+/// The block service on QEMU's virtio-blk device (a 2 MiB image): client
+/// `blktest-a` owns sectors 0..2048, `blktest-b` 2048..4096; each has a
+/// 64 KiB region shared with `blk` only, and a reply semaphore.
+pub const BLK: &str = "\
+component blk
+    module blk
+    priority 20
+    memory 256K
+    quota 128K
+    restart 0
+    pci dev 1af4:1042 at 0x20000000000
+    dma dma 16K at 0x30000000000
+    shared c0 64K at 0x10000000000
+    shared c1 64K at 0x11000000000
+    args c0.disk=0,2048 c1.disk=2048,2048
+component blktest-a
+    module blktest
+    priority 10
+    memory 128K
+    quota 64K
+    restart 0
+    shared c0 64K at 0x10000000000
+    args name=blktest-a region=c0
+component blktest-b
+    module blktest
+    priority 10
+    memory 128K
+    quota 64K
+    restart 0
+    shared c1 64K at 0x10000000000
+    args name=blktest-b region=c1
+semaphore blkreq up blktest-a at 30 up blktest-b at 30 down blk at 30
+semaphore areply up blk at 31 down blktest-a at 31
+semaphore breply up blk at 32 down blktest-b at 31
+";

@@ -9,7 +9,11 @@ use crate::cli::RunOpts;
 use crate::emu::{self, Accel, BochsFiles, Emulator, Exit, Serial};
 use crate::image::{self, DEBUG_EXIT_ARG, IMAGE_DIR};
 use crate::util::{self, describe};
-use crate::{build, config, setup, Context, Result};
+use crate::{build, config, kvm, setup, Context, Result};
+
+/// `cargo xtask run --kvm`'s exit status when the host's KVM cannot run
+/// Moat (the "skipped" status of automake's test harness; ci/ uses it).
+pub const KVM_UNUSABLE: u8 = 77;
 
 /// `cargo xtask run`: setup, build, and boot the configuration here.
 pub fn run(opts: &RunOpts) -> Result<ExitCode> {
@@ -17,8 +21,16 @@ pub fn run(opts: &RunOpts) -> Result<ExitCode> {
         .config
         .clone()
         .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG));
-    // A bad configuration is reported before setup and the long build.
+    // A bad configuration, or a KVM that cannot run Moat when `--kvm`
+    // asks for it, is reported before setup and the long build.
     let plan = config::load(&config, &opts.guest, &config::file_size)?;
+    let kvm_host = kvm::KvmHost::read();
+    if opts.require_kvm {
+        if let Err(why) = kvm::verdict(&kvm_host) {
+            eprintln!("xtask: --kvm: {why}. Without --kvm, QEMU emulates AMD SVM (TCG).");
+            return Ok(ExitCode::from(KVM_UNUSABLE));
+        }
+    }
     setup::run()?;
     let plan = if plan.uses_pinned_linux {
         config::load_pinned_aware(&config, &opts.guest)?
@@ -42,10 +54,15 @@ pub fn run(opts: &RunOpts) -> Result<ExitCode> {
     let mut bochs_log = None;
     let outcome = match opts.emu {
         Emulator::Qemu => {
-            let accel = if opts.force_kvm || emu::detect_kvm() {
-                Accel::Kvm
-            } else {
-                Accel::Tcg
+            let accel = match kvm::verdict(&kvm_host) {
+                Ok(module) => {
+                    println!("run: KVM with nesting ({module}): -accel kvm -cpu host");
+                    Accel::Kvm
+                }
+                Err(why) => {
+                    println!("run: QEMU TCG (-cpu max, AMD SVM): {why}");
+                    Accel::Tcg
+                }
             };
             let mut cmd = emu::qemu_command(&emu::qemu_args(&boot, accel, Serial::Stdio)?);
             println!("run: {}", describe(&cmd));

@@ -7,6 +7,8 @@
 #![forbid(unsafe_code)]
 
 pub mod args;
+pub mod blk;
+pub mod cmos;
 pub mod fuzz;
 pub mod lend;
 pub mod modem;

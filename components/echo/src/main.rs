@@ -2,7 +2,9 @@
 //! gets back each of its six words plus one and, when it carried extra
 //! words in the UTCB, their wrapping sum as the one extra reply word.
 //!
-//! Arguments: `index=N` (its place in the manifest, for the registry).
+//! Arguments: `index=N` (its place in the manifest, for the registry);
+//! `service=NAME` publishes the portal as NAME instead (several echo
+//! servers in one system, `cargo xtask bench smp`).
 #![no_std]
 #![no_main]
 
@@ -29,7 +31,8 @@ fn main(args: &str) -> i32 {
         return 1;
     }
     let rip = portal::entry_address(echo_portal_entry);
-    let serving = rt::serve("echo", HANDLER_STACK.top(), rip, PORTAL_ID, args);
+    let name = args::value(args, "service").unwrap_or("echo");
+    let serving = rt::serve(name, HANDLER_STACK.top(), rip, PORTAL_ID, args);
     if let Err(status) = serving {
         println!("echo: FAIL cannot serve: {status}");
         return 1;

@@ -63,17 +63,27 @@ fn handle(_id: u64, words: [u64; 6]) -> [u64; 6] {
             );
             Status::Success
         }
-        OP_REVOKE => match sys::revoke(Space::Memory, lent_page(), 1, false) {
-            Ok(()) => {
-                println!("lender: revoked the lent page");
-                Status::Success
-            }
-            Err(status) => {
-                println!("lender: FAIL revoke: {status}");
-                status
-            }
-        },
+        OP_REVOKE => {
+            // Said first: on several CPUs the borrower's reader may fault,
+            // and the borrower be destroyed with this call (on its SC),
+            // before the revoke returns here.
+            println!("lender: revoking the lent page");
+            revoke()
+        }
         _ => Status::BadCall,
     };
     [status.code(), 0, 0, 0, 0, 0]
+}
+
+fn revoke() -> Status {
+    match sys::revoke(Space::Memory, lent_page(), 1, false) {
+        Ok(()) => {
+            println!("lender: revoked the lent page");
+            Status::Success
+        }
+        Err(status) => {
+            println!("lender: FAIL revoke: {status}");
+            status
+        }
+    }
 }

@@ -3,11 +3,14 @@
 //! Arguments: `calls=N` (default 10000) payload-checked calls, then
 //! `ping: N calls, payload checked`; with `bench`, instead the round-trip
 //! benchmark: `iterations=N` (default 10000) timed calls per case, one line
-//! `bench ipc <case> median=<ticks> min=<ticks> iterations=<n>` per case.
+//! `bench ipc <case> median=<ticks> min=<ticks> iterations=<n>` per case;
+//! with `throughput` or `wakeup-cpu=K`, the SMP benchmarks (`smp`).
 #![no_std]
 #![no_main]
 
 extern crate alloc;
+
+mod smp;
 
 use alloc::vec::Vec;
 use common::{args, echo_ops, rt, stats};
@@ -36,6 +39,22 @@ fn main(args: &str) -> i32 {
     }
     if args::flag(args, "die-during-call") {
         return die_during_call(args::tsc_hz(args));
+    }
+    let smp = if args::flag(args, "throughput") {
+        Some(smp::throughput(args, calls))
+    } else {
+        args::value(args, "wakeup-cpu")
+            .and_then(args::parse_number)
+            .map(|to| smp::wakeup(args, to, iterations.max(1)))
+    };
+    if let Some(result) = smp {
+        return match result {
+            Ok(()) => 0,
+            Err(why) => {
+                println!("ping: FAIL {why}");
+                1
+            }
+        };
     }
     let result = if args::flag(args, "bench") {
         bench(iterations.max(1))

@@ -1,21 +1,37 @@
-//! `rtc`: a user-mode driver for the CMOS real-time clock's periodic
-//! interrupt, to show device interrupts reaching a driver as semaphore ups.
+//! `rtc`: a user-mode driver for the CMOS real-time clock, in one of two
+//! modes.
 //!
-//! It needs the ports 0x70-0x71 and GSI 8 from the manifest. It assigns the
-//! GSI to a semaphore of its own, starts the RTC's periodic interrupt at
-//! 1024 Hz, and for each interrupt: downs the semaphore, acknowledges the
-//! device (reading register C) and unmasks the GSI. Prints
+//! By default it shows device interrupts reaching a driver as semaphore
+//! ups: it needs the ports 0x70-0x71 and GSI 8 from the manifest, assigns
+//! the GSI to a semaphore of its own, starts the RTC's periodic interrupt
+//! at 1024 Hz, and for each interrupt: downs the semaphore, acknowledges
+//! the device (reading register C) and unmasks the GSI. Prints
 //! `rtc: N interrupts through the semaphore` and exits 0.
 //!
-//! Arguments: `count=N` (default 20), `tsc_hz=N`.
+//! With `serve` it is the machine's clock: it publishes the portal
+//! `clock` (`common::cmos::service`), which answers each call with the
+//! time read from the RTC's date registers then; each VMM asks it for its
+//! guest's clock. It needs only the ports.
+//!
+//! Arguments: `count=N` (default 20), `tsc_hz=N`, `serve`, `index=N`.
 #![no_std]
 #![no_main]
 
-use common::{args, ms_to_ticks};
+use common::cmos::{self, service, Registers};
+use common::{args, ms_to_ticks, rt};
 use moat_user::io::{inb, outb};
-use moat_user::{println, rdtsc, sys};
+use moat_user::{portal, println, rdtsc, sys, Stack};
 
 moat_user::entry!(main);
+moat_user::portal_entry!(clock_portal_entry, read_clock);
+
+const PORTAL_ID: u64 = 0xc10c;
+static HANDLER_STACK: Stack<8192> = Stack::new();
+/// Reads of the registers before giving up on two alike.
+const CLOCK_TRIES: u32 = 8;
+/// Polls of register A for the end of an update (one takes at most
+/// 2 ms; a port read takes about a microsecond).
+const UPDATE_POLLS: u32 = 100_000;
 
 const INDEX: u16 = 0x70;
 const DATA: u16 = 0x71;
@@ -40,7 +56,52 @@ fn write_register(register: u8, value: u8) {
     outb(DATA, value);
 }
 
+/// The time now: registers read outside an update, twice alike (a read
+/// that straddles a second would be off by up to a day otherwise).
+fn read_time() -> Option<u64> {
+    let mut last = None;
+    for _ in 0..CLOCK_TRIES {
+        let mut polls = 0;
+        while read_register(cmos::index::A) & cmos::UPDATE_IN_PROGRESS != 0 {
+            polls += 1;
+            if polls > UPDATE_POLLS {
+                return None;
+            }
+        }
+        let now = Registers::read(read_register);
+        if last == Some(now) {
+            return now.unix_seconds();
+        }
+        last = Some(now);
+    }
+    None
+}
+
+fn read_clock(_id: u64, _words: [u64; 6]) -> [u64; 6] {
+    match read_time() {
+        Some(unix) => [service::OK, unix, rdtsc(), 0, 0, 0],
+        None => [service::UNREADABLE, 0, 0, 0, 0, 0],
+    }
+}
+
+fn serve(args: &str) -> i32 {
+    let Some(now) = read_time() else {
+        println!("rtc: FAIL the RTC's date registers do not read as a date");
+        return 1;
+    };
+    let rip = portal::entry_address(clock_portal_entry);
+    if let Err(status) = rt::serve(service::NAME, HANDLER_STACK.top(), rip, PORTAL_ID, args) {
+        println!("rtc: FAIL cannot serve: {status}");
+        return 1;
+    }
+    println!("rtc: serving `{}`, Unix time {now}", service::NAME);
+    rt::block_forever(rt::server::IDLE_SM)
+}
+
 fn main(args: &str) -> i32 {
+    if args::flag(args, "serve") {
+        return serve(args);
+    }
     let Ok(count) = args::number(args, "count", 20) else {
         println!("rtc: FAIL bad arguments '{args}'");
         return 2;

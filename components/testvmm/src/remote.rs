@@ -1,23 +1,30 @@
-//! `remote`: a vCPU running on this component's CPU is poked, then has its
-//! VM destroyed, by a second EC of this component on another CPU.
+//! `remote`: a vCPU running on this component's CPU is poked, has a page
+//! of its guest memory revoked, then has its VM destroyed, by a second EC
+//! of this component on another CPU — while the guest runs there, without
+//! the kernel lock.
 //!
-//! The guest spins (`jmp $`), so `vcpu_run` returns only because of the
-//! other CPU: first with `POKED` (the poke's latency is printed, in TSC
-//! ticks), then with `BadCapability` once the other EC revoked the VM while
-//! the vCPU ran. Lines: `testvmm: remote: poked from cpu N after T ticks`,
-//! `testvmm: remote: vm destroyed from cpu N while its vcpu ran`, or
-//! `testvmm: remote: FAIL …`.
+//! The guest increments a counter in its memory for ever, so `vcpu_run`
+//! returns only because of the other CPU: first with `POKED` (the poke's
+//! latency is printed, in TSC ticks); then with a `MEMORY` exit at the
+//! counter's page once the other EC revoked it — and the counter, read
+//! through this task's own mapping, must not move after the revoke
+//! returned (the guest TLB of the CPU running it was shot down); then, the
+//! page given back, with `BadCapability` once the other EC revoked the VM
+//! while the vCPU ran. Lines: `testvmm: remote: poked from cpu N after T
+//! ticks`, `testvmm: remote: page revoked from cpu N while its vcpu ran:
+//! counter C, no write after the revoke`, `testvmm: remote: vm destroyed
+//! from cpu N while its vcpu ran`, or `testvmm: remote: FAIL …`.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use common::{ms_to_ticks, rt};
 use moat_abi::vcpu::exit_reason;
 use moat_abi::vcpu::VcpuState;
-use moat_abi::{Call, CallWord, Space, Status};
+use moat_abi::{rights, Call, CallWord, Space, Status, PAGE_SIZE};
 use moat_testvmm::setup;
 use moat_user::{println, rdtsc, sys, Stack};
 
-use crate::{ram, start, teardown};
+use crate::{ram, ram_address, start, teardown};
 
 const VM: u64 = 90;
 const VCPU: u64 = 91;
@@ -28,8 +35,18 @@ const OTHER_SM: u64 = 94;
 const OTHER_UTCB: u64 = 0x0000_7fff_d000_0000;
 static OTHER_STACK: Stack<8192> = Stack::new();
 
-/// What the other EC does next: 1 poke, 2 destroy the VM; 0 nothing.
+/// The guest-physical address of the guest's counter (below the stack,
+/// which this guest does not use).
+const COUNTER: u64 = 0x3_0000;
+/// `inc qword [COUNTER]; jmp` back to it.
+const GUEST_CODE: [u8; 10] = [0x48, 0xff, 0x04, 0x25, 0x00, 0x00, 0x03, 0x00, 0xeb, 0xf6];
+
+/// What the other EC does next: 1 poke, 2 revoke the counter's page,
+/// 3 destroy the VM; 0 nothing.
 static ORDER: AtomicU64 = AtomicU64::new(0);
+/// The counter right after the revoke returned, and 20 ms later (+1, so
+/// that 0 means "not yet").
+static AFTER_REVOKE: [AtomicU64; 2] = [const { AtomicU64::new(0) }; 2];
 /// When it poked (TSC).
 static POKED_AT: AtomicU64 = AtomicU64::new(0);
 static TSC_HZ: AtomicU64 = AtomicU64::new(0);
@@ -49,8 +66,8 @@ pub fn run(cpu: u64, tsc_hz: u64) -> bool {
 
 fn steps(cpu: u64) -> Result<(), &'static str> {
     // SAFETY: the only reference; no guest runs yet.
-    let initial = setup::prepare_long_mode_code(&[0xeb, 0xfe], unsafe { ram() })
-        .map_err(|_| "cannot set up the spinning guest")?;
+    let initial = setup::prepare_long_mode_code(&GUEST_CODE, unsafe { ram() })
+        .map_err(|_| "cannot set up the counting guest")?;
     start(VM, VCPU, STATE_PAGE, initial).map_err(|_| "cannot create the VM")?;
     sys::create_ec(
         OTHER_EC,
@@ -79,6 +96,51 @@ fn steps(cpu: u64) -> Result<(), &'static str> {
     println!("testvmm: remote: poked from cpu {cpu} after {latency} ticks");
 
     ORDER.store(2, Ordering::Release);
+    let status = vcpu_run();
+    // SAFETY: as above.
+    let exit = unsafe { (*(STATE_PAGE as *const VcpuState)).exit };
+    if status != Status::Success || exit.reason != exit_reason::MEMORY {
+        return Err("the counting vCPU returned without a memory exit");
+    }
+    if exit.gpa & !(PAGE_SIZE - 1) != COUNTER {
+        return Err("the memory exit was not at the revoked page");
+    }
+    // The second is stored last: once it is there, so is the first.
+    let later = loop {
+        let later = AFTER_REVOKE[1].load(Ordering::Acquire);
+        if later != 0 {
+            break later;
+        }
+        core::hint::spin_loop();
+    };
+    let after = AFTER_REVOKE[0].load(Ordering::Acquire);
+    if after != later {
+        println!(
+            "testvmm: remote: counter {} right after the revoke returned, {} 20 ms later",
+            after - 1,
+            later - 1
+        );
+        return Err("the guest wrote its page after the revoke returned");
+    }
+    if after <= 1 {
+        return Err("the guest never counted");
+    }
+    println!(
+        "testvmm: remote: page revoked from cpu {cpu} while its vcpu ran: counter {}, no write after the revoke",
+        after - 1
+    );
+    // The page back, and the guest counts on.
+    sys::delegate(
+        VM,
+        Space::Memory,
+        (ram_address() + COUNTER) / PAGE_SIZE,
+        COUNTER / PAGE_SIZE,
+        1,
+        rights::MEM_READ | rights::MEM_WRITE | rights::MEM_EXECUTE,
+    )
+    .map_err(|_| "cannot give the page back")?;
+
+    ORDER.store(3, Ordering::Release);
     match vcpu_run() {
         Status::BadCapability => {
             println!("testvmm: remote: vm destroyed from cpu {cpu} while its vcpu ran");
@@ -88,13 +150,22 @@ fn steps(cpu: u64) -> Result<(), &'static str> {
     }
 }
 
+/// The guest's counter, read through this task's mapping of its memory.
+fn counter() -> u64 {
+    let at = (ram_address() + COUNTER) as *const u64;
+    // SAFETY: the counter lies in this task's guest-RAM array (aligned,
+    // mapped for the task's life); the guest may write it meanwhile, so it
+    // is read volatile and only compared.
+    unsafe { at.read_volatile() }
+}
+
 fn vcpu_run() -> Status {
     let (rax, _) = sys::raw(CallWord::new(Call::VcpuRun, 0, VCPU).encode(), [0; 6]);
     Status::from_code(rax).unwrap_or(Status::BadCall)
 }
 
-/// On the other CPU: waits 50 ms for each order, then pokes the vCPU or
-/// destroys its VM.
+/// On the other CPU: waits 50 ms for each order, then pokes the vCPU,
+/// revokes the counter's page or destroys its VM.
 extern "C" fn other_ec() -> ! {
     let tsc_hz = TSC_HZ.load(Ordering::Relaxed);
     let Ok(sleeper) = rt::Sleeper::new(OTHER_SM) else {
@@ -116,6 +187,16 @@ extern "C" fn other_ec() -> ! {
                 if rax != Status::Success.code() {
                     println!("testvmm: remote: FAIL vcpu_poke from the other CPU: {rax}");
                 }
+            }
+            2 => {
+                let page = (ram_address() + COUNTER) / PAGE_SIZE;
+                if sys::revoke(Space::Memory, page, 1, false).is_err() {
+                    println!("testvmm: remote: FAIL revoking the guest page from the other CPU");
+                }
+                let after = counter();
+                let _ = sleeper.for_ticks(ms_to_ticks(tsc_hz, 20));
+                AFTER_REVOKE[0].store(after + 1, Ordering::Release);
+                AFTER_REVOKE[1].store(counter() + 1, Ordering::Release);
             }
             _ => {
                 if sys::revoke(Space::Object, VM, 1, true).is_err() {

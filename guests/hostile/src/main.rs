@@ -655,10 +655,6 @@ extern "C" fn hostile_unexpected(vector: u64, top: u64, next: u64) -> ! {
     halt()
 }
 
-// On the host (`cargo clippy --workspace`, where feature unification
-// links the user runtime and its handler) the runtime's handler serves;
-// the guest itself is built alone for the bare target (xtask's build).
-#[cfg(target_os = "none")]
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     say!("hostile: FAIL panic: {info}");

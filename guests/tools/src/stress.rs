@@ -21,6 +21,8 @@ pub struct Options {
     /// if 0).
     pub mem_mib: usize,
     pub seconds: u64,
+    /// Seconds between heartbeat lines (none if 0).
+    pub heartbeat: u64,
 }
 
 impl Default for Options {
@@ -29,12 +31,13 @@ impl Default for Options {
             cpus: 1,
             mem_mib: 16,
             seconds: 10,
+            heartbeat: 0,
         }
     }
 }
 
 impl Options {
-    /// `[--cpu N] [--mem MIB] [--seconds S]`.
+    /// `[--cpu N] [--mem MIB] [--seconds S] [--heartbeat S]`.
     pub fn parse(args: &[String]) -> Result<Parsed<Options>, UsageError> {
         let mut opts = Options::default();
         let mut words = Words::new(args);
@@ -45,6 +48,9 @@ impl Options {
                 Word::Flag("mem", v) => opts.mem_mib = words.number("mem", v, 0..=MAX_MEM_MIB)?,
                 Word::Flag("seconds", v) => {
                     opts.seconds = words.number("seconds", v, 1..=MAX_SECONDS)?;
+                }
+                Word::Flag("heartbeat", v) => {
+                    opts.heartbeat = words.number("heartbeat", v, 0..=MAX_SECONDS)?;
                 }
                 Word::Flag(name, _) => return Err(UsageError::unknown_flag(name)),
                 Word::Positional(p) => return Err(UsageError(format!("unexpected `{p}`"))),
@@ -61,6 +67,15 @@ impl Options {
     pub fn mem_words(&self) -> usize {
         self.mem_mib.saturating_mul(WORDS_PER_MIB)
     }
+}
+
+/// The line printed every `--heartbeat` seconds: the load's progress so
+/// far, so that a reader of the console sees the guest is alive and
+/// getting work done (`cargo xtask soak` judges the gaps between them).
+pub fn heartbeat_line(elapsed_secs: u64, cpu_rounds: u64, memory_passes: u64) -> String {
+    format!(
+        "stress: heartbeat {elapsed_secs} s, {cpu_rounds} cpu rounds, {memory_passes} memory passes"
+    )
 }
 
 /// The word at `index` in pass `pass`: differs between passes, so a page
@@ -158,7 +173,15 @@ mod tests {
             Ok(Parsed::Run(Options {
                 cpus: 2,
                 mem_mib: 8,
-                seconds: 1
+                seconds: 1,
+                heartbeat: 0,
+            }))
+        );
+        assert_eq!(
+            parse(&["--heartbeat", "5"]),
+            Ok(Parsed::Run(Options {
+                heartbeat: 5,
+                ..Options::default()
             }))
         );
         assert_eq!(
@@ -174,6 +197,8 @@ mod tests {
             &["--mem", "-1"],
             &["--seconds", "0"],
             &["--seconds", "86401"],
+            &["--heartbeat", "-1"],
+            &["--heartbeat", "86401"],
             &["--seconds"],
             &["--cpus", "1"],
             &["5"],
@@ -184,6 +209,7 @@ mod tests {
             cpus: 1,
             mem_mib: MAX_MEM_MIB,
             seconds: 1,
+            heartbeat: 0,
         };
         assert_eq!(most.mem_words(), (1 << 40) / 8);
     }
@@ -235,6 +261,14 @@ mod tests {
             c.to_string(),
             "memory corrupted: word 2 (byte 0x10 of the buffer) holds \
              0x0000000000000001, wrote 0x0000000000000003"
+        );
+    }
+
+    #[test]
+    fn heartbeat_names_its_figures() {
+        assert_eq!(
+            heartbeat_line(15, 1234, 7),
+            "stress: heartbeat 15 s, 1234 cpu rounds, 7 memory passes"
         );
     }
 

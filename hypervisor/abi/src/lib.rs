@@ -38,6 +38,15 @@ pub const CPU_OF_CALLER: u64 = 0xfff;
 /// its own. No device interrupt has this number; `irq_unmask` of it does
 /// nothing.
 pub const DEBUG_GSI: u64 = 255;
+/// Message-signalled interrupts, as keys of the IRQ space after the
+/// GSIs: `MSI_FIRST + n` is MSI `n`. `irq_assign` of one routes it to a
+/// semaphore and tells the MSI address and data a device must write to
+/// raise it; it is edge-triggered and never masked by the kernel.
+pub const MSI_FIRST: u64 = 256;
+pub const MSI_COUNT: u64 = 16;
+/// The end (exclusive) of the IRQ space's keys.
+pub const IRQ_KEYS: u64 = MSI_FIRST + MSI_COUNT;
+
 /// Semaphores the debug event ups at most (one per `irq_assign` of it).
 pub const DEBUG_SMS_MAX: usize = 16;
 
@@ -63,10 +72,12 @@ pub enum Call {
     CreateVcpu = 15,
     VcpuRun = 16,
     VcpuPoke = 17,
+    MapDevice = 18,
+    MemPhys = 19,
 }
 
 impl Call {
-    pub const ALL: [Call; 18] = [
+    pub const ALL: [Call; 20] = [
         Call::ConsoleWrite,
         Call::Exit,
         Call::Call,
@@ -85,6 +96,8 @@ impl Call {
         Call::CreateVcpu,
         Call::VcpuRun,
         Call::VcpuPoke,
+        Call::MapDevice,
+        Call::MemPhys,
     ];
 
     pub const fn number(self) -> u8 {
@@ -115,6 +128,8 @@ impl TryFrom<u8> for Call {
             15 => Call::CreateVcpu,
             16 => Call::VcpuRun,
             17 => Call::VcpuPoke,
+            18 => Call::MapDevice,
+            19 => Call::MemPhys,
             _ => return Err(Status::BadCall),
         })
     }
@@ -135,7 +150,16 @@ pub mod flags {
     /// `create_pd` with `VM`: the guest IPC hypercall may be made from
     /// guest CPL 3 too (otherwise only from CPL 0-2).
     pub const USER_HYPERCALLS: u8 = 1 << 4;
+    /// `console_write`: the bytes go to the console as they are (escape
+    /// sequences, `\r`, backspace), not sanitised; only for a PD that
+    /// holds the console UART's data port ([`CONSOLE_PORT`]).
+    pub const RAW: u8 = 1 << 5;
 }
+
+/// COM1's data port: holding it (`IO_ACCESS`) is what lets a PD write raw
+/// bytes with `console_write` and `flags::RAW` — it could drive the UART
+/// itself anyway.
+pub const CONSOLE_PORT: u64 = 0x3f8;
 
 /// The decoded `rax` of a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -217,6 +241,11 @@ pub mod rights {
     pub const MEM_READ: u8 = 1 << 0;
     pub const MEM_WRITE: u8 = 1 << 1;
     pub const MEM_EXECUTE: u8 = 1 << 2;
+    /// Memory: learn the page's physical address (`mem_phys`), e.g. to
+    /// hand it to a device for DMA. Without an IOMMU a device can reach
+    /// all memory, so the root task gives this right only to memory a
+    /// manifest marks `dma`, and only a trusted driver should get that.
+    pub const MEM_DMA: u8 = 1 << 3;
     /// vCPU: run it and poke it.
     pub const VCPU_RUN: u8 = 1 << 0;
     /// I/O port: access it.

@@ -165,6 +165,12 @@ pub struct BootInfo {
     pub pool_size: u64,
     /// The root PD's kernel-memory quota in bytes.
     pub kernel_quota: u64,
+    /// PCI Express configuration space (ECAM, from the ACPI MCFG table),
+    /// segment 0: its physical base and the last bus it covers; base 0
+    /// when the machine has none (then configuration space is reached
+    /// through ports 0xcf8/0xcfc only).
+    pub ecam_base: u64,
+    pub ecam_bus_end: u64,
     pub module_count: u64,
     pub modules: [BootModule; BOOT_MODULES_MAX],
 }

@@ -43,11 +43,20 @@ impl Console {
         }
     }
 
+    /// Text: every `\n` becomes `\r\n`, as a terminal wants it.
     fn write_bytes(&mut self, bytes: &[u8]) {
         for &byte in bytes {
             if byte == b'\n' {
                 self.push(b'\r');
             }
+            self.push(byte);
+        }
+        self.feed();
+    }
+
+    /// Bytes as they are: whoever wrote them ends lines as they mean to.
+    fn write_unchanged(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
             self.push(byte);
         }
         self.feed();
@@ -154,10 +163,19 @@ pub fn start_queueing(tsc_hz: u64) {
     CONSOLE.lock().byte_cycles = (tsc_hz / BYTES_PER_SECOND).max(1);
 }
 
-/// Writes bytes as they are (output of user tasks).
-pub fn write_raw(bytes: &[u8]) {
+/// Writes text from user tasks (already sanitised), `\n` as `\r\n`.
+pub fn write_text(bytes: &[u8]) {
     let mut console = CONSOLE.lock();
     console.write_bytes(bytes);
+    let next = console.next_feed;
+    drop(console);
+    wake_at(next);
+}
+
+/// Writes bytes exactly as they are (a guest's console, `flags::RAW`).
+pub fn write_raw(bytes: &[u8]) {
+    let mut console = CONSOLE.lock();
+    console.write_unchanged(bytes);
     let next = console.next_feed;
     drop(console);
     wake_at(next);

@@ -8,8 +8,8 @@
 //! kernel prints only kernel state. docs/architecture.md, "A stalled run
 //! explains itself".
 //!
-//! The NMI may interrupt this CPU inside the kernel lock (a guest runs with
-//! it held) or the console lock, so the handler never waits for either:
+//! The NMI may interrupt this CPU inside the kernel lock or the console
+//! lock, so the handler never waits for either:
 //! it prints its line with a bounded wait for the console, and prints the
 //! state only if it can take the kernel lock at once. Otherwise the CPU
 //! that holds the lock prints it at its next pass through the scheduler
@@ -48,7 +48,7 @@ const ROOT_SELECTORS_SCANNED: u64 = 4096;
 /// the kernel lock is free.
 pub fn nmi(rip: u64, cs: u64) {
     let here = kernel::here();
-    let mode = if kernel::guest_cpu() == Some(here) {
+    let mode = if kernel::in_guest(here) {
         "in a guest"
     } else if cs & 3 == 3 {
         "in user mode"

@@ -630,7 +630,9 @@ impl Kernel {
             if let Some(s) = self.scs.get_mut(sc) {
                 s.holder = None;
                 if s.zombie {
-                    self.scs.remove(sc);
+                    if let Some(gone) = self.scs.remove(sc) {
+                        self.cpus[gone.cpu].run.release(gone.priority);
+                    }
                 }
             }
         }

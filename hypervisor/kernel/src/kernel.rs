@@ -69,7 +69,36 @@ pub const CAP_SLOT_COST: u64 = 96;
 /// preempted CPU's turn it is (smp_ipc timed out so on a loaded host).
 pub static KERNEL: SpinMutex<Option<Kernel>, KernelRelax> = SpinMutex::new(None);
 
-pub type KernelGuard = SpinMutexGuard<'static, Option<Kernel>, KernelRelax>;
+/// The kernel lock held. Dropping it unlocks, then sends the wake-ups
+/// and arms the timer as asked meanwhile (`ipi::kick`,
+/// `lapic::arm_if_earlier`): fields drop in declaration order.
+pub struct KernelGuard {
+    inner: SpinMutexGuard<'static, Option<Kernel>, KernelRelax>,
+    _then: AfterUnlock,
+}
+
+struct AfterUnlock;
+
+impl Drop for AfterUnlock {
+    #[inline(always)]
+    fn drop(&mut self) {
+        ipi::send_kicks();
+        crate::arch::x86_64::lapic::arm_deferred();
+    }
+}
+
+impl core::ops::Deref for KernelGuard {
+    type Target = Option<Kernel>;
+    fn deref(&self) -> &Option<Kernel> {
+        &self.inner
+    }
+}
+
+impl core::ops::DerefMut for KernelGuard {
+    fn deref_mut(&mut self) -> &mut Option<Kernel> {
+        &mut self.inner
+    }
+}
 
 /// Takes the kernel lock.
 #[track_caller]
@@ -85,7 +114,10 @@ pub fn lock() -> KernelGuard {
     if me.wants_lock.load(Ordering::Relaxed) || REPORT_LOCK_WAITS.load(Ordering::Relaxed) {
         after_wait(me, core::panic::Location::caller());
     }
-    guard
+    KernelGuard {
+        inner: guard,
+        _then: AfterUnlock,
+    }
 }
 
 /// `lock`'s uncommon part: the wait is over; with `debug-lock-waits`, where
@@ -134,12 +166,11 @@ fn report_long_wait(me: &percpu::PerCpu) {
         let site = unsafe { site.as_ref() };
         let held = now.saturating_sub(HOLDER_SINCE.load(Ordering::Relaxed)) * 1_000_000 / hz;
         crate::console::write_emergency(format_args!(
-            "lock: cpu {} waits > 20 ms; cpu {} holds it for {} us, taken at {:?}, guest {:#x}\n",
+            "lock: cpu {} waits > 20 ms; cpu {} holds it for {} us, taken at {:?}\n",
             here(),
             HOLDER_CPU.load(Ordering::Relaxed),
             held,
             site,
-            GUEST.load(Ordering::Relaxed)
         ));
     }
 }
@@ -157,10 +188,9 @@ pub fn lock_wanted() -> bool {
 
 /// What a CPU does while it waits for the kernel lock: carries out the TLB
 /// shootdown the holder may be waiting for (`ipi`), so a CPU that waits
-/// for the lock with interrupts off never holds up the one that holds it;
-/// and, when the holder is inside a guest, sends that CPU one wake-up per
-/// guest entry, whose arrival makes the guest exit, so the wait lasts one
-/// VM exit, not the guest's time slice.
+/// for the lock with interrupts off never holds up the one that holds it,
+/// and says that it waits (`lock_wanted`). (No CPU holds the lock inside a
+/// guest: a guest runs without it, `vcpu::GuestRun`.)
 pub struct KernelRelax;
 
 impl RelaxStrategy for KernelRelax {
@@ -168,39 +198,14 @@ impl RelaxStrategy for KernelRelax {
         percpu::current().wants_lock.store(true, Ordering::Relaxed);
         report_long_wait(percpu::current());
         ipi::service();
-        let guest = GUEST.load(Ordering::Relaxed);
-        if guest != 0 {
-            let me = percpu::current();
-            if me.guest_kicked.swap(guest, Ordering::Relaxed) != guest {
-                ipi::kick((guest & 0xff) as usize - 1);
-            }
-        }
         core::hint::spin_loop();
     }
 }
 
-/// The guest entry in progress with the kernel lock held: `(entry number
-/// << 8) | (CPU + 1)`, or 0.
-static GUEST: AtomicU64 = AtomicU64::new(0);
-static GUEST_ENTRIES: AtomicU64 = AtomicU64::new(0);
-
-/// Says that this CPU, holding the kernel lock, enters (`true`) or left a
-/// guest.
-pub fn in_guest(inside: bool) {
-    let value = if inside {
-        let entry = GUEST_ENTRIES.fetch_add(1, Ordering::Relaxed) + 1;
-        (entry << 8) | (here() as u64 + 1)
-    } else {
-        0
-    };
-    GUEST.store(value, Ordering::Relaxed);
-}
-
-/// The CPU running a guest with the kernel lock held, if any (read
-/// without the lock, by the NMI handler).
-pub fn guest_cpu() -> Option<usize> {
-    let guest = GUEST.load(Ordering::Relaxed);
-    (guest != 0).then(|| (guest & 0xff) as usize - 1)
+/// Whether CPU `index` is in guest mode now (read without the lock, by
+/// the NMI handler).
+pub fn in_guest(index: usize) -> bool {
+    percpu::get(index).in_guest.load(Ordering::Relaxed)
 }
 
 /// One CPU's scheduling state.
@@ -220,8 +225,15 @@ pub struct CpuSched {
     /// Control structures of vCPUs of this CPU destroyed by another CPU:
     /// freed here (a VMCS must be cleared on the CPU where it is current).
     pub dead_vcpus: Vec<crate::vcpu::Backend>,
-    /// `zombies` or `dead_vcpus` got something (`before_leaving` looks).
+    /// Pages of a vCPU destroyed while this CPU ran it in guest mode
+    /// (`Kernel::destroy_vcpu`): freed after the run.
+    pub dead_frames: Vec<u64>,
+    /// `zombies`, `dead_vcpus` or `dead_frames` got something
+    /// (`before_leaving` looks).
     pub left_work: bool,
+    /// The vCPU this CPU runs in guest mode, without the kernel lock
+    /// (`vcpu::GuestRun`), from `vcpu_step` to `vcpu_finish`.
+    pub guest: Option<crate::vcpu::VcpuId>,
     /// The TLB tags (VPIDs / ASIDs) of this CPU's vCPUs.
     pub tags: moat_kernel::virt::tags::TagSpace,
     /// Whose I/O bitmap this CPU's TSS holds: `Some(None)` means it must be
@@ -237,7 +249,9 @@ impl CpuSched {
             entered: None,
             zombies: Vec::new(),
             dead_vcpus: Vec::new(),
+            dead_frames: Vec::new(),
             left_work: false,
+            guest: None,
             tags: moat_kernel::virt::tags::TagSpace::new(
                 crate::arch::x86_64::virt::highest_tlb_tag(),
             ),
@@ -310,7 +324,7 @@ pub struct Kernel {
     /// Frames that were mapped until the pending shootdown: freed after it.
     pub free_after_shootdown: Vec<u64>,
     /// The semaphore each GSI is assigned to.
-    pub irq_sms: [Option<SmId>; crate::arch::x86_64::ioapic::MAX_GSIS as usize],
+    pub irq_sms: [Option<SmId>; crate::arch::x86_64::msi::IRQ_SLOTS],
     /// The semaphores of the debug event (`moat_abi::DEBUG_GSI`): upped
     /// after each state dump (`dump.rs`).
     pub debug_sms: Vec<SmId>,
@@ -360,7 +374,7 @@ impl Kernel {
             doomed: Vec::new(),
             tlb_dirty: false,
             free_after_shootdown: Vec::new(),
-            irq_sms: [None; crate::arch::x86_64::ioapic::MAX_GSIS as usize],
+            irq_sms: [None; crate::arch::x86_64::msi::IRQ_SLOTS],
             debug_sms: Vec::new(),
         }
     }
@@ -771,6 +785,8 @@ impl Kernel {
         }
         let queue = &mut self.cpus[cpu].run;
         if !queue.contains(sc) {
+            // Cannot run out of memory: the SC's place was reserved when
+            // it was made (`new_sc`).
             let _ = queue.enqueue(sc, priority);
             ipi::kick(cpu);
         }
@@ -820,6 +836,7 @@ impl Kernel {
         };
         if best > mine {
             if let Some(sc) = self.ecs.get(current).and_then(|e| e.sc) {
+                // Its place was reserved when it was made (`new_sc`).
                 let _ = self.cpus[me].run.enqueue_front(sc, mine);
             }
             self.cpus[me].current = None;
@@ -847,35 +864,33 @@ impl Kernel {
         };
         if expired && !self.cpus[me].run.is_empty() {
             let priority = self.priority_of(current).unwrap_or(0);
+            // Its place was reserved when it was made (`new_sc`).
             let _ = self.cpus[me].run.enqueue(sc, priority);
             self.cpus[me].current = None;
         }
     }
 
     /// Who runs next on this CPU: the current EC, or the head of its run
-    /// queue.
-    pub fn pick(&mut self) -> Option<EcId> {
+    /// queue; and whether it runs a vCPU (one lookup for both).
+    pub fn pick(&mut self) -> Option<(EcId, bool)> {
         let me = self.me % MAX_CPUS;
         if let Some(current) = self.cpus[me].current {
-            if self
-                .ecs
-                .get(current)
-                .is_some_and(|e| e.state == EcState::Running && e.sc.is_some())
-            {
-                return Some(current);
+            if let Some(e) = self.ecs.get(current) {
+                if e.state == EcState::Running && e.sc.is_some() {
+                    return Some((current, e.vcpu.is_some()));
+                }
             }
             self.cpus[me].current = None;
         }
         while let Some((sc, _)) = self.cpus[me].run.pick() {
             let holder = self.scs.get(sc).and_then(|s| s.holder);
             if let Some(ec) = holder {
-                if self
-                    .ecs
-                    .get(ec)
-                    .is_some_and(|e| e.state == EcState::Running && e.sc == Some(sc))
-                {
-                    self.cpus[me].current = Some(ec);
-                    return Some(ec);
+                if let Some(e) = self.ecs.get(ec) {
+                    if e.state == EcState::Running && e.sc == Some(sc) {
+                        let vcpu = e.vcpu.is_some();
+                        self.cpus[me].current = Some(ec);
+                        return Some((ec, vcpu));
+                    }
                 }
             }
         }
@@ -928,12 +943,16 @@ impl Kernel {
     pub fn free_left_here(&mut self) {
         let cpu = &mut self.cpus[self.me % MAX_CPUS];
         cpu.left_work = false;
-        if cpu.zombies.is_empty() && cpu.dead_vcpus.is_empty() {
+        if cpu.zombies.is_empty() && cpu.dead_vcpus.is_empty() && cpu.dead_frames.is_empty() {
             return;
         }
         cpu.zombies.clear();
         for backend in core::mem::take(&mut cpu.dead_vcpus) {
             crate::vcpu::free_backend(backend);
+        }
+        for phys in core::mem::take(&mut cpu.dead_frames) {
+            // The state page was mapped for the VMM too.
+            self.free_after_shootdown(phys);
         }
     }
 

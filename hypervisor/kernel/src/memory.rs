@@ -23,6 +23,14 @@ use spin::Mutex;
 static FRAMES: Mutex<Option<FrameAllocator<'static>>> = Mutex::new(None);
 static KERNEL_ROOT: AtomicU64 = AtomicU64::new(0);
 static NO_EXECUTE: AtomicBool = AtomicBool::new(false);
+/// The memory map's usable RAM: everything else a device page may be.
+static USABLE: Mutex<Ranges> = Mutex::new(Ranges::new());
+/// The interrupt controllers' window (IOAPIC, HPET, local APIC): never a
+/// device page for user space.
+const INTERRUPT_WINDOW: PhysRange = PhysRange {
+    start: 0xfec0_0000,
+    end: 0xfef0_0000,
+};
 /// Low memory for the AP start-up trampoline; 0: none found.
 static TRAMPOLINE: AtomicU64 = AtomicU64::new(0);
 
@@ -184,6 +192,26 @@ pub fn trampoline_area() -> Option<u64> {
     Some(TRAMPOLINE.load(Ordering::Relaxed)).filter(|&base| base != 0)
 }
 
+/// Whether `phys` is RAM (usable in the memory map, or below 1 MiB, where
+/// firmware and the legacy areas are): memory the kernel hands out, never
+/// a device's registers.
+pub fn is_ram(phys: u64) -> bool {
+    phys < LOW_MEMORY.end
+        || USABLE
+            .lock()
+            .as_slice()
+            .iter()
+            .any(|r| (r.start..r.end).contains(&phys))
+}
+
+/// Whether the page at `phys` may be mapped into user space as a device's
+/// registers (`map_device`): not RAM and not the interrupt controllers.
+pub fn is_device_page(phys: u64) -> bool {
+    !is_ram(phys)
+        && !(INTERRUPT_WINDOW.start..INTERRUPT_WINDOW.end).contains(&phys)
+        && phys < moat_kernel::paging::PHYS_LIMIT
+}
+
 /// NX if the CPU has it; the bit is reserved otherwise.
 pub fn no_execute() -> MapFlags {
     if NO_EXECUTE.load(Ordering::Relaxed) {
@@ -207,6 +235,12 @@ pub fn init(boot: &BootInfo, has_no_execute: bool) -> Result<(), MemoryError> {
     }
     if usable.len == 0 {
         return Err(MemoryError::NoUsableMemory);
+    }
+    {
+        let mut kept = USABLE.lock();
+        for range in usable.as_slice() {
+            kept.push(*range)?;
+        }
     }
 
     let mut reserved = Ranges::new();

@@ -4,11 +4,11 @@
 use crate::arch::x86_64::cpu;
 use crate::arch::x86_64::gdt::IO_BITMAP_BYTES;
 use crate::arch::x86_64::virt::{self, Vendor};
-use crate::kernel::{Kernel, Object, PdId};
+use crate::kernel::{Cap, Kernel, Object, PdId};
 use crate::memory::{self, KernelTables};
 use alloc::vec::Vec;
 use moat_abi::{rights, Space, Status, PAGE_SIZE};
-use moat_kernel::cap::SpaceId;
+use moat_kernel::cap::{Rights, SlotRef, SpaceId};
 use moat_kernel::paging::{AddressSpace, MapFlags, PageSize, TableMemory, LOWER_HALF, UPPER_HALF};
 use moat_kernel::quota::Quota;
 use moat_kernel::virt::ept::Ept;
@@ -18,6 +18,8 @@ use moat_kernel::virt::{GuestMapError, GuestRights, GUEST_PHYS_LIMIT};
 
 /// Kernel memory a PD object costs its owner (the object and its root table).
 pub const PD_COST: u64 = 4096 + 512;
+/// Most pages one `map_device` makes (a 2 MiB BAR).
+const MAX_DEVICE_PAGES: u64 = 512;
 /// Memory-space and I/O-space slots are limited by the quota only.
 const UNLIMITED: usize = usize::MAX;
 
@@ -353,19 +355,91 @@ impl Kernel {
         let mut tables = ChargedTables {
             quota: &mut pd.quota,
         };
+        // A device's registers are mapped uncached (PCD and PWT: PAT entry
+        // 3, UC), whatever the MTRRs say.
+        let mut flags = flags_for(rights_bits);
+        if !memory::is_ram(phys) {
+            flags |= MapFlags::CACHE_DISABLE | MapFlags::WRITE_THROUGH;
+        }
         pd.space
-            .map(
-                &mut tables,
-                virt,
-                phys,
-                PageSize::Size4K,
-                flags_for(rights_bits),
-            )
+            .map(&mut tables, virt, phys, PageSize::Size4K, flags)
             .map_err(|error| match error {
                 moat_kernel::paging::MapError::OutOfMemory => Status::QuotaExceeded,
                 moat_kernel::paging::MapError::AlreadyMapped(_) => Status::Occupied,
                 _ => Status::BadParameter,
             })
+    }
+
+    /// `map_device`: the root task makes capabilities for `count` device
+    /// pages from physical page `first_frame` on and maps them, uncached,
+    /// at page `vpn` of its own space, to delegate them to a driver.
+    pub fn sys_map_device(
+        &mut self,
+        pd: PdId,
+        first_frame: u64,
+        vpn: u64,
+        count: u64,
+    ) -> Result<(), Status> {
+        if !self.pds.get(pd).is_some_and(|p| p.all_io) {
+            return Err(Status::InsufficientRights);
+        }
+        if count == 0 || count > MAX_DEVICE_PAGES {
+            return Err(Status::BadParameter);
+        }
+        first_frame
+            .checked_add(count)
+            .and_then(|end| end.checked_mul(PAGE_SIZE))
+            .ok_or(Status::BadParameter)?;
+        vpn.checked_add(count).ok_or(Status::BadParameter)?;
+        if !(0..count).all(|i| memory::is_device_page((first_frame + i) * PAGE_SIZE)) {
+            return Err(Status::BadParameter);
+        }
+        let space = self.space_of(pd, Space::Memory)?;
+        for i in 0..count {
+            if self.caps.lookup(SlotRef::new(space, vpn + i)).is_ok() {
+                self.undo_map_device(pd, vpn, i);
+                return Err(Status::Occupied);
+            }
+            let given = crate::root::give_frame(
+                self,
+                pd,
+                vpn + i,
+                (first_frame + i) * PAGE_SIZE,
+                false,
+                rights::MEM_READ | rights::MEM_WRITE,
+                rights::MEM_READ | rights::MEM_WRITE,
+            );
+            if let Err(status) = given {
+                self.undo_map_device(pd, vpn, i);
+                return Err(status);
+            }
+        }
+        Ok(())
+    }
+
+    fn undo_map_device(&mut self, pd: PdId, vpn: u64, done: u64) {
+        if let Ok(space) = self.space_of(pd, Space::Memory) {
+            for i in 0..done {
+                let _ = self.revoke_slot(SlotRef::new(space, vpn + i), true);
+            }
+        }
+    }
+
+    /// `mem_phys`: the physical address of the caller's page `vpn`, if its
+    /// capability carries `MEM_DMA`.
+    pub fn sys_mem_phys(&self, pd: PdId, vpn: u64) -> Result<u64, Status> {
+        let space = self.space_of(pd, Space::Memory)?;
+        let cap = self
+            .caps
+            .lookup(SlotRef::new(space, vpn))
+            .map_err(|_| Status::BadCapability)?;
+        if !Rights::from_bits_retain(rights::MEM_DMA).is_subset_of(cap.rights) {
+            return Err(Status::InsufficientRights);
+        }
+        match cap.object {
+            Cap::Frame { phys, .. } => Ok(phys),
+            _ => Err(Status::BadCapability),
+        }
     }
 
     pub fn unmap_page(&mut self, pd: PdId, vpn: u64) {

@@ -133,7 +133,7 @@ fn give_page_as(
     Ok(page)
 }
 
-fn give_frame(
+pub(crate) fn give_frame(
     kernel: &mut Kernel,
     pd: PdId,
     vpn: u64,
@@ -238,12 +238,15 @@ fn build(
         name: [0; 32],
         args: [0; 128],
     };
+    let ecam = crate::arch::x86_64::acpi::ecam();
     let mut info = BootInfo {
         magic: BOOT_INFO_MAGIC,
         tsc_hz,
         pool_address: layout::ROOT_POOL,
         pool_size: pool_pages * PAGE_SIZE,
         kernel_quota: quota,
+        ecam_base: ecam.map_or(0, |e| e.0),
+        ecam_bus_end: ecam.map_or(0, |e| e.1),
         module_count: 0,
         modules: [empty; BOOT_MODULES_MAX],
     };
@@ -298,7 +301,10 @@ fn build(
                         pool_first + i + j,
                         phys + j * PAGE_SIZE,
                         true,
-                        rights::MEM_READ | rights::MEM_WRITE | rights::MEM_EXECUTE,
+                        rights::MEM_READ
+                            | rights::MEM_WRITE
+                            | rights::MEM_EXECUTE
+                            | rights::MEM_DMA,
                         rights::MEM_READ | rights::MEM_WRITE,
                     );
                     if let Err(status) = given {
@@ -315,7 +321,7 @@ fn build(
                     kernel,
                     pd,
                     pool_first + i,
-                    rights::MEM_READ | rights::MEM_WRITE | rights::MEM_EXECUTE,
+                    rights::MEM_READ | rights::MEM_WRITE | rights::MEM_EXECUTE | rights::MEM_DMA,
                     rights::MEM_READ | rights::MEM_WRITE,
                 )?;
                 i += 1;

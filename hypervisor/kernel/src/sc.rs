@@ -5,6 +5,7 @@ use crate::ec::{EcKind, EcState};
 use crate::kernel::{EcId, Kernel, Object, PdId};
 use moat_abi::{rights, Status, PRIORITIES};
 use moat_kernel::sched::Budget;
+use moat_kernel::smp::MAX_CPUS;
 
 pub struct Sc {
     /// The EC running on it now (the bound EC, or a handler it was
@@ -69,8 +70,14 @@ impl Kernel {
         priority: u8,
         budget_us: u64,
     ) -> Result<crate::kernel::ScId, Status> {
-        let cpu = self.ecs.get(ec).map_or(0, |e| e.cpu);
+        let cpu = self.ecs.get(ec).map_or(0, |e| e.cpu) % MAX_CPUS;
         self.charge(owner, SC_COST)?;
+        // Room on its CPU's run queue for as long as it exists: making it
+        // ready never needs memory.
+        if self.cpus[cpu].run.reserve(priority).is_err() {
+            self.refund(owner, SC_COST);
+            return Err(Status::QuotaExceeded);
+        }
         let sc = Sc {
             holder: Some(ec),
             priority,
@@ -81,6 +88,7 @@ impl Kernel {
             zombie: false,
         };
         let Some(id) = self.scs.insert(sc) else {
+            self.cpus[cpu].run.release(priority);
             self.refund(owner, SC_COST);
             return Err(Status::QuotaExceeded);
         };
@@ -117,6 +125,7 @@ impl Kernel {
         let Some(sc) = self.scs.remove(id) else {
             return;
         };
+        self.cpus[sc.cpu].run.release(sc.priority);
         if sc.zombie {
             return;
         }

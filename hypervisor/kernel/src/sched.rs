@@ -34,6 +34,11 @@ pub struct RunQueues<T> {
     /// Bit `p` is set exactly when `queues[p]` is non-empty.
     ready: u64,
     len: usize,
+    /// Items that may be queued at each priority ([`reserve`](Self::reserve)):
+    /// each queue's capacity is at least this, so queueing one of them
+    /// never allocates — an item cannot fall off every queue for want of
+    /// memory.
+    reserved: [usize; PRIORITIES],
 }
 
 impl<T: Copy + Eq> Default for RunQueues<T> {
@@ -48,6 +53,31 @@ impl<T: Copy + Eq> RunQueues<T> {
             queues: core::array::from_fn(|_| VecDeque::new()),
             ready: 0,
             len: 0,
+            reserved: [0; PRIORITIES],
+        }
+    }
+
+    /// Room for one more item at `priority`, for as long as it exists
+    /// (until [`release`](Self::release)): the kernel reserves when it
+    /// creates an SC, so making the SC ready later cannot fail.
+    pub fn reserve(&mut self, priority: u8) -> Result<(), SchedError> {
+        let p = usize::from(priority);
+        let (Some(queue), Some(reserved)) = (self.queues.get_mut(p), self.reserved.get_mut(p))
+        else {
+            return Err(SchedError::BadPriority(priority));
+        };
+        let want = *reserved + 1;
+        queue
+            .try_reserve(want.saturating_sub(queue.len()))
+            .map_err(|_| SchedError::OutOfMemory)?;
+        *reserved = want;
+        Ok(())
+    }
+
+    /// The item that [`reserve`](Self::reserve) made room for is gone.
+    pub fn release(&mut self, priority: u8) {
+        if let Some(reserved) = self.reserved.get_mut(usize::from(priority)) {
+            *reserved = reserved.saturating_sub(1);
         }
     }
 
@@ -198,6 +228,25 @@ mod tests {
 
     fn drain(rq: &mut RunQueues<u32>) -> Vec<(u32, u8)> {
         core::iter::from_fn(|| rq.pick()).collect()
+    }
+
+    #[test]
+    fn reserved_items_queue_without_growing() {
+        let mut rq = RunQueues::new();
+        for _ in 0..5 {
+            rq.reserve(7).unwrap();
+        }
+        assert_eq!(rq.reserve(64), Err(SchedError::BadPriority(64)));
+        let capacity = rq.queues[7].capacity();
+        assert!(capacity >= 5);
+        for item in 0..5u32 {
+            rq.enqueue(item, 7).unwrap();
+        }
+        // Queueing what was reserved did not reallocate.
+        assert_eq!(rq.queues[7].capacity(), capacity);
+        rq.release(7);
+        rq.release(7);
+        assert_eq!(rq.reserved[7], 3);
     }
 
     #[test]

@@ -3,9 +3,10 @@
 //! this with its own run queue (`Kernel::cpus`).
 
 use crate::arch::x86_64::entry::{self, TrapFrame};
+use crate::arch::x86_64::virt::RunOutcome;
 use crate::arch::x86_64::{cpu, ipi, lapic};
 use crate::kernel::{self, KernelGuard};
-use crate::vcpu::Step;
+use crate::vcpu::{GuestRun, Step};
 
 type Guard<'a> = KernelGuard;
 
@@ -25,7 +26,9 @@ pub fn leave_with(guard: Guard<'_>) -> *const TrapFrame {
 }
 
 /// The user context to enter next, running vCPU steps on the way; None if
-/// nothing can run.
+/// nothing can run. A guest runs with the kernel lock dropped: other CPUs
+/// go on meanwhile, and what they do to the vCPU (poke, destroy, revoke of
+/// guest memory) reaches it by IPI, which ends the run.
 fn next(mut guard: Guard<'_>) -> Option<*const TrapFrame> {
     loop {
         let Some(kernel) = guard.as_mut() else {
@@ -38,18 +41,15 @@ fn next(mut guard: Guard<'_>) -> Option<*const TrapFrame> {
         // What this CPU did may have revoked what others still cache; and
         // this CPU is off the register areas of ECs destroyed meanwhile.
         kernel.before_leaving();
-        let Some(ec) = kernel.pick() else {
+        let Some((ec, vcpu)) = kernel.pick() else {
             kernel.cpus[kernel.me % moat_kernel::smp::MAX_CPUS].entered = None;
             return None;
         };
-        if kernel.ecs.get(ec).is_some_and(|e| e.vcpu.is_some()) {
+        if vcpu {
             match kernel.vcpu_step(ec) {
                 Step::ToUser => {}
-                Step::Reschedule => continue,
-                Step::HostInterrupt => {
-                    drop(guard);
-                    take_pending_interrupt();
-                    guard = kernel::lock();
+                Step::Enter(run) => {
+                    guard = run_guest(guard, ec, run);
                     continue;
                 }
             }
@@ -59,6 +59,23 @@ fn next(mut guard: Guard<'_>) -> Option<*const TrapFrame> {
             return Some(frame);
         }
     }
+}
+
+/// Runs the guest without the kernel lock, then takes the lock again and
+/// hands the exit to `vcpu_finish`. (Out of line: the IPC path does not
+/// carry it.)
+#[inline(never)]
+fn run_guest(guard: Guard<'_>, ec: crate::kernel::EcId, mut run: GuestRun) -> Guard<'static> {
+    drop(guard);
+    let outcome = run.go();
+    if outcome == RunOutcome::Host {
+        take_pending_interrupt();
+    }
+    let mut guard = kernel::lock();
+    if let Some(kernel) = guard.as_mut() {
+        kernel.vcpu_finish(ec, run, outcome);
+    }
+    guard
 }
 
 /// Lets the interrupt that ended a guest run be delivered, in kernel mode.
@@ -126,11 +143,9 @@ pub fn await_zombies() {
             let mut guard = kernel::lock();
             let Some(kernel) = guard.as_mut() else { return };
             kernel.free_left_here();
-            if kernel
-                .cpus
-                .iter()
-                .all(|c| c.zombies.is_empty() && c.dead_vcpus.is_empty())
-            {
+            if kernel.cpus.iter().all(|c| {
+                c.zombies.is_empty() && c.dead_vcpus.is_empty() && c.dead_frames.is_empty()
+            }) {
                 return;
             }
         }
@@ -148,21 +163,29 @@ pub fn await_zombies() {
 /// is first).
 pub fn tick() {
     let now = cpu::rdtsc();
+    // The one-shot timer fired: nothing is armed until the end.
+    lapic::fired();
     let due = lapic::tick_due(now);
     let mut next = lapic::next_tick().min(crate::console::feed());
-    let mut guard = kernel::lock();
-    if let Some(kernel) = guard.as_mut() {
-        kernel.expire_timeouts(now);
-        crate::dump::at_safe_point(kernel);
-        if due {
-            kernel.rotate_current();
-        }
-        kernel.preempt_if_needed();
-        if let Some(deadline) = kernel.timeouts.iter().map(|&(deadline, _)| deadline).min() {
-            next = next.min(deadline);
+    {
+        let mut guard = kernel::lock();
+        if let Some(kernel) = guard.as_mut() {
+            kernel.expire_timeouts(now);
+            crate::dump::at_safe_point(kernel);
+            if due {
+                kernel.rotate_current();
+            }
+            kernel.preempt_if_needed();
+            if let Some(deadline) = kernel.timeouts.iter().map(|&(deadline, _)| deadline).min() {
+                next = next.min(deadline);
+            }
         }
     }
-    lapic::arm(next);
+    // Without the lock (see `lapic::arm_if_earlier`), unless dropping it
+    // armed an earlier expiry.
+    if next < lapic::armed() {
+        lapic::arm(next);
+    }
 }
 
 /// The wake-up IPI: another CPU made an EC of this CPU ready; it may

@@ -1,6 +1,6 @@
 //! Semaphores: counting notifications between ECs and from interrupts.
 
-use crate::arch::x86_64::{ioapic, lapic};
+use crate::arch::x86_64::{ioapic, lapic, msi};
 use crate::ec::EcState;
 use crate::kernel::{EcId, Kernel, Object, PdId, SmId};
 use alloc::collections::VecDeque;
@@ -113,7 +113,13 @@ impl Kernel {
 
     /// A device interrupt on `gsi` (already masked and acknowledged).
     pub fn interrupt(&mut self, gsi: u64) {
-        if let Some(sm) = self.irq_sms.get(gsi as usize).copied().flatten() {
+        self.interrupt_slot(gsi as usize);
+    }
+
+    /// An interrupt of slot `slot` (a GSI, or an MSI after them) ups its
+    /// semaphore.
+    pub fn interrupt_slot(&mut self, slot: usize) {
+        if let Some(sm) = self.irq_sms.get(slot).copied().flatten() {
             self.sm_up(sm);
             self.preempt_if_needed();
         }
@@ -121,7 +127,7 @@ impl Kernel {
 
     /// Whether `pd` may control `gsi`.
     fn holds_gsi(&self, pd: PdId, gsi: u64) -> Result<(), Status> {
-        if !ioapic::present(gsi) && gsi != DEBUG_GSI {
+        if !ioapic::present(gsi) && gsi != DEBUG_GSI && msi::number(gsi).is_none() {
             return Err(Status::BadParameter);
         }
         if self.pds.get(pd).is_some_and(|p| p.all_io) {
@@ -137,18 +143,30 @@ impl Kernel {
             .map_err(crate::kernel::status_of)
     }
 
-    /// `irq_assign`: the GSI now ups `sm` and is unmasked.
+    /// `irq_assign`: the GSI now ups `sm` and is unmasked; for an MSI,
+    /// the address and data that raise it.
     pub fn sys_irq_assign(
         &mut self,
         pd: PdId,
         sm_sel: u64,
         gsi: u64,
         mode: u64,
-    ) -> Result<(), Status> {
+    ) -> Result<Option<(u64, u64)>, Status> {
         let sm = self.lookup_sm(pd, sm_sel, rights::SM_UP)?;
         self.holds_gsi(pd, gsi)?;
         if mode > 3 {
             return Err(Status::BadParameter);
+        }
+        if let Some(n) = msi::number(gsi) {
+            if mode != 0 {
+                return Err(Status::BadParameter);
+            }
+            let apic_id = lapic::id();
+            if apic_id > 0xff {
+                return Err(Status::BadCpu);
+            }
+            self.irq_sms[msi::slot(n)] = Some(sm);
+            return Ok(Some(msi::message(n, apic_id)));
         }
         if gsi == DEBUG_GSI {
             if mode != 0 {
@@ -163,16 +181,23 @@ impl Kernel {
                     .map_err(|_| Status::QuotaExceeded)?;
                 self.debug_sms.push(sm);
             }
-            return Ok(());
+            return Ok(None);
         }
         self.irq_sms[gsi as usize] = Some(sm);
         ioapic::route(gsi as u32, mode & 1 != 0, mode & 2 != 0, lapic::id());
-        Ok(())
+        Ok(None)
     }
 
     /// `irq_unmask`.
     pub fn sys_irq_unmask(&mut self, pd: PdId, gsi: u64) -> Result<(), Status> {
         self.holds_gsi(pd, gsi)?;
+        if let Some(n) = msi::number(gsi) {
+            // Edge-triggered: never masked.
+            return match self.irq_sms[msi::slot(n)] {
+                Some(_) => Ok(()),
+                None => Err(Status::BadCapability),
+            };
+        }
         if gsi == DEBUG_GSI {
             return Ok(());
         }

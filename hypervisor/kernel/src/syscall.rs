@@ -6,8 +6,8 @@ use crate::console;
 use crate::ec::Resume;
 use crate::kernel::{EcId, Kernel, Range, Stopped, PREEMPT_EVERY};
 use moat_abi::{
-    flags, rights, Call, CallWord, ExceptionMessage, Space, Status, CONSOLE_WRITE_MAX, EXIT_VECTOR,
-    PAGE_SIZE,
+    flags, rights, Call, CallWord, ExceptionMessage, Space, Status, CONSOLE_PORT,
+    CONSOLE_WRITE_MAX, EXIT_VECTOR, PAGE_SIZE,
 };
 use moat_kernel::cap::{Rights, SlotRef};
 use moat_kernel::paging::MapFlags;
@@ -32,14 +32,10 @@ pub extern "C" fn syscall_entry(_frame: *mut TrapFrame) -> *const TrapFrame {
 impl Kernel {
     fn syscall(&mut self, ec: EcId) {
         let Some(e) = self.ecs.get(ec) else { return };
-        let regs = &e.regs;
-        let word = CallWord::decode(regs.rax);
-        let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9];
-        let (pd, rip, rsp) = (e.pd, regs.rip, regs.rsp);
+        let word = CallWord::decode(e.regs.rax);
         let sel = word.selector;
-        let nonblock = word.flags & flags::NONBLOCK != 0;
         // The IPC fast path: plain messages between the current EC and an
-        // idle handler (and back).
+        // idle handler (and back); before the arguments are read out.
         if word.flags == 0 {
             if word.number == Call::Call.number() && self.fast_call(ec, sel) {
                 return;
@@ -48,9 +44,17 @@ impl Kernel {
                 return;
             }
         }
+        let Some(e) = self.ecs.get(ec) else { return };
+        let regs = &e.regs;
+        let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9];
+        let (pd, rip, rsp) = (e.pd, regs.rip, regs.rsp);
+        let nonblock = word.flags & flags::NONBLOCK != 0;
         let status: Option<Status> = match Call::try_from(word.number) {
             Err(status) => Some(status),
-            Ok(Call::ConsoleWrite) => Some(self.console_write(pd, args[0], args[1])),
+            Ok(Call::ConsoleWrite) => {
+                let raw = word.flags & flags::RAW != 0;
+                Some(self.console_write(pd, args[0], args[1], raw))
+            }
             Ok(Call::Exit) => {
                 let message = ExceptionMessage {
                     vector: EXIT_VECTOR,
@@ -120,7 +124,26 @@ impl Kernel {
             Ok(Call::Revoke) => self.long_call(ec, args, |k, start| {
                 k.sys_revoke(pd, word.flags & flags::SELF != 0, args, start)
             }),
-            Ok(Call::IrqAssign) => Some(done(self.sys_irq_assign(pd, sel, args[0], args[1]))),
+            Ok(Call::IrqAssign) => match self.sys_irq_assign(pd, sel, args[0], args[1]) {
+                Ok(message) => {
+                    if let (Some((address, data)), Some(e)) = (message, self.ecs.get_mut(ec)) {
+                        e.regs.rdi = address;
+                        e.regs.rsi = data;
+                    }
+                    Some(Status::Success)
+                }
+                Err(status) => Some(status),
+            },
+            Ok(Call::MapDevice) => Some(done(self.sys_map_device(pd, args[0], args[1], args[2]))),
+            Ok(Call::MemPhys) => match self.sys_mem_phys(pd, args[0]) {
+                Ok(phys) => {
+                    if let Some(e) = self.ecs.get_mut(ec) {
+                        e.regs.rdi = phys;
+                    }
+                    Some(Status::Success)
+                }
+                Err(status) => Some(status),
+            },
             Ok(Call::IrqUnmask) => Some(done(self.sys_irq_unmask(pd, args[0]))),
             Ok(Call::CreateVcpu) => Some(done(self.sys_create_vcpu(pd, sel, args[0], args[1]))),
             Ok(Call::VcpuRun) => self.sys_vcpu_run(ec, sel).err(),
@@ -133,7 +156,13 @@ impl Kernel {
         }
     }
 
-    fn console_write(&self, pd: crate::kernel::PdId, address: u64, len: u64) -> Status {
+    /// `raw`: as they are, for a PD that holds the console UART's data
+    /// port; otherwise control characters become `?`, so no component
+    /// garbles the kernel's log with terminal control sequences.
+    fn console_write(&self, pd: crate::kernel::PdId, address: u64, len: u64, raw: bool) -> Status {
+        if raw && !self.holds_console_port(pd) {
+            return Status::InsufficientRights;
+        }
         let Ok(len) = usize::try_from(len) else {
             return Status::BadParameter;
         };
@@ -145,14 +174,34 @@ impl Kernel {
         if !self.copy_from_user(pd, address, buffer) {
             return Status::BadAddress;
         }
-        // No terminal control sequences from user space on the console.
+        if raw {
+            console::write_raw(buffer);
+            return Status::Success;
+        }
         for byte in buffer.iter_mut() {
             if (*byte < 0x20 && !matches!(*byte, b'\n' | b'\t')) || *byte == 0x7f {
                 *byte = b'?';
             }
         }
-        console::write_raw(buffer);
+        console::write_text(buffer);
         Status::Success
+    }
+
+    /// Whether `pd` may drive the console UART itself: it holds its data
+    /// port (or, as the root task, every port).
+    fn holds_console_port(&self, pd: crate::kernel::PdId) -> bool {
+        if self.pds.get(pd).is_some_and(|p| p.all_io) {
+            return true;
+        }
+        let Ok(space) = self.space_of(pd, Space::Io) else {
+            return false;
+        };
+        self.caps
+            .lookup_with(
+                SlotRef::new(space, CONSOLE_PORT),
+                Rights::from_bits_retain(rights::IO_ACCESS),
+            )
+            .is_ok()
     }
 
     /// Copies from `pd`'s memory; false if a byte is not user-readable.
@@ -247,7 +296,11 @@ impl Kernel {
         count: u64,
     ) -> Result<(), Status> {
         let all_io = self.pds.get(pd).is_some_and(|p| p.all_io);
-        let limit = if kind == Space::Io { 1 << 16 } else { 256 };
+        let limit = if kind == Space::Io {
+            1 << 16
+        } else {
+            moat_abi::IRQ_KEYS
+        };
         if !all_io {
             return Ok(());
         }

@@ -10,7 +10,7 @@ use crate::arch::x86_64::layout::{phys_to_virt, USER_END};
 use crate::arch::x86_64::svm::vcpu::SvmVcpu;
 use crate::arch::x86_64::virt::{self, finish_hypercall, RunOutcome, Vendor};
 use crate::arch::x86_64::vmx::vcpu::VmxVcpu;
-use crate::arch::x86_64::{debug, fpu};
+use crate::arch::x86_64::{debug, fpu, ipi, percpu};
 use crate::ec::CallKind;
 use crate::kernel::{EcId, Kernel, Object, PdId};
 use crate::memory;
@@ -53,8 +53,11 @@ pub struct Vcpu {
 
 /// Counts the changes to guest-physical spaces that took mappings or
 /// rights away: a vCPU whose last flush is older flushes its guest TLB at
-/// its next entry, on whichever CPU it runs. (A guest runs with the kernel
-/// lock held, so no vCPU is inside its guest while the count moves.)
+/// its next entry. A vCPU inside its guest while the count moves is made
+/// to exit by the TLB shootdown that follows every such change (the
+/// revoking call returns only after each CPU has acknowledged, which a CPU
+/// in guest mode does only after its exit), and enters again only after
+/// reading the new count under the kernel lock.
 static GUEST_TLB_GENERATION: AtomicU64 = AtomicU64::new(0);
 
 /// A guest-physical space lost a mapping or rights.
@@ -68,8 +71,10 @@ pub fn guest_tlbs_stale() {
 pub const VCPU_COST: u64 = core::mem::size_of::<Vcpu>() as u64 + 9 * PAGE_SIZE;
 
 fn page(phys: u64) -> &'static mut [u8; 4096] {
-    // SAFETY: `phys` is a frame the vCPU owns (its FPU area), used only
-    // under the kernel lock while the vCPU exists.
+    // SAFETY: `phys` is a frame the vCPU owns (its FPU area), used by the
+    // vCPU's CPU only: under the kernel lock while the vCPU exists, and by
+    // a guest run, during which a destroyed vCPU's frames are left to that
+    // CPU to free after the run (`leave_frames_to`).
     unsafe { &mut *(phys_to_virt(phys) as *mut [u8; 4096]) }
 }
 
@@ -77,7 +82,9 @@ fn state(phys: u64) -> &'static mut VcpuState {
     // SAFETY: `phys` is the vCPU's state page (allocated in
     // `sys_create_vcpu`, freed only when the vCPU is destroyed); the VMM
     // writes it only while the vCPU is not running (its EC is in the kernel
-    // during `vcpu_run`), and the kernel uses it under the kernel lock.
+    // during `vcpu_run`; a VMM that writes it from another thread meanwhile
+    // only confuses its own guest), and the kernel uses it on the vCPU's
+    // CPU, freeing it after a run in progress (`leave_frames_to`).
     unsafe { &mut *(phys_to_virt(phys) as *mut VcpuState) }
 }
 
@@ -211,14 +218,17 @@ impl Kernel {
         Ok(())
     }
 
-    /// `vcpu_poke`: the next entry returns to the VMM at once. (A guest runs
-    /// with the kernel lock held, so the vCPU is not in guest mode while
-    /// this call runs; a CPU waiting for the lock makes the guest exit,
-    /// see `kernel::lock`.)
+    /// `vcpu_poke`: the vCPU returns to its VMM before it runs guest code
+    /// again — at once if it is in guest mode on its CPU now, which a
+    /// wake-up IPI makes exit.
     pub fn sys_vcpu_poke(&mut self, pd: PdId, selector: u64) -> Result<(), Status> {
         let vcpu = self.lookup_vcpu(pd, selector)?;
         if let Some(v) = self.vcpus.get_mut(vcpu) {
             v.poked = true;
+            let cpu = v.cpu % MAX_CPUS;
+            if self.cpus[cpu].guest == Some(vcpu) {
+                ipi::kick(cpu);
+            }
         }
         Ok(())
     }
@@ -239,17 +249,29 @@ impl Kernel {
         let Some(mut vcpu) = self.vcpus.remove(id) else {
             return;
         };
+        let cpu = vcpu.cpu % MAX_CPUS;
         let mut backend = vcpu.backend.take();
-        // Its VMCS may be current on its own CPU: that CPU frees it.
-        if vcpu.cpu != self.me {
-            if let Some(b) = backend.take() {
-                self.free_backend_on(vcpu.cpu, b);
+        if self.cpus[cpu].guest == Some(id) {
+            // In guest mode on its CPU right now: that CPU frees the
+            // backend when the run ends (`vcpu_finish`) and the state and
+            // FPU pages after it (`free_left_here`); the wake-up ends the
+            // run soon.
+            self.leave_frames_to(cpu, [vcpu.fpu_phys, vcpu.state_phys]);
+            crate::arch::x86_64::ipi::kick(cpu);
+            self.unmap_page(vcpu.vmm, vcpu.state_vpn);
+            self.refund(vcpu.vm, VCPU_COST);
+        } else {
+            // Its VMCS may be current on its own CPU: that CPU frees it.
+            if cpu != self.me {
+                if let Some(b) = backend.take() {
+                    self.free_backend_on(cpu, b);
+                }
             }
+            memory::free_frame(vcpu.fpu_phys);
+            self.destroy_vcpu_parts(vcpu.vm, vcpu.vmm, vcpu.state_vpn, vcpu.state_phys, backend);
         }
-        memory::free_frame(vcpu.fpu_phys);
-        self.destroy_vcpu_parts(vcpu.vm, vcpu.vmm, vcpu.state_vpn, vcpu.state_phys, backend);
         // The next vCPU given this tag flushes it at its first entry.
-        self.cpus[vcpu.cpu % MAX_CPUS].tags.release(vcpu.tag);
+        self.cpus[cpu].tags.release(vcpu.tag);
         if let Some(p) = self.pds.get_mut(vcpu.vm) {
             p.owned.retain(|&o| o != Object::Vcpu(id));
         }
@@ -311,47 +333,60 @@ impl Kernel {
             }
             return self.back_to_vmm(ec);
         }
-        let vm = v.vm;
         let generation = GUEST_TLB_GENERATION.load(Ordering::Relaxed);
         let flush = core::mem::replace(&mut v.flushed, generation) != generation;
-        if st.dirty & group::DEBUG != 0 {
-            v.debug = debug::sanitize([st.dr0, st.dr1, st.dr2, st.dr3, st.dr6]);
-        }
-        if st.dirty & group::CONTROL_REGISTERS != 0 && fpu::valid_xcr0(st.xcr0) {
-            v.xcr0 = st.xcr0;
-        }
-        debug::load(&v.debug);
-        let fpu_area = page(v.fpu_phys);
-        fpu::load_guest(fpu_area, v.xcr0);
-        crate::kernel::in_guest(true);
-        let outcome = match v.backend.as_mut() {
-            Some(Backend::Svm(b)) => b.run(st, flush),
-            Some(Backend::Vmx(b)) => b.run(st, flush),
-            None => RunOutcome::Vmm,
+        let Some(backend) = v.backend.take() else {
+            return self.back_to_vmm(ec);
         };
-        crate::kernel::in_guest(false);
-        v.xcr0 = fpu::save_guest(fpu_area, v.xcr0);
-        debug::save(&mut v.debug);
-        // Also when the backend marked the control registers dirty for the
-        // next entry (a CR write it emulated): they must all be current.
-        if (st.want | st.dirty) & group::CONTROL_REGISTERS != 0 {
-            st.xcr0 = v.xcr0;
-        }
-        if st.want & group::DEBUG != 0 {
-            [st.dr0, st.dr1, st.dr2, st.dr3] = [v.debug[0], v.debug[1], v.debug[2], v.debug[3]];
-            // On SVM the guest's DR6 lives in the VMCB (the backend stored
-            // it); the register holds the host's again.
-            if !matches!(v.backend, Some(Backend::Svm(_))) {
-                st.dr6 = v.debug[4];
-            }
+        let run = GuestRun {
+            vcpu: vcpu_id,
+            backend,
+            state_phys: v.state_phys,
+            fpu_phys: v.fpu_phys,
+            debug: v.debug,
+            xcr0: v.xcr0,
+            flush,
+        };
+        // Until `vcpu_finish`, the run owns the backend and uses the state
+        // and FPU pages without the kernel lock; `destroy_vcpu` leaves them
+        // to this CPU meanwhile, and `vcpu_poke` sends it a wake-up.
+        self.cpus[self.me % MAX_CPUS].guest = Some(vcpu_id);
+        Step::Enter(run)
+    }
+
+    /// After a guest run, with the kernel lock again: the vCPU takes its
+    /// backend back (or, destroyed meanwhile, this CPU frees it), and what
+    /// the exit asks for is done.
+    pub fn vcpu_finish(&mut self, ec: EcId, run: GuestRun, outcome: RunOutcome) {
+        let me = self.me % MAX_CPUS;
+        self.cpus[me].guest = None;
+        let GuestRun {
+            vcpu: vcpu_id,
+            backend,
+            debug,
+            xcr0,
+            ..
+        } = run;
+        let Some(v) = self.vcpus.get_mut(vcpu_id) else {
+            // Destroyed during the run: its VMCS may be current here, and
+            // this is its CPU. (Its pages wait in `dead_frames`.)
+            free_backend(backend);
+            return;
+        };
+        v.backend = Some(backend);
+        v.debug = debug;
+        v.xcr0 = xcr0;
+        let (vm, state_phys) = (v.vm, v.state_phys);
+        // The EC may have been destroyed, or told to stop running it.
+        if self.ecs.get(ec).and_then(|e| e.vcpu) != Some(vcpu_id) {
+            return;
         }
         match outcome {
-            RunOutcome::Vmm => self.back_to_vmm(ec),
-            RunOutcome::Host => Step::HostInterrupt,
-            RunOutcome::Hypercall { cpl } => {
-                self.hypercall(ec, vm, st, cpl);
-                Step::Reschedule
+            RunOutcome::Vmm => {
+                self.back_to_vmm(ec);
             }
+            RunOutcome::Host => {}
+            RunOutcome::Hypercall { cpl } => self.hypercall(ec, vm, state(state_phys), cpl),
         }
     }
 
@@ -395,10 +430,62 @@ impl Kernel {
 pub enum Step {
     /// Return to the EC's user mode (the VMM).
     ToUser,
-    /// Take the pending host interrupt, then pick again.
-    HostInterrupt,
-    /// Pick again (a hypercall switched to its handler, or finished).
-    Reschedule,
+    /// Drop the kernel lock, run the guest, take the lock again and
+    /// `vcpu_finish`.
+    Enter(GuestRun),
+}
+
+/// A guest run, prepared under the kernel lock and carried out without it
+/// (`go`): what it needs of the vCPU is here, owned or by frame address,
+/// so no other CPU's kernel work can reach into it meanwhile.
+pub struct GuestRun {
+    vcpu: VcpuId,
+    backend: Backend,
+    state_phys: u64,
+    fpu_phys: u64,
+    debug: [u64; 5],
+    xcr0: u64,
+    flush: bool,
+}
+
+impl GuestRun {
+    /// Enters the guest and returns at its next exit. Runs on the vCPU's
+    /// CPU with interrupts off and without the kernel lock.
+    pub fn go(&mut self) -> RunOutcome {
+        let st = state(self.state_phys);
+        if st.dirty & group::DEBUG != 0 {
+            self.debug = debug::sanitize([st.dr0, st.dr1, st.dr2, st.dr3, st.dr6]);
+        }
+        if st.dirty & group::CONTROL_REGISTERS != 0 && fpu::valid_xcr0(st.xcr0) {
+            self.xcr0 = st.xcr0;
+        }
+        debug::load(&self.debug);
+        let fpu_area = page(self.fpu_phys);
+        fpu::load_guest(fpu_area, self.xcr0);
+        percpu::current().in_guest.store(true, Ordering::Relaxed);
+        let outcome = match &mut self.backend {
+            Backend::Svm(b) => b.run(st, self.flush),
+            Backend::Vmx(b) => b.run(st, self.flush),
+        };
+        percpu::current().in_guest.store(false, Ordering::Relaxed);
+        self.xcr0 = fpu::save_guest(fpu_area, self.xcr0);
+        debug::save(&mut self.debug);
+        // Also when the backend marked the control registers dirty for the
+        // next entry (a CR write it emulated): they must all be current.
+        if (st.want | st.dirty) & group::CONTROL_REGISTERS != 0 {
+            st.xcr0 = self.xcr0;
+        }
+        if st.want & group::DEBUG != 0 {
+            [st.dr0, st.dr1, st.dr2, st.dr3] =
+                [self.debug[0], self.debug[1], self.debug[2], self.debug[3]];
+            // On SVM the guest's DR6 lives in the VMCB (the backend stored
+            // it); the register holds the host's again.
+            if !matches!(self.backend, Backend::Svm(_)) {
+                st.dr6 = self.debug[4];
+            }
+        }
+        outcome
+    }
 }
 
 impl Kernel {
@@ -413,6 +500,17 @@ impl Kernel {
             // Leaked rather than freed while another CPU may use it.
             core::mem::forget(backend);
         }
+    }
+
+    /// Hands the pages of a vCPU that `cpu` is running to that CPU, to free
+    /// once its run has ended.
+    fn leave_frames_to(&mut self, cpu: usize, frames: [u64; 2]) {
+        let dead = &mut self.cpus[cpu].dead_frames;
+        if dead.try_reserve(frames.len()).is_ok() {
+            dead.extend_from_slice(&frames);
+            self.cpus[cpu].left_work = true;
+        }
+        // Otherwise leaked rather than freed while the guest runs on them.
     }
 }
 

@@ -25,6 +25,7 @@ extern crate alloc;
 pub mod exception;
 pub mod image;
 pub mod manifest;
+pub mod pci;
 pub mod ranges;
 pub mod registry;
 pub mod restart;

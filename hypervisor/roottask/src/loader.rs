@@ -9,7 +9,9 @@ use core::ops::Range;
 use moat_abi::{layout, rights, selectors, Space, Status, PAGE_SIZE};
 use moat_kernel::elf::{ElfError, ElfImage};
 use moat_roottask::image::{self, Region};
-use moat_roottask::manifest::{Component, Manifest, Mapping, MappingSource};
+use moat_roottask::manifest::{
+    Component, Manifest, Mapping, MappingSource, BAR_SLOT, MSIS_PER_DEVICE,
+};
 use moat_roottask::ranges::RangeAllocator;
 use moat_roottask::registry::{self, Instance};
 use moat_roottask::{EXCEPTION_PORTAL, REGISTRY_PORTAL};
@@ -17,6 +19,7 @@ use moat_user::abi::BootInfo;
 use moat_user::{sys, Sel};
 
 use crate::boot::{self, Pool};
+use crate::devices::{self, Device};
 use crate::handlers::{self, BOARD, EXCEPTION_EC, REGISTRY_EC};
 
 /// Pages of a 2 MiB page.
@@ -38,6 +41,10 @@ pub struct Loader {
     pub selectors: RangeAllocator,
     /// The root's selector of each manifest semaphore.
     pub semaphores: Vec<Sel>,
+    /// The pool pages of each `shared` region (made once, at start).
+    pub shared: Vec<Vec<Range<u64>>>,
+    /// The device found for each `pci` line.
+    pub devices: Vec<Option<Device>>,
 }
 
 /// A running component as the root holds it.
@@ -49,6 +56,8 @@ pub struct Loaded {
     pages: Vec<Range<u64>>,
     /// The publication of each of its `uses` it holds (0: none).
     pub delegated: Vec<u64>,
+    /// Its `pci` devices (indices into `Loader::devices`).
+    devices: Vec<usize>,
     /// The CPU its first EC runs on.
     pub cpu: u16,
 }
@@ -73,17 +82,29 @@ impl Loaded {
 
 pub enum LoadError {
     NoModule(String),
+    /// A `pci` line's device is not there.
+    NoDevice(String),
     Elf(String, ElfError),
-    TooBig { needed: u64, memory: u64 },
-    PoolExhausted { needed: u64, free: u64 },
+    TooBig {
+        needed: u64,
+        memory: u64,
+    },
+    PoolExhausted {
+        needed: u64,
+        free: u64,
+    },
     NoSelectors,
-    Kernel { what: String, status: Status },
+    Kernel {
+        what: String,
+        status: Status,
+    },
 }
 
 impl fmt::Display for LoadError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             LoadError::NoModule(module) => write!(f, "no boot module '{module}'"),
+            LoadError::NoDevice(mapping) => write!(f, "no device for its pci mapping '{mapping}'"),
             LoadError::Elf(module, e) => write!(f, "module '{module}': {e}"),
             LoadError::TooBig { needed, memory } => write!(
                 f,
@@ -108,33 +129,65 @@ fn kernel(what: &str) -> impl FnOnce(Status) -> LoadError + '_ {
 }
 
 /// The component's argument string: the manifest's (else the module's),
-/// then ` NAME=ADDR,SIZE` per `ram`/`file` mapping, then
-/// `index=N tsc_hz=H`.
+/// then ` NAME=ADDR,SIZE` per mapping (and a `pci` mapping's BARs and
+/// MSIs), then `index=N tsc_hz=H`.
 fn arguments(
     component: &Component,
     module_args: &str,
-    mappings: &[(u64, u64)],
+    mappings: &[String],
     index: usize,
     tsc_hz: u64,
 ) -> String {
     let mut args = String::from(component.args.as_deref().unwrap_or(module_args).trim());
-    for (mapping, (address, size)) in component.mappings.iter().zip(mappings) {
-        args += &format!(" {}={address:#x},{size:#x}", mapping.name);
+    for words in mappings {
+        args += words;
     }
     let sep = if args.is_empty() { "" } else { " " };
     format!("{args}{sep}index={index} tsc_hz={tsc_hz}")
 }
 
-/// Where a mapping's bytes start in the component, and how many there are.
-fn placed(info: &BootInfo, mapping: &Mapping) -> Result<(u64, u64), LoadError> {
-    match &mapping.source {
-        MappingSource::Ram(bytes) => Ok((mapping.address, *bytes)),
-        MappingSource::Module(name) => {
+/// A mapping's argument words: where its bytes start in the component
+/// and how many there are (` NAME=ADDR,SIZE`); for a device also its BARs
+/// and MSIs.
+fn placed(
+    info: &BootInfo,
+    devices: &[Option<Device>],
+    mapping: &Mapping,
+) -> Result<String, LoadError> {
+    let name = &mapping.name;
+    let (address, size) = match &mapping.source {
+        MappingSource::Ram(bytes)
+        | MappingSource::Dma(bytes)
+        | MappingSource::Shared { bytes, .. } => (mapping.address, *bytes),
+        MappingSource::Module(module) => {
             let module =
-                boot::module(info, name).ok_or_else(|| LoadError::NoModule(name.clone()))?;
-            Ok((mapping.address + module.address % PAGE_SIZE, module.size))
+                boot::module(info, module).ok_or_else(|| LoadError::NoModule(module.clone()))?;
+            (mapping.address + module.address % PAGE_SIZE, module.size)
         }
-    }
+        MappingSource::Pci(d) => {
+            let device = devices
+                .get(*d)
+                .and_then(Option::as_ref)
+                .ok_or_else(|| LoadError::NoDevice(name.clone()))?;
+            let mut words = format!(" {name}={:#x},{PAGE_SIZE:#x}", mapping.address);
+            for (bar, _) in &device.bars {
+                words += &format!(
+                    " {name}.bar{}={:#x},{:#x}",
+                    bar.index,
+                    mapping.address + (u64::from(bar.index) + 1) * BAR_SLOT,
+                    bar.size
+                );
+            }
+            words += &format!(" {name}.msi={:#x},{MSIS_PER_DEVICE}", msi_first(*d));
+            return Ok(words);
+        }
+    };
+    Ok(format!(" {name}={address:#x},{size:#x}"))
+}
+
+/// The first IRQ-space key of `pci` line `d`'s MSIs.
+fn msi_first(d: usize) -> u64 {
+    moat_abi::MSI_FIRST + d as u64 * MSIS_PER_DEVICE
 }
 
 impl Loader {
@@ -154,7 +207,7 @@ impl Loader {
         let mappings = component
             .mappings
             .iter()
-            .map(|m| placed(self.info, m))
+            .map(|m| placed(self.info, &self.devices, m))
             .collect::<Result<Vec<_>, _>>()?;
         let args = arguments(
             component,
@@ -177,10 +230,7 @@ impl Loader {
         let ram = component
             .mappings
             .iter()
-            .map(|m| match m.source {
-                MappingSource::Ram(bytes) => bytes / PAGE_SIZE,
-                MappingSource::Module(_) => 0,
-            })
+            .map(|m| m.source.own_pages())
             .sum::<u64>();
         let needed = needed + ram;
         if needed > self.pages.available() {
@@ -197,6 +247,7 @@ impl Loader {
             base,
             pages: Vec::new(),
             delegated: Vec::new(),
+            devices: Vec::new(),
             cpu: 0,
         };
         let plan = Plan {
@@ -376,6 +427,75 @@ impl Loader {
                 self.map_aligned(pd, region, loaded)
                     .unwrap_or_else(|| self.map(pd, region, loaded, |page, _| page.fill(0)))
             }
+            MappingSource::Dma(bytes) => {
+                let region = Region {
+                    first_page,
+                    pages: bytes / PAGE_SIZE,
+                    rights: rights::MEM_READ | rights::MEM_WRITE | rights::MEM_DMA,
+                };
+                self.map(pd, region, loaded, |page, _| page.fill(0))
+            }
+            MappingSource::Shared { index, .. } => {
+                let mut page = first_page;
+                for run in &self.shared[*index] {
+                    for first in (run.start..run.end).step_by(MAX_COUNT as usize) {
+                        let count = (run.end - first).min(MAX_COUNT);
+                        sys::delegate(
+                            pd,
+                            Space::Memory,
+                            self.pool.root_page(first),
+                            page,
+                            count,
+                            rights::MEM_READ | rights::MEM_WRITE,
+                        )
+                        .map_err(|status| LoadError::Kernel {
+                            what: format!("map shared memory '{}'", mapping.name),
+                            status,
+                        })?;
+                        page += count;
+                    }
+                }
+                Ok(())
+            }
+            MappingSource::Pci(d) => {
+                let device = self.devices[*d]
+                    .as_ref()
+                    .ok_or_else(|| LoadError::NoDevice(mapping.name.clone()))?;
+                let what = |status| LoadError::Kernel {
+                    what: format!("hand over pci device '{}'", mapping.name),
+                    status,
+                };
+                let rw = rights::MEM_READ | rights::MEM_WRITE;
+                sys::delegate(pd, Space::Memory, device.config_page, first_page, 1, rw)
+                    .map_err(what)?;
+                for (bar, root_page) in &device.bars {
+                    let at = (mapping.address + (u64::from(bar.index) + 1) * BAR_SLOT) / PAGE_SIZE;
+                    sys::delegate(pd, Space::Memory, *root_page, at, bar.size / PAGE_SIZE, rw)
+                        .map_err(what)?;
+                }
+                let msi = msi_first(*d);
+                sys::delegate(
+                    pd,
+                    Space::Irq,
+                    msi,
+                    msi,
+                    MSIS_PER_DEVICE,
+                    rights::IRQ_CONTROL,
+                )
+                .map_err(what)?;
+                loaded.devices.push(*d);
+                moat_user::println!(
+                    "roottask: pci {} ({}) given to its driver as '{}'",
+                    device.location,
+                    if device.bars.is_empty() {
+                        "no BARs"
+                    } else {
+                        "BARs mapped uncached"
+                    },
+                    mapping.name
+                );
+                Ok(())
+            }
             MappingSource::Module(name) => {
                 let module = boot::module(self.info, name)
                     .ok_or_else(|| LoadError::NoModule(name.clone()))?;
@@ -489,6 +609,12 @@ impl Loader {
     /// got), and takes its pages back. Returns the first revoke that failed.
     pub fn destroy(&mut self, loaded: Loaded, index: usize) -> Result<(), Status> {
         BOARD.stop(index);
+        // Its DMA memory goes back to the pool: the device must stop using it.
+        for &d in &loaded.devices {
+            if let Some(device) = self.devices.get(d).and_then(Option::as_ref) {
+                devices::stop_dma(device);
+            }
+        }
         let mut result = Ok(());
         let mut revoke = |space, base, count, include_self| {
             let r = sys::revoke(space, base, count, include_self);

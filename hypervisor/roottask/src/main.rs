@@ -18,6 +18,7 @@
 extern crate alloc;
 
 mod boot;
+mod devices;
 mod handlers;
 mod loader;
 mod probe;
@@ -82,10 +83,10 @@ fn supervise() -> Result<Option<u8>, ()> {
         .collect();
     handlers::install(provides)
         .map_err(|(what, status)| println!("roottask: cannot {what}: {status}"))?;
-    let Some(pool) = boot::Pool::take(info) else {
+    let Some(mut pool) = boot::Pool::take(info) else {
         return Err(());
     };
-    let pages = RangeAllocator::new(0..pool.pages());
+    let mut pages = RangeAllocator::new(0..pool.pages());
     let mut selectors = RangeAllocator::new(handlers::FIRST_ALLOCATED..SLOT_BASE);
     let mut semaphores = Vec::new();
     for semaphore in &manifest.semaphores {
@@ -104,6 +105,24 @@ fn supervise() -> Result<Option<u8>, ()> {
             }
         }
     }
+    let mut shared = Vec::new();
+    for (name, bytes) in &manifest.shared {
+        let mut runs = Vec::new();
+        let mut left = bytes / PAGE_SIZE;
+        while left > 0 {
+            let Some(run) = pages.alloc_upto(left) else {
+                println!("roottask: no pool memory for shared memory '{name}'");
+                return Err(());
+            };
+            for page in run.clone() {
+                pool.page_mut(page).fill(0);
+            }
+            left -= run.end - run.start;
+            runs.push(run);
+        }
+        shared.push(runs);
+    }
+    let devices = devices::discover(info, &manifest);
     println!(
         "roottask: {} component(s), pool {} KiB, kernel quota {} KiB",
         manifest.components.len(),
@@ -116,6 +135,8 @@ fn supervise() -> Result<Option<u8>, ()> {
         pages,
         selectors,
         semaphores,
+        shared,
+        devices,
     };
     Ok(Supervisor::new(loader, manifest).run())
 }

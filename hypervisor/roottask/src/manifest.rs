@@ -26,6 +26,23 @@
 //!     file NAME MODULE at ADDR   # boot module MODULE, read-only at ADDR
 //!                                # each ram/file adds ` NAME=ADDR,SIZE` to
 //!                                # the arguments (hex; SIZE in bytes)
+//!     shared NAME SIZE at ADDR    # zeroed read/write memory at ADDR that every
+//!                                # component naming NAME shares (same SIZE);
+//!                                # made once, kept across restarts
+//!     dma NAME SIZE at ADDR       # zeroed read/write memory whose physical
+//!                                # addresses the component may learn
+//!                                # (`mem_phys`), to hand to a device. Without
+//!                                # an IOMMU a device reaches ALL memory: give
+//!                                # `dma` and `pci` only to trusted drivers
+//!     pci NAME VENDOR:DEVICE at ADDR
+//!                                # the next PCI function (bus 0) with these
+//!                                # ids: its configuration space (ECAM page)
+//!                                # at ADDR, memory BAR n at ADDR + (n+1)*16M
+//!                                # (uncached), 2 MSIs; adds ` NAME=ADDR,4096`,
+//!                                # ` NAME.barN=ADDR,SIZE` per BAR and
+//!                                # ` NAME.msi=FIRST,COUNT` (IRQ-space keys)
+//!                                # each ram/file/shared/dma adds
+//!                                # ` NAME=ADDR,SIZE` to the arguments
 //!     uses NAME at SEL           # gets NAME's portal at selector SEL
 //!     restart N [backoff DURATION] [doubling|fixed]
 //!                                # at most N restarts; first after DURATION
@@ -74,7 +91,29 @@ const MAX_BACKOFF_MS: u64 = 3_600_000;
 pub struct Manifest {
     pub components: Vec<Component>,
     pub semaphores: Vec<Semaphore>,
+    /// The `shared` regions by name, with their sizes, in order of first
+    /// mention ([`MappingSource::Shared`] indexes this).
+    pub shared: Vec<(String, u64)>,
+    /// The `pci` lines, in manifest order ([`MappingSource::Pci`] indexes
+    /// this): which device each wants.
+    pub devices: Vec<PciRequest>,
 }
+
+/// A `pci` line: the `nth` function (among the lines naming the same ids)
+/// with `vendor:device`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciRequest {
+    pub vendor: u16,
+    pub device: u16,
+    pub nth: usize,
+}
+
+/// MSIs each `pci` line gets.
+pub const MSIS_PER_DEVICE: u64 = 2;
+/// Where a `pci` mapping puts BAR n: `ADDR + (n + 1) * BAR_SLOT`.
+pub const BAR_SLOT: u64 = 16 << 20;
+/// The address space a `pci` mapping takes: the page and six BAR slots.
+pub const PCI_SPAN: u64 = 7 * BAR_SLOT;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Component {
@@ -129,6 +168,36 @@ pub enum MappingSource {
     Ram(u64),
     /// A boot module, read-only.
     Module(String),
+    /// Memory shared with the other components that name it: the index
+    /// into [`Manifest::shared`] (resolved after parsing), and its size.
+    Shared { index: usize, bytes: u64 },
+    /// Fresh zeroed pages whose physical addresses the component may
+    /// learn, this many bytes.
+    Dma(u64),
+    /// A PCI device: the index into [`Manifest::devices`].
+    Pci(usize),
+}
+
+impl MappingSource {
+    /// The bytes of address space it takes, where known before loading
+    /// (a module's size is known only then).
+    pub fn span(&self) -> Option<u64> {
+        match *self {
+            MappingSource::Ram(bytes)
+            | MappingSource::Dma(bytes)
+            | MappingSource::Shared { bytes, .. } => Some(bytes),
+            MappingSource::Pci(_) => Some(PCI_SPAN),
+            MappingSource::Module(_) => None,
+        }
+    }
+
+    /// Fresh pool pages this mapping takes for its component alone.
+    pub fn own_pages(&self) -> u64 {
+        match self {
+            MappingSource::Ram(bytes) | MappingSource::Dma(bytes) => bytes / 4096,
+            _ => 0,
+        }
+    }
 }
 
 /// Where `ram` and `file` mappings may lie: above the component's image
@@ -251,6 +320,10 @@ pub enum ErrorKind {
     /// A `ram` mapping overlapping an earlier one of the component.
     MappingOverlap(String),
     DuplicateMapping(String),
+    /// Two `shared` lines with one name and different sizes.
+    SharedSizeMismatch(String),
+    /// More `pci` lines than the kernel has MSIs for.
+    TooManyDevices,
 }
 
 impl fmt::Display for ManifestError {
@@ -326,6 +399,15 @@ impl fmt::Display for ManifestError {
                 write!(f, "'{name}' overlaps an earlier ram mapping")
             }
             ErrorKind::DuplicateMapping(name) => write!(f, "mapping '{name}' named twice"),
+            ErrorKind::SharedSizeMismatch(name) => {
+                write!(f, "shared memory '{name}' given two different sizes")
+            }
+            ErrorKind::TooManyDevices => write!(
+                f,
+                "more than {} pci lines (the kernel has {} MSIs, {MSIS_PER_DEVICE} each)",
+                moat_abi::MSI_COUNT / MSIS_PER_DEVICE,
+                moat_abi::MSI_COUNT
+            ),
         }
     }
 }
@@ -472,6 +554,8 @@ struct Draft {
     uses: Vec<(String, u64, usize)>,
     restart: Option<RestartPolicy>,
     mappings: Vec<Mapping>,
+    /// Its `pci` lines, indexed by the drafts' `MappingSource::Pci`.
+    pci: Vec<PciRequest>,
 }
 
 fn set<T>(slot: &mut Option<T>, what: &'static str, value: T) -> Result<()> {
@@ -572,6 +656,49 @@ impl Draft {
                     source,
                 })?;
             }
+            "shared" | "dma" => {
+                let key = name("mapping name", words.next("mapping name")?, MODULE_NAME_MAX)?;
+                let what = if keyword == "dma" { "dma" } else { "shared" };
+                let bytes = ranged(what, size(what, words.next("size")?)?, 1, MAX_RAM)?;
+                let bytes = page_round(bytes);
+                words.keyword("at")?;
+                let address = number(words.next("address")?)?;
+                let source = if keyword == "dma" {
+                    MappingSource::Dma(bytes)
+                } else {
+                    MappingSource::Shared { index: 0, bytes }
+                };
+                self.add_mapping(Mapping {
+                    name: key,
+                    address,
+                    source,
+                })?;
+            }
+            "pci" => {
+                let key = name("mapping name", words.next("mapping name")?, MODULE_NAME_MAX)?;
+                let ids = words.next("VENDOR:DEVICE")?;
+                let (vendor, device) = ids.split_once(':').ok_or(ErrorKind::Unexpected {
+                    word: ids.to_string(),
+                    expected: "VENDOR:DEVICE (hex, e.g. 1af4:1042)",
+                })?;
+                let hex = |w: &str| {
+                    u16::from_str_radix(w.trim_start_matches("0x"), 16)
+                        .map_err(|_| ErrorKind::BadNumber(w.to_string()))
+                };
+                let (vendor, device) = (hex(vendor)?, hex(device)?);
+                words.keyword("at")?;
+                let address = number(words.next("address")?)?;
+                self.pci.push(PciRequest {
+                    vendor,
+                    device,
+                    nth: 0,
+                });
+                self.add_mapping(Mapping {
+                    name: key,
+                    address,
+                    source: MappingSource::Pci(self.pci.len() - 1),
+                })?;
+            }
             "restart" => {
                 let max = ranged(
                     "restarts",
@@ -616,14 +743,14 @@ impl Draft {
         if self.mappings.iter().any(|m| m.name == mapping.name) {
             return Err(ErrorKind::DuplicateMapping(mapping.name));
         }
-        if let MappingSource::Ram(bytes) = mapping.source {
+        if let Some(bytes) = mapping.source.span() {
             let end = address
                 .checked_add(bytes)
                 .filter(|&end| end <= MAPPING_RANGE.end)
                 .ok_or(ErrorKind::BadMappingAddress(address))?;
-            let overlaps = self.mappings.iter().any(|m| match m.source {
-                MappingSource::Ram(other) => address < m.address + other && m.address < end,
-                MappingSource::Module(_) => false,
+            let overlaps = self.mappings.iter().any(|m| match m.source.span() {
+                Some(other) => address < m.address + other && m.address < end,
+                None => false,
             });
             if overlaps {
                 return Err(ErrorKind::MappingOverlap(mapping.name));
@@ -825,7 +952,7 @@ pub fn parse(text: &str) -> core::result::Result<Manifest, ManifestError> {
 
 const KNOWN_PROPERTIES: &[&str] = &[
     "module", "priority", "ceiling", "budget", "memory", "stack", "quota", "capacity", "args",
-    "provides", "uses", "restart", "ram", "file",
+    "provides", "uses", "restart", "ram", "file", "shared", "dma", "pci",
 ];
 
 /// Checks a selector a manifest gives to `component` and records it.
@@ -860,6 +987,46 @@ fn resolve(
     grants: Vec<(Grant, usize)>,
 ) -> core::result::Result<Manifest, ManifestError> {
     let uses: Vec<Vec<(String, u64, usize)>> = drafts.iter().map(|d| d.uses.clone()).collect();
+    let mut devices: Vec<PciRequest> = Vec::new();
+    let mut shared: Vec<(String, u64)> = Vec::new();
+    let mut drafts = drafts;
+    for draft in drafts.iter_mut() {
+        let first_device = devices.len();
+        for request in &draft.pci {
+            let nth = devices
+                .iter()
+                .filter(|d| (d.vendor, d.device) == (request.vendor, request.device))
+                .count();
+            devices.push(PciRequest { nth, ..*request });
+        }
+        if devices.len() as u64 * MSIS_PER_DEVICE > moat_abi::MSI_COUNT {
+            return Err(ManifestError {
+                line: draft.line,
+                kind: ErrorKind::TooManyDevices,
+            });
+        }
+        for mapping in draft.mappings.iter_mut() {
+            match &mut mapping.source {
+                MappingSource::Pci(index) => *index += first_device,
+                MappingSource::Shared { index, bytes } => {
+                    match shared.iter().position(|(n, _)| *n == mapping.name) {
+                        Some(at) if shared[at].1 == *bytes => *index = at,
+                        Some(_) => {
+                            return Err(ManifestError {
+                                line: draft.line,
+                                kind: ErrorKind::SharedSizeMismatch(mapping.name.clone()),
+                            })
+                        }
+                        None => {
+                            *index = shared.len();
+                            shared.push((mapping.name.clone(), *bytes));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
     let mut components = drafts
         .into_iter()
         .map(Draft::finish)
@@ -955,6 +1122,8 @@ fn resolve(
     Ok(Manifest {
         components,
         semaphores,
+        shared,
+        devices,
     })
 }
 
@@ -1596,5 +1765,59 @@ irq 4 to uart
             .components
             .iter()
             .all(|c| c.uses.iter().all(|u| u.provider < m.components.len())));
+    }
+
+    #[test]
+    fn shared_dma_and_pci_lines() {
+        let text = "\
+component drv
+    module blk
+    priority 20
+    memory 256K
+    quota 64K
+    pci dev 1af4:1042 at 0x20000000000
+    pci dev2 1af4:1042 at 0x21000000000
+    dma dma 16K at 0x30000000000
+    shared c0 64K at 0x10000000000
+component client
+    module blktest
+    priority 10
+    memory 128K
+    quota 64K
+    shared c0 64K at 0x10000000000
+";
+        let m = parse(text).expect("parses");
+        assert_eq!(m.shared, [("c0".to_string(), 64 * 1024)]);
+        assert_eq!(m.devices.len(), 2);
+        assert_eq!((m.devices[0].nth, m.devices[1].nth), (0, 1));
+        assert_eq!(m.devices[1].vendor, 0x1af4);
+        let sources: Vec<_> = m.components[0]
+            .mappings
+            .iter()
+            .map(|x| x.source.clone())
+            .collect();
+        assert_eq!(
+            sources,
+            [
+                MappingSource::Pci(0),
+                MappingSource::Pci(1),
+                MappingSource::Dma(16 * 1024),
+                MappingSource::Shared {
+                    index: 0,
+                    bytes: 64 * 1024
+                },
+            ]
+        );
+        assert_eq!(m.components[0].mappings[2].source.own_pages(), 4);
+        let mismatch = format!(
+            "{text}component other\n module blktest\n priority 1\n memory 128K\n quota 64K\n shared c0 8K at 0x10000000000\n"
+        );
+        assert!(parse(&mismatch).is_err());
+        let overlapping = text.replace("0x21000000000", "0x20000001000");
+        assert!(matches!(
+            parse(&overlapping).map_err(|e| e.kind),
+            Err(ErrorKind::MappingOverlap(_))
+        ));
+        assert!(parse(&text.replace("1af4:1042", "1af4")).is_err());
     }
 }

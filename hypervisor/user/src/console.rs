@@ -14,6 +14,14 @@ pub fn write(bytes: &[u8]) -> Result<(), Status> {
     Ok(())
 }
 
+/// Writes `bytes` to the console unchanged (see [`sys::console_write_raw`]).
+pub fn write_raw(bytes: &[u8]) -> Result<(), Status> {
+    for chunk in bytes.chunks(CONSOLE_WRITE_MAX) {
+        sys::console_write_raw(chunk)?;
+    }
+    Ok(())
+}
+
 pub struct Console;
 
 impl fmt::Write for Console {

@@ -13,11 +13,14 @@ pub use moat_abi as abi;
 pub mod console;
 pub mod heap;
 pub mod io;
+pub mod mmio;
 pub mod portal;
 mod rt;
 pub mod sys;
 
 pub use portal::Stack;
+#[doc(hidden)]
+pub use rt::panic;
 pub use sys::exit;
 
 use moat_abi::Utcb;
@@ -68,6 +71,16 @@ macro_rules! entry {
         fn moat_main(args: &str) -> i32 {
             let main: fn(&str) -> i32 = $main;
             main(args)
+        }
+
+        // In the task's own crate, not in this library: a std program that
+        // links this library's logic (the guest tools, through the hostile
+        // plan and `common` with the runtime that workspace builds unify
+        // in) must not get a second panic handler.
+        #[cfg(not(test))]
+        #[panic_handler]
+        fn moat_panic(info: &core::panic::PanicInfo) -> ! {
+            $crate::panic(info)
         }
     };
 }

@@ -54,9 +54,8 @@ extern "C" fn start(record: *const u64) -> ! {
     sys::exit(code.into())
 }
 
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(info: &core::panic::PanicInfo) -> ! {
+/// What a task's panic handler (from [`crate::entry!`]) does.
+pub fn panic(info: &core::panic::PanicInfo) -> ! {
     crate::println!("panic: {}", info);
     sys::exit(crate::PANIC_EXIT_CODE)
 }

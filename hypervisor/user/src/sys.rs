@@ -65,6 +65,14 @@ pub fn console_write(bytes: &[u8]) -> Result<(), Status> {
     simple(Call::ConsoleWrite, 0, 0, args)
 }
 
+/// Writes at most [`moat_abi::CONSOLE_WRITE_MAX`] bytes to the console as
+/// they are (`flags::RAW`): `InsufficientRights` unless this PD holds the
+/// console UART's data port ([`moat_abi::CONSOLE_PORT`]).
+pub fn console_write_raw(bytes: &[u8]) -> Result<(), Status> {
+    let args = [bytes.as_ptr() as u64, bytes.len() as u64, 0, 0, 0, 0];
+    simple(Call::ConsoleWrite, flags::RAW, 0, args)
+}
+
 /// Ends the calling EC; its exception portal's handler sees an exception
 /// message with vector [`moat_abi::EXIT_VECTOR`] and `code`.
 pub fn exit(code: i64) -> ! {
@@ -226,6 +234,26 @@ pub fn revoke(space: Space, base: u64, count: u64, include_self: bool) -> Result
 /// bit 1 active low).
 pub fn irq_assign(sm: Sel, gsi: u64, flags: u64) -> Result<(), Status> {
     simple(Call::IrqAssign, 0, sm, [gsi, flags, 0, 0, 0, 0])
+}
+
+/// Routes MSI `key` (`moat_abi::MSI_FIRST + n`) to `sm`; returns the MSI
+/// address and data the device must write to raise it.
+pub fn irq_assign_msi(sm: Sel, key: u64) -> Result<(u64, u64), Status> {
+    let (status, regs) = syscall(Call::IrqAssign, 0, sm, [key, 0, 0, 0, 0, 0]);
+    status.into_result().map(|()| (regs[0], regs[1]))
+}
+
+/// Root task only: makes capabilities for `count` device pages from
+/// physical page `first_frame` on, mapped uncached at page `vpn`.
+pub fn map_device(first_frame: u64, vpn: u64, count: u64) -> Result<(), Status> {
+    simple(Call::MapDevice, 0, 0, [first_frame, vpn, count, 0, 0, 0])
+}
+
+/// The physical address of the caller's page `vpn` (its capability must
+/// carry `MEM_DMA`).
+pub fn mem_phys(vpn: u64) -> Result<u64, Status> {
+    let (status, regs) = syscall(Call::MemPhys, 0, 0, [vpn, 0, 0, 0, 0, 0]);
+    status.into_result().map(|()| regs[0])
 }
 
 pub fn irq_unmask(gsi: u64) -> Result<(), Status> {

@@ -3,20 +3,21 @@
 
 use std::hint::black_box;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use moat_guest_tools::args::run_or_exit;
-use moat_guest_tools::stress::{cpu_round, fill, verify, Options, WORDS_PER_MIB};
+use moat_guest_tools::stress::{cpu_round, fill, heartbeat_line, verify, Options, WORDS_PER_MIB};
 
 const USAGE: &str = "\
-usage: stress [--cpu N] [--mem MIB] [--seconds S]
+usage: stress [--cpu N] [--mem MIB] [--seconds S] [--heartbeat S]
 
 Runs N threads (default 1) spinning on arithmetic and one thread writing a
 pattern over MIB MiB (default 16; 0: no memory thread) and reading it back,
-for S seconds (default 10). Every result is checked.
+for S seconds (default 10). Every result is checked. With --heartbeat, prints
+`stress: heartbeat T s, R cpu rounds, P memory passes` every S seconds.
 Prints `stress: done, ...` and exits 0, or `stress: FAIL ...` and exits 1
 (wrong arithmetic, memory that does not hold what was written).
 ";
@@ -34,15 +35,41 @@ fn main() -> ExitCode {
         opts.cpus, opts.mem_mib, opts.seconds
     );
     let stop = Arc::new(AtomicBool::new(false));
-    let cpus: Vec<_> = (0..opts.cpus).map(|_| worker(&stop, cpu_load)).collect();
+    let progress = Arc::new(Progress::default());
+    let cpus: Vec<_> = (0..opts.cpus)
+        .map(|_| {
+            let progress = Arc::clone(&progress);
+            worker(&stop, move |stop| cpu_load(stop, &progress.cpu_rounds))
+        })
+        .collect();
     let words = opts.mem_words();
-    let memory = (words > 0).then(|| worker(&stop, move |stop| memory_load(words, stop)));
+    let memory = (words > 0).then(|| {
+        let progress = Arc::clone(&progress);
+        worker(&stop, move |stop| {
+            memory_load(words, stop, &progress.memory_passes)
+        })
+    });
 
-    let deadline = Instant::now() + Duration::from_secs(opts.seconds);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(opts.seconds);
+    let beat = Duration::from_secs(opts.heartbeat);
+    let mut next_beat = start + beat;
     while !stop.load(Ordering::Relaxed) {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let now = Instant::now();
+        let left = deadline.saturating_duration_since(now);
         if left.is_zero() {
             break;
+        }
+        if !beat.is_zero() && now >= next_beat {
+            println!(
+                "{}",
+                heartbeat_line(
+                    now.duration_since(start).as_secs(),
+                    progress.cpu_rounds.load(Ordering::Relaxed),
+                    progress.memory_passes.load(Ordering::Relaxed)
+                )
+            );
+            next_beat += beat;
         }
         thread::sleep(left.min(WATCH_INTERVAL));
     }
@@ -68,6 +95,13 @@ fn main() -> ExitCode {
 }
 
 type Outcome = Result<u64, String>;
+
+/// What the workers have done so far, for the heartbeat.
+#[derive(Default)]
+struct Progress {
+    cpu_rounds: AtomicU64,
+    memory_passes: AtomicU64,
+}
 
 /// Runs `work` on a thread; its failure stops the others.
 fn worker<F>(stop: &Arc<AtomicBool>, work: F) -> thread::JoinHandle<Outcome>
@@ -96,18 +130,19 @@ fn fail(why: &str) -> ExitCode {
 }
 
 /// Rounds of checked arithmetic until told to stop.
-fn cpu_load(stop: &AtomicBool) -> Outcome {
+fn cpu_load(stop: &AtomicBool, done: &AtomicU64) -> Outcome {
     let mut rounds = 0u64;
     while !stop.load(Ordering::Relaxed) {
         cpu_round(rounds)?;
         rounds += 1;
+        done.fetch_add(1, Ordering::Relaxed);
     }
     Ok(rounds)
 }
 
 /// Passes of fill-then-verify over `words` words until told to stop; every
 /// word written is verified, also in a pass cut short.
-fn memory_load(words: usize, stop: &AtomicBool) -> Outcome {
+fn memory_load(words: usize, stop: &AtomicBool, done: &AtomicU64) -> Outcome {
     let mut buf: Vec<u64> = Vec::new();
     buf.try_reserve_exact(words)
         .map_err(|_| format!("cannot allocate {} MiB", words / WORDS_PER_MIB))?;
@@ -129,6 +164,7 @@ fn memory_load(words: usize, stop: &AtomicBool) -> Outcome {
         }
         if filled == buf.len() {
             passes += 1;
+            done.fetch_add(1, Ordering::Relaxed);
         }
     }
     Ok(passes)

@@ -1,10 +1,13 @@
 //! Host ACPI tables, parsed with the `acpi` crate: the MADT tells which CPUs,
-//! IOAPICs and ISA interrupt overrides the machine has.
+//! IOAPICs and ISA interrupt overrides the machine has; the MCFG where PCI
+//! Express configuration space (ECAM) lies, which the root task is told.
 
 use super::layout::{phys_to_virt, BOOT_DIRECT_MAP_SIZE};
 use acpi::madt::{Madt, MadtEntry};
+use acpi::mcfg::Mcfg;
 use acpi::{AcpiHandler, AcpiTables, PhysicalMapping};
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU64, Ordering};
 use moat_kernel::smp::MAX_CPUS;
 
 pub const MAX_IOAPICS: usize = 8;
@@ -97,6 +100,17 @@ impl AcpiHandler for DirectMap {
     fn unmap_physical_region<T>(_region: &PhysicalMapping<Self, T>) {}
 }
 
+/// Segment 0's ECAM base (0: none) and last bus, from the MCFG.
+static ECAM_BASE: AtomicU64 = AtomicU64::new(0);
+static ECAM_BUS_END: AtomicU64 = AtomicU64::new(0);
+
+/// Segment 0's ECAM: physical base (for bus 0) and last bus, if the
+/// machine has an MCFG.
+pub fn ecam() -> Option<(u64, u64)> {
+    let base = ECAM_BASE.load(Ordering::Relaxed);
+    (base != 0).then(|| (base, ECAM_BUS_END.load(Ordering::Relaxed)))
+}
+
 #[derive(Debug)]
 pub enum AcpiProblem {
     Tables(acpi::AcpiError),
@@ -116,6 +130,19 @@ pub fn discover() -> Result<Platform, AcpiProblem> {
     // reading them has no side effects.
     let tables =
         unsafe { AcpiTables::search_for_rsdp_bios(DirectMap) }.map_err(AcpiProblem::Tables)?;
+    if let Ok(mcfg) = tables.find_table::<Mcfg>() {
+        let segment0 = mcfg
+            .get()
+            .entries()
+            .iter()
+            .find(|e| e.pci_segment_group == 0 && e.bus_number_start == 0)
+            .map(|e| (e.base_address, e.bus_number_end));
+        if let Some((base, bus_end)) = segment0 {
+            log::info!("acpi: pci express configuration space at {base:#x}, buses 0-{bus_end}");
+            ECAM_BASE.store(base, Ordering::Relaxed);
+            ECAM_BUS_END.store(bus_end.into(), Ordering::Relaxed);
+        }
+    }
     let madt = tables.find_table::<Madt>().map_err(AcpiProblem::Tables)?;
     let madt = madt.get();
     let mut platform = Platform {

@@ -70,8 +70,34 @@ fn send(index: usize) {
 }
 
 /// Makes CPU `index` look at its run queue soon (a no-op for this CPU).
+/// The IPI goes out when this CPU next drops the kernel lock
+/// (`send_kicks`), so the woken CPU finds the lock free: on an emulator
+/// that runs CPUs in turn (QEMU with `-icount`) an IPI sent under the lock
+/// hands the turn to a CPU that can only wait for it.
 pub fn kick(index: usize) {
     if index != percpu::current_id() && schedules(index) {
+        percpu::current()
+            .kicks
+            .fetch_or(1 << (index % moat_kernel::smp::MAX_CPUS), Ordering::Relaxed);
+    }
+}
+
+/// Sends the wake-ups `kick` recorded on this CPU; called after the
+/// kernel lock was dropped.
+#[inline]
+pub fn send_kicks() {
+    if percpu::current().kicks.load(Ordering::Relaxed) != 0 {
+        send_kicks_now();
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn send_kicks_now() {
+    let mut pending = percpu::current().kicks.swap(0, Ordering::Relaxed);
+    while pending != 0 {
+        let index = pending.trailing_zeros() as usize;
+        pending &= pending - 1;
         send(index);
     }
 }

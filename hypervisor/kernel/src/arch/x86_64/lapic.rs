@@ -278,13 +278,42 @@ pub fn arm(deadline: u64) {
     write(REG_TIMER_INITIAL, count);
 }
 
+/// The one-shot timer has fired: it is armed for nothing now.
+pub fn fired() {
+    percpu::current().armed.store(u64::MAX, Ordering::Relaxed);
+}
+
 /// The TSC deadline this CPU's one-shot timer is armed for.
 pub fn armed() -> u64 {
     percpu::current().armed.load(Ordering::Relaxed)
 }
 
-/// Brings the next expiry forward to `deadline` if that is sooner.
+/// Brings the next expiry forward to `deadline` if that is sooner: when
+/// this CPU next drops the kernel lock (`arm_deferred`). Writing the timer
+/// is an exit on a hypervisor and a turn to another CPU on an emulator
+/// that runs CPUs in turn (QEMU with `-icount`), which then can only wait
+/// for the lock.
 pub fn arm_if_earlier(deadline: u64) {
+    if deadline < armed() {
+        percpu::current()
+            .arm_at
+            .fetch_min(deadline, Ordering::Relaxed);
+    }
+}
+
+/// Carries out what `arm_if_earlier` asked for; called after the kernel
+/// lock was dropped.
+#[inline]
+pub fn arm_deferred() {
+    if percpu::current().arm_at.load(Ordering::Relaxed) != u64::MAX {
+        arm_deferred_now();
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn arm_deferred_now() {
+    let deadline = percpu::current().arm_at.swap(u64::MAX, Ordering::Relaxed);
     if deadline < armed() {
         arm(deadline);
     }

@@ -13,6 +13,7 @@ pub mod ioapic;
 pub mod ipi;
 pub mod lapic;
 pub mod layout;
+pub mod msi;
 pub mod percpu;
 pub mod pit;
 pub mod serial;

@@ -65,9 +65,15 @@ pub struct PerCpu {
     /// A shootdown may have revoked ports: the TSS's I/O bitmap must be
     /// reloaded before the next return to user mode.
     pub io_stale: AtomicBool,
-    /// The guest entry this CPU last sent a wake-up to while it waited for
-    /// the kernel lock (`kernel::KernelRelax`).
-    pub guest_kicked: AtomicU64,
+    /// The CPU is in guest mode (`vcpu::GuestRun::go`); for the NMI
+    /// handler's report.
+    pub in_guest: AtomicBool,
+    /// Wake-ups to send when this CPU drops the kernel lock, one bit per
+    /// CPU (`ipi::kick`).
+    pub kicks: AtomicU64,
+    /// A timer expiry to arm when this CPU drops the kernel lock
+    /// (`lapic::arm_if_earlier`); `u64::MAX`: none.
+    pub arm_at: AtomicU64,
     /// The CPU waits for the kernel lock (`kernel::lock_wanted`).
     pub wants_lock: AtomicBool,
     /// Since when (TSC) the CPU waits for the kernel lock; 0: it does not.
@@ -116,7 +122,9 @@ impl PerCpu {
             scheduling: AtomicBool::new(false),
             ipi_ack: AtomicU64::new(0),
             io_stale: AtomicBool::new(false),
-            guest_kicked: AtomicU64::new(0),
+            in_guest: AtomicBool::new(false),
+            kicks: AtomicU64::new(0),
+            arm_at: AtomicU64::new(u64::MAX),
             wants_lock: AtomicBool::new(false),
             spin_since: AtomicU64::new(0),
         }

@@ -1,7 +1,7 @@
 //! What happens after an entry: exceptions, interrupts and system calls.
 
 use super::entry::TrapFrame;
-use super::{cpu, ioapic, ipi, lapic};
+use super::{cpu, ioapic, ipi, lapic, msi};
 use crate::console;
 use moat_abi::ExceptionMessage;
 
@@ -116,7 +116,8 @@ fn ipi_interrupt() {
     crate::scheduler::wake();
 }
 
-/// A device interrupt: mask its GSI, acknowledge it, up its semaphore.
+/// A device interrupt: mask its GSI (an MSI needs no mask), acknowledge
+/// it, up its semaphore.
 fn device_interrupt(vector: u64) {
     let gsi = vector.wrapping_sub(u64::from(ioapic::VECTOR_BASE));
     if ioapic::present(gsi) {
@@ -125,6 +126,12 @@ fn device_interrupt(vector: u64) {
         let mut guard = crate::kernel::lock();
         if let Some(kernel) = guard.as_mut() {
             kernel.interrupt(gsi);
+        }
+    } else if let Some(n) = msi::of_vector(vector) {
+        lapic::end_of_interrupt();
+        let mut guard = crate::kernel::lock();
+        if let Some(kernel) = guard.as_mut() {
+            kernel.interrupt_slot(msi::slot(n));
         }
     } else {
         log::warn!("unexpected interrupt vector {vector:#x}");

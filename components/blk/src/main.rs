@@ -1,0 +1,526 @@
+//! `blk`: a user-level driver for the machine's virtio-blk PCI device
+//! (virtio 1.x, modern interface) and the block service in front of it.
+//!
+//! From the manifest it gets the device (`pci dev 1af4:1042`: its
+//! configuration page, BARs and MSIs), DMA memory (`dma dma 16K`: it
+//! learns the pages' physical addresses with `mem_phys`), and per client a
+//! shared region `cN` (`shared`), the client's disk `cN.disk=START,SECTORS`
+//! (sectors of the device), semaphores: selector 30 the clients up when
+//! they queued requests, 31 + N it ups when client N has responses. The
+//! protocol and the checks are `common::blk`; every request is copied out
+//! of the ring before it is checked, data go through the driver's own DMA
+//! page (no client memory is ever given to the device), and a client's
+//! requests reach only its own sectors.
+//!
+//! One request is on the device at a time; completion comes as an MSI-X
+//! message to the kernel's MSI, which ups the driver's semaphore 40.
+#![no_std]
+#![no_main]
+
+use common::args;
+use common::blk::{self, status, Action, Disk, Request, Response};
+use core::sync::atomic::{fence, Ordering};
+use moat_user::mmio::{window_arg, Window};
+use moat_user::{println, rdtsc, sys};
+
+moat_user::entry!(main);
+
+const REQUEST_SM: u64 = 30;
+const REPLY_SM_BASE: u64 = 31;
+const IRQ_SM: u64 = 40;
+const MAX_CLIENTS: usize = 8;
+
+// PCI configuration space.
+const PCI_COMMAND: u64 = 0x04;
+const PCI_CAPABILITIES: u64 = 0x34;
+const CAP_VENDOR: u8 = 0x09;
+const CAP_MSIX: u8 = 0x11;
+const COMMAND_MEMORY: u16 = 1 << 1;
+const COMMAND_BUS_MASTER: u16 = 1 << 2;
+const MSIX_ENABLE: u16 = 1 << 15;
+const MSIX_FUNCTION_MASK: u16 = 1 << 14;
+
+// virtio-pci capability types and common configuration (virtio 1.2, 4.1.4).
+const CFG_COMMON: u8 = 1;
+const CFG_NOTIFY: u8 = 2;
+const CFG_DEVICE: u8 = 4;
+const DEVICE_FEATURE_SELECT: u64 = 0x00;
+const DEVICE_FEATURE: u64 = 0x04;
+const DRIVER_FEATURE_SELECT: u64 = 0x08;
+const DRIVER_FEATURE: u64 = 0x0c;
+const MSIX_CONFIG: u64 = 0x10;
+const DEVICE_STATUS: u64 = 0x14;
+const QUEUE_SELECT: u64 = 0x16;
+const QUEUE_SIZE: u64 = 0x18;
+const QUEUE_MSIX_VECTOR: u64 = 0x1a;
+const QUEUE_ENABLE: u64 = 0x1c;
+const QUEUE_NOTIFY_OFF: u64 = 0x1e;
+const QUEUE_DESC: u64 = 0x20;
+const QUEUE_DRIVER: u64 = 0x28;
+const QUEUE_DEVICE: u64 = 0x30;
+const STATUS_ACKNOWLEDGE: u8 = 1;
+const STATUS_DRIVER: u8 = 2;
+const STATUS_DRIVER_OK: u8 = 4;
+const STATUS_FEATURES_OK: u8 = 8;
+const NO_VECTOR: u16 = 0xffff;
+const FEATURE_FLUSH: u32 = 1 << 9;
+/// VIRTIO_F_VERSION_1: bit 32, i.e. bit 0 of feature word 1.
+const FEATURE_VERSION_1: u32 = 1 << 0;
+const BLK_T_IN: u32 = 0;
+const BLK_T_OUT: u32 = 1;
+const BLK_T_FLUSH: u32 = 4;
+const DESC_NEXT: u16 = 1;
+const DESC_WRITE: u16 = 2;
+const QUEUE_ENTRIES: u16 = 16;
+
+// The DMA memory: page 0 the queue, page 1 request header and status,
+// page 2 the data bounce buffer.
+const DESC_AT: u64 = 0;
+const AVAIL_AT: u64 = 0x100;
+const USED_AT: u64 = 0x200;
+const HEADER_PAGE: u64 = 1;
+const STATUS_AT: u64 = 0x10;
+const DATA_PAGE: u64 = 2;
+const PAGE: u64 = 4096;
+/// How long one request may take on the device.
+const REQUEST_TIMEOUT_MS: u64 = 5000;
+
+struct Device {
+    notify: Window,
+    dma: Window,
+    /// Physical addresses of the DMA pages.
+    phys: [u64; 3],
+    size: u16,
+    avail_idx: u16,
+    used_idx: u16,
+    flush: bool,
+    capacity: u64,
+    interrupts: u64,
+    tsc_hz: u64,
+}
+
+fn fail(what: &str) -> i32 {
+    println!("blk: FAIL {what}");
+    1
+}
+
+fn main(args: &str) -> i32 {
+    let tsc_hz = args::tsc_hz(args);
+    // SAFETY: the root task maps what these arguments name (manifest
+    // `pci`, `dma` and `shared` lines).
+    let (config, dma) = unsafe { (window_arg(args, "dev"), window_arg(args, "dma")) };
+    let (Some(config), Some(dma)) = (config, dma) else {
+        return fail("no 'dev' or 'dma' mapping in the arguments");
+    };
+    let Some(msi) = args::value(args, "dev.msi").and_then(|v| v.split(',').next()) else {
+        return fail("no MSIs");
+    };
+    let Some(msi) = args::parse_number(msi) else {
+        return fail("bad MSI argument");
+    };
+    let mut device = match Device::start(args, config, dma, msi, tsc_hz) {
+        Ok(device) => device,
+        Err(what) => return fail(what),
+    };
+    println!(
+        "blk: virtio-blk ready: {} sectors, flush {}, completion by MSI-X",
+        device.capacity,
+        if device.flush {
+            "supported"
+        } else {
+            "not needed"
+        }
+    );
+
+    let mut clients = [None; MAX_CLIENTS];
+    for (i, client) in clients.iter_mut().enumerate() {
+        let name = alloc_name(i);
+        // SAFETY: as above.
+        let Some(region) = (unsafe { window_arg(args, name.as_str()) }) else {
+            continue;
+        };
+        let disk_key = name.with_suffix(".disk");
+        let Some(disk) = args::value(args, disk_key.as_str()).and_then(blk::parse_disk) else {
+            println!("blk: client {i} has no disk: left out");
+            continue;
+        };
+        if disk.start + disk.sectors > device.capacity || region.len() <= blk::DATA {
+            println!("blk: client {i}'s disk or region does not fit: left out");
+            continue;
+        }
+        println!(
+            "blk: client {i}: sectors {}..{} of the device",
+            disk.start,
+            disk.start + disk.sectors
+        );
+        *client = Some(Client {
+            region,
+            disk,
+            tail: region.read::<u32>(blk::REQ_TAIL as u64),
+            resp_head: region.read::<u32>(blk::RESP_HEAD as u64),
+            broken: false,
+        });
+    }
+    loop {
+        if let Err(status) = sys::sm_down(REQUEST_SM, 0, false) {
+            return fail_status("sm_down", status);
+        }
+        for (i, client) in clients.iter_mut().enumerate() {
+            if let Some(client) = client {
+                if client.serve(&mut device) {
+                    let _ = sys::sm_up(REPLY_SM_BASE + i as u64);
+                }
+            }
+        }
+    }
+}
+
+fn fail_status(what: &str, status: moat_user::abi::Status) -> i32 {
+    println!("blk: FAIL {what}: {status}");
+    1
+}
+
+/// `cN` and `cN.disk` without an allocator.
+struct Name {
+    bytes: [u8; 16],
+    len: usize,
+}
+
+impl Name {
+    fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.bytes[..self.len]).unwrap_or("")
+    }
+
+    fn with_suffix(&self, suffix: &str) -> Name {
+        let mut name = Name {
+            bytes: self.bytes,
+            len: self.len,
+        };
+        for &b in suffix.as_bytes() {
+            if name.len < name.bytes.len() {
+                name.bytes[name.len] = b;
+                name.len += 1;
+            }
+        }
+        name
+    }
+}
+
+fn alloc_name(i: usize) -> Name {
+    let mut name = Name {
+        bytes: [0; 16],
+        len: 2,
+    };
+    name.bytes[0] = b'c';
+    name.bytes[1] = b'0' + i as u8;
+    name
+}
+
+#[derive(Clone, Copy)]
+struct Client {
+    region: Window,
+    disk: Disk,
+    /// The service's own copies of the indices it owns.
+    tail: u32,
+    resp_head: u32,
+    broken: bool,
+}
+
+impl Client {
+    /// Answers what the client queued; true if it answered anything.
+    fn serve(&mut self, device: &mut Device) -> bool {
+        if self.broken {
+            return false;
+        }
+        let head = self.region.read::<u32>(blk::REQ_HEAD as u64);
+        let Some(pending) = blk::pending(head, self.tail) else {
+            println!("blk: a client's request ring is broken (head {head}, tail {}): ignored from now on", self.tail);
+            self.broken = true;
+            return false;
+        };
+        let mut answered = false;
+        for _ in 0..pending {
+            let resp_tail = self.region.read::<u32>(blk::RESP_TAIL as u64);
+            if blk::pending(self.resp_head.wrapping_add(1), resp_tail).is_none() {
+                break; // its response ring is full: it must read first
+            }
+            let mut bytes = [0u8; blk::REQUEST_SIZE];
+            let at = blk::slot(blk::REQUESTS, blk::REQUEST_SIZE, self.tail) as u64;
+            self.region.read_bytes(at, &mut bytes);
+            let request = Request::decode(&bytes);
+            let response = self.execute(device, &request);
+            let at = blk::slot(blk::RESPONSES, blk::RESPONSE_SIZE, self.resp_head) as u64;
+            self.region.write_bytes(at, &response.encode());
+            fence(Ordering::SeqCst);
+            self.resp_head = self.resp_head.wrapping_add(1);
+            self.tail = self.tail.wrapping_add(1);
+            self.region
+                .write::<u32>(blk::RESP_HEAD as u64, self.resp_head);
+            self.region.write::<u32>(blk::REQ_TAIL as u64, self.tail);
+            answered = true;
+        }
+        answered
+    }
+
+    fn execute(&self, device: &mut Device, request: &Request) -> Response {
+        let mut response = Response {
+            id: request.id,
+            status: status::OK,
+            value: 0,
+        };
+        let region_len = self.region.len();
+        response.status = match blk::check(request, self.disk, region_len) {
+            Err(status) => status,
+            Ok(Action::Info) => {
+                response.value = self.disk.sectors.min(u64::from(u32::MAX)) as u32;
+                status::OK
+            }
+            Ok(Action::Flush) => device.flush_cache(),
+            Ok(Action::Read {
+                sector,
+                count,
+                buffer,
+            }) => {
+                let bytes = u64::from(count) * blk::SECTOR;
+                let status = device.transfer(BLK_T_IN, sector, bytes);
+                if status == status::OK {
+                    self.region
+                        .copy_from(buffer, &device.dma, DATA_PAGE * PAGE, bytes);
+                }
+                status
+            }
+            Ok(Action::Write {
+                sector,
+                count,
+                buffer,
+            }) => {
+                let bytes = u64::from(count) * blk::SECTOR;
+                device
+                    .dma
+                    .copy_from(DATA_PAGE * PAGE, &self.region, buffer, bytes);
+                device.transfer(BLK_T_OUT, sector, bytes)
+            }
+        };
+        response
+    }
+}
+
+/// The BAR window an argument `dev.barN` names.
+fn bar(args: &str, index: u8) -> Option<Window> {
+    let key = [b'd', b'e', b'v', b'.', b'b', b'a', b'r', b'0' + index];
+    let key = core::str::from_utf8(&key).ok()?;
+    // SAFETY: the root task maps the BARs it names.
+    unsafe { window_arg(args, key) }
+}
+
+impl Device {
+    fn start(
+        args: &str,
+        config: Window,
+        dma: Window,
+        msi: u64,
+        tsc_hz: u64,
+    ) -> Result<Device, &'static str> {
+        if dma.len() < 3 * PAGE {
+            return Err("the dma mapping is smaller than 3 pages");
+        }
+        let mut phys = [0; 3];
+        for (i, p) in phys.iter_mut().enumerate() {
+            *p = sys::mem_phys(dma.base() / PAGE + i as u64)
+                .map_err(|_| "mem_phys refused the dma pages")?;
+        }
+        // The virtio structures and the MSI-X table, from the capability list.
+        let (mut common, mut notify, mut device_cfg) = (None, None, None);
+        let mut multiplier = 0;
+        let mut msix = None;
+        let mut cap = u64::from(config.read::<u8>(PCI_CAPABILITIES)) & !3;
+        let mut hops = 0;
+        while cap != 0 && hops < 48 {
+            hops += 1;
+            let id = config.read::<u8>(cap);
+            let next = u64::from(config.read::<u8>(cap + 1)) & !3;
+            if id == CAP_VENDOR {
+                let kind = config.read::<u8>(cap + 3);
+                let bar_index = config.read::<u8>(cap + 4);
+                let offset = u64::from(config.read::<u32>(cap + 8));
+                let length = u64::from(config.read::<u32>(cap + 12));
+                let window = bar(args, bar_index).and_then(|b| b.sub(offset, length));
+                match kind {
+                    CFG_COMMON => common = common.or(window),
+                    CFG_NOTIFY if notify.is_none() => {
+                        notify = window;
+                        multiplier = u64::from(config.read::<u32>(cap + 16));
+                    }
+                    CFG_DEVICE => device_cfg = device_cfg.or(window),
+                    _ => {}
+                }
+            } else if id == CAP_MSIX {
+                msix = Some(cap);
+            }
+            cap = next;
+        }
+        let common = common.ok_or("no virtio common configuration in a BAR given to us")?;
+        let notify_base = notify.ok_or("no virtio notify structure")?;
+        let device_cfg = device_cfg.ok_or("no virtio device configuration")?;
+        let msix = msix.ok_or("no MSI-X capability")?;
+
+        // MSI-X entry 0 raises our first MSI.
+        if sys::create_sm(IRQ_SM, 0, 0).is_err() {
+            return Err("create_sm");
+        }
+        let (address, data) =
+            sys::irq_assign_msi(IRQ_SM, msi).map_err(|_| "irq_assign of the MSI")?;
+        let table = config.read::<u32>(msix + 4);
+        let table = bar(args, (table & 7) as u8)
+            .and_then(|b| b.sub(u64::from(table & !7), 16))
+            .ok_or("the MSI-X table is in no BAR given to us")?;
+        table.write::<u32>(0, address as u32);
+        table.write::<u32>(4, (address >> 32) as u32);
+        table.write::<u32>(8, data as u32);
+        table.write::<u32>(12, 0);
+        let control = config.read::<u16>(msix + 2);
+        config.write::<u16>(msix + 2, (control | MSIX_ENABLE) & !MSIX_FUNCTION_MASK);
+        let command = config.read::<u16>(PCI_COMMAND);
+        config.write::<u16>(PCI_COMMAND, command | COMMAND_MEMORY | COMMAND_BUS_MASTER);
+
+        // Reset, then the initialization sequence (virtio 1.2, 3.1.1).
+        common.write::<u8>(DEVICE_STATUS, 0);
+        while common.read::<u8>(DEVICE_STATUS) != 0 {}
+        common.write::<u8>(DEVICE_STATUS, STATUS_ACKNOWLEDGE);
+        common.write::<u8>(DEVICE_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        common.write::<u32>(DEVICE_FEATURE_SELECT, 0);
+        let low = common.read::<u32>(DEVICE_FEATURE);
+        common.write::<u32>(DEVICE_FEATURE_SELECT, 1);
+        let high = common.read::<u32>(DEVICE_FEATURE);
+        if high & FEATURE_VERSION_1 == 0 {
+            return Err("the device does not offer VIRTIO_F_VERSION_1");
+        }
+        let flush = low & FEATURE_FLUSH != 0;
+        common.write::<u32>(DRIVER_FEATURE_SELECT, 0);
+        common.write::<u32>(DRIVER_FEATURE, low & FEATURE_FLUSH);
+        common.write::<u32>(DRIVER_FEATURE_SELECT, 1);
+        common.write::<u32>(DRIVER_FEATURE, FEATURE_VERSION_1);
+        let features_ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+        common.write::<u8>(DEVICE_STATUS, features_ok);
+        if common.read::<u8>(DEVICE_STATUS) & STATUS_FEATURES_OK == 0 {
+            return Err("the device refused our features");
+        }
+        common.write::<u16>(MSIX_CONFIG, NO_VECTOR);
+        common.write::<u16>(QUEUE_SELECT, 0);
+        let size = common.read::<u16>(QUEUE_SIZE).min(QUEUE_ENTRIES);
+        if size == 0 {
+            return Err("the device has no queue 0");
+        }
+        common.write::<u16>(QUEUE_SIZE, size);
+        common.write::<u16>(QUEUE_MSIX_VECTOR, 0);
+        if common.read::<u16>(QUEUE_MSIX_VECTOR) != 0 {
+            return Err("the device did not take MSI-X vector 0 for its queue");
+        }
+        for page in 0..3 {
+            for offset in (0..PAGE).step_by(8) {
+                dma.write::<u64>(page * PAGE + offset, 0);
+            }
+        }
+        common.write::<u64>(QUEUE_DESC, phys[0] + DESC_AT);
+        common.write::<u64>(QUEUE_DRIVER, phys[0] + AVAIL_AT);
+        common.write::<u64>(QUEUE_DEVICE, phys[0] + USED_AT);
+        let notify_off = u64::from(common.read::<u16>(QUEUE_NOTIFY_OFF));
+        let notify = notify_base
+            .sub(notify_off * multiplier, 2)
+            .ok_or("the queue's notify address is outside its structure")?;
+        common.write::<u16>(QUEUE_ENABLE, 1);
+        common.write::<u8>(DEVICE_STATUS, features_ok | STATUS_DRIVER_OK);
+        let capacity = device_cfg.read::<u32>(0) as u64 | (device_cfg.read::<u32>(4) as u64) << 32;
+        Ok(Device {
+            notify,
+            dma,
+            phys,
+            size,
+            avail_idx: 0,
+            used_idx: 0,
+            flush,
+            capacity,
+            interrupts: 0,
+            tsc_hz,
+        })
+    }
+
+    fn descriptor(&self, index: u64, address: u64, len: u32, flags: u16, next: u16) {
+        let at = DESC_AT + index * 16;
+        self.dma.write::<u64>(at, address);
+        self.dma.write::<u32>(at + 8, len);
+        self.dma.write::<u16>(at + 12, flags);
+        self.dma.write::<u16>(at + 14, next);
+    }
+
+    /// One request on the device, waited for: a blk status.
+    fn transfer(&mut self, kind: u32, sector: u64, bytes: u64) -> u32 {
+        let header = HEADER_PAGE * PAGE;
+        self.dma.write::<u32>(header, kind);
+        self.dma.write::<u32>(header + 4, 0);
+        self.dma.write::<u64>(header + 8, sector);
+        self.dma.write::<u8>(header + STATUS_AT, 0xff);
+        let status_phys = self.phys[HEADER_PAGE as usize] + STATUS_AT;
+        self.descriptor(0, self.phys[HEADER_PAGE as usize], 16, DESC_NEXT, 1);
+        if bytes > 0 {
+            let flags = if kind == BLK_T_IN {
+                DESC_NEXT | DESC_WRITE
+            } else {
+                DESC_NEXT
+            };
+            self.descriptor(1, self.phys[DATA_PAGE as usize], bytes as u32, flags, 2);
+            self.descriptor(2, status_phys, 1, DESC_WRITE, 0);
+        } else {
+            self.descriptor(1, status_phys, 1, DESC_WRITE, 0);
+        }
+        let slot = u64::from(self.avail_idx % self.size);
+        self.dma.write::<u16>(AVAIL_AT + 4 + slot * 2, 0);
+        fence(Ordering::SeqCst);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.dma.write::<u16>(AVAIL_AT + 2, self.avail_idx);
+        fence(Ordering::SeqCst);
+        self.notify.write::<u16>(0, 0);
+        let deadline = rdtsc().saturating_add(self.tsc_hz / 1000 * REQUEST_TIMEOUT_MS);
+        // Each completion raises one MSI (the device's used-buffer
+        // notification), so each request consumes one up.
+        loop {
+            match sys::sm_down(IRQ_SM, deadline, false) {
+                Ok(()) => {
+                    self.interrupts += 1;
+                    if self.interrupts == 1 {
+                        println!("blk: first completion interrupt arrived");
+                    }
+                }
+                Err(_) => {
+                    fence(Ordering::SeqCst);
+                    if self.dma.read::<u16>(USED_AT + 2) != self.used_idx {
+                        println!("blk: a completion came without its interrupt");
+                        break;
+                    }
+                    println!(
+                        "blk: the device did not complete a request within {REQUEST_TIMEOUT_MS} ms"
+                    );
+                    return status::IO_ERROR;
+                }
+            }
+            fence(Ordering::SeqCst);
+            if self.dma.read::<u16>(USED_AT + 2) != self.used_idx {
+                break;
+            }
+        }
+        self.used_idx = self.used_idx.wrapping_add(1);
+        match self.dma.read::<u8>(header + STATUS_AT) {
+            0 => status::OK,
+            2 => status::UNSUPPORTED,
+            _ => status::IO_ERROR,
+        }
+    }
+
+    fn flush_cache(&mut self) -> u32 {
+        if !self.flush {
+            // Without VIRTIO_BLK_F_FLUSH the device writes through.
+            return status::OK;
+        }
+        self.transfer(BLK_T_FLUSH, 0, 0)
+    }
+}
