@@ -935,13 +935,10 @@ impl Planner<'_> {
                     )
                 }
             };
-            // vCPU i on the CPU the list names, else every vCPU on CPU 0
-            // (the VMM's): while a guest runs holding the kernel lock, a
-            // vCPU spinning on another CPU can keep CPU 0's vCPU out of
-            // the kernel for good (docs/architecture.md, "The VMM's vCPU
-            // threads"). Once guests run without it: CPU i mod `cpus`.
+            // vCPU i on the CPU the list names, else on CPU i mod the
+            // machine's CPUs.
             let vcpu_cpus: Vec<u32> = match &g.vcpu_cpus {
-                None => vec![0; vcpus as usize],
+                None => (0..vcpus).map(|i| i % cpus).collect(),
                 Some(list) => {
                     let given = list.get_ref();
                     if given.len() != vcpus as usize {
@@ -1797,28 +1794,28 @@ mod tests {
     }
 
     #[test]
-    fn vcpus_share_cpu_0_or_go_where_named() {
+    fn vcpus_spread_over_the_cpus_or_go_where_named() {
         // The guest's VMM, `g` (beside the machine's clock).
         fn vmm(m: &moat_roottask::manifest::Manifest) -> &moat_roottask::manifest::Component {
             m.components.iter().find(|c| c.name == "g").unwrap()
         }
-        let shared = plan(&format!("[machine]\ncpus = 2\n{GUEST}vcpus = 4\n")).unwrap();
-        let m = root_parse(&shared.manifest);
+        let default = plan(&format!("[machine]\ncpus = 2\n{GUEST}vcpus = 4\n")).unwrap();
+        let m = root_parse(&default.manifest);
         assert_eq!(vmm(&m).cpu, 0, "vCPU 0 runs in the VMM's EC");
         assert!(
-            shared
+            default
                 .manifest
-                .contains("vcpus=4 vcpu-cpus=0,0,0 vcpu-priority=10"),
+                .contains("vcpus=4 vcpu-cpus=1,0,1 vcpu-priority=10"),
             "{}",
-            shared.manifest
+            default.manifest
         );
-        let spread = plan(&format!(
-            "[machine]\ncpus = 2\n{GUEST}vcpus = 4\nvcpu-cpus = [0, 1, 0, 1]\n"
+        let on_cpu_0 = plan(&format!(
+            "[machine]\ncpus = 2\n{GUEST}vcpus = 4\nvcpu-cpus = [0, 0, 0, 0]\n"
         ))
         .unwrap();
-        assert!(spread
+        assert!(on_cpu_0
             .manifest
-            .contains("vcpus=4 vcpu-cpus=1,0,1 vcpu-priority=10"));
+            .contains("vcpus=4 vcpu-cpus=0,0,0 vcpu-priority=10"));
         let named = plan(&format!(
             "[machine]\ncpus = 2\n{GUEST}vcpus = 2\nvcpu-cpus = [1, 1]\npriority = 12\n"
         ))
@@ -1838,7 +1835,7 @@ mod tests {
         let two = plan_with(&example("default.toml"), &cpus).unwrap();
         assert_eq!(two.cpus, 2);
         assert!(
-            two.manifest.contains("vcpus=2 vcpu-cpus=0 vcpu-priority="),
+            two.manifest.contains("vcpus=2 vcpu-cpus=1 vcpu-priority="),
             "{}",
             two.manifest
         );

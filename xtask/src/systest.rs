@@ -1641,10 +1641,8 @@ pub const TESTS: &[SysTest] = &[
     // each vCPU run by its own VMM EC. The APs start through
     // INIT/STARTUP, /init finds both CPUs online and a job pinned to each
     // finishes, the disk check's reboot comes back with both, every check
-    // passes and the power-off stops both vCPU threads. Both vCPUs on CPU
-    // 0 for now: a guest runs holding the kernel lock, so a vCPU spinning
-    // on CPU 1 (Linux's AP waiting for the BSP at bring-up) keeps CPU 0's
-    // vCPU out of the kernel for good (`linux_2vcpus_spread`, opt-in).
+    // passes and the power-off stops both vCPU threads. vCPU i on CPU i
+    // (the default placement).
     SysTest {
         name: "linux_2vcpus",
         config: Some(SystemConfig::Text(LINUX_SMP)),
@@ -1656,27 +1654,28 @@ pub const TESTS: &[SysTest] = &[
         slow: 6,
         ..BASE
     },
-    // The same guest with its vCPUs spread, vCPU 1 on CPU 1: opt-in until
-    // guests run without the kernel lock (see `linux_2vcpus`).
+    // The same guest with both vCPUs sharing CPU 0 (`vcpu-cpus = [0, 0]`):
+    // the kernel's round robin between the two vCPU threads.
     SysTest {
-        name: "linux_2vcpus_spread",
-        config: Some(SystemConfig::Text(LINUX_SMP_SPREAD)),
+        name: "linux_2vcpus_shared",
+        config: Some(SystemConfig::Text(LINUX_SMP_SHARED)),
         cpus: 2,
         expect: LINUX_SMP_CHECKS,
         forbid: &["FAIL", "faulted", "did not stop"],
         stop: Stop::WhenDecided,
+        // 129-155 s on QEMU.
         slow: 4,
-        opt_in: true,
+        only_on: Some(Emulator::Qemu),
         ..BASE
     },
-    // Four vCPUs sharing one CPU of two.
+    // Four vCPUs on two CPUs, two on each (vCPU i on CPU i mod 2).
     SysTest {
         name: "linux_4vcpus",
         config: Some(SystemConfig::Text(LINUX_SMP4)),
         cpus: 2,
         expect: &[
             all("cpus: 2 online"),
-            all("vmm: 4 vCPUs, vCPU 0 on the VMM's CPU, vCPUs 1.. on CPUs 0,0,0"),
+            all("vmm: 4 vCPUs, vCPU 0 on the VMM's CPU, vCPUs 1.. on CPUs 1,0,1"),
             all("smp: Brought up 1 node, 4 CPUs"),
             all("MOAT-INIT reboot"),
             all("vmm: guest reset (reset"),
@@ -2025,7 +2024,7 @@ pub const TESTS: &[SysTest] = &[
     },
 ];
 
-/// `linux_smp`: the Linux test guest with 2 vCPUs on 2 CPUs, its disk
+/// `linux_2vcpus`: the Linux test guest with 2 vCPUs on 2 CPUs, its disk
 /// check (and reboot) and the hypercall to `echo` included.
 const LINUX_SMP: &str = r#"
 [machine]
@@ -2037,7 +2036,6 @@ kernel = "pinned:bzImage"
 initrd = "pinned:initramfs.cpio"
 cmdline = "console=ttyS0 panic=-1 moat.ipc=20 moat.cpus=2"
 vcpus = 2
-vcpu-cpus = [0, 0]
 console = true
 calls = ["echo"]
 user-hypercalls = true
@@ -2073,8 +2071,8 @@ const LINUX_SMP_CHECKS: &[Expect] = &[
     all(NO_TASKS_LEFT),
 ];
 
-/// `linux_2vcpus_spread`: as [`LINUX_SMP`], vCPU i on CPU i (the default).
-const LINUX_SMP_SPREAD: &str = r#"
+/// `linux_2vcpus_shared`: as [`LINUX_SMP`], both vCPUs on CPU 0.
+const LINUX_SMP_SHARED: &str = r#"
 [machine]
 cpus = 2
 
@@ -2084,6 +2082,7 @@ kernel = "pinned:bzImage"
 initrd = "pinned:initramfs.cpio"
 cmdline = "console=ttyS0 panic=-1 moat.ipc=20 moat.cpus=2"
 vcpus = 2
+vcpu-cpus = [0, 0]
 calls = ["echo"]
 user-hypercalls = true
 test-disk = true
@@ -2094,8 +2093,7 @@ priority = 20
 provides = "echo"
 "#;
 
-/// `linux_4vcpus`: four vCPUs on one CPU of two, with the disk check's
-/// reboot.
+/// `linux_4vcpus`: four vCPUs on two CPUs, with the disk check's reboot.
 const LINUX_SMP4: &str = r#"
 [machine]
 cpus = 2
@@ -2106,7 +2104,6 @@ kernel = "pinned:bzImage"
 initrd = "pinned:initramfs.cpio"
 cmdline = "console=ttyS0 panic=-1 moat.cpus=4"
 vcpus = 4
-vcpu-cpus = [0, 0, 0, 0]
 test-disk = true
 "#;
 
@@ -2121,7 +2118,6 @@ kernel = "pinned:bzImage"
 initrd = "pinned:initramfs.cpio"
 cmdline = "console=ttyS0 panic=-1 moat.panic=1 moat.cpus=2"
 vcpus = 2
-vcpu-cpus = [0, 0]
 on-panic = "stop"
 "#;
 
