@@ -400,6 +400,8 @@ pub struct ExitStats {
     pub last_msr_fault: Option<(u32, bool)>,
     /// The last exit: its reason and the guest's RIP.
     pub last_exit: Option<(u32, u64)>,
+    /// INIT IPIs to vCPU 0, the bootstrap processor, which are ignored.
+    pub ignored_inits: u64,
 }
 
 impl ExitStats {
@@ -991,6 +993,14 @@ impl Machine {
                 return;
             }
             Delivery::Nmi => slot.nmi = true,
+            // INIT to the bootstrap processor restarts it at the reset
+            // vector on a PC; Linux never sends it, and a hostile guest's
+            // random ICR write must not stop the guest for good: ignored,
+            // as this VMM did before it had APs.
+            Delivery::Init if to == 0 => {
+                self.stats.ignored_inits += 1;
+                return;
+            }
             Delivery::Init => {
                 slot.run = RunState::WaitForSipi;
                 slot.sipi = None;

@@ -500,6 +500,12 @@ fn application_processors_start_with_init_and_startup() {
     assert_eq!(s.machine.prepare_entry(2, &mut other), Entry::Wait);
     send_ipi(&mut s, 0, 1, INIT);
     assert_eq!(s.machine.prepare_entry(1, &mut ap), Entry::Wait);
+    // INIT to the bootstrap processor is ignored (a hostile guest's ICR
+    // write must not stop it for good).
+    send_ipi(&mut s, 0, 0, INIT);
+    let mut bsp = exit(exit_reason::POKED);
+    assert_eq!(s.machine.prepare_entry(0, &mut bsp), Entry::Run);
+    assert_eq!(s.machine.stats.ignored_inits, 1);
     // No such vCPU: the guest stops, the VMM does not panic.
     let mut state = exit(exit_reason::HLT);
     assert_eq!(
