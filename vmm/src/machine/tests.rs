@@ -585,6 +585,13 @@ fn device_interrupts_go_to_the_vcpu_their_destination_names() {
     // Nobody there: dropped.
     assert!(!target.deliver_to(0x34, false, to(7, false)));
     assert_eq!(s.machine.take_kicks(), 0);
+    // With one vCPU, it takes every message.
+    let one = setup_with(1);
+    let lone = one.machine.lapic_target();
+    let mut one = one;
+    x2apic_on(&mut one, 0);
+    assert!(lone.deliver_to(0x35, false, to(7, false)));
+    assert!(one.machine.interrupt_pending(0));
 }
 
 #[test]
