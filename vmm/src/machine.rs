@@ -986,18 +986,22 @@ impl Machine {
                 continue;
             };
             for to in (0..self.vcpus.len()).filter(|i| targets & (1 << i) != 0) {
-                self.deliver_ipi(to, &ipi);
+                self.deliver_ipi(from, to, &ipi);
             }
         }
     }
 
-    fn deliver_ipi(&mut self, to: usize, ipi: &Ipi) {
+    fn deliver_ipi(&mut self, from: usize, to: usize, ipi: &Ipi) {
         let slot = &mut self.vcpus[to];
         match ipi.mode {
             Delivery::Fixed | Delivery::LowestPriority => {
                 self.apics.accept(to, ipi.vector, false);
                 return;
             }
+            // An NMI to the sender itself is dropped, as before there
+            // were APs (Linux sends NMIs only to other CPUs; a hostile
+            // guest's self-NMIs stopped hostile_linux's guest).
+            Delivery::Nmi if to == from => return,
             Delivery::Nmi => slot.nmi = true,
             // INIT to the bootstrap processor restarts it at the reset
             // vector on a PC; Linux never sends it, and a hostile guest's
