@@ -328,6 +328,10 @@ fn host_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
     [r.eax, r.ebx, r.ecx, r.edx]
 }
 
+/// The shortest time between two firings of the timer EC (KVM clamps a
+/// guest's timer periods likewise).
+const MIN_TIMER_GAP_US: u64 = 50;
+
 /// The host TSC deadline the timer EC pokes the vCPU at (0: none).
 static DEADLINE: AtomicU64 = AtomicU64::new(0);
 static TIMER_STACK: moat_user::Stack<8192> = moat_user::Stack::new();
@@ -349,7 +353,16 @@ extern "C" fn timer_ec() -> ! {
                         match vmm.as_mut() {
                             Some(v) => {
                                 v.machine.poll();
-                                arm(host_deadline(&v.machine, v.guest.start, v.guest.tsc_hz));
+                                // Not again before MIN_TIMER_GAP_US: a
+                                // guest that programs a timer for "now"
+                                // over and over (a PIT reload of 1) must
+                                // not keep this EC and its pokes from
+                                // letting the vCPUs run.
+                                let tsc_hz = v.guest.tsc_hz;
+                                let earliest = moat_user::rdtsc()
+                                    .saturating_add(tsc_hz / 1_000_000 * MIN_TIMER_GAP_US);
+                                let next = host_deadline(&v.machine, v.guest.start, tsc_hz);
+                                arm(if next == 0 { 0 } else { next.max(earliest) });
                                 v.machine.take_kicks()
                             }
                             None => 0,
