@@ -418,7 +418,10 @@ pub fn exit(data: &[u8]) {
         .expect("the standard machine");
     machine
         .add_pci_devices(
-            Some(vec![0; 64 * 512]),
+            Some(Box::new(vdev::virtio::block::MemDisk::new(vec![
+                0;
+                64 * 512
+            ]))),
             Box::new(SplitMix64(7)),
             NamedPort::Echo,
         )
