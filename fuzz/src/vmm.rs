@@ -412,6 +412,7 @@ pub fn exit(data: &[u8]) {
         ram_size: RAM_SIZE as u64,
         tsc_hz: 1_000_000_000,
         boot_unix_secs: 1_700_000_000,
+        vcpus: 1,
     };
     let mut machine = Machine::new(&config, ram.clone(), time.clone(), Box::new(host_cpuid))
         .expect("the standard machine");
@@ -428,8 +429,8 @@ pub fn exit(data: &[u8]) {
     for_each_op(&mut u, |op| match op {
         MachineOp::Exit(exit) => {
             let mut state = exit_state(&exit, &ram);
-            machine.prepare_entry(&mut state);
-            machine.handle_exit(&mut state);
+            machine.prepare_entry(0, &mut state);
+            machine.handle_exit(0, &mut state);
             machine.take_refusals();
         }
         MachineOp::Advance(ns) => {
@@ -438,7 +439,7 @@ pub fn exit(data: &[u8]) {
         MachineOp::Poll => {
             machine.poll();
             machine.next_deadline_ns();
-            machine.interrupt_pending();
+            machine.interrupt_pending(0);
         }
         MachineOp::Kick => machine.kick_devices(),
         MachineOp::ConsoleInput(bytes) => {

@@ -7,8 +7,9 @@
 //! unmasked; edges on a masked pin are lost, as on the 82093AA. Level
 //! entries deliver while asserted, unmasked and Remote IRR clear, set
 //! Remote IRR, and deliver again after the EOI if still asserted. Fixed
-//! and lowest-priority entries go to the one CPU whatever their
-//! destination; other delivery modes (SMI, NMI, INIT, ExtINT) are counted
+//! and lowest-priority entries go to the CPUs their destination names
+//! (bits 63:56, physical or logical by bit 11; [`Destination`]), which
+//! the VMM resolves against its local APICs; other delivery modes (SMI, NMI, INIT, ExtINT) are counted
 //! in [`IoApic::unsupported_deliveries`] and dropped. Registers are 32-bit;
 //! accesses of 1, 2 or 4 bytes inside one register work (writes merge into
 //! it), anything else reads all ones and writes nothing. Undefined indirect
@@ -21,6 +22,23 @@ use crate::BusDevice;
 /// entry then keeps Remote IRR clear, as no EOI will come.
 pub trait InterruptTarget {
     fn deliver(&self, vector: u8, level_triggered: bool) -> bool;
+
+    /// As [`deliver`](Self::deliver), to the CPUs `destination` names;
+    /// a target with one CPU may ignore it.
+    fn deliver_to(&self, vector: u8, level_triggered: bool, destination: Destination) -> bool {
+        let _ = destination;
+        self.deliver(vector, level_triggered)
+    }
+}
+
+/// Whom a redirection entry (or an MSI) addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Destination {
+    /// An APIC ID (physical) or a logical destination (8 bits here).
+    pub id: u32,
+    pub logical: bool,
+    /// Lowest-priority delivery: one of the addressed CPUs.
+    pub lowest_priority: bool,
 }
 
 pub const NUM_PINS: usize = 24;
@@ -45,6 +63,8 @@ const DELIVERY_MODE_SHIFT: u32 = 8;
 const DELIVERY_MODE_MASK: u64 = 0b111;
 const DELIVERY_FIXED: u64 = 0;
 const DELIVERY_LOWEST_PRIORITY: u64 = 1;
+const DESTINATION_LOGICAL: u64 = 1 << 11;
+const DESTINATION_SHIFT: u32 = 56;
 const DELIVERY_STATUS: u64 = 1 << 12;
 const REMOTE_IRR: u64 = 1 << 14;
 const LEVEL_TRIGGERED: u64 = 1 << 15;
@@ -121,9 +141,15 @@ impl<T: InterruptTarget> IoApic<T> {
 
     fn deliver(&mut self, entry: u64) -> bool {
         match (entry >> DELIVERY_MODE_SHIFT) & DELIVERY_MODE_MASK {
-            DELIVERY_FIXED | DELIVERY_LOWEST_PRIORITY => self
-                .target
-                .deliver((entry & VECTOR_MASK) as u8, entry & LEVEL_TRIGGERED != 0),
+            mode @ (DELIVERY_FIXED | DELIVERY_LOWEST_PRIORITY) => self.target.deliver_to(
+                (entry & VECTOR_MASK) as u8,
+                entry & LEVEL_TRIGGERED != 0,
+                Destination {
+                    id: (entry >> DESTINATION_SHIFT) as u32,
+                    logical: entry & DESTINATION_LOGICAL != 0,
+                    lowest_priority: mode == DELIVERY_LOWEST_PRIORITY,
+                },
+            ),
             _ => {
                 self.unsupported = self.unsupported.wrapping_add(1);
                 false
@@ -256,7 +282,7 @@ mod tests {
         (IoApic::new(cpu.clone()), cpu)
     }
 
-    fn write32(io: &mut IoApic<Cpu>, offset: u64, value: u32) {
+    fn write32<T: InterruptTarget>(io: &mut IoApic<T>, offset: u64, value: u32) {
         io.write(offset, &value.to_le_bytes());
     }
 
@@ -376,6 +402,41 @@ mod tests {
         set_entry(&mut io, 3, 0x100 | 0x23); // lowest priority
         io.set_irq(3, true);
         assert_eq!(cpu.take(), [(0x23, false)]);
+    }
+
+    #[test]
+    fn entries_carry_their_destination() {
+        #[derive(Default)]
+        struct Addressed(RefCell<Vec<(u8, Destination)>>);
+        impl InterruptTarget for Addressed {
+            fn deliver(&self, _: u8, _: bool) -> bool {
+                unreachable!("the IOAPIC names the destination")
+            }
+            fn deliver_to(&self, vector: u8, _: bool, destination: Destination) -> bool {
+                self.0.borrow_mut().push((vector, destination));
+                true
+            }
+        }
+        let mut io = IoApic::new(Addressed::default());
+        set_entry(&mut io, 4, 0x31);
+        write32(&mut io, IOREGSEL, u32::from(REDIRECTION_BASE) + 9);
+        write32(&mut io, IOWIN, 3 << 24);
+        io.set_irq(4, true);
+        set_entry(&mut io, 5, 0x900 | 0x32); // logical, lowest priority
+        write32(&mut io, IOREGSEL, u32::from(REDIRECTION_BASE) + 11);
+        write32(&mut io, IOWIN, 0x0c << 24);
+        io.set_irq(5, true);
+        let physical = Destination {
+            id: 3,
+            logical: false,
+            lowest_priority: false,
+        };
+        let logical = Destination {
+            id: 0x0c,
+            logical: true,
+            lowest_priority: true,
+        };
+        assert_eq!(*io.target.0.borrow(), [(0x31, physical), (0x32, logical)]);
     }
 
     /// The VMM's wiring: entries go to the LAPIC, the LAPIC's level EOIs

@@ -1,5 +1,7 @@
-//! Local APIC of a single-vCPU VM: xAPIC (the MMIO page, a [`BusDevice`])
-//! and x2APIC (MSRs 0x800-0x8ff), IA32_APIC_BASE and IA32_TSC_DEADLINE.
+//! Local APIC of one vCPU: xAPIC (the MMIO page, a [`BusDevice`]) and
+//! x2APIC (MSRs 0x800-0x8ff), IA32_APIC_BASE and IA32_TSC_DEADLINE. A VM
+//! has one per vCPU; [`route`] finds which of them an IPI or an
+//! interrupt message reaches.
 //!
 //! The VMM routes MSRs [`APIC_BASE_MSR`], [`TSC_DEADLINE_MSR`] and
 //! [`X2APIC_MSRS`] to [`Lapic::read_msr`] / [`Lapic::write_msr`] (`None` /
@@ -21,13 +23,20 @@
 //!
 //! Six LVT entries exist (timer, thermal, performance counter, LINT0,
 //! LINT1, error; the version register says so); only the timer and error
-//! entries ever fire. IPIs: fixed and lowest-priority ones reaching this
-//! CPU (self shorthand, SELF IPI, own or broadcast destination) are
-//! delivered; anything else is counted in [`Lapic::unsupported_ipis`]
-//! and dropped. xAPIC MMIO: 1, 2 or 4-byte reads inside a register's first
-//! four bytes, 4-byte aligned writes; other accesses read all ones and
-//! write nothing, reserved registers read 0.
+//! entries ever fire. IPIs: a write of the ICR with the self shorthand
+//! (fixed only) and the x2APIC SELF IPI register deliver here at once;
+//! every other ICR write becomes an [`Ipi`] the VMM takes with
+//! [`Lapic::take_ipi`] and delivers to the LAPICs [`route`] names (fixed,
+//! lowest priority, NMI, INIT, STARTUP; physical and logical destinations
+//! in xAPIC flat and cluster and x2APIC cluster form, broadcast, the
+//! all-including-self and all-excluding-self shorthands). SMI, ExtINT
+//! and reserved delivery modes are counted in
+//! [`Lapic::unsupported_ipis`] and dropped. xAPIC MMIO: 1, 2 or 4-byte
+//! reads inside a register's first four bytes, 4-byte aligned writes;
+//! other accesses read all ones and write nothing, reserved registers
+//! read 0.
 
+use alloc::vec::Vec;
 use core::ops::RangeInclusive;
 
 use crate::{BusDevice, Clock};
@@ -113,11 +122,19 @@ const ICR_DELIVERY_MODE_SHIFT: u32 = 8;
 const ICR_DELIVERY_MODE: u32 = 0b111;
 const DELIVERY_FIXED: u32 = 0;
 const DELIVERY_LOWEST_PRIORITY: u32 = 1;
+const DELIVERY_NMI: u32 = 4;
+const DELIVERY_INIT: u32 = 5;
+const DELIVERY_STARTUP: u32 = 6;
 const ICR_LOGICAL: u32 = 1 << 11;
+const ICR_LEVEL_ASSERT: u32 = 1 << 14;
+const ICR_TRIGGER_LEVEL: u32 = 1 << 15;
 const ICR_SHORTHAND_SHIFT: u32 = 18;
 const SHORTHAND_NONE: u32 = 0;
 const SHORTHAND_SELF: u32 = 1;
 const SHORTHAND_ALL_INCLUDING_SELF: u32 = 2;
+/// IPIs one vCPU may have queued before the VMM takes them (one ICR
+/// write per exit, so one in practice).
+const MAX_OUTGOING: usize = 8;
 const XAPIC_BROADCAST: u32 = 0xff;
 const X2APIC_BROADCAST: u32 = u32::MAX;
 
@@ -236,6 +253,69 @@ pub struct LapicConfig {
     pub tsc_hz: u64,
 }
 
+/// How an IPI or interrupt message is delivered (ICR bits 10:8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    Fixed,
+    LowestPriority,
+    Nmi,
+    /// INIT (level assert): the target goes to wait-for-SIPI.
+    Init,
+    /// STARTUP with its vector: a target waiting for SIPI starts at
+    /// `vector << 12` in real mode.
+    Startup,
+}
+
+/// ICR bits 19:18.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shorthand {
+    None,
+    Self_,
+    AllIncludingSelf,
+    AllExcludingSelf,
+}
+
+/// An IPI as the sender's ICR described it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipi {
+    pub vector: u8,
+    pub mode: Delivery,
+    pub shorthand: Shorthand,
+    /// xAPIC: ICR bits 63:56; x2APIC: bits 63:32.
+    pub destination: u32,
+    pub logical: bool,
+}
+
+/// The vCPUs (indices into `lapics`, bit i for vCPU i; at most 64) an IPI
+/// from vCPU `sender` reaches: the shorthand's, else those whose APIC
+/// accepts the destination. Lowest-priority delivery picks one of them,
+/// the one with the lowest processor priority (the first on a tie; SDM
+/// Vol. 3A 11.6.2.4 lets the choice be model-specific). Also for
+/// interrupt messages from the I/O APIC and MSIs (`sender` past the end,
+/// shorthand `None`).
+pub fn route<C: Clock>(ipi: &Ipi, sender: usize, lapics: &[&Lapic<C>]) -> u64 {
+    let mut targets = 0u64;
+    for (i, lapic) in lapics.iter().enumerate().take(64) {
+        let hit = match ipi.shorthand {
+            Shorthand::None => lapic.accepts_destination(ipi.destination, ipi.logical),
+            Shorthand::Self_ => i == sender,
+            Shorthand::AllIncludingSelf => true,
+            Shorthand::AllExcludingSelf => i != sender,
+        };
+        if hit {
+            targets |= 1 << i;
+        }
+    }
+    if ipi.mode == Delivery::LowestPriority && targets != 0 {
+        let chosen = (0..lapics.len().min(64))
+            .filter(|i| targets & (1 << i) != 0)
+            .min_by_key(|&i| lapics[i].processor_priority() >> 4)
+            .unwrap_or(0);
+        targets = 1 << chosen;
+    }
+    targets
+}
+
 pub struct Lapic<C: Clock> {
     clock: C,
     config: LapicConfig,
@@ -256,6 +336,8 @@ pub struct Lapic<C: Clock> {
     tsc_anchor: u64,
     tsc_anchor_ns: u64,
     unsupported_ipis: u64,
+    /// IPIs sent through the ICR, for the VMM to deliver ([`route`]).
+    outgoing: Vec<Ipi>,
 }
 
 impl<C: Clock> Lapic<C> {
@@ -286,9 +368,19 @@ impl<C: Clock> Lapic<C> {
             tsc_anchor: 0,
             tsc_anchor_ns: 0,
             unsupported_ipis: 0,
+            outgoing: Vec::new(),
         };
         lapic.reset_registers();
         lapic
+    }
+
+    /// An INIT: the registers go to their power-up state; the ID and
+    /// IA32_APIC_BASE (so the xAPIC or x2APIC mode) stay (SDM Vol. 3A
+    /// 10.4.7.3).
+    pub fn init(&mut self) {
+        self.reset_registers();
+        self.outgoing.clear();
+        self.level_eois = VectorSet::default();
     }
 
     /// Power-up state of everything but the ID and IA32_APIC_BASE.
@@ -541,7 +633,11 @@ impl<C: Clock> Lapic<C> {
         }
     }
 
-    fn destined_here(&self, destination: u32, logical: bool) -> bool {
+    /// Whether a message to `destination` (physical: an APIC ID; logical:
+    /// matched against the LDR in this APIC's destination model) reaches
+    /// this APIC, in the mode this APIC is in (xAPIC 8-bit IDs, x2APIC
+    /// 32-bit). Broadcast (0xff, 0xffff_ffff) reaches every APIC.
+    pub fn accepts_destination(&self, destination: u32, logical: bool) -> bool {
         let id = self.config.apic_id;
         match (self.is_x2apic(), logical) {
             (true, false) => destination == X2APIC_BROADCAST || destination == id,
@@ -584,18 +680,71 @@ impl<C: Clock> Lapic<C> {
         } else {
             (self.icr >> 56) as u32
         };
-        let shorthand = (low >> ICR_SHORTHAND_SHIFT) & 0b11;
-        let here = match shorthand {
-            SHORTHAND_NONE => self.destined_here(destination, low & ICR_LOGICAL != 0),
-            SHORTHAND_SELF | SHORTHAND_ALL_INCLUDING_SELF => true,
-            _ => false,
+        let vector = (low & VECTOR) as u8;
+        let shorthand = match (low >> ICR_SHORTHAND_SHIFT) & 0b11 {
+            SHORTHAND_NONE => Shorthand::None,
+            SHORTHAND_SELF => Shorthand::Self_,
+            SHORTHAND_ALL_INCLUDING_SELF => Shorthand::AllIncludingSelf,
+            // SHORTHAND_ALL_EXCLUDING_SELF, the last of two bits' values.
+            _ => Shorthand::AllExcludingSelf,
         };
-        let mode = (low >> ICR_DELIVERY_MODE_SHIFT) & ICR_DELIVERY_MODE;
-        if here && matches!(mode, DELIVERY_FIXED | DELIVERY_LOWEST_PRIORITY) {
-            self.send_to_self((low & VECTOR) as u8);
-        } else {
-            self.unsupported_ipis = self.unsupported_ipis.wrapping_add(1);
+        let mode = match (low >> ICR_DELIVERY_MODE_SHIFT) & ICR_DELIVERY_MODE {
+            DELIVERY_FIXED => Delivery::Fixed,
+            DELIVERY_LOWEST_PRIORITY => Delivery::LowestPriority,
+            DELIVERY_NMI => Delivery::Nmi,
+            // INIT level de-assert (level 0, level-triggered): only
+            // synchronises arbitration IDs on old CPUs; nothing to do.
+            DELIVERY_INIT if low & (ICR_LEVEL_ASSERT | ICR_TRIGGER_LEVEL) == ICR_TRIGGER_LEVEL => {
+                return
+            }
+            DELIVERY_INIT => Delivery::Init,
+            DELIVERY_STARTUP => Delivery::Startup,
+            _ => {
+                self.unsupported_ipis = self.unsupported_ipis.wrapping_add(1);
+                return;
+            }
+        };
+        if matches!(mode, Delivery::Fixed | Delivery::LowestPriority) && vector < FIRST_VALID_VECTOR
+        {
+            self.signal_error(ESR_SEND_ILLEGAL_VECTOR);
+            return;
         }
+        if shorthand == Shorthand::Self_ {
+            // The self shorthand is defined for fixed IPIs only.
+            match mode {
+                Delivery::Fixed => self.send_to_self(vector),
+                _ => self.unsupported_ipis = self.unsupported_ipis.wrapping_add(1),
+            }
+            return;
+        }
+        if self.outgoing.len() >= MAX_OUTGOING {
+            self.unsupported_ipis = self.unsupported_ipis.wrapping_add(1);
+            return;
+        }
+        self.outgoing.push(Ipi {
+            vector,
+            mode,
+            shorthand,
+            destination,
+            logical: low & ICR_LOGICAL != 0,
+        });
+    }
+
+    /// An IPI the guest sent through the ICR, oldest first, for the VMM
+    /// to deliver to the APICs [`route`] names.
+    pub fn take_ipi(&mut self) -> Option<Ipi> {
+        (!self.outgoing.is_empty()).then(|| self.outgoing.remove(0))
+    }
+
+    /// This APIC's ID (x2APIC form; xAPIC shows the low 8 bits).
+    pub fn apic_id(&self) -> u32 {
+        self.config.apic_id
+    }
+
+    /// The processor priority (PPR), which lowest-priority delivery
+    /// compares.
+    pub fn processor_priority(&self) -> u8 {
+        self.ppr()
     }
 
     /// Register `reg`'s value; `None` for a register that does not exist or
@@ -991,15 +1140,21 @@ mod tests {
         write32(&mut lapic, reg::ICR, 1 << ICR_SHORTHAND_SHIFT | 0x40);
         assert_eq!(take(&mut lapic), Some(0x40));
         lapic.eoi();
-        // Physical destination = own ID.
+        // A destination, even its own ID, is the VMM's to route.
         write32(&mut lapic, reg::ICR_HIGH, ID << 24);
         write32(&mut lapic, reg::ICR, 0x41);
-        assert_eq!(take(&mut lapic), Some(0x41));
-        lapic.eoi();
-        // Another CPU, or INIT: unsupported.
-        write32(&mut lapic, reg::ICR_HIGH, 7 << 24);
-        write32(&mut lapic, reg::ICR, 0x42);
-        write32(&mut lapic, reg::ICR, 0x500);
+        assert_eq!(take(&mut lapic), None);
+        let ipi = lapic.take_ipi().unwrap();
+        assert_eq!(ipi.destination, ID);
+        assert_eq!(route(&ipi, 0, &[&lapic]), 1);
+        assert_eq!(lapic.take_ipi(), None);
+        // SMI and an INIT de-assert: nothing queued; SMI is unsupported.
+        write32(&mut lapic, reg::ICR, 0x200);
+        write32(&mut lapic, reg::ICR, 0x8500);
+        assert_eq!(lapic.unsupported_ipis(), 1);
+        assert_eq!(lapic.take_ipi(), None);
+        // NMI with the self shorthand: only fixed is defined there.
+        write32(&mut lapic, reg::ICR, 1 << ICR_SHORTHAND_SHIFT | 0x400);
         assert_eq!(lapic.unsupported_ipis(), 2);
         assert_eq!(take(&mut lapic), None);
         // Illegal vector: error, through the error LVT.
@@ -1077,9 +1232,12 @@ mod tests {
         // 64-bit ICR with a 32-bit destination.
         assert!(lapic.write_msr(0x830, u64::from(ID) << 32 | 0x45));
         assert_eq!(lapic.read_msr(0x830), Some(u64::from(ID) << 32 | 0x45));
-        assert_eq!(take(&mut lapic), Some(0x45));
+        let ipi = lapic.take_ipi().unwrap();
+        assert_eq!((ipi.destination, ipi.vector), (ID, 0x45));
+        assert_eq!(route(&ipi, 0, &[&lapic]), 1);
         assert!(lapic.write_msr(0x830, 0x1234_5678 << 32 | 0x46));
-        assert_eq!(lapic.unsupported_ipis(), 1);
+        let ipi = lapic.take_ipi().unwrap();
+        assert_eq!(route(&ipi, 0, &[&lapic]), 0, "nobody has that ID");
         // Timer through MSRs.
         assert!(lapic.write_msr(0x83e, u64::from(DIVIDE_BY_1)));
         assert!(lapic.write_msr(0x832, 0xe0));
@@ -1179,5 +1337,102 @@ mod tests {
                 assert!(lapic.timer_deadline_ns().is_none_or(|d| d > clock.0.get()));
             }
         }
+    }
+
+    /// Four APICs with IDs 0-3, software-enabled, in xAPIC mode.
+    fn four() -> Vec<Lapic<FakeClock>> {
+        (0..4)
+            .map(|id| {
+                let config = LapicConfig {
+                    apic_id: id,
+                    bsp: id == 0,
+                    timer_hz: TIMER_HZ,
+                    tsc_hz: TSC_HZ,
+                };
+                let mut lapic = Lapic::new(FakeClock::default(), config);
+                write32(&mut lapic, reg::SVR, SVR_ENABLE | 0xff);
+                lapic
+            })
+            .collect()
+    }
+
+    /// Writes the ICR of `lapics[from]` (xAPIC: high half first) and
+    /// routes what it sent.
+    fn send(lapics: &mut [Lapic<FakeClock>], from: usize, high: u32, low: u32) -> u64 {
+        write32(&mut lapics[from], reg::ICR_HIGH, high);
+        write32(&mut lapics[from], reg::ICR, low);
+        let ipi = lapics[from].take_ipi().expect("an IPI to route");
+        let all: Vec<&Lapic<FakeClock>> = lapics.iter().collect();
+        route(&ipi, from, &all)
+    }
+
+    #[test]
+    fn ipis_by_shorthand_and_physical_destination() {
+        let mut l = four();
+        const FIXED: u32 = 0x40;
+        assert_eq!(send(&mut l, 1, 2 << 24, FIXED), 0b0100, "physical 2");
+        assert_eq!(send(&mut l, 1, 0xff << 24, FIXED), 0b1111, "broadcast");
+        assert_eq!(send(&mut l, 1, 9 << 24, FIXED), 0, "no such APIC");
+        let all = 2 << ICR_SHORTHAND_SHIFT;
+        let others = 3 << ICR_SHORTHAND_SHIFT;
+        assert_eq!(send(&mut l, 1, 0, all | FIXED), 0b1111);
+        assert_eq!(send(&mut l, 1, 0, others | FIXED), 0b1101);
+        // INIT, STARTUP and NMI keep their mode and vector.
+        write32(&mut l[0], reg::ICR_HIGH, 3 << 24);
+        write32(&mut l[0], reg::ICR, 0x4500);
+        write32(&mut l[0], reg::ICR, 0x069a);
+        write32(&mut l[0], reg::ICR, others | 0x400);
+        let init = l[0].take_ipi().unwrap();
+        let sipi = l[0].take_ipi().unwrap();
+        let nmi = l[0].take_ipi().unwrap();
+        assert_eq!((init.mode, init.destination), (Delivery::Init, 3));
+        assert_eq!((sipi.mode, sipi.vector), (Delivery::Startup, 0x9a));
+        assert_eq!(
+            (nmi.mode, nmi.shorthand),
+            (Delivery::Nmi, Shorthand::AllExcludingSelf)
+        );
+        // A fixed IPI with an illegal vector is an error, not sent.
+        write32(&mut l[0], reg::ICR, 0x0005);
+        assert_eq!(l[0].take_ipi(), None);
+    }
+
+    #[test]
+    fn ipis_to_logical_destinations() {
+        let mut l = four();
+        // xAPIC flat: one bit per APIC (as Linux's flat mode sets it).
+        for (id, lapic) in l.iter_mut().enumerate() {
+            write32(lapic, reg::DFR, u32::MAX);
+            write32(lapic, reg::LDR, 1 << (24 + id));
+        }
+        let logical = ICR_LOGICAL | 0x40;
+        assert_eq!(send(&mut l, 0, 0b1010 << 24, logical), 0b1010);
+        assert_eq!(send(&mut l, 0, 0xff << 24, logical), 0b1111);
+        // xAPIC cluster: cluster in bits 7:4, members in 3:0.
+        for (id, lapic) in l.iter_mut().enumerate() {
+            write32(lapic, reg::DFR, 0x0fff_ffff);
+            let (cluster, member) = (id as u32 / 2, id as u32 % 2);
+            write32(lapic, reg::LDR, (cluster << 4 | 1 << member) << 24);
+        }
+        assert_eq!(send(&mut l, 0, 0x13 << 24, logical), 0b1100, "cluster 1");
+        assert_eq!(send(&mut l, 0, 0x01 << 24, logical), 0b0001, "cluster 0");
+        // Lowest priority: one of the matching APICs, the least busy.
+        write32(&mut l[2], reg::TPR, 0x80);
+        let lowest = ICR_LOGICAL | 0x100 | 0x40;
+        assert_eq!(send(&mut l, 0, 0x13 << 24, lowest), 0b1000);
+        // x2APIC cluster: cluster ID in 31:16, 16 members in 15:0; the
+        // LDR is derived from the ID (cluster id >> 4, bit id & 15).
+        for lapic in l.iter_mut() {
+            to_x2apic(lapic);
+        }
+        let icr = |lapic: &mut Lapic<FakeClock>, dest: u64, low: u64| {
+            assert!(lapic.write_msr(0x830, dest << 32 | low));
+        };
+        icr(&mut l[3], 0b0110, u64::from(logical));
+        icr(&mut l[3], 2, 0x40);
+        icr(&mut l[3], 0xffff_ffff, 0x40);
+        let ipis: Vec<Ipi> = (0..3).map(|_| l[3].take_ipi().unwrap()).collect();
+        let all: Vec<&Lapic<FakeClock>> = l.iter().collect();
+        let targets: Vec<u64> = ipis.iter().map(|ipi| route(ipi, 3, &all)).collect();
+        assert_eq!(targets, [0b0110, 0b0100, 0b1111]);
     }
 }

@@ -59,4 +59,23 @@ pub struct BadGuestAddress(pub u64);
 pub trait GuestMemory {
     fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), BadGuestAddress>;
     fn write(&self, gpa: u64, data: &[u8]) -> Result<(), BadGuestAddress>;
+
+    /// Replaces the dword at `gpa` (4-byte aligned) by `new` if it holds
+    /// `current`; `Ok(false)` if it did not. Memory a running vCPU can
+    /// write at the same time must do this atomically; the default, a
+    /// read and a write, is for memory nothing else writes meanwhile.
+    fn compare_exchange_u32(
+        &self,
+        gpa: u64,
+        current: u32,
+        new: u32,
+    ) -> Result<bool, BadGuestAddress> {
+        let mut bytes = [0u8; 4];
+        self.read(gpa, &mut bytes)?;
+        if u32::from_le_bytes(bytes) != current {
+            return Ok(false);
+        }
+        self.write(gpa, &new.to_le_bytes())?;
+        Ok(true)
+    }
 }

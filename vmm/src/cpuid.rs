@@ -1,5 +1,8 @@
 //! The CPUID a guest sees: the host's, cut down to what this VMM and the
-//! kernel provide, with one CPU and KVM's paravirtual leaves.
+//! kernel provide, with KVM's paravirtual leaves. Topology as KVM with
+//! QEMU's `-smp N` shows it: one package of N cores, one thread each,
+//! APIC ID = x2APIC ID = the vCPU's number (leaves 1, 4, 0xb/0x1f and
+//! AMD's 0x8000_0008).
 //!
 //! Features whose MSRs or instructions nobody emulates are hidden (VMX/SVM,
 //! MONITOR, performance counters, speculation-control MSRs, PKU, LA57,
@@ -128,6 +131,21 @@ pub struct GuestView {
     pub osxsave: bool,
     /// XCR0: leaf 0xd's sizes are those of the enabled components.
     pub xcr0: u64,
+    /// The asking vCPU's APIC ID (its number).
+    pub apic_id: u32,
+    /// The guest's vCPUs (0 counts as 1).
+    pub vcpus: u32,
+}
+
+impl GuestView {
+    fn cores(&self) -> u32 {
+        self.vcpus.max(1)
+    }
+
+    /// APIC ID bits the cores take: ceil(log2(cores)).
+    fn core_bits(&self) -> u32 {
+        u32::BITS - (self.cores() - 1).leading_zeros()
+    }
 }
 
 /// The XSAVE header and the legacy (x87/SSE) area.
@@ -196,11 +214,30 @@ pub fn guest_cpuid(
                 ecx |= c::OSXSAVE;
             }
             let hidden_edx = d::PSN | d::DS | d::ACPI | d::HTT | d::TM | d::PBE;
-            let ebx = (ebx & !leaf1::EBX_TOPOLOGY) | leaf1::EBX_ONE_LOGICAL;
-            [eax, ebx, ecx, (edx & !hidden_edx) | d::APIC | d::EMULATED]
+            // Addressable IDs in the package, and HTT when there are more
+            // than one (as KVM/QEMU set them).
+            let logical = 1u32 << guest.core_bits();
+            let ebx = (ebx & !leaf1::EBX_TOPOLOGY)
+                | ((guest.apic_id & 0xff) << 24)
+                | ((logical & 0xff) * leaf1::EBX_ONE_LOGICAL);
+            let htt = if guest.cores() > 1 { d::HTT } else { 0 };
+            [
+                eax,
+                ebx,
+                ecx,
+                (edx & !hidden_edx) | d::APIC | d::EMULATED | htt,
+            ]
         }
-        // Cache parameters: one core, one thread per cache.
-        4 => [eax & 0x3fff, ebx, ecx, edx],
+        // Cache parameters: one thread per cache, the package's cores
+        // in 31:26.
+        4 => {
+            let cores = if eax & 0x1f == 0 {
+                0
+            } else {
+                ((1 << guest.core_bits()) - 1) << 26
+            };
+            [(eax & 0x3fff) | cores, ebx, ecx, edx]
+        }
         // Thermal and power: only that the (emulated) APIC timer never stops.
         6 => [ARAT, 0, 0, 0],
         // MONITOR/MWAIT, performance monitoring, resource-director
@@ -220,11 +257,17 @@ pub fn guest_cpuid(
             [eax, ebx, ecx, edx]
         }
         7 => [0; 4],
-        // Extended topology: one thread, one core, x2APIC ID 0.
+        // Extended topology: the SMT level (one thread), the core level
+        // (the package's cores); EDX the x2APIC ID at every level.
         0xb | 0x1f => match subleaf {
-            0 => [0, 1, 1 << 8, 0],
-            1 => [0, 1, (2 << 8) | 1, 0],
-            _ => [0, 0, subleaf, 0],
+            0 => [0, 1, 1 << 8, guest.apic_id],
+            1 => [
+                guest.core_bits(),
+                guest.cores(),
+                (2 << 8) | 1,
+                guest.apic_id,
+            ],
+            _ => [0, 0, subleaf & 0xff, guest.apic_id],
         },
         0x8000_0001 => {
             use ext1::ecx as c;
@@ -244,8 +287,12 @@ pub fn guest_cpuid(
         // Power management, including the invariant-TSC bit: with it Linux
         // prefers the raw TSC to kvm-clock, whose offsets the VMM controls.
         0x8000_0007 => [0; 4],
-        // Address sizes stay; one core; no speculation-control MSRs.
-        0x8000_0008 => [eax, ebx & !EXT8_EBX_SPECULATION, 0, 0],
+        // Address sizes stay; the cores (ECX 7:0 NC = cores - 1, 15:12
+        // the APIC ID bits they take); no speculation-control MSRs.
+        0x8000_0008 => {
+            let ecx = (guest.cores() - 1) | guest.core_bits() << 12;
+            [eax, ebx & !EXT8_EBX_SPECULATION, ecx, 0]
+        }
         // SVM, AMD's extended topology and memory encryption.
         0x8000_000a | 0x8000_001e | 0x8000_001f => [0; 4],
         _ => [eax, ebx, ecx, edx],
@@ -307,6 +354,7 @@ mod tests {
             let view = GuestView {
                 osxsave: true,
                 xcr0,
+                ..GuestView::default()
             };
             guest_cpuid(&xsave_host, 0xd, subleaf, view)[1]
         };
@@ -361,6 +409,7 @@ mod tests {
         let view = GuestView {
             osxsave: true,
             xcr0: 1,
+            ..GuestView::default()
         };
         let with_osxsave = guest_cpuid(&host, 1, 0, view)[2];
         assert_ne!(with_osxsave & c::OSXSAVE, 0);
@@ -381,6 +430,24 @@ mod tests {
         assert_eq!(cpuid(0xb, 1), [0, 1, 0x201, 0]);
         assert_eq!(cpuid(0xb, 2), [0, 0, 2, 0]);
         assert_eq!(cpuid(4, 0)[0] >> 14, 0, "no sharing, one core");
+    }
+
+    #[test]
+    fn each_vcpu_sees_its_apic_id_and_the_cores() {
+        let view = |apic_id| GuestView {
+            apic_id,
+            vcpus: 3,
+            ..GuestView::default()
+        };
+        let ask = |apic_id, leaf, subleaf| guest_cpuid(&host, leaf, subleaf, view(apic_id));
+        let [_, ebx, _, edx] = ask(2, 1, 0);
+        assert_eq!((ebx >> 24, (ebx >> 16) & 0xff), (2, 4), "APIC ID 2, 4 IDs");
+        assert_ne!(edx & leaf1::edx::HTT, 0);
+        assert_eq!(ask(1, 0xb, 0), [0, 1, 0x100, 1]);
+        assert_eq!(ask(1, 0xb, 1), [2, 3, 0x201, 1]);
+        assert_eq!(ask(2, 0x1f, 5), [0, 0, 5, 2]);
+        assert_eq!(ask(0, 4, 0)[0] >> 26, 3, "cores per package - 1");
+        assert_eq!(ask(0, 0x8000_0008, 0)[2], 2 | 2 << 12);
         // Beyond the host's maximum leaves.
         assert_eq!(cpuid(0x20, 0), [0; 4]);
         assert_eq!(cpuid(0x8000_0022, 0), [0; 4]);

@@ -9,13 +9,13 @@ use alloc::format;
 use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::cell::RefCell;
+use core::cell::{Cell, Ref, RefCell};
 
 use moat_abi::vcpu::{exit_flags, exit_reason, group, VcpuState};
 use vdev::acpi_pm::{self, AcpiPm, PowerRequest};
 use vdev::debug_exit::{self, DebugExit};
-use vdev::ioapic::{self, InterruptTarget, IoApic};
-use vdev::lapic::{self, Lapic, LapicConfig};
+use vdev::ioapic::{self, Destination, InterruptTarget, IoApic};
+use vdev::lapic::{self, Delivery, Ipi, Lapic, LapicConfig, Shorthand};
 use vdev::pci::{PciConfigIo, PciEcam, PciMmio, PciRoot};
 use vdev::pic::{Pic, PicChip, PicPorts};
 use vdev::pit::{Pit, SystemControlPort};
@@ -136,12 +136,21 @@ const MSI_WINDOW: u64 = 0xfee0_0000;
 const MSI_WINDOW_MASK: u64 = 0xfff0_0000;
 const MSI_DELIVERY_SHIFT: u32 = 8;
 const MSI_LEVEL: u32 = 1 << 15;
+/// Address bits 19:12: the destination APIC ID; bit 2: logical.
+const MSI_DESTINATION_SHIFT: u32 = 12;
+const MSI_LOGICAL: u64 = 1 << 2;
 
 impl MsiSink for MsiToLapic {
     fn send(&self, address: u64, data: u32) {
         let delivery = (data >> MSI_DELIVERY_SHIFT) & 0b111;
         if address & MSI_WINDOW_MASK == MSI_WINDOW && delivery <= 1 {
-            self.0.deliver(data as u8, data & MSI_LEVEL != 0);
+            let destination = Destination {
+                id: ((address >> MSI_DESTINATION_SHIFT) & 0xff) as u32,
+                logical: address & MSI_LOGICAL != 0,
+                lowest_priority: delivery == 1,
+            };
+            self.0
+                .deliver_to(data as u8, data & MSI_LEVEL != 0, destination);
         }
     }
 }
@@ -183,19 +192,100 @@ impl SerialOut for ConsoleOutput {
 
 type GuestLapic = Lapic<GuestClock>;
 
-/// Interrupts from the IOAPIC and MSIs go to the local APIC. No path
-/// reaches here while the LAPIC itself is borrowed (its EOIs are forwarded
-/// after its borrow ends), so a failed borrow is a bug that loses one
-/// interrupt rather than a panic.
+/// The vCPUs' local APICs, one per vCPU (APIC ID = vCPU index), and the
+/// vCPUs that were given something since the binary last looked
+/// ([`Machine::take_kicks`]): a halted one must wake, a running one be
+/// poked so that it sees it.
 #[derive(Clone)]
-pub struct LapicTarget(Shared<GuestLapic>);
+pub struct Apics {
+    lapics: Rc<Vec<Shared<GuestLapic>>>,
+    kicks: Rc<Cell<u64>>,
+}
+
+impl Apics {
+    fn kick(&self, vcpu: usize) {
+        if vcpu < 64 {
+            self.kicks.set(self.kicks.get() | 1 << vcpu);
+        }
+    }
+
+    /// The vCPUs `ipi` from vCPU `sender` reaches (bit i: vCPU i). `None`
+    /// if a LAPIC is borrowed, which no path here allows.
+    fn route(&self, ipi: &Ipi, sender: usize) -> Option<u64> {
+        let borrowed: Vec<Ref<GuestLapic>> = self
+            .lapics
+            .iter()
+            .map(|l| l.try_borrow().ok())
+            .collect::<Option<_>>()?;
+        let lapics: Vec<&GuestLapic> = borrowed.iter().map(|l| &**l).collect();
+        Some(lapic::route(ipi, sender, &lapics))
+    }
+
+    /// Hands a fixed or lowest-priority interrupt to vCPU `vcpu`'s LAPIC.
+    fn accept(&self, vcpu: usize, vector: u8, level_triggered: bool) -> bool {
+        let accepted = self
+            .lapics
+            .get(vcpu)
+            .and_then(|l| l.try_borrow_mut().ok())
+            .is_some_and(|mut lapic| lapic.accept(vector, level_triggered));
+        if accepted {
+            self.kick(vcpu);
+        }
+        accepted
+    }
+}
+
+/// Interrupts from the IOAPIC and MSIs go to the local APICs their
+/// destination names. No path reaches here while a LAPIC is borrowed
+/// (its EOIs are forwarded after its borrow ends), so a failed borrow is
+/// a bug that loses one interrupt rather than a panic.
+#[derive(Clone)]
+pub struct LapicTarget(Apics);
 
 impl InterruptTarget for LapicTarget {
+    /// To the first vCPU (a source that names no destination).
     fn deliver(&self, vector: u8, level_triggered: bool) -> bool {
-        self.0
-            .try_borrow_mut()
-            .map(|mut lapic| lapic.accept(vector, level_triggered))
-            .unwrap_or(false)
+        self.0.accept(0, vector, level_triggered)
+    }
+
+    fn deliver_to(&self, vector: u8, level_triggered: bool, destination: Destination) -> bool {
+        // One vCPU: every message reaches it, whatever its destination
+        // (as before there were several: a guest that rewrites an entry's
+        // destination, as the hostile guest does, keeps its interrupts).
+        if self.0.lapics.len() == 1 {
+            return self.0.accept(0, vector, level_triggered);
+        }
+        let x2apic = self
+            .0
+            .lapics
+            .first()
+            .and_then(|l| l.try_borrow().ok())
+            .is_some_and(|l| l.is_x2apic());
+        // An 8-bit physical broadcast reaches x2APICs too.
+        let id = if x2apic && !destination.logical && destination.id == 0xff {
+            u32::MAX
+        } else {
+            destination.id
+        };
+        let ipi = Ipi {
+            vector,
+            mode: if destination.lowest_priority {
+                Delivery::LowestPriority
+            } else {
+                Delivery::Fixed
+            },
+            shorthand: Shorthand::None,
+            destination: id,
+            logical: destination.logical,
+        };
+        let Some(targets) = self.0.route(&ipi, usize::MAX) else {
+            return false;
+        };
+        let mut accepted = false;
+        for vcpu in (0..self.0.lapics.len()).filter(|i| targets & (1 << i) != 0) {
+            accepted |= self.0.accept(vcpu, vector, level_triggered);
+        }
+        accepted
     }
 }
 
@@ -284,6 +374,8 @@ pub enum Failure {
         raw: u64,
         qualification: u64,
     },
+    /// An exit handed to the machine for a vCPU it does not have.
+    NoSuchVcpu(usize),
     /// Instruction or page table outside RAM during emulation.
     NotRam(u64),
     /// An exception exit (exceptions are the guest's own).
@@ -317,6 +409,8 @@ pub struct ExitStats {
     pub last_msr_fault: Option<(u32, bool)>,
     /// The last exit: its reason and the guest's RIP.
     pub last_exit: Option<(u32, u64)>,
+    /// INIT IPIs to vCPU 0, the bootstrap processor, which are ignored.
+    pub ignored_inits: u64,
 }
 
 impl ExitStats {
@@ -349,9 +443,67 @@ pub fn exit_name(reason: u32) -> &'static str {
 /// What the machine is made from.
 pub struct Config {
     pub ram_size: u64,
+    /// vCPUs, 1 to [`MAX_VCPUS`]; vCPU i has APIC ID i, vCPU 0 is the
+    /// bootstrap processor, the others wait for INIT and STARTUP.
+    pub vcpus: usize,
     pub tsc_hz: u64,
     /// Unix time at guest time 0 (the RTC and kvm-clock's wall clock).
     pub boot_unix_secs: u64,
+}
+
+/// The most vCPUs a machine has (a bit each in [`Machine::take_kicks`]).
+pub const MAX_VCPUS: usize = 64;
+
+/// Where a vCPU is in the start-up protocol (SDM Vol. 3A 9.4, 10.6.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    /// After power-up (application processors) or an INIT: runs only
+    /// after a STARTUP IPI.
+    WaitForSipi,
+}
+
+/// What the machine keeps per vCPU besides its LAPIC.
+#[derive(Clone, Debug)]
+struct VcpuSlot {
+    run: RunState,
+    /// A STARTUP's vector, received while waiting for it.
+    sipi: Option<u8>,
+    /// An NMI to inject.
+    nmi: bool,
+    /// HLT: the vCPU waits until an interrupt is deliverable to it.
+    halted: bool,
+    /// HLT with interrupts disabled: only an NMI or INIT ends it.
+    halted_if_off: bool,
+    /// The guest's CR8 as of the last exit.
+    cr8_seen: u64,
+    msrs: MsrState,
+    mismatch: (u64, u32),
+}
+
+impl VcpuSlot {
+    fn new(run: RunState) -> Self {
+        Self {
+            run,
+            sipi: None,
+            nmi: false,
+            halted: false,
+            halted_if_off: false,
+            cr8_seen: 0,
+            msrs: MsrState::default(),
+            mismatch: (0, 0),
+        }
+    }
+}
+
+/// What a vCPU's thread does next ([`Machine::prepare_entry`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entry {
+    /// Enter the guest.
+    Run,
+    /// Sleep until kicked ([`Machine::take_kicks`]): halted, or waiting
+    /// for a STARTUP IPI.
+    Wait,
 }
 
 /// Emulation gives up after this many page-table races at one RIP and
@@ -372,7 +524,8 @@ pub struct Machine {
     ram_size: u64,
     pio: Bus,
     mmio: Bus,
-    lapic: Shared<GuestLapic>,
+    apics: Apics,
+    vcpus: Vec<VcpuSlot>,
     ioapic: Shared<GuestIoApic>,
     uart: Shared<Uart<IoApicPin, ConsoleOutput>>,
     pm: Shared<AcpiPm>,
@@ -381,17 +534,13 @@ pub struct Machine {
     rtc: Shared<Rtc<GuestClock, IoApicPin>>,
     console: ConsoleOutput,
     clock: GuestClock,
-    msrs: MsrState,
     boot_unix_secs: u64,
     host_cpuid: Box<dyn Fn(u32, u32) -> [u32; 4]>,
     /// Console input the UART's FIFO had no room for yet.
     pending_input: Vec<u8>,
-    mismatch: (u64, u32),
     virtio: Option<Virtio>,
     debug_exit: Option<Shared<DebugExit>>,
     refusals: Vec<(u64, Refused)>,
-    /// The guest's CR8 as of the last exit.
-    cr8_seen: u64,
     pub stats: ExitStats,
 }
 
@@ -409,18 +558,39 @@ impl Machine {
         host_cpuid: Box<dyn Fn(u32, u32) -> [u32; 4]>,
     ) -> Option<Self> {
         let scale = Scale::for_frequency(config.tsc_hz)?;
+        if !(1..=MAX_VCPUS).contains(&config.vcpus) {
+            return None;
+        }
         let clock = GuestClock::new(time, scale);
-        let lapic = shared(Lapic::new(
-            clock.clone(),
-            LapicConfig {
-                apic_id: 0,
-                bsp: true,
-                timer_hz: config.tsc_hz,
-                tsc_hz: config.tsc_hz,
-            },
-        ));
-        lapic.borrow_mut().set_guest_tsc(clock.tsc());
-        let ioapic = shared(IoApic::new(LapicTarget(lapic.clone())));
+        let lapics: Vec<_> = (0..config.vcpus)
+            .map(|id| {
+                let lapic = shared(Lapic::new(
+                    clock.clone(),
+                    LapicConfig {
+                        apic_id: id as u32,
+                        bsp: id == 0,
+                        timer_hz: config.tsc_hz,
+                        tsc_hz: config.tsc_hz,
+                    },
+                ));
+                lapic.borrow_mut().set_guest_tsc(clock.tsc());
+                lapic
+            })
+            .collect();
+        let apics = Apics {
+            lapics: Rc::new(lapics),
+            kicks: Rc::new(Cell::new(0)),
+        };
+        let vcpus = (0..config.vcpus)
+            .map(|i| {
+                VcpuSlot::new(if i == 0 {
+                    RunState::Running
+                } else {
+                    RunState::WaitForSipi
+                })
+            })
+            .collect();
+        let ioapic = shared(IoApic::new(LapicTarget(apics.clone())));
         let pin = |pin| IoApicPin {
             ioapic: ioapic.clone(),
             pin,
@@ -459,7 +629,6 @@ impl Machine {
             pio.insert(ports::PVPANIC, 1, pvpanic.clone()),
             pio.insert(ports::ACPI_PM, acpi_pm::WINDOW_LEN, pm.clone()),
             mmio.insert(0xfec0_0000, ioapic::WINDOW_LEN, ioapic.clone()),
-            mmio.insert(lapic::DEFAULT_BASE, lapic::WINDOW_LEN, lapic.clone()),
         ];
         if placed.iter().any(Result::is_err) {
             return None;
@@ -469,7 +638,8 @@ impl Machine {
             ram_size: config.ram_size,
             pio,
             mmio,
-            lapic,
+            apics,
+            vcpus,
             ioapic,
             uart,
             pm,
@@ -478,15 +648,12 @@ impl Machine {
             rtc,
             console,
             clock,
-            msrs: MsrState::default(),
             boot_unix_secs: config.boot_unix_secs,
             host_cpuid,
             pending_input: Vec::new(),
-            mismatch: (0, 0),
             virtio: None,
             debug_exit: None,
             refusals: Vec::new(),
-            cr8_seen: 0,
             stats: ExitStats::default(),
         })
     }
@@ -597,15 +764,27 @@ impl Machine {
             Some((reason, rip)) => format!("last exit {} at rip {rip:#x}", exit_name(reason)),
             None => "last exit none".into(),
         });
-        let (requested, in_service) = self.lapic.borrow().highest_requested_and_in_service();
         let vector = |v: Option<u8>| v.map_or("none".into(), |v| format!("{v:#x}"));
-        lines.push(format!(
-            "interrupts: lapic highest requested {} in service {}, deliverable {}, tpr {:#x}",
-            vector(requested),
-            vector(in_service),
-            vector(self.lapic.borrow().pending_interrupt()),
-            self.lapic.borrow().tpr(),
-        ));
+        for (i, lapic) in self.apics.lapics.iter().enumerate() {
+            let lapic = lapic.borrow();
+            let (requested, in_service) = lapic.highest_requested_and_in_service();
+            let slot = &self.vcpus[i];
+            // vCPU 0 keeps the line's old form.
+            let who = if i == 0 {
+                String::new()
+            } else {
+                format!("vcpu{i} ")
+            };
+            lines.push(format!(
+                "interrupts: {who}lapic highest requested {} in service {}, deliverable {}, tpr {:#x}{}{}",
+                vector(requested),
+                vector(in_service),
+                vector(lapic.pending_interrupt()),
+                lapic.tpr(),
+                if slot.run == RunState::WaitForSipi { ", waits for SIPI" } else { "" },
+                if slot.halted { ", halted" } else { "" },
+            ));
+        }
         if let Some(v) = &self.virtio {
             let mut device =
                 |name: &str, status: u8, views: Vec<vdev::virtio::queue::QueueView>| {
@@ -718,7 +897,29 @@ impl Machine {
 
     /// Where MSIs go.
     pub fn lapic_target(&self) -> LapicTarget {
-        LapicTarget(self.lapic.clone())
+        LapicTarget(self.apics.clone())
+    }
+
+    /// How many vCPUs the machine has.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// Where vCPU `vcpu` is in the start-up protocol.
+    pub fn run_state(&self, vcpu: usize) -> Option<RunState> {
+        self.vcpus.get(vcpu).map(|v| v.run)
+    }
+
+    /// The vCPUs (bit i: vCPU i) that were sent an interrupt, an IPI, INIT
+    /// or STARTUP since the last call: the binary wakes each (it may be
+    /// halted) and pokes it (it may be in the guest), but for the one
+    /// whose exit it is handling.
+    pub fn take_kicks(&mut self) -> u64 {
+        self.apics.kicks.replace(0)
+    }
+
+    fn lapic(&self, vcpu: usize) -> &Shared<GuestLapic> {
+        &self.apics.lapics[vcpu]
     }
 
     pub fn clock(&self) -> &GuestClock {
@@ -748,7 +949,8 @@ impl Machine {
 
     /// When the next device timer fires, in guest nanoseconds.
     pub fn next_deadline_ns(&self) -> Option<u64> {
-        let lapic = self.lapic.borrow().timer_deadline_ns();
+        let lapics = self.apics.lapics.iter();
+        let lapic = lapics.filter_map(|l| l.borrow().timer_deadline_ns()).min();
         let pit = self.pit.borrow().deadline_ns();
         let rtc = self.rtc.borrow().deadline_ns();
         [lapic, pit, rtc].into_iter().flatten().min()
@@ -759,40 +961,143 @@ impl Machine {
     pub fn poll(&mut self) {
         self.pit.borrow_mut().poll();
         self.rtc.borrow_mut().poll();
-        self.lapic.borrow_mut().poll_timer();
+        for (vcpu, lapic) in self.apics.lapics.iter().enumerate() {
+            let mut lapic = lapic.borrow_mut();
+            let before = lapic.pending_interrupt();
+            lapic.poll_timer();
+            let after = lapic.pending_interrupt();
+            if after.is_some() && after != before {
+                self.apics.kick(vcpu);
+            }
+        }
         self.forward_eois();
         self.feed_input();
     }
 
     fn forward_eois(&mut self) {
-        loop {
-            let eoi = self.lapic.borrow_mut().take_level_eoi();
-            let Some(vector) = eoi else { break };
-            self.ioapic.borrow_mut().end_of_interrupt(vector);
+        for vcpu in 0..self.vcpus.len() {
+            loop {
+                let eoi = self.lapic(vcpu).borrow_mut().take_level_eoi();
+                let Some(vector) = eoi else { break };
+                self.ioapic.borrow_mut().end_of_interrupt(vector);
+            }
         }
     }
 
-    /// Whether an interrupt waits for the guest (to end a halt).
-    pub fn interrupt_pending(&self) -> bool {
-        self.lapic.borrow().pending_interrupt().is_some()
+    /// Delivers the IPIs vCPU `from` sent through its ICR.
+    fn send_ipis(&mut self, from: usize) {
+        loop {
+            let ipi = self.lapic(from).borrow_mut().take_ipi();
+            let Some(ipi) = ipi else { break };
+            let Some(targets) = self.apics.route(&ipi, from) else {
+                continue;
+            };
+            for to in (0..self.vcpus.len()).filter(|i| targets & (1 << i) != 0) {
+                self.deliver_ipi(from, to, &ipi);
+            }
+        }
     }
 
-    /// Sets up the next entry: re-injects an event the last exit
-    /// interrupted, else injects the highest pending interrupt if the
-    /// guest can take it, else asks for an interrupt-window exit.
-    pub fn prepare_entry(&mut self, state: &mut VcpuState) {
+    fn deliver_ipi(&mut self, from: usize, to: usize, ipi: &Ipi) {
+        let slot = &mut self.vcpus[to];
+        match ipi.mode {
+            Delivery::Fixed | Delivery::LowestPriority => {
+                self.apics.accept(to, ipi.vector, false);
+                return;
+            }
+            // An NMI to the sender itself is dropped, as before there
+            // were APs (Linux sends NMIs only to other CPUs; a hostile
+            // guest's self-NMIs stopped hostile_linux's guest).
+            Delivery::Nmi if to == from => return,
+            Delivery::Nmi => slot.nmi = true,
+            // INIT to the bootstrap processor restarts it at the reset
+            // vector on a PC; Linux never sends it, and a hostile guest's
+            // random ICR write must not stop the guest for good: ignored,
+            // as this VMM did before it had APs.
+            Delivery::Init if to == 0 => {
+                self.stats.ignored_inits += 1;
+                return;
+            }
+            Delivery::Init => {
+                slot.run = RunState::WaitForSipi;
+                slot.sipi = None;
+                slot.nmi = false;
+                slot.halted = false;
+                slot.halted_if_off = false;
+                self.apics.lapics[to].borrow_mut().init();
+            }
+            // Only a vCPU that waits takes it (a second STARTUP, as
+            // Linux sends, finds it started).
+            Delivery::Startup if slot.run == RunState::WaitForSipi && slot.sipi.is_none() => {
+                slot.sipi = Some(ipi.vector);
+            }
+            Delivery::Startup => return,
+        }
+        self.apics.kick(to);
+    }
+
+    /// Whether an interrupt waits for vCPU `vcpu` (to end a halt).
+    pub fn interrupt_pending(&self, vcpu: usize) -> bool {
+        self.lapic(vcpu).borrow().pending_interrupt().is_some()
+            || self.vcpus[vcpu].nmi
+            || self.vcpus[vcpu].sipi.is_some()
+    }
+
+    /// Sets up vCPU `vcpu`'s next entry: starts it if it waited for a
+    /// STARTUP that came (its state becomes real mode at the vector's
+    /// page), else says to wait; re-injects an event the last exit
+    /// interrupted, else injects an NMI or the highest pending interrupt
+    /// if the guest can take it, else asks for a window exit.
+    pub fn prepare_entry(&mut self, vcpu: usize, state: &mut VcpuState) -> Entry {
         self.poll();
+        // The caller is about to run it: nothing need wake it.
+        self.apics.kicks.set(self.apics.kicks.get() & !(1 << vcpu));
+        let slot = &mut self.vcpus[vcpu];
+        if let Some(vector) = slot.sipi.take() {
+            *state = state::startup(vector, state);
+            slot.run = RunState::Running;
+        }
+        if slot.run == RunState::WaitForSipi {
+            return Entry::Wait;
+        }
+        if slot.halted {
+            let wakes = if slot.halted_if_off {
+                slot.nmi
+            } else {
+                self.interrupt_pending(vcpu)
+            };
+            if !wakes {
+                return Entry::Wait;
+            }
+            self.vcpus[vcpu].halted = false;
+            self.vcpus[vcpu].halted_if_off = false;
+        }
         let reinject = state.exit.pending_valid != 0 && state.dirty & group::INJECT == 0;
         if reinject {
             state.inject = state.exit.pending;
             state.dirty |= group::INJECT;
             state.exit.pending_valid = 0;
         }
-        let pending = self.lapic.borrow().pending_interrupt();
+        let nmi_window = moat_abi::vcpu::exit_on::NMI_WINDOW;
+        let mut want_nmi_window = false;
+        if self.vcpus[vcpu].nmi {
+            if state.dirty & group::INJECT == 0 && state.interruptibility & state::NMI_BLOCKED == 0
+            {
+                self.vcpus[vcpu].nmi = false;
+                state::inject(state, state::NMI, moat_abi::vcpu::event_kind::NMI, None);
+            } else {
+                want_nmi_window = true;
+            }
+        }
+        if want_nmi_window != (state.exit_on & nmi_window != 0) {
+            state.exit_on ^= nmi_window;
+            state.dirty |= group::EXIT_ON;
+        }
+        let pending = self.lapic(vcpu).borrow().pending_interrupt();
         let busy = state.dirty & group::INJECT != 0;
         let want_window = match pending {
             Some(vector) if !busy && state::interruptible(state) => {
-                self.lapic.borrow_mut().acknowledge(vector);
+                self.lapic(vcpu).borrow_mut().acknowledge(vector);
                 state::inject(
                     state,
                     vector,
@@ -809,28 +1114,37 @@ impl Machine {
             state.exit_on ^= window;
             state.dirty |= group::EXIT_ON;
         }
+        Entry::Run
     }
 
-    /// Handles the exit in `state` and says what comes next.
-    pub fn handle_exit(&mut self, state: &mut VcpuState) -> Action {
+    /// Handles vCPU `vcpu`'s exit in `state` and says what comes next.
+    /// A vCPU number past the machine's is a bug of the caller: the
+    /// guest is stopped rather than the VMM panicking.
+    pub fn handle_exit(&mut self, vcpu: usize, state: &mut VcpuState) -> Action {
+        if vcpu >= self.vcpus.len() {
+            return Action::Stop(Stop::Failed(Failure::NoSuchVcpu(vcpu)));
+        }
         // CR8 and the APIC's TPR are one register: the guest may have
         // changed either.
-        if state.cr8 != self.cr8_seen {
-            self.lapic
+        if state.cr8 != self.vcpus[vcpu].cr8_seen {
+            self.lapic(vcpu)
                 .borrow_mut()
                 .set_tpr(((state.cr8 & 0xf) as u8) << 4);
         }
-        let action = self.dispatch(state);
-        let cr8 = u64::from(self.lapic.borrow().tpr() >> 4);
+        let action = self.dispatch(vcpu, state);
+        let cr8 = u64::from(self.lapic(vcpu).borrow().tpr() >> 4);
         if cr8 != state.cr8 {
             state.cr8 = cr8;
             state.dirty |= group::CONTROL_REGISTERS;
         }
-        self.cr8_seen = state.cr8;
+        self.vcpus[vcpu].cr8_seen = state.cr8;
+        if action == Action::Halt {
+            self.vcpus[vcpu].halted = true;
+        }
         action
     }
 
-    fn dispatch(&mut self, state: &mut VcpuState) -> Action {
+    fn dispatch(&mut self, vcpu: usize, state: &mut VcpuState) -> Action {
         let reason = state.exit.reason;
         if let Some(count) = self.stats.by_reason.get_mut(reason as usize) {
             *count += 1;
@@ -843,13 +1157,15 @@ impl Machine {
             }
             exit_reason::INTERRUPT_WINDOW | exit_reason::NMI_WINDOW => Action::Resume,
             exit_reason::IO => self.port_io(state),
-            exit_reason::MEMORY => self.mmio(state),
+            exit_reason::MEMORY => self.mmio(vcpu, state),
             exit_reason::CPUID => {
                 let leaf = state.rax as u32;
                 let subleaf = state.rcx as u32;
                 let view = cpuid::GuestView {
                     osxsave: state.cr4 & CR4_OSXSAVE != 0,
                     xcr0: state.xcr0,
+                    apic_id: vcpu as u32,
+                    vcpus: self.vcpus.len() as u32,
                 };
                 let [a, b, c, d] = cpuid::guest_cpuid(&*self.host_cpuid, leaf, subleaf, view);
                 state.rax = a.into();
@@ -860,16 +1176,27 @@ impl Machine {
                 self.skip(state, TWO_BYTES);
                 Action::Resume
             }
-            exit_reason::MSR_READ => self.rdmsr(state),
-            exit_reason::MSR_WRITE => self.wrmsr(state),
+            exit_reason::MSR_READ => self.rdmsr(vcpu, state),
+            exit_reason::MSR_WRITE => self.wrmsr(vcpu, state),
             exit_reason::HLT => {
                 self.skip(state, HLT_LEN);
                 self.kick_devices();
                 self.poll();
-                if self.interrupt_pending() {
+                if state.rflags & state::RFLAGS_IF == 0 {
+                    // Only an NMI or INIT from another vCPU can end it
+                    // (Linux stops its other CPUs so); with every vCPU so
+                    // halted or stopped, the guest is dead.
+                    self.vcpus[vcpu].halted_if_off = true;
+                    let others_dead = self.vcpus.iter().enumerate().all(|(i, v)| {
+                        i == vcpu || v.run == RunState::WaitForSipi || (v.halted && v.halted_if_off)
+                    });
+                    if others_dead && !self.vcpus[vcpu].nmi {
+                        Action::Stop(Stop::HaltedForever)
+                    } else {
+                        Action::Halt
+                    }
+                } else if self.interrupt_pending(vcpu) {
                     Action::Resume
-                } else if state.rflags & state::RFLAGS_IF == 0 {
-                    Action::Stop(Stop::HaltedForever)
                 } else {
                     Action::Halt
                 }
@@ -896,11 +1223,12 @@ impl Machine {
                 Action::Resume
             }
         };
-        self.after_access(action)
+        self.after_access(vcpu, action)
     }
 
     /// Device side effects of the access just done.
-    fn after_access(&mut self, action: Action) -> Action {
+    fn after_access(&mut self, vcpu: usize, action: Action) -> Action {
+        self.send_ipis(vcpu);
         self.echo_ports();
         self.forward_eois();
         if self.pvpanic.borrow().panicked {
@@ -959,7 +1287,7 @@ impl Machine {
         Action::Resume
     }
 
-    fn mmio(&mut self, state: &mut VcpuState) -> Action {
+    fn mmio(&mut self, vcpu: usize, state: &mut VcpuState) -> Action {
         let gpa = state.exit.gpa;
         let mut cpu = cpu_state(state);
         let outcome = {
@@ -967,6 +1295,7 @@ impl Machine {
                 mem: &*self.mem,
                 ram_size: self.ram_size,
                 mmio: &self.mmio,
+                lapic: &self.apics.lapics[vcpu],
                 phys_bits: phys_bits(&*self.host_cpuid),
             };
             emulate(&mut platform, &mut cpu, gpa)
@@ -980,14 +1309,14 @@ impl Machine {
             Outcome::Fault(exception) => state::inject_exception(state, exception),
             Outcome::Unsupported(code) => self.refuse(state, Refused::Mmio(code)),
             Outcome::Mismatch => {
-                let (rip, count) = self.mismatch;
+                let (rip, count) = self.vcpus[vcpu].mismatch;
                 let count = if rip == state.rip { count + 1 } else { 1 };
-                self.mismatch = (state.rip, count);
+                self.vcpus[vcpu].mismatch = (state.rip, count);
                 if count >= MISMATCH_LIMIT {
                     // Hostile guest (issue 11): user-mode junk made this
                     // repeat for ever; stopping the VM for it would let
                     // any process with an MMIO mapping end the guest.
-                    self.mismatch = (0, 0);
+                    self.vcpus[vcpu].mismatch = (0, 0);
                     self.refuse(state, Refused::Mismatch(gpa));
                 }
             }
@@ -1011,12 +1340,12 @@ impl Machine {
         core::mem::take(&mut self.refusals)
     }
 
-    fn rdmsr(&mut self, state: &mut VcpuState) -> Action {
+    fn rdmsr(&mut self, vcpu: usize, state: &mut VcpuState) -> Action {
         let index = state.rcx as u32;
         let value = if is_lapic_msr(index) {
-            self.lapic.borrow_mut().read_msr(index)
+            self.lapic(vcpu).borrow_mut().read_msr(index)
         } else {
-            self.msrs.read(state, index, self.clock.tsc())
+            self.vcpus[vcpu].msrs.read(state, index, self.clock.tsc())
         };
         match value {
             Some(value) => {
@@ -1034,18 +1363,18 @@ impl Machine {
         Action::Resume
     }
 
-    fn wrmsr(&mut self, state: &mut VcpuState) -> Action {
+    fn wrmsr(&mut self, vcpu: usize, state: &mut VcpuState) -> Action {
         let index = state.rcx as u32;
         let value = (state.rdx << 32) | (state.rax & 0xffff_ffff);
         let effect = if is_lapic_msr(index) {
-            let ok = self.lapic.borrow_mut().write_msr(index, value);
+            let ok = self.lapic(vcpu).borrow_mut().write_msr(index, value);
             ok.then_some(Effect::None)
         } else {
-            self.msrs.write(state, index, value)
+            self.vcpus[vcpu].msrs.write(state, index, value)
         };
         match effect {
             Some(effect) => {
-                self.msr_effect(effect);
+                self.msr_effect(vcpu, effect);
                 self.skip(state, TWO_BYTES);
             }
             None => {
@@ -1057,11 +1386,13 @@ impl Machine {
         Action::Resume
     }
 
-    fn msr_effect(&mut self, effect: Effect) {
+    fn msr_effect(&mut self, vcpu: usize, effect: Effect) {
         match effect {
             Effect::None => {}
             Effect::SystemTime => {
-                if let Some(gpa) = self.msrs.system_time {
+                // Each vCPU has its own time info (Linux's per-CPU
+                // pvclock page), written when that vCPU asks.
+                if let Some(gpa) = self.vcpus[vcpu].msrs.system_time {
                     // Written once: the TSC here never changes rate. A bad
                     // address is the guest's problem, like on KVM.
                     let tsc = self.clock.tsc();
@@ -1119,6 +1450,9 @@ struct MachinePlatform<'a> {
     mem: &'a dyn GuestMemory,
     ram_size: u64,
     mmio: &'a Bus,
+    /// The exiting vCPU's local APIC, at its page while the xAPIC
+    /// interface is on.
+    lapic: &'a Shared<GuestLapic>,
     phys_bits: u32,
 }
 
@@ -1126,6 +1460,13 @@ impl MachinePlatform<'_> {
     fn is_ram(&self, gpa: u64, len: usize) -> bool {
         gpa.checked_add(len as u64)
             .is_some_and(|end| end <= self.ram_size)
+    }
+
+    /// The offset in the LAPIC's page, if `gpa` falls there.
+    fn lapic_offset(&self, gpa: u64) -> Option<u64> {
+        let base = self.lapic.try_borrow().ok()?.base_address()?;
+        gpa.checked_sub(base)
+            .filter(|&offset| offset < lapic::WINDOW_LEN)
     }
 }
 
@@ -1149,23 +1490,39 @@ impl Platform for MachinePlatform<'_> {
     }
 
     fn cmpxchg_ram_u32(&mut self, gpa: u64, current: u32, new: u32) -> Result<bool, NotRam> {
-        // The one vCPU is stopped while the VMM emulates: read, compare
-        // and write cannot be interleaved with a guest write.
-        let mut bytes = [0u8; 4];
-        self.read_ram(gpa, &mut bytes)?;
-        if u32::from_le_bytes(bytes) != current {
-            return Ok(false);
+        // Other vCPUs may run while this one's exit is handled: the
+        // guest memory makes it atomic (the binary's does).
+        if !self.is_ram(gpa, 4) {
+            return Err(NotRam(gpa));
         }
-        self.write_ram(gpa, &new.to_le_bytes())?;
-        Ok(true)
+        self.mem
+            .compare_exchange_u32(gpa, current, new)
+            .map_err(|BadGuestAddress(a)| NotRam(a))
     }
 
     fn mmio_read(&mut self, gpa: u64, data: &mut [u8]) {
-        self.mmio.read(gpa, data);
+        match self.lapic_offset(gpa) {
+            Some(offset) => match self.lapic.try_borrow_mut() {
+                Ok(mut lapic) => lapic.read(offset, data),
+                Err(_) => data.fill(0xff),
+            },
+            None => {
+                self.mmio.read(gpa, data);
+            }
+        }
     }
 
     fn mmio_write(&mut self, gpa: u64, data: &[u8]) {
-        self.mmio.write(gpa, data);
+        match self.lapic_offset(gpa) {
+            Some(offset) => {
+                if let Ok(mut lapic) = self.lapic.try_borrow_mut() {
+                    lapic.write(offset, data);
+                }
+            }
+            None => {
+                self.mmio.write(gpa, data);
+            }
+        }
     }
 
     fn phys_addr_bits(&self) -> u32 {

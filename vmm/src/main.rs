@@ -1,8 +1,23 @@
 //! `vmm`: the per-guest VMM server. It takes its guest's RAM, kernel,
 //! initrd, disk image and command line from the manifest's `ram` and
 //! `file` mappings, loads the guest through `firmware`, creates the VM and
-//! its vCPU, and runs it; `vmm::machine` handles the exits. A second EC
-//! pokes the vCPU when a device timer is due while the guest runs.
+//! its vCPUs, and runs them, each in an EC of its own on its CPU;
+//! `vmm::machine` handles the exits. Another EC wakes or pokes the vCPUs
+//! when a device timer is due.
+//!
+//! Threads and locking (docs/architecture.md, "The VMM's vCPU threads"):
+//! vCPU 0 runs in the first EC, vCPU i > 0 in an EC created on the CPU
+//! `vcpu-cpus` names (each EC creates its own vCPU, which the kernel binds
+//! to the creator's CPU). The machine — every device model, the LAPICs,
+//! the console and modem link — sits behind one lock ([`VMM`], a
+//! semaphore-backed mutex: a waiter sleeps in the kernel, so ECs of
+//! different priorities on one CPU cannot spin against each other); an
+//! EC holds it to handle one exit or prepare one entry, never across
+//! `vcpu_run` or a wait. What one vCPU does to another (an IPI, an
+//! interrupt routed to it, INIT/STARTUP, a reset or stop) is set in the
+//! target's state under the lock; after dropping it the sender ups the
+//! target's wake semaphore (it may be halted) and pokes its vCPU (it may
+//! be in the guest).
 //!
 //! Arguments: `guest=ADDR,SIZE` (RAM), `heap=ADDR,SIZE`, `kernel=ADDR,SIZE`
 //! (a bzImage, or a Multiboot v1 kernel: told apart as QEMU's `-kernel`
@@ -29,8 +44,11 @@
 //! VMM stops), `on-triple-fault=stop` (a triple fault ends the guest;
 //! by default it resets it, as a PC does), `vm-portals=SEL,SEL,…` (portals the VM
 //! gets at the same selectors, for the IPC hypercall), the flag
-//! `user-hypercalls` (guest CPL 3 may make it too), and the root's
-//! `tsc_hz=`.
+//! `user-hypercalls` (guest CPL 3 may make it too), `vcpus=N` (1 to
+//! 32, default 1), `vcpu-cpus=C1,C2,…` (the CPUs of vCPUs 1, 2, …; vCPU 0
+//! runs on the VMM's own CPU; default the VMM's CPU), `vcpu-priority=P`
+//! (the priority of vCPUs 1, 2, …; default 10; vCPU 0 has the
+//! component's), and the root's `tsc_hz=`.
 //! Lines: `vmm: …`; the guest's console goes to the console byte for byte
 //! when the VMM holds COM1 (`console-input`), else sanitised by the kernel.
 #![no_std]
@@ -43,7 +61,11 @@ use alloc::format;
 use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use core::cell::UnsafeCell;
+use core::ops::{Deref, DerefMut};
+use core::sync::atomic::{
+    fence, AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
 
 use common::modem_link::{self, ModemLink};
 use common::{args, sel};
@@ -53,7 +75,7 @@ use moat_user::io::{inb, outb};
 use moat_user::{println, sys, Sel};
 use vdev::virtio::block::BlockBackend;
 use vdev::{BadGuestAddress, GuestMemory};
-use vmm::machine::{Action, Config, Machine, NamedPort, Stop, TimeSource};
+use vmm::machine::{Action, Config, Entry, Machine, NamedPort, Stop, TimeSource};
 use vmm::state;
 
 mod disk;
@@ -62,11 +84,9 @@ moat_user::entry!(main);
 
 /// Above the selectors the manifest gives (`uses … at 20`, …).
 const VM: Sel = 64;
-const VCPU: Sel = VM + 1;
 const TIMER_EC: Sel = VM + 2;
 const TIMER_SC: Sel = VM + 3;
 const TIMER_SM: Sel = VM + 4;
-const WAKE_SM: Sel = VM + 5;
 const INPUT_EC: Sel = VM + 6;
 const INPUT_SC: Sel = VM + 7;
 const INPUT_SM: Sel = VM + 8;
@@ -75,6 +95,38 @@ const DUMP_EC: Sel = VM + 9;
 const DUMP_SC: Sel = VM + 10;
 const DUMP_SM: Sel = VM + 11;
 const DUMP_UTCB: u64 = 0x0000_6000_0003_0000;
+/// The semaphore behind [`VMM`]'s lock.
+const LOCK_SM: Sel = VM + 12;
+/// Upped by a vCPU EC when it has made its vCPU, and when it stopped.
+const DONE_SM: Sel = VM + 13;
+/// Per vCPU from here, four selectors: its vCPU, EC, SC and wake
+/// semaphore (vCPU 0 runs in the first EC: no EC or SC of its own).
+const VCPU_SELS: Sel = 80;
+/// So that every vCPU's selectors fit in the default capacity (256).
+const MAX_VCPUS: usize = 32;
+/// vCPU 0's state page is at [`STATE_PAGE`]; vCPU i's (i > 0) here + i *
+/// 8 KiB, its EC's UTCB in the page after it.
+const VCPU_PAGES: u64 = 0x0000_6000_1000_0000;
+const VCPU_STACK: usize = 64 << 10;
+const VCPU_BUDGET_US: u64 = 10_000;
+const DEFAULT_VCPU_PRIORITY: u64 = 10;
+/// How long the first EC waits for the others to stop at the end.
+const STOP_WAIT_MS: u64 = 1000;
+
+fn vcpu_sel(vcpu: usize) -> Sel {
+    VCPU_SELS + 4 * vcpu as Sel
+}
+
+fn wake_sel(vcpu: usize) -> Sel {
+    vcpu_sel(vcpu) + 3
+}
+
+fn state_page(vcpu: usize) -> u64 {
+    match vcpu {
+        0 => STATE_PAGE,
+        i => VCPU_PAGES + i as u64 * 2 * PAGE_SIZE,
+    }
+}
 /// How long the dump EC waits for the vCPU loop to print the dump before
 /// it says that the loop does not answer.
 const DUMP_ANSWER_MS: u64 = 200;
@@ -103,6 +155,8 @@ const TIMER_BUDGET_US: u64 = 1000;
 /// Kernel memory of the VM beyond its page tables and capabilities.
 const VM_QUOTA_BASE: u64 = 512 * 1024;
 const CAP_SLOT_COST: u64 = 96;
+/// A vCPU's control structures, state page and XSAVE image, with room.
+const VM_QUOTA_PER_VCPU: u64 = 64 * 1024;
 /// #UDs for unemulated things the log shows, per run.
 const MAX_REFUSALS_LOGGED: u32 = 32;
 /// Pages per delegation of guest RAM (2 MiB).
@@ -162,8 +216,10 @@ impl GuestMemory for GuestRam {
     fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), BadGuestAddress> {
         let offset = self.check(gpa, buf.len())?;
         // SAFETY: [offset, offset + len) lies in the RAM region (checked),
-        // which stays mapped; the guest does not run while the VMM
-        // handles an exit, so nothing writes it concurrently.
+        // which stays mapped. Other vCPUs may write it meanwhile, as a
+        // device's DMA races a CPU on hardware: only raw pointers are
+        // used, no reference to guest memory is made, and a torn value
+        // is the guest's own race.
         unsafe {
             core::ptr::copy_nonoverlapping(self.base.add(offset), buf.as_mut_ptr(), buf.len())
         };
@@ -176,6 +232,88 @@ impl GuestMemory for GuestRam {
         // the VMM's own memory).
         unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), self.base.add(offset), data.len()) };
         Ok(())
+    }
+
+    fn compare_exchange_u32(
+        &self,
+        gpa: u64,
+        current: u32,
+        new: u32,
+    ) -> Result<bool, BadGuestAddress> {
+        let offset = self.check(gpa, 4)?;
+        if !offset.is_multiple_of(4) {
+            return Err(BadGuestAddress(gpa));
+        }
+        // SAFETY: the dword lies in the mapped RAM region (checked) and is
+        // 4-byte aligned (checked; the region is page aligned); the guest's
+        // vCPUs access it with their own atomic or plain accesses, which
+        // the atomic compare-exchange is made to meet (the CPU's LOCK
+        // CMPXCHG).
+        let word = unsafe { AtomicU32::from_ptr(self.base.add(offset).cast::<u32>()) };
+        Ok(word
+            .compare_exchange(current, new, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok())
+    }
+}
+
+/// A mutex whose waiters sleep on a kernel semaphore ([`LOCK_SM`]): a
+/// counter of holders and waiters, the semaphore upped once per waiter
+/// (a "benaphore"). Not a spinlock: two ECs of different priorities on
+/// one CPU would spin for ever against each other.
+struct VmmLock<T> {
+    /// The holder and the waiters.
+    count: AtomicU64,
+    value: UnsafeCell<T>,
+}
+
+// SAFETY: the value is reached only through a `VmmGuard`, of which there
+// is one at a time (the count); the `Rc`s inside the machine are made,
+// cloned and dropped only by the holder, and none leaves the lock (this
+// binary calls none of the `Machine` methods that hand one out:
+// `irq_line`, `lapic_target`, `clock`).
+unsafe impl<T> Sync for VmmLock<T> {}
+
+impl<T> VmmLock<T> {
+    const fn new(value: T) -> Self {
+        Self {
+            count: AtomicU64::new(0),
+            value: UnsafeCell::new(value),
+        }
+    }
+
+    fn lock(&self) -> VmmGuard<'_, T> {
+        if self.count.fetch_add(1, Ordering::Acquire) > 0 {
+            while sys::sm_down(LOCK_SM, 0, false).is_err() {
+                core::hint::spin_loop();
+            }
+            fence(Ordering::Acquire);
+        }
+        VmmGuard(self)
+    }
+}
+
+struct VmmGuard<'a, T>(&'a VmmLock<T>);
+
+impl<T> Deref for VmmGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: this guard is the one holder (see `VmmLock`).
+        unsafe { &*self.0.value.get() }
+    }
+}
+
+impl<T> DerefMut for VmmGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: as in `deref`; `&mut self` makes the borrow unique.
+        unsafe { &mut *self.0.value.get() }
+    }
+}
+
+impl<T> Drop for VmmGuard<'_, T> {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::Release) > 1 {
+            let _ = sys::sm_up(LOCK_SM);
+        }
     }
 }
 
@@ -195,6 +333,10 @@ fn host_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
     [r.eax, r.ebx, r.ecx, r.edx]
 }
 
+/// The shortest time between two firings of the timer EC (KVM clamps a
+/// guest's timer periods likewise).
+const MIN_TIMER_GAP_US: u64 = 50;
+
 /// The host TSC deadline the timer EC pokes the vCPU at (0: none).
 static DEADLINE: AtomicU64 = AtomicU64::new(0);
 static TIMER_STACK: moat_user::Stack<8192> = moat_user::Stack::new();
@@ -210,7 +352,28 @@ extern "C" fn timer_ec() -> ! {
                     .compare_exchange(deadline, 0, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
                 {
-                    let _ = kernel_call(Call::VcpuPoke, VCPU, [0; 6]);
+                    // Fire what is due; wake or poke whom it reaches.
+                    let kicks = {
+                        let mut vmm = VMM.lock();
+                        match vmm.as_mut() {
+                            Some(v) => {
+                                v.machine.poll();
+                                // Not again before MIN_TIMER_GAP_US: a
+                                // guest that programs a timer for "now"
+                                // over and over (a PIT reload of 1) must
+                                // not keep this EC and its pokes from
+                                // letting the vCPUs run.
+                                let tsc_hz = v.guest.tsc_hz;
+                                let earliest = moat_user::rdtsc()
+                                    .saturating_add(tsc_hz / 1_000_000 * MIN_TIMER_GAP_US);
+                                let next = host_deadline(&v.machine, v.guest.start, tsc_hz);
+                                arm(if next == 0 { 0 } else { next.max(earliest) });
+                                v.machine.take_kicks()
+                            }
+                            None => 0,
+                        }
+                    };
+                    kick(kicks, None);
                 }
             }
             Err(_) => sys::exit(3),
@@ -272,29 +435,39 @@ extern "C" fn input_ec() -> ! {
             INPUT.push(inb(COM1));
         }
         let _ = sys::irq_unmask(COM1_GSI);
-        let _ = sys::sm_up(WAKE_SM);
-        let _ = kernel_call(Call::VcpuPoke, VCPU, [0; 6]);
+        let kicks = {
+            let mut vmm = VMM.lock();
+            match vmm.as_mut() {
+                Some(v) => {
+                    INPUT.drain(&mut v.typed);
+                    let typed = core::mem::take(&mut v.typed);
+                    v.machine.console_input(&typed);
+                    v.machine.take_kicks()
+                }
+                None => 0,
+            }
+        };
+        kick(kicks, None);
     }
 }
 
-/// The kernel's debug event asked for a state dump: the vCPU loop prints
-/// it at its next pass.
+/// The kernel's debug event asked for a state dump: the first vCPU loop
+/// to pass prints it.
 static DUMP: AtomicBool = AtomicBool::new(false);
 static DUMP_STACK: moat_user::Stack<8192> = moat_user::Stack::new();
 static TSC_HZ: AtomicU64 = AtomicU64::new(0);
 
 /// Waits for the kernel's debug event (`moat_abi::DEBUG_GSI`), then has
-/// the vCPU loop print the VMM's state: wakes it if the guest halted,
-/// pokes the vCPU if it runs. The loop owns the machine, so this EC only
-/// says when the loop does not answer (it waits in a call, say).
+/// a vCPU loop print the VMM's state: wakes the halted ones, pokes the
+/// running ones. This EC only says when no loop answers (one holds the
+/// lock in a call, say).
 extern "C" fn dump_ec() -> ! {
     loop {
         if sys::sm_down(DUMP_SM, 0, false).is_err() {
             sys::exit(5);
         }
         DUMP.store(true, Ordering::Release);
-        let _ = sys::sm_up(WAKE_SM);
-        let _ = kernel_call(Call::VcpuPoke, VCPU, [0; 6]);
+        kick(u64::MAX, None);
         let ticks = common::ms_to_ticks(TSC_HZ.load(Ordering::Relaxed), DUMP_ANSWER_MS);
         let deadline = moat_user::rdtsc().wrapping_add(ticks).max(1);
         match sys::sm_down(DUMP_SM, deadline, false) {
@@ -400,6 +573,7 @@ fn kernel_call(call: Call, sel: Sel, args: [u64; 6]) -> Result<(), Status> {
 }
 
 /// A step of the set-up that failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct SetupError(&'static str, Status);
 
 fn main(args: &str) -> i32 {
@@ -481,6 +655,18 @@ fn run(args: &str) -> Result<Stop, SetupError> {
         Ok(clock) if clock != 0 => clock_epoch(clock, start, tsc_hz),
         _ => args::number(args, "epoch", 0).unwrap_or(0),
     };
+    let vcpus = match args::number(args, "vcpus", 1) {
+        Ok(n) if (1..=MAX_VCPUS as u64).contains(&n) => n as usize,
+        _ => {
+            println!("vmm: FAIL vcpus= must be 1 to {MAX_VCPUS}");
+            return Err(SetupError("vcpus", Status::BadParameter));
+        }
+    };
+    let cpus = vcpu_cpus(args, vcpus)?;
+    let ap_priority = match args::number(args, "vcpu-priority", DEFAULT_VCPU_PRIORITY) {
+        Ok(p) if p <= u64::from(u8::MAX) => p as u8,
+        _ => return Err(SetupError("vcpu-priority", Status::BadParameter)),
+    };
 
     // SAFETY: the root task mapped the `heap` region read-write for this
     // task's life, and nothing else uses it: it becomes the heap's.
@@ -503,6 +689,7 @@ fn run(args: &str) -> Result<Stop, SetupError> {
             tsc_hz,
             epoch,
             start,
+            vcpus,
         }
     };
     // SAFETY: as above; the disk image is copied, the guest writes the copy.
@@ -527,85 +714,169 @@ fn run(args: &str) -> Result<Stop, SetupError> {
         low_ram,
         vm_portals,
         args::flag(args, "user-hypercalls"),
+        vcpus,
     )?;
     let modem = args::number(args, "modem", 0).ok().filter(|&sel| sel != 0);
-    let restart_on_panic = args::value(args, "on-panic") == Some("restart");
-    let stop_on_triple_fault = args::value(args, "on-triple-fault") == Some("stop");
-    let mut link = ModemLink::new(common::ms_to_ticks(tsc_hz, MODEM_CHECK_MS));
+    let link = ModemLink::new(common::ms_to_ticks(tsc_hz, MODEM_CHECK_MS));
+    sys::create_sm(LOCK_SM, sel::OWN_PD, 0).map_err(|s| SetupError("lock semaphore", s))?;
+    sys::create_sm(DONE_SM, sel::OWN_PD, 0).map_err(|s| SetupError("done semaphore", s))?;
     start_timer()?;
     TSC_HZ.store(tsc_hz, Ordering::Relaxed);
     start_dump()?;
-    if args::flag(args, "console-input") {
-        start_input()?;
-    }
     let named = match modem {
         Some(_) => NamedPort::Relay("modem"),
         None => NamedPort::Echo,
     };
     let debug_exit = args::flag(args, "debug-exit");
-    let mut machine = guest.boot(disk, named, debug_exit)?;
-    let mut typed = Vec::new();
+    let (machine, boot_state) = guest.boot(disk, named, debug_exit)?;
+    *VMM.lock() = Some(Vmm {
+        machine,
+        guest,
+        generation: 1,
+        boot_state,
+        end: None,
+        resetting: false,
+        parked: 0,
+        console: ConsoleLines::default(),
+        link,
+        modem,
+        named,
+        debug_exit,
+        restart_on_panic: args::value(args, "on-panic") == Some("restart"),
+        stop_on_triple_fault: args::value(args, "on-triple-fault") == Some("stop"),
+        resets: 0,
+        refusals_logged: 0,
+        typed: Vec::new(),
+    });
+    if args::flag(args, "console-input") {
+        start_input()?;
+    }
+    create_vcpu(0)?;
+    start_vcpus(&cpus, ap_priority)?;
+    if vcpus > 1 {
+        let list: Vec<String> = cpus
+            .iter()
+            .map(|&c| match c {
+                moat_user::abi::CPU_OF_CALLER => "the VMM's".into(),
+                c => format!("{c}"),
+            })
+            .collect();
+        println!(
+            "vmm: {vcpus} vCPUs, vCPU 0 on the VMM's CPU, vCPUs 1.. on CPUs {}",
+            list.join(",")
+        );
+    }
 
-    let mut resets = 0;
-    let mut console = ConsoleLines::default();
-    let mut refusals_logged = 0u32;
-    let stop = loop {
-        // SAFETY: the kernel writes the state page only during vcpu_run;
-        // this is the only reference until the next one.
-        let state = unsafe { &mut *(STATE_PAGE as *mut VcpuState) };
-        dump_if_asked(&machine, modem.map(|_| &link));
-        INPUT.drain(&mut typed);
-        if !typed.is_empty() {
-            machine.console_input(&typed);
-            typed.clear();
-        }
-        machine.prepare_entry(state);
-        arm(host_deadline(&machine, guest.start, tsc_hz));
-        kernel_call(Call::VcpuRun, VCPU, [0; 6]).map_err(|s| SetupError("vcpu_run", s))?;
-        // SAFETY: as above.
-        let state = unsafe { &mut *(STATE_PAGE as *mut VcpuState) };
-        let action = machine.handle_exit(state);
-        console.flush(&machine, matches!(action, Action::Halt | Action::Stop(_)));
-        if let Some(portal) = modem {
-            relay_to_modem(&mut machine, &mut link, portal);
-        }
-        for (rip, what) in machine.take_refusals() {
-            refusals_logged += 1;
-            match refusals_logged {
-                ..=MAX_REFUSALS_LOGGED => {
-                    println!("vmm: #UD injected at rip {rip:#x}: {what:?} is not emulated")
-                }
-                n if n == MAX_REFUSALS_LOGGED + 1 => println!("vmm: further #UDs not logged"),
-                _ => {}
+    vcpu_loop(0);
+    // Every other vCPU's EC stops at its next pass (they were kicked).
+    let ticks = common::ms_to_ticks(tsc_hz, STOP_WAIT_MS);
+    let deadline = moat_user::rdtsc().wrapping_add(ticks).max(1);
+    let mut stopped = 1;
+    while stopped < vcpus && sys::sm_down(DONE_SM, deadline, false).is_ok() {
+        stopped += 1;
+    }
+    if stopped < vcpus {
+        println!(
+            "vmm: {} vCPU(s) did not stop within {STOP_WAIT_MS} ms",
+            vcpus - stopped
+        );
+    }
+    arm(0);
+    let mut vmm = VMM.lock();
+    let Some(v) = vmm.as_mut() else {
+        return Err(SetupError("machine", Status::BadParameter));
+    };
+    v.console.flush(&v.machine, true);
+    report(&v.machine);
+    let end = v.end.unwrap_or(Ok(Stop::PowerOff));
+    if end != Ok(Stop::PowerOff) {
+        // SAFETY: as in `vcpu_loop`; the vCPU does not run any more.
+        let state = unsafe { &*(STATE_PAGE as *const VcpuState) };
+        println!(
+            "vmm: at rip {:#x} rsp {:#x} cr0 {:#x} cr4 {:#x} efer {:#x} rax {:#x} rsi {:#x}",
+            state.rip, state.rsp, state.cr0, state.cr4, state.efer, state.rax, state.rsi
+        );
+    }
+    end
+}
+
+/// The CPUs of vCPUs 1, 2, … (`vcpu-cpus=`); the VMM's own where the
+/// list ends early or is not given.
+fn vcpu_cpus(args: &str, vcpus: usize) -> Result<Vec<u64>, SetupError> {
+    let mut cpus = Vec::new();
+    for word in args::value(args, "vcpu-cpus")
+        .unwrap_or("")
+        .split(',')
+        .filter(|w| !w.is_empty())
+    {
+        match args::parse_number(word) {
+            Some(cpu) if cpu < moat_user::abi::CPU_OF_CALLER => cpus.push(cpu),
+            _ => {
+                println!("vmm: FAIL vcpu-cpus: {word:?} is not a CPU number");
+                return Err(SetupError("vcpu-cpus", Status::BadParameter));
             }
         }
-        match action {
-            Action::Resume => {}
-            Action::Halt => {
-                let deadline = host_deadline(&machine, guest.start, tsc_hz);
-                arm(0);
-                match sys::sm_down(WAKE_SM, deadline, false) {
-                    Ok(()) | Err(Status::Timeout) => {}
-                    Err(status) => return Err(SetupError("halt", status)),
-                }
-            }
-            Action::Stop(Stop::Panic) if restart_on_panic => {
-                resets += 1;
+    }
+    cpus.resize(
+        vcpus.saturating_sub(1).max(cpus.len()),
+        moat_user::abi::CPU_OF_CALLER,
+    );
+    cpus.truncate(vcpus - 1);
+    Ok(cpus)
+}
+
+/// The guest's machine and what the vCPU threads share, behind [`VMM`].
+struct Vmm {
+    machine: Machine,
+    guest: Guest,
+    /// Counts the machines built (boots and resets): a vCPU thread that
+    /// sees it move drops the exit it holds and starts over.
+    generation: u64,
+    /// vCPU 0's state at the guest's entry, for this generation.
+    boot_state: VcpuState,
+    /// Set when the guest ends: every vCPU thread stops.
+    end: Option<Result<Stop, SetupError>>,
+    /// A reset or restart waits for every vCPU thread to be out of the
+    /// guest ([`Vmm::parked`]) before it reloads RAM.
+    resetting: bool,
+    parked: u64,
+    console: ConsoleLines,
+    link: ModemLink,
+    modem: Option<u64>,
+    named: NamedPort,
+    debug_exit: bool,
+    restart_on_panic: bool,
+    stop_on_triple_fault: bool,
+    resets: u32,
+    refusals_logged: u32,
+    typed: Vec<u8>,
+}
+
+static VMM: VmmLock<Option<Vmm>> = VmmLock::new(None);
+
+impl Vmm {
+    fn all_vcpus(&self) -> u64 {
+        u64::MAX >> (64 - self.guest.vcpus)
+    }
+
+    fn end(&mut self, end: Result<Stop, SetupError>) {
+        self.end.get_or_insert(end);
+    }
+
+    /// What comes of a stop the machine reported on `vcpu`: the end, or
+    /// a reset (started once every vCPU is out of the guest).
+    fn stop(&mut self, stop: Stop, state: &VcpuState) {
+        let restart = match stop {
+            Stop::Panic if self.restart_on_panic => {
+                self.resets += 1;
                 println!(
-                    "vmm: guest kernel panic (pvpanic): restarting the guest (restart {resets})"
+                    "vmm: guest kernel panic (pvpanic): restarting the guest (restart {})",
+                    self.resets
                 );
-                if resets > MAX_RESETS {
-                    break Stop::Panic;
-                }
-                let disk = machine.take_disk();
-                machine = guest.boot(disk, named, debug_exit)?;
-                // The new guest finds the port as the link left it.
-                machine.set_port_open(link.is_open());
+                true
             }
-            Action::Stop(Stop::TripleFault) if stop_on_triple_fault => break Stop::TripleFault,
-            Action::Stop(stop @ (Stop::Reset | Stop::TripleFault)) => {
-                // SAFETY: as above.
-                let state = unsafe { &*(STATE_PAGE as *const VcpuState) };
+            Stop::TripleFault if self.stop_on_triple_fault => false,
+            Stop::Reset | Stop::TripleFault => {
                 println!(
                     "vmm: guest reset ({}, rip {:#x} cs {:#x}/{:#x} cr0 {:#x} cr4 {:#x} efer {:#x})",
                     describe(stop),
@@ -616,29 +887,228 @@ fn run(args: &str) -> Result<Stop, SetupError> {
                     state.cr4,
                     state.efer
                 );
-                resets += 1;
-                if resets > MAX_RESETS {
-                    break stop;
-                }
-                let disk = machine.take_disk();
-                machine = guest.boot(disk, named, debug_exit)?;
-                machine.set_port_open(link.is_open());
+                self.resets += 1;
+                true
             }
-            Action::Stop(stop) => break stop,
+            _ => false,
+        };
+        if restart && self.resets <= MAX_RESETS {
+            self.resetting = true;
+        } else {
+            self.end(Ok(stop));
         }
-    };
-    arm(0);
-    console.flush(&machine, true);
-    report(&machine);
-    if stop != Stop::PowerOff {
-        // SAFETY: as above; the vCPU does not run any more.
-        let state = unsafe { &*(STATE_PAGE as *const VcpuState) };
-        println!(
-            "vmm: at rip {:#x} rsp {:#x} cr0 {:#x} cr4 {:#x} efer {:#x} rax {:#x} rsi {:#x}",
-            state.rip, state.rsp, state.cr0, state.cr4, state.efer, state.rax, state.rsi
-        );
     }
-    Ok(stop)
+
+    /// Reloads the guest into a new machine: called with every vCPU
+    /// thread parked, so no vCPU runs while RAM is rewritten.
+    fn reboot(&mut self) {
+        let disk = self.machine.take_disk();
+        match self.guest.boot(disk, self.named, self.debug_exit) {
+            Ok((machine, state)) => {
+                self.machine = machine;
+                self.boot_state = state;
+                // The new guest finds the port as the link left it.
+                self.machine.set_port_open(self.link.is_open());
+                self.generation += 1;
+            }
+            Err(error) => self.end(Err(error)),
+        }
+        self.resetting = false;
+        self.parked = 0;
+    }
+
+    /// Output, the modem's port and #UD reports after an exit.
+    fn after_exit(&mut self, action: Action) {
+        self.console.flush(
+            &self.machine,
+            matches!(action, Action::Halt | Action::Stop(_)),
+        );
+        if let Some(portal) = self.modem {
+            relay_to_modem(&mut self.machine, &mut self.link, portal);
+        }
+        for (rip, what) in self.machine.take_refusals() {
+            self.refusals_logged += 1;
+            match self.refusals_logged {
+                ..=MAX_REFUSALS_LOGGED => {
+                    println!("vmm: #UD injected at rip {rip:#x}: {what:?} is not emulated")
+                }
+                n if n == MAX_REFUSALS_LOGGED + 1 => println!("vmm: further #UDs not logged"),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Wakes (it may be halted or wait for STARTUP) and pokes (it may be in
+/// the guest) every vCPU in `vcpus` but `except`.
+fn kick(vcpus: u64, except: Option<usize>) {
+    for vcpu in 0..MAX_VCPUS {
+        if vcpus & (1 << vcpu) != 0 && Some(vcpu) != except {
+            // A vCPU that does not exist has no semaphore: refused.
+            if sys::sm_up(wake_sel(vcpu)).is_ok() {
+                let _ = kernel_call(Call::VcpuPoke, vcpu_sel(vcpu), [0; 6]);
+            }
+        }
+    }
+}
+
+/// Sleeps until kicked.
+fn wait(vcpu: usize) {
+    while sys::sm_down(wake_sel(vcpu), 0, false).is_err() {
+        core::hint::spin_loop();
+    }
+}
+
+/// Runs vCPU `vcpu` until the guest ends. Each pass: under the lock,
+/// prepare the entry (or see that the vCPU must wait); run the guest
+/// without it; under the lock again, handle the exit; then wake and poke
+/// the vCPUs that exit concerned.
+fn vcpu_loop(vcpu: usize) {
+    let mut generation = 0;
+    loop {
+        // SAFETY: the kernel writes the state page only during this
+        // vCPU's vcpu_run, which only this EC calls; this is the only
+        // reference until the next one.
+        let state = unsafe { &mut *(state_page(vcpu) as *mut VcpuState) };
+        let (entry, kicks) = {
+            let mut guard = VMM.lock();
+            let Some(v) = guard.as_mut() else { return };
+            if v.end.is_some() {
+                return;
+            }
+            if v.resetting {
+                v.parked |= 1 << vcpu;
+                if v.parked == v.all_vcpus() {
+                    v.reboot();
+                    (Entry::Wait, u64::MAX)
+                } else {
+                    (Entry::Wait, 0)
+                }
+            } else {
+                if v.generation != generation {
+                    generation = v.generation;
+                    if vcpu == 0 {
+                        *state = v.boot_state.clone();
+                    } else {
+                        // One TSC for all vCPUs; STARTUP keeps it.
+                        state.tsc_offset = v.boot_state.tsc_offset;
+                    }
+                }
+                dump_if_asked(&v.machine, v.modem.map(|_| &v.link));
+                INPUT.drain(&mut v.typed);
+                if !v.typed.is_empty() {
+                    let typed = core::mem::take(&mut v.typed);
+                    v.machine.console_input(&typed);
+                }
+                let entry = v.machine.prepare_entry(vcpu, state);
+                arm(host_deadline(&v.machine, v.guest.start, v.guest.tsc_hz));
+                (entry, v.machine.take_kicks())
+            }
+        };
+        if kicks == u64::MAX {
+            // A reboot: everyone starts over, this thread too.
+            kick(kicks, Some(vcpu));
+            continue;
+        }
+        kick(kicks, Some(vcpu));
+        if entry == Entry::Wait {
+            wait(vcpu);
+            continue;
+        }
+        let run = kernel_call(Call::VcpuRun, vcpu_sel(vcpu), [0; 6]);
+        let kicks = {
+            let mut guard = VMM.lock();
+            let Some(v) = guard.as_mut() else { return };
+            if v.end.is_some() || v.resetting || v.generation != generation {
+                // The exit belongs to a machine that is gone or going.
+                continue;
+            }
+            match run {
+                Ok(()) => {
+                    let action = v.machine.handle_exit(vcpu, state);
+                    v.after_exit(action);
+                    if let Action::Stop(stop) = action {
+                        v.stop(stop, state);
+                    }
+                }
+                Err(status) => v.end(Err(SetupError("vcpu_run", status))),
+            }
+            if v.end.is_some() || v.resetting {
+                u64::MAX
+            } else {
+                v.machine.take_kicks()
+            }
+        };
+        kick(kicks, Some(vcpu));
+    }
+}
+
+/// Creates vCPU `vcpu` on the calling EC's CPU (where it will run).
+fn create_vcpu(vcpu: usize) -> Result<(), SetupError> {
+    kernel_call(
+        Call::CreateVcpu,
+        vcpu_sel(vcpu),
+        [VM, state_page(vcpu), 0, 0, 0, 0],
+    )
+    .map_err(|s| SetupError("create_vcpu", s))?;
+    sys::create_sm(wake_sel(vcpu), sel::OWN_PD, 0).map_err(|s| SetupError("wake semaphore", s))
+}
+
+/// The vCPU a starting EC runs, set by the first EC before it creates
+/// the next one (one at a time: it waits for [`DONE_SM`]).
+static STARTING: AtomicUsize = AtomicUsize::new(0);
+/// What went wrong in a starting EC.
+static START_FAILED: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn vcpu_ec() -> ! {
+    let vcpu = STARTING.load(Ordering::Acquire);
+    let created = create_vcpu(vcpu);
+    if let Err(SetupError(_, status)) = created {
+        START_FAILED.store(status as u64 | 1 << 63, Ordering::Release);
+    }
+    let _ = sys::sm_up(DONE_SM);
+    if created.is_ok() {
+        vcpu_loop(vcpu);
+        let _ = sys::sm_up(DONE_SM);
+    }
+    // Stopped: the first EC ends the component.
+    loop {
+        let _ = sys::sm_down(wake_sel(vcpu), 0, false);
+    }
+}
+
+/// Starts an EC for each vCPU past the first, on its CPU, and waits until
+/// it has made its vCPU there.
+fn start_vcpus(cpus: &[u64], priority: u8) -> Result<(), SetupError> {
+    let fail = |what| move |s| SetupError(what, s);
+    for (index, &cpu) in cpus.iter().enumerate() {
+        let vcpu = index + 1;
+        let stack = Vec::leak(alloc::vec![0u8; VCPU_STACK]);
+        let top = (stack.as_ptr() as u64 + VCPU_STACK as u64) & !0xf;
+        STARTING.store(vcpu, Ordering::Release);
+        let (ec, sc) = (vcpu_sel(vcpu) + 1, vcpu_sel(vcpu) + 2);
+        sys::create_ec(
+            ec,
+            sel::OWN_PD,
+            false,
+            cpu,
+            vcpu_ec as *const () as u64,
+            top - 8,
+            state_page(vcpu) + PAGE_SIZE,
+            sel::EXCEPTION_PORTAL,
+            ec,
+        )
+        .map_err(fail("vCPU EC"))?;
+        sys::create_sc(sc, sel::OWN_PD, ec, priority, VCPU_BUDGET_US).map_err(fail("vCPU SC"))?;
+        sys::sm_down(DONE_SM, 0, false).map_err(fail("vCPU start"))?;
+        let failed = START_FAILED.load(Ordering::Acquire);
+        if failed != 0 {
+            let status = Status::from_code(failed & !(1 << 63)).unwrap_or(Status::BadCall);
+            println!("vmm: FAIL vCPU {vcpu} on CPU {cpu}: create_vcpu: {status}");
+            return Err(SetupError("create_vcpu", status));
+        }
+    }
+    Ok(())
 }
 
 /// What the guest is booted from, again at each reset.
@@ -653,11 +1123,12 @@ struct Guest {
     epoch: u64,
     /// Host TSC at guest TSC 0.
     start: u64,
+    vcpus: usize,
 }
 
 impl Guest {
     fn layout(&self) -> firmware::GuestLayout {
-        firmware::GuestLayout::standard(self.ram.size, 1)
+        firmware::GuestLayout::standard(self.ram.size, self.vcpus as u32)
     }
 
     /// RAM below the MMIO hole: all the guest gets (nothing above 4 GiB).
@@ -665,19 +1136,20 @@ impl Guest {
         self.layout().low_ram_end().min(self.ram.size)
     }
 
-    /// Clears RAM, loads the guest into it, and gives a machine with the
-    /// vCPU set to its entry (its state page written).
+    /// Clears RAM, loads the guest into it, and gives a machine and vCPU
+    /// 0's state at the guest's entry (the other vCPUs wait for STARTUP).
+    /// No vCPU may run meanwhile.
     fn boot(
         &self,
         disk: Option<Box<dyn BlockBackend>>,
         named: NamedPort,
         debug_exit: bool,
-    ) -> Result<Machine, SetupError> {
+    ) -> Result<(Machine, VcpuState), SetupError> {
         let low_ram = self.low_ram();
         let boot = {
-            // SAFETY: the `guest` region is this task's RAM mapping; the
-            // vCPU is not running, and this is the only reference while
-            // the firmware writes it.
+            // SAFETY: the `guest` region is this task's RAM mapping; no
+            // vCPU is running (the caller's promise), and this is the only
+            // reference while the firmware writes it.
             let ram = unsafe {
                 core::slice::from_raw_parts_mut(self.ram.address as *mut u8, low_ram as usize)
             };
@@ -707,6 +1179,7 @@ impl Guest {
             ram_size: low_ram,
             tsc_hz: self.tsc_hz,
             boot_unix_secs: self.epoch,
+            vcpus: self.vcpus,
         };
         let time = Rc::new(HostTime { start: self.start });
         let mut machine = Machine::new(&config, mem, time, Box::new(host_cpuid))
@@ -721,10 +1194,7 @@ impl Guest {
         }
         let mut initial = initial_state(&boot);
         initial.tsc_offset = self.start.wrapping_neg();
-        // SAFETY: create_vcpu mapped the state page there, writable; the
-        // vCPU does not run now.
-        unsafe { core::ptr::write(STATE_PAGE as *mut VcpuState, initial) };
-        Ok(machine)
+        Ok((machine, initial))
     }
 }
 
@@ -911,11 +1381,18 @@ fn relay_to_modem(machine: &mut Machine, link: &mut ModemLink, portal: Sel) {
 
 /// Creates the VM with the RAM at guest-physical 0, the `portals` (a
 /// comma-separated list of this PD's selectors, given at the same
-/// selectors), and its vCPU.
-fn create_vm(ram: Region, low_ram: u64, portals: &str, user: bool) -> Result<(), SetupError> {
+/// selectors); the vCPUs come later, each from the EC that runs it.
+fn create_vm(
+    ram: Region,
+    low_ram: u64,
+    portals: &str,
+    user: bool,
+    vcpus: usize,
+) -> Result<(), SetupError> {
     let pages = low_ram / PAGE_SIZE;
     let tables = (pages / 512 + 8) * PAGE_SIZE;
-    let quota = VM_QUOTA_BASE + pages * CAP_SLOT_COST + tables;
+    let quota =
+        VM_QUOTA_BASE + pages * CAP_SLOT_COST + tables + (vcpus as u64 - 1) * VM_QUOTA_PER_VCPU;
     let (rax, _) = sys::raw(
         CallWord::new(Call::CreatePd, vm_flags(user), VM).encode(),
         [sel::OWN_PD, quota, 64, 0, 0, 0],
@@ -944,14 +1421,12 @@ fn create_vm(ram: Region, low_ram: u64, portals: &str, user: bool) -> Result<(),
         sys::delegate(VM, Space::Object, sel, sel, 1, rights::PT_CALL)
             .map_err(|s| SetupError("delegate a portal to the VM", s))?;
     }
-    kernel_call(Call::CreateVcpu, VCPU, [VM, STATE_PAGE, 0, 0, 0, 0])
-        .map_err(|s| SetupError("create_vcpu", s))
+    Ok(())
 }
 
 fn start_timer() -> Result<(), SetupError> {
     let fail = |what| move |s| SetupError(what, s);
     sys::create_sm(TIMER_SM, sel::OWN_PD, 0).map_err(fail("timer semaphore"))?;
-    sys::create_sm(WAKE_SM, sel::OWN_PD, 0).map_err(fail("wake semaphore"))?;
     sys::create_ec(
         TIMER_EC,
         sel::OWN_PD,
@@ -1023,7 +1498,6 @@ const RESET_VECTOR: usize = 0xf_fff0;
 /// `mov al, 1; mov dx, 0x602; out dx, al; hlt`: the ACPI reset register.
 const RESET_STUB: [u8; 7] = [0xb0, 0x01, 0xba, 0x02, 0x06, 0xee, 0xf4];
 
-/// IA32_PAT at reset: WB, WT, UC-, UC, twice.
-const POWER_ON_PAT: u64 = 0x0007_0406_0007_0406;
+use state::POWER_ON_PAT;
 /// VMX access rights: segment unusable.
 const UNUSABLE: u32 = 1 << 16;

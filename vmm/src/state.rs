@@ -19,6 +19,9 @@ pub const WANT: u64 = group::GPRS
 
 /// STI and MOV SS blocking.
 pub const SHADOW: u32 = 0b11;
+/// Blocking by NMI: the guest handles one (until its IRET).
+pub const NMI_BLOCKED: u32 = 1 << 3;
+pub const NMI: u8 = 2;
 pub const RFLAGS_IF: u64 = 1 << 9;
 
 fn segment(s: &AbiSegment) -> Segment {
@@ -148,6 +151,63 @@ pub fn interruptible(state: &VcpuState) -> bool {
     state.rflags & RFLAGS_IF != 0 && state.interruptibility & SHADOW == 0
 }
 
+/// CR0 after INIT: CD, NW and ET (SDM Vol. 3A Table 9-1).
+const CR0_AFTER_INIT: u64 = 0x6000_0010;
+/// VMX access rights of real-mode segments: present, accessed; code
+/// readable, data writable. A busy TSS; LDTR unusable.
+const REAL_CODE: u32 = 0x9b;
+const REAL_DATA: u32 = 0x93;
+const BUSY_TSS: u32 = 0x8b;
+const UNUSABLE: u32 = 1 << 16;
+const REAL_LIMIT: u32 = 0xffff;
+/// IA32_PAT at reset: WB, WT, UC-, UC, twice.
+pub const POWER_ON_PAT: u64 = 0x0007_0406_0007_0406;
+
+/// The state a STARTUP IPI with `vector` gives a vCPU waiting for it:
+/// real mode at `vector << 12` (CS selector `vector << 8`, base `vector
+/// << 12`, IP 0), everything else as after INIT (SDM Vol. 3A 9.1.1, 10.4.4).
+/// Keeps `old`'s TSC offset; wants [`WANT`]; every group is loaded.
+pub fn startup(vector: u8, old: &VcpuState) -> VcpuState {
+    let data = AbiSegment {
+        limit: REAL_LIMIT,
+        access: REAL_DATA,
+        ..AbiSegment::default()
+    };
+    let mut state = VcpuState {
+        dirty: group::ALL & !group::INJECT,
+        want: WANT,
+        tsc_offset: old.tsc_offset,
+        rflags: 2,
+        cr0: CR0_AFTER_INIT,
+        xcr0: 1,
+        cs: AbiSegment {
+            selector: u16::from(vector) << 8,
+            base: u64::from(vector) << 12,
+            limit: REAL_LIMIT,
+            access: REAL_CODE,
+            ..AbiSegment::default()
+        },
+        ds: data,
+        es: data,
+        fs: data,
+        gs: data,
+        ss: data,
+        tr: AbiSegment {
+            limit: REAL_LIMIT,
+            access: BUSY_TSS,
+            ..AbiSegment::default()
+        },
+        pat: POWER_ON_PAT,
+        dr6: 0xffff_0ff0,
+        dr7: 0x400,
+        ..VcpuState::default()
+    };
+    state.ldtr.access = UNUSABLE;
+    state.gdtr.limit = REAL_LIMIT.into();
+    state.idtr.limit = REAL_LIMIT.into();
+    state
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,6 +237,22 @@ mod tests {
         store_cpu_state(&mut state, &cpu);
         assert_eq!((state.rbx, state.rip), (44, 0x1003));
         assert_eq!(state.dirty, group::GPRS | group::RIP_RFLAGS);
+    }
+
+    #[test]
+    fn startup_is_real_mode_at_the_vector() {
+        let old = VcpuState {
+            tsc_offset: 77,
+            rip: 0x1234,
+            cr0: 0x8000_0011,
+            ..VcpuState::default()
+        };
+        let s = startup(0x9a, &old);
+        assert_eq!((s.cs.selector, s.cs.base, s.rip), (0x9a00, 0x9a000, 0));
+        assert_eq!(s.cr0 & 1, 0, "real mode");
+        assert_eq!((s.tsc_offset, s.want), (77, WANT));
+        assert_eq!(s.dirty & group::INJECT, 0);
+        assert_ne!(s.dirty & group::SEGMENTS, 0);
     }
 
     #[test]

@@ -192,7 +192,7 @@ System configurations, field by field: docs/configuration.md.")]
         /// Quick form: its RAM, e.g. 512M or 1G
         #[arg(long, value_name = "SIZE", value_parser = size)]
         memory: Option<Size>,
-        /// Quick form: its vCPUs (1 for now)
+        /// Quick form: its vCPUs (default: the file's, or --cpus N)
         #[arg(long, value_name = "N")]
         vcpus: Option<u32>,
         /// Quick form: a host file (raw) as its persistent virtio disk,
@@ -361,6 +361,7 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
                 memory,
                 vcpus,
                 disk,
+                cpus,
             },
         }),
         Some(Command::Test {
@@ -475,7 +476,10 @@ mod tests {
                 cpus: Some(4),
                 kernel_args: vec!["cpus=2".into()],
                 config: None,
-                guest: GuestOverride::default(),
+                guest: GuestOverride {
+                    cpus: Some(4),
+                    ..GuestOverride::default()
+                },
             })
         );
         assert!(p("run --cpus 0").is_err());
@@ -522,6 +526,7 @@ mod tests {
                     file: "d.img".into(),
                     size: Some(Size(64 << 20)),
                 }),
+                cpus: None,
             }
         );
         opts.absolutize(Path::new("/home/u"));

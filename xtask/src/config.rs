@@ -48,6 +48,11 @@ const VMM_HEAP_BASE: u64 = 16 << 20;
 /// (capability slots and page tables for every 4 KiB page, twice: in its
 /// own space and in the guest's).
 const VMM_QUOTA_BASE: u64 = 8 << 20;
+/// Kernel memory of each vCPU past the first: its EC, SC, semaphore, its
+/// VMCB or VMCS and state page in the VM, and their page tables.
+const VMM_QUOTA_PER_VCPU: u64 = 256 << 10;
+/// The VMM's limit (its selectors: 4 per vCPU from 80, capacity 256).
+const MAX_GUEST_VCPUS: u32 = 32;
 const VMM_QUOTA_DIVISOR: u64 = 8;
 
 const GUEST_MIN_MEMORY: u64 = 16 << 20;
@@ -142,6 +147,8 @@ pub struct GuestEntry {
     pub cmdline: Option<Spanned<String>>,
     pub memory: Option<Spanned<Size>>,
     pub vcpus: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub vcpu_cpus: Option<Spanned<Vec<u32>>>,
     pub priority: Option<Spanned<u8>>,
     pub console: Option<Spanned<bool>>,
     #[serde(default)]
@@ -405,6 +412,9 @@ pub struct GuestOverride {
     pub vcpus: Option<u32>,
     /// `--disk FILE[:SIZE]`.
     pub disk: Option<DiskOption>,
+    /// `run --cpus N`: the machine's CPUs, and the vCPUs of the guest the
+    /// other options change, unless `--vcpus` or its `vcpus` says.
+    pub cpus: Option<u32>,
 }
 
 /// `--disk FILE[:SIZE]`: the guest's persistent disk, created with SIZE
@@ -442,7 +452,24 @@ impl GuestOverride {
 
     /// Applies the options to `file`'s console guest, or its only guest.
     pub fn apply(&self, file: &mut ConfigFile) -> Result<(), String> {
-        if self.is_empty() {
+        if let Some(cpus) = self.cpus {
+            file.machine.cpus = Some(from_cli(cpus));
+            let guest = file
+                .guests
+                .iter()
+                .position(GuestEntry::owns_console)
+                .or((file.guests.len() == 1).then_some(0));
+            if let Some(guest) = guest.map(|i| &mut file.guests[i]) {
+                if self.vcpus.is_none() && guest.vcpus.is_none() {
+                    guest.vcpus = Some(from_cli(cpus.min(MAX_GUEST_VCPUS)));
+                }
+            }
+        }
+        let for_guest = GuestOverride {
+            cpus: None,
+            ..self.clone()
+        };
+        if for_guest.is_empty() {
             return Ok(());
         }
         let index = match file.guests.iter().position(GuestEntry::owns_console) {
@@ -1028,18 +1055,43 @@ impl Planner<'_> {
                     bytes
                 }
             };
-            if let Some(v) = &g.vcpus {
-                if *v.get_ref() != 1 {
+            let vcpus = match &g.vcpus {
+                None => 1,
+                Some(v) if (1..=MAX_GUEST_VCPUS).contains(v.get_ref()) => *v.get_ref(),
+                Some(v) => {
                     return self.err(
                         v.span(),
                         &f("vcpus"),
-                        format!(
-                        "a guest has exactly 1 vCPU for now (the VMM runs one; issue 12), not {}",
-                        v.get_ref()
-                    ),
-                    );
+                        format!("expected 1 to {MAX_GUEST_VCPUS} vCPUs, not {}", v.get_ref()),
+                    )
                 }
-            }
+            };
+            // vCPU i on the CPU the list names, else on CPU i mod the
+            // machine's CPUs.
+            let vcpu_cpus: Vec<u32> = match &g.vcpu_cpus {
+                None => (0..vcpus).map(|i| i % cpus).collect(),
+                Some(list) => {
+                    let given = list.get_ref();
+                    if given.len() != vcpus as usize {
+                        return self.err(
+                            list.span(),
+                            &f("vcpu-cpus"),
+                            format!("expected one CPU per vCPU ({vcpus}), not {}", given.len()),
+                        );
+                    }
+                    if let Some(cpu) = given.iter().find(|&&c| c >= cpus) {
+                        return self.err(
+                            list.span(),
+                            &f("vcpu-cpus"),
+                            format!(
+                                "the machine has {cpus} CPU(s) ([machine] cpus), numbered from 0, \
+                                 so no CPU {cpu}"
+                            ),
+                        );
+                    }
+                    given.clone()
+                }
+            };
             let priority = match &g.priority {
                 None => DEFAULT_GUEST_PRIORITY,
                 Some(p) if (1..=GUEST_MAX_PRIORITY).contains(p.get_ref()) => *p.get_ref(),
@@ -1106,7 +1158,10 @@ impl Planner<'_> {
 
             let heap = (VMM_HEAP_BASE + disk_size).next_multiple_of(1 << 20);
             let mapped = memory + heap + kernel_size + initrd_size + disk_size + line.len() as u64;
-            let quota = (VMM_QUOTA_BASE + mapped / VMM_QUOTA_DIVISOR).next_multiple_of(1 << 20);
+            let quota = (VMM_QUOTA_BASE
+                + mapped / VMM_QUOTA_DIVISOR
+                + u64::from(vcpus - 1) * VMM_QUOTA_PER_VCPU)
+                .next_multiple_of(1 << 20);
             let mut mappings = vec![
                 format!("ram guest {}", manifest_size(memory)),
                 format!("ram heap {}", manifest_size(heap)),
@@ -1127,6 +1182,10 @@ impl Planner<'_> {
                 manifest_size(VMM_STACK),
                 manifest_size(quota)
             );
+            // vCPU 0 runs in the VMM's first EC, so on the VMM's CPU.
+            if vcpu_cpus[0] != 0 {
+                manifest += &format!("    cpu {}\n", vcpu_cpus[0]);
+            }
             for (slot, mapping) in mappings.iter().enumerate() {
                 manifest += &format!(
                     "    {mapping} at {:#x}\n",
@@ -1153,6 +1212,12 @@ impl Planner<'_> {
                 arg_of.push("modem");
             }
             let mut args = Vec::new();
+            if vcpus > 1 {
+                let rest: Vec<String> = vcpu_cpus[1..].iter().map(u32::to_string).collect();
+                args.push(format!("vcpus={vcpus}"));
+                args.push(format!("vcpu-cpus={}", rest.join(",")));
+                args.push(format!("vcpu-priority={priority}"));
+            }
             match g.epoch {
                 Some(epoch) => args.push(format!("epoch={epoch}")),
                 None => {
@@ -1741,6 +1806,7 @@ mod tests {
             memory: Some(Size(256 << 20)),
             vcpus: Some(1),
             disk: None,
+            cpus: None,
         };
         assert_eq!(
             example_plan("default.toml", &quick),
@@ -1770,16 +1836,27 @@ mod tests {
             panic!("no command line");
         };
         assert!(line.starts_with("console=ttyS0 quiet moat.disk_sum="));
-        let two = GuestOverride {
-            vcpus: Some(2),
+        let many = GuestOverride {
+            vcpus: Some(33),
             ..GuestOverride::default()
         };
-        let e = plan_with(&example("default.toml"), &two).unwrap_err();
+        let e = plan_with(&example("default.toml"), &many).unwrap_err();
         assert_eq!(
             (e.file.as_str(), e.line, e.field.as_str()),
             ("command line", 0, "guest[0].vcpus")
         );
-        assert!(e.message.contains("exactly 1 vCPU"), "{e}");
+        assert!(e.message.contains("expected 1 to 32 vCPUs"), "{e}");
+        let two = GuestOverride {
+            vcpus: Some(2),
+            ..GuestOverride::default()
+        };
+        let plan = plan_with(&example("default.toml"), &two).unwrap();
+        assert!(
+            plan.manifest
+                .contains("vcpus=2 vcpu-cpus=0 vcpu-priority=10"),
+            "{}",
+            plan.manifest
+        );
     }
 
     const DISK_GUEST: &str = "[[guest]]\nname = \"g\"\nkernel = \"bz\"\ninitrd = \"rd\"\n";
@@ -2135,7 +2212,9 @@ mod tests {
             (&format!("{GUEST}priority = 30\n"), "guest[0].priority", "from 1 to 24"),
             (&format!("{GUEST}calls = [\"echo\"]\n"), "guest[0].calls", "no component provides \"echo\""),
             (&format!("{GUEST}modem = \"modem\"\n"), "guest[0].modem", "no component provides \"modem\""),
-            (&format!("{GUEST}vcpus = 2\n"), "guest[0].vcpus", "exactly 1 vCPU for now"),
+            (&format!("{GUEST}vcpus = 0\n"), "guest[0].vcpus", "expected 1 to 32 vCPUs, not 0"),
+            (&format!("{GUEST}vcpus = 2\nvcpu-cpus = [0]\n"), "guest[0].vcpu-cpus", "one CPU per vCPU (2), not 1"),
+            (&format!("{GUEST}vcpus = 2\nvcpu-cpus = [0, 1]\n"), "guest[0].vcpu-cpus", "no CPU 1"),
             (&format!("[[component]]\nname = \"clock\"\nmodule = \"echo\"\n{GUEST}"), "component[0].name", "the name of the machine's clock"),
             ("[machine]\ncpus = 0\n[[component]]\nname = \"echo\"\n", "machine.cpus", "expected 1 to 64 CPUs"),
             ("", "", "nothing to boot"),
@@ -2145,6 +2224,54 @@ mod tests {
             assert_eq!(e.field, *field, "{text}: {e}");
             assert!(e.message.contains(wanted), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn vcpus_spread_over_the_cpus_or_go_where_named() {
+        // The guest's VMM, `g` (beside the machine's clock).
+        fn vmm(m: &moat_roottask::manifest::Manifest) -> &moat_roottask::manifest::Component {
+            m.components.iter().find(|c| c.name == "g").unwrap()
+        }
+        let default = plan(&format!("[machine]\ncpus = 2\n{GUEST}vcpus = 4\n")).unwrap();
+        let m = root_parse(&default.manifest);
+        assert_eq!(vmm(&m).cpu, 0, "vCPU 0 runs in the VMM's EC");
+        assert!(
+            default
+                .manifest
+                .contains("vcpus=4 vcpu-cpus=1,0,1 vcpu-priority=10"),
+            "{}",
+            default.manifest
+        );
+        let on_cpu_0 = plan(&format!(
+            "[machine]\ncpus = 2\n{GUEST}vcpus = 4\nvcpu-cpus = [0, 0, 0, 0]\n"
+        ))
+        .unwrap();
+        assert!(on_cpu_0
+            .manifest
+            .contains("vcpus=4 vcpu-cpus=0,0,0 vcpu-priority=10"));
+        let named = plan(&format!(
+            "[machine]\ncpus = 2\n{GUEST}vcpus = 2\nvcpu-cpus = [1, 1]\npriority = 12\n"
+        ))
+        .unwrap();
+        let m = root_parse(&named.manifest);
+        assert_eq!(vmm(&m).cpu, 1);
+        assert!(named
+            .manifest
+            .contains("vcpus=2 vcpu-cpus=1 vcpu-priority=12"));
+        let one = plan(&format!("[machine]\ncpus = 2\n{GUEST}")).unwrap();
+        assert!(!one.manifest.contains("vcpus="), "one vCPU: no arguments");
+        // `run --cpus 2`: the machine's CPUs and the guest's vCPUs.
+        let cpus = GuestOverride {
+            cpus: Some(2),
+            ..GuestOverride::default()
+        };
+        let two = plan_with(&example("default.toml"), &cpus).unwrap();
+        assert_eq!(two.cpus, 2);
+        assert!(
+            two.manifest.contains("vcpus=2 vcpu-cpus=1 vcpu-priority="),
+            "{}",
+            two.manifest
+        );
     }
 
     #[test]

@@ -1711,6 +1711,83 @@ pub const TESTS: &[SysTest] = &[
         slow: 2,
         ..BASE
     },
+    // An SMP guest (issue 12): Linux with 2 vCPUs on a 2-CPU machine,
+    // each vCPU run by its own VMM EC. The APs start through
+    // INIT/STARTUP, /init finds both CPUs online and a job pinned to each
+    // finishes, the disk check's reboot comes back with both, every check
+    // passes and the power-off stops both vCPU threads. vCPU i on CPU i
+    // (the default placement).
+    SysTest {
+        name: "linux_2vcpus",
+        config: Some(SystemConfig::Text(LINUX_SMP)),
+        cpus: 2,
+        expect: LINUX_SMP_CHECKS,
+        forbid: &["FAIL", "faulted", "did not stop"],
+        stop: Stop::WhenDecided,
+        // Two boots: 129-155 s on QEMU, 727 s on Bochs alone.
+        slow: 6,
+        ..BASE
+    },
+    // The same guest with both vCPUs sharing CPU 0 (`vcpu-cpus = [0, 0]`):
+    // the kernel's round robin between the two vCPU threads.
+    SysTest {
+        name: "linux_2vcpus_shared",
+        config: Some(SystemConfig::Text(LINUX_SMP_SHARED)),
+        cpus: 2,
+        expect: LINUX_SMP_CHECKS,
+        forbid: &["FAIL", "faulted", "did not stop"],
+        stop: Stop::WhenDecided,
+        // 129-155 s on QEMU.
+        slow: 4,
+        only_on: Some(Emulator::Qemu),
+        ..BASE
+    },
+    // Four vCPUs on two CPUs, two on each (vCPU i on CPU i mod 2).
+    SysTest {
+        name: "linux_4vcpus",
+        config: Some(SystemConfig::Text(LINUX_SMP4)),
+        cpus: 2,
+        expect: &[
+            all("cpus: 2 online"),
+            all("vmm: 4 vCPUs, vCPU 0 on the VMM's CPU, vCPUs 1.. on CPUs 1,0,1"),
+            all("smp: Brought up 1 node, 4 CPUs"),
+            all("MOAT-INIT reboot"),
+            all("vmm: guest reset (reset"),
+            all("smp: Brought up 1 node, 4 CPUs"),
+            all("MOAT-INIT start"),
+            all("MOAT-CHECK blk-persist ok"),
+            all("MOAT-CHECK cpus ok 4 online (0-3)"),
+            all("MOAT-CHECK cpus-pinned ok 4 jobs, one per CPU"),
+            all("MOAT-INIT done checks="),
+            all("failed=0"),
+            all("vmm: guest stopped: power-off"),
+            all("roottask: component 'linux' finished"),
+        ],
+        forbid: &["FAIL", "faulted", "did not stop"],
+        stop: Stop::WhenDecided,
+        // Two boots of four vCPUs time-sliced on one CPU: 231 s on QEMU.
+        slow: 8,
+        only_on: Some(Emulator::Qemu),
+        ..BASE
+    },
+    // A panic on one of two vCPUs stops both: the VMM reports it and ends.
+    SysTest {
+        name: "panic_2vcpus",
+        config: Some(SystemConfig::Text(LINUX_SMP_PANIC)),
+        cpus: 2,
+        expect: &[
+            all("smp: Brought up 1 node, 2 CPUs"),
+            all("MOAT-CHECK cpus ok 2 online (0-1)"),
+            all("Kernel panic - not syncing: sysrq triggered crash"),
+            all("vmm: guest stopped: kernel panic (pvpanic)"),
+            all("roottask: component 'crash' exited with code 1"),
+            all(NO_TASKS_LEFT),
+        ],
+        forbid: &["faulted", "did not stop"],
+        slow: 3,
+        only_on: Some(Emulator::Qemu),
+        ..BASE
+    },
     // `cargo xtask demo modem`: steps a-e in one boot (two Linux boots:
     // step c panics it), each judged by `demo::check`; the lines here are
     // the run's outline, in order. QEMU counts time in instructions
@@ -2082,6 +2159,103 @@ fn config_disk_check(output: &str) -> Vec<Part> {
 fn disk_kill_check(output: &str) -> Vec<Part> {
     disk_config_image(output, "disk_kill")
 }
+
+/// `linux_2vcpus`: the Linux test guest with 2 vCPUs on 2 CPUs, its disk
+/// check (and reboot) and the hypercall to `echo` included.
+const LINUX_SMP: &str = r#"
+[machine]
+cpus = 2
+
+[[guest]]
+name = "linux"
+kernel = "pinned:bzImage"
+initrd = "pinned:initramfs.cpio"
+cmdline = "console=ttyS0 panic=-1 moat.ipc=20 moat.cpus=2"
+vcpus = 2
+console = true
+calls = ["echo"]
+user-hypercalls = true
+test-disk = true
+
+[[component]]
+name = "echo"
+priority = 20
+provides = "echo"
+"#;
+
+const LINUX_SMP_CHECKS: &[Expect] = &[
+    all("cpus: 2 online"),
+    all("vmm: 2 vCPUs, vCPU 0 on the VMM's CPU, vCPUs 1.. on CPUs "),
+    all("smp: Brought up 1 node, 2 CPUs"),
+    all("MOAT-INIT start"),
+    all("MOAT-CHECK blk-write ok"),
+    all("MOAT-INIT reboot"),
+    all("vmm: guest reset (reset"),
+    all("smp: Brought up 1 node, 2 CPUs"),
+    all("MOAT-INIT start"),
+    all("MOAT-CHECK blk-persist ok"),
+    all("MOAT-CHECK cpu-hypervisor ok"),
+    all("MOAT-CHECK cpus ok 2 online (0-1)"),
+    all("MOAT-CHECK cpus-pinned ok 2 jobs, one per CPU"),
+    all("MOAT-CHECK clocksource ok kvm-clock"),
+    all("MOAT-CHECK ipc-hypercall ok ipcbench: 1000 calls, median"),
+    all("MOAT-INIT done checks="),
+    all("failed=0"),
+    all("vmm: exits "),
+    all("vmm: guest stopped: power-off"),
+    all("roottask: component 'linux' finished"),
+    all(NO_TASKS_LEFT),
+];
+
+/// `linux_2vcpus_shared`: as [`LINUX_SMP`], both vCPUs on CPU 0.
+const LINUX_SMP_SHARED: &str = r#"
+[machine]
+cpus = 2
+
+[[guest]]
+name = "linux"
+kernel = "pinned:bzImage"
+initrd = "pinned:initramfs.cpio"
+cmdline = "console=ttyS0 panic=-1 moat.ipc=20 moat.cpus=2"
+vcpus = 2
+vcpu-cpus = [0, 0]
+calls = ["echo"]
+user-hypercalls = true
+test-disk = true
+
+[[component]]
+name = "echo"
+priority = 20
+provides = "echo"
+"#;
+
+/// `linux_4vcpus`: four vCPUs on two CPUs, with the disk check's reboot.
+const LINUX_SMP4: &str = r#"
+[machine]
+cpus = 2
+
+[[guest]]
+name = "linux"
+kernel = "pinned:bzImage"
+initrd = "pinned:initramfs.cpio"
+cmdline = "console=ttyS0 panic=-1 moat.cpus=4"
+vcpus = 4
+test-disk = true
+"#;
+
+/// `panic_2vcpus`: two vCPUs, /init panics at its end (`moat.panic=1`).
+const LINUX_SMP_PANIC: &str = r#"
+[machine]
+cpus = 2
+
+[[guest]]
+name = "crash"
+kernel = "pinned:bzImage"
+initrd = "pinned:initramfs.cpio"
+cmdline = "console=ttyS0 panic=-1 moat.panic=1 moat.cpus=2"
+vcpus = 2
+on-panic = "stop"
+"#;
 
 /// `two_guests_panic`: `linux` makes its checks (disk, reboot, hypercall)
 /// while `crash`, above it and with less to check, panics at the end of

@@ -56,12 +56,17 @@ struct Setup {
 }
 
 fn setup() -> Setup {
+    setup_with(1)
+}
+
+fn setup_with(vcpus: usize) -> Setup {
     let ram = Rc::new(FakeRam(RefCell::new(vec![0; RAM as usize])));
     let time = Rc::new(FakeTime(Cell::new(0)));
     let config = Config {
         ram_size: RAM,
         tsc_hz: TSC_HZ,
         boot_unix_secs: 1_700_000_000,
+        vcpus,
     };
     let machine = Machine::new(&config, ram.clone(), time.clone(), Box::new(host_cpuid)).unwrap();
     Setup { machine, ram, time }
@@ -102,7 +107,7 @@ fn serial_output_reaches_the_console_and_rip_advances() {
     let mut s = setup();
     for byte in b"hi\n" {
         let mut state = out(0x3f8, 1, u64::from(*byte));
-        assert_eq!(s.machine.handle_exit(&mut state), Action::Resume);
+        assert_eq!(s.machine.handle_exit(0, &mut state), Action::Resume);
         assert_eq!(state.rip, 0x1001);
     }
     assert_eq!(s.machine.take_console_output(), b"hi\n");
@@ -113,12 +118,12 @@ fn serial_output_reaches_the_console_and_rip_advances() {
     state.exit.size = 1;
     state.exit.flags = exit_flags::IO_IN;
     state.rax = 0x1234_5600;
-    s.machine.handle_exit(&mut state);
+    s.machine.handle_exit(0, &mut state);
     assert_eq!(state.rax & 0x60, 0x60);
     assert_eq!(state.rax & !0xff, 0x1234_5600, "the rest of rax stays");
     state.exit.port = 0x2e8;
     state.exit.size = 4;
-    s.machine.handle_exit(&mut state);
+    s.machine.handle_exit(0, &mut state);
     assert_eq!(state.rax, 0xffff_ffff, "a 32-bit IN zero-extends");
     assert_eq!(s.machine.stats.unclaimed_ports, 1);
 }
@@ -128,7 +133,7 @@ fn cpuid_shows_kvm_and_skips_without_nrip() {
     let mut s = setup();
     let mut state = exit(exit_reason::CPUID);
     state.rax = 0x4000_0000;
-    s.machine.handle_exit(&mut state);
+    s.machine.handle_exit(0, &mut state);
     assert_eq!(state.rbx, u64::from(u32::from_le_bytes(*b"KVMK")));
     assert_eq!(state.rip, 0x1002, "CPUID is two bytes");
 }
@@ -139,7 +144,7 @@ fn kvm_clock_is_written_where_the_guest_asks() {
     s.time.0.set(3 * TSC_HZ);
     let gpa = 0x8000;
     let mut state = wrmsr(pvclock::MSR_KVM_SYSTEM_TIME_NEW, gpa | 1);
-    assert_eq!(s.machine.handle_exit(&mut state), Action::Resume);
+    assert_eq!(s.machine.handle_exit(0, &mut state), Action::Resume);
     assert_eq!(injected(&state), None);
     let ram = s.ram.0.borrow();
     let info = &ram[gpa as usize..gpa as usize + 32];
@@ -163,35 +168,35 @@ fn tsc_deadline_timer_interrupts_an_interruptible_guest() {
         (lapic::TSC_DEADLINE_MSR, 5000),
     ] {
         let mut state = wrmsr(msr, value);
-        s.machine.handle_exit(&mut state);
+        s.machine.handle_exit(0, &mut state);
         assert_eq!(injected(&state), None, "wrmsr {msr:#x}");
     }
     assert_eq!(s.machine.next_deadline_ns(), Some(5000));
 
     let mut state = exit(exit_reason::HLT);
     state.rflags = state::RFLAGS_IF;
-    assert_eq!(s.machine.handle_exit(&mut state), Action::Halt);
+    assert_eq!(s.machine.handle_exit(0, &mut state), Action::Halt);
     s.time.0.set(5000);
     s.machine.poll();
-    assert!(s.machine.interrupt_pending());
+    assert!(s.machine.interrupt_pending(0));
 
     // IF clear: an interrupt-window exit is requested, nothing injected.
     let mut blocked = exit(exit_reason::POKED);
-    s.machine.prepare_entry(&mut blocked);
+    s.machine.prepare_entry(0, &mut blocked);
     assert_eq!(injected(&blocked), None);
     assert_ne!(blocked.exit_on & exit_on::INTERRUPT_WINDOW, 0);
 
     let mut open = exit(exit_reason::INTERRUPT_WINDOW);
     open.rflags = state::RFLAGS_IF;
     open.exit_on = exit_on::INTERRUPT_WINDOW;
-    s.machine.handle_exit(&mut open);
-    s.machine.prepare_entry(&mut open);
+    s.machine.handle_exit(0, &mut open);
+    s.machine.prepare_entry(0, &mut open);
     assert_eq!(
         injected(&open),
         Some((0xec, event_kind::EXTERNAL_INTERRUPT))
     );
     assert_eq!(open.exit_on & exit_on::INTERRUPT_WINDOW, 0);
-    assert!(!s.machine.interrupt_pending(), "acknowledged");
+    assert!(!s.machine.interrupt_pending(0), "acknowledged");
 }
 
 #[test]
@@ -207,7 +212,7 @@ fn a_pending_event_is_reinjected_before_interrupts() {
     };
     state.exit.pending_valid = 1;
     state.rflags = state::RFLAGS_IF;
-    s.machine.prepare_entry(&mut state);
+    s.machine.prepare_entry(0, &mut state);
     assert_eq!(injected(&state), Some((14, event_kind::HARDWARE_EXCEPTION)));
     assert_eq!(state.inject.error_code, 2);
 }
@@ -217,7 +222,7 @@ fn halting_with_interrupts_off_stops() {
     let mut s = setup();
     let mut state = exit(exit_reason::HLT);
     assert_eq!(
-        s.machine.handle_exit(&mut state),
+        s.machine.handle_exit(0, &mut state),
         Action::Stop(Stop::HaltedForever)
     );
 }
@@ -226,12 +231,12 @@ fn halting_with_interrupts_off_stops() {
 fn debug_exit_stops_with_the_value_only_when_added() {
     let mut s = setup();
     let mut state = out(0xf4, 1, 0x31);
-    assert_eq!(s.machine.handle_exit(&mut state), Action::Resume);
+    assert_eq!(s.machine.handle_exit(0, &mut state), Action::Resume);
     let mut s = setup();
     s.machine.add_debug_exit().unwrap();
     let mut state = out(0xf6, 2, 0x1234);
     assert_eq!(
-        s.machine.handle_exit(&mut state),
+        s.machine.handle_exit(0, &mut state),
         Action::Stop(Stop::DebugExit(0x1234))
     );
     assert!(s.machine.add_debug_exit().is_err(), "the port is taken");
@@ -242,18 +247,24 @@ fn power_off_reset_and_panic_are_reported() {
     let mut s = setup();
     let mut state = out(0x600, 1, (5 << 2) | (1 << 5));
     assert_eq!(
-        s.machine.handle_exit(&mut state),
+        s.machine.handle_exit(0, &mut state),
         Action::Stop(Stop::PowerOff)
     );
     let mut s = setup();
     let mut state = out(0x602, 1, 1);
-    assert_eq!(s.machine.handle_exit(&mut state), Action::Stop(Stop::Reset));
+    assert_eq!(
+        s.machine.handle_exit(0, &mut state),
+        Action::Stop(Stop::Reset)
+    );
     let mut s = setup();
     let mut state = out(0x505, 1, 1);
-    assert_eq!(s.machine.handle_exit(&mut state), Action::Stop(Stop::Panic));
+    assert_eq!(
+        s.machine.handle_exit(0, &mut state),
+        Action::Stop(Stop::Panic)
+    );
     let mut state = exit(exit_reason::SHUTDOWN);
     assert_eq!(
-        setup().machine.handle_exit(&mut state),
+        setup().machine.handle_exit(0, &mut state),
         Action::Stop(Stop::TripleFault)
     );
 }
@@ -262,7 +273,7 @@ fn power_off_reset_and_panic_are_reported() {
 fn unknown_msrs_and_bad_xcr0_give_gp_and_keep_rip() {
     let mut s = setup();
     let mut state = wrmsr(0x48, 1);
-    s.machine.handle_exit(&mut state);
+    s.machine.handle_exit(0, &mut state);
     assert_eq!(
         injected(&state),
         Some((state::GP, event_kind::HARDWARE_EXCEPTION))
@@ -270,14 +281,14 @@ fn unknown_msrs_and_bad_xcr0_give_gp_and_keep_rip() {
     assert_eq!(state.rip, 0x1000);
     let mut state = exit(exit_reason::XSETBV);
     state.rax = 0b1001; // x87 and a component the host lacks
-    s.machine.handle_exit(&mut state);
+    s.machine.handle_exit(0, &mut state);
     assert_eq!(
         injected(&state),
         Some((state::GP, event_kind::HARDWARE_EXCEPTION))
     );
     let mut state = exit(exit_reason::XSETBV);
     state.rax = 0b111;
-    s.machine.handle_exit(&mut state);
+    s.machine.handle_exit(0, &mut state);
     assert_eq!((injected(&state), state.xcr0, state.rip), (None, 7, 0x1003));
 }
 
@@ -301,14 +312,14 @@ fn mmio_to_the_xapic_is_emulated() {
     // mov eax, [0xfee00030]: the APIC version register.
     let mut state = protected_mode(&[0xa1, 0x30, 0x00, 0xe0, 0xfe], &s.ram);
     state.exit.gpa = 0xfee0_0030;
-    assert_eq!(s.machine.handle_exit(&mut state), Action::Resume);
+    assert_eq!(s.machine.handle_exit(0, &mut state), Action::Resume);
     assert_eq!(injected(&state), None);
     assert_eq!(state.rax & 0xff, 0x14, "version");
     assert_eq!(state.rip, 0x1005);
     // mov dword [0xfee00080], 0x20: TPR, which is CR8 too.
     let mut state = protected_mode(&[0xc7, 0x05, 0x80, 0x00, 0xe0, 0xfe, 0x20, 0, 0, 0], &s.ram);
     state.exit.gpa = 0xfee0_0080;
-    s.machine.handle_exit(&mut state);
+    s.machine.handle_exit(0, &mut state);
     assert_eq!(state.cr8, 2);
 }
 
@@ -326,7 +337,7 @@ fn garbage_behind_an_mmio_exit_gives_ud_and_never_panics() {
         }
         let mut state = protected_mode(&code, &s.ram);
         state.exit.gpa = 0xfec0_0000 + (seed & 0xff);
-        let action = s.machine.handle_exit(&mut state);
+        let action = s.machine.handle_exit(0, &mut state);
         assert!(
             matches!(action, Action::Resume | Action::Stop(_)),
             "{action:?}"
@@ -349,7 +360,7 @@ fn an_mmio_exit_the_instruction_never_matches_gives_ud_not_a_stop() {
     for round in 1..=MISMATCH_LIMIT {
         let mut state = protected_mode(&[0xa1, 0x30, 0x00, 0xe0, 0xfe], &s.ram);
         state.exit.gpa = 0xfec0_0000;
-        assert_eq!(s.machine.handle_exit(&mut state), Action::Resume);
+        assert_eq!(s.machine.handle_exit(0, &mut state), Action::Resume);
         assert_eq!(state.rip, 0x1000, "not emulated");
         let expected = (round == MISMATCH_LIMIT).then_some((6, event_kind::HARDWARE_EXCEPTION));
         assert_eq!(injected(&state), expected, "round {round}");
@@ -377,12 +388,12 @@ fn pci_enumerates_the_virtio_devices() {
     let mut ids = Vec::new();
     for slot in 0..6u64 {
         let mut select = out(0xcf8, 4, 0x8000_0000 | (slot << 11));
-        s.machine.handle_exit(&mut select);
+        s.machine.handle_exit(0, &mut select);
         let mut read = exit(exit_reason::IO);
         read.exit.port = 0xcfc;
         read.exit.size = 4;
         read.exit.flags = exit_flags::IO_IN;
-        s.machine.handle_exit(&mut read);
+        s.machine.handle_exit(0, &mut read);
         ids.push(read.rax as u32);
     }
     assert_eq!(
@@ -421,10 +432,10 @@ fn the_dump_shows_exits_interrupts_and_every_queue() {
         )
         .unwrap();
     let mut state = out(0x3f8, 1, u64::from(b'x'));
-    s.machine.handle_exit(&mut state);
+    s.machine.handle_exit(0, &mut state);
     let mut state = exit(exit_reason::CPUID);
     state.rip = 0xffff_ffff_8100_0000;
-    s.machine.handle_exit(&mut state);
+    s.machine.handle_exit(0, &mut state);
     let dump = s.machine.dump();
     assert_eq!(dump[0], "exits 2: io 1 cpuid 1");
     assert_eq!(dump[1], "last exit cpuid at rip 0xffffffff81000000");
@@ -440,4 +451,181 @@ fn the_dump_shows_exits_interrupts_and_every_queue() {
     assert_eq!(queues("net"), 2, "{dump:#?}");
     assert_eq!(queues("rng"), 1, "{dump:#?}");
     assert!(dump[3..].iter().all(|l| l.ends_with(": off")), "{dump:#?}");
+}
+
+/// x2APIC on and software-enabled on `vcpu`.
+fn x2apic_on(s: &mut Setup, vcpu: usize) {
+    let bsp = if vcpu == 0 { 1 << 8 } else { 0 };
+    for (msr, value) in [
+        (
+            lapic::APIC_BASE_MSR,
+            0xfee0_0000 | (1 << 11) | (1 << 10) | bsp,
+        ),
+        (0x80f, 0x1ff),
+    ] {
+        let mut state = wrmsr(msr, value);
+        s.machine.handle_exit(vcpu, &mut state);
+        assert_eq!(injected(&state), None, "wrmsr {msr:#x}");
+    }
+}
+
+/// vCPU `from` writes its x2APIC ICR.
+fn send_ipi(s: &mut Setup, from: usize, destination: u32, low: u32) {
+    let mut state = wrmsr(0x830, u64::from(destination) << 32 | u64::from(low));
+    assert_eq!(s.machine.handle_exit(from, &mut state), Action::Resume);
+    assert_eq!(injected(&state), None);
+}
+
+const INIT: u32 = 0x4500;
+const STARTUP: u32 = 0x4600;
+const ALL_BUT_SELF: u32 = 3 << 18;
+
+#[test]
+fn application_processors_start_with_init_and_startup() {
+    let mut s = setup_with(3);
+    x2apic_on(&mut s, 0);
+    let mut ap = exit(exit_reason::POKED);
+    ap.tsc_offset = 42;
+    assert_eq!(s.machine.run_state(1), Some(RunState::WaitForSipi));
+    assert_eq!(s.machine.prepare_entry(1, &mut ap), Entry::Wait);
+    // A STARTUP before INIT also counts: an AP waits for SIPI from reset.
+    send_ipi(&mut s, 0, 1, INIT);
+    assert_eq!(s.machine.take_kicks(), 0b010);
+    assert_eq!(s.machine.prepare_entry(1, &mut ap), Entry::Wait);
+    send_ipi(&mut s, 0, 1, STARTUP | 0x9a);
+    assert_eq!(s.machine.take_kicks(), 0b010);
+    assert_eq!(s.machine.prepare_entry(1, &mut ap), Entry::Run);
+    assert_eq!((ap.cs.selector, ap.cs.base, ap.rip), (0x9a00, 0x9a000, 0));
+    assert_eq!(ap.tsc_offset, 42, "one TSC for all vCPUs");
+    assert_eq!(s.machine.run_state(1), Some(RunState::Running));
+    // The second STARTUP (Linux sends two) finds it running.
+    ap.rip = 0x10;
+    send_ipi(&mut s, 0, 1, STARTUP | 0x9a);
+    assert_eq!(s.machine.take_kicks(), 0);
+    assert_eq!(s.machine.prepare_entry(1, &mut ap), Entry::Run);
+    assert_eq!(ap.rip, 0x10);
+    // vCPU 2 was never started; INIT stops vCPU 1 again.
+    let mut other = exit(exit_reason::POKED);
+    assert_eq!(s.machine.prepare_entry(2, &mut other), Entry::Wait);
+    send_ipi(&mut s, 0, 1, INIT);
+    assert_eq!(s.machine.prepare_entry(1, &mut ap), Entry::Wait);
+    // INIT to the bootstrap processor is ignored (a hostile guest's ICR
+    // write must not stop it for good).
+    send_ipi(&mut s, 0, 0, INIT);
+    let mut bsp = exit(exit_reason::POKED);
+    assert_eq!(s.machine.prepare_entry(0, &mut bsp), Entry::Run);
+    assert_eq!(s.machine.stats.ignored_inits, 1);
+    // No such vCPU: the guest stops, the VMM does not panic.
+    let mut state = exit(exit_reason::HLT);
+    assert_eq!(
+        s.machine.handle_exit(3, &mut state),
+        Action::Stop(Stop::Failed(Failure::NoSuchVcpu(3)))
+    );
+}
+
+#[test]
+fn ipis_wake_a_halted_vcpu_and_reach_only_their_targets() {
+    let mut s = setup_with(3);
+    x2apic_on(&mut s, 0);
+    send_ipi(&mut s, 0, 0xffff_ffff, INIT | ALL_BUT_SELF);
+    send_ipi(&mut s, 0, 0, STARTUP | ALL_BUT_SELF | 0x10);
+    assert_eq!(s.machine.take_kicks(), 0b110);
+    for ap in 1..3 {
+        let mut state = exit(exit_reason::POKED);
+        assert_eq!(s.machine.prepare_entry(ap, &mut state), Entry::Run);
+        x2apic_on(&mut s, ap);
+    }
+    // vCPU 1 halts: it waits until something is deliverable to it.
+    let mut halted = exit(exit_reason::HLT);
+    halted.rflags = state::RFLAGS_IF;
+    assert_eq!(s.machine.handle_exit(1, &mut halted), Action::Halt);
+    assert_eq!(s.machine.prepare_entry(1, &mut halted), Entry::Wait);
+    // A fixed IPI to APIC 1 only: vCPU 1 is kicked and takes it.
+    send_ipi(&mut s, 0, 1, 0x41);
+    assert_eq!(s.machine.take_kicks(), 0b010);
+    assert!(!s.machine.interrupt_pending(2));
+    assert_eq!(s.machine.prepare_entry(1, &mut halted), Entry::Run);
+    assert_eq!(
+        injected(&halted),
+        Some((0x41, event_kind::EXTERNAL_INTERRUPT))
+    );
+    // All including self, from vCPU 2.
+    send_ipi(&mut s, 2, 0, 2 << 18 | 0x52);
+    assert_eq!(s.machine.take_kicks(), 0b111);
+    assert!((0..3).all(|v| s.machine.interrupt_pending(v)));
+    // An NMI is injected as one, unless the guest is in its NMI handler.
+    send_ipi(&mut s, 0, 2, 0x400);
+    let mut nmi = exit(exit_reason::POKED);
+    nmi.interruptibility = state::NMI_BLOCKED;
+    s.machine.prepare_entry(2, &mut nmi);
+    assert_ne!(nmi.exit_on & exit_on::NMI_WINDOW, 0);
+    nmi.interruptibility = 0;
+    nmi.dirty = 0;
+    s.machine.prepare_entry(2, &mut nmi);
+    assert_eq!(injected(&nmi), Some((state::NMI, event_kind::NMI)));
+}
+
+#[test]
+fn device_interrupts_go_to_the_vcpu_their_destination_names() {
+    let mut s = setup_with(2);
+    x2apic_on(&mut s, 0);
+    send_ipi(&mut s, 0, 1, INIT);
+    send_ipi(&mut s, 0, 1, STARTUP | 0x10);
+    let mut state = exit(exit_reason::POKED);
+    s.machine.prepare_entry(1, &mut state);
+    x2apic_on(&mut s, 1);
+    s.machine.take_kicks();
+    let target = s.machine.lapic_target();
+    let to = |id, lowest_priority| Destination {
+        id,
+        logical: false,
+        lowest_priority,
+    };
+    // An IOAPIC entry with destination 1 (physical).
+    assert!(target.deliver_to(0x31, false, to(1, false)));
+    assert_eq!(s.machine.take_kicks(), 0b10);
+    assert!(s.machine.interrupt_pending(1) && !s.machine.interrupt_pending(0));
+    // 0xff: every vCPU, also in x2APIC mode.
+    assert!(target.deliver_to(0x32, false, to(0xff, false)));
+    assert_eq!(s.machine.take_kicks(), 0b11);
+    // An MSI to APIC 1: address bits 19:12.
+    MsiToLapic(target.clone()).send(0xfee0_1000, 0x33);
+    assert_eq!(s.machine.take_kicks(), 0b10);
+    // Nobody there: dropped.
+    assert!(!target.deliver_to(0x34, false, to(7, false)));
+    assert_eq!(s.machine.take_kicks(), 0);
+    // With one vCPU, it takes every message.
+    let one = setup_with(1);
+    let lone = one.machine.lapic_target();
+    let mut one = one;
+    x2apic_on(&mut one, 0);
+    assert!(lone.deliver_to(0x35, false, to(7, false)));
+    assert!(one.machine.interrupt_pending(0));
+}
+
+#[test]
+fn a_vcpu_halted_with_interrupts_off_sleeps_until_the_last_one_does() {
+    let mut s = setup_with(2);
+    x2apic_on(&mut s, 0);
+    send_ipi(&mut s, 0, 1, INIT);
+    send_ipi(&mut s, 0, 1, STARTUP | 0x10);
+    let mut ap = exit(exit_reason::POKED);
+    assert_eq!(s.machine.prepare_entry(1, &mut ap), Entry::Run);
+    // vCPU 1 stops itself as Linux's stop_this_cpu does: it sleeps, an
+    // interrupt does not wake it, an NMI does.
+    let mut stopped = exit(exit_reason::HLT);
+    assert_eq!(s.machine.handle_exit(1, &mut stopped), Action::Halt);
+    send_ipi(&mut s, 0, 1, 0x41);
+    assert_eq!(s.machine.prepare_entry(1, &mut stopped), Entry::Wait);
+    send_ipi(&mut s, 0, 1, 0x400);
+    assert_eq!(s.machine.prepare_entry(1, &mut stopped), Entry::Run);
+    assert_eq!(injected(&stopped), Some((state::NMI, event_kind::NMI)));
+    // Both halted with interrupts off: the guest is dead.
+    let mut again = exit(exit_reason::HLT);
+    assert_eq!(s.machine.handle_exit(1, &mut again), Action::Halt);
+    let mut last = exit(exit_reason::HLT);
+    assert_eq!(
+        s.machine.handle_exit(0, &mut last),
+        Action::Stop(Stop::HaltedForever)
+    );
 }
