@@ -524,11 +524,15 @@ impl<C: Clock> Lapic<C> {
         Some(vector)
     }
 
-    /// When the VMM must wake to fire the timer, if it is armed and
-    /// unmasked.
+    /// When the VMM must wake to fire the timer: if it is armed, unmasked
+    /// and its vector is not still waiting in IRR.
     pub fn timer_deadline_ns(&self) -> Option<u64> {
         let lvt = self.lvt[LVT_TIMER];
-        if !self.enabled() || lvt & LVT_MASKED != 0 {
+        // Masked, or its vector still waits in IRR (a guest with
+        // interrupts off): a firing would change nothing, and the count
+        // catches up at the next poll; the deadline comes back when the
+        // vector is taken.
+        if !self.enabled() || lvt & LVT_MASKED != 0 || self.irr.contains((lvt & VECTOR) as u8) {
             return None;
         }
         let hz = self.config.timer_hz;
@@ -1040,6 +1044,29 @@ mod tests {
         write32(&mut lapic, reg::TIMER_DIVIDE, DIVIDE_BY_1);
         assert_eq!(read32(&mut lapic, reg::TIMER_CURRENT), 250);
         assert_eq!(lapic.timer_deadline_ns(), Some(77_500));
+    }
+
+    /// A guest that leaves the timer's vector in IRR (interrupts off)
+    /// gives the VMM no deadline to wake for until it takes the vector:
+    /// a periodic timer of one tick must not keep the VMM busy.
+    #[test]
+    fn no_deadline_while_the_vector_waits() {
+        let (mut lapic, clock) = lapic();
+        write32(&mut lapic, reg::TIMER_DIVIDE, DIVIDE_BY_1);
+        write32(&mut lapic, reg::LVT_TIMER, 1 << TIMER_MODE_SHIFT | 0xef);
+        write32(&mut lapic, reg::TIMER_INITIAL, 1);
+        assert!(lapic.timer_deadline_ns().is_some());
+        clock.0.set(1_000);
+        lapic.poll_timer();
+        assert_eq!(lapic.pending_interrupt(), Some(0xef));
+        assert_eq!(lapic.timer_deadline_ns(), None, "vector in IRR");
+        clock.0.set(2_000);
+        lapic.poll_timer();
+        lapic.acknowledge(0xef);
+        assert!(
+            lapic.timer_deadline_ns().is_some_and(|d| d > 2_000),
+            "taken: the timer counts on from now"
+        );
     }
 
     #[test]

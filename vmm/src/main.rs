@@ -336,12 +336,28 @@ fn host_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
 /// The shortest time between two firings of the timer EC (KVM clamps a
 /// guest's timer periods likewise).
 const MIN_TIMER_GAP_US: u64 = 50;
+/// How long the gap grows, doubling, while firings make no interrupt
+/// pending for any vCPU.
+const MAX_TIMER_GAP_US: u64 = 1000;
 
 /// The host TSC deadline the timer EC pokes the vCPU at (0: none).
 static DEADLINE: AtomicU64 = AtomicU64::new(0);
+/// The host TSC before which the timer EC does not fire again, whoever
+/// arms it.
+static NOT_BEFORE: AtomicU64 = AtomicU64::new(0);
 static TIMER_STACK: moat_user::Stack<8192> = moat_user::Stack::new();
 
+/// Fires the machine's timers when they are due and wakes or pokes the
+/// vCPUs that have a new interrupt. A guest that programs its timers for
+/// "now" over and over (a PIT reload of 1), or leaves what they raise
+/// pending with interrupts off, must not keep this EC, above the vCPUs'
+/// priority, from letting them run: after each firing it waits at least
+/// `MIN_TIMER_GAP_US`, and twice as long each time a firing reached no
+/// vCPU, up to `MAX_TIMER_GAP_US`. On Bochs a firing costs more than
+/// 50 µs of its instruction-counted time, so without the growing gap such
+/// a guest stopped every guest on the CPU.
 extern "C" fn timer_ec() -> ! {
+    let mut gap_us = MIN_TIMER_GAP_US;
     loop {
         let deadline = DEADLINE.load(Ordering::Acquire);
         match sys::sm_down(TIMER_SM, deadline, false) {
@@ -358,17 +374,19 @@ extern "C" fn timer_ec() -> ! {
                         match vmm.as_mut() {
                             Some(v) => {
                                 v.machine.poll();
-                                // Not again before MIN_TIMER_GAP_US: a
-                                // guest that programs a timer for "now"
-                                // over and over (a PIT reload of 1) must
-                                // not keep this EC and its pokes from
-                                // letting the vCPUs run.
+                                let kicks = v.machine.take_kicks();
+                                gap_us = if kicks == 0 {
+                                    (gap_us * 2).min(MAX_TIMER_GAP_US)
+                                } else {
+                                    MIN_TIMER_GAP_US
+                                };
                                 let tsc_hz = v.guest.tsc_hz;
-                                let earliest = moat_user::rdtsc()
-                                    .saturating_add(tsc_hz / 1_000_000 * MIN_TIMER_GAP_US);
-                                let next = host_deadline(&v.machine, v.guest.start, tsc_hz);
-                                arm(if next == 0 { 0 } else { next.max(earliest) });
-                                v.machine.take_kicks()
+                                NOT_BEFORE.store(
+                                    moat_user::rdtsc().saturating_add(tsc_hz / 1_000_000 * gap_us),
+                                    Ordering::Release,
+                                );
+                                arm(host_deadline(&v.machine, v.guest.start, tsc_hz));
+                                kicks
                             }
                             None => 0,
                         }
@@ -558,8 +576,13 @@ fn start_input() -> Result<(), SetupError> {
     .map_err(fail("input SC"))
 }
 
-/// Tells the timer EC the next deadline (host TSC, 0 for none).
+/// Tells the timer EC the next deadline (host TSC, 0 for none), never
+/// before `NOT_BEFORE`.
 fn arm(deadline: u64) {
+    let deadline = match deadline {
+        0 => 0,
+        d => d.max(NOT_BEFORE.load(Ordering::Acquire)),
+    };
     if DEADLINE.swap(deadline, Ordering::AcqRel) != deadline {
         let _ = sys::sm_up(TIMER_SM);
     }
