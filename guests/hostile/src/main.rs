@@ -7,8 +7,13 @@
 //! GDT, TSS and IDT); user-mode junk code and stack in the 2 MiB page at
 //! 2 MiB; a canary at 4 MiB that no device is ever pointed at and that
 //! must be intact at the end; the plan's scratch area at the top of RAM.
-//! The device hole (3-4 GiB) is mapped user-accessible and non-executable,
-//! so junk run at CPL 3 reaches the devices and nothing of the guest.
+//! The device hole (3-4 GiB) is mapped non-executable; once the devices
+//! are found, the 4 KiB pages junk aims at (each virtio device's notify,
+//! ISR and device-specific pages, the IOAPIC, the LAPIC) become user
+//! pages, so junk run at CPL 3 reaches those and nothing else: not the
+//! guest, and not the virtio common configuration or ECAM, through which
+//! it could point a device's DMA at the guest's own tables (junk's random
+//! displacements reach far past the register it aims with).
 //!
 //! Every access that the VMM may answer with an exception runs through
 //! `hostile_guarded`, which the exception handlers unwind to; the vector
@@ -21,7 +26,7 @@
 use core::arch::global_asm;
 use core::fmt::{self, Write};
 
-use hostile::pci::{self, ConfigSpace, VirtioDevice};
+use hostile::pci::{self, ConfigSpace, Region, VirtioDevice};
 use hostile::plan::{class, Action, Plan, Targets};
 use hostile::virtio::{self, Step};
 use hostile::{junk, Config, Layout, Xorshift, MIB};
@@ -30,6 +35,16 @@ const ZERO_PAGE_LEN: usize = 4096;
 const CMDLINE_MAX: usize = 2048;
 const JUNK_PAGE: u64 = 2 * MIB;
 const USER_STACK_TOP: u64 = 4 * MIB - 0x1000;
+/// After the junk bytes: an instruction that starts in them may take up
+/// to 14 bytes more, so 15 `hlt` (a #GP at CPL 3, whichever byte decoding
+/// starts at) and a `ud2`. With only the `ud2`, junk whose last
+/// instruction swallowed its first byte ran on through the zeroed page
+/// (`add [rax], al` a million times, each an MMIO exit when RAX held a
+/// device address) into the user stack: the guest seemed to stall.
+const JUNK_STOP: [u8; 17] = [
+    0xf4, 0xf4, 0xf4, 0xf4, 0xf4, 0xf4, 0xf4, 0xf4, 0xf4, 0xf4, 0xf4, 0xf4, 0xf4, 0xf4, 0xf4, 0x0f,
+    0x0b,
+];
 const CANARY: u64 = 4 * MIB;
 const CANARY_LEN: usize = 512 * 1024;
 /// Nothing the guest keeps lies at or above this.
@@ -187,6 +202,9 @@ struct Tables {
     pml4: Table,
     pdpt: Table,
     pd: [Table; 4],
+    /// 4 KiB tables for the 2 MiB regions of the device hole that hold
+    /// user pages.
+    small: [Table; SMALL_TABLES],
     idt: [u64; 512],
     gdt: [u64; 8],
     tss: [u32; 26],
@@ -196,6 +214,7 @@ static mut TABLES: Tables = Tables {
     pml4: Table([0; 512]),
     pdpt: Table([0; 512]),
     pd: [const { Table([0; 512]) }; 4],
+    small: [const { Table([0; 512]) }; SMALL_TABLES],
     idt: [0; 512],
     gdt: [0; 8],
     tss: [0; 26],
@@ -231,7 +250,7 @@ fn build_tables() {
             let frame = gib << 30 | i << 21;
             let mut entry = frame | pte::PRESENT | pte::WRITABLE | pte::HUGE;
             if gib == 3 {
-                entry |= pte::USER | pte::NX;
+                entry |= pte::NX;
             } else if frame == JUNK_PAGE {
                 entry |= pte::USER;
             }
@@ -273,6 +292,57 @@ fn build_tables() {
     // the GDT has the selectors the routine loads, and every IDT entry
     // points at a stub.
     unsafe { hostile_load_tables(&gdtr, &idtr, cr3) };
+}
+
+/// 2 MiB regions of the device hole split into 4 KiB pages: the virtio
+/// BARs', the IOAPIC's and the LAPIC's.
+const SMALL_TABLES: usize = 4;
+
+/// Makes the 4 KiB pages of `regions` (in the device hole) user pages,
+/// splitting their 2 MiB pages, then flushes the TLB.
+fn open_to_user(regions: &[Region]) {
+    // SAFETY: one CPU; no reference to TABLES is live (build_tables has
+    // returned); the entries are changed from one valid mapping of the
+    // same frames to another, then CR3 is reloaded.
+    let t = unsafe { &mut *core::ptr::addr_of_mut!(TABLES) };
+    let mut used = 0;
+    for r in regions.iter().filter(|r| r.len > 0) {
+        let mut page = r.base & !0xfff;
+        while page < r.base + r.len {
+            let (gib, big) = ((page >> 30) as usize, ((page >> 21) & 511) as usize);
+            if gib != 3 {
+                break;
+            }
+            let entry = t.pd[gib].0[big];
+            let small = if entry & pte::HUGE != 0 {
+                if used == SMALL_TABLES {
+                    say!("hostile: FAIL more than {SMALL_TABLES} device regions for junk");
+                    halt();
+                }
+                let table = &mut t.small[used];
+                used += 1;
+                let base = entry & 0xf_ffff_ffe0_0000;
+                for (i, e) in table.0.iter_mut().enumerate() {
+                    *e = (base + i as u64 * 0x1000) | pte::PRESENT | pte::WRITABLE | pte::NX;
+                }
+                t.pd[gib].0[big] =
+                    table.0.as_ptr() as u64 | pte::PRESENT | pte::WRITABLE | pte::USER;
+                table
+            } else {
+                let at = (entry & 0xf_ffff_ffff_f000) as *const u64;
+                t.small
+                    .iter_mut()
+                    .find(|table| core::ptr::eq(table.0.as_ptr(), at))
+                    .expect("a split region's table")
+            };
+            small.0[((page >> 12) & 511) as usize] |= pte::USER;
+            page += 0x1000;
+        }
+    }
+    // SAFETY: reloading CR3 with its own value only flushes the TLB.
+    unsafe {
+        core::arch::asm!("mov {0}, cr3", "mov cr3, {0}", out(reg) _, options(nostack));
+    }
 }
 
 /// Bytes of guest-physical memory the guest itself owns (identity-mapped,
@@ -368,10 +438,9 @@ impl Executor {
                 return;
             }
             Action::Junk(junk) => {
-                let code = ram(JUNK_PAGE, junk::CODE_LEN + 2);
+                let code = ram(JUNK_PAGE, junk::CODE_LEN + JUNK_STOP.len());
                 code[..junk::CODE_LEN].copy_from_slice(&junk.code);
-                // ud2: the end, if nothing faulted before.
-                code[junk::CODE_LEN..].copy_from_slice(&[0x0f, 0x0b]);
+                code[junk::CODE_LEN..].copy_from_slice(&JUNK_STOP);
                 [ctx.rax, ctx.rbx, ctx.rcx, ctx.rdx, ctx.rsi, ctx.rdi] = junk.regs;
                 hostile_user
             }
@@ -493,6 +562,19 @@ extern "C" fn hostile_main(zero_page: u64) -> ! {
         halt();
     };
     let (devices, found) = pci::find_virtio::<MAX_VIRTIO>(&mut PortConfig);
+    let mut junk_pages = [Region::default(); 2 + 3 * MAX_VIRTIO];
+    junk_pages[0] = Region {
+        base: hostile::IOAPIC,
+        len: 0x40,
+    };
+    junk_pages[1] = Region {
+        base: hostile::LAPIC,
+        len: 0x1000,
+    };
+    for (i, d) in devices[..found].iter().enumerate() {
+        junk_pages[2 + 3 * i..5 + 3 * i].copy_from_slice(&[d.notify, d.isr, d.device]);
+    }
+    open_to_user(&junk_pages);
     let amd = vendor_is_amd();
     say!(
         "hostile: seed {:#x}, {} actions, classes {:#x}, {} MiB RAM, {} virtio devices, {}",
@@ -750,6 +832,9 @@ global_asm!(
     ".set hostile_vector, hostile_vector + 1",
     ".endr",
     "hostile_trap:",
+    // An exception keeps RFLAGS.DF: junk that ran `std` would otherwise
+    // leave the Rust code after it copying backwards over its own stack.
+    "    cld",
     "    pop rax",
     "    mov rcx, [rip + hostile_recover_rsp]",
     "    test rcx, rcx",

@@ -398,8 +398,11 @@ impl<'a> Plan<'a> {
         Action::Hypercall { regs }
     }
 
-    /// Regions for junk's registers: device regions, never the virtio
-    /// common configuration (queue addresses go there).
+    /// Regions for junk's registers: the IOAPIC, the LAPIC and each virtio
+    /// device's notify, ISR and device pages — never the virtio common
+    /// configuration (queue addresses go there) or ECAM (BARs and MSI-X
+    /// go there). The bare-metal executor makes just these pages user
+    /// pages.
     fn junk_targets(&self) -> ([Region; 20], usize) {
         let mut list = [Region::default(); 20];
         let mut n = 0;
@@ -419,14 +422,6 @@ impl<'a> Plan<'a> {
                 len: 0x40,
             });
         }
-        add(Region {
-            base: ECAM,
-            len: ECAM_LEN,
-        });
-        add(Region {
-            base: self.targets.layout.ram_end,
-            len: 0x1000,
-        });
         for d in self.targets.virtio {
             add(d.notify);
             add(d.isr);
