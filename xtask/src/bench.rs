@@ -231,7 +231,21 @@ pairs at once; aggregate = all calls / (latest end - earliest start) by the TSC 
 every CPU), ratio = aggregate / the 1-CPU aggregate of the same run; wakeup = an EC on CPU 0 \
 stamps the TSC and ups a semaphore that an EC of the same PD on CPU 1 waits on, which reads \
 the TSC when it runs (median and minimum of 2,000 after 100 warm-up ones; the waiter blocks \
-before each up). On a host with fewer cores than emulated CPUs the CPUs share them.";
+before each up); parjob = the Linux test guest on 2 CPUs with 1 and with 2 vCPUs runs the same \
+job, `stress --cpu 2 --mem 0` (two threads of checked arithmetic) for 20 s of guest time \
+(kvm-clock, which follows the host clock here), speed-up = cpu rounds with 2 vCPUs / with 1. \
+On a host with fewer cores than emulated CPUs the CPUs share them.";
+
+/// The cpu rounds of a `MOAT-BENCH parjob: N vCPUs, stress: done, R cpu
+/// rounds, ...` line, with N.
+pub fn parse_parjob(serial: &str) -> Option<(u64, u64)> {
+    complete_lines(serial).find_map(|line| {
+        let (_, rest) = line.split_once("MOAT-BENCH parjob: ")?;
+        let (vcpus, rest) = rest.split_once(" vCPUs, stress: done, ")?;
+        let (rounds, _) = rest.split_once(" cpu rounds")?;
+        Some((vcpus.trim().parse().ok()?, rounds.trim().parse().ok()?))
+    })
+}
 
 /// One `bench smp pair cpu=C calls=N start=S end=E` line.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -376,6 +390,26 @@ pub fn run_smp(opts: &BenchOpts) -> Result<ExitCode> {
         }
         _ => {
             println!("bench smp: no wake-up result");
+            complete = false;
+        }
+    }
+    let parjob = |name: &str, vcpus: u64| parse_parjob(&serial_of(name)).filter(|p| p.0 == vcpus);
+    match (parjob("bench_parjob1", 1), parjob("bench_parjob2", 2)) {
+        (Some((_, one)), Some((_, two))) if one > 0 => {
+            let speedup = two as f64 / one as f64;
+            println!(
+                "parjob: 2 threads for 20 s, {one} cpu rounds on 1 vCPU, {two} on 2 vCPUs: speed-up {speedup:.2}"
+            );
+            rows.push(json!({
+                "case": "parjob",
+                "seconds": 20,
+                "rounds_1_vcpu": one,
+                "rounds_2_vcpus": two,
+                "speedup": (speedup * 1000.0).round() / 1000.0,
+            }));
+        }
+        _ => {
+            println!("bench smp: no complete Linux parallel-job result");
             complete = false;
         }
     }
@@ -2080,6 +2114,17 @@ vmm: guest stopped: power-off
         // Tests without those modules give nothing rather than a guess.
         assert_eq!(guest_kernel_args(&BENCH_IPC), None);
         assert_eq!(guest_ram_mib(&BENCH_IPC), None);
+    }
+
+    #[test]
+    fn parjob_line_is_parsed() {
+        let serial = "x\nMOAT-BENCH parjob: 2 vCPUs, stress: done, 8123 cpu rounds, 0 memory passes of 0 MiB\n";
+        assert_eq!(parse_parjob(serial), Some((2, 8123)));
+        assert_eq!(
+            parse_parjob("MOAT-BENCH parjob: 2 vCPUs, stress: done, 81"),
+            None
+        );
+        assert_eq!(parse_parjob("MOAT-BENCH parjob FAIL stress: FAIL\n"), None);
     }
 
     #[test]

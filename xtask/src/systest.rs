@@ -2352,12 +2352,12 @@ const HOSTILE_MODULES: &[ModuleSpec] = &[
 const HOSTILE_CMDLINES: [(&str, &str, &str); 2] = [
     (
         "0x5eed",
-        "hostile.seed=0x5eed hostile.actions=100000 hostile.classes=0x3f",
+        "hostile.seed=0x5eed hostile.actions=100000 hostile.classes=0x7f",
         "hostile: done, 100000 actions (seed 0x5eed)",
     ),
     (
         "0xbad5eed",
-        "hostile.seed=0xbad5eed hostile.actions=100000 hostile.classes=0x3f",
+        "hostile.seed=0xbad5eed hostile.actions=100000 hostile.classes=0x7f",
         "hostile: done, 100000 actions (seed 0xbad5eed)",
     ),
 ];
@@ -2552,7 +2552,7 @@ fn hostile_check(output: &str) -> Vec<Part> {
     let mut parts = Vec::new();
     for (i, (seed, _, done)) in HOSTILE_CMDLINES.iter().enumerate() {
         let vm = ["hostile_a", "hostile_b"][i];
-        let start = format!("hostile: seed {seed}, 100000 actions, classes 0x3f");
+        let start = format!("hostile: seed {seed}, 100000 actions, classes 0x7f");
         let exited = format!("roottask: component '{vm}' exited with code 1");
         let missing: Vec<&str> = [start.as_str(), done, exited.as_str()]
             .into_iter()
@@ -2673,9 +2673,49 @@ macro_rules! bench_smp_test {
     };
 }
 
+/// `bench_parjob1`/`2`: the Linux test guest with 1 or 2 vCPUs on two
+/// CPUs, running the same two-thread CPU-bound job (`moat.parjob=`).
+macro_rules! parjob_config {
+    ($vcpus:literal) => {
+        concat!(
+            r#"
+[machine]
+cpus = 2
+
+[[guest]]
+name = "linux"
+kernel = "pinned:bzImage"
+initrd = "pinned:initramfs.cpio"
+cmdline = "console=ttyS0 panic=-1 moat.parjob=20"
+vcpus = "#,
+            $vcpus,
+            "\n"
+        )
+    };
+}
+
+macro_rules! bench_parjob_test {
+    ($name:literal, $vcpus:literal) => {
+        SysTest {
+            name: $name,
+            config: Some(SystemConfig::Text(parjob_config!($vcpus))),
+            expect: &[
+                all("MOAT-BENCH parjob: "),
+                all("vmm: guest stopped: power-off"),
+            ],
+            forbid: &["parjob FAIL", "faulted"],
+            stop: Stop::WhenDecided,
+            slow: 4,
+            cpus: 2,
+            qemu_args: &[],
+            ..BASE
+        }
+    };
+}
+
 /// `cargo xtask bench smp`: one echo/ping pair per CPU on 1, 2 and 4 CPUs,
-/// and the cross-CPU wake-up.
-pub static BENCH_SMP: [SysTest; 4] = [
+/// the cross-CPU wake-up, and a Linux job on 1 and 2 vCPUs.
+pub static BENCH_SMP: [SysTest; 6] = [
     bench_smp_test!(
         "bench_smp1",
         1,
@@ -2719,6 +2759,8 @@ pub static BENCH_SMP: [SysTest; 4] = [
         ],
         &[all("bench smp wakeup ")]
     ),
+    bench_parjob_test!("bench_parjob1", 1),
+    bench_parjob_test!("bench_parjob2", 2),
 ];
 
 /// `cargo xtask bench exits`: `testvmm` in bench mode (see its `bench.rs`).
