@@ -46,11 +46,42 @@ impl Kernel {
                 return;
             }
         }
-        let Some(e) = self.ecs.get(ec) else { return };
+        // The other IPC paths stay inline too; every other call goes
+        // through `dispatch`, which is never inlined, so that how those are
+        // decoded does not shape the IPC paths' code.
+        let status = if is_ipc(word) {
+            self.ipc(ec, word)
+        } else {
+            self.dispatch(ec, word)
+        };
+        if let Some(status) = status {
+            if let Some(e) = self.ecs.get_mut(ec) {
+                e.regs.rax = status.code();
+            }
+        }
+    }
+
+    /// `call` and `reply`: the status, if the EC gets one now.
+    fn ipc(&mut self, ec: EcId, word: CallWord) -> Option<Status> {
+        if word.number == Call::Reply.number() {
+            return self.sys_reply(ec);
+        }
+        let e = self.ecs.get(ec)?;
+        match view::<IpcCall>(word, crate::ec::words_of(&e.regs)) {
+            Ok(call) => self.sys_call(ec, call.portal, call.nonblock).err(),
+            Err(status) => Some(status),
+        }
+    }
+
+    /// Every call but `call` and `reply`: decodes its view and acts; the
+    /// status, if the EC gets one now.
+    #[inline(never)]
+    fn dispatch(&mut self, ec: EcId, word: CallWord) -> Option<Status> {
+        let e = self.ecs.get(ec)?;
         let regs = &e.regs;
         let args = [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9];
         let (pd, rip, rsp) = (e.pd, regs.rip, regs.rsp);
-        let status: Option<Status> = match Call::try_from(word.number) {
+        match Call::try_from(word.number) {
             Err(status) => Some(status),
             Ok(Call::ConsoleWrite) => Some(done(
                 view(word, args).and_then(|call| self.console_write(pd, &call)),
@@ -68,10 +99,7 @@ impl Kernel {
                 self.raise(ec, message);
                 None
             }
-            Ok(Call::Call) => view(word, args)
-                .and_then(|call: IpcCall| self.sys_call(ec, call.portal, call.nonblock))
-                .err(),
-            Ok(Call::Reply) => self.sys_reply(ec),
+            Ok(Call::Call | Call::Reply) => self.ipc(ec, word),
             Ok(Call::CreatePd) => Some(done(
                 view(word, args).and_then(|call| self.sys_create_pd(pd, &call)),
             )),
@@ -132,11 +160,6 @@ impl Kernel {
                 Some(done(view(word, args).and_then(|call: VcpuPoke| {
                     self.sys_vcpu_poke(pd, call.vcpu)
                 })))
-            }
-        };
-        if let Some(status) = status {
-            if let Some(e) = self.ecs.get_mut(ec) {
-                e.regs.rax = status.code();
             }
         }
     }
@@ -360,6 +383,10 @@ impl Kernel {
 pub fn interrupt_due() -> bool {
     crate::arch::x86_64::lapic::armed() <= crate::arch::x86_64::cpu::rdtsc()
         || crate::kernel::lock_wanted()
+}
+
+fn is_ipc(word: CallWord) -> bool {
+    word.number == Call::Call.number() || word.number == Call::Reply.number()
 }
 
 /// The typed view of a call's registers.
