@@ -6,7 +6,8 @@
 //! `r9`. The kernel returns a [`Status`] in `rax`; IPC calls return message
 //! words in the argument registers. `rcx` and `r11` are clobbered by the
 //! instruction itself; every other register is preserved unless the call
-//! says otherwise. README.md documents every call.
+//! says otherwise. README.md documents every call; [`syscall`] has each
+//! call's arguments as a typed view, which both sides use.
 #![no_std]
 #![forbid(unsafe_code)]
 
