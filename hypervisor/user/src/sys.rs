@@ -7,8 +7,8 @@ use core::arch::asm;
 
 use moat_abi::syscall::{
     CapCount, ConsoleLen, ConsoleWrite, Cpu, CreateEc, CreatePd, CreatePt, CreateSc, CreateSm,
-    Delegate, Exit, IpcCall, IrqAssign, IrqMode, IrqUnmask, MapDevice, MemPhys, Register, Reply,
-    Revoke, SmDown, SmUp, Syscall, Unchecked,
+    CreateVcpu, Delegate, Exit, IpcCall, IrqAssign, IrqMode, IrqUnmask, MapDevice, MemPhys,
+    Register, Reply, Revoke, SmDown, SmUp, Syscall, Unchecked, VcpuPoke, VcpuRun,
 };
 use moat_abi::{Space, Status};
 
@@ -159,6 +159,48 @@ pub fn create_ec(
         exception_portal: Some(exception_portal).filter(|&sel| sel != u64::MAX),
         ec_id,
     })
+}
+
+/// Creates a VM (a PD whose memory space is guest-physical) at `dst`, as
+/// [`create_pd`] with the caller's ceiling; with `user_hypercalls` guest
+/// CPL 3 may make the IPC hypercall too.
+pub fn create_vm(
+    dst: Sel,
+    owner: Sel,
+    quota_bytes: u64,
+    capacity: u64,
+    user_hypercalls: bool,
+) -> Result<(), Status> {
+    invoke(&CreatePd {
+        dst,
+        vm: true,
+        user_hypercalls,
+        owner,
+        quota_bytes,
+        capacity: Unchecked::from_raw(capacity),
+        ceiling: Unchecked::from_raw(0),
+    })
+}
+
+/// Creates a vCPU of VM `vm` at `dst`, bound to the calling EC's CPU; the
+/// kernel maps its state page (`moat_abi::vcpu::VcpuState`) at
+/// `state_page` in the caller's PD.
+pub fn create_vcpu(dst: Sel, vm: Sel, state_page: u64) -> Result<(), Status> {
+    invoke(&CreateVcpu {
+        dst,
+        vm,
+        state: Unchecked::from_raw(state_page),
+    })
+}
+
+/// Runs `vcpu` until an exit needs the VMM (the state page holds it).
+pub fn vcpu_run(vcpu: Sel) -> Result<(), Status> {
+    invoke(&VcpuRun { vcpu })
+}
+
+/// Makes `vcpu` return from `vcpu_run` soon, from any CPU.
+pub fn vcpu_poke(vcpu: Sel) -> Result<(), Status> {
+    invoke(&VcpuPoke { vcpu })
 }
 
 /// Binds a new SC (`priority` 0..63, `budget_us` per period) at `dst` to
