@@ -2,7 +2,8 @@
 //! runtime builds a view and [`Syscall::encode`]s it into `rax` and the six
 //! argument registers; the kernel [`Syscall::decode`]s those registers into
 //! the same view. The register a value travels in is written here only
-//! (README.md's tables say the same for readers).
+//! (README.md's tables say the same for readers; a host test holds them to
+//! it).
 //!
 //! An argument that has a range is an [`Unchecked`] of its type: the
 //! kernel checks it at the point of the call where it always has — after

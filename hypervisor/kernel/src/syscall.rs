@@ -1,4 +1,5 @@
-//! System calls: decode the call word, look up and check capabilities, act.
+//! System calls: decode the call word and the call's view of its
+//! registers (`moat_abi::syscall`), look up and check capabilities, act.
 
 use crate::arch::x86_64::entry::TrapFrame;
 use crate::arch::x86_64::layout::{phys_to_virt, USER_END};
@@ -48,7 +49,8 @@ impl Kernel {
         }
         // The other IPC paths stay inline too; every other call goes
         // through `dispatch`, which is never inlined, so that how those are
-        // decoded does not shape the IPC paths' code.
+        // decoded does not shape the IPC paths' code (with all of it
+        // inline, the null round trip took 32 more instructions).
         let status = if is_ipc(word) {
             self.ipc(ec, word)
         } else {
