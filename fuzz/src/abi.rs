@@ -1,10 +1,16 @@
 //! What decodes untrusted words at the kernel's edges: the ABI's call
-//! words, statuses, typed items and exception messages (from any task's
-//! registers and UTCB), the kernel's event conversion (from a VMM's
+//! words, every call's typed view of its registers, statuses, typed items
+//! and exception messages (from any task's registers and UTCB), the kernel's event conversion (from a VMM's
 //! vCPU state page) and its VM-exit decoding, and the ELF parser the
 //! kernel and root task load tasks with.
 
 use arbitrary::{Arbitrary, Unstructured};
+use core::fmt::Debug;
+use moat_abi::syscall::{
+    ConsoleWrite, CreateEc, CreatePd, CreatePt, CreateSc, CreateSm, CreateVcpu, Delegate, Exit,
+    IpcCall, IrqAssign, IrqUnmask, MapDevice, MemPhys, Reply, Revoke, SmDown, SmUp, Syscall,
+    VcpuPoke, VcpuRun,
+};
 use moat_abi::vcpu::Inject;
 use moat_abi::{Call, CallWord, Space, Status};
 use moat_abi::{ExceptionMessage, TypedItem};
@@ -20,6 +26,67 @@ struct Words {
     item: [u64; 3],
     message: [u64; 6],
     inject: (u8, u8, u8, u8, u32),
+    args: [u64; 6],
+}
+
+/// A call's view of `word` and `args`, if it decodes: it encodes to
+/// registers that decode to the same view.
+fn view<V: Syscall + PartialEq + Debug>(word: CallWord, args: [u64; 6]) -> Option<V> {
+    let view = V::decode(word, args).ok()?;
+    let (again, again_args) = view.encode();
+    assert_eq!(
+        V::decode(again, again_args).as_ref(),
+        Ok(&view),
+        "view round trip"
+    );
+    Some(view)
+}
+
+/// Decodes the registers as the kernel would, with every check the
+/// kernel makes of them.
+fn views(word: CallWord, args: [u64; 6]) {
+    let Ok(call) = Call::try_from(word.number) else {
+        return;
+    };
+    match call {
+        Call::ConsoleWrite => {
+            let _ = view::<ConsoleWrite>(word, args).map(|v| v.len.check());
+        }
+        Call::Exit => drop(view::<Exit>(word, args)),
+        Call::Call => drop(view::<IpcCall>(word, args)),
+        Call::Reply => drop(view::<Reply>(word, args)),
+        Call::CreatePd => {
+            let _ = view::<CreatePd>(word, args).map(|v| (v.capacity.check(), v.ceiling.check()));
+        }
+        Call::CreateEc => {
+            let _ = view::<CreateEc>(word, args).map(|v| v.utcb.check());
+        }
+        Call::CreateSc => {
+            let _ = view::<CreateSc>(word, args).map(|v| (v.priority.check(), v.budget.check()));
+        }
+        Call::CreatePt => drop(view::<CreatePt>(word, args)),
+        Call::CreateSm => drop(view::<CreateSm>(word, args)),
+        Call::SmUp => drop(view::<SmUp>(word, args)),
+        Call::SmDown => drop(view::<SmDown>(word, args)),
+        Call::Delegate => {
+            let _ = view::<Delegate>(word, args)
+                .map(|v| (v.space.check(), v.count.check(), v.rights.check()));
+        }
+        Call::Revoke => drop(view::<Revoke>(word, args)),
+        Call::IrqAssign => {
+            let _ = view::<IrqAssign>(word, args).map(|v| v.mode.check());
+        }
+        Call::IrqUnmask => drop(view::<IrqUnmask>(word, args)),
+        Call::CreateVcpu => {
+            let _ = view::<CreateVcpu>(word, args).map(|v| v.state.check());
+        }
+        Call::VcpuRun => drop(view::<VcpuRun>(word, args)),
+        Call::VcpuPoke => drop(view::<VcpuPoke>(word, args)),
+        Call::MapDevice => {
+            let _ = view::<MapDevice>(word, args).map(|v| v.checked_count());
+        }
+        Call::MemPhys => drop(view::<MemPhys>(word, args)),
+    }
 }
 
 /// The ABI's decoders: each one either refuses a word or decodes it to
@@ -33,6 +100,7 @@ pub fn abi(data: &[u8]) {
     if let Ok(call) = Call::try_from(word.number) {
         assert_eq!(call.number(), word.number);
     }
+    views(word, w.args);
     if let Ok(status) = Status::from_code(w.status) {
         assert_eq!(status.code(), w.status);
         let _ = status.to_string();

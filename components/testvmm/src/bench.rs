@@ -11,11 +11,11 @@
 //!
 //! Prints `bench exits <case> median=<ticks> min=<ticks> iterations=<n>`.
 
-use super::{ram, raw, start, teardown, KernelCall, ECHO, STATE_BASE, VM_BASE};
+use super::{checked, ram, start, teardown, KernelCall, ECHO, STATE_BASE, VM_BASE};
 use alloc::vec::Vec;
 use common::stats;
 use moat_abi::vcpu::{exit_reason, group, VcpuState};
-use moat_abi::{Call, CallWord, HYPERCALL_IPC};
+use moat_abi::HYPERCALL_IPC;
 use moat_testvm::ECHO_SELECTOR;
 use moat_testvmm::setup;
 use moat_user::{println, rdtsc, sys};
@@ -97,7 +97,7 @@ fn cpuid(vm: u64, vcpu: u64, page: u64) -> Result<Vec<u32>, KernelCall> {
     let mut samples = Vec::with_capacity(ITERATIONS);
     for i in 0..WARMUP + ITERATIONS {
         let before = rdtsc();
-        raw("vcpu_run", CallWord::new(Call::VcpuRun, 0, vcpu), [0; 6])?;
+        checked("vcpu_run", sys::vcpu_run(vcpu))?;
         let after = rdtsc();
         let st = state(page);
         if st.exit.reason != exit_reason::CPUID {
@@ -129,7 +129,7 @@ fn hypercall(vm: u64, vcpu: u64, page: u64) -> Result<Vec<u32>, KernelCall> {
             status: moat_abi::Status::BadParameter,
         })?;
     start(vm, vcpu, page, initial)?;
-    raw("vcpu_run", CallWord::new(Call::VcpuRun, 0, vcpu), [0; 6])?;
+    checked("vcpu_run", sys::vcpu_run(vcpu))?;
     let st = state(page);
     if st.exit.reason != exit_reason::HLT {
         println!(

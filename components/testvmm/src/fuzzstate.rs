@@ -8,12 +8,12 @@
 //!
 //! Prints `testvmm: fuzzstate: N runs, every one returned`.
 
-use super::{raw, start_with_ram, teardown, KernelCall, STATE_BASE, VM_BASE};
+use super::{checked, start_with_ram, teardown, KernelCall, STATE_BASE, VM_BASE};
 use common::rng::Xorshift;
 use moat_abi::vcpu::VcpuState;
-use moat_abi::{Call, CallWord, PAGE_SIZE};
+use moat_abi::PAGE_SIZE;
 use moat_testvmm::setup;
-use moat_user::println;
+use moat_user::{println, sys};
 
 const RUNS: u32 = 500;
 const SEED: u64 = 0x5eed_f00d;
@@ -46,7 +46,7 @@ fn fuzz() -> Result<u32, KernelCall> {
             // SAFETY: as above.
             let state = unsafe { &mut *(page as *mut VcpuState) };
             state.activity = 0;
-            raw("vcpu_run", CallWord::new(Call::VcpuRun, 0, vcpu), [0; 6])?;
+            checked("vcpu_run", sys::vcpu_run(vcpu))?;
             runs += 1;
         }
         Ok(runs)

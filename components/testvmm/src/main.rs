@@ -17,7 +17,7 @@ use core::fmt;
 
 use common::args;
 use moat_abi::vcpu::VcpuState;
-use moat_abi::{flags, rights, selectors, Call, CallWord, Space, Status, PAGE_SIZE};
+use moat_abi::{rights, selectors, Space, Status, PAGE_SIZE};
 use moat_testvm::layout::RAM_SIZE;
 use moat_testvm::{TestGuest, ECHO_SELECTOR};
 use moat_testvmm::setup;
@@ -109,12 +109,6 @@ fn checked(call: &'static str, result: Result<(), Status>) -> Result<(), KernelC
     result.map_err(|status| KernelCall { call, status })
 }
 
-fn raw(call: &'static str, word: CallWord, args: [u64; 6]) -> Result<(), KernelCall> {
-    let (rax, _) = sys::raw(word.encode(), args);
-    let status = Status::from_code(rax).unwrap_or(Status::BadCall);
-    checked(call, status.into_result())
-}
-
 fn main(args: &str) -> i32 {
     if args::flag(args, "bench") {
         return bench::run();
@@ -165,7 +159,7 @@ fn run(n: u64, guest: &TestGuest) -> bool {
     };
     let result = start(vm, vcpu, state_page, initial).and_then(|()| {
         loop {
-            raw("vcpu_run", CallWord::new(Call::VcpuRun, 0, vcpu), [0; 6])?;
+            checked("vcpu_run", sys::vcpu_run(vcpu))?;
             // SAFETY: create_vcpu mapped the state page at `state_page`
             // (page aligned, a VcpuState fits); the kernel writes it only
             // during vcpu_run, and this is the only reference until the
@@ -200,10 +194,9 @@ fn start_with_ram(
     initial: VcpuState,
     ram: u64,
 ) -> Result<(), KernelCall> {
-    raw(
+    checked(
         "create_pd",
-        CallWord::new(Call::CreatePd, flags::VM, vm),
-        [selectors::SELF_PD, VM_QUOTA, VM_CAPACITY, 0, 0, 0],
+        sys::create_vm(vm, selectors::SELF_PD, VM_QUOTA, VM_CAPACITY, false),
     )?;
     checked(
         "delegate memory",
@@ -220,11 +213,7 @@ fn start_with_ram(
         "delegate echo",
         sys::delegate(vm, Space::Object, ECHO, ECHO_SELECTOR, 1, rights::PT_CALL),
     )?;
-    raw(
-        "create_vcpu",
-        CallWord::new(Call::CreateVcpu, 0, vcpu),
-        [vm, state_page, 0, 0, 0, 0],
-    )?;
+    checked("create_vcpu", sys::create_vcpu(vcpu, vm, state_page))?;
     // SAFETY: create_vcpu just mapped the state page there, writable, and
     // the vCPU does not run yet.
     unsafe { core::ptr::write(state_page as *mut VcpuState, initial) };

@@ -20,7 +20,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use common::{ms_to_ticks, rt};
 use moat_abi::vcpu::exit_reason;
 use moat_abi::vcpu::VcpuState;
-use moat_abi::{rights, Call, CallWord, Space, Status, PAGE_SIZE};
+use moat_abi::{rights, Space, Status, PAGE_SIZE};
 use moat_testvmm::setup;
 use moat_user::{println, rdtsc, sys, Stack};
 
@@ -160,8 +160,7 @@ fn counter() -> u64 {
 }
 
 fn vcpu_run() -> Status {
-    let (rax, _) = sys::raw(CallWord::new(Call::VcpuRun, 0, VCPU).encode(), [0; 6]);
-    Status::from_code(rax).unwrap_or(Status::BadCall)
+    sys::vcpu_run(VCPU).err().unwrap_or(Status::Success)
 }
 
 /// On the other CPU: waits 50 ms for each order, then pokes the vCPU,
@@ -183,9 +182,8 @@ extern "C" fn other_ec() -> ! {
         match order {
             1 => {
                 POKED_AT.store(rdtsc(), Ordering::Release);
-                let (rax, _) = sys::raw(CallWord::new(Call::VcpuPoke, 0, VCPU).encode(), [0; 6]);
-                if rax != Status::Success.code() {
-                    println!("testvmm: remote: FAIL vcpu_poke from the other CPU: {rax}");
+                if let Err(status) = sys::vcpu_poke(VCPU) {
+                    println!("testvmm: remote: FAIL vcpu_poke from the other CPU: {status}");
                 }
             }
             2 => {

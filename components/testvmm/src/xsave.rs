@@ -5,12 +5,12 @@
 //!
 //! Prints `testvmm: xsave: ok` (or `FAIL ...`).
 
-use super::{raw, start_with_ram, teardown, KernelCall, STATE_BASE, VM_BASE};
+use super::{checked, start_with_ram, teardown, KernelCall, STATE_BASE, VM_BASE};
 use moat_abi::vcpu::{exit_reason, group, VcpuState};
-use moat_abi::{Call, CallWord, PAGE_SIZE};
+use moat_abi::PAGE_SIZE;
 use moat_testvm::layout::RAM_SIZE;
 use moat_testvmm::setup;
-use moat_user::println;
+use moat_user::{println, sys};
 
 core::arch::global_asm!(
     ".pushsection .testvmm_ram, \"awx\", @nobits",
@@ -94,7 +94,7 @@ fn state(page: u64) -> &'static mut VcpuState {
 /// Runs a vCPU until an exit other than XSETBV (which it grants).
 fn run_until(vcpu: u64, page: u64) -> Result<u32, KernelCall> {
     loop {
-        raw("vcpu_run", CallWord::new(Call::VcpuRun, 0, vcpu), [0; 6])?;
+        checked("vcpu_run", sys::vcpu_run(vcpu))?;
         let st = state(page);
         if st.exit.reason != exit_reason::XSETBV {
             return Ok(st.exit.reason);

@@ -6,11 +6,13 @@
 //! `r9`. The kernel returns a [`Status`] in `rax`; IPC calls return message
 //! words in the argument registers. `rcx` and `r11` are clobbered by the
 //! instruction itself; every other register is preserved unless the call
-//! says otherwise. README.md documents every call.
+//! says otherwise. README.md documents every call; [`syscall`] has each
+//! call's arguments as a typed view, which both sides use.
 #![no_std]
 #![forbid(unsafe_code)]
 
 mod status;
+pub mod syscall;
 mod utcb;
 pub mod vcpu;
 
@@ -276,6 +278,8 @@ pub mod selectors {
 pub mod layout {
     /// The root task's read-only [`crate::BootInfo`] page.
     pub const BOOT_INFO: u64 = 0x0000_7fff_f000_0000;
+    /// User addresses are below this (the canonical lower half).
+    pub const USER_END: u64 = 0x0000_8000_0000_0000;
     /// The UTCB of a task's first EC.
     pub const MAIN_UTCB: u64 = 0x0000_7fff_f000_1000;
     /// The top of a task's first stack (exclusive).

@@ -8,12 +8,13 @@
 //! the kernel on the EC's behalf.
 
 use crate::arch::x86_64::entry::TrapFrame;
-use crate::arch::x86_64::layout::{phys_to_virt, USER_END};
+use crate::arch::x86_64::layout::phys_to_virt;
 use crate::kernel::{EcId, Kernel, Object, PdId, PtId, SmId};
 use crate::memory;
 use crate::pt::Pt;
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
+use moat_abi::syscall::{Cpu, CreateEc};
 use moat_abi::{
     exception_reply, rights, ExceptionMessage, Space, Status, TypedItem, Utcb, EXIT_VECTOR,
     PAGE_SIZE, UTCB_WORDS,
@@ -97,11 +98,11 @@ pub struct Resume {
 /// Kernel memory an EC costs: the object and its UTCB page.
 pub const EC_COST: u64 = core::mem::size_of::<Ec>() as u64 + PAGE_SIZE;
 
-fn words_of(regs: &TrapFrame) -> [u64; 6] {
+pub fn words_of(regs: &TrapFrame) -> [u64; 6] {
     [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9]
 }
 
-fn set_words(regs: &mut TrapFrame, words: [u64; 6]) {
+pub fn set_words(regs: &mut TrapFrame, words: [u64; 6]) {
     regs.rdi = words[0];
     regs.rsi = words[1];
     regs.rdx = words[2];
@@ -121,45 +122,40 @@ fn utcb(phys: u64) -> &'static mut Utcb {
 
 impl Kernel {
     /// `create_ec`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn sys_create_ec(
-        &mut self,
-        caller: PdId,
-        selector: u64,
-        handler: bool,
-        pd_sel: u64,
-        rip: u64,
-        rsp: u64,
-        utcb_virt: u64,
-        exception_portal: u64,
-        ec_id: u64,
-    ) -> Result<(), Status> {
-        let pd = self.lookup_pd(caller, pd_sel, rights::PD_CONTROL)?;
-        self.object_slot_free(caller, selector)?;
-        // The CPU is in the UTCB address's low bits (as in NOVA); a
-        // handler runs wherever its callers' SCs run.
-        let cpu = match utcb_virt % PAGE_SIZE {
-            moat_abi::CPU_OF_CALLER => self.me,
-            cpu => cpu as usize,
+    pub fn sys_create_ec(&mut self, caller: PdId, call: &CreateEc) -> Result<(), Status> {
+        let pd = self.lookup_pd(caller, call.pd, rights::PD_CONTROL)?;
+        self.object_slot_free(caller, call.dst)?;
+        // A handler runs wherever its callers' SCs run.
+        let cpu = match call.cpu {
+            Cpu::OfCaller => self.me,
+            Cpu::Number(n) => usize::from(n),
         };
-        let utcb_virt = utcb_virt - utcb_virt % PAGE_SIZE;
-        if !handler && !crate::arch::x86_64::ipi::schedules(cpu) {
+        if !call.handler && !crate::arch::x86_64::ipi::schedules(cpu) {
             return Err(Status::BadCpu);
         }
-        if !utcb_virt.is_multiple_of(PAGE_SIZE) || !(PAGE_SIZE..USER_END).contains(&utcb_virt) {
-            return Err(Status::BadParameter);
-        }
+        let utcb_virt = call.utcb.check()?.address();
         if self.pds.get(pd).is_some_and(|p| p.guest.is_some()) {
             return Err(Status::BadParameter);
         }
-        let kind = if handler {
+        let kind = if call.handler {
             EcKind::Handler
         } else {
             EcKind::Global
         };
-        let cpu = if handler { 0 } else { cpu };
-        let id = self.new_ec(pd, kind, cpu, rip, rsp, utcb_virt, exception_portal, ec_id)?;
-        if let Err(status) = self.install_object(caller, selector, Object::Ec(id)) {
+        let cpu = if call.handler { 0 } else { cpu };
+        // No portal: a selector no lookup finds.
+        let exception_portal = call.exception_portal.unwrap_or(u64::MAX);
+        let id = self.new_ec(
+            pd,
+            kind,
+            cpu,
+            call.rip,
+            call.rsp,
+            utcb_virt,
+            exception_portal,
+            call.ec_id,
+        )?;
+        if let Err(status) = self.install_object(caller, call.dst, Object::Ec(id)) {
             self.destroy_ec(id);
             return Err(status);
         }

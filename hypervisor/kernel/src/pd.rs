@@ -7,6 +7,7 @@ use crate::arch::x86_64::virt::{self, Vendor};
 use crate::kernel::{Cap, Kernel, Object, PdId};
 use crate::memory::{self, KernelTables};
 use alloc::vec::Vec;
+use moat_abi::syscall::{CreatePd, MapDevice};
 use moat_abi::{rights, Space, Status, PAGE_SIZE};
 use moat_kernel::cap::{Rights, SlotRef, SpaceId};
 use moat_kernel::paging::{AddressSpace, MapFlags, PageSize, TableMemory, LOWER_HALF, UPPER_HALF};
@@ -18,8 +19,6 @@ use moat_kernel::virt::{GuestMapError, GuestRights, GUEST_PHYS_LIMIT};
 
 /// Kernel memory a PD object costs its owner (the object and its root table).
 pub const PD_COST: u64 = 4096 + 512;
-/// Most pages one `map_device` makes (a 2 MiB BAR).
-const MAX_DEVICE_PAGES: u64 = 512;
 /// Memory-space and I/O-space slots are limited by the quota only.
 const UNLIMITED: usize = usize::MAX;
 
@@ -280,47 +279,33 @@ impl Kernel {
 
     /// `create_pd`. `ceiling` 0 gives the new PD the caller's ceiling;
     /// else it may not be above it.
-    #[allow(clippy::too_many_arguments)]
-    pub fn sys_create_pd(
-        &mut self,
-        caller: PdId,
-        selector: u64,
-        vm: bool,
-        owner_sel: u64,
-        quota: u64,
-        capacity: u64,
-        ceiling: u64,
-    ) -> Status {
-        let result = (|| {
-            let owner = self.lookup_pd(caller, owner_sel, rights::PD_CONTROL)?;
-            if capacity == 0 || capacity > 1 << 20 {
-                return Err(Status::BadParameter);
+    pub fn sys_create_pd(&mut self, caller: PdId, call: &CreatePd) -> Result<(), Status> {
+        let owner = self.lookup_pd(caller, call.owner, rights::PD_CONTROL)?;
+        let capacity = call.capacity.check()?.get();
+        let limit = self.pds.get(caller).ok_or(Status::BadCapability)?.ceiling;
+        let ceiling = match call.ceiling.check()?.get() {
+            0 => limit,
+            c if c <= limit => c,
+            _ => return Err(Status::InsufficientRights),
+        };
+        self.object_slot_free(caller, call.dst)?;
+        let pd = self.new_pd(Some(owner), call.quota_bytes, capacity as usize, call.vm)?;
+        if let Some(p) = self.pds.get_mut(pd) {
+            p.ceiling = ceiling;
+            p.user_hypercalls = call.user_hypercalls && p.guest.is_some();
+        }
+        if let Some(o) = self.pds.get_mut(owner) {
+            let _ = o.owned.try_reserve(1);
+            if o.owned.capacity() > o.owned.len() {
+                o.owned.push(Object::Pd(pd));
             }
-            let limit = self.pds.get(caller).ok_or(Status::BadCapability)?.ceiling;
-            let ceiling = match ceiling {
-                0 => limit,
-                c if c <= u64::from(limit) => c as u8,
-                _ => return Err(Status::InsufficientRights),
-            };
-            self.object_slot_free(caller, selector)?;
-            let pd = self.new_pd(Some(owner), quota, capacity as usize, vm)?;
-            if let Some(p) = self.pds.get_mut(pd) {
-                p.ceiling = ceiling;
-            }
-            if let Some(o) = self.pds.get_mut(owner) {
-                let _ = o.owned.try_reserve(1);
-                if o.owned.capacity() > o.owned.len() {
-                    o.owned.push(Object::Pd(pd));
-                }
-            }
-            if let Err(status) = self.install_object(caller, selector, Object::Pd(pd)) {
-                self.doom(Object::Pd(pd));
-                self.destroy_doomed();
-                return Err(status);
-            }
-            Ok(())
-        })();
-        result.err().unwrap_or(Status::Success)
+        }
+        if let Err(status) = self.install_object(caller, call.dst, Object::Pd(pd)) {
+            self.doom(Object::Pd(pd));
+            self.destroy_doomed();
+            return Err(status);
+        }
+        Ok(())
     }
 
     /// Maps a delegated page into `pd` at page number `vpn`.
@@ -373,24 +358,12 @@ impl Kernel {
     /// `map_device`: the root task makes capabilities for `count` device
     /// pages from physical page `first_frame` on and maps them, uncached,
     /// at page `vpn` of its own space, to delegate them to a driver.
-    pub fn sys_map_device(
-        &mut self,
-        pd: PdId,
-        first_frame: u64,
-        vpn: u64,
-        count: u64,
-    ) -> Result<(), Status> {
+    pub fn sys_map_device(&mut self, pd: PdId, call: &MapDevice) -> Result<(), Status> {
         if !self.pds.get(pd).is_some_and(|p| p.all_io) {
             return Err(Status::InsufficientRights);
         }
-        if count == 0 || count > MAX_DEVICE_PAGES {
-            return Err(Status::BadParameter);
-        }
-        first_frame
-            .checked_add(count)
-            .and_then(|end| end.checked_mul(PAGE_SIZE))
-            .ok_or(Status::BadParameter)?;
-        vpn.checked_add(count).ok_or(Status::BadParameter)?;
+        let count = u64::from(call.checked_count()?.get());
+        let (first_frame, vpn) = (call.first_frame, call.vpn);
         if !(0..count).all(|i| memory::is_device_page((first_frame + i) * PAGE_SIZE)) {
             return Err(Status::BadParameter);
         }

@@ -3,6 +3,7 @@
 
 use crate::ec::EcKind;
 use crate::kernel::{EcId, Kernel, Object, PdId, PtId};
+use moat_abi::syscall::CreatePt;
 use moat_abi::{rights, Status};
 
 pub struct Pt {
@@ -17,23 +18,15 @@ pub const PT_COST: u64 = core::mem::size_of::<Pt>() as u64 + 32;
 
 impl Kernel {
     /// `create_pt`.
-    pub fn sys_create_pt(
-        &mut self,
-        caller: PdId,
-        selector: u64,
-        owner_sel: u64,
-        ec_sel: u64,
-        entry: u64,
-        id: u64,
-    ) -> Result<(), Status> {
-        let owner = self.lookup_pd(caller, owner_sel, rights::PD_CONTROL)?;
-        let ec = self.lookup_ec(caller, ec_sel, rights::EC_BIND)?;
+    pub fn sys_create_pt(&mut self, caller: PdId, call: &CreatePt) -> Result<(), Status> {
+        let owner = self.lookup_pd(caller, call.owner, rights::PD_CONTROL)?;
+        let ec = self.lookup_ec(caller, call.ec, rights::EC_BIND)?;
         if self.ecs.get(ec).map(|e| e.kind) != Some(EcKind::Handler) {
             return Err(Status::BadParameter);
         }
-        self.object_slot_free(caller, selector)?;
-        let pt = self.new_pt(owner, ec, entry, id)?;
-        if let Err(status) = self.install_object(caller, selector, Object::Pt(pt)) {
+        self.object_slot_free(caller, call.dst)?;
+        let pt = self.new_pt(owner, ec, call.entry, call.id)?;
+        if let Err(status) = self.install_object(caller, call.dst, Object::Pt(pt)) {
             self.destroy_pt(pt);
             return Err(status);
         }

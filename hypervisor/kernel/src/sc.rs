@@ -3,7 +3,8 @@
 
 use crate::ec::{EcKind, EcState};
 use crate::kernel::{EcId, Kernel, Object, PdId};
-use moat_abi::{rights, Status, PRIORITIES};
+use moat_abi::syscall::CreateSc;
+use moat_abi::{rights, Status};
 use moat_kernel::sched::Budget;
 use moat_kernel::smp::MAX_CPUS;
 
@@ -24,25 +25,14 @@ pub struct Sc {
 }
 
 pub const SC_COST: u64 = core::mem::size_of::<Sc>() as u64 + 32;
-/// Budgets are counted in timer ticks' worth of microseconds.
-const MAX_BUDGET_US: u64 = 10_000_000;
 
 impl Kernel {
     /// `create_sc`: the EC starts running.
-    pub fn sys_create_sc(
-        &mut self,
-        caller: PdId,
-        selector: u64,
-        owner_sel: u64,
-        ec_sel: u64,
-        priority: u64,
-        budget_us: u64,
-    ) -> Result<(), Status> {
-        let owner = self.lookup_pd(caller, owner_sel, rights::PD_CONTROL)?;
-        let ec = self.lookup_ec(caller, ec_sel, rights::EC_BIND)?;
-        if priority >= u64::from(PRIORITIES) || budget_us == 0 || budget_us > MAX_BUDGET_US {
-            return Err(Status::BadParameter);
-        }
+    pub fn sys_create_sc(&mut self, caller: PdId, call: &CreateSc) -> Result<(), Status> {
+        let owner = self.lookup_pd(caller, call.owner, rights::PD_CONTROL)?;
+        let ec = self.lookup_ec(caller, call.ec, rights::EC_BIND)?;
+        let priority = call.priority.check()?.get();
+        let budget_us = u64::from(call.budget.check()?.get());
         let e = self.ecs.get(ec).ok_or(Status::BadCapability)?;
         if e.kind != EcKind::Global || e.sc.is_some() || e.state != EcState::Running {
             return Err(Status::BadParameter);
@@ -50,12 +40,12 @@ impl Kernel {
         // Neither the caller nor the EC's PD may run above its ceiling: a
         // component cannot make itself more urgent than its creator let it.
         let ceiling = |pd| self.pds.get(pd).map_or(0, |p| p.ceiling);
-        if priority > u64::from(ceiling(caller).min(ceiling(e.pd))) {
+        if priority > ceiling(caller).min(ceiling(e.pd)) {
             return Err(Status::InsufficientRights);
         }
-        self.object_slot_free(caller, selector)?;
-        let sc = self.new_sc(owner, ec, priority as u8, budget_us)?;
-        if let Err(status) = self.install_object(caller, selector, Object::Sc(sc)) {
+        self.object_slot_free(caller, call.dst)?;
+        let sc = self.new_sc(owner, ec, priority, budget_us)?;
+        if let Err(status) = self.install_object(caller, call.dst, Object::Sc(sc)) {
             self.destroy_sc(sc);
             return Err(status);
         }

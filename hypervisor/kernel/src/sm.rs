@@ -4,6 +4,7 @@ use crate::arch::x86_64::{ioapic, lapic, msi};
 use crate::ec::EcState;
 use crate::kernel::{EcId, Kernel, Object, PdId, SmId};
 use alloc::collections::VecDeque;
+use moat_abi::syscall::{CreateSm, IrqAssign, IrqMode, MsiMessage};
 use moat_abi::{rights, Space, Status, DEBUG_GSI, DEBUG_SMS_MAX};
 use moat_kernel::cap::{Rights, SlotRef};
 
@@ -18,18 +19,12 @@ pub const SM_COST: u64 = core::mem::size_of::<Sm>() as u64 + 64;
 
 impl Kernel {
     /// `create_sm`.
-    pub fn sys_create_sm(
-        &mut self,
-        caller: PdId,
-        selector: u64,
-        owner_sel: u64,
-        count: u64,
-    ) -> Result<(), Status> {
-        let owner = self.lookup_pd(caller, owner_sel, rights::PD_CONTROL)?;
-        self.object_slot_free(caller, selector)?;
+    pub fn sys_create_sm(&mut self, caller: PdId, call: &CreateSm) -> Result<(), Status> {
+        let owner = self.lookup_pd(caller, call.owner, rights::PD_CONTROL)?;
+        self.object_slot_free(caller, call.dst)?;
         self.charge(owner, SM_COST)?;
         let sm = Sm {
-            count,
+            count: call.count,
             waiters: VecDeque::new(),
             owner,
             caps: 0,
@@ -43,7 +38,7 @@ impl Kernel {
                 p.owned.push(Object::Sm(id));
             }
         }
-        if let Err(status) = self.install_object(caller, selector, Object::Sm(id)) {
+        if let Err(status) = self.install_object(caller, call.dst, Object::Sm(id)) {
             self.destroy_sm(id);
             return Err(status);
         }
@@ -148,17 +143,14 @@ impl Kernel {
     pub fn sys_irq_assign(
         &mut self,
         pd: PdId,
-        sm_sel: u64,
-        gsi: u64,
-        mode: u64,
-    ) -> Result<Option<(u64, u64)>, Status> {
-        let sm = self.lookup_sm(pd, sm_sel, rights::SM_UP)?;
+        call: &IrqAssign,
+    ) -> Result<Option<MsiMessage>, Status> {
+        let gsi = call.key;
+        let sm = self.lookup_sm(pd, call.sm, rights::SM_UP)?;
         self.holds_gsi(pd, gsi)?;
-        if mode > 3 {
-            return Err(Status::BadParameter);
-        }
+        let mode = call.mode.check()?;
         if let Some(n) = msi::number(gsi) {
-            if mode != 0 {
+            if !mode.is_empty() {
                 return Err(Status::BadParameter);
             }
             let apic_id = lapic::id();
@@ -166,10 +158,11 @@ impl Kernel {
                 return Err(Status::BadCpu);
             }
             self.irq_sms[msi::slot(n)] = Some(sm);
-            return Ok(Some(msi::message(n, apic_id)));
+            let (address, data) = msi::message(n, apic_id);
+            return Ok(Some(MsiMessage { address, data }));
         }
         if gsi == DEBUG_GSI {
-            if mode != 0 {
+            if !mode.is_empty() {
                 return Err(Status::BadParameter);
             }
             if !self.debug_sms.contains(&sm) {
@@ -184,7 +177,12 @@ impl Kernel {
             return Ok(None);
         }
         self.irq_sms[gsi as usize] = Some(sm);
-        ioapic::route(gsi as u32, mode & 1 != 0, mode & 2 != 0, lapic::id());
+        ioapic::route(
+            gsi as u32,
+            mode.contains(IrqMode::LEVEL),
+            mode.contains(IrqMode::ACTIVE_LOW),
+            lapic::id(),
+        );
         Ok(None)
     }
 

@@ -6,7 +6,7 @@
 //! it, `scheduler::leave` enters the guest instead of returning to user
 //! mode, until an exit needs the VMM.
 
-use crate::arch::x86_64::layout::{phys_to_virt, USER_END};
+use crate::arch::x86_64::layout::phys_to_virt;
 use crate::arch::x86_64::svm::vcpu::SvmVcpu;
 use crate::arch::x86_64::virt::{self, finish_hypercall, RunOutcome, Vendor};
 use crate::arch::x86_64::vmx::vcpu::VmxVcpu;
@@ -15,6 +15,7 @@ use crate::ec::CallKind;
 use crate::kernel::{EcId, Kernel, Object, PdId};
 use crate::memory;
 use core::sync::atomic::{AtomicU64, Ordering};
+use moat_abi::syscall::CreateVcpu;
 use moat_abi::vcpu::{exit_reason, group, VcpuState};
 use moat_abi::{rights, Status, HYPERCALL_SELECTOR_MASK, PAGE_SIZE};
 use moat_kernel::arena::Id;
@@ -90,24 +91,16 @@ fn state(phys: u64) -> &'static mut VcpuState {
 
 impl Kernel {
     /// `create_vcpu`.
-    pub fn sys_create_vcpu(
-        &mut self,
-        caller: PdId,
-        selector: u64,
-        vm_sel: u64,
-        state_virt: u64,
-    ) -> Result<(), Status> {
-        let vm = self.lookup_pd(caller, vm_sel, rights::PD_CONTROL)?;
+    pub fn sys_create_vcpu(&mut self, caller: PdId, call: &CreateVcpu) -> Result<(), Status> {
+        let vm = self.lookup_pd(caller, call.vm, rights::PD_CONTROL)?;
         let root = self
             .pds
             .get(vm)
             .and_then(|p| p.guest.as_ref())
             .map(|guest| guest.root_value())
             .ok_or(Status::BadParameter)?;
-        if !state_virt.is_multiple_of(PAGE_SIZE) || !(PAGE_SIZE..USER_END).contains(&state_virt) {
-            return Err(Status::BadParameter);
-        }
-        self.object_slot_free(caller, selector)?;
+        let state_virt = call.state.check()?.address();
+        self.object_slot_free(caller, call.dst)?;
         // A vCPU runs on the CPU that creates it: its VMCS takes this
         // CPU's host state, and its TLB tag (ASID / VPID) comes from this
         // CPU's space — all in use is `QuotaExceeded`.
@@ -187,7 +180,7 @@ impl Kernel {
                 p.owned.push(Object::Vcpu(id));
             }
         }
-        if let Err(status) = self.install_object(caller, selector, Object::Vcpu(id)) {
+        if let Err(status) = self.install_object(caller, call.dst, Object::Vcpu(id)) {
             self.destroy_vcpu(id);
             return Err(status);
         }

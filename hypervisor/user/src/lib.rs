@@ -26,7 +26,7 @@ pub use sys::exit;
 use moat_abi::Utcb;
 
 /// A capability selector in the caller's object space.
-pub type Sel = u64;
+pub use moat_abi::syscall::Sel;
 
 /// What a task exits with when it panics.
 pub const PANIC_EXIT_CODE: i64 = 101;

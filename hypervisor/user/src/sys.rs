@@ -1,9 +1,16 @@
 //! One safe wrapper per kernel call (hypervisor/abi/README.md documents
-//! each), plus [`raw`] for callers that want to feed the kernel anything.
+//! each), each built from the call's view in `moat_abi::syscall` (which
+//! alone knows the registers), plus [`invoke`] for any view and [`raw`]
+//! for callers that want to feed the kernel anything.
 
 use core::arch::asm;
 
-use moat_abi::{flags, Call, CallWord, Space, Status};
+use moat_abi::syscall::{
+    CapCount, ConsoleLen, ConsoleWrite, Cpu, CreateEc, CreatePd, CreatePt, CreateSc, CreateSm,
+    CreateVcpu, Delegate, Exit, IpcCall, IrqAssign, IrqMode, IrqUnmask, MapDevice, MemPhys,
+    Register, Reply, Revoke, SmDown, SmUp, Syscall, Unchecked, VcpuPoke, VcpuRun,
+};
+use moat_abi::{Space, Status};
 
 use crate::Sel;
 
@@ -38,45 +45,39 @@ pub fn raw(rax: u64, args: [u64; 6]) -> (u64, [u64; 6]) {
     (status, [a0, a1, a2, a3, a4, a5])
 }
 
-/// A call with flags and selector in `rax`; returns the status and the six
-/// registers.
-fn syscall(call: Call, flags: u8, sel: Sel, args: [u64; 6]) -> (Status, [u64; 6]) {
-    let (rax, regs) = raw(CallWord::new(call, flags, sel).encode(), args);
-    // A code this runtime does not know is still a failure.
-    (Status::from_code(rax).unwrap_or(Status::BadCall), regs)
-}
-
-fn simple(call: Call, flags: u8, sel: Sel, args: [u64; 6]) -> Result<(), Status> {
-    syscall(call, flags, sel, args).0.into_result()
-}
-
-fn flag(set: bool, flag: u8) -> u8 {
-    if set {
-        flag
-    } else {
-        0
-    }
+/// Makes the call `view` describes; on success, what it returns in the
+/// argument registers.
+pub fn invoke<V: Syscall>(view: &V) -> Result<V::Output, Status> {
+    let (word, args) = view.encode();
+    let (rax, regs) = raw(word.encode(), args);
+    V::result(rax, regs)
 }
 
 /// Writes at most [`moat_abi::CONSOLE_WRITE_MAX`] bytes to the kernel
 /// console (see [`crate::console::write`] for any length).
 pub fn console_write(bytes: &[u8]) -> Result<(), Status> {
-    let args = [bytes.as_ptr() as u64, bytes.len() as u64, 0, 0, 0, 0];
-    simple(Call::ConsoleWrite, 0, 0, args)
+    invoke(&console_bytes(bytes, false))
 }
 
 /// Writes at most [`moat_abi::CONSOLE_WRITE_MAX`] bytes to the console as
 /// they are (`flags::RAW`): `InsufficientRights` unless this PD holds the
 /// console UART's data port ([`moat_abi::CONSOLE_PORT`]).
 pub fn console_write_raw(bytes: &[u8]) -> Result<(), Status> {
-    let args = [bytes.as_ptr() as u64, bytes.len() as u64, 0, 0, 0, 0];
-    simple(Call::ConsoleWrite, flags::RAW, 0, args)
+    invoke(&console_bytes(bytes, true))
+}
+
+fn console_bytes(bytes: &[u8], raw: bool) -> ConsoleWrite {
+    ConsoleWrite {
+        raw,
+        address: bytes.as_ptr() as u64,
+        len: Unchecked::<ConsoleLen>::from_raw(bytes.len() as u64),
+    }
 }
 
 /// Ends the calling EC; its exception portal's handler sees an exception
 /// message with vector [`moat_abi::EXIT_VECTOR`] and `code`.
 pub fn exit(code: i64) -> ! {
-    syscall(Call::Exit, 0, 0, [code as u64, 0, 0, 0, 0, 0]);
+    let _ = invoke(&Exit { code: code as u64 });
     // The kernel never returns from `exit`; should it, stop here for good.
     loop {
         core::hint::spin_loop();
@@ -86,25 +87,27 @@ pub fn exit(code: i64) -> ! {
 /// Calls portal `pt` with message words 0–5 (more words and typed items go
 /// in the caller's UTCB); returns the reply's words 0–5.
 pub fn call(pt: Sel, words: [u64; 6]) -> Result<[u64; 6], Status> {
-    match syscall(Call::Call, 0, pt, words) {
-        (Status::Success, reply) => Ok(reply),
-        (error, _) => Err(error),
-    }
+    invoke(&IpcCall {
+        portal: pt,
+        nonblock: false,
+        words,
+    })
 }
 
 /// [`call`], failing with `WouldBlock` instead of waiting for a busy handler.
 pub fn call_nonblock(pt: Sel, words: [u64; 6]) -> Result<[u64; 6], Status> {
-    match syscall(Call::Call, flags::NONBLOCK, pt, words) {
-        (Status::Success, reply) => Ok(reply),
-        (error, _) => Err(error),
-    }
+    invoke(&IpcCall {
+        portal: pt,
+        nonblock: true,
+        words,
+    })
 }
 
 /// Replies to the current call and ends the handler's activation. Returns
 /// only with `Aborted` (the caller is gone; reply again to end the
 /// activation) or `BadCall` (not handling a call).
 pub fn reply(words: [u64; 6]) -> Status {
-    syscall(Call::Reply, 0, 0, words).0
+    invoke(&Reply { words }).err().unwrap_or(Status::Success)
 }
 
 /// Creates a PD at `dst`, paid for by `owner`, with `quota_bytes` of
@@ -117,12 +120,15 @@ pub fn create_pd(
     capacity: u64,
     ceiling: u8,
 ) -> Result<(), Status> {
-    simple(
-        Call::CreatePd,
-        0,
+    invoke(&CreatePd {
         dst,
-        [owner, quota_bytes, capacity, u64::from(ceiling), 0, 0],
-    )
+        vm: false,
+        user_hypercalls: false,
+        owner,
+        quota_bytes,
+        capacity: Unchecked::from_raw(capacity),
+        ceiling: Unchecked::from_raw(u64::from(ceiling)),
+    })
 }
 
 /// Creates an EC at `dst` in PD `pd`: a global EC that starts at `rip` once
@@ -142,19 +148,59 @@ pub fn create_ec(
     exception_portal: Sel,
     ec_id: u64,
 ) -> Result<(), Status> {
-    simple(
-        Call::CreateEc,
-        flag(handler, flags::HANDLER),
+    invoke(&CreateEc {
         dst,
-        [
-            pd,
-            rip,
-            rsp,
-            utcb | (cpu & moat_abi::CPU_OF_CALLER),
-            exception_portal,
-            ec_id,
-        ],
-    )
+        handler,
+        pd,
+        rip,
+        rsp,
+        utcb: Unchecked::from_raw(utcb & !moat_abi::CPU_OF_CALLER),
+        cpu: Cpu::from_bits(utcb | (cpu & moat_abi::CPU_OF_CALLER)),
+        exception_portal: Some(exception_portal).filter(|&sel| sel != u64::MAX),
+        ec_id,
+    })
+}
+
+/// Creates a VM (a PD whose memory space is guest-physical) at `dst`, as
+/// [`create_pd`] with the caller's ceiling; with `user_hypercalls` guest
+/// CPL 3 may make the IPC hypercall too.
+pub fn create_vm(
+    dst: Sel,
+    owner: Sel,
+    quota_bytes: u64,
+    capacity: u64,
+    user_hypercalls: bool,
+) -> Result<(), Status> {
+    invoke(&CreatePd {
+        dst,
+        vm: true,
+        user_hypercalls,
+        owner,
+        quota_bytes,
+        capacity: Unchecked::from_raw(capacity),
+        ceiling: Unchecked::from_raw(0),
+    })
+}
+
+/// Creates a vCPU of VM `vm` at `dst`, bound to the calling EC's CPU; the
+/// kernel maps its state page (`moat_abi::vcpu::VcpuState`) at
+/// `state_page` in the caller's PD.
+pub fn create_vcpu(dst: Sel, vm: Sel, state_page: u64) -> Result<(), Status> {
+    invoke(&CreateVcpu {
+        dst,
+        vm,
+        state: Unchecked::from_raw(state_page),
+    })
+}
+
+/// Runs `vcpu` until an exit needs the VMM (the state page holds it).
+pub fn vcpu_run(vcpu: Sel) -> Result<(), Status> {
+    invoke(&VcpuRun { vcpu })
+}
+
+/// Makes `vcpu` return from `vcpu_run` soon, from any CPU.
+pub fn vcpu_poke(vcpu: Sel) -> Result<(), Status> {
+    invoke(&VcpuPoke { vcpu })
 }
 
 /// Binds a new SC (`priority` 0..63, `budget_us` per period) at `dst` to
@@ -166,39 +212,45 @@ pub fn create_sc(
     priority: u8,
     budget_us: u64,
 ) -> Result<(), Status> {
-    simple(
-        Call::CreateSc,
-        0,
+    invoke(&CreateSc {
         dst,
-        [owner, ec, u64::from(priority), budget_us, 0, 0],
-    )
+        owner,
+        ec,
+        priority: Unchecked::from_raw(u64::from(priority)),
+        budget: Unchecked::from_raw(budget_us),
+    })
 }
 
 /// Creates a portal at `dst` into handler EC `ec`, entered at `rip` with
 /// `id` in `rax`.
 pub fn create_pt(dst: Sel, owner: Sel, ec: Sel, rip: u64, id: u64) -> Result<(), Status> {
-    simple(Call::CreatePt, 0, dst, [owner, ec, rip, id, 0, 0])
+    invoke(&CreatePt {
+        dst,
+        owner,
+        ec,
+        entry: rip,
+        id,
+    })
 }
 
 /// Creates a semaphore at `dst` counting from `count`.
 pub fn create_sm(dst: Sel, owner: Sel, count: u64) -> Result<(), Status> {
-    simple(Call::CreateSm, 0, dst, [owner, count, 0, 0, 0, 0])
+    invoke(&CreateSm { dst, owner, count })
 }
 
 pub fn sm_up(sm: Sel) -> Result<(), Status> {
-    simple(Call::SmUp, 0, sm, [0; 6])
+    invoke(&SmUp { sm })
 }
 
 /// Counts `sm` down, waiting until it is positive, until the TSC reaches
 /// `deadline_tsc` (`Timeout`; 0: no deadline) or, with `nonblock`, not at
 /// all (`WouldBlock`).
 pub fn sm_down(sm: Sel, deadline_tsc: u64, nonblock: bool) -> Result<(), Status> {
-    simple(
-        Call::SmDown,
-        flag(nonblock, flags::NONBLOCK),
+    invoke(&SmDown {
         sm,
-        [deadline_tsc, 0, 0, 0, 0, 0],
-    )
+        nonblock,
+        deadline_tsc,
+    })
 }
 
 /// Delegates `count` capabilities of `space` from the caller's `src` on to
@@ -211,51 +263,70 @@ pub fn delegate(
     count: u64,
     rights: u8,
 ) -> Result<(), Status> {
-    simple(
-        Call::Delegate,
-        0,
+    invoke(&Delegate {
         dst_pd,
-        [space as u64, src, dst, count, u64::from(rights), 0],
-    )
+        space: space.into(),
+        src,
+        dst,
+        count: Unchecked::from_raw(count),
+        rights: rights.into(),
+    })
 }
 
 /// Removes everything derived from the caller's `count` capabilities of
-/// `space` from `base` on; with `include_self` those capabilities too.
+/// `space` from `base` on; with `include_self` those capabilities too. A
+/// count or range the kernel refuses is `BadParameter` without a call.
 pub fn revoke(space: Space, base: u64, count: u64, include_self: bool) -> Result<(), Status> {
-    simple(
-        Call::Revoke,
-        flag(include_self, flags::SELF),
-        0,
-        [space as u64, base, count, 0, 0, 0],
-    )
+    let count = CapCount::from_register(count)?;
+    if base.checked_add(u64::from(count.get())).is_none() {
+        return Err(Status::BadParameter);
+    }
+    invoke(&Revoke {
+        include_self,
+        space,
+        base,
+        count,
+    })
 }
 
 /// Routes interrupt `gsi` to semaphore `sm` (`flags` bit 0 level-triggered,
 /// bit 1 active low).
 pub fn irq_assign(sm: Sel, gsi: u64, flags: u64) -> Result<(), Status> {
-    simple(Call::IrqAssign, 0, sm, [gsi, flags, 0, 0, 0, 0])
+    invoke(&IrqAssign {
+        sm,
+        key: gsi,
+        mode: Unchecked::<IrqMode>::from_raw(flags),
+    })
+    .map(|_| ())
 }
 
 /// Routes MSI `key` (`moat_abi::MSI_FIRST + n`) to `sm`; returns the MSI
 /// address and data the device must write to raise it.
 pub fn irq_assign_msi(sm: Sel, key: u64) -> Result<(u64, u64), Status> {
-    let (status, regs) = syscall(Call::IrqAssign, 0, sm, [key, 0, 0, 0, 0, 0]);
-    status.into_result().map(|()| (regs[0], regs[1]))
+    let message = invoke(&IrqAssign {
+        sm,
+        key,
+        mode: IrqMode::empty().into(),
+    })?;
+    Ok((message.address, message.data))
 }
 
 /// Root task only: makes capabilities for `count` device pages from
 /// physical page `first_frame` on, mapped uncached at page `vpn`.
 pub fn map_device(first_frame: u64, vpn: u64, count: u64) -> Result<(), Status> {
-    simple(Call::MapDevice, 0, 0, [first_frame, vpn, count, 0, 0, 0])
+    invoke(&MapDevice {
+        first_frame,
+        vpn,
+        count: Unchecked::from_raw(count),
+    })
 }
 
 /// The physical address of the caller's page `vpn` (its capability must
 /// carry `MEM_DMA`).
 pub fn mem_phys(vpn: u64) -> Result<u64, Status> {
-    let (status, regs) = syscall(Call::MemPhys, 0, 0, [vpn, 0, 0, 0, 0, 0]);
-    status.into_result().map(|()| regs[0])
+    invoke(&MemPhys { vpn })
 }
 
 pub fn irq_unmask(gsi: u64) -> Result<(), Status> {
-    simple(Call::IrqUnmask, 0, 0, [gsi, 0, 0, 0, 0, 0])
+    invoke(&IrqUnmask { key: gsi })
 }

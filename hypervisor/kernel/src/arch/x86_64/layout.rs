@@ -10,7 +10,7 @@ pub const BOOT_DIRECT_MAP_SIZE: u64 = 4 << 30;
 pub const KERNEL_PML4_FIRST: usize = 256;
 /// User virtual addresses are in `USER_START..USER_END`.
 pub const USER_START: u64 = 0x1000;
-pub const USER_END: u64 = 0x0000_8000_0000_0000;
+pub const USER_END: u64 = moat_abi::layout::USER_END;
 
 pub const BOOT_STACK_SIZE: usize = 64 * 1024;
 pub const IST_STACK_SIZE: usize = 16 * 1024;
