@@ -23,6 +23,7 @@ pub enum Cmd {
     Test(TestOpts),
     Bench(BenchOpts),
     Linux(LinuxOpts),
+    Debian(DebianOpts),
     Demo(DemoOpts),
     Fuzz(FuzzOpts),
     Soak(SoakOpts),
@@ -48,6 +49,13 @@ pub struct FuzzOpts {
 #[derive(Debug, PartialEq, Eq)]
 pub struct DemoOpts {
     pub emu: Option<Emulator>,
+}
+
+/// `cargo xtask debian`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DebianOpts {
+    Build,
+    Direct { memory_mib: u32 },
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -238,6 +246,11 @@ System configurations, field by field: docs/configuration.md.")]
         #[command(subcommand)]
         command: LinuxCommand,
     },
+    /// The Debian example's system (examples/debian.toml)
+    Debian {
+        #[command(subcommand)]
+        command: DebianCommand,
+    },
     /// Demonstrations
     Demo {
         #[command(subcommand)]
@@ -293,6 +306,27 @@ enum LinuxCommand {
         /// Words added to the guest kernel's command line
         #[arg(last = true, value_name = "KERNEL ARGS")]
         kernel_args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DebianCommand {
+    /// Build the Debian bookworm root disk and its initrd (cached)
+    ///
+    /// mmdebstrap (root) makes the root file system of guests/debian/recipe.toml,
+    /// mke2fs -d the ext4 image target/debian/rootfs.ext4; the initrd
+    /// target/debian/initrd.cpio loads the pinned kernel's virtio and ext4
+    /// modules. docs/configuration.md, "The Debian example".
+    Build,
+    /// Boot it in QEMU itself (TCG), without Moat, timed to the login prompt
+    ///
+    /// The same kernel, initrd and command line as examples/debian.toml, on
+    /// a fresh copy of the image as QEMU's virtio-blk disk.
+    Direct {
+        /// The guest's RAM in MiB (the example's: 512)
+        #[arg(long, value_name = "MIB", default_value_t = 512,
+              value_parser = clap::value_parser!(u32).range(64..=3072))]
+        memory: u32,
     },
 }
 
@@ -401,6 +435,12 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
             virtio,
             kernel_args,
         }),
+        Some(Command::Debian {
+            command: DebianCommand::Build,
+        }) => Cmd::Debian(DebianOpts::Build),
+        Some(Command::Debian {
+            command: DebianCommand::Direct { memory },
+        }) => Cmd::Debian(DebianOpts::Direct { memory_mib: memory }),
         Some(Command::Demo {
             command: DemoCommand::Modem { emu },
         }) => Cmd::Demo(DemoOpts { emu }),
