@@ -18,6 +18,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::build::USER_TASKS;
+use crate::debian;
 use crate::linux;
 
 /// What `cargo xtask run` boots without `--config`.
@@ -25,7 +26,20 @@ pub const DEFAULT_CONFIG: &str = "examples/default.toml";
 /// Paths starting with this name a file of the pinned Linux test guest
 /// (`cargo xtask linux build`, built when first needed).
 pub const PINNED_PREFIX: &str = "pinned:";
-const PINNED_FILES: [&str; 2] = ["bzImage", "initramfs.cpio"];
+const PINNED_FILES: [&str; 3] = ["bzImage", "initramfs.cpio", DEBIAN_INITRD];
+/// The Debian example's initrd and root disk (`cargo xtask debian build`).
+const DEBIAN_INITRD: &str = "debian-initrd.cpio";
+const DEBIAN_DISK: &str = "debian.img";
+
+/// Where a pinned file lies, and whether it is the Debian system's.
+fn pinned_path(name: &str) -> (PathBuf, bool) {
+    let root = crate::util::workspace_root();
+    match name {
+        DEBIAN_INITRD => (root.join(debian::DEBIAN_DIR).join(debian::INITRD), true),
+        DEBIAN_DISK => (root.join(debian::DEBIAN_DIR).join(debian::DISK), true),
+        _ => (root.join(linux::LINUX_DIR).join(name), false),
+    }
+}
 
 /// Manifest selectors for `uses` start here (below the VMM's own, 64 on).
 pub const FIRST_USE_SELECTOR: u64 = 20;
@@ -522,6 +536,8 @@ pub struct Plan {
     pub cpus: u32,
     /// Some file is the pinned Linux guest's (build it first).
     pub uses_pinned_linux: bool,
+    /// Some file is the Debian example's (`cargo xtask debian build`).
+    pub uses_pinned_debian: bool,
     /// A guest's persistent disk: QEMU's virtio-blk device on this file.
     pub disk: Option<DiskPlan>,
 }
@@ -536,6 +552,9 @@ pub struct DiskPlan {
     pub size: u64,
     /// The file is missing: create it with `size`.
     pub create: bool,
+    /// Created as a copy of this image, not empty (the Debian example's
+    /// `pinned:debian.img`, from the pristine root disk).
+    pub template: Option<PathBuf>,
 }
 
 /// The smallest and largest persistent disk.
@@ -548,6 +567,15 @@ impl DiskPlan {
     /// anything boots.
     pub fn prepare(&self) -> Result<(), String> {
         let path = self.path.display();
+        if let Some(template) = self.template.as_ref().filter(|_| !self.path.exists()) {
+            println!(
+                "run: guest '{}': its disk {path} is a fresh copy of {}",
+                self.guest,
+                template.display()
+            );
+            debian::copy_image(template, &self.path)
+                .map_err(|e| format!("guest '{}': cannot make the disk {path}: {e}", self.guest))?;
+        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -686,12 +714,7 @@ impl Planner<'_> {
     ) -> Result<(PathBuf, bool, u64), ConfigError> {
         let text = value.get_ref();
         let (path, pinned) = match text.strip_prefix(PINNED_PREFIX) {
-            Some(name) if PINNED_FILES.contains(&name) => (
-                crate::util::workspace_root()
-                    .join(linux::LINUX_DIR)
-                    .join(name),
-                true,
-            ),
+            Some(name) if PINNED_FILES.contains(&name) => (pinned_path(name).0, true),
             Some(name) => {
                 return self.err(
                     value.span(),
@@ -993,6 +1016,7 @@ impl Planner<'_> {
         // Guests, each under its VMM.
         let mut files: Vec<PlannedModule> = Vec::new();
         let mut uses_pinned_linux = false;
+        let mut uses_pinned_debian = false;
         let mut console: Option<usize> = None;
         let mut file_sizes: u64 = 0;
         let mut disk: Option<DiskPlan> = None;
@@ -1076,6 +1100,8 @@ impl Planner<'_> {
             let (kernel, k_pinned, kernel_size) = self.guest_file(&g.kernel, &f("kernel"))?;
             let (initrd, i_pinned, initrd_size) = self.guest_file(&g.initrd, &f("initrd"))?;
             uses_pinned_linux |= k_pinned || i_pinned;
+            let debian_initrd = pinned_path(DEBIAN_INITRD).0;
+            uses_pinned_debian |= kernel == debian_initrd || initrd == debian_initrd;
             let kernel_module = file_module(&mut files, &kernel, "kernel", i);
             let initrd_module = file_module(&mut files, &initrd, "initrd", i);
             let mut line = cmdline.trim().to_string();
@@ -1097,6 +1123,7 @@ impl Planner<'_> {
                 0
             };
             let guest_disk = self.guest_disk(g, &f, disk.as_ref())?;
+            uses_pinned_debian |= guest_disk.as_ref().is_some_and(|d| d.template.is_some());
             line.push('\n');
             let cmdline_module = format!("{name}.cmdline");
             files.push(PlannedModule {
@@ -1358,6 +1385,7 @@ impl Planner<'_> {
             memory_mib: (memory >> 20) as u32,
             cpus,
             uses_pinned_linux,
+            uses_pinned_debian,
             disk,
         })
     }
@@ -1403,6 +1431,9 @@ impl Planner<'_> {
         if text.is_empty() {
             return self.err(value.span(), &f("disk"), "expected a file's path, not \"\"");
         }
+        if let Some(name) = text.strip_prefix(PINNED_PREFIX) {
+            return self.pinned_disk(g, f, value, name);
+        }
         let path = self.base.join(text);
         let (size, create) = match ((self.size_of)(&path), &g.disk_size) {
             (Ok(size), _) => {
@@ -1438,6 +1469,53 @@ impl Planner<'_> {
             path,
             size,
             create,
+            template: None,
+        }))
+    }
+
+    /// `disk = "pinned:debian.img"`: the Debian example's root disk, a
+    /// copy of the pristine image made when missing (its size is the
+    /// image's; before the first build, the recipe's).
+    fn pinned_disk(
+        &self,
+        g: &GuestEntry,
+        f: &dyn Fn(&str) -> String,
+        value: &Spanned<String>,
+        name: &str,
+    ) -> Result<Option<DiskPlan>, ConfigError> {
+        if name != DEBIAN_DISK {
+            return self.err(
+                value.span(),
+                &f("disk"),
+                format!("the pinned disk is \"{PINNED_PREFIX}{DEBIAN_DISK}\", not \"{name}\""),
+            );
+        }
+        if let Some(size) = &g.disk_size {
+            return self.err(
+                size.span(),
+                &f("disk-size"),
+                "the pinned Debian disk has its image's size (guests/debian/recipe.toml)",
+            );
+        }
+        let (path, _) = pinned_path(DEBIAN_DISK);
+        let template = path.with_file_name(debian::ROOTFS);
+        let (size, create) = match (self.size_of)(&path) {
+            Ok(size) => (size, false),
+            Err(_) => ((self.size_of)(&template).unwrap_or(1 << 30), true),
+        };
+        check_disk_size(size).or_else(|why| {
+            self.err(
+                value.span(),
+                &f("disk"),
+                format!("{}: {why}", path.display()),
+            )
+        })?;
+        Ok(Some(DiskPlan {
+            guest: g.name.get_ref().clone(),
+            path,
+            size,
+            create,
+            template: Some(template),
         }))
     }
 
@@ -1539,11 +1617,21 @@ pub fn file_size(path: &Path) -> Result<u64, String> {
 /// so that its sizes count.
 pub fn load_pinned_aware(path: &Path, overrides: &GuestOverride) -> crate::Result<Plan> {
     let plan = load(path, overrides, &file_size)?;
-    if !plan.uses_pinned_linux {
+    if !build_pinned(&plan)? {
         return Ok(plan);
     }
-    linux::build()?;
     load(path, overrides, &file_size)
+}
+
+/// Builds the pinned files the plan names (the Linux guest, the Debian
+/// example); whether there were any.
+pub fn build_pinned(plan: &Plan) -> crate::Result<bool> {
+    if plan.uses_pinned_debian {
+        debian::build()?;
+    } else if plan.uses_pinned_linux {
+        linux::build()?;
+    }
+    Ok(plan.uses_pinned_linux || plan.uses_pinned_debian)
 }
 
 #[cfg(test)]
@@ -1614,6 +1702,54 @@ mod tests {
             seen += 1;
         }
         assert!(seen >= 2, "examples/ has default.toml and two-guests.toml");
+    }
+
+    #[test]
+    fn the_debian_example_boots_its_root_disk_through_the_block_service() {
+        let debian = example_plan("debian.toml", &GuestOverride::default());
+        let plan_of = plan;
+        let plan = debian;
+        assert!(plan.uses_pinned_linux && plan.uses_pinned_debian);
+        let disk = plan.disk.as_ref().expect("a persistent disk");
+        assert_eq!(disk.guest, "debian");
+        assert!(disk.path.ends_with("target/debian/disk.img"), "{disk:?}");
+        let template = disk.template.as_ref().expect("copied from the image");
+        assert!(
+            template.ends_with("target/debian/rootfs.ext4"),
+            "{template:?}"
+        );
+        let m = root_parse(&plan.manifest);
+        let names: Vec<_> = m.components.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["clock", "debian", "blk"]);
+        // The disk is not copied into the VMM's heap: 512 MiB of RAM and
+        // the base heap, whatever the disk's size.
+        let vmm = &plan.manifest[plan.manifest.find("component debian").unwrap()..];
+        let vmm = &vmm[..vmm.find("component blk").unwrap()];
+        assert!(vmm.contains("    ram guest 512M at "), "{vmm}");
+        assert!(vmm.contains("    ram heap 16M at "), "{vmm}");
+        assert!(vmm.contains(" blk=c0"), "{vmm}");
+        let ModuleSource::Text(line) = &plan.modules.last().unwrap().source else {
+            panic!("no command line");
+        };
+        assert_eq!(line, "console=ttyS0 root=/dev/vda rw panic=-1\n");
+        assert!(plan.modules.iter().any(|m| m.source
+            == ModuleSource::File(
+                crate::util::workspace_root().join("target/debian/initrd.cpio")
+            )));
+        // A size for the pinned disk is refused: it is the image's.
+        let text = example("debian.toml").replace(
+            "disk = \"pinned:debian.img\"",
+            "disk = \"pinned:debian.img\"\ndisk-size = \"2G\"",
+        );
+        let e = plan_of(&text).unwrap_err();
+        assert_eq!(e.field, "guest[0].disk-size", "{e}");
+        let e = plan_of(&example("debian.toml").replace("pinned:debian.img", "pinned:x.img"))
+            .unwrap_err();
+        assert!(
+            e.message
+                .contains("the pinned disk is \"pinned:debian.img\""),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1795,6 +1931,7 @@ mod tests {
                 path: "/cfg/g.img".into(),
                 size: 8 << 20,
                 create: false,
+                template: None,
             })
         );
         let names: Vec<_> = m.components.iter().map(|c| c.name.as_str()).collect();
@@ -1913,6 +2050,7 @@ mod tests {
             path: dir.join(name),
             size: 4 << 20,
             create,
+            template: None,
         };
         disk("new.img", true).prepare().unwrap();
         assert_eq!(

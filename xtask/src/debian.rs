@@ -80,7 +80,8 @@ impl Recipe {
                 recipe.image_size
             ));
         }
-        let word = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        let word =
+            |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
         if !word(&recipe.user) || !word(&recipe.hostname) || recipe.password.contains(['\n', ':']) {
             return Err(
                 "user and hostname are words of letters, digits and `-`; the password \
@@ -154,10 +155,6 @@ pub struct Built {
     pub rootfs: PathBuf,
 }
 
-pub fn dir() -> PathBuf {
-    util::workspace_root().join(DEBIAN_DIR)
-}
-
 /// Builds what is not cached: the pinned kernel (`linux::build`), the
 /// initrd and the root file system image.
 pub fn build() -> Result<Built> {
@@ -208,7 +205,16 @@ fn build_initrd(recipe: &Recipe, initrd: &Path) -> Result<()> {
 /// The initrd: busybox, /init, the modules and their load order.
 fn initrd_archive(busybox: &[u8], init: &[u8], modules: &[(String, Vec<u8>)]) -> Result<Vec<u8>> {
     let mut cpio = Cpio::new();
-    for dir in ["bin", "dev", "proc", "sys", "root", "etc", "lib", "lib/modules"] {
+    for dir in [
+        "bin",
+        "dev",
+        "proc",
+        "sys",
+        "root",
+        "etc",
+        "lib",
+        "lib/modules",
+    ] {
         cpio.dir(dir)?;
     }
     cpio.char_dev("dev/console", 0o600, 5, 1)?;
@@ -297,7 +303,10 @@ fn build_rootfs(recipe: &Recipe, image: &Path) -> Result<()> {
     })?;
     let out = util::output(
         Command::new("dpkg-query")
-            .arg(format!("--admindir={}", tree.join("var/lib/dpkg").display()))
+            .arg(format!(
+                "--admindir={}",
+                tree.join("var/lib/dpkg").display()
+            ))
             .args(["-W", "-f=${Package} ${Version}\n"]),
     )?;
     let packages = root.join(PACKAGES);
@@ -375,8 +384,7 @@ pub fn direct(memory_mib: u32) -> Result<ExitCode> {
         kernel: built.kernel.clone(),
         initramfs: built.initrd.clone(),
     };
-    let mut args =
-        linux::direct_qemu_args(&guest, &[CMDLINE.to_string()], &serial, memory_mib);
+    let mut args = linux::direct_qemu_args(&guest, &[CMDLINE.to_string()], &serial, memory_mib);
     args.extend([
         "-no-reboot".to_string(),
         "-drive".to_string(),
@@ -473,7 +481,10 @@ mod tests {
         assert!(mm.contains("--include=systemd-sysv=252,udev=252"), "{mm}");
         assert!(mm.ends_with("bookworm t/tree"), "{mm}");
         let mk = describe(&mke2fs_command(&r, Path::new("t/tree"), Path::new("t/i")).unwrap());
-        assert_eq!(mk, "mke2fs -q -F -t ext4 -L moat-debian -d t/tree t/i 1048576k");
+        assert_eq!(
+            mk,
+            "mke2fs -q -F -t ext4 -L moat-debian -d t/tree t/i 1048576k"
+        );
     }
 
     #[test]
@@ -484,7 +495,13 @@ mod tests {
         ];
         let archive = initrd_archive(b"bb", b"#!/bin/sh\n", &modules).unwrap();
         let text = String::from_utf8_lossy(&archive);
-        for name in ["bin/busybox", "init", "lib/modules/ext4.ko", "etc/moat-modules", "root"] {
+        for name in [
+            "bin/busybox",
+            "init",
+            "lib/modules/ext4.ko",
+            "etc/moat-modules",
+            "root",
+        ] {
             assert!(text.contains(name), "{name}");
         }
         assert!(text.contains("crc16\next4\n"));
