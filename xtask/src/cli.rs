@@ -56,6 +56,7 @@ pub struct DemoOpts {
 pub enum DebianOpts {
     Build,
     Direct { memory_mib: u32 },
+    Time { kernel_args: Vec<String> },
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -328,6 +329,15 @@ enum DebianCommand {
               value_parser = clap::value_parser!(u32).range(64..=3072))]
         memory: u32,
     },
+    /// Time both boots to the login prompt: under Moat and by QEMU alone
+    ///
+    /// One run, QEMU TCG each, the same kernel, initrd and image (fresh
+    /// copies); prints both times and their ratio (docs/benchmarks.md).
+    Time {
+        /// Words added to both boots' guest command line (e.g. `quiet`)
+        #[arg(last = true, value_name = "GUEST ARGS")]
+        kernel_args: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -441,6 +451,9 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
         Some(Command::Debian {
             command: DebianCommand::Direct { memory },
         }) => Cmd::Debian(DebianOpts::Direct { memory_mib: memory }),
+        Some(Command::Debian {
+            command: DebianCommand::Time { kernel_args },
+        }) => Cmd::Debian(DebianOpts::Time { kernel_args }),
         Some(Command::Demo {
             command: DemoCommand::Modem { emu },
         }) => Cmd::Demo(DemoOpts { emu }),

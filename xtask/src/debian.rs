@@ -375,6 +375,96 @@ const DIRECT_TIMEOUT: Duration = Duration::from_secs(600);
 pub fn direct(memory_mib: u32) -> Result<ExitCode> {
     setup::run()?;
     let built = build()?;
+    direct_boot(&built, memory_mib, CMDLINE).map(|at| {
+        println!(
+            "debian: QEMU TCG, no Moat: start to the login prompt in {}",
+            util::secs(at)
+        );
+        ExitCode::SUCCESS
+    })
+}
+
+/// `cargo xtask debian time`: one run, two boots of the same kernel,
+/// initrd and image (each a fresh copy), to the login prompt: under Moat
+/// (examples/debian.toml) and by QEMU itself; both QEMU TCG.
+pub fn time(extra_args: &[String]) -> Result<ExitCode> {
+    setup::run()?;
+    let built = build()?;
+    let config = Path::new(EXAMPLE);
+    let cmdline = std::iter::once(CMDLINE.to_string())
+        .chain(extra_args.iter().cloned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let overrides = crate::config::GuestOverride {
+        append: Some(cmdline.clone()),
+        ..Default::default()
+    };
+    let mut plan = crate::config::load_pinned_aware(config, &overrides)?;
+    let memory_mib = plan
+        .manifest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("ram guest "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|size| size.strip_suffix('M'))
+        .and_then(|mib| mib.parse().ok())
+        .ok_or_else(|| Error::Other(format!("{EXAMPLE}: no guest RAM in MiB")))?;
+    let dir = Path::new(DEBIAN_DIR).join("time");
+    let disk = plan
+        .disk
+        .as_mut()
+        .ok_or_else(|| Error::Other(format!("{EXAMPLE}: no disk")))?;
+    disk.path = util::workspace_root().join(&dir).join("moat-disk.img");
+    emu::remove_stale(&disk.path)?;
+    disk.create = true;
+    disk.prepare().map_err(Error::Other)?;
+    let artifacts = crate::build::build_all()?;
+    let image = crate::image::assemble_plan(&artifacts, &plan)?;
+    let serial = dir.join("moat-serial.log");
+    emu::remove_stale(&serial)?;
+    let args = emu::qemu_args(&image.boot, emu::Accel::Tcg, emu::Serial::File(&serial))?;
+    let clock = SerialClock::start(&serial, &[LOGIN_PROMPT]);
+    let decided = || clock.poll();
+    println!(
+        "debian: under Moat: {}",
+        describe(&emu::qemu_command(&args))
+    );
+    emu::run_qemu(
+        &args,
+        Some(DIRECT_TIMEOUT),
+        Some(&decided),
+        &dir.join("moat-qemu.out"),
+    )?;
+    clock.poll();
+    let moat = clock.seen(LOGIN_PROMPT).ok_or_else(|| {
+        Error::Other(format!(
+            "under Moat: no login prompt (see {})",
+            serial.display()
+        ))
+    })?;
+    println!(
+        "debian: under Moat: login prompt after {}",
+        util::secs(moat)
+    );
+    let direct = direct_boot(&built, memory_mib, &cmdline)?;
+    println!(
+        "debian: directly: login prompt after {}",
+        util::secs(direct)
+    );
+    println!("debian: guest command line: {cmdline}");
+    println!(
+        "debian: QEMU TCG start to the login prompt: Moat {}, QEMU alone {}, ratio {:.2}",
+        util::secs(moat),
+        util::secs(direct),
+        moat.as_secs_f64() / direct.as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The example this module builds for.
+pub const EXAMPLE: &str = "examples/debian.toml";
+
+/// Boots `built` in QEMU alone; when the login prompt appeared.
+fn direct_boot(built: &Built, memory_mib: u32, cmdline: &str) -> Result<Duration> {
     let dir = Path::new(DEBIAN_DIR).join("direct");
     let disk = dir.join("disk.img");
     copy_image(&built.rootfs, &disk)?;
@@ -384,7 +474,7 @@ pub fn direct(memory_mib: u32) -> Result<ExitCode> {
         kernel: built.kernel.clone(),
         initramfs: built.initrd.clone(),
     };
-    let mut args = linux::direct_qemu_args(&guest, &[CMDLINE.to_string()], &serial, memory_mib);
+    let mut args = linux::direct_qemu_args(&guest, &[cmdline.to_string()], &serial, memory_mib);
     args.extend([
         "-no-reboot".to_string(),
         "-drive".to_string(),
@@ -402,13 +492,7 @@ pub fn direct(memory_mib: u32) -> Result<ExitCode> {
     clock.poll();
     println!("debian: serial log {}", serial.display());
     match (clock.seen(LOGIN_PROMPT), outcome.exit) {
-        (Some(at), _) => {
-            println!(
-                "debian: QEMU TCG, no Moat: start to the login prompt in {}",
-                util::secs(at)
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        (Some(at), _) => Ok(at),
         (None, Exit::TimedOut) => Err(Error::Other(format!(
             "no login prompt after {}",
             util::secs(DIRECT_TIMEOUT)
