@@ -424,16 +424,7 @@ pub fn time(extra_args: &[String]) -> Result<ExitCode> {
     let args = emu::qemu_args(&image.boot, emu::Accel::Tcg, emu::Serial::File(&serial))?;
     let clock = SerialClock::start(&serial, &[LOGIN_PROMPT]);
     let output = dir.join("moat-qemu.out");
-    // At the prompt, the VMM's exits so far: its state dump, which an NMI
-    // through QEMU's monitor asks for (`vmm: dump: exits N: …`).
-    let decided = || {
-        if !clock.poll() {
-            return false;
-        }
-        emu::monitor_command(&output.with_extension("monitor"), "nmi");
-        std::thread::sleep(Duration::from_secs(2));
-        true
-    };
+    let decided = || clock.poll();
     println!(
         "debian: under Moat: {}",
         describe(&emu::qemu_command(&args))
@@ -452,14 +443,7 @@ pub fn time(extra_args: &[String]) -> Result<ExitCode> {
     let log = fs::read(&serial).context(|| format!("cannot read {}", serial.display()))?;
     let log = String::from_utf8_lossy(&log);
     let console_bytes = log.find(LOGIN_PROMPT).unwrap_or(log.len());
-    match log.lines().find_map(|l| l.split_once("vmm: dump: exits ")) {
-        Some((_, exits)) => println!(
-            "debian: under Moat: VMM exits to the prompt {} ({console_bytes} bytes on the \
-             console before it)",
-            exits.trim_end()
-        ),
-        None => println!("debian: under Moat: no exit counts (no state dump after the NMI)"),
-    }
+    println!("debian: under Moat: {console_bytes} bytes on the console before the prompt");
     let direct = direct_boot(&built, memory_mib, &cmdline)?;
     println!(
         "debian: directly: login prompt after {}",

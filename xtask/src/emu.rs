@@ -465,7 +465,7 @@ fn sample_stalled_qemu(monitor: &Path, serial: Option<&Path>, file: &Path) {
 }
 
 /// One monitor command's answer (empty if the monitor cannot be reached).
-pub(crate) fn monitor_command(path: &Path, command: &str) -> String {
+fn monitor_command(path: &Path, command: &str) -> String {
     use std::os::unix::net::UnixStream;
     let Ok(mut stream) = UnixStream::connect(path) else {
         return String::new();
