@@ -186,7 +186,11 @@ fn build_initrd(recipe: &Recipe, initrd: &Path) -> Result<()> {
         return Ok(());
     }
     emu::remove_stale(&key_file)?;
-    let (release, modules, busybox) = linux::pinned_modules_and_busybox(&recipe.modules())?;
+    let linux::InitrdParts {
+        release,
+        modules,
+        busybox,
+    } = linux::pinned_modules_and_busybox(&recipe.modules())?;
     println!(
         "debian: initrd for {release}, modules in load order: {}",
         modules

@@ -720,12 +720,19 @@ pub fn build() -> Result<Guest> {
     Ok(guest)
 }
 
+/// What an initrd of the pinned kernel holds (`pinned_modules_and_busybox`).
+pub(crate) struct InitrdParts {
+    /// The kernel's release (`6.1.0-50-amd64`).
+    pub release: String,
+    /// Each module's name and bytes, in load order.
+    pub modules: Vec<(String, Vec<u8>)>,
+    pub busybox: Vec<u8>,
+}
+
 /// The pinned kernel's release and the modules `wanted` with everything
 /// they need, in load order, each with its bytes; and busybox (the
 /// Debian example's initrd, `debian.rs`).
-pub(crate) fn pinned_modules_and_busybox(
-    wanted: &[String],
-) -> Result<(String, Vec<(String, Vec<u8>)>, Vec<u8>)> {
+pub(crate) fn pinned_modules_and_busybox(wanted: &[String]) -> Result<InitrdParts> {
     let recipe = load_recipe()?;
     let root = Path::new(LINUX_DIR);
     fs::create_dir_all(root).context(|| format!("cannot create {}", root.display()))?;
@@ -746,7 +753,11 @@ pub(crate) fn pinned_modules_and_busybox(
     let busybox_bin = busybox_pkg.join("bin/busybox");
     let busybox =
         fs::read(&busybox_bin).context(|| format!("cannot read {}", busybox_bin.display()))?;
-    Ok((release, modules, busybox))
+    Ok(InitrdParts {
+        release,
+        modules,
+        busybox,
+    })
 }
 
 /// What the initramfs holds besides its directories and device nodes.
