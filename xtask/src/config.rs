@@ -30,6 +30,10 @@ const PINNED_FILES: [&str; 3] = ["bzImage", "initramfs.cpio", DEBIAN_INITRD];
 /// The Debian example's initrd and root disk (`cargo xtask debian build`).
 const DEBIAN_INITRD: &str = "debian-initrd.cpio";
 const DEBIAN_DISK: &str = "debian.img";
+/// `pinned:mbtest`: the Multiboot test kernel (guests/mbtest), a task
+/// that xtask builds; its size for the quota, roughly.
+const MBTEST: &str = "mbtest";
+const MBTEST_SIZE: u64 = 1 << 20;
 
 /// Where a pinned file lies, and whether it is the Debian system's.
 fn pinned_path(name: &str) -> (PathBuf, bool) {
@@ -152,7 +156,13 @@ pub enum OnPanic {
 pub struct GuestEntry {
     pub name: Spanned<String>,
     pub kernel: Spanned<String>,
-    pub initrd: Spanned<String>,
+    pub initrd: Option<Spanned<String>>,
+    /// A Multiboot kernel's modules, in order.
+    #[serde(default)]
+    pub modules: Vec<Spanned<GuestModule>>,
+    /// QEMU's isa-debug-exit device (ports 0xf4-0xf7) for the guest.
+    #[serde(default)]
+    pub debug_exit: bool,
     pub cmdline: Option<Spanned<String>>,
     pub memory: Option<Spanned<Size>>,
     pub vcpus: Option<Spanned<u32>>,
@@ -173,6 +183,14 @@ pub struct GuestEntry {
     /// The size `disk` is created with when the file is missing.
     pub disk_size: Option<Spanned<Size>>,
     pub epoch: Option<u64>,
+}
+
+/// One Multiboot module: a file and its command line.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestModule {
+    pub file: Spanned<String>,
+    pub cmdline: Option<Spanned<String>>,
 }
 
 impl GuestEntry {
@@ -476,7 +494,7 @@ impl GuestOverride {
             guest.kernel = from_cli(kernel.clone());
         }
         if let Some(initrd) = &self.initrd {
-            guest.initrd = from_cli(initrd.clone());
+            guest.initrd = Some(from_cli(initrd.clone()));
         }
         if let Some(append) = &self.append {
             guest.cmdline = Some(from_cli(append.clone()));
@@ -1097,13 +1115,70 @@ impl Planner<'_> {
                 );
             }
 
-            let (kernel, k_pinned, kernel_size) = self.guest_file(&g.kernel, &f("kernel"))?;
-            let (initrd, i_pinned, initrd_size) = self.guest_file(&g.initrd, &f("initrd"))?;
-            uses_pinned_linux |= k_pinned || i_pinned;
-            let debian_initrd = pinned_path(DEBIAN_INITRD).0;
-            uses_pinned_debian |= kernel == debian_initrd || initrd == debian_initrd;
-            let kernel_module = file_module(&mut files, &kernel, "kernel", i);
-            let initrd_module = file_module(&mut files, &initrd, "initrd", i);
+            let (kernel_module, k_pinned, kernel_size) =
+                if g.kernel.get_ref() == &format!("{PINNED_PREFIX}{MBTEST}") {
+                    // The Multiboot test kernel, a task xtask builds.
+                    if !files.iter().any(|m| m.name == MBTEST) {
+                        files.push(PlannedModule {
+                            name: MBTEST.into(),
+                            source: ModuleSource::Task(MBTEST.into()),
+                        });
+                    }
+                    (MBTEST.to_string(), false, MBTEST_SIZE)
+                } else {
+                    let (kernel, pinned, size) = self.guest_file(&g.kernel, &f("kernel"))?;
+                    (file_module(&mut files, &kernel, "kernel", i), pinned, size)
+                };
+            let mut file_mappings = vec![format!("file kernel {kernel_module}")];
+            let mut files_size = kernel_size;
+            uses_pinned_linux |= k_pinned;
+            if let (Some(initrd), Some(module)) = (&g.initrd, g.modules.first()) {
+                let span = module.span().start.min(initrd.span().start)
+                    ..module.span().end.max(initrd.span().end);
+                return self.err(
+                    span,
+                    &f("modules"),
+                    "a Linux kernel's `initrd` or a Multiboot kernel's `modules`, not both",
+                );
+            }
+            if let Some(initrd) = &g.initrd {
+                let (path, pinned, size) = self.guest_file(initrd, &f("initrd"))?;
+                uses_pinned_linux |= pinned;
+                uses_pinned_debian |= path == pinned_path(DEBIAN_INITRD).0;
+                let module = file_module(&mut files, &path, "initrd", i);
+                file_mappings.push(format!("file initrd {module}"));
+                files_size += size;
+            }
+            let mut module_lines = String::new();
+            for (n, module) in g.modules.iter().enumerate() {
+                let field = f(&format!("modules[{n}]"));
+                let m = module.get_ref();
+                let (path, pinned, size) = self.guest_file(&m.file, &format!("{field}.file"))?;
+                uses_pinned_linux |= pinned;
+                let name = file_module(&mut files, &path, "mod", i);
+                file_mappings.push(format!("file mod{} {name}", n + 1));
+                files_size += size;
+                let line = m.cmdline.as_ref().map_or("", |c| c.get_ref().as_str());
+                if line.len() > CMDLINE_MAX || line.contains(['\0', '\n']) {
+                    let span = m.cmdline.as_ref().map_or(module.span(), |c| c.span());
+                    return self.err(
+                        span,
+                        &format!("{field}.cmdline"),
+                        format!("expected one line of at most {CMDLINE_MAX} bytes"),
+                    );
+                }
+                module_lines += line.trim();
+                module_lines.push('\n');
+            }
+            if !g.modules.is_empty() {
+                let lines_module = format!("{name}.mods");
+                files_size += module_lines.len() as u64;
+                files.push(PlannedModule {
+                    name: lines_module.clone(),
+                    source: ModuleSource::Text(module_lines),
+                });
+                file_mappings.push(format!("file modcmdlines {lines_module}"));
+            }
             let mut line = cmdline.trim().to_string();
             let disk_size = if g.test_disk {
                 if !files.iter().any(|m| m.source == ModuleSource::TestDisk) {
@@ -1132,14 +1207,13 @@ impl Planner<'_> {
             });
 
             let heap = (VMM_HEAP_BASE + disk_size).next_multiple_of(1 << 20);
-            let mapped = memory + heap + kernel_size + initrd_size + disk_size + line.len() as u64;
+            let mapped = memory + heap + files_size + disk_size + line.len() as u64;
             let quota = (VMM_QUOTA_BASE + mapped / VMM_QUOTA_DIVISOR).next_multiple_of(1 << 20);
             let mut mappings = vec![
                 format!("ram guest {}", manifest_size(memory)),
                 format!("ram heap {}", manifest_size(heap)),
-                format!("file kernel {kernel_module}"),
-                format!("file initrd {initrd_module}"),
             ];
+            mappings.extend(file_mappings);
             if g.test_disk {
                 mappings.push("file disk disk.img".into());
             }
@@ -1208,6 +1282,9 @@ impl Planner<'_> {
             if g.on_panic == OnPanic::Restart {
                 args.push("on-panic=restart".to_string());
             }
+            if g.debug_exit {
+                args.push("debug-exit".to_string());
+            }
             if let Some(planned) = guest_disk {
                 if FIRST_USE_SELECTOR + uses.len() as u64 > VMM_BLK_SEMAPHORES {
                     return self.err(
@@ -1240,7 +1317,7 @@ impl Planner<'_> {
             pool += VMM_MEMORY + VMM_STACK + memory + heap;
             ram_regions += 2;
             quotas += quota;
-            file_sizes += kernel_size + initrd_size + disk_size;
+            file_sizes += files_size + disk_size;
         }
         // The block service for the guest's persistent disk: the `blk`
         // driver with QEMU's virtio-blk device, the guest's VMM its client.
@@ -1590,6 +1667,7 @@ fn file_module(files: &mut Vec<PlannedModule>, path: &Path, kind: &str, guest: u
             || reserved.contains(&name)
             || USER_TASKS.iter().any(|t| t.binary == name)
             || name.ends_with(".cmdline")
+            || name.ends_with(".mods")
     };
     let name = if name_ok(base, MODULE_NAME_MAX) && !taken(base) {
         base.to_string()
@@ -1749,6 +1827,60 @@ mod tests {
             e.message
                 .contains("the pinned disk is \"pinned:debian.img\""),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_multiboot_guest_takes_modules_and_debug_exit() {
+        let plan = example_plan("mbtest.toml", &GuestOverride::default());
+        let m = root_parse(&plan.manifest);
+        let names: Vec<_> = m.components.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["mbtest"], "a fixed epoch: no clock");
+        let vmm = &plan.manifest[plan.manifest.find("component mbtest").unwrap()..];
+        for want in [
+            "    file kernel mbtest at ",
+            "    file mod1 module-one.txt at ",
+            "    file mod2 module-two.txt at ",
+            "    file modcmdlines mbtest.mods at ",
+            "    ram guest 16M at ",
+            " debug-exit",
+        ] {
+            assert!(vmm.contains(want), "{want} in {vmm}");
+        }
+        assert!(!vmm.contains("file initrd"), "{vmm}");
+        assert!(plan
+            .modules
+            .iter()
+            .any(|m| m.name == "mbtest" && m.source == ModuleSource::Task("mbtest".into())));
+        assert!(plan.modules.iter().any(|m| m.name == "mbtest.mods"
+            && m.source == ModuleSource::Text("mod-one first\nmod-two second=2\n".into())));
+        assert!(!plan.uses_pinned_linux && !plan.uses_pinned_debian);
+    }
+
+    #[test]
+    fn modules_and_an_initrd_do_not_mix_and_are_checked() {
+        let both = format!("{DISK_GUEST}modules = [{{ file = \"m\" }}]\n");
+        let e = plan(&both).unwrap_err();
+        assert_eq!(e.field, "guest[0].modules", "{e}");
+        assert!(e.message.contains("not both"), "{e}");
+        let guest = "[[guest]]\nname = \"g\"\nkernel = \"k\"\n";
+        let unknown = format!("{guest}modules = [{{ file = \"m\", cmd = \"x\" }}]\n");
+        assert!(plan(&unknown)
+            .unwrap_err()
+            .message
+            .contains("unknown field `cmd`"));
+        let missing = format!("{guest}modules = [{{ file = \"missing.txt\" }}]\n");
+        let e = plan(&missing).unwrap_err();
+        assert_eq!(e.field, "guest[0].modules[0].file", "{e}");
+        let two_lines = format!("{guest}modules = [{{ file = \"m\", cmdline = \"a\\nb\" }}]\n");
+        let e = plan(&two_lines).unwrap_err();
+        assert_eq!(e.field, "guest[0].modules[0].cmdline", "{e}");
+        // No initrd and no modules: a kernel alone (as QEMU's -kernel).
+        let plan = plan(&format!("{guest}debug-exit = true\n")).unwrap();
+        assert!(
+            plan.manifest.contains("    args clock=20 debug-exit\n"),
+            "{}",
+            plan.manifest
         );
     }
 

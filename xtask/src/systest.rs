@@ -2036,6 +2036,29 @@ pub const TESTS: &[SysTest] = &[
         only_on: Some(Emulator::Qemu),
         ..BASE
     },
+    // examples/mbtest.toml: the Multiboot test kernel from a configuration
+    // (its modules and command lines, `debug-exit`): every check passes
+    // and its exit value becomes QEMU's status. Bochs runs the same kernel
+    // in `multiboot`.
+    SysTest {
+        name: "example_mbtest",
+        config: Some(SystemConfig::File("examples/mbtest.toml")),
+        expect: &[
+            all("vmm: 16 MiB RAM, kernel "),
+            all(", 2 Multiboot modules"),
+            all("MBTEST cmdline \"mbtest exit=0x2a verbose\""),
+            all("MBTEST ok module-1"),
+            all("MBTEST ok module-2"),
+            all("MBTEST done checks=9 failed=0 exit=0x2a"),
+            all("vmm: guest stopped: isa-debug-exit value 0x2a, exit code 0x55"),
+            all("roottask: component 'mbtest' finished, asking for debug-exit value 0x2a"),
+            all(NO_TASKS_LEFT),
+        ],
+        forbid: MULTIBOOT_FORBIDDEN,
+        qemu_status: Some(0x55),
+        only_on: Some(Emulator::Qemu),
+        ..BASE
+    },
     // examples/debian.toml: Debian bookworm with systemd from its root disk
     // (a fresh copy of the pinned image, through the block service) to the
     // login prompt; the test user logs in on the console, asks systemd
