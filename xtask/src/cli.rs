@@ -55,8 +55,13 @@ pub struct DemoOpts {
 #[derive(Debug, PartialEq, Eq)]
 pub enum DebianOpts {
     Build,
-    Direct { memory_mib: u32 },
-    Time { kernel_args: Vec<String> },
+    Direct {
+        memory_mib: u32,
+    },
+    Time {
+        kernel_args: Vec<String>,
+        icount: bool,
+    },
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -334,6 +339,10 @@ enum DebianCommand {
     /// One run, QEMU TCG each, the same kernel, initrd and image (fresh
     /// copies); prints both times and their ratio (docs/benchmarks.md).
     Time {
+        /// Both boots with QEMU's -icount shift=0,sleep=off: guest time
+        /// counts instructions, whatever else the host runs
+        #[arg(long)]
+        icount: bool,
         /// Words added to both boots' guest command line (e.g. `quiet`)
         #[arg(last = true, value_name = "GUEST ARGS")]
         kernel_args: Vec<String>,
@@ -452,8 +461,15 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
             command: DebianCommand::Direct { memory },
         }) => Cmd::Debian(DebianOpts::Direct { memory_mib: memory }),
         Some(Command::Debian {
-            command: DebianCommand::Time { kernel_args },
-        }) => Cmd::Debian(DebianOpts::Time { kernel_args }),
+            command:
+                DebianCommand::Time {
+                    kernel_args,
+                    icount,
+                },
+        }) => Cmd::Debian(DebianOpts::Time {
+            kernel_args,
+            icount,
+        }),
         Some(Command::Demo {
             command: DemoCommand::Modem { emu },
         }) => Cmd::Demo(DemoOpts { emu }),

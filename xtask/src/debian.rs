@@ -379,10 +379,11 @@ const DIRECT_TIMEOUT: Duration = Duration::from_secs(600);
 pub fn direct(memory_mib: u32) -> Result<ExitCode> {
     setup::run()?;
     let built = build()?;
-    direct_boot(&built, memory_mib, CMDLINE).map(|at| {
+    direct_boot(&built, memory_mib, CMDLINE, false).map(|boot| {
         println!(
-            "debian: QEMU TCG, no Moat: start to the login prompt in {}",
-            util::secs(at)
+            "debian: QEMU TCG, no Moat: start to the login prompt in {}; {}",
+            util::secs(boot.prompt),
+            boot.startup
         );
         ExitCode::SUCCESS
     })
@@ -391,7 +392,7 @@ pub fn direct(memory_mib: u32) -> Result<ExitCode> {
 /// `cargo xtask debian time`: one run, two boots of the same kernel,
 /// initrd and image (each a fresh copy), to the login prompt: under Moat
 /// (examples/debian.toml) and by QEMU itself; both QEMU TCG.
-pub fn time(extra_args: &[String]) -> Result<ExitCode> {
+pub fn time(extra_args: &[String], icount: bool) -> Result<ExitCode> {
     setup::run()?;
     let built = build()?;
     let config = Path::new(EXAMPLE);
@@ -425,40 +426,48 @@ pub fn time(extra_args: &[String]) -> Result<ExitCode> {
     let image = crate::image::assemble_plan(&artifacts, &plan)?;
     let serial = dir.join("moat-serial.log");
     emu::remove_stale(&serial)?;
-    let args = emu::qemu_args(&image.boot, emu::Accel::Tcg, emu::Serial::File(&serial))?;
-    let clock = SerialClock::start(&serial, &[LOGIN_PROMPT]);
-    let output = dir.join("moat-qemu.out");
-    let decided = || clock.poll();
+    let mut args = emu::qemu_args(&image.boot, emu::Accel::Tcg, emu::Serial::File(&serial))?;
+    if icount {
+        args.extend(ICOUNT.map(String::from));
+    }
     println!(
         "debian: under Moat: {}",
         describe(&emu::qemu_command(&args))
     );
-    emu::run_qemu(&args, Some(DIRECT_TIMEOUT), Some(&decided), &output)?;
-    let moat = clock.seen(LOGIN_PROMPT).ok_or_else(|| {
-        Error::Other(format!(
-            "under Moat: no login prompt (see {})",
-            serial.display()
-        ))
-    })?;
-    println!(
-        "debian: under Moat: login prompt after {}",
-        util::secs(moat)
-    );
+    let moat = timed_boot(
+        &args,
+        &serial,
+        &dir.join("moat-qemu.out"),
+        &recipe_password()?,
+    )?;
     let log = fs::read(&serial).context(|| format!("cannot read {}", serial.display()))?;
     let log = String::from_utf8_lossy(&log);
     let console_bytes = log.find(LOGIN_PROMPT).unwrap_or(log.len());
-    println!("debian: under Moat: {console_bytes} bytes on the console before the prompt");
-    let direct = direct_boot(&built, memory_mib, &cmdline)?;
     println!(
-        "debian: directly: login prompt after {}",
-        util::secs(direct)
+        "debian: under Moat: login prompt after {}; {}",
+        util::secs(moat.prompt),
+        moat.startup
     );
-    println!("debian: guest command line: {cmdline}");
+    println!("debian: under Moat: {console_bytes} bytes on the console before the prompt");
+    let direct = direct_boot(&built, memory_mib, &cmdline, icount)?;
+    println!(
+        "debian: directly: login prompt after {}; {}",
+        util::secs(direct.prompt),
+        direct.startup
+    );
+    println!(
+        "debian: guest command line: {cmdline}{}",
+        if icount {
+            " (QEMU -icount shift=0,sleep=off)"
+        } else {
+            ""
+        }
+    );
     println!(
         "debian: QEMU TCG start to the login prompt: Moat {}, QEMU alone {}, ratio {:.2}",
-        util::secs(moat),
-        util::secs(direct),
-        moat.as_secs_f64() / direct.as_secs_f64()
+        util::secs(moat.prompt),
+        util::secs(direct.prompt),
+        moat.prompt.as_secs_f64() / direct.prompt.as_secs_f64()
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -467,12 +476,11 @@ pub fn time(extra_args: &[String]) -> Result<ExitCode> {
 pub const EXAMPLE: &str = "examples/debian.toml";
 
 /// Boots `built` in QEMU alone; when the login prompt appeared.
-fn direct_boot(built: &Built, memory_mib: u32, cmdline: &str) -> Result<Duration> {
+fn direct_boot(built: &Built, memory_mib: u32, cmdline: &str, icount: bool) -> Result<TimedBoot> {
     let dir = Path::new(DEBIAN_DIR).join("direct");
     let disk = dir.join("disk.img");
     copy_image(&built.rootfs, &disk)?;
     let serial = dir.join("serial.log");
-    emu::remove_stale(&serial)?;
     let guest = linux::Guest {
         kernel: built.kernel.clone(),
         initramfs: built.initrd.clone(),
@@ -483,25 +491,125 @@ fn direct_boot(built: &Built, memory_mib: u32, cmdline: &str) -> Result<Duration
         "-drive".to_string(),
         format!("if=virtio,format=raw,file={}", disk.display()),
     ]);
-    let clock = SerialClock::start(&serial, &[LOGIN_PROMPT]);
-    let decided = || clock.poll();
-    println!("debian: {}", describe(&emu::qemu_command(&args)));
-    let outcome = emu::run_qemu(
-        &args,
-        Some(DIRECT_TIMEOUT),
-        Some(&decided),
-        &dir.join("qemu.out"),
-    )?;
-    clock.poll();
-    println!("debian: serial log {}", serial.display());
-    match (clock.seen(LOGIN_PROMPT), outcome.exit) {
-        (Some(at), _) => Ok(at),
-        (None, Exit::TimedOut) => Err(Error::Other(format!(
-            "no login prompt after {}",
-            util::secs(DIRECT_TIMEOUT)
-        ))),
-        (None, _) => Err(Error::Other("QEMU ended before the login prompt".into())),
+    if icount {
+        args.extend(ICOUNT.map(String::from));
     }
+    println!("debian: {}", describe(&emu::qemu_command(&args)));
+    timed_boot(&args, &serial, &dir.join("qemu.out"), &recipe_password()?)
+}
+
+/// QEMU's deterministic guest time: one instruction a nanosecond, idle
+/// time skipped, whatever else the host runs.
+const ICOUNT: [&str; 2] = ["-icount", "shift=0,sleep=off"];
+
+/// What systemd prints for `systemd-analyze`.
+const STARTUP: &str = "Startup finished in ";
+
+/// One timed boot to the login prompt.
+struct TimedBoot {
+    /// From QEMU's start to the login prompt on the console.
+    prompt: Duration,
+    /// systemd-analyze's line, in guest time (or why there is none).
+    startup: String,
+}
+
+fn recipe_password() -> Result<String> {
+    Ok(load_recipe()?.password)
+}
+
+/// Boots `args` (whose COM1 is `-serial file:SERIAL`) with the console on
+/// a socket, times the login prompt, then logs in as root and asks
+/// `systemd-analyze` for the boot's guest time; stops QEMU once it
+/// answered.
+fn timed_boot(args: &[String], serial: &Path, output: &Path, password: &str) -> Result<TimedBoot> {
+    use crate::systest::{console_socket, console_socket_args, type_on_console, typed};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    emu::remove_stale(serial)?;
+    let socket = console_socket(serial);
+    emu::remove_stale(&socket)?;
+    let args = console_socket_args(args, serial);
+    let password: &'static str = Box::leak(format!("{password}\n").into_boxed_str());
+    let steps = [
+        typed(LOGIN_PROMPT, "root\n"),
+        typed("Password: ", password),
+        typed(
+            ":~# ",
+            "systemctl is-system-running --wait >/dev/null; systemd-analyze\n",
+        ),
+    ];
+    let clock = SerialClock::start(serial, &[LOGIN_PROMPT, STARTUP]);
+    let done = AtomicBool::new(false);
+    let outcome = std::thread::scope(|scope| {
+        let typist = scope.spawn(|| type_on_console(&socket, &steps, &done));
+        // Decided once systemd-analyze's line is complete.
+        let decided = || {
+            clock.poll()
+                && fs::read(serial).is_ok_and(|log| {
+                    let log = String::from_utf8_lossy(&log);
+                    log.split(STARTUP)
+                        .nth(1)
+                        .is_some_and(|rest| rest.contains('\n'))
+                })
+        };
+        let outcome = emu::run_qemu(&args, Some(DIRECT_TIMEOUT), Some(&decided), output);
+        done.store(true, Ordering::Relaxed);
+        if let Ok(Err(why)) = typist.join() {
+            println!("debian: console input: {why}");
+        }
+        outcome
+    })?;
+    println!("debian: serial log {}", serial.display());
+    let prompt = match (clock.seen(LOGIN_PROMPT), outcome.exit) {
+        (Some(at), _) => at,
+        (None, Exit::TimedOut) => {
+            return Err(Error::Other(format!(
+                "no login prompt after {} (see {})",
+                util::secs(DIRECT_TIMEOUT),
+                serial.display()
+            )))
+        }
+        (None, _) => {
+            return Err(Error::Other(format!(
+                "QEMU ended before the login prompt (see {})",
+                serial.display()
+            )))
+        }
+    };
+    let log = fs::read(serial).context(|| format!("cannot read {}", serial.display()))?;
+    let startup = startup_line(&String::from_utf8_lossy(&log))
+        .unwrap_or_else(|| "no systemd-analyze line".into());
+    Ok(TimedBoot { prompt, startup })
+}
+
+/// systemd-analyze's `Startup finished in …` line and its `… reached
+/// after …` line, without their colours.
+fn startup_line(log: &str) -> Option<String> {
+    let rest = log.split(STARTUP).nth(1)?;
+    let mut lines = rest.lines().map(without_colours);
+    let mut text = format!("{STARTUP}{}", lines.next()?);
+    if let Some(reached) = lines.next().filter(|l| l.contains(" reached after ")) {
+        text = format!("{text}; {reached}");
+    }
+    Some(text)
+}
+
+/// A console line without its CSI sequences (`ESC [ … letter`), `\r` and
+/// trailing blanks.
+fn without_colours(line: &str) -> String {
+    let mut plain = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else if c != '\r' {
+            plain.push(c);
+        }
+    }
+    plain.trim_end().to_string()
 }
 
 #[cfg(test)]
@@ -572,6 +680,19 @@ mod tests {
             mk,
             "mke2fs -q -F -t ext4 -L moat-debian -d t/tree t/i 1048576k"
         );
+    }
+
+    #[test]
+    fn the_startup_line_loses_its_colours() {
+        let log = "root@moat-debian:~# systemd-analyze\r\nStartup finished in 3.1s (kernel) + \
+                   \x1b[1m20.2s\x1b[0m (userspace) = \x1b[1m23.3s\x1b[0m \r\n\
+                   multi-user.target reached after 19.9s in userspace\r\n";
+        assert_eq!(
+            startup_line(log).unwrap(),
+            "Startup finished in 3.1s (kernel) + 20.2s (userspace) = 23.3s; \
+             multi-user.target reached after 19.9s in userspace"
+        );
+        assert_eq!(startup_line("no line"), None);
     }
 
     #[test]

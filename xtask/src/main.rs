@@ -126,7 +126,10 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Linux(cli::LinuxOpts::Build) => linux::build_command(),
         Cmd::Debian(cli::DebianOpts::Build) => debian::build_command(),
         Cmd::Debian(cli::DebianOpts::Direct { memory_mib }) => debian::direct(memory_mib),
-        Cmd::Debian(cli::DebianOpts::Time { kernel_args }) => debian::time(&kernel_args),
+        Cmd::Debian(cli::DebianOpts::Time {
+            kernel_args,
+            icount,
+        }) => debian::time(&kernel_args, icount),
         Cmd::Linux(cli::LinuxOpts::Direct {
             emu,
             virtio,

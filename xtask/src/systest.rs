@@ -202,7 +202,7 @@ pub struct Typed {
     pub input: &'static str,
 }
 
-const fn typed(after: &'static str, input: &'static str) -> Typed {
+pub(crate) const fn typed(after: &'static str, input: &'static str) -> Typed {
     Typed { after, input }
 }
 
@@ -3170,13 +3170,13 @@ pub(crate) fn prepare(
 }
 
 /// The unix socket of a test's console (its serial log's name, `.con`).
-fn console_socket(serial: &Path) -> PathBuf {
+pub(crate) fn console_socket(serial: &Path) -> PathBuf {
     serial.with_extension("con")
 }
 
 /// `args` with COM1 on a unix socket that the harness types into
 /// ([`type_on_console`]), its output still logged to `serial` by QEMU.
-fn console_socket_args(args: &[String], serial: &Path) -> Vec<String> {
+pub(crate) fn console_socket_args(args: &[String], serial: &Path) -> Vec<String> {
     let file = format!("file:{}", serial.display());
     let mut out = Vec::with_capacity(args.len() + 2);
     let mut words = args.iter();
@@ -3209,7 +3209,11 @@ const KEY_GAP: Duration = Duration::from_millis(20);
 /// Connects to the console socket, reads everything the machine prints
 /// (so QEMU never waits for it) and types each step's input once its
 /// text has appeared; goes on reading until `done`.
-fn type_on_console(socket: &Path, steps: &[Typed], done: &AtomicBool) -> Result<(), String> {
+pub(crate) fn type_on_console(
+    socket: &Path,
+    steps: &[Typed],
+    done: &AtomicBool,
+) -> Result<(), String> {
     let started = Instant::now();
     let mut stream = loop {
         match UnixStream::connect(socket) {
