@@ -339,8 +339,8 @@ enum DebianCommand {
     /// One run, QEMU TCG each, the same kernel, initrd and image (fresh
     /// copies); prints both times and their ratio (docs/benchmarks.md).
     Time {
-        /// Both boots with QEMU's -icount shift=0,sleep=off: guest time
-        /// counts instructions, whatever else the host runs
+        /// Both boots with QEMU's -icount shift=0: guest time counts
+        /// instructions, whatever else the host runs
         #[arg(long)]
         icount: bool,
         /// Words added to both boots' guest command line (e.g. `quiet`)
