@@ -449,6 +449,9 @@ pub fn time(extra_args: &[String], icount: bool) -> Result<ExitCode> {
         moat.startup
     );
     println!("debian: under Moat: {console_bytes} bytes on the console before the prompt");
+    if let Some(exits) = &moat.exits {
+        println!("debian: under Moat: VMM exits, boot to power-off: {exits}");
+    }
     let direct = direct_boot(&built, memory_mib, &cmdline, icount)?;
     println!(
         "debian: directly: login prompt after {}; {}",
@@ -514,6 +517,8 @@ struct TimedBoot {
     prompt: Duration,
     /// systemd-analyze's line, in guest time (or why there is none).
     startup: String,
+    /// Under Moat: the VMM's exits by reason, boot to power-off.
+    exits: Option<String>,
 }
 
 fn recipe_password() -> Result<String> {
@@ -521,9 +526,8 @@ fn recipe_password() -> Result<String> {
 }
 
 /// Boots `args` (whose COM1 is `-serial file:SERIAL`) with the console on
-/// a socket, times the login prompt, then logs in as root and asks
-/// `systemd-analyze` for the boot's guest time; stops QEMU once it
-/// answered.
+/// a socket, times the login prompt, then logs in as root, asks
+/// `systemd-analyze` for the boot's guest time and powers off.
 fn timed_boot(args: &[String], serial: &Path, output: &Path, password: &str) -> Result<TimedBoot> {
     use crate::systest::{console_socket, console_socket_args, type_on_console, typed};
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -537,22 +541,18 @@ fn timed_boot(args: &[String], serial: &Path, output: &Path, password: &str) -> 
         typed("Password: ", password),
         typed(
             ":~# ",
-            "systemctl is-system-running --wait >/dev/null; systemd-analyze\n",
+            "systemctl is-system-running --wait >/dev/null; systemd-analyze; poweroff\n",
         ),
     ];
     let clock = SerialClock::start(serial, &[LOGIN_PROMPT, STARTUP]);
     let done = AtomicBool::new(false);
     let outcome = std::thread::scope(|scope| {
         let typist = scope.spawn(|| type_on_console(&socket, &steps, &done));
-        // Decided once systemd-analyze's line is complete.
+        // The guest powers off after systemd-analyze; QEMU ends then (and
+        // the VMM prints its exits by reason first).
         let decided = || {
-            clock.poll()
-                && fs::read(serial).is_ok_and(|log| {
-                    let log = String::from_utf8_lossy(&log);
-                    log.split(STARTUP)
-                        .nth(1)
-                        .is_some_and(|rest| rest.contains('\n'))
-                })
+            clock.poll();
+            false
         };
         let outcome = emu::run_qemu(&args, Some(DIRECT_TIMEOUT), Some(&decided), output);
         done.store(true, Ordering::Relaxed);
@@ -579,9 +579,17 @@ fn timed_boot(args: &[String], serial: &Path, output: &Path, password: &str) -> 
         }
     };
     let log = fs::read(serial).context(|| format!("cannot read {}", serial.display()))?;
-    let startup = startup_line(&String::from_utf8_lossy(&log))
-        .unwrap_or_else(|| "no systemd-analyze line".into());
-    Ok(TimedBoot { prompt, startup })
+    let log = String::from_utf8_lossy(&log);
+    let startup = startup_line(&log).unwrap_or_else(|| "no systemd-analyze line".into());
+    let exits = log
+        .lines()
+        .find_map(|l| l.split_once("vmm: exits "))
+        .map(|(_, e)| e.trim_end().to_string());
+    Ok(TimedBoot {
+        prompt,
+        startup,
+        exits,
+    })
 }
 
 /// systemd-analyze's `Startup finished in …` line and its `… reached
