@@ -527,7 +527,8 @@ fn recipe_password() -> Result<String> {
 
 /// Boots `args` (whose COM1 is `-serial file:SERIAL`) with the console on
 /// a socket, times the login prompt, then logs in as root, asks
-/// `systemd-analyze` for the boot's guest time and powers off.
+/// `systemd-analyze` for the boot's guest time (and `blame`, its slowest
+/// units, left in the serial log) and powers off.
 fn timed_boot(args: &[String], serial: &Path, output: &Path, password: &str) -> Result<TimedBoot> {
     use crate::systest::{console_socket, console_socket_args, type_on_console, typed};
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -541,7 +542,8 @@ fn timed_boot(args: &[String], serial: &Path, output: &Path, password: &str) -> 
         typed("Password: ", password),
         typed(
             ":~# ",
-            "systemctl is-system-running --wait >/dev/null; systemd-analyze; poweroff\n",
+            "systemctl is-system-running --wait >/dev/null; systemd-analyze; \
+             systemd-analyze blame --no-pager | head -15; poweroff\n",
         ),
     ];
     let clock = SerialClock::start(serial, &[LOGIN_PROMPT, STARTUP]);
