@@ -2208,6 +2208,38 @@ mod tests {
     }
 
     #[test]
+    fn the_pinned_disk_is_a_copy_of_its_image_made_once() {
+        let dir = std::env::temp_dir().join(format!("xtask-pinneddisk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = dir.join("rootfs.ext4");
+        let mut bytes = vec![0u8; 2 << 20];
+        bytes[..4].copy_from_slice(b"ext4");
+        std::fs::write(&image, &bytes).unwrap();
+        let disk = DiskPlan {
+            guest: "debian".into(),
+            path: dir.join("disk.img"),
+            size: 2 << 20,
+            create: true,
+            template: Some(image.clone()),
+        };
+        disk.prepare().unwrap();
+        assert_eq!(std::fs::read(&disk.path).unwrap(), bytes);
+        // What the guest wrote is kept: an existing disk is not copied again.
+        std::fs::write(&disk.path, vec![7u8; 2 << 20]).unwrap();
+        disk.prepare().unwrap();
+        assert_eq!(std::fs::read(&disk.path).unwrap()[0], 7);
+        // Without its image (not built), a clear error.
+        let missing = DiskPlan {
+            path: dir.join("other.img"),
+            template: Some(dir.join("missing.ext4")),
+            ..disk
+        };
+        let e = missing.prepare().unwrap_err();
+        assert!(e.contains("cannot make the disk"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn two_guests_each_get_a_vmm_and_share_the_files() {
         let plan = example_plan("two-guests.toml", &GuestOverride::default());
         let m = root_parse(&plan.manifest);
