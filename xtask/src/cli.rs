@@ -506,6 +506,24 @@ mod tests {
     }
 
     #[test]
+    fn debian_commands() {
+        assert_eq!(p("debian build").unwrap(), Cmd::Debian(DebianOpts::Build));
+        assert_eq!(
+            p("debian direct").unwrap(),
+            Cmd::Debian(DebianOpts::Direct { memory_mib: 512 })
+        );
+        assert!(p("debian direct --memory 32").is_err());
+        assert_eq!(
+            p("debian time --icount -- quiet loglevel=3").unwrap(),
+            Cmd::Debian(DebianOpts::Time {
+                kernel_args: vec!["quiet".into(), "loglevel=3".into()],
+                icount: true,
+            })
+        );
+        assert!(p("debian").is_err());
+    }
+
+    #[test]
     fn build_accepts_release() {
         assert_eq!(p("build").unwrap(), Cmd::Build);
         assert_eq!(p("build --release").unwrap(), Cmd::Build);
