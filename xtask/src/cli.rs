@@ -23,6 +23,7 @@ pub enum Cmd {
     Test(TestOpts),
     Bench(BenchOpts),
     Linux(LinuxOpts),
+    Debian(DebianOpts),
     Demo(DemoOpts),
     Fuzz(FuzzOpts),
     Soak(SoakOpts),
@@ -48,6 +49,19 @@ pub struct FuzzOpts {
 #[derive(Debug, PartialEq, Eq)]
 pub struct DemoOpts {
     pub emu: Option<Emulator>,
+}
+
+/// `cargo xtask debian`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DebianOpts {
+    Build,
+    Direct {
+        memory_mib: u32,
+    },
+    Time {
+        kernel_args: Vec<String>,
+        icount: bool,
+    },
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -238,6 +252,11 @@ System configurations, field by field: docs/configuration.md.")]
         #[command(subcommand)]
         command: LinuxCommand,
     },
+    /// The Debian example's system (examples/debian.toml)
+    Debian {
+        #[command(subcommand)]
+        command: DebianCommand,
+    },
     /// Demonstrations
     Demo {
         #[command(subcommand)]
@@ -292,6 +311,40 @@ enum LinuxCommand {
         virtio: bool,
         /// Words added to the guest kernel's command line
         #[arg(last = true, value_name = "KERNEL ARGS")]
+        kernel_args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DebianCommand {
+    /// Build the Debian bookworm root disk and its initrd (cached)
+    ///
+    /// mmdebstrap (root) makes the root file system of guests/debian/recipe.toml,
+    /// mke2fs -d the ext4 image target/debian/rootfs.ext4; the initrd
+    /// target/debian/initrd.cpio loads the pinned kernel's virtio and ext4
+    /// modules. docs/configuration.md, "The Debian example".
+    Build,
+    /// Boot it in QEMU itself (TCG), without Moat, timed to the login prompt
+    ///
+    /// The same kernel, initrd and command line as examples/debian.toml, on
+    /// a fresh copy of the image as QEMU's virtio-blk disk.
+    Direct {
+        /// The guest's RAM in MiB (the example's: 512)
+        #[arg(long, value_name = "MIB", default_value_t = 512,
+              value_parser = clap::value_parser!(u32).range(64..=3072))]
+        memory: u32,
+    },
+    /// Time both boots to the login prompt: under Moat and by QEMU alone
+    ///
+    /// One run, QEMU TCG each, the same kernel, initrd and image (fresh
+    /// copies); prints both times and their ratio (docs/benchmarks.md).
+    Time {
+        /// Both boots with QEMU's -icount shift=0: guest time counts
+        /// instructions, whatever else the host runs
+        #[arg(long)]
+        icount: bool,
+        /// Words added to both boots' guest command line (e.g. `quiet`)
+        #[arg(last = true, value_name = "GUEST ARGS")]
         kernel_args: Vec<String>,
     },
 }
@@ -402,6 +455,22 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
             virtio,
             kernel_args,
         }),
+        Some(Command::Debian {
+            command: DebianCommand::Build,
+        }) => Cmd::Debian(DebianOpts::Build),
+        Some(Command::Debian {
+            command: DebianCommand::Direct { memory },
+        }) => Cmd::Debian(DebianOpts::Direct { memory_mib: memory }),
+        Some(Command::Debian {
+            command:
+                DebianCommand::Time {
+                    kernel_args,
+                    icount,
+                },
+        }) => Cmd::Debian(DebianOpts::Time {
+            kernel_args,
+            icount,
+        }),
         Some(Command::Demo {
             command: DemoCommand::Modem { emu },
         }) => Cmd::Demo(DemoOpts { emu }),
@@ -435,6 +504,24 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn debian_commands() {
+        assert_eq!(p("debian build").unwrap(), Cmd::Debian(DebianOpts::Build));
+        assert_eq!(
+            p("debian direct").unwrap(),
+            Cmd::Debian(DebianOpts::Direct { memory_mib: 512 })
+        );
+        assert!(p("debian direct --memory 32").is_err());
+        assert_eq!(
+            p("debian time --icount -- quiet loglevel=3").unwrap(),
+            Cmd::Debian(DebianOpts::Time {
+                kernel_args: vec!["quiet".into(), "loglevel=3".into()],
+                icount: true,
+            })
+        );
+        assert!(p("debian").is_err());
     }
 
     #[test]

@@ -18,6 +18,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::build::USER_TASKS;
+use crate::debian;
 use crate::linux;
 
 /// What `cargo xtask run` boots without `--config`.
@@ -25,7 +26,24 @@ pub const DEFAULT_CONFIG: &str = "examples/default.toml";
 /// Paths starting with this name a file of the pinned Linux test guest
 /// (`cargo xtask linux build`, built when first needed).
 pub const PINNED_PREFIX: &str = "pinned:";
-const PINNED_FILES: [&str; 2] = ["bzImage", "initramfs.cpio"];
+const PINNED_FILES: [&str; 3] = ["bzImage", "initramfs.cpio", DEBIAN_INITRD];
+/// The Debian example's initrd and root disk (`cargo xtask debian build`).
+const DEBIAN_INITRD: &str = "debian-initrd.cpio";
+const DEBIAN_DISK: &str = "debian.img";
+/// `pinned:mbtest`: the Multiboot test kernel (guests/mbtest), a task
+/// that xtask builds; its size for the quota, roughly.
+const MBTEST: &str = "mbtest";
+const MBTEST_SIZE: u64 = 1 << 20;
+
+/// Where a pinned file lies, and whether it is the Debian system's.
+fn pinned_path(name: &str) -> (PathBuf, bool) {
+    let root = crate::util::workspace_root();
+    match name {
+        DEBIAN_INITRD => (root.join(debian::DEBIAN_DIR).join(debian::INITRD), true),
+        DEBIAN_DISK => (root.join(debian::DEBIAN_DIR).join(debian::DISK), true),
+        _ => (root.join(linux::LINUX_DIR).join(name), false),
+    }
+}
 
 /// Manifest selectors for `uses` start here (below the VMM's own, 64 on).
 pub const FIRST_USE_SELECTOR: u64 = 20;
@@ -143,7 +161,13 @@ pub enum OnPanic {
 pub struct GuestEntry {
     pub name: Spanned<String>,
     pub kernel: Spanned<String>,
-    pub initrd: Spanned<String>,
+    pub initrd: Option<Spanned<String>>,
+    /// A Multiboot kernel's modules, in order.
+    #[serde(default)]
+    pub modules: Vec<Spanned<GuestModule>>,
+    /// QEMU's isa-debug-exit device (ports 0xf4-0xf7) for the guest.
+    #[serde(default)]
+    pub debug_exit: bool,
     pub cmdline: Option<Spanned<String>>,
     pub memory: Option<Spanned<Size>>,
     pub vcpus: Option<Spanned<u32>>,
@@ -166,6 +190,14 @@ pub struct GuestEntry {
     /// The size `disk` is created with when the file is missing.
     pub disk_size: Option<Spanned<Size>>,
     pub epoch: Option<u64>,
+}
+
+/// One Multiboot module: a file and its command line.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestModule {
+    pub file: Spanned<String>,
+    pub cmdline: Option<Spanned<String>>,
 }
 
 impl GuestEntry {
@@ -489,7 +521,7 @@ impl GuestOverride {
             guest.kernel = from_cli(kernel.clone());
         }
         if let Some(initrd) = &self.initrd {
-            guest.initrd = from_cli(initrd.clone());
+            guest.initrd = Some(from_cli(initrd.clone()));
         }
         if let Some(append) = &self.append {
             guest.cmdline = Some(from_cli(append.clone()));
@@ -549,6 +581,8 @@ pub struct Plan {
     pub cpus: u32,
     /// Some file is the pinned Linux guest's (build it first).
     pub uses_pinned_linux: bool,
+    /// Some file is the Debian example's (`cargo xtask debian build`).
+    pub uses_pinned_debian: bool,
     /// A guest's persistent disk: QEMU's virtio-blk device on this file.
     pub disk: Option<DiskPlan>,
 }
@@ -563,6 +597,9 @@ pub struct DiskPlan {
     pub size: u64,
     /// The file is missing: create it with `size`.
     pub create: bool,
+    /// Created as a copy of this image, not empty (the Debian example's
+    /// `pinned:debian.img`, from the pristine root disk).
+    pub template: Option<PathBuf>,
 }
 
 /// The smallest and largest persistent disk.
@@ -575,6 +612,15 @@ impl DiskPlan {
     /// anything boots.
     pub fn prepare(&self) -> Result<(), String> {
         let path = self.path.display();
+        if let Some(template) = self.template.as_ref().filter(|_| !self.path.exists()) {
+            println!(
+                "run: guest '{}': its disk {path} is a fresh copy of {}",
+                self.guest,
+                template.display()
+            );
+            debian::copy_image(template, &self.path)
+                .map_err(|e| format!("guest '{}': cannot make the disk {path}: {e}", self.guest))?;
+        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -713,12 +759,7 @@ impl Planner<'_> {
     ) -> Result<(PathBuf, bool, u64), ConfigError> {
         let text = value.get_ref();
         let (path, pinned) = match text.strip_prefix(PINNED_PREFIX) {
-            Some(name) if PINNED_FILES.contains(&name) => (
-                crate::util::workspace_root()
-                    .join(linux::LINUX_DIR)
-                    .join(name),
-                true,
-            ),
+            Some(name) if PINNED_FILES.contains(&name) => (pinned_path(name).0, true),
             Some(name) => {
                 return self.err(
                     value.span(),
@@ -1020,6 +1061,7 @@ impl Planner<'_> {
         // Guests, each under its VMM.
         let mut files: Vec<PlannedModule> = Vec::new();
         let mut uses_pinned_linux = false;
+        let mut uses_pinned_debian = false;
         let mut console: Option<usize> = None;
         let mut file_sizes: u64 = 0;
         let mut disk: Option<DiskPlan> = None;
@@ -1125,11 +1167,70 @@ impl Planner<'_> {
                 );
             }
 
-            let (kernel, k_pinned, kernel_size) = self.guest_file(&g.kernel, &f("kernel"))?;
-            let (initrd, i_pinned, initrd_size) = self.guest_file(&g.initrd, &f("initrd"))?;
-            uses_pinned_linux |= k_pinned || i_pinned;
-            let kernel_module = file_module(&mut files, &kernel, "kernel", i);
-            let initrd_module = file_module(&mut files, &initrd, "initrd", i);
+            let (kernel_module, k_pinned, kernel_size) =
+                if g.kernel.get_ref() == &format!("{PINNED_PREFIX}{MBTEST}") {
+                    // The Multiboot test kernel, a task xtask builds.
+                    if !files.iter().any(|m| m.name == MBTEST) {
+                        files.push(PlannedModule {
+                            name: MBTEST.into(),
+                            source: ModuleSource::Task(MBTEST.into()),
+                        });
+                    }
+                    (MBTEST.to_string(), false, MBTEST_SIZE)
+                } else {
+                    let (kernel, pinned, size) = self.guest_file(&g.kernel, &f("kernel"))?;
+                    (file_module(&mut files, &kernel, "kernel", i), pinned, size)
+                };
+            let mut file_mappings = vec![format!("file kernel {kernel_module}")];
+            let mut files_size = kernel_size;
+            uses_pinned_linux |= k_pinned;
+            if let (Some(initrd), Some(module)) = (&g.initrd, g.modules.first()) {
+                let span = module.span().start.min(initrd.span().start)
+                    ..module.span().end.max(initrd.span().end);
+                return self.err(
+                    span,
+                    &f("modules"),
+                    "a Linux kernel's `initrd` or a Multiboot kernel's `modules`, not both",
+                );
+            }
+            if let Some(initrd) = &g.initrd {
+                let (path, pinned, size) = self.guest_file(initrd, &f("initrd"))?;
+                uses_pinned_linux |= pinned;
+                uses_pinned_debian |= path == pinned_path(DEBIAN_INITRD).0;
+                let module = file_module(&mut files, &path, "initrd", i);
+                file_mappings.push(format!("file initrd {module}"));
+                files_size += size;
+            }
+            let mut module_lines = String::new();
+            for (n, module) in g.modules.iter().enumerate() {
+                let field = f(&format!("modules[{n}]"));
+                let m = module.get_ref();
+                let (path, pinned, size) = self.guest_file(&m.file, &format!("{field}.file"))?;
+                uses_pinned_linux |= pinned;
+                let name = file_module(&mut files, &path, "mod", i);
+                file_mappings.push(format!("file mod{} {name}", n + 1));
+                files_size += size;
+                let line = m.cmdline.as_ref().map_or("", |c| c.get_ref().as_str());
+                if line.len() > CMDLINE_MAX || line.contains(['\0', '\n']) {
+                    let span = m.cmdline.as_ref().map_or(module.span(), |c| c.span());
+                    return self.err(
+                        span,
+                        &format!("{field}.cmdline"),
+                        format!("expected one line of at most {CMDLINE_MAX} bytes"),
+                    );
+                }
+                module_lines += line.trim();
+                module_lines.push('\n');
+            }
+            if !g.modules.is_empty() {
+                let lines_module = format!("{name}.mods");
+                files_size += module_lines.len() as u64;
+                files.push(PlannedModule {
+                    name: lines_module.clone(),
+                    source: ModuleSource::Text(module_lines),
+                });
+                file_mappings.push(format!("file modcmdlines {lines_module}"));
+            }
             let mut line = cmdline.trim().to_string();
             let disk_size = if g.test_disk {
                 if !files.iter().any(|m| m.source == ModuleSource::TestDisk) {
@@ -1149,6 +1250,7 @@ impl Planner<'_> {
                 0
             };
             let guest_disk = self.guest_disk(g, &f, disk.as_ref())?;
+            uses_pinned_debian |= guest_disk.as_ref().is_some_and(|d| d.template.is_some());
             line.push('\n');
             let cmdline_module = format!("{name}.cmdline");
             files.push(PlannedModule {
@@ -1157,7 +1259,7 @@ impl Planner<'_> {
             });
 
             let heap = (VMM_HEAP_BASE + disk_size).next_multiple_of(1 << 20);
-            let mapped = memory + heap + kernel_size + initrd_size + disk_size + line.len() as u64;
+            let mapped = memory + heap + files_size + disk_size + line.len() as u64;
             let quota = (VMM_QUOTA_BASE
                 + mapped / VMM_QUOTA_DIVISOR
                 + u64::from(vcpus - 1) * VMM_QUOTA_PER_VCPU)
@@ -1165,9 +1267,8 @@ impl Planner<'_> {
             let mut mappings = vec![
                 format!("ram guest {}", manifest_size(memory)),
                 format!("ram heap {}", manifest_size(heap)),
-                format!("file kernel {kernel_module}"),
-                format!("file initrd {initrd_module}"),
             ];
+            mappings.extend(file_mappings);
             if g.test_disk {
                 mappings.push("file disk disk.img".into());
             }
@@ -1246,6 +1347,9 @@ impl Planner<'_> {
             if g.on_panic == OnPanic::Restart {
                 args.push("on-panic=restart".to_string());
             }
+            if g.debug_exit {
+                args.push("debug-exit".to_string());
+            }
             if let Some(planned) = guest_disk {
                 if FIRST_USE_SELECTOR + uses.len() as u64 > VMM_BLK_SEMAPHORES {
                     return self.err(
@@ -1278,7 +1382,7 @@ impl Planner<'_> {
             pool += VMM_MEMORY + VMM_STACK + memory + heap;
             ram_regions += 2;
             quotas += quota;
-            file_sizes += kernel_size + initrd_size + disk_size;
+            file_sizes += files_size + disk_size;
         }
         // The block service for the guest's persistent disk: the `blk`
         // driver with QEMU's virtio-blk device, the guest's VMM its client.
@@ -1423,6 +1527,7 @@ impl Planner<'_> {
             memory_mib: (memory >> 20) as u32,
             cpus,
             uses_pinned_linux,
+            uses_pinned_debian,
             disk,
         })
     }
@@ -1468,6 +1573,9 @@ impl Planner<'_> {
         if text.is_empty() {
             return self.err(value.span(), &f("disk"), "expected a file's path, not \"\"");
         }
+        if let Some(name) = text.strip_prefix(PINNED_PREFIX) {
+            return self.pinned_disk(g, f, value, name);
+        }
         let path = self.base.join(text);
         let (size, create) = match ((self.size_of)(&path), &g.disk_size) {
             (Ok(size), _) => {
@@ -1503,6 +1611,53 @@ impl Planner<'_> {
             path,
             size,
             create,
+            template: None,
+        }))
+    }
+
+    /// `disk = "pinned:debian.img"`: the Debian example's root disk, a
+    /// copy of the pristine image made when missing (its size is the
+    /// image's; before the first build, the recipe's).
+    fn pinned_disk(
+        &self,
+        g: &GuestEntry,
+        f: &dyn Fn(&str) -> String,
+        value: &Spanned<String>,
+        name: &str,
+    ) -> Result<Option<DiskPlan>, ConfigError> {
+        if name != DEBIAN_DISK {
+            return self.err(
+                value.span(),
+                &f("disk"),
+                format!("the pinned disk is \"{PINNED_PREFIX}{DEBIAN_DISK}\", not \"{name}\""),
+            );
+        }
+        if let Some(size) = &g.disk_size {
+            return self.err(
+                size.span(),
+                &f("disk-size"),
+                "the pinned Debian disk has its image's size (guests/debian/recipe.toml)",
+            );
+        }
+        let (path, _) = pinned_path(DEBIAN_DISK);
+        let template = path.with_file_name(debian::ROOTFS);
+        let (size, create) = match (self.size_of)(&path) {
+            Ok(size) => (size, false),
+            Err(_) => ((self.size_of)(&template).unwrap_or(1 << 30), true),
+        };
+        check_disk_size(size).or_else(|why| {
+            self.err(
+                value.span(),
+                &f("disk"),
+                format!("{}: {why}", path.display()),
+            )
+        })?;
+        Ok(Some(DiskPlan {
+            guest: g.name.get_ref().clone(),
+            path,
+            size,
+            create,
+            template: Some(template),
         }))
     }
 
@@ -1577,6 +1732,7 @@ fn file_module(files: &mut Vec<PlannedModule>, path: &Path, kind: &str, guest: u
             || reserved.contains(&name)
             || USER_TASKS.iter().any(|t| t.binary == name)
             || name.ends_with(".cmdline")
+            || name.ends_with(".mods")
     };
     let name = if name_ok(base, MODULE_NAME_MAX) && !taken(base) {
         base.to_string()
@@ -1604,11 +1760,21 @@ pub fn file_size(path: &Path) -> Result<u64, String> {
 /// so that its sizes count.
 pub fn load_pinned_aware(path: &Path, overrides: &GuestOverride) -> crate::Result<Plan> {
     let plan = load(path, overrides, &file_size)?;
-    if !plan.uses_pinned_linux {
+    if !build_pinned(&plan)? {
         return Ok(plan);
     }
-    linux::build()?;
     load(path, overrides, &file_size)
+}
+
+/// Builds the pinned files the plan names (the Linux guest, the Debian
+/// example); whether there were any.
+pub fn build_pinned(plan: &Plan) -> crate::Result<bool> {
+    if plan.uses_pinned_debian {
+        debian::build()?;
+    } else if plan.uses_pinned_linux {
+        linux::build()?;
+    }
+    Ok(plan.uses_pinned_linux || plan.uses_pinned_debian)
 }
 
 #[cfg(test)]
@@ -1679,6 +1845,108 @@ mod tests {
             seen += 1;
         }
         assert!(seen >= 2, "examples/ has default.toml and two-guests.toml");
+    }
+
+    #[test]
+    fn the_debian_example_boots_its_root_disk_through_the_block_service() {
+        let debian = example_plan("debian.toml", &GuestOverride::default());
+        let plan_of = plan;
+        let plan = debian;
+        assert!(plan.uses_pinned_linux && plan.uses_pinned_debian);
+        let disk = plan.disk.as_ref().expect("a persistent disk");
+        assert_eq!(disk.guest, "debian");
+        assert!(disk.path.ends_with("target/debian/disk.img"), "{disk:?}");
+        let template = disk.template.as_ref().expect("copied from the image");
+        assert!(
+            template.ends_with("target/debian/rootfs.ext4"),
+            "{template:?}"
+        );
+        let m = root_parse(&plan.manifest);
+        let names: Vec<_> = m.components.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["clock", "debian", "blk"]);
+        // The disk is not copied into the VMM's heap: 512 MiB of RAM and
+        // the base heap, whatever the disk's size.
+        let vmm = &plan.manifest[plan.manifest.find("component debian").unwrap()..];
+        let vmm = &vmm[..vmm.find("component blk").unwrap()];
+        assert!(vmm.contains("    ram guest 512M at "), "{vmm}");
+        assert!(vmm.contains("    ram heap 16M at "), "{vmm}");
+        assert!(vmm.contains(" blk=c0"), "{vmm}");
+        let ModuleSource::Text(line) = &plan.modules.last().unwrap().source else {
+            panic!("no command line");
+        };
+        assert_eq!(line, "console=ttyS0 root=/dev/vda rw panic=-1\n");
+        assert!(plan.modules.iter().any(|m| m.source
+            == ModuleSource::File(
+                crate::util::workspace_root().join("target/debian/initrd.cpio")
+            )));
+        // A size for the pinned disk is refused: it is the image's.
+        let text = example("debian.toml").replace(
+            "disk = \"pinned:debian.img\"",
+            "disk = \"pinned:debian.img\"\ndisk-size = \"2G\"",
+        );
+        let e = plan_of(&text).unwrap_err();
+        assert_eq!(e.field, "guest[0].disk-size", "{e}");
+        let e = plan_of(&example("debian.toml").replace("pinned:debian.img", "pinned:x.img"))
+            .unwrap_err();
+        assert!(
+            e.message
+                .contains("the pinned disk is \"pinned:debian.img\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_multiboot_guest_takes_modules_and_debug_exit() {
+        let plan = example_plan("mbtest.toml", &GuestOverride::default());
+        let m = root_parse(&plan.manifest);
+        let names: Vec<_> = m.components.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["mbtest"], "a fixed epoch: no clock");
+        let vmm = &plan.manifest[plan.manifest.find("component mbtest").unwrap()..];
+        for want in [
+            "    file kernel mbtest at ",
+            "    file mod1 module-one.txt at ",
+            "    file mod2 module-two.txt at ",
+            "    file modcmdlines mbtest.mods at ",
+            "    ram guest 16M at ",
+            " debug-exit",
+        ] {
+            assert!(vmm.contains(want), "{want} in {vmm}");
+        }
+        assert!(!vmm.contains("file initrd"), "{vmm}");
+        assert!(plan
+            .modules
+            .iter()
+            .any(|m| m.name == "mbtest" && m.source == ModuleSource::Task("mbtest".into())));
+        assert!(plan.modules.iter().any(|m| m.name == "mbtest.mods"
+            && m.source == ModuleSource::Text("mod-one first\nmod-two second=2\n".into())));
+        assert!(!plan.uses_pinned_linux && !plan.uses_pinned_debian);
+    }
+
+    #[test]
+    fn modules_and_an_initrd_do_not_mix_and_are_checked() {
+        let both = format!("{DISK_GUEST}modules = [{{ file = \"m\" }}]\n");
+        let e = plan(&both).unwrap_err();
+        assert_eq!(e.field, "guest[0].modules", "{e}");
+        assert!(e.message.contains("not both"), "{e}");
+        let guest = "[[guest]]\nname = \"g\"\nkernel = \"k\"\n";
+        let unknown = format!("{guest}modules = [{{ file = \"m\", cmd = \"x\" }}]\n");
+        assert!(plan(&unknown)
+            .unwrap_err()
+            .message
+            .contains("unknown field `cmd`"));
+        let missing = format!("{guest}modules = [{{ file = \"missing.txt\" }}]\n");
+        let e = plan(&missing).unwrap_err();
+        assert_eq!(e.field, "guest[0].modules[0].file", "{e}");
+        let two_lines = format!("{guest}modules = [{{ file = \"m\", cmdline = \"a\\nb\" }}]\n");
+        let e = plan(&two_lines).unwrap_err();
+        assert_eq!(e.field, "guest[0].modules[0].cmdline", "{e}");
+        // No initrd and no modules: a kernel alone (as QEMU's -kernel).
+        let plan = plan(&format!("{guest}debug-exit = true\n")).unwrap();
+        assert!(
+            plan.manifest.contains("    args clock=20 debug-exit\n"),
+            "{}",
+            plan.manifest
+        );
     }
 
     #[test]
@@ -1872,6 +2140,7 @@ mod tests {
                 path: "/cfg/g.img".into(),
                 size: 8 << 20,
                 create: false,
+                template: None,
             })
         );
         let names: Vec<_> = m.components.iter().map(|c| c.name.as_str()).collect();
@@ -1990,6 +2259,7 @@ mod tests {
             path: dir.join(name),
             size: 4 << 20,
             create,
+            template: None,
         };
         disk("new.img", true).prepare().unwrap();
         assert_eq!(
@@ -2011,6 +2281,38 @@ mod tests {
         assert!(e.starts_with("guest 'g': cannot write the disk "), "{e}");
         let e = disk("no/such/dir.img", true).prepare().unwrap_err();
         assert!(e.contains("cannot write the disk"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_pinned_disk_is_a_copy_of_its_image_made_once() {
+        let dir = std::env::temp_dir().join(format!("xtask-pinneddisk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = dir.join("rootfs.ext4");
+        let mut bytes = vec![0u8; 2 << 20];
+        bytes[..4].copy_from_slice(b"ext4");
+        std::fs::write(&image, &bytes).unwrap();
+        let disk = DiskPlan {
+            guest: "debian".into(),
+            path: dir.join("disk.img"),
+            size: 2 << 20,
+            create: true,
+            template: Some(image.clone()),
+        };
+        disk.prepare().unwrap();
+        assert_eq!(std::fs::read(&disk.path).unwrap(), bytes);
+        // What the guest wrote is kept: an existing disk is not copied again.
+        std::fs::write(&disk.path, vec![7u8; 2 << 20]).unwrap();
+        disk.prepare().unwrap();
+        assert_eq!(std::fs::read(&disk.path).unwrap()[0], 7);
+        // Without its image (not built), a clear error.
+        let missing = DiskPlan {
+            path: dir.join("other.img"),
+            template: Some(dir.join("missing.ext4")),
+            ..disk
+        };
+        let e = missing.prepare().unwrap_err();
+        assert!(e.contains("cannot make the disk"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

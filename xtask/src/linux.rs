@@ -139,7 +139,7 @@ pub fn cache_key(recipe: &Recipe, init: &[u8], tools: &[Tool]) -> String {
     key
 }
 
-fn fnv1a64(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     bytes
@@ -720,6 +720,46 @@ pub fn build() -> Result<Guest> {
     Ok(guest)
 }
 
+/// What an initrd of the pinned kernel holds (`pinned_modules_and_busybox`).
+pub(crate) struct InitrdParts {
+    /// The kernel's release (`6.1.0-50-amd64`).
+    pub release: String,
+    /// Each module's name and bytes, in load order.
+    pub modules: Vec<(String, Vec<u8>)>,
+    pub busybox: Vec<u8>,
+}
+
+/// The pinned kernel's release and the modules `wanted` with everything
+/// they need, in load order, each with its bytes; and busybox (the
+/// Debian example's initrd, `debian.rs`).
+pub(crate) fn pinned_modules_and_busybox(wanted: &[String]) -> Result<InitrdParts> {
+    let recipe = load_recipe()?;
+    let root = Path::new(LINUX_DIR);
+    fs::create_dir_all(root).context(|| format!("cannot create {}", root.display()))?;
+    let kernel_pkg = unpacked(&recipe.kernel, root)?;
+    let busybox_pkg = unpacked(&recipe.busybox, root)?;
+    let release_dir = only_entry(&kernel_pkg.join("lib/modules"), "")?;
+    let release = release_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_string();
+    let tree = ModuleTree::open(&release_dir)?;
+    let order = load_order(wanted, |m| tree.depends(m))?;
+    let modules = order
+        .iter()
+        .map(|name| Ok((name.clone(), tree.read(name)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let busybox_bin = busybox_pkg.join("bin/busybox");
+    let busybox =
+        fs::read(&busybox_bin).context(|| format!("cannot read {}", busybox_bin.display()))?;
+    Ok(InitrdParts {
+        release,
+        modules,
+        busybox,
+    })
+}
+
 /// What the initramfs holds besides its directories and device nodes.
 struct Contents<'a> {
     busybox: &'a [u8],
@@ -767,7 +807,7 @@ fn initramfs(c: &Contents) -> Result<Vec<u8>> {
     Ok(cpio.finish())
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let part = path.with_extension("part");
     fs::write(&part, bytes).context(|| format!("cannot write {}", part.display()))?;
     fs::rename(&part, path).context(|| format!("cannot rename {}", part.display()))

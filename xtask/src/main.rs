@@ -10,6 +10,7 @@ mod bench;
 mod build;
 mod cli;
 mod config;
+mod debian;
 mod demo;
 mod emu;
 mod fuzz;
@@ -123,6 +124,12 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Fuzz(opts) => fuzz::run(&opts),
         Cmd::Soak(opts) => soak::run(&opts),
         Cmd::Linux(cli::LinuxOpts::Build) => linux::build_command(),
+        Cmd::Debian(cli::DebianOpts::Build) => debian::build_command(),
+        Cmd::Debian(cli::DebianOpts::Direct { memory_mib }) => debian::direct(memory_mib),
+        Cmd::Debian(cli::DebianOpts::Time {
+            kernel_args,
+            icount,
+        }) => debian::time(&kernel_args, icount),
         Cmd::Linux(cli::LinuxOpts::Direct {
             emu,
             virtio,

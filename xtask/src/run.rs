@@ -34,7 +34,10 @@ pub fn run(opts: &RunOpts) -> Result<ExitCode> {
                 disk.path.display()
             )));
         }
-        disk.prepare().map_err(crate::Error::Other)?;
+        // The pinned Debian disk is copied from its image once that is built.
+        if disk.template.is_none() {
+            disk.prepare().map_err(crate::Error::Other)?;
+        }
     }
     let kvm_host = kvm::KvmHost::read();
     if opts.require_kvm {
@@ -44,11 +47,14 @@ pub fn run(opts: &RunOpts) -> Result<ExitCode> {
         }
     }
     setup::run()?;
-    let plan = if plan.uses_pinned_linux {
+    let plan = if plan.uses_pinned_linux || plan.uses_pinned_debian {
         config::load_pinned_aware(&config, &opts.guest)?
     } else {
         plan
     };
+    if let Some(disk) = plan.disk.as_ref().filter(|d| d.template.is_some()) {
+        disk.prepare().map_err(crate::Error::Other)?;
+    }
     println!(
         "run: {}: {} module(s), pool {} MiB, machine {} MiB",
         config.display(),

@@ -18,6 +18,9 @@ pub const APT_PACKAGES: &[&str] = &[
     "grub-common",
     "xorriso",
     "mtools",
+    // `cargo xtask debian build`: the Debian root file system image.
+    "mmdebstrap",
+    "e2fsprogs",
 ];
 
 /// Cross targets: the kernel and user tasks, and static host-side tools.
@@ -147,7 +150,7 @@ fn install_packages(missing: &[&str]) -> Result<()> {
 }
 
 /// The effective user id from /proc; not root if it cannot be read.
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| effective_uid(&s))
