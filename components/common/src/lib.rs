@@ -3,7 +3,8 @@
 //! over samples and the fuzzer's rules. Tested on the host
 //! (`cargo test -p moat-component-common`). With the `runtime` feature,
 //! [`rt`] adds the kernel calls they share (portals, publishing, sleeping),
-//! and `blk_client` the block service's client.
+//! `blk_client` the block service's client and `net_client` a port of
+//! the virtual switch.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
@@ -17,6 +18,9 @@ pub mod lend;
 pub mod modem;
 pub mod modem_at;
 pub mod modem_link;
+pub mod net;
+#[cfg(feature = "runtime")]
+pub mod net_client;
 pub mod registry;
 pub mod rng;
 #[cfg(feature = "runtime")]
