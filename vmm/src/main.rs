@@ -9,7 +9,10 @@
 //! does), `initrd=ADDR,SIZE` (for a bzImage), `cmdline=ADDR,SIZE` (text),
 //! optional `disk=ADDR,SIZE` (a disk image, copied into RAM) or
 //! `blk=MAPPING` (the disk is the block service's, through that shared
-//! region and the semaphores at 30 and 31: `disk.rs`), `mod1=ADDR,SIZE`,
+//! region and the semaphores at 30 and 31: `disk.rs`), `net=MAPPING`
+//! with `mac=MAC` (the network is a port of the virtual switch, through
+//! that shared region and the semaphores at 32 and 33, and a fourth EC
+//! waits for its frames: `net.rs`; without it the echo peer answers), `mod1=ADDR,SIZE`,
 //! `mod2=…`, … (a Multiboot kernel's modules, numbered from 1 without a gap) with
 //! `modcmdlines=ADDR,SIZE` (text: line N is module N's command line),
 //! the flag `debug-exit` (QEMU's isa-debug-exit device at ports
@@ -52,11 +55,13 @@ use moat_abi::{flags, rights, Call, CallWord, Space, Status, PAGE_SIZE};
 use moat_user::io::{inb, outb};
 use moat_user::{println, sys, Sel};
 use vdev::virtio::block::BlockBackend;
+use vdev::virtio::net::NetBackend;
 use vdev::{BadGuestAddress, GuestMemory};
 use vmm::machine::{Action, Config, Machine, NamedPort, Stop, TimeSource};
 use vmm::state;
 
 mod disk;
+mod net;
 
 moat_user::entry!(main);
 
@@ -75,6 +80,9 @@ const DUMP_EC: Sel = VM + 9;
 const DUMP_SC: Sel = VM + 10;
 const DUMP_SM: Sel = VM + 11;
 const DUMP_UTCB: u64 = 0x0000_6000_0003_0000;
+const NET_EC: Sel = VM + 12;
+const NET_SC: Sel = VM + 13;
+const NET_UTCB: u64 = 0x0000_6000_0004_0000;
 /// How long the dump EC waits for the vCPU loop to print the dump before
 /// it says that the loop does not answer.
 const DUMP_ANSWER_MS: u64 = 200;
@@ -275,6 +283,38 @@ extern "C" fn input_ec() -> ! {
         let _ = sys::sm_up(WAKE_SM);
         let _ = kernel_call(Call::VcpuPoke, VCPU, [0; 6]);
     }
+}
+
+static NET_STACK: moat_user::Stack<8192> = moat_user::Stack::new();
+
+/// Waits for the switch to queue frames for this port and wakes the vCPU
+/// loop (halted or running), which hands them to the guest.
+extern "C" fn net_ec() -> ! {
+    loop {
+        if sys::sm_down(net::PORT_SM, 0, false).is_err() {
+            sys::exit(6);
+        }
+        let _ = sys::sm_up(WAKE_SM);
+        let _ = kernel_call(Call::VcpuPoke, VCPU, [0; 6]);
+    }
+}
+
+fn start_net() -> Result<(), SetupError> {
+    let fail = |what| move |s| SetupError(what, s);
+    sys::create_ec(
+        NET_EC,
+        sel::OWN_PD,
+        false,
+        moat_user::abi::CPU_OF_CALLER,
+        net_ec as *const () as u64,
+        NET_STACK.top() - 8,
+        NET_UTCB,
+        sel::EXCEPTION_PORTAL,
+        NET_EC,
+    )
+    .map_err(fail("net EC"))?;
+    sys::create_sc(NET_SC, sel::OWN_PD, NET_EC, INPUT_PRIORITY, TIMER_BUDGET_US)
+        .map_err(fail("net SC"))
 }
 
 /// The kernel's debug event asked for a state dump: the vCPU loop prints
@@ -509,6 +549,9 @@ fn run(args: &str) -> Result<Stop, SetupError> {
     let ram_disk = region(args, "disk").map(|disk| unsafe { disk.bytes() }.to_vec());
     let disk = disk::storage(args, tsc_hz, ram_disk)
         .map_err(|what| SetupError(what, Status::BadParameter))?;
+    let port = net::port(args).map_err(|what| SetupError(what, Status::BadParameter))?;
+    let net_mac = port.as_ref().map(|(_, mac)| *mac);
+    let port = port.map(|(port, mac)| (Box::new(port) as Box<dyn NetBackend>, mac));
     let low_ram = guest.low_ram();
     println!(
         "vmm: {} MiB RAM, kernel {} KiB, initrd {} KiB, disk {} KiB{}",
@@ -538,12 +581,15 @@ fn run(args: &str) -> Result<Stop, SetupError> {
     if args::flag(args, "console-input") {
         start_input()?;
     }
+    if port.is_some() {
+        start_net()?;
+    }
     let named = match modem {
         Some(_) => NamedPort::Relay("modem"),
         None => NamedPort::Echo,
     };
     let debug_exit = args::flag(args, "debug-exit");
-    let mut machine = guest.boot(disk, named, debug_exit)?;
+    let mut machine = guest.boot(disk, port, named, debug_exit)?;
     let mut typed = Vec::new();
 
     let mut resets = 0;
@@ -559,6 +605,7 @@ fn run(args: &str) -> Result<Stop, SetupError> {
             machine.console_input(&typed);
             typed.clear();
         }
+        machine.poll_net();
         machine.prepare_entry(state);
         arm(host_deadline(&machine, guest.start, tsc_hz));
         kernel_call(Call::VcpuRun, VCPU, [0; 6]).map_err(|s| SetupError("vcpu_run", s))?;
@@ -598,7 +645,8 @@ fn run(args: &str) -> Result<Stop, SetupError> {
                     break Stop::Panic;
                 }
                 let disk = machine.take_disk();
-                machine = guest.boot(disk, named, debug_exit)?;
+                let port = machine.take_net().zip(net_mac);
+                machine = guest.boot(disk, port, named, debug_exit)?;
                 // The new guest finds the port as the link left it.
                 machine.set_port_open(link.is_open());
             }
@@ -621,7 +669,8 @@ fn run(args: &str) -> Result<Stop, SetupError> {
                     break stop;
                 }
                 let disk = machine.take_disk();
-                machine = guest.boot(disk, named, debug_exit)?;
+                let port = machine.take_net().zip(net_mac);
+                machine = guest.boot(disk, port, named, debug_exit)?;
                 machine.set_port_open(link.is_open());
             }
             Action::Stop(stop) => break stop,
@@ -670,6 +719,7 @@ impl Guest {
     fn boot(
         &self,
         disk: Option<Box<dyn BlockBackend>>,
+        port: Option<(Box<dyn NetBackend>, [u8; 6])>,
         named: NamedPort,
         debug_exit: bool,
     ) -> Result<Machine, SetupError> {
@@ -714,6 +764,9 @@ impl Guest {
         machine
             .add_pci_devices(disk, Box::new(TscEntropy(moat_user::rdtsc())), named)
             .map_err(|_| SetupError("PCI devices", Status::BadParameter))?;
+        if let Some((backend, mac)) = port {
+            machine.connect_net(backend, mac);
+        }
         if debug_exit {
             machine
                 .add_debug_exit()

@@ -229,7 +229,11 @@ impl Switch {
         }
     }
 
-    fn count_drop(&mut self, port: usize, why: Drop) {
+    /// Counts a frame from `port` dropped before the switch saw it.
+    pub fn count_drop(&mut self, port: usize, why: Drop) {
+        if port >= self.ports {
+            return;
+        }
         let i = Drop::ALL.iter().position(|&d| d == why).unwrap_or(0);
         self.stats[port].dropped[i] += 1;
     }
