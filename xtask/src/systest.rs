@@ -188,6 +188,11 @@ pub struct SysTest {
     /// If not empty: once the run passed, the same machine boots again
     /// (QEMU; its disk image kept) and must show these lines, in any order.
     pub second_boot: &'static [Expect],
+    /// QEMU gets a virtio-net device on user networking that forwards a
+    /// free port of the host's 127.0.0.1 to this port of the guest; once
+    /// the guest says `MOAT-NET serving tcp port P token T`, the harness
+    /// connects, reads T and answers `host saw T` ([`host_tcp`]).
+    pub hostfwd: Option<u16>,
 }
 
 /// A system configuration a test boots.
@@ -236,6 +241,7 @@ const BASE: SysTest = SysTest {
     config: None,
     only_on: None,
     second_boot: &[],
+    hostfwd: None,
 };
 
 impl SysTest {
@@ -365,6 +371,44 @@ const VMM_BLK_MODULES: &[ModuleSpec] = linux_beside_modem!(
     component("blk"),
     component("blktest")
 );
+
+/// The Linux guest on a port of the virtual switch (test `vmm_net`),
+/// beside the native `peer` (ping at 10.0.2.20) and `hostile`; `/init`
+/// serves a token on TCP port [`VMM_NET_GUEST_PORT`] for the host.
+const VMM_NET_MODULES: &[ModuleSpec] = linux_beside_modem!(
+    "vmm_net",
+    manifests::VMM_NET,
+    "console=ttyS0 panic=-1 moat.modem=1 moat.ipc=20 moat.netpeer=10.0.2.20 moat.serve=8080",
+    component("net"),
+    component("netpeer")
+);
+const VMM_NET_GUEST_PORT: u16 = 8080;
+
+/// `vmm_net`: the switch's lines, which interleave with the guest's in
+/// any order.
+fn vmm_net_check(serial: &str) -> Vec<Part> {
+    [
+        ("uplink", "net: virtio-net ready: uplink MAC 52:54:00:00:00:01"),
+        ("guest_port", "net: port 1: client 0, MAC 52:54:00:12:34:56"),
+        ("vmm_port", "vmm: network on a switch port, MAC 52:54:00:12:34:56"),
+        ("peer", "peer: answering ARP and ping for 10.0.2.20"),
+        ("hostile_sent", "hostile: 218 hostile frames sent; listening"),
+        ("runt", "net: client 2: dropped a frame (runt; first of its kind)"),
+        ("oversized", "net: client 2: dropped a frame (oversized; first of its kind)"),
+        ("bad_source", "net: client 2: dropped a frame (bad source; first of its kind)"),
+        ("spoofed", "net: client 2: dropped a frame (spoofed; first of its kind)"),
+    ]
+    .iter()
+    .map(|(name, line)| Part {
+        name: name.to_string(),
+        result: if serial.contains(line) {
+            Ok(line.to_string())
+        } else {
+            Err(format!("missing '{line}'"))
+        },
+    })
+    .collect()
+}
 
 /// The demo: the Linux guest in its demo mode (`moat.demo=1`) beside
 /// `echo` and a `modem` with fault injection, under a VMM that restarts
@@ -2035,6 +2079,39 @@ pub const TESTS: &[SysTest] = &[
         only_on: Some(Emulator::Qemu),
         ..BASE
     },
+    // The Linux guest's network is a port of the virtual switch on QEMU's
+    // virtio-net device (user networking): it pings the uplink's gateway
+    // (10.0.2.2, QEMU's) and the native `peer` on its own port, and
+    // serves a token that the harness fetches from the host through the
+    // forwarded port and answers; `hostile` sends runts, oversized,
+    // group-source and spoofed frames, which the switch drops and counts,
+    // and must never receive the others' unicast frames.
+    SysTest {
+        name: "vmm_net",
+        modules: VMM_NET_MODULES,
+        kernel_args: &["pool=400"],
+        expect: &[
+            all("MOAT-CHECK virtio-net ok"),
+            all("MOAT-CHECK net-ping ok"),
+            all("MOAT-CHECK net-peer ok"),
+            all("MOAT-NET serving tcp port 8080 token "),
+            all("MOAT-CHECK net-hostfwd ok"),
+            all("MOAT-INIT done checks="),
+            all("failed=0"),
+        ],
+        forbid: &[
+            "FAIL",
+            "roottask: component 'linux' faulted",
+            "roottask: component 'net' faulted",
+        ],
+        stop: Stop::WhenDecided,
+        memory_mib: 1024,
+        check: Some(vmm_net_check),
+        slow: 2,
+        only_on: Some(Emulator::Qemu),
+        hostfwd: Some(VMM_NET_GUEST_PORT),
+        ..BASE
+    },
     // One guest panics (and is not restarted); the other goes on to the
     // end of its checks and powers off.
     SysTest {
@@ -2988,6 +3065,13 @@ pub(crate) fn prepare(
         Emulator::Qemu => {
             let mut args = emu::qemu_args(boot, Accel::Tcg, Serial::File(serial))?;
             args.extend(test.qemu_args.iter().map(|a| a.to_string()));
+            if let Some(guest_port) = test.hostfwd {
+                let host_port = crate::net::free_port()?;
+                args.extend(crate::net::qemu_args(&[crate::net::Forward {
+                    host: host_port,
+                    guest: guest_port,
+                }]));
+            }
             Ok(Launch::Qemu(args))
         }
         Emulator::Bochs => {
@@ -3005,6 +3089,64 @@ pub(crate) fn prepare(
             emu::prepare_bochs(&files)?;
             Ok(Launch::Bochs(files))
         }
+    }
+}
+
+/// The host's side of a [`SysTest::hostfwd`] test: once the guest serves,
+/// a thread connects to the forwarded port, reads the guest's token and
+/// answers `host saw TOKEN`, retrying for 30 s while nothing answers (the
+/// guest's listener may not be up yet).
+struct HostTcp {
+    port: Option<u16>,
+    started: std::cell::Cell<bool>,
+}
+
+impl HostTcp {
+    fn new(test: &SysTest, launch: &Launch) -> Self {
+        let port = match launch {
+            Launch::Qemu(args) if test.hostfwd.is_some() => crate::net::forwarded_port(args),
+            _ => None,
+        };
+        Self {
+            port,
+            started: std::cell::Cell::new(false),
+        }
+    }
+
+    fn poll(&self, serial: &str) {
+        let Some(port) = self.port else { return };
+        if self.started.get() || !serial.contains("MOAT-NET serving tcp port") {
+            return;
+        }
+        self.started.set(true);
+        std::thread::spawn(move || host_tcp(port));
+    }
+}
+
+/// Connects to 127.0.0.1:`port`, reads a line, and answers it.
+fn host_tcp(port: u16) {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let Ok(mut stream) = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5))
+        else {
+            std::thread::sleep(Duration::from_millis(500));
+            continue;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(20)));
+        let mut got = Vec::new();
+        let _ = stream.read_to_end(&mut got);
+        let token = String::from_utf8_lossy(&got).trim().to_string();
+        if token.is_empty() {
+            // Accepted by QEMU, refused by the guest: not listening yet.
+            std::thread::sleep(Duration::from_millis(500));
+            continue;
+        }
+        let _ = stream.write_all(format!("host saw {token}\n").as_bytes());
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        return;
     }
 }
 
@@ -3100,10 +3242,15 @@ fn execute(job: &Job<'_>) -> RunResult {
         None => job.emu.timeout() * job.test.slow,
     };
     let timeout = Some(limit);
-    let decided = || decided(job.test, job.emu, &read_serial(&job.serial));
-    let decided: Option<emu::Decided<'_>> = match job.test.stop {
-        Stop::AtExit => None,
-        Stop::WhenDecided => Some(&decided),
+    let host = HostTcp::new(job.test, launch);
+    let decided = || {
+        let serial = read_serial(&job.serial);
+        host.poll(&serial);
+        job.test.stop == Stop::WhenDecided && decided(job.test, job.emu, &serial)
+    };
+    let decided: Option<emu::Decided<'_>> = match (job.test.stop, &host.port) {
+        (Stop::AtExit, None) => None,
+        _ => Some(&decided),
     };
     let outcome = match launch {
         Launch::Qemu(args) => emu::run_qemu(args, timeout, decided, &output),
