@@ -158,7 +158,7 @@ enum Command {
     #[command(after_help = "\
 The quick form, for one guest, as QEMU users type it:
   cargo xtask run --kernel PATH [--initrd PATH] [--append TEXT] [--memory SIZE] [--vcpus N]
-                  [--disk FILE[:SIZE]]
+                  [--disk FILE[:SIZE]] [--hostfwd HOST_PORT:GUEST_PORT]...
 replaces the values of the guest that owns the console in the configuration
 (examples/default.toml unless --config); options not given keep its values.
 System configurations, field by field: docs/configuration.md.")]
@@ -200,6 +200,12 @@ System configurations, field by field: docs/configuration.md.")]
         /// with SIZE (e.g. 64M) if missing
         #[arg(long, value_name = "FILE[:SIZE]", value_parser = DiskOption::parse)]
         disk: Option<DiskOption>,
+        /// Quick form: forward TCP on the host's 127.0.0.1:HOST_PORT to the
+        /// guest's GUEST_PORT (10.0.2.15), through the net driver and
+        /// virtual switch on QEMU's user networking (QEMU only); may be
+        /// given several times
+        #[arg(long, value_name = "HOST_PORT:GUEST_PORT", value_parser = crate::net::parse_forward)]
+        hostfwd: Vec<crate::net::Forward>,
         /// Words added to Moat's kernel command line
         #[arg(last = true, value_name = "KERNEL ARGS")]
         kernel_args: Vec<String>,
@@ -347,6 +353,7 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
             memory,
             vcpus,
             disk,
+            hostfwd,
             kernel_args,
         }) => Cmd::Run(RunOpts {
             emu,
@@ -361,6 +368,7 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
                 memory,
                 vcpus,
                 disk,
+                hostfwd,
             },
         }),
         Some(Command::Test {
@@ -504,6 +512,9 @@ mod tests {
             "1",
             "--disk",
             "d.img:64M",
+            "--hostfwd",
+            "8080:80",
+            "--hostfwd=2222:22",
         ]
         .map(String::from)
         .to_vec();
@@ -522,8 +533,20 @@ mod tests {
                     file: "d.img".into(),
                     size: Some(Size(64 << 20)),
                 }),
+                hostfwd: vec![
+                    crate::net::Forward {
+                        host: 8080,
+                        guest: 80
+                    },
+                    crate::net::Forward {
+                        host: 2222,
+                        guest: 22
+                    }
+                ],
             }
         );
+        let bad = p("run --hostfwd 8080").unwrap_err().to_string();
+        assert!(bad.contains("expected HOST_PORT:GUEST_PORT"), "{bad}");
         opts.absolutize(Path::new("/home/u"));
         assert_eq!(opts.guest.kernel.as_deref(), Some("/home/u/k/bzImage"));
         assert_eq!(opts.guest.disk.unwrap().file, "/home/u/d.img");

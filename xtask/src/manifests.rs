@@ -837,36 +837,36 @@ component net
     restart 0
     pci dev 1af4:1041 at 0x20000000000
     dma dma 136K at 0x30000000000
-    shared c0 132K at 0x10000000000
-    shared c1 132K at 0x11000000000
-    shared c2 132K at 0x12000000000
-    args c0.mac=52:54:00:12:34:56 c1.mac=52:54:00:00:00:20 c2.mac=52:54:00:00:00:66
+    shared n0 132K at 0x10000000000
+    shared n1 132K at 0x11000000000
+    shared n2 132K at 0x12000000000
+    args n0.mac=52:54:00:12:34:56 n1.mac=52:54:00:00:00:20 n2.mac=52:54:00:00:00:66
 component peer
     module netpeer
     priority 10
     memory 256K
     quota 64K
     restart 0
-    shared c1 132K at 0x10000000000
-    args name=peer port=c1 mode=echo mac=52:54:00:00:00:20 ip=10.0.2.20
+    shared n1 132K at 0x10000000000
+    args name=peer port=n1 mode=echo mac=52:54:00:00:00:20 ip=10.0.2.20
 component hostile
     module netpeer
     priority 10
     memory 256K
     quota 64K
     restart 0
-    shared c2 132K at 0x10000000000
-    args name=hostile port=c2 mode=hostile mac=52:54:00:00:00:66 victims=52:54:00:12:34:56,52:54:00:00:00:20
+    shared n2 132K at 0x10000000000
+    args name=hostile port=n2 mode=hostile mac=52:54:00:00:00:66 victims=52:54:00:12:34:56,52:54:00:00:00:20
 ",
     linux_vmm!(),
     "\
     file disk disk.img at 0x32000000000
     file cmdline cmdline at 0x33000000000
-    shared c0 132K at 0x34000000000
+    shared n0 132K at 0x34000000000
     uses echo at 20
     uses modem at 21
     uses clock at 22
-    args clock=22 modem=21 vm-portals=20 user-hypercalls net=c0 mac=52:54:00:12:34:56
+    args clock=22 modem=21 vm-portals=20 user-hypercalls net=n0 mac=52:54:00:12:34:56
 irq 255 to linux
 semaphore netsw updown net at 30 up linux at 32 up peer at 30 up hostile at 30
 semaphore guestnet up net at 31 down linux at 33

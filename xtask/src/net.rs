@@ -103,10 +103,17 @@ mod tests {
             })
         );
         for bad in ["8080", "8080:", ":80", "a:80", "80:80:80", "-1:80", ""] {
-            assert!(parse_forward(bad).unwrap_err().contains("HOST_PORT:GUEST_PORT"), "{bad}");
+            assert!(
+                parse_forward(bad)
+                    .unwrap_err()
+                    .contains("HOST_PORT:GUEST_PORT"),
+                "{bad}"
+            );
         }
         assert!(parse_forward("0:80").unwrap_err().contains("port 0"));
-        assert!(parse_forward("70000:80").unwrap_err().contains("above 65535"));
+        assert!(parse_forward("70000:80")
+            .unwrap_err()
+            .contains("above 65535"));
     }
 
     #[test]

@@ -11,8 +11,8 @@
 //!
 //! From the manifest it gets the device (`pci dev 1af4:1041`), DMA memory
 //! (`dma dma 136K`: two queue pages, 32 receive and 32 transmit buffers of
-//! 2 KiB), and per client a region `cN` (`shared`, [`net::REGION`] bytes)
-//! and its MAC address `cN.mac=`, which is the only source address the
+//! 2 KiB), and per client a region `nN` (`shared`, [`net::REGION`] bytes)
+//! and its MAC address `nN.mac=`, which is the only source address the
 //! port may send from and the only one that reaches it. Semaphores:
 //! selector 30 is upped by the clients when they queued frames and by the
 //! device's MSI-X message (both queues' vector), 31 + N by us when client
@@ -128,7 +128,7 @@ fn main(args: &str) -> i32 {
     let mut ports = 1;
     let mut macs = [None; MAX_CLIENTS];
     for (i, client) in clients.iter_mut().enumerate() {
-        let name = [b'c', b'0' + i as u8];
+        let name = [b'n', b'0' + i as u8];
         let name = core::str::from_utf8(&name).unwrap_or("");
         // SAFETY: as above (manifest `shared` lines).
         let Some(region) = (unsafe { window_arg(args, name) }) else {
@@ -142,7 +142,7 @@ fn main(args: &str) -> i32 {
             .and_then(|k| args::value(args, k))
             .and_then(net::parse_mac);
         let Some(mac) = mac else {
-            println!("net: client {i} has no MAC address (c{i}.mac=): left out");
+            println!("net: client {i} has no MAC address (n{i}.mac=): left out");
             continue;
         };
         if region.len() < net::REGION as u64 {

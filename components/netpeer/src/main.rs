@@ -32,7 +32,7 @@ moat_user::entry!(main);
 
 const SWITCH_SM: u64 = 30;
 const PORT_SM: u64 = 31;
-/// Broadcasts in the hostile client's burst.
+/// Broadcasts the hostile client tries to send in its burst.
 const BURST: u32 = 200;
 /// An EtherType for local experiments (IEEE 802), which no host answers.
 const ETHERTYPE_EXPERIMENTAL: u16 = 0x88b5;
@@ -142,6 +142,7 @@ fn hostile(name: &str, args: &str, port: &mut Port, mac: Mac) -> i32 {
         let _ = sys::sm_down(PORT_SM, deadline, false);
     };
     let mut sent = 0u32;
+    let mut burst = 0u32;
     // Runts.
     for len in [0, 1, 13] {
         sent += u32::from(port.send(&frame(net::BROADCAST, mac)[..len]));
@@ -153,6 +154,11 @@ fn hostile(name: &str, args: &str, port: &mut Port, mac: Mac) -> i32 {
     raw_slot(port, (net::SLOT - 8) as u32);
     raw_slot(port, (MAX_FRAME + 1) as u32);
     sent += 3;
+    // The port takes up the ring where the raw writes left it.
+    let Some(resumed) = Port::new(*port.region(), SWITCH_SM) else {
+        return 1;
+    };
+    *port = resumed;
     pause();
     // Group and zero sources, and the victims' addresses as ours.
     let multicast = [0x01, 0x00, 0x5e, 0, 0, 1];
@@ -167,12 +173,15 @@ fn hostile(name: &str, args: &str, port: &mut Port, mac: Mac) -> i32 {
     // A burst of broadcasts from our own address: legal, but more than
     // the rings hold (what does not fit is dropped, somewhere).
     for _ in 0..BURST {
-        if !port.send(&frame(net::BROADCAST, mac)[..60]) {
+        if port.send(&frame(net::BROADCAST, mac)[..60]) {
+            burst += 1;
+        } else {
             pause();
         }
-        sent += 1;
     }
-    println!("{name}: {sent} hostile frames sent; listening");
+    println!(
+        "{name}: {sent} malformed or spoofed frames and {burst} of {BURST} broadcasts sent; listening"
+    );
     let mut buf = [0u8; MAX_FRAME];
     let mut seen = 0u64;
     loop {
