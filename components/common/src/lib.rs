@@ -3,8 +3,8 @@
 //! over samples and the fuzzer's rules. Tested on the host
 //! (`cargo test -p moat-component-common`). With the `runtime` feature,
 //! [`rt`] adds the kernel calls they share (portals, publishing, sleeping),
-//! `blk_client` the block service's client and `net_client` a port of
-//! the virtual switch.
+//! `blk_client` the block service's client, `net_client` a port of the
+//! virtual switch and `virtio_pci` the drivers' virtio PCI transport.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
@@ -26,6 +26,8 @@ pub mod rng;
 #[cfg(feature = "runtime")]
 pub mod rt;
 pub mod stats;
+#[cfg(feature = "runtime")]
+pub mod virtio_pci;
 
 /// Test operations of the `echo` server, in word 0 of a call (values no
 /// ordinary `ping` message uses).
