@@ -2100,6 +2100,40 @@ pub const TESTS: &[SysTest] = &[
         only_on: Some(Emulator::Qemu),
         ..BASE
     },
+    // `hostfwd` in a configuration: xtask adds the switch, the guest's
+    // port and QEMU's forward; the guest pings QEMU's gateway through it
+    // and the host reaches its TCP server, and the switch ends with its
+    // only client.
+    SysTest {
+        name: "config_net",
+        config: Some(SystemConfig::Text(
+            r#"
+[[guest]]
+name = "linux"
+kernel = "pinned:bzImage"
+initrd = "pinned:initramfs.cpio"
+cmdline = "console=ttyS0 panic=-1 moat.serve=8080"
+hostfwd = ["{free-port}:8080"]
+"#,
+        )),
+        expect: &[
+            all("vmm: network on a switch port, MAC 52:54:00:12:34:56"),
+            all("MOAT-CHECK virtio-net ok"),
+            all("MOAT-CHECK net-ping ok"),
+            all("MOAT-NET serving tcp port 8080 token "),
+            all("MOAT-CHECK net-hostfwd ok"),
+            all("MOAT-INIT done checks="),
+            all("failed=0"),
+            all("vmm: guest stopped: power-off"),
+            all("roottask: component 'net' stopped: its clients are done"),
+            all(NO_TASKS_LEFT),
+        ],
+        forbid: &["FAIL", "faulted"],
+        stop: Stop::WhenDecided,
+        slow: 2,
+        only_on: Some(Emulator::Qemu),
+        ..BASE
+    },
     // The Linux guest's network is a port of the virtual switch on QEMU's
     // virtio-net device (user networking): it pings the uplink's gateway
     // (10.0.2.2, QEMU's) and the native `peer` on its own port, and
@@ -2974,6 +3008,7 @@ fn config_boot_spec(
         SystemConfig::File(path) => crate::config::load_pinned_aware(Path::new(path), &overrides)?,
         SystemConfig::Text(text) => {
             let name = format!("system test {}", test.name);
+            let text = &text.replace(FREE_PORT, &crate::net::free_port()?.to_string());
             let source = crate::config::Source { name: &name, text };
             let plan = |size_of: &dyn Fn(&Path) -> Result<u64, String>| {
                 crate::config::plan_text(&source, Path::new("."), &overrides, size_of)
@@ -3113,7 +3148,12 @@ pub(crate) fn prepare(
     }
 }
 
-/// The host's side of a [`SysTest::hostfwd`] test: once the guest serves,
+/// In a test's configuration text: a port of the host's 127.0.0.1 that
+/// is free when the test starts.
+const FREE_PORT: &str = "{free-port}";
+
+/// The host's side of a test whose QEMU forwards a port (its
+/// [`SysTest::hostfwd`], or its configuration's): once the guest serves,
 /// a thread connects to the forwarded port, reads the guest's token and
 /// answers `host saw TOKEN`, retrying for 30 s while nothing answers (the
 /// guest's listener may not be up yet).
@@ -3123,10 +3163,10 @@ struct HostTcp {
 }
 
 impl HostTcp {
-    fn new(test: &SysTest, launch: &Launch) -> Self {
+    fn new(launch: &Launch) -> Self {
         let port = match launch {
-            Launch::Qemu(args) if test.hostfwd.is_some() => crate::net::forwarded_port(args),
-            _ => None,
+            Launch::Qemu(args) => crate::net::forwarded_port(args),
+            Launch::Bochs(_) => None,
         };
         Self {
             port,
@@ -3263,7 +3303,7 @@ fn execute(job: &Job<'_>) -> RunResult {
         None => job.emu.timeout() * job.test.slow,
     };
     let timeout = Some(limit);
-    let host = HostTcp::new(job.test, launch);
+    let host = HostTcp::new(launch);
     let decided = || {
         let serial = read_serial(&job.serial);
         host.poll(&serial);
