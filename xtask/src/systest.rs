@@ -191,7 +191,8 @@ pub struct SysTest {
     /// QEMU gets a virtio-net device on user networking that forwards a
     /// free port of the host's 127.0.0.1 to this port of the guest; once
     /// the guest says `MOAT-NET serving tcp port P token T`, the harness
-    /// connects, reads T and answers `host saw T` ([`host_tcp`]).
+    /// connects, reads T and what follows, and answers `host saw T after
+    /// N bytes in M ms` ([`host_tcp`]).
     pub hostfwd: Option<u16>,
 }
 
@@ -2113,6 +2114,7 @@ name = "linux"
 kernel = "pinned:bzImage"
 initrd = "pinned:initramfs.cpio"
 cmdline = "console=ttyS0 panic=-1 moat.serve=8080"
+test-disk = true
 hostfwd = ["{free-port}:8080"]
 "#,
         )),
@@ -3155,8 +3157,9 @@ const FREE_PORT: &str = "{free-port}";
 /// The host's side of a test whose QEMU forwards a port (its
 /// [`SysTest::hostfwd`], or its configuration's): once the guest serves,
 /// a thread connects to the forwarded port, reads the guest's token and
-/// answers `host saw TOKEN`, retrying for 30 s while nothing answers (the
-/// guest's listener may not be up yet).
+/// data and answers (`host saw TOKEN after N bytes in M ms`), retrying
+/// for 30 s while nothing answers (the guest's listener may not be up
+/// yet).
 struct HostTcp {
     port: Option<u16>,
     started: std::cell::Cell<bool>,
@@ -3184,7 +3187,9 @@ impl HostTcp {
     }
 }
 
-/// Connects to 127.0.0.1:`port`, reads a line, and answers it.
+/// Connects to 127.0.0.1:`port`, reads what the guest sends — a token
+/// line, then data — to its end, and answers with the token, the data's
+/// length and how long it took from the first byte on.
 fn host_tcp(port: u16) {
     use std::io::{Read, Write};
     use std::time::{Duration, Instant};
@@ -3198,14 +3203,26 @@ fn host_tcp(port: u16) {
         };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(20)));
         let mut got = Vec::new();
-        let _ = stream.read_to_end(&mut got);
-        let token = String::from_utf8_lossy(&got).trim().to_string();
-        if token.is_empty() {
+        let mut first = None;
+        let mut chunk = [0u8; 16384];
+        while let Ok(n) = stream.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            first.get_or_insert_with(Instant::now);
+            got.extend_from_slice(&chunk[..n]);
+        }
+        let Some(first) = first else {
             // Accepted by QEMU, refused by the guest: not listening yet.
             std::thread::sleep(Duration::from_millis(500));
             continue;
-        }
-        let _ = stream.write_all(format!("host saw {token}\n").as_bytes());
+        };
+        let ms = first.elapsed().as_millis();
+        let line_end = got.iter().position(|&b| b == b'\n').unwrap_or(got.len());
+        let token = String::from_utf8_lossy(&got[..line_end]).trim().to_string();
+        let data = got.len().saturating_sub(line_end + 1);
+        let answer = format!("host saw {token} after {data} bytes in {ms} ms\n");
+        let _ = stream.write_all(answer.as_bytes());
         let _ = stream.shutdown(std::net::Shutdown::Write);
         return;
     }
