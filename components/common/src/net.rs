@@ -390,7 +390,7 @@ mod tests {
     #[test]
     fn the_layout_fits() {
         assert_eq!(REGION, 0x21000);
-        assert!(MAX_FRAME + 4 <= SLOT);
+        const { assert!(MAX_FRAME + 4 <= SLOT) };
         assert_eq!(slot(RX_RING, RING + 1), RX_RING + SLOT);
         assert_eq!(pending(3, u32::MAX - 1), Some(5));
         assert_eq!(pending(RING + 1, 0), None);
@@ -540,10 +540,10 @@ mod tests {
             }
             // Often a real address in either field.
             let known = [A, B, HOST, BROADCAST];
-            if rng.next_u64() % 2 == 0 {
+            if rng.next_u64().is_multiple_of(2) {
                 f[0..6].copy_from_slice(&known[(rng.next_u64() % 4) as usize]);
             }
-            if rng.next_u64() % 2 == 0 {
+            if rng.next_u64().is_multiple_of(2) {
                 f[6..12].copy_from_slice(&known[(rng.next_u64() % 4) as usize]);
             }
             match s.forward(from, &f[..len]) {

@@ -443,10 +443,12 @@ fn the_dump_shows_exits_interrupts_and_every_queue() {
     assert!(dump[3..].iter().all(|l| l.ends_with(": off")), "{dump:#?}");
 }
 
-/// A switch port as the machine sees it: frames queued for the guest, and
-/// what the guest sent; the test keeps a handle.
+/// Frames queued for the guest, and what the guest sent.
+type Wire = (VecDeque<Vec<u8>>, Vec<Vec<u8>>);
+
+/// A switch port as the machine sees it; the test keeps a handle.
 #[derive(Clone, Default)]
-struct FakePort(Rc<RefCell<(VecDeque<Vec<u8>>, Vec<Vec<u8>>)>>);
+struct FakePort(Rc<RefCell<Wire>>);
 
 impl NetBackend for FakePort {
     fn send(&mut self, frame: &[u8]) {
