@@ -276,7 +276,11 @@ unsafe impl GlobalAlloc for Heap {
     }
 }
 
-#[cfg_attr(not(test), global_allocator)]
+/// The tasks' allocator: on the bare-metal target only, so that a host
+/// program that links this crate through another (the fuzz targets, which
+/// reach `common::net` through a crate that turns on its `runtime`) keeps
+/// the system's allocator rather than a 64 KiB arena.
+#[cfg_attr(all(not(test), target_os = "none"), global_allocator)]
 pub static HEAP: Heap = Heap::new();
 
 #[cfg(test)]
