@@ -277,9 +277,9 @@ unsafe impl GlobalAlloc for Heap {
 }
 
 /// The tasks' allocator: on the bare-metal target only, so that a host
-/// program that links this crate through another (the fuzz targets, which
-/// reach `common::net` through a crate that turns on its `runtime`) keeps
-/// the system's allocator rather than a 64 KiB arena.
+/// program that links this crate through another (the fuzz targets reach
+/// `common::net` in a build where `common`'s `runtime`, and with it this
+/// crate, is on) keeps the system's allocator, not a 64 KiB arena.
 #[cfg_attr(all(not(test), target_os = "none"), global_allocator)]
 pub static HEAP: Heap = Heap::new();
 

@@ -9,7 +9,9 @@ use moat_abi::layout::STACK_TOP;
 
 use crate::sys;
 
-#[cfg(not(test))]
+// Only on the bare-metal target: a host program that links this crate
+// (the fuzz targets, through a crate using its pure parts) has its own.
+#[cfg(all(not(test), target_os = "none"))]
 core::arch::global_asm!(
     ".pushsection .text._start, \"ax\"",
     ".global _start",
@@ -36,7 +38,7 @@ fn args_len(record: u64, len: u64) -> Option<usize> {
         .flatten()
 }
 
-#[cfg_attr(test, allow(dead_code))]
+#[cfg_attr(any(test, not(target_os = "none")), allow(dead_code))]
 extern "C" fn start(record: *const u64) -> ! {
     // SAFETY: by the start convention `record` is the 16-byte-aligned stack
     // pointer, which points at the argument string's `u64` length.
