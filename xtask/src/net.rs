@@ -46,7 +46,7 @@ pub fn check_free(port: u16) -> Result<()> {
         .map(drop)
         .map_err(|e| {
             Error::Other(format!(
-                "--hostfwd: cannot use port {port} of 127.0.0.1 on the host: {e}"
+                "cannot forward port {port} of 127.0.0.1 on the host: {e}"
             ))
         })
 }
@@ -121,7 +121,7 @@ mod tests {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let port = listener.local_addr().unwrap().port();
         let e = check_free(port).unwrap_err().to_string();
-        assert!(e.contains(&format!("cannot use port {port}")), "{e}");
+        assert!(e.contains(&format!("cannot forward port {port}")), "{e}");
         drop(listener);
         assert!(check_free(free_port().unwrap()).is_ok());
     }
