@@ -154,7 +154,7 @@ fn main(args: &str) -> i32 {
                 break;
             }
         }
-        node.device.kick_tx();
+        node.device.kick();
         for (i, client) in node.clients.iter_mut().enumerate() {
             if let Some(client) = client.as_mut().filter(|c| c.wake) {
                 client.wake = false;
@@ -356,6 +356,8 @@ struct Device {
     tx_free_len: usize,
     /// Frames added to the transmit queue since the last notification.
     tx_added: bool,
+    /// Receive buffers given back since the last notification.
+    rx_posted: bool,
 }
 
 /// The BAR window an argument `dev.barN` names.
@@ -427,6 +429,7 @@ impl Device {
             tx,
             tx_free,
             tx_added: false,
+            rx_posted: false,
         };
         for id in 0..device.rx.size {
             device.post_rx(id);
@@ -499,7 +502,7 @@ impl Device {
             len as usize
         });
         self.post_rx(id);
-        self.rx.notify.write::<u16>(0, RX);
+        self.rx_posted = true;
         Some(result)
     }
 
@@ -535,10 +538,15 @@ impl Device {
         true
     }
 
-    /// Tells the device about the frames queued since the last time.
-    fn kick_tx(&mut self) {
+    /// Tells the device about the frames queued and the receive buffers
+    /// given back since the last time (one register write each, not one
+    /// per frame: each is an exit to the emulator or hypervisor).
+    fn kick(&mut self) {
+        fence(Ordering::SeqCst);
+        if core::mem::take(&mut self.rx_posted) {
+            self.rx.notify.write::<u16>(0, RX);
+        }
         if core::mem::take(&mut self.tx_added) {
-            fence(Ordering::SeqCst);
             self.tx.notify.write::<u16>(0, TX);
         }
     }
