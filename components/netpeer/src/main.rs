@@ -12,7 +12,11 @@
 //!   victims' source addresses (spoofed) — and a burst of broadcasts, then
 //!   listens: a frame addressed to a victim reaching it is a failure
 //!   (`NAME: FAIL …`), since the switch must deliver unicast to its owner
-//!   only.
+//!   only;
+//! - `mode=broken`: sends one good broadcast, then moves its transmit
+//!   ring's head far past its tail (more frames than the ring holds) and
+//!   tells the switch, which must ignore this port from then on and go on
+//!   serving the others.
 //!
 //! Arguments: `name=NAME`, `port=MAPPING` and that mapping, `mac=MAC`,
 //! the mode's, `tsc_hz`.
@@ -56,8 +60,9 @@ fn main(args: &str) -> i32 {
     match args::value(args, "mode") {
         Some("echo") => echo(name, args, &mut port, mac),
         Some("hostile") => hostile(name, args, &mut port, mac),
+        Some("broken") => broken(name, &mut port),
         _ => {
-            println!("{name}: FAIL mode= is echo or hostile");
+            println!("{name}: FAIL mode= is echo, hostile or broken");
             1
         }
     }
@@ -203,4 +208,17 @@ fn hostile(name: &str, args: &str, port: &mut Port, mac: Mac) -> i32 {
             }
         }
     }
+}
+
+fn broken(name: &str, port: &mut Port) -> i32 {
+    let region = *port.region();
+    let mut good = [0x5a; 60];
+    good[..6].copy_from_slice(&net::BROADCAST);
+    good[6..12].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 0x77]);
+    port.send(&good);
+    let tail = region.read::<u32>(net::TX_TAIL as u64);
+    region.write::<u32>(net::TX_HEAD as u64, tail.wrapping_add(1000));
+    port.notify();
+    println!("{name}: transmit ring head moved 1000 past its tail");
+    0
 }
