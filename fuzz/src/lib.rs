@@ -17,6 +17,7 @@ pub mod abi;
 pub mod devices;
 pub mod firmware;
 pub mod manifest;
+pub mod net;
 pub mod virtio;
 pub mod vmm;
 
@@ -53,6 +54,7 @@ pub const TARGETS: &[Target] = &[
     ("abi", abi::abi),
     ("kernel_exit", abi::kernel_exit),
     ("elf", abi::elf),
+    ("net_switch", net::switch),
 ];
 
 /// The function of the target called `name`.

@@ -23,7 +23,7 @@ use vdev::rtc::Rtc;
 use vdev::uart::{self, SerialOut, Uart};
 use vdev::virtio::block::{Block, BlockBackend, MemDisk};
 use vdev::virtio::console::{Console, PortBackend};
-use vdev::virtio::net::{EchoPeer, Net, ECHO_PEER_IP, ECHO_PEER_MAC};
+use vdev::virtio::net::{EchoPeer, Net, NetBackend, ECHO_PEER_IP, ECHO_PEER_MAC};
 use vdev::virtio::pci::{VirtioPci, VirtioPciWiring};
 use vdev::virtio::rng::{EntropySource, Rng};
 use vdev::{BadGuestAddress, Bus, BusDevice, Clock, GuestMemory, IrqLine, MsiSink, Shared};
@@ -155,6 +155,12 @@ impl MsiSink for MsiToLapic {
     }
 }
 
+/// The test fixture the guest's network reaches when no switch port is
+/// connected: a host at 10.0.2.2 that answers ARP and ping.
+fn echo_peer() -> Box<dyn NetBackend> {
+    Box::new(EchoPeer::new(ECHO_PEER_MAC, ECHO_PEER_IP))
+}
+
 /// The virtio disk's storage: the block service or a RAM disk.
 type Storage = Box<dyn BlockBackend>;
 
@@ -165,7 +171,7 @@ struct Virtio {
     echo: [EchoPort; 2],
     named: NamedPort,
     block: Option<Shared<VirtioPci<Block<Storage>>>>,
-    net: Shared<VirtioPci<Net<EchoPeer>>>,
+    net: Shared<VirtioPci<Net<Box<dyn NetBackend>>>>,
     rng: Shared<VirtioPci<Rng>>,
 }
 
@@ -713,7 +719,7 @@ impl Machine {
             }
             None => None,
         };
-        let net = Net::new(GUEST_MAC, EchoPeer::new(ECHO_PEER_MAC, ECHO_PEER_IP));
+        let net = Net::new(GUEST_MAC, echo_peer());
         let net = shared(VirtioPci::new(net, wiring(next))?);
         root.borrow_mut().add(net.clone())?;
         let rng = shared(VirtioPci::new(Rng::new(entropy), wiring(next + 1))?);
@@ -806,6 +812,41 @@ impl Machine {
             device("rng", r.status(), r.queue_views());
         }
         lines
+    }
+
+    /// Connects the guest's network to `backend` (a switch port) with the
+    /// MAC address `mac`, instead of the echo peer; before the guest runs.
+    pub fn connect_net(&mut self, backend: Box<dyn NetBackend>, mac: [u8; 6]) {
+        if let Some(virtio) = &self.virtio {
+            virtio.net.borrow_mut().update(|net| {
+                net.set_mac(mac);
+                *net.backend_mut() = backend;
+            });
+        }
+    }
+
+    /// The network's back end, to keep across a guest reset; the machine
+    /// is left with the echo peer.
+    pub fn take_net(&self) -> Option<Box<dyn NetBackend>> {
+        let virtio = self.virtio.as_ref()?;
+        let backend = virtio
+            .net
+            .borrow_mut()
+            .update(|net| core::mem::replace(net.backend_mut(), echo_peer()));
+        Some(backend)
+    }
+
+    /// Hands the guest the frames its network back end has (a switch port
+    /// whose frames arrive by themselves), as far as the device's backlog
+    /// has room; called before each entry.
+    pub fn poll_net(&mut self) {
+        let Some(virtio) = &self.virtio else { return };
+        let Ok(mut net) = virtio.net.try_borrow_mut() else {
+            return;
+        };
+        if net.device().wants_pull() {
+            net.update(|net| net.pull());
+        }
     }
 
     /// The virtio disk's storage, to keep across a guest reset; the

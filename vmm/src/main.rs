@@ -24,7 +24,10 @@
 //! does), `initrd=ADDR,SIZE` (for a bzImage), `cmdline=ADDR,SIZE` (text),
 //! optional `disk=ADDR,SIZE` (a disk image, copied into RAM) or
 //! `blk=MAPPING` (the disk is the block service's, through that shared
-//! region and the semaphores at 30 and 31: `disk.rs`), `mod1=ADDR,SIZE`,
+//! region and the semaphores at 30 and 31: `disk.rs`), `net=MAPPING`
+//! with `mac=MAC` (the network is a port of the virtual switch, through
+//! that shared region and the semaphores at 32 and 33, and a fourth EC
+//! waits for its frames: `net.rs`; without it the echo peer answers), `mod1=ADDR,SIZE`,
 //! `mod2=…`, … (a Multiboot kernel's modules, numbered from 1 without a gap) with
 //! `modcmdlines=ADDR,SIZE` (text: line N is module N's command line),
 //! the flag `debug-exit` (QEMU's isa-debug-exit device at ports
@@ -74,11 +77,13 @@ use moat_abi::{flags, rights, Call, CallWord, Space, Status, PAGE_SIZE};
 use moat_user::io::{inb, outb};
 use moat_user::{println, sys, Sel};
 use vdev::virtio::block::BlockBackend;
+use vdev::virtio::net::NetBackend;
 use vdev::{BadGuestAddress, GuestMemory};
 use vmm::machine::{Action, Config, Entry, Machine, NamedPort, Stop, TimeSource};
 use vmm::state;
 
 mod disk;
+mod net;
 
 moat_user::entry!(main);
 
@@ -127,6 +132,9 @@ fn state_page(vcpu: usize) -> u64 {
         i => VCPU_PAGES + i as u64 * 2 * PAGE_SIZE,
     }
 }
+const NET_EC: Sel = VM + 14;
+const NET_SC: Sel = VM + 15;
+const NET_UTCB: u64 = 0x0000_6000_0004_0000;
 /// How long the dump EC waits for the vCPU loop to print the dump before
 /// it says that the loop does not answer.
 const DUMP_ANSWER_MS: u64 = 200;
@@ -469,6 +477,47 @@ extern "C" fn input_ec() -> ! {
     }
 }
 
+static NET_STACK: moat_user::Stack<8192> = moat_user::Stack::new();
+
+/// Waits for the switch to queue frames for this port, hands them to
+/// the guest's device and wakes or pokes the vCPUs its interrupt reaches.
+extern "C" fn net_ec() -> ! {
+    loop {
+        if sys::sm_down(net::PORT_SM, 0, false).is_err() {
+            sys::exit(6);
+        }
+        let kicks = {
+            let mut vmm = VMM.lock();
+            match vmm.as_mut() {
+                Some(v) => {
+                    v.machine.poll_net();
+                    v.machine.take_kicks()
+                }
+                None => 0,
+            }
+        };
+        kick(kicks, None);
+    }
+}
+
+fn start_net() -> Result<(), SetupError> {
+    let fail = |what| move |s| SetupError(what, s);
+    sys::create_ec(
+        NET_EC,
+        sel::OWN_PD,
+        false,
+        moat_user::abi::CPU_OF_CALLER,
+        net_ec as *const () as u64,
+        NET_STACK.top() - 8,
+        NET_UTCB,
+        sel::EXCEPTION_PORTAL,
+        NET_EC,
+    )
+    .map_err(fail("net EC"))?;
+    sys::create_sc(NET_SC, sel::OWN_PD, NET_EC, INPUT_PRIORITY, TIMER_BUDGET_US)
+        .map_err(fail("net SC"))
+}
+
 /// The kernel's debug event asked for a state dump: the first vCPU loop
 /// to pass prints it.
 static DUMP: AtomicBool = AtomicBool::new(false);
@@ -719,6 +768,9 @@ fn run(args: &str) -> Result<Stop, SetupError> {
     let ram_disk = region(args, "disk").map(|disk| unsafe { disk.bytes() }.to_vec());
     let disk = disk::storage(args, tsc_hz, ram_disk)
         .map_err(|what| SetupError(what, Status::BadParameter))?;
+    let port = net::port(args).map_err(|what| SetupError(what, Status::BadParameter))?;
+    let net_mac = port.as_ref().map(|(_, mac)| *mac);
+    let port = port.map(|(port, mac)| (Box::new(port) as Box<dyn NetBackend>, mac));
     let low_ram = guest.low_ram();
     println!(
         "vmm: {} MiB RAM, kernel {} KiB, initrd {} KiB, disk {} KiB{}",
@@ -751,7 +803,7 @@ fn run(args: &str) -> Result<Stop, SetupError> {
         None => NamedPort::Echo,
     };
     let debug_exit = args::flag(args, "debug-exit");
-    let (machine, boot_state) = guest.boot(disk, named, debug_exit)?;
+    let (machine, boot_state) = guest.boot(disk, port, named, debug_exit)?;
     *VMM.lock() = Some(Vmm {
         machine,
         guest,
@@ -770,9 +822,13 @@ fn run(args: &str) -> Result<Stop, SetupError> {
         resets: 0,
         refusals_logged: 0,
         typed: Vec::new(),
+        net_mac,
     });
     if args::flag(args, "console-input") {
         start_input()?;
+    }
+    if net_mac.is_some() {
+        start_net()?;
     }
     create_vcpu(0)?;
     start_vcpus(&cpus, ap_priority)?;
@@ -873,6 +929,8 @@ struct Vmm {
     resets: u32,
     refusals_logged: u32,
     typed: Vec<u8>,
+    /// The guest's MAC on its switch port, if it has one.
+    net_mac: Option<[u8; 6]>,
 }
 
 static VMM: VmmLock<Option<Vmm>> = VmmLock::new(None);
@@ -926,7 +984,8 @@ impl Vmm {
     /// thread parked, so no vCPU runs while RAM is rewritten.
     fn reboot(&mut self) {
         let disk = self.machine.take_disk();
-        match self.guest.boot(disk, self.named, self.debug_exit) {
+        let port = self.machine.take_net().zip(self.net_mac);
+        match self.guest.boot(disk, port, self.named, self.debug_exit) {
             Ok((machine, state)) => {
                 self.machine = machine;
                 self.boot_state = state;
@@ -1023,6 +1082,7 @@ fn vcpu_loop(vcpu: usize) {
                     let typed = core::mem::take(&mut v.typed);
                     v.machine.console_input(&typed);
                 }
+                v.machine.poll_net();
                 let entry = v.machine.prepare_entry(vcpu, state);
                 arm(host_deadline(&v.machine, v.guest.start, v.guest.tsc_hz));
                 (entry, v.machine.take_kicks())
@@ -1165,6 +1225,7 @@ impl Guest {
     fn boot(
         &self,
         disk: Option<Box<dyn BlockBackend>>,
+        port: Option<(Box<dyn NetBackend>, [u8; 6])>,
         named: NamedPort,
         debug_exit: bool,
     ) -> Result<(Machine, VcpuState), SetupError> {
@@ -1210,6 +1271,9 @@ impl Guest {
         machine
             .add_pci_devices(disk, Box::new(TscEntropy(moat_user::rdtsc())), named)
             .map_err(|_| SetupError("PCI devices", Status::BadParameter))?;
+        if let Some((backend, mac)) = port {
+            machine.connect_net(backend, mac);
+        }
         if debug_exit {
             machine
                 .add_debug_exit()

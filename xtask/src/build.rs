@@ -53,6 +53,8 @@ pub const USER_TASKS: &[UserTask] = &[
     task("moat-modemclient", "modemclient"),
     task("moat-blk", "blk"),
     task("moat-blktest", "blktest"),
+    task("moat-net", "net"),
+    task("moat-netpeer", "netpeer"),
     // Not a task: the Multiboot test kernel a VMM boots (guests/mbtest).
     task("moat-mbtest", "mbtest"),
 ];

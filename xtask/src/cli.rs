@@ -172,7 +172,7 @@ enum Command {
     #[command(after_help = "\
 The quick form, for one guest, as QEMU users type it:
   cargo xtask run --kernel PATH [--initrd PATH] [--append TEXT] [--memory SIZE] [--vcpus N]
-                  [--disk FILE[:SIZE]]
+                  [--disk FILE[:SIZE]] [--hostfwd HOST_PORT:GUEST_PORT]...
 replaces the values of the guest that owns the console in the configuration
 (examples/default.toml unless --config); options not given keep its values.
 System configurations, field by field: docs/configuration.md.")]
@@ -214,6 +214,12 @@ System configurations, field by field: docs/configuration.md.")]
         /// with SIZE (e.g. 64M) if missing
         #[arg(long, value_name = "FILE[:SIZE]", value_parser = DiskOption::parse)]
         disk: Option<DiskOption>,
+        /// Quick form: forward TCP on the host's 127.0.0.1:HOST_PORT to the
+        /// guest's GUEST_PORT (10.0.2.15), through the net driver and
+        /// virtual switch on QEMU's user networking (QEMU only); may be
+        /// given several times
+        #[arg(long, value_name = "HOST_PORT:GUEST_PORT", value_parser = crate::net::parse_forward)]
+        hostfwd: Vec<crate::net::Forward>,
         /// Words added to Moat's kernel command line
         #[arg(last = true, value_name = "KERNEL ARGS")]
         kernel_args: Vec<String>,
@@ -400,6 +406,7 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
             memory,
             vcpus,
             disk,
+            hostfwd,
             kernel_args,
         }) => Cmd::Run(RunOpts {
             emu,
@@ -415,6 +422,7 @@ pub fn parse(args: &[String]) -> Result<Cmd> {
                 vcpus,
                 disk,
                 cpus,
+                hostfwd,
             },
         }),
         Some(Command::Test {
@@ -595,6 +603,9 @@ mod tests {
             "1",
             "--disk",
             "d.img:64M",
+            "--hostfwd",
+            "8080:80",
+            "--hostfwd=2222:22",
         ]
         .map(String::from)
         .to_vec();
@@ -614,8 +625,20 @@ mod tests {
                     size: Some(Size(64 << 20)),
                 }),
                 cpus: None,
+                hostfwd: vec![
+                    crate::net::Forward {
+                        host: 8080,
+                        guest: 80
+                    },
+                    crate::net::Forward {
+                        host: 2222,
+                        guest: 22
+                    }
+                ],
             }
         );
+        let bad = p("run --hostfwd 8080").unwrap_err().to_string();
+        assert!(bad.contains("expected HOST_PORT:GUEST_PORT"), "{bad}");
         opts.absolutize(Path::new("/home/u"));
         assert_eq!(opts.guest.kernel.as_deref(), Some("/home/u/k/bzImage"));
         assert_eq!(opts.guest.disk.unwrap().file, "/home/u/d.img");

@@ -111,6 +111,21 @@ const BLK_REGION: u64 = 64 << 10;
 /// The VMM's semaphores for the block service (`vmm/src/disk.rs`): the
 /// service's at 30, the answers' at 31; its services stay below.
 const VMM_BLK_SEMAPHORES: u64 = 30;
+/// The virtual switch xtask adds for a guest with `hostfwd`: the `net`
+/// driver, its device, DMA pages and its client's shared region.
+const NET_COMPONENT: &str = "net";
+const NET_MEMORY: u64 = 256 << 10;
+const NET_QUOTA: u64 = 128 << 10;
+const NET_PRIORITY: u8 = 20;
+const NET_DMA: u64 = 136 << 10;
+const NET_REGION: u64 = 132 << 10;
+/// The VMM's semaphores for its switch port (`vmm/src/net.rs`): the
+/// switch's at 32, the port's at 33.
+const VMM_NET_SEMAPHORES: u64 = 32;
+/// The switch's semaphore in the `net` component, and its client's.
+const NET_SWITCH_SM: u64 = 30;
+/// A guest's MAC address on the switch (the VMM's default).
+pub const GUEST_MAC: &str = "52:54:00:12:34:56";
 
 /// The emulated machine: the kernel, tasks, boot structures and the
 /// kernel's reserve, besides the modules and the root's pool and quota.
@@ -189,6 +204,10 @@ pub struct GuestEntry {
     pub disk: Option<Spanned<String>>,
     /// The size `disk` is created with when the file is missing.
     pub disk_size: Option<Spanned<Size>>,
+    /// `HOST_PORT:GUEST_PORT` forwards from the host's 127.0.0.1 to the
+    /// guest: its virtio-net is then a port of the virtual switch (the
+    /// `net` driver on QEMU's virtio-net device, user networking).
+    pub hostfwd: Option<Spanned<Vec<Spanned<String>>>>,
     pub epoch: Option<u64>,
 }
 
@@ -447,6 +466,8 @@ pub struct GuestOverride {
     /// `run --cpus N`: the machine's CPUs, and the vCPUs of the guest the
     /// other options change, unless `--vcpus` or its `vcpus` says.
     pub cpus: Option<u32>,
+    /// `--hostfwd HOST_PORT:GUEST_PORT`, each time it is given.
+    pub hostfwd: Vec<crate::net::Forward>,
 }
 
 /// `--disk FILE[:SIZE]`: the guest's persistent disk, created with SIZE
@@ -509,7 +530,7 @@ impl GuestOverride {
             None if file.guests.len() == 1 => 0,
             None => {
                 return Err(format!(
-                    "--kernel, --initrd, --append, --memory, --vcpus and --disk change the guest \
+                    "--kernel, --initrd, --append, --memory, --vcpus, --disk and --hostfwd change the guest \
                      that owns the console, and this configuration has {} guests, none with \
                      `console = true`",
                     file.guests.len()
@@ -537,6 +558,11 @@ impl GuestOverride {
             guest.test_disk = false;
             guest.disk = Some(from_cli(disk.file.clone()));
             guest.disk_size = disk.size.map(from_cli);
+        }
+        if !self.hostfwd.is_empty() {
+            let forwards = self.hostfwd.iter();
+            let forwards = forwards.map(|f| from_cli(format!("{}:{}", f.host, f.guest)));
+            guest.hostfwd = Some(from_cli(forwards.collect()));
         }
         Ok(())
     }
@@ -585,6 +611,30 @@ pub struct Plan {
     pub uses_pinned_debian: bool,
     /// A guest's persistent disk: QEMU's virtio-blk device on this file.
     pub disk: Option<DiskPlan>,
+    /// A guest's network through the virtual switch: QEMU's virtio-net
+    /// device with these forwards.
+    pub net: Option<NetPlan>,
+}
+
+/// A guest's network, as planned; the host ports are checked free by
+/// [`NetPlan::prepare`] before anything boots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetPlan {
+    pub guest: String,
+    pub forwards: Vec<crate::net::Forward>,
+}
+
+impl NetPlan {
+    pub fn prepare(&self) -> Result<(), String> {
+        for f in &self.forwards {
+            crate::net::check_free(f.host).map_err(|e| format!("guest '{}': {e}", self.guest))?;
+        }
+        Ok(())
+    }
+
+    pub fn qemu_args(&self) -> Vec<String> {
+        crate::net::qemu_args(&self.forwards)
+    }
 }
 
 /// A guest's persistent disk, as planned (the file is checked, and
@@ -1065,6 +1115,7 @@ impl Planner<'_> {
         let mut console: Option<usize> = None;
         let mut file_sizes: u64 = 0;
         let mut disk: Option<DiskPlan> = None;
+        let mut net: Option<NetPlan> = None;
         for (i, g) in file.guests.iter().enumerate() {
             let f = |name: &str| format!("guest[{i}].{name}");
             let name = g.name.get_ref().as_str();
@@ -1251,6 +1302,7 @@ impl Planner<'_> {
             };
             let guest_disk = self.guest_disk(g, &f, disk.as_ref())?;
             uses_pinned_debian |= guest_disk.as_ref().is_some_and(|d| d.template.is_some());
+            let guest_net = self.guest_net(g, &f, net.as_ref())?;
             line.push('\n');
             let cmdline_module = format!("{name}.cmdline");
             files.push(PlannedModule {
@@ -1274,6 +1326,9 @@ impl Planner<'_> {
             }
             if guest_disk.is_some() {
                 mappings.push(format!("shared c0 {}", manifest_size(BLK_REGION)));
+            }
+            if guest_net.is_some() {
+                mappings.push(format!("shared n0 {}", manifest_size(NET_REGION)));
             }
             mappings.push(format!("file cmdline {cmdline_module}"));
             manifest += &format!(
@@ -1366,6 +1421,22 @@ impl Planner<'_> {
                 args.push("blk=c0".to_string());
                 disk = Some(planned);
             }
+            if let Some(planned) = guest_net {
+                if FIRST_USE_SELECTOR + uses.len() as u64 > VMM_BLK_SEMAPHORES {
+                    return self.err(
+                        g.name.span(),
+                        &f("calls"),
+                        format!(
+                            "a guest with `hostfwd` uses at most {} services (selectors {} on \
+                             are the switch's and block service's semaphores)",
+                            VMM_BLK_SEMAPHORES - FIRST_USE_SELECTOR,
+                            VMM_BLK_SEMAPHORES
+                        ),
+                    );
+                }
+                args.push(format!("net=n0 mac={GUEST_MAC}"));
+                net = Some(planned);
+            }
             if !args.is_empty() {
                 manifest += &format!("    args {}\n", args.join(" "));
             }
@@ -1428,6 +1499,52 @@ impl Planner<'_> {
             }
             pool += BLK_MEMORY + DEFAULT_STACK + BLK_DMA + 2 * BLK_REGION;
             quotas += BLK_QUOTA;
+            extra_components += 1;
+        }
+        // The virtual switch for the guest's network: the `net` driver with
+        // QEMU's virtio-net device as the uplink, the guest's VMM client 0.
+        if let Some(n) = &net {
+            if let Some((i, c)) = file
+                .components
+                .iter()
+                .enumerate()
+                .find(|(_, c)| c.name.get_ref() == NET_COMPONENT)
+            {
+                return self.err(
+                    c.name.span(),
+                    &format!("component[{i}].name"),
+                    format!(
+                        "'{NET_COMPONENT}' is the name of the virtual switch, which guest '{}' \
+                         needs for its `hostfwd`: give this component another name",
+                        n.guest
+                    ),
+                );
+            }
+            manifest += &format!(
+                "component {NET_COMPONENT}\n    module net\n    priority {NET_PRIORITY}\n    \
+                 memory {}\n    quota {}\n    restart 0\n    pci dev 1af4:1041 at {:#x}\n    \
+                 dma dma {} at {:#x}\n    shared n0 {} at {:#x}\n    args n0.mac={GUEST_MAC}\n",
+                manifest_size(NET_MEMORY),
+                manifest_size(NET_QUOTA),
+                MAPPING_BASE + MAPPING_SLOT,
+                manifest_size(NET_DMA),
+                MAPPING_BASE + 2 * MAPPING_SLOT,
+                manifest_size(NET_REGION),
+                MAPPING_BASE,
+            );
+            trailer += &format!(
+                "semaphore netswitch up {0} at {1} updown {NET_COMPONENT} at {NET_SWITCH_SM}\n\
+                 semaphore netport up {NET_COMPONENT} at {3} down {0} at {2}\n",
+                n.guest,
+                VMM_NET_SEMAPHORES,
+                VMM_NET_SEMAPHORES + 1,
+                NET_SWITCH_SM + 1,
+            );
+            if !tasks.iter().any(|t| t == NET_COMPONENT) {
+                tasks.push(NET_COMPONENT.to_string());
+            }
+            pool += NET_MEMORY + DEFAULT_STACK + NET_DMA + 2 * NET_REGION;
+            quotas += NET_QUOTA;
             extra_components += 1;
         }
         manifest += &trailer;
@@ -1529,7 +1646,51 @@ impl Planner<'_> {
             uses_pinned_linux,
             uses_pinned_debian,
             disk,
+            net,
         })
+    }
+
+    /// A guest's network through the switch (`hostfwd`), checked: one
+    /// guest may have one for now (one uplink, whose forwards reach the
+    /// guest address QEMU's user networking gives, 10.0.2.15), each a
+    /// `HOST_PORT:GUEST_PORT`, no host port twice.
+    fn guest_net(
+        &self,
+        g: &GuestEntry,
+        f: &dyn Fn(&str) -> String,
+        planned: Option<&NetPlan>,
+    ) -> Result<Option<NetPlan>, ConfigError> {
+        let Some(list) = &g.hostfwd else {
+            return Ok(None);
+        };
+        if let Some(other) = planned {
+            return self.err(
+                list.span(),
+                &f("hostfwd"),
+                format!(
+                    "guest '{}' already has the network; one guest may have `hostfwd` for now \
+                     (one uplink)",
+                    other.guest
+                ),
+            );
+        }
+        let mut forwards: Vec<crate::net::Forward> = Vec::new();
+        for entry in list.get_ref() {
+            let forward = crate::net::parse_forward(entry.get_ref())
+                .or_else(|why| self.err(entry.span(), &f("hostfwd"), why))?;
+            if forwards.iter().any(|o| o.host == forward.host) {
+                return self.err(
+                    entry.span(),
+                    &f("hostfwd"),
+                    format!("host port {} forwarded twice", forward.host),
+                );
+            }
+            forwards.push(forward);
+        }
+        Ok(Some(NetPlan {
+            guest: g.name.get_ref().clone(),
+            forwards,
+        }))
     }
 
     /// A guest's persistent disk (`disk`, `disk-size`), checked: one
@@ -2075,6 +2236,7 @@ mod tests {
             vcpus: Some(1),
             disk: None,
             cpus: None,
+            hostfwd: Vec::new(),
         };
         assert_eq!(
             example_plan("default.toml", &quick),
@@ -2222,6 +2384,119 @@ mod tests {
             assert_eq!(got_field, field, "{more}");
             assert!(got.contains(message), "{more}: {got}");
         }
+    }
+
+    #[test]
+    fn hostfwd_brings_the_virtual_switch() {
+        let plan = plan(&format!(
+            "{DISK_GUEST}hostfwd = [\"8080:80\", \"2222:22\"]\ndisk = \"g.img\"\n"
+        ))
+        .unwrap();
+        let m = root_parse(&plan.manifest);
+        let names: Vec<_> = m.components.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["clock", "g", "blk", "net"]);
+        let net = plan.net.clone().unwrap();
+        assert_eq!(net.guest, "g");
+        assert_eq!(
+            net.forwards,
+            [
+                crate::net::Forward {
+                    host: 8080,
+                    guest: 80
+                },
+                crate::net::Forward {
+                    host: 2222,
+                    guest: 22
+                }
+            ]
+        );
+        let vmm = &plan.manifest[plan.manifest.find("component g").unwrap()..];
+        let vmm = &vmm[..vmm.find("component blk").unwrap()];
+        assert!(vmm.contains("    shared n0 132K at "), "{vmm}");
+        assert!(
+            vmm.contains(" blk=c0 net=n0 mac=52:54:00:12:34:56"),
+            "{vmm}"
+        );
+        let switch = &plan.manifest[plan.manifest.find("component net").unwrap()..];
+        for line in [
+            "    pci dev 1af4:1041 at ",
+            "    dma dma 136K at ",
+            "    shared n0 132K at ",
+            "    args n0.mac=52:54:00:12:34:56\n",
+            "semaphore netswitch up g at 32 updown net at 30\n",
+            "semaphore netport up net at 31 down g at 33\n",
+        ] {
+            assert!(switch.contains(line), "{line} in {switch}");
+        }
+        assert!(plan.modules.iter().any(|m| m.name == "net"));
+        // The disk's QEMU arguments, then the network's.
+        let image = crate::image::boot_spec_devices(&plan);
+        assert!(image
+            .contains(&"virtio-blk-pci,drive=d0,disable-legacy=on,disable-modern=off".to_string()));
+        assert!(image.contains(
+            &"user,id=n0,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=tcp:127.0.0.1:2222-:22".to_string()
+        ));
+        // An empty list: the switch and the uplink, nothing forwarded.
+        let plan = super::tests::plan(&format!("{DISK_GUEST}hostfwd = []\n")).unwrap();
+        assert!(plan.net.unwrap().forwards.is_empty());
+        assert!(plan.manifest.contains("component net\n"));
+        assert!(super::tests::plan(DISK_GUEST).unwrap().net.is_none());
+    }
+
+    #[test]
+    fn bad_hostfwds_are_errors() {
+        for (more, field, message) in [
+            (
+                "hostfwd = [\"8080\"]\n",
+                "guest[0].hostfwd",
+                "expected HOST_PORT:GUEST_PORT",
+            ),
+            ("hostfwd = [\"0:80\"]\n", "guest[0].hostfwd", "port 0"),
+            (
+                "hostfwd = [\"99999:80\"]\n",
+                "guest[0].hostfwd",
+                "above 65535",
+            ),
+            (
+                "hostfwd = [\"8080:80\", \"8080:81\"]\n",
+                "guest[0].hostfwd",
+                "host port 8080 forwarded twice",
+            ),
+            (
+                "hostfwd = \"8080:80\"\n",
+                "guest[0].hostfwd",
+                "invalid type",
+            ),
+            (
+                "hostfwd = []\n[[guest]]\nname = \"h\"\nkernel = \"bz\"\ninitrd = \"rd\"\n\
+                 hostfwd = []\n",
+                "guest[1].hostfwd",
+                "guest 'g' already has the network",
+            ),
+            (
+                "hostfwd = []\n[[component]]\nname = \"net\"\nmodule = \"echo\"\n",
+                "component[0].name",
+                "'net' is the name of the virtual switch",
+            ),
+        ] {
+            let (_, _, got_field, got) = error(&format!("{DISK_GUEST}{more}"));
+            assert_eq!(got_field, field, "{more}");
+            assert!(got.contains(message), "{more}: {got}");
+        }
+    }
+
+    #[test]
+    fn the_quick_form_hostfwd_gives_the_console_guest_the_network() {
+        let quick = GuestOverride {
+            hostfwd: vec![crate::net::parse_forward("18080:80").unwrap()],
+            ..GuestOverride::default()
+        };
+        let plan = example_plan("default.toml", &quick);
+        root_parse(&plan.manifest);
+        assert!(plan.manifest.contains("component net\n"));
+        let net = plan.net.unwrap();
+        assert_eq!(net.guest, "linux");
+        assert_eq!(net.forwards[0].host, 18080);
     }
 
     #[test]

@@ -282,8 +282,17 @@ pub fn plan_boot(plan: &Plan, artifacts: &Artifacts, dir: &Path) -> Result<BootS
         modules,
         memory_mib: plan.memory_mib,
         cpus: plan.cpus,
-        qemu_devices: plan.disk.as_ref().map_or(Vec::new(), |d| d.qemu_args()),
+        qemu_devices: boot_spec_devices(plan),
     })
+}
+
+/// QEMU's arguments for a plan's devices: the persistent disk's, then
+/// the network's.
+pub fn boot_spec_devices(plan: &Plan) -> Vec<String> {
+    let disk = plan.disk.iter().map(|d| d.qemu_args());
+    disk.chain(plan.net.iter().map(|n| n.qemu_args()))
+        .flatten()
+        .collect()
 }
 
 fn qemu_args_text(boot: &BootSpec) -> Result<String> {

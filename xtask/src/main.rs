@@ -20,6 +20,7 @@ mod kvm;
 mod linux;
 mod manifests;
 mod mbcheck;
+mod net;
 mod run;
 mod setup;
 mod soak;

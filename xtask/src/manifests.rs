@@ -818,11 +818,79 @@ semaphore testdisk up blk at 32 down blktest at 31
 "
 );
 
+/// The Linux guest on a port of the virtual switch (`net`, on QEMU's
+/// virtio-net device, user networking as the uplink), beside two native
+/// components with ports of their own: `peer`, which answers ARP and ping
+/// at 10.0.2.20, `hostile`, which sends what the switch must drop and
+/// must never receive a frame for the others, and `broken`, whose
+/// transmit ring the switch must give up on. Each region is shared with
+/// `net` alone; `net` waits on one semaphore (`netsw`) that every client
+/// and the device's MSI up.
+pub const VMM_NET: &str = concat!(
+    linux_neighbours!(),
+    clock_driver!(),
+    "\
+component net
+    module net
+    priority 20
+    memory 256K
+    quota 128K
+    restart 0
+    pci dev 1af4:1041 at 0x20000000000
+    dma dma 136K at 0x30000000000
+    shared n0 132K at 0x10000000000
+    shared n1 132K at 0x11000000000
+    shared n2 132K at 0x12000000000
+    shared n3 132K at 0x13000000000
+    args n0.mac=52:54:00:12:34:56 n1.mac=52:54:00:00:00:20 n2.mac=52:54:00:00:00:66 n3.mac=52:54:00:00:00:77
+component peer
+    module netpeer
+    priority 10
+    memory 256K
+    quota 64K
+    restart 0
+    shared n1 132K at 0x10000000000
+    args name=peer port=n1 mode=echo mac=52:54:00:00:00:20 ip=10.0.2.20
+component hostile
+    module netpeer
+    priority 10
+    memory 256K
+    quota 64K
+    restart 0
+    shared n2 132K at 0x10000000000
+    args name=hostile port=n2 mode=hostile mac=52:54:00:00:00:66 victims=52:54:00:12:34:56,52:54:00:00:00:20
+component broken
+    module netpeer
+    priority 10
+    memory 256K
+    quota 64K
+    restart 0
+    shared n3 132K at 0x10000000000
+    args name=broken port=n3 mode=broken mac=52:54:00:00:00:77
+",
+    linux_vmm!(),
+    "\
+    file disk disk.img at 0x32000000000
+    file cmdline cmdline at 0x33000000000
+    shared n0 132K at 0x34000000000
+    uses echo at 20
+    uses modem at 21
+    uses clock at 22
+    args clock=22 modem=21 vm-portals=20 user-hypercalls net=n0 mac=52:54:00:12:34:56
+irq 255 to linux
+semaphore netsw updown net at 30 up linux at 32 up peer at 30 up hostile at 30 up broken at 30
+semaphore guestnet up net at 31 down linux at 33
+semaphore peernet up net at 32 down peer at 31
+semaphore hostilenet up net at 33 down hostile at 31
+semaphore brokennet up net at 34 down broken at 31
+"
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const ALL: [&str; 31] = [
+    const ALL: [&str; 32] = [
         STALL,
         IPC_PINGPONG,
         SUPERVISION,
@@ -854,6 +922,7 @@ mod tests {
         HOSTILE,
         BLK,
         VMM_BLK,
+        VMM_NET,
     ];
 
     /// The components each manifest names, in order.

@@ -39,6 +39,16 @@ pub fn run(opts: &RunOpts) -> Result<ExitCode> {
             disk.prepare().map_err(crate::Error::Other)?;
         }
     }
+    if let Some(net) = &plan.net {
+        if opts.emu == Emulator::Bochs {
+            return Err(crate::Error::Other(format!(
+                "guest '{}': `hostfwd` needs QEMU: Bochs has no virtio-net device for the net \
+                 driver (its NICs are the NE2000 and E1000); run with --emu qemu",
+                net.guest
+            )));
+        }
+        net.prepare().map_err(crate::Error::Other)?;
+    }
     let kvm_host = kvm::KvmHost::read();
     if opts.require_kvm {
         if let Err(why) = kvm::verdict(&kvm_host) {
@@ -89,6 +99,15 @@ pub fn run(opts: &RunOpts) -> Result<ExitCode> {
                     disk.path.display(),
                     disk.size >> 20
                 );
+            }
+            if let Some(net) = &plan.net {
+                for f in &net.forwards {
+                    println!(
+                        "run: guest '{}': 127.0.0.1:{} on the host reaches its port {} \
+                         (10.0.2.15) through the virtual switch",
+                        net.guest, f.host, f.guest
+                    );
+                }
             }
             let mut cmd = emu::qemu_command(&emu::qemu_args(&boot, accel, Serial::Stdio)?);
             println!("run: {}", describe(&cmd));

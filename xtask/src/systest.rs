@@ -194,6 +194,12 @@ pub struct SysTest {
     /// What is typed on the console (QEMU): each step waits until its
     /// text has appeared after the previous step's, then types its input.
     pub console: &'static [Typed],
+    /// QEMU gets a virtio-net device on user networking that forwards a
+    /// free port of the host's 127.0.0.1 to this port of the guest; once
+    /// the guest says `MOAT-NET serving tcp port P token T`, the harness
+    /// connects, reads T and what follows, and answers `host saw T after
+    /// N bytes in M ms` ([`host_tcp`]).
+    pub hostfwd: Option<u16>,
 }
 
 /// One step of console input: when `after` appears, type `input`.
@@ -253,6 +259,7 @@ const BASE: SysTest = SysTest {
     only_on: None,
     second_boot: &[],
     console: &[],
+    hostfwd: None,
 };
 
 impl SysTest {
@@ -382,6 +389,65 @@ const VMM_BLK_MODULES: &[ModuleSpec] = linux_beside_modem!(
     component("blk"),
     component("blktest")
 );
+
+/// The Linux guest on a port of the virtual switch (test `vmm_net`),
+/// beside the native `peer` (ping at 10.0.2.20) and `hostile`; `/init`
+/// serves a token on TCP port [`VMM_NET_GUEST_PORT`] for the host.
+const VMM_NET_MODULES: &[ModuleSpec] = linux_beside_modem!(
+    "vmm_net",
+    manifests::VMM_NET,
+    "console=ttyS0 panic=-1 moat.modem=1 moat.ipc=20 moat.netpeer=10.0.2.20 moat.serve=8080",
+    component("net"),
+    component("netpeer")
+);
+const VMM_NET_GUEST_PORT: u16 = 8080;
+
+/// `vmm_net`: the switch's lines, which interleave with the guest's in
+/// any order.
+fn vmm_net_check(serial: &str) -> Vec<Part> {
+    [
+        (
+            "uplink",
+            "net: virtio-net ready: uplink MAC 52:54:00:00:00:01",
+        ),
+        ("guest_port", "net: port 1: client 0, MAC 52:54:00:12:34:56"),
+        (
+            "vmm_port",
+            "vmm: network on a switch port, MAC 52:54:00:12:34:56",
+        ),
+        ("peer", "peer: answering ARP and ping for 10.0.2.20"),
+        (
+            "hostile_sent",
+            "hostile: 13 malformed or spoofed frames and ",
+        ),
+        (
+            "runt",
+            "net: client 2: dropped a frame (runt; first of its kind)",
+        ),
+        (
+            "oversized",
+            "net: client 2: dropped a frame (oversized; first of its kind)",
+        ),
+        (
+            "bad_source",
+            "net: client 2: dropped a frame (bad source; first of its kind)",
+        ),
+        (
+            "spoofed",
+            "net: client 2: dropped a frame (spoofed; first of its kind)",
+        ),
+    ]
+    .iter()
+    .map(|(name, line)| Part {
+        name: name.to_string(),
+        result: if serial.contains(line) {
+            Ok(line.to_string())
+        } else {
+            Err(format!("missing '{line}'"))
+        },
+    })
+    .collect()
+}
 
 /// The demo: the Linux guest in its demo mode (`moat.demo=1`) beside
 /// `echo` and a `modem` with fault injection, under a VMM that restarts
@@ -2188,6 +2254,74 @@ pub const TESTS: &[SysTest] = &[
         only_on: Some(Emulator::Qemu),
         ..BASE
     },
+    // `hostfwd` in a configuration: xtask adds the switch, the guest's
+    // port and QEMU's forward; the guest pings QEMU's gateway through it
+    // and the host reaches its TCP server, and the switch ends with its
+    // only client.
+    SysTest {
+        name: "config_net",
+        config: Some(SystemConfig::Text(
+            r#"
+[[guest]]
+name = "linux"
+kernel = "pinned:bzImage"
+initrd = "pinned:initramfs.cpio"
+cmdline = "console=ttyS0 panic=-1 moat.serve=8080"
+test-disk = true
+hostfwd = ["{free-port}:8080"]
+"#,
+        )),
+        expect: &[
+            all("vmm: network on a switch port, MAC 52:54:00:12:34:56"),
+            all("MOAT-CHECK virtio-net ok"),
+            all("MOAT-CHECK net-ping ok"),
+            all("MOAT-NET serving tcp port 8080 token "),
+            all("MOAT-CHECK net-hostfwd ok"),
+            all("MOAT-INIT done checks="),
+            all("failed=0"),
+            all("vmm: guest stopped: power-off"),
+            all("roottask: component 'net' stopped: its clients are done"),
+            all(NO_TASKS_LEFT),
+        ],
+        forbid: &["FAIL", "faulted"],
+        stop: Stop::WhenDecided,
+        slow: 2,
+        only_on: Some(Emulator::Qemu),
+        ..BASE
+    },
+    // The Linux guest's network is a port of the virtual switch on QEMU's
+    // virtio-net device (user networking): it pings the uplink's gateway
+    // (10.0.2.2, QEMU's) and the native `peer` on its own port, and
+    // serves a token that the harness fetches from the host through the
+    // forwarded port and answers; `hostile` sends runts, oversized,
+    // group-source and spoofed frames, which the switch drops and counts,
+    // and must never receive the others' unicast frames.
+    SysTest {
+        name: "vmm_net",
+        modules: VMM_NET_MODULES,
+        kernel_args: &["pool=400"],
+        expect: &[
+            all("MOAT-CHECK virtio-net ok"),
+            all("MOAT-CHECK net-ping ok"),
+            all("MOAT-CHECK net-peer ok"),
+            all("MOAT-NET serving tcp port 8080 token "),
+            all("MOAT-CHECK net-hostfwd ok"),
+            all("MOAT-INIT done checks="),
+            all("failed=0"),
+        ],
+        forbid: &[
+            "FAIL",
+            "roottask: component 'linux' faulted",
+            "roottask: component 'net' faulted",
+        ],
+        stop: Stop::WhenDecided,
+        memory_mib: 1024,
+        check: Some(vmm_net_check),
+        slow: 2,
+        only_on: Some(Emulator::Qemu),
+        hostfwd: Some(VMM_NET_GUEST_PORT),
+        ..BASE
+    },
     // One guest panics (and is not restarted); the other goes on to the
     // end of its checks and powers off.
     SysTest {
@@ -3244,6 +3378,7 @@ fn config_boot_spec(
         SystemConfig::File(path) => crate::config::load_pinned_aware(Path::new(path), &overrides)?,
         SystemConfig::Text(text) => {
             let name = format!("system test {}", test.name);
+            let text = &text.replace(FREE_PORT, &crate::net::free_port()?.to_string());
             let source = crate::config::Source { name: &name, text };
             let plan = |size_of: &dyn Fn(&Path) -> Result<u64, String>| {
                 crate::config::plan_text(&source, Path::new("."), &overrides, size_of)
@@ -3363,6 +3498,13 @@ pub(crate) fn prepare(
             if !test.console.is_empty() {
                 args = console_socket_args(&args, serial);
             }
+            if let Some(guest_port) = test.hostfwd {
+                let host_port = crate::net::free_port()?;
+                args.extend(crate::net::qemu_args(&[crate::net::Forward {
+                    host: host_port,
+                    guest: guest_port,
+                }]));
+            }
             Ok(Launch::Qemu(args))
         }
         Emulator::Bochs => {
@@ -3476,6 +3618,84 @@ pub(crate) fn type_on_console(
     Ok(())
 }
 
+/// In a test's configuration text: a port of the host's 127.0.0.1 that
+/// is free when the test starts.
+const FREE_PORT: &str = "{free-port}";
+
+/// The host's side of a test whose QEMU forwards a port (its
+/// [`SysTest::hostfwd`], or its configuration's): once the guest serves,
+/// a thread connects to the forwarded port, reads the guest's token and
+/// data and answers (`host saw TOKEN after N bytes in M ms`), retrying
+/// for 30 s while nothing answers (the guest's listener may not be up
+/// yet).
+struct HostTcp {
+    port: Option<u16>,
+    started: std::cell::Cell<bool>,
+}
+
+impl HostTcp {
+    fn new(launch: &Launch) -> Self {
+        let port = match launch {
+            Launch::Qemu(args) => crate::net::forwarded_port(args),
+            Launch::Bochs(_) => None,
+        };
+        Self {
+            port,
+            started: std::cell::Cell::new(false),
+        }
+    }
+
+    fn poll(&self, serial: &str) {
+        let Some(port) = self.port else { return };
+        if self.started.get() || !serial.contains("MOAT-NET serving tcp port") {
+            return;
+        }
+        self.started.set(true);
+        std::thread::spawn(move || host_tcp(port));
+    }
+}
+
+/// Connects to 127.0.0.1:`port`, reads what the guest sends — a token
+/// line, then data — to its end, and answers with the token, the data's
+/// length and how long it took from the first byte on.
+fn host_tcp(port: u16) {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let Ok(mut stream) = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5))
+        else {
+            std::thread::sleep(Duration::from_millis(500));
+            continue;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(20)));
+        let mut got = Vec::new();
+        let mut first = None;
+        let mut chunk = [0u8; 16384];
+        while let Ok(n) = stream.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            first.get_or_insert_with(Instant::now);
+            got.extend_from_slice(&chunk[..n]);
+        }
+        let Some(first) = first else {
+            // Accepted by QEMU, refused by the guest: not listening yet.
+            std::thread::sleep(Duration::from_millis(500));
+            continue;
+        };
+        let ms = first.elapsed().as_millis();
+        let line_end = got.iter().position(|&b| b == b'\n').unwrap_or(got.len());
+        let token = String::from_utf8_lossy(&got[..line_end]).trim().to_string();
+        let data = got.len().saturating_sub(line_end + 1);
+        let answer = format!("host saw {token} after {data} bytes in {ms} ms\n");
+        let _ = stream.write_all(answer.as_bytes());
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        return;
+    }
+}
+
 /// The block test's second client, whose lines interleave with the
 /// first's in any order.
 fn blk_second_client(serial: &str) -> Vec<Part> {
@@ -3568,10 +3788,15 @@ fn execute(job: &Job<'_>) -> RunResult {
         None => job.emu.timeout() * job.test.slow,
     };
     let timeout = Some(limit);
-    let decided = || decided(job.test, job.emu, &read_serial(&job.serial));
-    let decided: Option<emu::Decided<'_>> = match job.test.stop {
-        Stop::AtExit => None,
-        Stop::WhenDecided => Some(&decided),
+    let host = HostTcp::new(launch);
+    let decided = || {
+        let serial = read_serial(&job.serial);
+        host.poll(&serial);
+        job.test.stop == Stop::WhenDecided && decided(job.test, job.emu, &serial)
+    };
+    let decided: Option<emu::Decided<'_>> = match (job.test.stop, &host.port) {
+        (Stop::AtExit, None) => None,
+        _ => Some(&decided),
     };
     let outcome = match launch {
         Launch::Qemu(args) if !job.test.console.is_empty() => {

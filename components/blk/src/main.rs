@@ -19,6 +19,7 @@
 
 use common::args;
 use common::blk::{self, status, Action, Disk, Request, Response};
+use common::virtio_pci::{Transport, DESC_NEXT, DESC_WRITE};
 use core::sync::atomic::{fence, Ordering};
 use moat_user::mmio::{window_arg, Window};
 use moat_user::{println, rdtsc, sys};
@@ -30,47 +31,10 @@ const REPLY_SM_BASE: u64 = 31;
 const IRQ_SM: u64 = 40;
 const MAX_CLIENTS: usize = 8;
 
-// PCI configuration space.
-const PCI_COMMAND: u64 = 0x04;
-const PCI_CAPABILITIES: u64 = 0x34;
-const CAP_VENDOR: u8 = 0x09;
-const CAP_MSIX: u8 = 0x11;
-const COMMAND_MEMORY: u16 = 1 << 1;
-const COMMAND_BUS_MASTER: u16 = 1 << 2;
-const MSIX_ENABLE: u16 = 1 << 15;
-const MSIX_FUNCTION_MASK: u16 = 1 << 14;
-
-// virtio-pci capability types and common configuration (virtio 1.2, 4.1.4).
-const CFG_COMMON: u8 = 1;
-const CFG_NOTIFY: u8 = 2;
-const CFG_DEVICE: u8 = 4;
-const DEVICE_FEATURE_SELECT: u64 = 0x00;
-const DEVICE_FEATURE: u64 = 0x04;
-const DRIVER_FEATURE_SELECT: u64 = 0x08;
-const DRIVER_FEATURE: u64 = 0x0c;
-const MSIX_CONFIG: u64 = 0x10;
-const DEVICE_STATUS: u64 = 0x14;
-const QUEUE_SELECT: u64 = 0x16;
-const QUEUE_SIZE: u64 = 0x18;
-const QUEUE_MSIX_VECTOR: u64 = 0x1a;
-const QUEUE_ENABLE: u64 = 0x1c;
-const QUEUE_NOTIFY_OFF: u64 = 0x1e;
-const QUEUE_DESC: u64 = 0x20;
-const QUEUE_DRIVER: u64 = 0x28;
-const QUEUE_DEVICE: u64 = 0x30;
-const STATUS_ACKNOWLEDGE: u8 = 1;
-const STATUS_DRIVER: u8 = 2;
-const STATUS_DRIVER_OK: u8 = 4;
-const STATUS_FEATURES_OK: u8 = 8;
-const NO_VECTOR: u16 = 0xffff;
 const FEATURE_FLUSH: u32 = 1 << 9;
-/// VIRTIO_F_VERSION_1: bit 32, i.e. bit 0 of feature word 1.
-const FEATURE_VERSION_1: u32 = 1 << 0;
 const BLK_T_IN: u32 = 0;
 const BLK_T_OUT: u32 = 1;
 const BLK_T_FLUSH: u32 = 4;
-const DESC_NEXT: u16 = 1;
-const DESC_WRITE: u16 = 2;
 const QUEUE_ENTRIES: u16 = 16;
 
 // The DMA memory: page 0 the queue, page 1 request header and status,
@@ -329,107 +293,30 @@ impl Device {
             *p = sys::mem_phys(dma.base() / PAGE + i as u64)
                 .map_err(|_| "mem_phys refused the dma pages")?;
         }
-        // The virtio structures and the MSI-X table, from the capability list.
-        let (mut common, mut notify, mut device_cfg) = (None, None, None);
-        let mut multiplier = 0;
-        let mut msix = None;
-        let mut cap = u64::from(config.read::<u8>(PCI_CAPABILITIES)) & !3;
-        let mut hops = 0;
-        while cap != 0 && hops < 48 {
-            hops += 1;
-            let id = config.read::<u8>(cap);
-            let next = u64::from(config.read::<u8>(cap + 1)) & !3;
-            if id == CAP_VENDOR {
-                let kind = config.read::<u8>(cap + 3);
-                let bar_index = config.read::<u8>(cap + 4);
-                let offset = u64::from(config.read::<u32>(cap + 8));
-                let length = u64::from(config.read::<u32>(cap + 12));
-                let window = bar(args, bar_index).and_then(|b| b.sub(offset, length));
-                match kind {
-                    CFG_COMMON => common = common.or(window),
-                    CFG_NOTIFY if notify.is_none() => {
-                        notify = window;
-                        multiplier = u64::from(config.read::<u32>(cap + 16));
-                    }
-                    CFG_DEVICE => device_cfg = device_cfg.or(window),
-                    _ => {}
-                }
-            } else if id == CAP_MSIX {
-                msix = Some(cap);
-            }
-            cap = next;
-        }
-        let common = common.ok_or("no virtio common configuration in a BAR given to us")?;
-        let notify_base = notify.ok_or("no virtio notify structure")?;
-        let device_cfg = device_cfg.ok_or("no virtio device configuration")?;
-        let msix = msix.ok_or("no MSI-X capability")?;
-
+        let bar = |index| bar(args, index);
+        let transport = Transport::find(&config, &bar)?;
         // MSI-X entry 0 raises our first MSI.
         if sys::create_sm(IRQ_SM, 0, 0).is_err() {
             return Err("create_sm");
         }
         let (address, data) =
             sys::irq_assign_msi(IRQ_SM, msi).map_err(|_| "irq_assign of the MSI")?;
-        let table = config.read::<u32>(msix + 4);
-        let table = bar(args, (table & 7) as u8)
-            .and_then(|b| b.sub(u64::from(table & !7), 16))
-            .ok_or("the MSI-X table is in no BAR given to us")?;
-        table.write::<u32>(0, address as u32);
-        table.write::<u32>(4, (address >> 32) as u32);
-        table.write::<u32>(8, data as u32);
-        table.write::<u32>(12, 0);
-        let control = config.read::<u16>(msix + 2);
-        config.write::<u16>(msix + 2, (control | MSIX_ENABLE) & !MSIX_FUNCTION_MASK);
-        let command = config.read::<u16>(PCI_COMMAND);
-        config.write::<u16>(PCI_COMMAND, command | COMMAND_MEMORY | COMMAND_BUS_MASTER);
-
-        // Reset, then the initialization sequence (virtio 1.2, 3.1.1).
-        common.write::<u8>(DEVICE_STATUS, 0);
-        while common.read::<u8>(DEVICE_STATUS) != 0 {}
-        common.write::<u8>(DEVICE_STATUS, STATUS_ACKNOWLEDGE);
-        common.write::<u8>(DEVICE_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        common.write::<u32>(DEVICE_FEATURE_SELECT, 0);
-        let low = common.read::<u32>(DEVICE_FEATURE);
-        common.write::<u32>(DEVICE_FEATURE_SELECT, 1);
-        let high = common.read::<u32>(DEVICE_FEATURE);
-        if high & FEATURE_VERSION_1 == 0 {
-            return Err("the device does not offer VIRTIO_F_VERSION_1");
-        }
-        let flush = low & FEATURE_FLUSH != 0;
-        common.write::<u32>(DRIVER_FEATURE_SELECT, 0);
-        common.write::<u32>(DRIVER_FEATURE, low & FEATURE_FLUSH);
-        common.write::<u32>(DRIVER_FEATURE_SELECT, 1);
-        common.write::<u32>(DRIVER_FEATURE, FEATURE_VERSION_1);
-        let features_ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
-        common.write::<u8>(DEVICE_STATUS, features_ok);
-        if common.read::<u8>(DEVICE_STATUS) & STATUS_FEATURES_OK == 0 {
-            return Err("the device refused our features");
-        }
-        common.write::<u16>(MSIX_CONFIG, NO_VECTOR);
-        common.write::<u16>(QUEUE_SELECT, 0);
-        let size = common.read::<u16>(QUEUE_SIZE).min(QUEUE_ENTRIES);
-        if size == 0 {
-            return Err("the device has no queue 0");
-        }
-        common.write::<u16>(QUEUE_SIZE, size);
-        common.write::<u16>(QUEUE_MSIX_VECTOR, 0);
-        if common.read::<u16>(QUEUE_MSIX_VECTOR) != 0 {
-            return Err("the device did not take MSI-X vector 0 for its queue");
-        }
+        transport.enable_msix(&config, &bar, address, data)?;
+        let flush = transport.negotiate(FEATURE_FLUSH)? & FEATURE_FLUSH != 0;
         for page in 0..3 {
             for offset in (0..PAGE).step_by(8) {
                 dma.write::<u64>(page * PAGE + offset, 0);
             }
         }
-        common.write::<u64>(QUEUE_DESC, phys[0] + DESC_AT);
-        common.write::<u64>(QUEUE_DRIVER, phys[0] + AVAIL_AT);
-        common.write::<u64>(QUEUE_DEVICE, phys[0] + USED_AT);
-        let notify_off = u64::from(common.read::<u16>(QUEUE_NOTIFY_OFF));
-        let notify = notify_base
-            .sub(notify_off * multiplier, 2)
-            .ok_or("the queue's notify address is outside its structure")?;
-        common.write::<u16>(QUEUE_ENABLE, 1);
-        common.write::<u8>(DEVICE_STATUS, features_ok | STATUS_DRIVER_OK);
+        let (size, notify) = transport.queue(
+            0,
+            QUEUE_ENTRIES,
+            phys[0] + DESC_AT,
+            phys[0] + AVAIL_AT,
+            phys[0] + USED_AT,
+        )?;
+        transport.driver_ok();
+        let device_cfg = transport.device;
         let capacity = device_cfg.read::<u32>(0) as u64 | (device_cfg.read::<u32>(4) as u64) << 32;
         Ok(Device {
             notify,

@@ -3,7 +3,8 @@
 //! over samples and the fuzzer's rules. Tested on the host
 //! (`cargo test -p moat-component-common`). With the `runtime` feature,
 //! [`rt`] adds the kernel calls they share (portals, publishing, sleeping),
-//! and `blk_client` the block service's client.
+//! `blk_client` the block service's client, `net_client` a port of the
+//! virtual switch and `virtio_pci` the drivers' virtio PCI transport.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
@@ -17,11 +18,16 @@ pub mod lend;
 pub mod modem;
 pub mod modem_at;
 pub mod modem_link;
+pub mod net;
+#[cfg(feature = "runtime")]
+pub mod net_client;
 pub mod registry;
 pub mod rng;
 #[cfg(feature = "runtime")]
 pub mod rt;
 pub mod stats;
+#[cfg(feature = "runtime")]
+pub mod virtio_pci;
 
 /// Test operations of the `echo` server, in word 0 of a call (values no
 /// ordinary `ping` message uses).

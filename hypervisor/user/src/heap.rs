@@ -276,8 +276,29 @@ unsafe impl GlobalAlloc for Heap {
     }
 }
 
-#[cfg_attr(not(test), global_allocator)]
+/// The tasks' heap. Each task's crate makes it the global allocator
+/// through [`Global`] (in [`crate::entry!`]), not this library: a host
+/// program that links this library (the fuzz targets reach `common::net`
+/// in a build where `common`'s `runtime`, and with it this crate, is on)
+/// keeps the system's allocator, not a 64 KiB arena.
 pub static HEAP: Heap = Heap::new();
+
+/// [`HEAP`] as a global allocator (`#[global_allocator]` in `entry!`).
+pub struct Global;
+
+// SAFETY: every call is `HEAP`'s, whose implementation upholds the
+// contract (above); `Global` holds no state of its own.
+unsafe impl GlobalAlloc for Global {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's promises are passed on unchanged.
+        unsafe { HEAP.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as in `alloc`: `ptr` came from `HEAP` through `Global`.
+        unsafe { HEAP.dealloc(ptr, layout) }
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -21,6 +21,8 @@ pub mod sys;
 pub use portal::Stack;
 #[doc(hidden)]
 pub use rt::panic;
+#[doc(hidden)]
+pub use rt::start as __start;
 pub use sys::exit;
 
 use moat_abi::Utcb;
@@ -76,11 +78,28 @@ macro_rules! entry {
         // In the task's own crate, not in this library: a std program that
         // links this library's logic (the guest tools, through the hostile
         // plan and `common` with the runtime that workspace builds unify
-        // in) must not get a second panic handler.
+        // in; the fuzz targets, through `common::net`) must not get a
+        // second panic handler, entry point or allocator.
         #[cfg(not(test))]
         #[panic_handler]
         fn moat_panic(info: &core::panic::PanicInfo) -> ! {
             $crate::panic(info)
         }
+
+        #[cfg(not(test))]
+        core::arch::global_asm!(
+            ".pushsection .text._start, \"ax\"",
+            ".global _start",
+            "_start:",
+            "    mov rdi, rsp",
+            "    call {start}",
+            "    ud2",
+            ".popsection",
+            start = sym $crate::__start,
+        );
+
+        #[cfg(not(test))]
+        #[global_allocator]
+        static MOAT_HEAP: $crate::heap::Global = $crate::heap::Global;
     };
 }

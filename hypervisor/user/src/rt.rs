@@ -1,4 +1,6 @@
-//! Entry point and panic handler of every task.
+//! Entry point and panic handler of every task (`_start`, the panic
+//! handler and the global allocator themselves are in each task's crate,
+//! from [`crate::entry!`]).
 //!
 //! The kernel (root task) or the root task (components) starts a task at
 //! `_start` with `rsp` 16-byte aligned, pointing at a `u64` length `n`
@@ -8,18 +10,6 @@
 use moat_abi::layout::STACK_TOP;
 
 use crate::sys;
-
-#[cfg(not(test))]
-core::arch::global_asm!(
-    ".pushsection .text._start, \"ax\"",
-    ".global _start",
-    "_start:",
-    "    mov rdi, rsp",
-    "    call {start}",
-    "    ud2",
-    ".popsection",
-    start = sym start,
-);
 
 extern "Rust" {
     /// Defined by the task through [`crate::entry!`].
@@ -36,8 +26,13 @@ fn args_len(record: u64, len: u64) -> Option<usize> {
         .flatten()
 }
 
-#[cfg_attr(test, allow(dead_code))]
-extern "C" fn start(record: *const u64) -> ! {
+/// What `_start` (from [`crate::entry!`]) calls, with the stack pointer.
+///
+/// # Safety
+/// Only `_start` calls it, with the stack pointer the start convention
+/// gives (above): `record` points at the argument string's length.
+#[doc(hidden)]
+pub unsafe extern "C" fn start(record: *const u64) -> ! {
     // SAFETY: by the start convention `record` is the 16-byte-aligned stack
     // pointer, which points at the argument string's `u64` length.
     let len = unsafe { record.read() };

@@ -34,6 +34,23 @@ pub trait NetBackend {
     fn poll(&mut self) -> Option<Vec<u8>> {
         None
     }
+    /// Whether [`poll`](Self::poll) has a frame now (a peer whose frames
+    /// arrive by themselves, not only in answer to the guest's).
+    fn ready(&self) -> bool {
+        false
+    }
+}
+
+impl<B: NetBackend + ?Sized> NetBackend for alloc::boxed::Box<B> {
+    fn send(&mut self, frame: &[u8]) {
+        (**self).send(frame)
+    }
+    fn poll(&mut self) -> Option<Vec<u8>> {
+        (**self).poll()
+    }
+    fn ready(&self) -> bool {
+        (**self).ready()
+    }
 }
 
 pub struct Net<B> {
@@ -67,6 +84,30 @@ impl<B: NetBackend> Net<B> {
         true
     }
 
+    /// Moves the peer's frames into the backlog while it has room (the
+    /// rest wait at the peer); true if any came. Call through
+    /// `VirtioPci::update`.
+    pub fn pull(&mut self) -> bool {
+        let mut any = false;
+        while self.backlog.len() < RX_BACKLOG {
+            let Some(frame) = self.backend.poll() else {
+                break;
+            };
+            any |= self.receive(&frame);
+        }
+        any
+    }
+
+    /// Whether there is room for the peer's frames and it has some.
+    pub fn wants_pull(&self) -> bool {
+        self.backlog.len() < RX_BACKLOG && self.backend.ready()
+    }
+
+    /// The MAC address the guest reads from the configuration space.
+    pub fn set_mac(&mut self, mac: [u8; 6]) {
+        self.mac = mac;
+    }
+
     pub fn backend(&self) -> &B {
         &self.backend
     }
@@ -94,13 +135,9 @@ impl<B: NetBackend> Net<B> {
             }
             io.push(TX_QUEUE, &chain, 0)?;
         }
-        // Bounded: a peer that always has more cannot keep the device here.
-        for _ in 0..RX_BACKLOG {
-            let Some(frame) = self.backend.poll() else {
-                break;
-            };
-            self.receive(&frame);
-        }
+        // Bounded by the backlog: a peer that always has more cannot keep
+        // the device here, and what does not fit waits at the peer.
+        self.pull();
         Ok(())
     }
 
@@ -417,6 +454,48 @@ mod tests {
         assert!(device.borrow_mut().update(|net| net.receive(&[0xaa; 100])));
         assert_eq!(driver.used(RX_QUEUE), Some((2, 0)));
         assert_eq!(device.borrow().device().dropped(), (1, 0));
+    }
+
+    /// A peer whose frames arrive by themselves; the test keeps a handle.
+    #[derive(Clone, Default)]
+    struct Inbox(alloc::rc::Rc<core::cell::RefCell<VecDeque<Vec<u8>>>>);
+
+    impl NetBackend for Inbox {
+        fn send(&mut self, _frame: &[u8]) {}
+        fn poll(&mut self) -> Option<Vec<u8>> {
+            self.0.borrow_mut().pop_front()
+        }
+        fn ready(&self) -> bool {
+            !self.0.borrow().is_empty()
+        }
+    }
+
+    #[test]
+    fn frames_the_peer_has_are_pulled_while_the_backlog_has_room() {
+        let m = Machine::new();
+        let inbox = Inbox::default();
+        for i in 0..RX_BACKLOG + 3 {
+            inbox.0.borrow_mut().push_back(vec![i as u8; 60]);
+        }
+        let backend: alloc::boxed::Box<dyn NetBackend> = alloc::boxed::Box::new(inbox.clone());
+        let (device, mut driver) = up(&m, backend);
+        device.borrow_mut().update(|net| net.pull());
+        assert_eq!(inbox.0.borrow().len(), 3, "the rest waits at the peer");
+        assert!(!device.borrow().device().wants_pull());
+        let buf = post_rx(&mut driver, RX_BUF);
+        driver.kick(RX_QUEUE);
+        assert_eq!(driver.used(RX_QUEUE), Some((0, (NET_HDR_LEN + 60) as u32)));
+        assert_eq!(m.mem.bytes(buf + NET_HDR_LEN as u64, 2), [0, 0]);
+        // Delivered: there is room again, and the next pull fills it.
+        assert!(device.borrow().device().wants_pull());
+        assert!(device.borrow_mut().update(|net| net.pull()));
+        assert_eq!(inbox.0.borrow().len(), 2);
+        assert_eq!(device.borrow().device().dropped(), (0, 0));
+        device
+            .borrow_mut()
+            .update(|net| net.set_mac([2, 0, 0, 0, 0, 1]));
+        let mac: Vec<u8> = (0..6).map(|i| driver.config_read(i, 1) as u8).collect();
+        assert_eq!(mac, [2, 0, 0, 0, 0, 1]);
     }
 
     #[test]

@@ -1,3 +1,4 @@
+use alloc::collections::VecDeque;
 use alloc::vec;
 use core::cell::Cell;
 
@@ -628,4 +629,54 @@ fn a_vcpu_halted_with_interrupts_off_sleeps_until_the_last_one_does() {
         s.machine.handle_exit(0, &mut last),
         Action::Stop(Stop::HaltedForever)
     );
+}
+
+/// Frames queued for the guest, and what the guest sent.
+type Wire = (VecDeque<Vec<u8>>, Vec<Vec<u8>>);
+
+/// A switch port as the machine sees it; the test keeps a handle.
+#[derive(Clone, Default)]
+struct FakePort(Rc<RefCell<Wire>>);
+
+impl NetBackend for FakePort {
+    fn send(&mut self, frame: &[u8]) {
+        self.0.borrow_mut().1.push(frame.to_vec());
+    }
+    fn poll(&mut self) -> Option<Vec<u8>> {
+        self.0.borrow_mut().0.pop_front()
+    }
+    fn ready(&self) -> bool {
+        !self.0.borrow().0.is_empty()
+    }
+}
+
+/// The network's back end: a connected port is pulled from before each
+/// entry, and kept across a reset (taken, leaving the echo peer).
+#[test]
+fn a_connected_switch_port_is_polled_and_taken_back() {
+    struct Zeros;
+    impl EntropySource for Zeros {
+        fn fill(&mut self, buf: &mut [u8]) {
+            buf.fill(0);
+        }
+    }
+    let mut s = setup();
+    s.machine
+        .add_pci_devices(None, Box::new(Zeros), NamedPort::Echo)
+        .unwrap();
+    let port = FakePort::default();
+    port.0.borrow_mut().0.extend([vec![1; 60], vec![2; 60]]);
+    s.machine
+        .connect_net(Box::new(port.clone()), [2, 0, 0, 0, 0, 7]);
+    s.machine.poll_net();
+    assert!(
+        port.0.borrow().0.is_empty(),
+        "both frames went to the device"
+    );
+    let mut taken = s.machine.take_net().expect("a back end");
+    taken.send(b"after the reset");
+    assert_eq!(port.0.borrow().1, [b"after the reset".to_vec()]);
+    // The machine is left with the echo peer, which has nothing by itself.
+    s.machine.poll_net();
+    assert!(!s.machine.take_net().expect("the echo peer").ready());
 }

@@ -1,0 +1,553 @@
+//! `net`: a user-level driver for the machine's virtio-net PCI device
+//! (virtio 1.x, modern interface) and the virtual switch behind it. The
+//! device is the switch's port 0, the uplink; client N (a guest's VMM, a
+//! native component) is port N + 1.
+//!
+//! One component rather than a driver and a switch apart: the uplink is
+//! then just a port, a frame crosses one copy between the device's DMA
+//! buffers and a client's ring (no third party and no second copy), and
+//! one semaphore wakes the whole thing. A crash of either half would take
+//! the other's traffic anyway.
+//!
+//! From the manifest it gets the device (`pci dev 1af4:1041`), DMA memory
+//! (`dma dma 136K`: two queue pages, 32 receive and 32 transmit buffers of
+//! 2 KiB), and per client a region `nN` (`shared`, [`net::REGION`] bytes)
+//! and its MAC address `nN.mac=`, which is the only source address the
+//! port may send from and the only one that reaches it. Semaphores:
+//! selector 30 is upped by the clients when they queued frames and by the
+//! device's MSI-X message (both queues' vector), 31 + N by us when client
+//! N has frames. Frames are checked and forwarded by `common::net`'s
+//! [`Switch`]; what it drops is counted, and the first drop of each kind
+//! on each port is reported.
+#![no_std]
+#![no_main]
+
+use common::args;
+use common::net::{self, Drop, Forward, MacText, Switch, MAX_FRAME};
+use common::virtio_pci::{Transport, DESC_WRITE};
+use core::sync::atomic::{fence, Ordering};
+use moat_user::mmio::{window_arg, Window};
+use moat_user::{println, sys};
+
+moat_user::entry!(main);
+
+const SWITCH_SM: u64 = 30;
+const CLIENT_SM_BASE: u64 = 31;
+const MAX_CLIENTS: usize = net::MAX_PORTS - 1;
+const UPLINK: usize = 0;
+
+/// VIRTIO_NET_F_MAC.
+const FEATURE_MAC: u32 = 1 << 5;
+/// `virtio_net_hdr` of VERSION_1 (with `num_buffers`), in front of every
+/// frame both ways; we ask for no offloads, so ours is all zeros.
+const NET_HDR: u64 = 12;
+const RX: u16 = 0;
+const TX: u16 = 1;
+const QUEUE_ENTRIES: u16 = 32;
+
+// The DMA memory: a page per queue, then the receive and the transmit
+// buffers, two to a page (none straddles a page: the pages need not be
+// physically contiguous).
+const DESC_AT: u64 = 0;
+const AVAIL_AT: u64 = 0x200;
+const USED_AT: u64 = 0x400;
+const PAGE: u64 = 4096;
+const BUFFER: u64 = 2048;
+const RX_BUFFERS_PAGE: u64 = 2;
+const TX_BUFFERS_PAGE: u64 = RX_BUFFERS_PAGE + QUEUE_ENTRIES as u64 * BUFFER / PAGE;
+const DMA_PAGES: usize = (TX_BUFFERS_PAGE + QUEUE_ENTRIES as u64 * BUFFER / PAGE) as usize;
+/// Passes over all rings per wake-up before waiting again (a busy
+/// client cannot keep the switch from waiting on its semaphore for long,
+/// and what is left is found at the next wake-up).
+const MAX_PASSES: usize = 8;
+
+fn fail(what: &str) -> i32 {
+    println!("net: FAIL {what}");
+    1
+}
+
+fn main(args: &str) -> i32 {
+    // SAFETY: the root task maps what these arguments name (manifest
+    // `pci` and `dma` lines).
+    let (config, dma) = unsafe { (window_arg(args, "dev"), window_arg(args, "dma")) };
+    let (Some(config), Some(dma)) = (config, dma) else {
+        return fail("no 'dev' or 'dma' mapping in the arguments");
+    };
+    let Some(msi) = args::value(args, "dev.msi")
+        .and_then(|v| v.split(',').next())
+        .and_then(args::parse_number)
+    else {
+        return fail("no MSIs");
+    };
+    let device = match Device::start(args, config, dma, msi) {
+        Ok(device) => device,
+        Err(what) => return fail(what),
+    };
+    println!(
+        "net: virtio-net ready: uplink MAC {}, {} receive buffers, completion by MSI-X",
+        MacText::new(&device.mac).as_str(),
+        device.rx_size
+    );
+
+    let mut clients: [Option<Client>; MAX_CLIENTS] = [None; MAX_CLIENTS];
+    let mut ports = 1;
+    let mut macs = [None; MAX_CLIENTS];
+    for (i, client) in clients.iter_mut().enumerate() {
+        let name = [b'n', b'0' + i as u8];
+        let name = core::str::from_utf8(&name).unwrap_or("");
+        // SAFETY: as above (manifest `shared` lines).
+        let Some(region) = (unsafe { window_arg(args, name) }) else {
+            continue;
+        };
+        let mut key = [0u8; 6];
+        key[..2].copy_from_slice(name.as_bytes());
+        key[2..].copy_from_slice(b".mac");
+        let mac = core::str::from_utf8(&key)
+            .ok()
+            .and_then(|k| args::value(args, k))
+            .and_then(net::parse_mac);
+        let Some(mac) = mac else {
+            println!("net: client {i} has no MAC address (n{i}.mac=): left out");
+            continue;
+        };
+        if region.len() < net::REGION as u64 {
+            println!("net: client {i}'s region is too small: left out");
+            continue;
+        }
+        println!(
+            "net: port {}: client {i}, MAC {}",
+            i + 1,
+            MacText::new(&mac).as_str()
+        );
+        macs[i] = Some(mac);
+        ports = i + 2;
+        *client = Some(Client {
+            region,
+            tx_tail: region.read::<u32>(net::TX_TAIL as u64),
+            rx_head: region.read::<u32>(net::RX_HEAD as u64),
+            broken: false,
+            wake: false,
+        });
+    }
+    let mut switch = Switch::new(ports);
+    for (i, mac) in macs.iter().enumerate() {
+        if let Some(mac) = mac {
+            if !switch.fix(i + 1, *mac) {
+                println!("net: client {i}'s MAC is a group address or another's: left out");
+                clients[i] = None;
+            }
+        }
+    }
+    let mut node = Node {
+        device,
+        clients,
+        switch,
+        reported: [[false; 6]; net::MAX_PORTS],
+    };
+    loop {
+        if let Err(status) = sys::sm_down(SWITCH_SM, 0, false) {
+            println!("net: FAIL sm_down: {status}");
+            return 1;
+        }
+        for _ in 0..MAX_PASSES {
+            if !node.pass() {
+                break;
+            }
+        }
+        node.device.kick();
+        for (i, client) in node.clients.iter_mut().enumerate() {
+            if let Some(client) = client.as_mut().filter(|c| c.wake) {
+                client.wake = false;
+                let _ = sys::sm_up(CLIENT_SM_BASE + i as u64);
+            }
+        }
+    }
+}
+
+struct Node {
+    device: Device,
+    clients: [Option<Client>; MAX_CLIENTS],
+    switch: Switch,
+    /// Drops reported, per port and kind (the first of each only).
+    reported: [[bool; 6]; net::MAX_PORTS],
+}
+
+impl Node {
+    /// Moves what waits in the device's receive queue and the clients'
+    /// transmit rings; true if anything moved.
+    fn pass(&mut self) -> bool {
+        let mut moved = false;
+        self.device.reclaim_tx();
+        let mut frame = [0u8; MAX_FRAME];
+        for _ in 0..QUEUE_ENTRIES {
+            let Some(len) = self.device.receive(&mut frame) else {
+                break;
+            };
+            moved = true;
+            match len {
+                Some(len) => self.route(UPLINK, &frame[..len]),
+                None => self.dropped(UPLINK, Drop::Oversized),
+            }
+        }
+        for i in 0..MAX_CLIENTS {
+            for _ in 0..net::RING {
+                let Some(client) = self.clients[i].as_mut() else {
+                    break;
+                };
+                match client.take(&mut frame) {
+                    Taken::Nothing => break,
+                    Taken::Broken => {
+                        println!("net: client {i}'s transmit ring is broken: ignored from now on");
+                        break;
+                    }
+                    Taken::TooLong => {
+                        moved = true;
+                        self.switch.count_drop(i + 1, Drop::Oversized);
+                        self.dropped(i + 1, Drop::Oversized);
+                    }
+                    Taken::Frame(len) => {
+                        moved = true;
+                        self.route(i + 1, &frame[..len]);
+                    }
+                }
+            }
+        }
+        moved
+    }
+
+    fn route(&mut self, from: usize, frame: &[u8]) {
+        match self.switch.forward(from, frame) {
+            Forward::Port(to) => self.deliver(to, frame),
+            Forward::Flood => {
+                for to in (0..self.switch.ports()).filter(|&to| to != from) {
+                    self.deliver(to, frame);
+                }
+            }
+            Forward::Drop(why) => self.dropped(from, why),
+        }
+    }
+
+    fn deliver(&mut self, to: usize, frame: &[u8]) {
+        let delivered = if to == UPLINK {
+            self.device.transmit(frame)
+        } else {
+            match self.clients.get_mut(to - 1).and_then(Option::as_mut) {
+                Some(client) => client.put(frame),
+                None => return,
+            }
+        };
+        if delivered {
+            self.switch.count_sent(to);
+        } else {
+            self.switch.count_full(to);
+            self.dropped(to, Drop::Full);
+        }
+    }
+
+    /// Reports the first drop of each kind on each port.
+    fn dropped(&mut self, port: usize, why: Drop) {
+        let kind = Drop::ALL.iter().position(|&d| d == why).unwrap_or(0);
+        if port >= net::MAX_PORTS || self.reported[port][kind] {
+            return;
+        }
+        self.reported[port][kind] = true;
+        match port {
+            UPLINK => println!(
+                "net: uplink: dropped a frame ({}; first of its kind)",
+                why.name()
+            ),
+            _ => println!(
+                "net: client {}: dropped a frame ({}; first of its kind)",
+                port - 1,
+                why.name()
+            ),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Client {
+    region: Window,
+    /// The switch's own copies of the indices it owns.
+    tx_tail: u32,
+    rx_head: u32,
+    broken: bool,
+    /// Frames were put in its receive ring since it was last told.
+    wake: bool,
+}
+
+enum Taken {
+    Nothing,
+    Broken,
+    /// A slot whose length is more than a frame may be.
+    TooLong,
+    Frame(usize),
+}
+
+impl Client {
+    /// The next frame of its transmit ring, copied out.
+    fn take(&mut self, frame: &mut [u8; MAX_FRAME]) -> Taken {
+        if self.broken {
+            return Taken::Nothing;
+        }
+        let head = self.region.read::<u32>(net::TX_HEAD as u64);
+        match net::pending(head, self.tx_tail) {
+            None => {
+                self.broken = true;
+                return Taken::Broken;
+            }
+            Some(0) => return Taken::Nothing,
+            Some(_) => {}
+        }
+        fence(Ordering::SeqCst);
+        let at = net::slot(net::TX_RING, self.tx_tail) as u64;
+        let len = self.region.read::<u32>(at);
+        let taken = if len as usize > MAX_FRAME {
+            Taken::TooLong
+        } else {
+            self.region.read_bytes(at + 4, &mut frame[..len as usize]);
+            Taken::Frame(len as usize)
+        };
+        self.tx_tail = self.tx_tail.wrapping_add(1);
+        self.region.write::<u32>(net::TX_TAIL as u64, self.tx_tail);
+        taken
+    }
+
+    /// Puts a frame in its receive ring; false if the ring is full.
+    fn put(&mut self, frame: &[u8]) -> bool {
+        if self.broken {
+            return false;
+        }
+        let tail = self.region.read::<u32>(net::RX_TAIL as u64);
+        if !matches!(net::pending(self.rx_head, tail), Some(n) if n < net::RING) {
+            return false;
+        }
+        let at = net::slot(net::RX_RING, self.rx_head) as u64;
+        self.region.write::<u32>(at, frame.len() as u32);
+        self.region.write_bytes(at + 4, frame);
+        fence(Ordering::SeqCst);
+        self.rx_head = self.rx_head.wrapping_add(1);
+        self.region.write::<u32>(net::RX_HEAD as u64, self.rx_head);
+        self.wake = true;
+        true
+    }
+}
+
+/// One split virtqueue in a DMA page.
+struct Queue {
+    notify: Window,
+    size: u16,
+    /// Offset of its page in the DMA window.
+    page: u64,
+    avail_idx: u16,
+    used_idx: u16,
+}
+
+struct Device {
+    dma: Window,
+    /// Physical addresses of the DMA pages.
+    phys: [u64; DMA_PAGES],
+    mac: [u8; 6],
+    rx: Queue,
+    tx: Queue,
+    rx_size: u16,
+    /// Transmit descriptors (= buffers) free, as a stack.
+    tx_free: [u16; QUEUE_ENTRIES as usize],
+    tx_free_len: usize,
+    /// Frames added to the transmit queue since the last notification.
+    tx_added: bool,
+    /// Receive buffers given back since the last notification.
+    rx_posted: bool,
+}
+
+/// The BAR window an argument `dev.barN` names.
+fn bar(args: &str, index: u8) -> Option<Window> {
+    let key = [b'd', b'e', b'v', b'.', b'b', b'a', b'r', b'0' + index];
+    let key = core::str::from_utf8(&key).ok()?;
+    // SAFETY: the root task maps the BARs it names.
+    unsafe { window_arg(args, key) }
+}
+
+impl Device {
+    fn start(args: &str, config: Window, dma: Window, msi: u64) -> Result<Device, &'static str> {
+        if dma.len() < DMA_PAGES as u64 * PAGE {
+            return Err("the dma mapping is smaller than 34 pages");
+        }
+        let mut phys = [0; DMA_PAGES];
+        for (i, p) in phys.iter_mut().enumerate() {
+            *p = sys::mem_phys(dma.base() / PAGE + i as u64)
+                .map_err(|_| "mem_phys refused the dma pages")?;
+        }
+        let bar = |index| bar(args, index);
+        let transport = Transport::find(&config, &bar)?;
+        // MSI-X entry 0 ups the switch's semaphore, as a client does.
+        let (address, data) =
+            sys::irq_assign_msi(SWITCH_SM, msi).map_err(|_| "irq_assign of the MSI")?;
+        transport.enable_msix(&config, &bar, address, data)?;
+        let low = transport.negotiate(FEATURE_MAC)?;
+        for page in 0..DMA_PAGES as u64 {
+            for offset in (0..PAGE).step_by(8) {
+                dma.write::<u64>(page * PAGE + offset, 0);
+            }
+        }
+        let queue = |index: u16| -> Result<Queue, &'static str> {
+            let base = phys[usize::from(index)];
+            let (size, notify) = transport.queue(
+                index,
+                QUEUE_ENTRIES,
+                base + DESC_AT,
+                base + AVAIL_AT,
+                base + USED_AT,
+            )?;
+            Ok(Queue {
+                notify,
+                size,
+                page: u64::from(index) * PAGE,
+                avail_idx: 0,
+                used_idx: 0,
+            })
+        };
+        let rx = queue(RX)?;
+        let tx = queue(TX)?;
+        let mut mac = [0u8; 6];
+        if low & FEATURE_MAC != 0 {
+            for (i, byte) in mac.iter_mut().enumerate() {
+                *byte = transport.device.read::<u8>(i as u64);
+            }
+        }
+        let mut tx_free = [0; QUEUE_ENTRIES as usize];
+        for (i, slot) in tx_free.iter_mut().enumerate().take(tx.size.into()) {
+            *slot = i as u16;
+        }
+        let mut device = Device {
+            dma,
+            phys,
+            mac,
+            rx_size: rx.size,
+            tx_free_len: tx.size.into(),
+            rx,
+            tx,
+            tx_free,
+            tx_added: false,
+            rx_posted: false,
+        };
+        for id in 0..device.rx.size {
+            device.post_rx(id);
+        }
+        transport.driver_ok();
+        device.rx.notify.write::<u16>(0, RX);
+        Ok(device)
+    }
+
+    /// Where buffer `id` of a queue lies: (offset in the DMA window,
+    /// physical address).
+    fn buffer(&self, first_page: u64, id: u16) -> (u64, u64) {
+        let offset = first_page * PAGE + u64::from(id) * BUFFER;
+        let page = (offset / PAGE) as usize;
+        (offset, self.phys[page] + offset % PAGE)
+    }
+
+    fn descriptor(&self, queue: &Queue, id: u16, address: u64, len: u32, flags: u16) {
+        let at = queue.page + DESC_AT + u64::from(id) * 16;
+        self.dma.write::<u64>(at, address);
+        self.dma.write::<u32>(at + 8, len);
+        self.dma.write::<u16>(at + 12, flags);
+        self.dma.write::<u16>(at + 14, 0);
+    }
+
+    fn make_available(dma: &Window, queue: &mut Queue, id: u16) {
+        let slot = u64::from(queue.avail_idx % queue.size);
+        dma.write::<u16>(queue.page + AVAIL_AT + 4 + slot * 2, id);
+        fence(Ordering::SeqCst);
+        queue.avail_idx = queue.avail_idx.wrapping_add(1);
+        dma.write::<u16>(queue.page + AVAIL_AT + 2, queue.avail_idx);
+    }
+
+    /// Gives receive buffer `id` to the device.
+    fn post_rx(&mut self, id: u16) {
+        let (_, phys) = self.buffer(RX_BUFFERS_PAGE, id);
+        self.descriptor(&self.rx, id, phys, BUFFER as u32, DESC_WRITE);
+        Self::make_available(&self.dma, &mut self.rx, id);
+    }
+
+    /// The next used entry of a queue: (descriptor id, length written).
+    fn next_used(dma: &Window, queue: &mut Queue) -> Option<(u16, u32)> {
+        fence(Ordering::SeqCst);
+        if dma.read::<u16>(queue.page + USED_AT + 2) == queue.used_idx {
+            return None;
+        }
+        let slot = u64::from(queue.used_idx % queue.size);
+        let at = queue.page + USED_AT + 4 + slot * 8;
+        let id = dma.read::<u32>(at);
+        let len = dma.read::<u32>(at + 4);
+        queue.used_idx = queue.used_idx.wrapping_add(1);
+        // An id that is no descriptor of ours becomes one that is none.
+        Some((u16::try_from(id).unwrap_or(u16::MAX), len))
+    }
+
+    /// A received frame copied into `frame`: `Some(Some(len))`, or
+    /// `Some(None)` for one the device made too long for us; `None` if
+    /// there is none.
+    fn receive(&mut self, frame: &mut [u8; MAX_FRAME]) -> Option<Option<usize>> {
+        let (id, len) = Self::next_used(&self.dma, &mut self.rx)?;
+        if id >= self.rx.size {
+            // Not a descriptor of ours: nothing to give back.
+            return Some(None);
+        }
+        let (offset, _) = self.buffer(RX_BUFFERS_PAGE, id);
+        let len = u64::from(len).saturating_sub(NET_HDR);
+        let result = (len as usize <= MAX_FRAME).then(|| {
+            self.dma
+                .read_bytes(offset + NET_HDR, &mut frame[..len as usize]);
+            len as usize
+        });
+        self.post_rx(id);
+        self.rx_posted = true;
+        Some(result)
+    }
+
+    /// Takes back the transmit buffers the device is done with.
+    fn reclaim_tx(&mut self) {
+        while let Some((id, _)) = Self::next_used(&self.dma, &mut self.tx) {
+            if id < self.tx.size && self.tx_free_len < self.tx_free.len() {
+                self.tx_free[self.tx_free_len] = id;
+                self.tx_free_len += 1;
+            }
+        }
+    }
+
+    /// Queues a frame for the wire; false if every buffer is in flight.
+    fn transmit(&mut self, frame: &[u8]) -> bool {
+        if self.tx_free_len == 0 {
+            self.reclaim_tx();
+        }
+        if self.tx_free_len == 0 {
+            return false;
+        }
+        self.tx_free_len -= 1;
+        let id = self.tx_free[self.tx_free_len];
+        let (offset, phys) = self.buffer(TX_BUFFERS_PAGE, id);
+        for i in (0..NET_HDR).step_by(4) {
+            self.dma.write::<u32>(offset + i, 0);
+        }
+        self.dma.write_bytes(offset + NET_HDR, frame);
+        let len = (NET_HDR as usize + frame.len()) as u32;
+        self.descriptor(&self.tx, id, phys, len, 0);
+        Self::make_available(&self.dma, &mut self.tx, id);
+        self.tx_added = true;
+        true
+    }
+
+    /// Tells the device about the frames queued and the receive buffers
+    /// given back since the last time (one register write each, not one
+    /// per frame: each is an exit to the emulator or hypervisor).
+    fn kick(&mut self) {
+        fence(Ordering::SeqCst);
+        if core::mem::take(&mut self.rx_posted) {
+            self.rx.notify.write::<u16>(0, RX);
+        }
+        if core::mem::take(&mut self.tx_added) {
+            self.tx.notify.write::<u16>(0, TX);
+        }
+    }
+}
