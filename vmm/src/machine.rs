@@ -772,7 +772,10 @@ impl Machine {
         });
         let vector = |v: Option<u8>| v.map_or("none".into(), |v| format!("{v:#x}"));
         for (i, lapic) in self.apics.lapics.iter().enumerate() {
-            let lapic = lapic.borrow();
+            let Ok(lapic) = lapic.try_borrow() else {
+                lines.push(format!("interrupts: vcpu{i} lapic busy, not shown"));
+                continue;
+            };
             let (requested, in_service) = lapic.highest_requested_and_in_service();
             let slot = &self.vcpus[i];
             // vCPU 0 keeps the line's old form.
@@ -800,16 +803,30 @@ impl Machine {
                         ));
                     }
                 };
-            let c = v.console.borrow();
-            device("console", c.status(), c.queue_views());
-            if let Some(b) = &v.block {
-                let b = b.borrow();
-                device("block", b.status(), b.queue_views());
+            // A device held elsewhere (the dump was asked for in the middle
+            // of its work) is said to be busy: a dump never panics the VMM.
+            let mut busy = Vec::new();
+            match v.console.try_borrow() {
+                Ok(c) => device("console", c.status(), c.queue_views()),
+                Err(_) => busy.push("console"),
             }
-            let n = v.net.borrow();
-            device("net", n.status(), n.queue_views());
-            let r = v.rng.borrow();
-            device("rng", r.status(), r.queue_views());
+            if let Some(b) = &v.block {
+                match b.try_borrow() {
+                    Ok(b) => device("block", b.status(), b.queue_views()),
+                    Err(_) => busy.push("block"),
+                }
+            }
+            match v.net.try_borrow() {
+                Ok(n) => device("net", n.status(), n.queue_views()),
+                Err(_) => busy.push("net"),
+            }
+            match v.rng.try_borrow() {
+                Ok(r) => device("rng", r.status(), r.queue_views()),
+                Err(_) => busy.push("rng"),
+            }
+            for name in busy {
+                lines.push(format!("virtio-{name}: busy, not shown"));
+            }
         }
         lines
     }
