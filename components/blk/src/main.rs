@@ -61,6 +61,9 @@ struct Device {
     capacity: u64,
     interrupts: u64,
     tsc_hz: u64,
+    /// A request timed out and the device still holds it (its buffers
+    /// are the driver's only ones): no new request until it completes.
+    outstanding: bool,
 }
 
 fn fail(what: &str) -> i32 {
@@ -329,6 +332,7 @@ impl Device {
             capacity,
             interrupts: 0,
             tsc_hz,
+            outstanding: false,
         })
     }
 
@@ -340,8 +344,54 @@ impl Device {
         self.dma.write::<u16>(at + 14, next);
     }
 
-    /// One request on the device, waited for: a blk status.
+    /// Waits up to the request timeout for the device's next completion,
+    /// counting its interrupt; whether it came.
+    fn wait_completion(&mut self) -> bool {
+        let deadline = rdtsc().saturating_add(self.tsc_hz / 1000 * REQUEST_TIMEOUT_MS);
+        // Each completion raises one MSI (the device's used-buffer
+        // notification), so each request consumes one up.
+        loop {
+            fence(Ordering::SeqCst);
+            let done = self.dma.read::<u16>(USED_AT + 2) != self.used_idx;
+            match sys::sm_down(IRQ_SM, deadline, false) {
+                Ok(()) => {
+                    self.interrupts += 1;
+                    if self.interrupts == 1 {
+                        println!("blk: first completion interrupt arrived");
+                    }
+                    fence(Ordering::SeqCst);
+                    if self.dma.read::<u16>(USED_AT + 2) != self.used_idx {
+                        return true;
+                    }
+                }
+                Err(_) if done => {
+                    println!("blk: a completion came without its interrupt");
+                    return true;
+                }
+                Err(_) => {
+                    fence(Ordering::SeqCst);
+                    return self.dma.read::<u16>(USED_AT + 2) != self.used_idx;
+                }
+            }
+        }
+    }
+
+    /// One request on the device, waited for: a blk status. A request the
+    /// device does not complete in time is an I/O error; the device keeps
+    /// it, and with it the driver's buffers, so the next request first
+    /// waits for that completion (an error again while it does not come)
+    /// instead of reusing buffers the device may still write, and of
+    /// taking the old completion for its own.
     fn transfer(&mut self, kind: u32, sector: u64, bytes: u64) -> u32 {
+        if self.outstanding {
+            if !self.wait_completion() {
+                println!("blk: the device still holds a timed-out request");
+                return status::IO_ERROR;
+            }
+            println!("blk: the timed-out request completed; going on");
+            self.used_idx = self.used_idx.wrapping_add(1);
+            self.outstanding = false;
+        }
         let header = HEADER_PAGE * PAGE;
         self.dma.write::<u32>(header, kind);
         self.dma.write::<u32>(header + 4, 0);
@@ -367,33 +417,10 @@ impl Device {
         self.dma.write::<u16>(AVAIL_AT + 2, self.avail_idx);
         fence(Ordering::SeqCst);
         self.notify.write::<u16>(0, 0);
-        let deadline = rdtsc().saturating_add(self.tsc_hz / 1000 * REQUEST_TIMEOUT_MS);
-        // Each completion raises one MSI (the device's used-buffer
-        // notification), so each request consumes one up.
-        loop {
-            match sys::sm_down(IRQ_SM, deadline, false) {
-                Ok(()) => {
-                    self.interrupts += 1;
-                    if self.interrupts == 1 {
-                        println!("blk: first completion interrupt arrived");
-                    }
-                }
-                Err(_) => {
-                    fence(Ordering::SeqCst);
-                    if self.dma.read::<u16>(USED_AT + 2) != self.used_idx {
-                        println!("blk: a completion came without its interrupt");
-                        break;
-                    }
-                    println!(
-                        "blk: the device did not complete a request within {REQUEST_TIMEOUT_MS} ms"
-                    );
-                    return status::IO_ERROR;
-                }
-            }
-            fence(Ordering::SeqCst);
-            if self.dma.read::<u16>(USED_AT + 2) != self.used_idx {
-                break;
-            }
+        if !self.wait_completion() {
+            println!("blk: the device did not complete a request within {REQUEST_TIMEOUT_MS} ms");
+            self.outstanding = true;
+            return status::IO_ERROR;
         }
         self.used_idx = self.used_idx.wrapping_add(1);
         match self.dma.read::<u8>(header + STATUS_AT) {
