@@ -1983,7 +1983,10 @@ pub const TESTS: &[SysTest] = &[
         // on CPU 0. Steps a, d and e pass; the modem misses frames (b, c).
         // Multi-threaded TCG, not -icount: with -icount QEMU runs the CPUs
         // in turn and a busy CPU 0 starves CPU 1 even with no guest at all
-        // (docs/architecture.md, "Guests and the lock").
+        // (docs/architecture.md, "Guests and the lock"). On Bochs (CPUs in
+        // turn, no host preemption) the misses all fall in the guest's
+        // start, when something holds the kernel lock for milliseconds
+        // (docs/architecture.md, after "The VMM's vCPU threads").
         name: "demo_smp",
         opt_in: true,
         modules: DEMO_SMP_MODULES,
