@@ -801,6 +801,29 @@ impl Planner<'_> {
         Err(self.source.error(span, field, message))
     }
 
+    /// A component xtask adds (`name`, `what` it is and who needs it)
+    /// must not share its name with one of the file's.
+    fn service_name_free(
+        &self,
+        file: &ConfigFile,
+        name: &str,
+        what: &str,
+    ) -> Result<(), ConfigError> {
+        match file
+            .components
+            .iter()
+            .enumerate()
+            .find(|(_, c)| c.name.get_ref() == name)
+        {
+            Some((i, c)) => self.err(
+                c.name.span(),
+                &format!("component[{i}].name"),
+                format!("'{name}' is the name of {what}: give this component another name"),
+            ),
+            None => Ok(()),
+        }
+    }
+
     /// A guest file: `pinned:NAME` or a path relative to the file.
     fn guest_file(
         &self,
@@ -1078,21 +1101,11 @@ impl Planner<'_> {
         let clock_needed = file.guests.iter().any(|g| g.epoch.is_none());
         let mut extra_components = 0;
         if clock_needed && !providers.contains_key(CLOCK_SERVICE) {
-            let taken = file
-                .components
-                .iter()
-                .enumerate()
-                .find(|(_, c)| c.name.get_ref() == CLOCK_COMPONENT);
-            if let Some((i, c)) = taken {
-                return self.err(
-                    c.name.span(),
-                    &format!("component[{i}].name"),
-                    format!(
-                        "'{CLOCK_COMPONENT}' is the name of the machine's clock, which a guest \
-                         without `epoch` needs: give this component another name"
-                    ),
-                );
-            }
+            self.service_name_free(
+                file,
+                CLOCK_COMPONENT,
+                "the machine's clock, which a guest without `epoch` needs",
+            )?;
             manifest += &format!(
                 "component {CLOCK_COMPONENT}\n    module {CLOCK_MODULE}\n    priority {DEFAULT_COMPONENT_PRIORITY}\n    \
                  memory {}\n    quota {}\n    provides {CLOCK_SERVICE}\n    args serve\n",
@@ -1458,22 +1471,11 @@ impl Planner<'_> {
         // The block service for the guest's persistent disk: the `blk`
         // driver with QEMU's virtio-blk device, the guest's VMM its client.
         if let Some(d) = &disk {
-            if let Some((i, c)) = file
-                .components
-                .iter()
-                .enumerate()
-                .find(|(_, c)| c.name.get_ref() == BLK_COMPONENT)
-            {
-                return self.err(
-                    c.name.span(),
-                    &format!("component[{i}].name"),
-                    format!(
-                        "'{BLK_COMPONENT}' is the name of the block service, which guest '{}' \
-                         needs for its `disk`: give this component another name",
-                        d.guest
-                    ),
-                );
-            }
+            let what = format!(
+                "the block service, which guest '{}' needs for its `disk`",
+                d.guest
+            );
+            self.service_name_free(file, BLK_COMPONENT, &what)?;
             manifest += &format!(
                 "component {BLK_COMPONENT}\n    module blk\n    priority {BLK_PRIORITY}\n    \
                  memory {}\n    quota {}\n    restart 0\n    pci dev 1af4:1042 at {:#x}\n    \
@@ -1504,22 +1506,11 @@ impl Planner<'_> {
         // The virtual switch for the guest's network: the `net` driver with
         // QEMU's virtio-net device as the uplink, the guest's VMM client 0.
         if let Some(n) = &net {
-            if let Some((i, c)) = file
-                .components
-                .iter()
-                .enumerate()
-                .find(|(_, c)| c.name.get_ref() == NET_COMPONENT)
-            {
-                return self.err(
-                    c.name.span(),
-                    &format!("component[{i}].name"),
-                    format!(
-                        "'{NET_COMPONENT}' is the name of the virtual switch, which guest '{}' \
-                         needs for its `hostfwd`: give this component another name",
-                        n.guest
-                    ),
-                );
-            }
+            let what = format!(
+                "the virtual switch, which guest '{}' needs for its `hostfwd`",
+                n.guest
+            );
+            self.service_name_free(file, NET_COMPONENT, &what)?;
             manifest += &format!(
                 "component {NET_COMPONENT}\n    module net\n    priority {NET_PRIORITY}\n    \
                  memory {}\n    quota {}\n    restart 0\n    pci dev 1af4:1041 at {:#x}\n    \
