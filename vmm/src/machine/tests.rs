@@ -56,6 +56,15 @@ struct Setup {
     time: Rc<FakeTime>,
 }
 
+/// Entropy of zeros, for the virtio devices' set-up.
+struct Zeros;
+
+impl EntropySource for Zeros {
+    fn fill(&mut self, buf: &mut [u8]) {
+        buf.fill(0);
+    }
+}
+
 fn setup() -> Setup {
     setup_with(1)
 }
@@ -372,12 +381,6 @@ fn an_mmio_exit_the_instruction_never_matches_gives_ud_not_a_stop() {
 
 #[test]
 fn pci_enumerates_the_virtio_devices() {
-    struct Zeros;
-    impl EntropySource for Zeros {
-        fn fill(&mut self, buf: &mut [u8]) {
-            buf.fill(0);
-        }
-    }
     let mut s = setup();
     s.machine
         .add_pci_devices(
@@ -417,12 +420,6 @@ fn pci_enumerates_the_virtio_devices() {
 /// driver enables it).
 #[test]
 fn the_dump_shows_exits_interrupts_and_every_queue() {
-    struct Zeros;
-    impl EntropySource for Zeros {
-        fn fill(&mut self, buf: &mut [u8]) {
-            buf.fill(0);
-        }
-    }
     let mut s = setup();
     assert_eq!(s.machine.dump()[..2], ["exits 0:", "last exit none"]);
     s.machine
@@ -441,11 +438,7 @@ fn the_dump_shows_exits_interrupts_and_every_queue() {
     assert_eq!(dump[0], "exits 2: io 1 cpuid 1");
     assert_eq!(dump[1], "last exit cpuid at rip 0xffffffff81000000");
     assert!(dump[2].starts_with("interrupts: lapic highest requested none in service none"));
-    let queues = |name: &str| {
-        dump.iter()
-            .filter(|l| l.starts_with(&format!("virtio-{name} (status 0x0) queue ")))
-            .count()
-    };
+    let queues = |name: &str| queues_in(&dump, name);
     // Console: receive and transmit of two ports plus the control pair.
     assert_eq!(queues("console"), 6, "{dump:#?}");
     assert_eq!(queues("block"), 1, "{dump:#?}");
@@ -671,12 +664,6 @@ impl NetBackend for FakePort {
 /// entry, and kept across a reset (taken, leaving the echo peer).
 #[test]
 fn a_connected_switch_port_is_polled_and_taken_back() {
-    struct Zeros;
-    impl EntropySource for Zeros {
-        fn fill(&mut self, buf: &mut [u8]) {
-            buf.fill(0);
-        }
-    }
     let mut s = setup();
     s.machine
         .add_pci_devices(None, Box::new(Zeros), NamedPort::Echo)
