@@ -679,33 +679,21 @@ pub fn build() -> Result<Guest> {
     fs::create_dir_all(root).context(|| format!("cannot create {}", root.display()))?;
     emu::remove_stale(&key_file)?;
 
-    let kernel_pkg = unpacked(&recipe.kernel, root)?;
-    let busybox_pkg = unpacked(&recipe.busybox, root)?;
-    let release_dir = only_entry(&kernel_pkg.join("lib/modules"), "")?;
-    let release = release_dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default()
-        .to_string();
-    let vmlinuz = kernel_pkg.join("boot").join(format!("vmlinuz-{release}"));
-    let tree = ModuleTree::open(&release_dir)?;
-    let order = load_order(&recipe.modules, |m| tree.depends(m))?;
+    let (parts, vmlinuz) = unpack_pinned(&recipe, &recipe.modules)?;
     println!(
-        "linux: kernel {release}, modules in load order: {}",
-        order.join(" ")
+        "linux: kernel {}, modules in load order: {}",
+        parts.release,
+        parts
+            .modules
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
     );
-
-    let busybox_bin = busybox_pkg.join("bin/busybox");
-    let busybox =
-        fs::read(&busybox_bin).context(|| format!("cannot read {}", busybox_bin.display()))?;
-    let modules = order
-        .iter()
-        .map(|name| Ok((name.clone(), tree.read(name)?)))
-        .collect::<Result<Vec<_>>>()?;
     let archive = initramfs(&Contents {
-        busybox: &busybox,
+        busybox: &parts.busybox,
         init: &init,
-        modules: &modules,
+        modules: &parts.modules,
         tools: &tools,
     })?;
     write_atomically(&guest.initramfs, &archive)?;
@@ -734,6 +722,13 @@ pub(crate) struct InitrdParts {
 /// Debian example's initrd, `debian.rs`).
 pub(crate) fn pinned_modules_and_busybox(wanted: &[String]) -> Result<InitrdParts> {
     let recipe = load_recipe()?;
+    Ok(unpack_pinned(&recipe, wanted)?.0)
+}
+
+/// Unpacks the pinned kernel and busybox packages (cached): the parts of
+/// an initrd with the modules `wanted` and what they need, and the
+/// kernel's `vmlinuz`.
+fn unpack_pinned(recipe: &Recipe, wanted: &[String]) -> Result<(InitrdParts, PathBuf)> {
     let root = Path::new(LINUX_DIR);
     fs::create_dir_all(root).context(|| format!("cannot create {}", root.display()))?;
     let kernel_pkg = unpacked(&recipe.kernel, root)?;
@@ -744,6 +739,7 @@ pub(crate) fn pinned_modules_and_busybox(wanted: &[String]) -> Result<InitrdPart
         .and_then(|n| n.to_str())
         .unwrap_or_default()
         .to_string();
+    let vmlinuz = kernel_pkg.join("boot").join(format!("vmlinuz-{release}"));
     let tree = ModuleTree::open(&release_dir)?;
     let order = load_order(wanted, |m| tree.depends(m))?;
     let modules = order
@@ -753,11 +749,12 @@ pub(crate) fn pinned_modules_and_busybox(wanted: &[String]) -> Result<InitrdPart
     let busybox_bin = busybox_pkg.join("bin/busybox");
     let busybox =
         fs::read(&busybox_bin).context(|| format!("cannot read {}", busybox_bin.display()))?;
-    Ok(InitrdParts {
+    let parts = InitrdParts {
         release,
         modules,
         busybox,
-    })
+    };
+    Ok((parts, vmlinuz))
 }
 
 /// What the initramfs holds besides its directories and device nodes.
