@@ -501,21 +501,15 @@ extern "C" fn net_ec() -> ! {
 }
 
 fn start_net() -> Result<(), SetupError> {
-    let fail = |what| move |s| SetupError(what, s);
-    sys::create_ec(
+    start_thread(
         NET_EC,
-        sel::OWN_PD,
-        false,
-        moat_user::abi::CPU_OF_CALLER,
-        net_ec as *const () as u64,
-        NET_STACK.top() - 8,
+        NET_SC,
+        net_ec,
+        NET_STACK.top(),
         NET_UTCB,
-        sel::EXCEPTION_PORTAL,
-        NET_EC,
+        INPUT_PRIORITY,
+        ["net EC", "net SC"],
     )
-    .map_err(fail("net EC"))?;
-    sys::create_sc(NET_SC, sel::OWN_PD, NET_EC, INPUT_PRIORITY, TIMER_BUDGET_US)
-        .map_err(fail("net SC"))
 }
 
 /// The kernel's debug event asked for a state dump: the first vCPU loop
@@ -558,26 +552,15 @@ fn start_dump() -> Result<(), SetupError> {
     if sys::irq_assign(DUMP_SM, moat_abi::DEBUG_GSI, 0).is_err() {
         return Ok(());
     }
-    sys::create_ec(
+    start_thread(
         DUMP_EC,
-        sel::OWN_PD,
-        false,
-        moat_user::abi::CPU_OF_CALLER,
-        dump_ec as *const () as u64,
-        DUMP_STACK.top() - 8,
-        DUMP_UTCB,
-        sel::EXCEPTION_PORTAL,
-        DUMP_EC,
-    )
-    .map_err(fail("dump EC"))?;
-    sys::create_sc(
         DUMP_SC,
-        sel::OWN_PD,
-        DUMP_EC,
+        dump_ec,
+        DUMP_STACK.top(),
+        DUMP_UTCB,
         INPUT_PRIORITY,
-        TIMER_BUDGET_US,
+        ["dump EC", "dump SC"],
     )
-    .map_err(fail("dump SC"))
 }
 
 /// Prints the VMM's state dump if the debug event asked for one.
@@ -603,26 +586,44 @@ fn start_input() -> Result<(), SetupError> {
     sys::irq_assign(INPUT_SM, COM1_GSI, EDGE_ACTIVE_HIGH).map_err(fail("COM1 interrupt"))?;
     outb(COM1 + UART_IER, IER_RX_DATA);
     outb(COM1 + UART_MCR, inb(COM1 + UART_MCR) | MCR_OUT2);
-    sys::create_ec(
+    start_thread(
         INPUT_EC,
+        INPUT_SC,
+        input_ec,
+        INPUT_STACK.top(),
+        INPUT_UTCB,
+        INPUT_PRIORITY,
+        ["input EC", "input SC"],
+    )
+}
+
+/// Starts one of the VMM's helper threads on its CPU: an EC at `ec`
+/// running `entry` on the stack that ends at `stack_top`, its UTCB at
+/// `utcb`, and its SC at `sc` with `priority`; `what` names the two in an
+/// error.
+fn start_thread(
+    ec: Sel,
+    sc: Sel,
+    entry: extern "C" fn() -> !,
+    stack_top: u64,
+    utcb: u64,
+    priority: u8,
+    what: [&'static str; 2],
+) -> Result<(), SetupError> {
+    sys::create_ec(
+        ec,
         sel::OWN_PD,
         false,
         moat_user::abi::CPU_OF_CALLER,
-        input_ec as *const () as u64,
-        INPUT_STACK.top() - 8,
-        INPUT_UTCB,
+        entry as *const () as u64,
+        stack_top - 8,
+        utcb,
         sel::EXCEPTION_PORTAL,
-        INPUT_EC,
+        ec,
     )
-    .map_err(fail("input EC"))?;
-    sys::create_sc(
-        INPUT_SC,
-        sel::OWN_PD,
-        INPUT_EC,
-        INPUT_PRIORITY,
-        TIMER_BUDGET_US,
-    )
-    .map_err(fail("input SC"))
+    .map_err(|s| SetupError(what[0], s))?;
+    sys::create_sc(sc, sel::OWN_PD, ec, priority, TIMER_BUDGET_US)
+        .map_err(|s| SetupError(what[1], s))
 }
 
 /// Tells the timer EC the next deadline (host TSC, 0 for none), never
@@ -1514,26 +1515,15 @@ fn create_vm(
 fn start_timer() -> Result<(), SetupError> {
     let fail = |what| move |s| SetupError(what, s);
     sys::create_sm(TIMER_SM, sel::OWN_PD, 0).map_err(fail("timer semaphore"))?;
-    sys::create_ec(
+    start_thread(
         TIMER_EC,
-        sel::OWN_PD,
-        false,
-        moat_user::abi::CPU_OF_CALLER,
-        timer_ec as *const () as u64,
-        TIMER_STACK.top() - 8,
-        TIMER_UTCB,
-        sel::EXCEPTION_PORTAL,
-        TIMER_EC,
-    )
-    .map_err(fail("timer EC"))?;
-    sys::create_sc(
         TIMER_SC,
-        sel::OWN_PD,
-        TIMER_EC,
+        timer_ec,
+        TIMER_STACK.top(),
+        TIMER_UTCB,
         TIMER_PRIORITY,
-        TIMER_BUDGET_US,
+        ["timer EC", "timer SC"],
     )
-    .map_err(fail("timer SC"))
 }
 
 /// The vCPU state the firmware's boot state describes.
