@@ -53,6 +53,10 @@ impl Kernel {
         // inline, the null round trip took 32 more instructions).
         let status = if is_ipc(word) {
             self.ipc(ec, word)
+        } else if word.number == Call::VcpuRun.number() {
+            // A VMM's loop makes this call once per VM exit: inline beside
+            // the IPC paths, since each exit pays for its decoding.
+            self.run_vcpu(ec, word)
         } else {
             self.dispatch(ec, word)
         };
@@ -73,6 +77,15 @@ impl Kernel {
             Ok(call) => self.sys_call(ec, call.portal, call.nonblock).err(),
             Err(status) => Some(status),
         }
+    }
+
+    /// `vcpu_run`: the status, if the EC gets one now (else it runs the
+    /// vCPU and gets the exit as its answer).
+    fn run_vcpu(&mut self, ec: EcId, word: CallWord) -> Option<Status> {
+        let e = self.ecs.get(ec)?;
+        view::<VcpuRun>(word, crate::ec::words_of(&e.regs))
+            .and_then(|call| self.sys_vcpu_run(ec, call.vcpu))
+            .err()
     }
 
     /// Every call but `call` and `reply`: decodes its view and acts; the
@@ -155,9 +168,7 @@ impl Kernel {
             Ok(Call::CreateVcpu) => Some(done(
                 view(word, args).and_then(|call| self.sys_create_vcpu(pd, &call)),
             )),
-            Ok(Call::VcpuRun) => view(word, args)
-                .and_then(|call: VcpuRun| self.sys_vcpu_run(ec, call.vcpu))
-                .err(),
+            Ok(Call::VcpuRun) => self.run_vcpu(ec, word),
             Ok(Call::VcpuPoke) => {
                 Some(done(view(word, args).and_then(|call: VcpuPoke| {
                     self.sys_vcpu_poke(pd, call.vcpu)
