@@ -44,10 +44,31 @@ const DUMP_GAP_MS: u64 = 500;
 /// are far below).
 const ROOT_SELECTORS_SCANNED: u64 = 4096;
 
+/// An NMI was sent only to learn where the lock's holder is
+/// ([`sample_holder`]).
+static SAMPLE: AtomicBool = AtomicBool::new(false);
+
+/// Asks CPU `index` (holding the kernel lock too long, `debug-lock-waits`)
+/// by NMI to print where it is, and nothing more.
+pub fn sample_holder(index: usize) {
+    let Some(cpu) = percpu::all().get(index) else {
+        return;
+    };
+    if !SAMPLE.swap(true, Ordering::AcqRel) {
+        lapic::send_nmi(cpu.apic_id.load(Ordering::Relaxed));
+    }
+}
+
 /// The NMI handler's part, on each CPU: its line, then the kernel state if
 /// the kernel lock is free.
 pub fn nmi(rip: u64, cs: u64) {
     let here = kernel::here();
+    if SAMPLE.swap(false, Ordering::AcqRel) {
+        console::write_bounded(format_args!(
+            "lock: cpu{here} holds the kernel lock at rip {rip:#x}\n"
+        ));
+        return;
+    }
     let mode = if kernel::in_guest(here) {
         "in a guest"
     } else if cs & 3 == 3 {

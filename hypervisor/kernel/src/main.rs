@@ -176,7 +176,10 @@ extern "C" fn kernel_main(magic: u32, info: u32) -> ! {
     );
 
     if has_word(cmdline, "debug-lock-waits") {
-        kernel::REPORT_LOCK_WAITS.store(true, Ordering::Relaxed);
+        kernel::report_lock_waits(20_000);
+    }
+    if let Some(us) = word_value(cmdline, "debug-lock-waits") {
+        kernel::report_lock_waits(us.max(1));
     }
     if has_word(cmdline, "smp-test-no-shootdown") {
         arch::x86_64::ipi::disable_remote_shootdowns();

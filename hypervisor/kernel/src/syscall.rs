@@ -294,6 +294,9 @@ impl Kernel {
             Ok(()) => Some(Status::Success),
             Err(Stopped::Failed(status)) => Some(status),
             Err(Stopped::Preempted { done }) => {
+                if crate::kernel::lock_wanted() {
+                    crate::arch::x86_64::ipi::hand_over();
+                }
                 let e = self.ecs.get_mut(ec)?;
                 e.resume = Some(Resume { call: key, done });
                 e.regs.rip = e.regs.rip.wrapping_sub(SYSCALL_LENGTH);

@@ -91,10 +91,32 @@ pub fn send_kicks() {
     }
 }
 
+/// Asks this CPU, once it drops the kernel lock, to wait until a CPU that
+/// wants the lock has taken it (`send_kicks`), before it may take it
+/// again: a long call that stopped for that CPU (`interrupt_due`) would
+/// otherwise take the lock back at once, as its EC executes the call
+/// again, and on an emulator that runs CPUs in turn the waiter may never
+/// see it free (it waited over 400 µs a time on Bochs while the root task
+/// delegated a guest's memory). The request is this CPU's own bit in its
+/// `kicks`, which `kick` never sets, so the common path tests nothing more.
+pub fn hand_over() {
+    let me = percpu::current_id() % moat_kernel::smp::MAX_CPUS;
+    percpu::current().kicks.fetch_or(1 << me, Ordering::Relaxed);
+}
+
+/// The longest a CPU waits in `send_kicks` for another to take the lock
+/// it handed over.
+const HAND_OVER_US: u64 = 100;
+
 #[cold]
 #[inline(never)]
 fn send_kicks_now() {
+    let me = percpu::current_id() % moat_kernel::smp::MAX_CPUS;
     let mut pending = percpu::current().kicks.swap(0, Ordering::Relaxed);
+    if pending & (1 << me) != 0 {
+        pending &= !(1 << me);
+        wait_for_taker();
+    }
     while pending != 0 {
         let index = pending.trailing_zeros() as usize;
         pending &= pending - 1;
@@ -170,4 +192,17 @@ pub fn service() {
     // switch to user mode.
     me.io_stale.store(true, Ordering::Relaxed);
     me.ipi_ack.store(generation, Ordering::Release);
+}
+
+/// After `hand_over`: waits (at most `HAND_OVER_US`) while another CPU
+/// wants the kernel lock and has not yet taken it.
+fn wait_for_taker() {
+    let limit = lapic::tsc_hz() / 1_000_000 * HAND_OVER_US;
+    let start = cpu::rdtsc();
+    while crate::kernel::lock_wanted()
+        && !crate::kernel::KERNEL.is_locked()
+        && cpu::rdtsc().wrapping_sub(start) < limit
+    {
+        core::hint::spin_loop();
+    }
 }

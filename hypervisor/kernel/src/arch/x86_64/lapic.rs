@@ -30,6 +30,7 @@ const REG_TIMER_DIVIDE: u32 = 0x3e0;
 const SPURIOUS_ENABLE: u32 = 1 << 8;
 const ICR_DELIVERY_INIT: u32 = 0b101 << 8;
 const ICR_DELIVERY_STARTUP: u32 = 0b110 << 8;
+const ICR_DELIVERY_NMI: u32 = 0b100 << 8;
 /// xAPIC only: the previous IPI has not been sent yet.
 const ICR_SEND_PENDING: u32 = 1 << 12;
 const ICR_LEVEL_ASSERT: u32 = 1 << 14;
@@ -196,6 +197,12 @@ pub fn send_startup(apic_id: u32, vector: u8) {
 /// Sends a fixed interrupt with `vector` to the CPU with APIC id `apic_id`.
 pub fn send_fixed(apic_id: u32, vector: u8) {
     send_ipi(apic_id, ICR_LEVEL_ASSERT | u32::from(vector));
+}
+
+/// Sends an NMI to the CPU with APIC id `apic_id` (it arrives even while
+/// that CPU runs with interrupts off).
+pub fn send_nmi(apic_id: u32) {
+    send_ipi(apic_id, ICR_DELIVERY_NMI | ICR_LEVEL_ASSERT);
 }
 
 fn send_ipi(apic_id: u32, command: u32) {
