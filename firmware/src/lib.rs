@@ -16,8 +16,9 @@
 //!   protected mode, the Multiboot information structure).
 //!
 //! [`KernelFormat::detect`] tells a bzImage from a Multiboot kernel, as
-//! QEMU's `-kernel` does. All also write the ACPI tables ([`acpi`]) and hand the guest the
-//! memory map ([`e820`]) of the [`GuestLayout`].
+//! QEMU's `-kernel` does. All also write the ACPI tables ([`acpi`]) and
+//! the SMBIOS tables ([`smbios`]), and hand the guest the memory map
+//! ([`e820`]) of the [`GuestLayout`].
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
@@ -32,6 +33,7 @@ pub mod linux;
 pub mod multiboot;
 pub mod pvh;
 pub mod ram;
+pub mod smbios;
 
 pub use cpu::{BootState, Segment};
 pub use layout::{GuestLayout, LayoutError, Window};
@@ -50,6 +52,7 @@ pub struct BootInfo<'a> {
 pub enum Error {
     Layout(LayoutError),
     Acpi(acpi::Error),
+    Smbios(smbios::Error),
     Linux(linux::Error),
     Pvh(pvh::Error),
     Multiboot(multiboot::Error),
@@ -69,6 +72,7 @@ impl core::fmt::Display for Error {
             ),
             Error::Layout(e) => write!(f, "guest layout: {e:?}"),
             Error::Acpi(e) => write!(f, "ACPI tables: {e:?}"),
+            Error::Smbios(e) => write!(f, "SMBIOS tables: {e:?}"),
             Error::Pvh(e) => write!(f, "PVH vmlinux: {e:?}"),
         }
     }
@@ -89,6 +93,12 @@ impl From<LayoutError> for Error {
 impl From<acpi::Error> for Error {
     fn from(e: acpi::Error) -> Self {
         Error::Acpi(e)
+    }
+}
+
+impl From<smbios::Error> for Error {
+    fn from(e: smbios::Error) -> Self {
+        Error::Smbios(e)
     }
 }
 
@@ -130,14 +140,15 @@ impl<'a> Payload<'a> {
     }
 }
 
-/// Validates `layout` against `ram`, writes the ACPI tables and returns
-/// the RSDP address and the memory map.
+/// Validates `layout` against `ram`, writes the ACPI and SMBIOS tables
+/// and returns the RSDP address and the memory map.
 fn platform(
     ram: &mut [u8],
     layout: &GuestLayout,
 ) -> Result<(u64, alloc::vec::Vec<e820::E820Entry>), Error> {
     layout.validate(ram.len() as u64)?;
     let tables = acpi::build(ram, layout)?;
+    smbios::build(ram, layout, tables.end)?;
     Ok((tables.rsdp, e820::memory_map(layout)))
 }
 
