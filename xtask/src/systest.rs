@@ -375,6 +375,53 @@ disk = "target/systest/"#,
     };
 }
 
+/// One guest with the recipe's other kernel `$kernel` (guests/linux/
+/// recipe.toml, `[[other_kernel]]`) and its initramfs, on the test disk,
+/// with the kernel command line `$cmdline` and `/init`'s disk checks.
+macro_rules! other_kernel_config {
+    ($kernel:literal, $cmdline:literal) => {
+        concat!(
+            "[[guest]]\nname = \"linux\"\nkernel = \"pinned:",
+            $kernel,
+            "/bzImage\"\ninitrd = \"pinned:",
+            $kernel,
+            "/initramfs.cpio\"\ncmdline = \"",
+            $cmdline,
+            "\"\ntest-disk = true\n"
+        )
+    };
+}
+
+/// What a guest with an other kernel must show: that kernel's banner,
+/// then every `/init` check, over the disk check's reboot, and a clean
+/// power-off.
+macro_rules! other_kernel_checks {
+    ($banner:literal) => {
+        [
+            all($banner),
+            all("MOAT-INIT start"),
+            all("MOAT-CHECK blk-read ok"),
+            all("MOAT-CHECK blk-write ok"),
+            all("MOAT-INIT reboot"),
+            all("vmm: guest reset (reset"),
+            all($banner),
+            all("MOAT-INIT start"),
+            all("MOAT-CHECK blk-persist ok"),
+            all("MOAT-CHECK cpu-hypervisor ok"),
+            all("MOAT-CHECK clocksource ok kvm-clock"),
+            all("MOAT-CHECK virtio-console ok"),
+            all("MOAT-CHECK virtio-block ok"),
+            all("MOAT-CHECK virtio-net ok"),
+            all("MOAT-CHECK virtio-rng ok"),
+            all("MOAT-CHECK hvc0 ok"),
+            all("MOAT-CHECK net-ping ok"),
+            all("MOAT-INIT done checks="),
+            all("failed=0"),
+            all("vmm: guest stopped: power-off"),
+        ]
+    };
+}
+
 /// The Linux guest's boot modules.
 const LINUX_MODULES: &[ModuleSpec] = linux_beside_modem!("linux", manifests::LINUX, LINUX_ARGS);
 
@@ -2289,6 +2336,34 @@ hostfwd = ["{free-port}:8080"]
         forbid: &["FAIL", "faulted"],
         stop: Stop::WhenDecided,
         slow: 2,
+        only_on: Some(Emulator::Qemu),
+        ..BASE
+    },
+    // Other kernels a user is likely to bring (guests/linux/recipe.toml,
+    // `[[other_kernel]]`; docs/configuration.md, "Other kernels"), each
+    // with the same /init from its own initramfs: every check passes on
+    // both boots. QEMU only: `linux` runs the VMM's paths on Bochs.
+    SysTest {
+        name: "kernel_6_12",
+        config: Some(SystemConfig::Text(other_kernel_config!(
+            "6.12",
+            "console=ttyS0 panic=-1"
+        ))),
+        expect: &other_kernel_checks!("Linux version 6.12.118+deb12-amd64"),
+        forbid: &["FAIL", "faulted"],
+        stop: Stop::WhenDecided,
+        only_on: Some(Emulator::Qemu),
+        ..BASE
+    },
+    SysTest {
+        name: "kernel_cloud",
+        config: Some(SystemConfig::Text(other_kernel_config!(
+            "cloud",
+            "console=ttyS0 panic=-1"
+        ))),
+        expect: &other_kernel_checks!("Linux version 6.1.0-50-cloud-amd64"),
+        forbid: &["FAIL", "faulted"],
+        stop: Stop::WhenDecided,
         only_on: Some(Emulator::Qemu),
         ..BASE
     },
