@@ -126,8 +126,7 @@ impl Recipe {
         let mut other_kernels: Vec<OtherKernel> = Vec::new();
         for k in file.other_kernel {
             let good_name = !k.name.is_empty()
-                && k
-                    .name
+                && k.name
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
                 && !k.name.starts_with('.');
@@ -361,7 +360,9 @@ impl ModuleTree {
         let bytes = fs::read(path).context(|| format!("cannot read {}", path.display()))?;
         match path.extension().and_then(|e| e.to_str()) {
             Some("ko") => Ok(bytes),
-            Some("xz") => unxz(&bytes).map_err(|e| Error::Other(format!("{}: {e}", path.display()))),
+            Some("xz") => {
+                unxz(&bytes).map_err(|e| Error::Other(format!("{}: {e}", path.display())))
+            }
             _ => Err(Error::Other(format!(
                 "{}: only plain and xz-compressed modules are supported",
                 path.display()
@@ -1731,10 +1732,16 @@ mod tests {
             modules: strings(&["m", "n"]),
             ..r
         };
-        assert_ne!(key, cache_key(&other.kernel, &other, b"#!/bin/sh\n", &tools));
+        assert_ne!(
+            key,
+            cache_key(&other.kernel, &other, b"#!/bin/sh\n", &tools)
+        );
         other.modules = strings(&["m"]);
         other.kernel.version = "1a".into();
-        assert_ne!(key, cache_key(&other.kernel, &other, b"#!/bin/sh\n", &tools));
+        assert_ne!(
+            key,
+            cache_key(&other.kernel, &other, b"#!/bin/sh\n", &tools)
+        );
     }
 
     fn tool(name: &'static str, bytes: &[u8]) -> Tool {
