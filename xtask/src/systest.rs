@@ -2346,11 +2346,12 @@ hostfwd = ["{free-port}:8080"]
     // guest's console is the virtio console, its early boot log on COM1
     // until hvc0 is up (virtio_console is a module there: /init loads the
     // modules before it opens the console). The VMM shows hvc0's output
-    // raw and types into it; every check passes.
+    // raw and types into it; every check passes, and the shell on hvc0
+    // answers what is typed.
     SysTest {
         name: "console_hvc0",
         config: Some(SystemConfig::Append(
-            "console=hvc0 earlycon=uart8250,io,0x3f8 panic=-1 moat.modem=1 moat.ipc=20",
+            "console=hvc0 earlycon=uart8250,io,0x3f8 panic=-1 moat.modem=1 moat.ipc=20 moat.shell=1",
         )),
         expect: &[
             all("Linux version 6.1."),
@@ -2367,11 +2368,18 @@ hostfwd = ["{free-port}:8080"]
             all("MOAT-CHECK modem-AT ok"),
             all("MOAT-INIT done checks="),
             all("failed=0"),
+            all("MOAT-TYPED-42"),
             all("vmm: guest stopped: power-off"),
         ],
         forbid: &["FAIL", "faulted"],
         stop: Stop::WhenDecided,
         check: Some(console_hvc0_check),
+        // The shell on hvc0 answers what is typed, then ends, and the
+        // guest powers off.
+        console: &[
+            typed("MOAT-INIT done checks=", "echo MOAT-TYPED-$((6*7))\n"),
+            typed("MOAT-TYPED-42", "exit\n"),
+        ],
         only_on: Some(Emulator::Qemu),
         ..BASE
     },
