@@ -2745,6 +2745,57 @@ mod tests {
         );
     }
 
+    /// `pinned:NAME/bzImage` and `pinned:NAME/initramfs.cpio`: the other
+    /// kernels of guests/linux/recipe.toml, each built when named.
+    #[test]
+    fn other_kernels_are_pinned_by_name() {
+        let text = GUEST
+            .replace("\"bzImage\"", "\"pinned:6.12/bzImage\"")
+            .replace("\"initrd.cpio\"", "\"pinned:6.12/initramfs.cpio\"");
+        let plan = plan(&text).unwrap();
+        assert_eq!(plan.other_kernels, ["6.12"]);
+        assert!(plan.uses_pinned_linux);
+        let dir = crate::util::workspace_root().join("target/linux/kernels/6.12");
+        for file in ["bzImage", "initramfs.cpio"] {
+            let source = ModuleSource::File(dir.join(file));
+            assert!(plan.modules.iter().any(|m| m.source == source), "{file}");
+        }
+        // Two guests, two other kernels and the pinned one.
+        let two = format!(
+            "{text}{}",
+            GUEST
+                .replace("\"g\"", "\"h\"")
+                .replace("\"bzImage\"", "\"pinned:cloud/bzImage\"")
+                .replace("\"initrd.cpio\"", "\"pinned:initramfs.cpio\"")
+        );
+        assert_eq!(
+            plan_with(&two, &GuestOverride::default())
+                .unwrap()
+                .other_kernels,
+            ["6.12", "cloud"]
+        );
+        assert!(plan_with(GUEST, &GuestOverride::default())
+            .unwrap()
+            .other_kernels
+            .is_empty());
+
+        let (line, _, field, message) =
+            error(&GUEST.replace("\"bzImage\"", "\"pinned:5.10/bzImage\""));
+        assert_eq!((line, field.as_str()), (3, "guest[0].kernel"));
+        assert!(
+            message.contains("has no other kernel \"5.10\" (it has: \"6.12\", \"cloud\")"),
+            "{message}"
+        );
+        let (_, _, field, message) =
+            error(&GUEST.replace("\"initrd.cpio\"", "\"pinned:cloud/initrd.img\""));
+        assert_eq!(field, "guest[0].initrd");
+        assert_eq!(
+            message,
+            "an other kernel's pinned files are \"pinned:cloud/bzImage\" and \
+             \"pinned:cloud/initramfs.cpio\""
+        );
+    }
+
     #[test]
     fn two_guests_cannot_both_own_the_console() {
         let text = format!(

@@ -1711,6 +1711,57 @@ mod tests {
         let r = Recipe::parse(&text).unwrap();
         assert!(r.kernel.name.starts_with("linux-image-6.1.0-"));
         assert!(r.modules.contains(&"virtio_pci".to_string()));
+        let names: Vec<_> = r.other_kernels.iter().map(|k| k.name.as_str()).collect();
+        assert_eq!(names, ["6.12", "cloud"]);
+        assert!(r
+            .other_kernel("cloud")
+            .unwrap()
+            .package
+            .name
+            .ends_with("-cloud-amd64"));
+    }
+
+    #[test]
+    fn other_kernels_parse_and_reject() {
+        let base = "kernel_package = \"k\"\nkernel_version = \"1\"\nbusybox_package = \"b\"\n\
+                    busybox_version = \"2\"\nmodules = \"m\"\n";
+        let other = |name: &str| {
+            format!("[[other_kernel]]\nname = \"{name}\"\npackage = \"p\"\nversion = \"3\"\n")
+        };
+        let r = Recipe::parse(&format!("{base}{}{}", other("6.12"), other("cloud_2"))).unwrap();
+        assert_eq!(r.other_kernels.len(), 2);
+        assert_eq!(r.other_kernel("6.12").unwrap().package.spec(), "p=3");
+        assert!(r.other_kernel("6.1").is_none());
+        assert!(Recipe::parse(base).unwrap().other_kernels.is_empty());
+        for bad in ["", "a/b", "..", ".hidden", "a b"] {
+            let e = Recipe::parse(&format!("{base}{}", other(bad))).unwrap_err();
+            assert!(e.contains("it names a folder"), "{bad}: {e}");
+        }
+        let twice = Recipe::parse(&format!("{base}{}{}", other("x"), other("x")));
+        assert_eq!(twice.unwrap_err(), "other_kernel: name \"x\" twice");
+        let extra = format!("{base}{}flavour = \"rt\"\n", other("x"));
+        assert!(Recipe::parse(&extra).is_err(), "unknown key");
+        let missing = format!("{base}[[other_kernel]]\nname = \"x\"\npackage = \"p\"\n");
+        assert!(Recipe::parse(&missing).is_err(), "no version");
+    }
+
+    #[test]
+    fn xz_modules_unpack_and_bad_ones_are_errors() {
+        // `printf 'hello module\n' | xz --check=crc32`, as Debian compresses
+        // its modules.
+        const XZ: &[u8] = &[
+            0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00, 0x00, 0x01, 0x69, 0x22, 0xde, 0x36, 0x02, 0x00,
+            0x21, 0x01, 0x16, 0x00, 0x00, 0x00, 0x74, 0x2f, 0xe5, 0xa3, 0x01, 0x00, 0x0c, 0x68,
+            0x65, 0x6c, 0x6c, 0x6f, 0x20, 0x6d, 0x6f, 0x64, 0x75, 0x6c, 0x65, 0x0a, 0x00, 0x00,
+            0x00, 0x00, 0xba, 0xcd, 0xce, 0x9a, 0x00, 0x01, 0x21, 0x0d, 0x75, 0xdc, 0xa8, 0xd2,
+            0x90, 0x42, 0x99, 0x0d, 0x01, 0x00, 0x00, 0x00, 0x00, 0x01, 0x59, 0x5a,
+        ];
+        assert_eq!(unxz(XZ).unwrap(), b"hello module\n");
+        assert!(unxz(&XZ[..XZ.len() / 2]).is_err());
+        assert!(unxz(b"\x7fELF not compressed").is_err());
+        let mut bad = XZ.to_vec();
+        bad[30] ^= 0xff;
+        assert!(unxz(&bad).is_err());
     }
 
     #[test]
