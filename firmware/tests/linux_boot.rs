@@ -246,6 +246,74 @@ fn corrupted_images_give_their_errors() {
     );
 }
 
+/// What the VMM prints when it cannot boot a kernel ("vmm: FAIL cannot load
+/// the guest: …", through `boot_detected` as the VMM calls it): each case a
+/// user may meet, said in words.
+#[test]
+fn what_cannot_boot_is_said_in_words() {
+    let good = bzimage(KERNEL_LEN);
+    let layout = GuestLayout::standard(RAM as u64, 1);
+    let say = |kernel: &[u8]| {
+        let mut ram = vec![0u8; RAM];
+        match firmware::boot_detected(&mut ram, &layout, &payload(kernel, None), &[]) {
+            Ok(_) => "booted".to_string(),
+            Err(e) => e.to_string(),
+        }
+    };
+    assert_eq!(say(&good), "booted");
+    let mut cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "truncated in its payload",
+            good[..good.len() / 2].to_vec(),
+            "bzImage: file truncated or corrupt: the compressed kernel reaches past the end of the file",
+        ),
+        (
+            "truncated after its setup",
+            good[..bz::KERNEL_OFFSET].to_vec(),
+            "bzImage: file truncated: nothing after the setup sectors",
+        ),
+        (
+            "truncated inside its setup header",
+            good[..0x240].to_vec(),
+            "bzImage: file too short: it ends inside the setup header",
+        ),
+        (
+            "not a kernel",
+            b"\x7fELF\x02\x01\x01 a vmlinux or anything else".repeat(400),
+            "the kernel is neither a bzImage (no \"HdrS\" setup header) nor a Multiboot \
+             kernel (no header in its first 8 KiB)",
+        ),
+    ];
+    let mut old = good.clone();
+    put_u16(&mut old, bz::VERSION, 0x0204);
+    cases.push((
+        "boot protocol 2.04",
+        old,
+        "bzImage: boot protocol 2.04 too old (2.12 or later needed for the 64-bit entry)",
+    ));
+    let mut big = good.clone();
+    put_u32(&mut big, bz::INIT_SIZE, 2 * RAM as u32);
+    cases.push((
+        "needs more than guest RAM",
+        big,
+        "bzImage: kernel does not fit in guest RAM (it needs init_size bytes of RAM from its \
+         load address)",
+    ));
+    // A file bigger than all of guest RAM (its init_size, which covers
+    // the file, too).
+    let mut huge = bzimage(RAM + MIB);
+    put_u32(&mut huge, bz::INIT_SIZE, (RAM + 2 * MIB) as u32);
+    cases.push((
+        "a file bigger than guest RAM",
+        huge,
+        "bzImage: kernel does not fit in guest RAM (it needs init_size bytes of RAM from its \
+         load address)",
+    ));
+    for (what, kernel, said) in cases {
+        assert_eq!(say(&kernel), said, "{what}");
+    }
+}
+
 #[test]
 fn ram_too_small() {
     let image = bzimage(KERNEL_LEN);
@@ -368,4 +436,34 @@ fn debian_kernel_if_present() {
         ram[l.kernel_addr as usize..][..0x1000],
         image[header.kernel_offset..][..0x1000]
     );
+}
+
+/// The other kernels of guests/linux/recipe.toml (Debian's 6.12 and cloud
+/// kernels), each where a system test built it: it loads, and its first
+/// half is refused as truncated; skipped when none is built.
+#[test]
+fn other_kernels_if_present() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/linux/kernels");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        eprintln!("no kernels in {}: skipped", dir.display());
+        return;
+    };
+    let layout = GuestLayout::standard(256 * MIB as u64, 1);
+    for entry in entries.flatten() {
+        let Ok(image) = std::fs::read(entry.path().join("bzImage")) else {
+            continue;
+        };
+        let name = entry.file_name();
+        let header = linux::SetupHeader::parse(&image).unwrap();
+        assert!(header.version >= 0x020c && header.relocatable, "{name:?}");
+        let mut ram = vec![0u8; 256 * MIB];
+        firmware::boot_detected(&mut ram, &layout, &payload(&image, None), &[])
+            .unwrap_or_else(|e| panic!("{name:?}: {e}"));
+        let half = &image[..image.len() / 2];
+        let err = firmware::boot_detected(&mut ram, &layout, &payload(half, None), &[]);
+        assert!(
+            err.is_err_and(|e| e.to_string().starts_with("bzImage: file truncated")),
+            "{name:?}"
+        );
+    }
 }

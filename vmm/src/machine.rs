@@ -112,6 +112,43 @@ pub enum NamedPort {
     /// ([`Machine::take_port_output`], [`Machine::port_input`]).
     Relay(&'static str),
 }
+/// What hvc0, the virtio console's first port, is to the VMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hvc0 {
+    /// A test fixture beside the guest's console on COM1: the VMM echoes
+    /// what the guest writes.
+    Echo,
+    /// A console of the guest (`console=hvc0`): what it writes goes where
+    /// COM1's output goes; with `input` (hvc0 is the last `console=`, the
+    /// guest's `/dev/console`) what is typed goes to it instead of COM1.
+    Console { input: bool },
+}
+
+impl Hvc0 {
+    /// hvc0's role from the guest's kernel command line: a console when a
+    /// `console=` names it, the one typed at when the last one does.
+    pub fn from_cmdline(cmdline: &[u8]) -> Hvc0 {
+        let mut named = false;
+        let mut last = None;
+        for word in cmdline.split(u8::is_ascii_whitespace) {
+            let Some(value) = word.strip_prefix(b"console=") else {
+                continue;
+            };
+            // `console=hvc0,115200`: options after the name.
+            let name = value.split(|&b| b == b',').next().unwrap_or_default();
+            named |= name == b"hvc0";
+            last = Some(name);
+        }
+        if named {
+            Hvc0::Console {
+                input: last == Some(&b"hvc0"[..]),
+            }
+        } else {
+            Hvc0::Echo
+        }
+    }
+}
+
 /// The guest's MAC address.
 pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 
@@ -167,8 +204,10 @@ type Storage = Box<dyn BlockBackend>;
 /// The virtio devices and what feeds them.
 struct Virtio {
     console: Shared<VirtioPci<Console>>,
-    /// hvc0's and the named port's output, echoed back.
+    /// hvc0's and the named port's output, echoed back (hvc0's only as
+    /// [`Hvc0::Echo`]).
     echo: [EchoPort; 2],
+    hvc0: Hvc0,
     named: NamedPort,
     block: Option<Shared<VirtioPci<Block<Storage>>>>,
     net: Shared<VirtioPci<Net<Box<dyn NetBackend>>>>,
@@ -192,6 +231,15 @@ impl SerialOut for ConsoleOutput {
     fn write_byte(&mut self, byte: u8) {
         if let Ok(mut buffer) = self.0.try_borrow_mut() {
             buffer.push(byte);
+        }
+    }
+}
+
+/// hvc0 as a console ([`Hvc0::Console`]): its output joins COM1's.
+impl PortBackend for ConsoleOutput {
+    fn output(&mut self, data: &[u8]) {
+        if let Ok(mut buffer) = self.0.try_borrow_mut() {
+            buffer.extend_from_slice(data);
         }
     }
 }
@@ -678,14 +726,15 @@ impl Machine {
         Ok(())
     }
 
-    /// Adds the PCI host bridge with the virtio devices: console (hvc0,
-    /// echoed back by the VMM, and the `named` port), block on the storage
-    /// `disk` (if any), net to an echo peer, entropy from `entropy`.
+    /// Adds the PCI host bridge with the virtio devices: console (hvc0 as
+    /// `hvc0` says, and the `named` port), block on the storage `disk` (if
+    /// any), net to an echo peer, entropy from `entropy`.
     pub fn add_pci_devices(
         &mut self,
         disk: Option<Box<dyn BlockBackend>>,
         entropy: Box<dyn EntropySource>,
         named: NamedPort,
+        hvc0: Hvc0,
     ) -> Result<(), vdev::pci::PciError> {
         let root = shared(PciRoot::new(pci::MMIO_BASE, pci::MMIO_LEN));
         let wiring = |slot: u8| {
@@ -704,7 +753,11 @@ impl Machine {
         };
         let ports: Vec<(&str, Box<dyn PortBackend>)> =
             Vec::from([(name, Box::new(echo[1].clone()) as Box<dyn PortBackend>)]);
-        let console = Console::new(Box::new(echo[0].clone()), ports);
+        let hvc0_backend: Box<dyn PortBackend> = match hvc0 {
+            Hvc0::Echo => Box::new(echo[0].clone()),
+            Hvc0::Console { .. } => Box::new(self.console.clone()),
+        };
+        let console = Console::new(hvc0_backend, ports);
         // Slots are handed out 1, 2, ... in the order of `add`.
         let console = shared(VirtioPci::new(console, wiring(1))?);
         root.borrow_mut().add(console.clone())?;
@@ -743,6 +796,7 @@ impl Machine {
         self.virtio = Some(Virtio {
             console,
             echo,
+            hvc0,
             named,
             block,
             net,
@@ -911,6 +965,7 @@ impl Machine {
     /// guest may have posted without a notification acted on; called when
     /// the guest waits (HLT) or was poked.
     pub fn kick_devices(&mut self) {
+        self.feed_input();
         if let Some(virtio) = &self.virtio {
             if let Ok(mut console) = virtio.console.try_borrow_mut() {
                 console.update(|_| ());
@@ -919,15 +974,14 @@ impl Machine {
     }
 
     /// Echoes what the guest wrote to its console ports (not to a relayed
-    /// one: the binary takes that).
+    /// one: the binary takes that; not to hvc0 as a console).
     fn echo_ports(&mut self) {
         let Some(virtio) = &self.virtio else { return };
-        let echoed = if virtio.named == NamedPort::Echo {
-            2
-        } else {
-            1
-        };
-        for (port, echo) in virtio.echo.iter().enumerate().take(echoed) {
+        let echoed = [virtio.hvc0 == Hvc0::Echo, virtio.named == NamedPort::Echo];
+        for (port, echo) in virtio.echo.iter().enumerate() {
+            if !echoed[port] {
+                continue;
+            }
             let data = echo
                 .0
                 .try_borrow_mut()
@@ -997,6 +1051,18 @@ impl Machine {
 
     fn feed_input(&mut self) {
         if self.pending_input.is_empty() {
+            return;
+        }
+        let hvc0 = self
+            .virtio
+            .as_ref()
+            .filter(|v| v.hvc0 == Hvc0::Console { input: true });
+        if let Some(virtio) = hvc0 {
+            if let Ok(mut console) = virtio.console.try_borrow_mut() {
+                let pending = &self.pending_input;
+                let taken = console.update(|c| c.port_input(0, pending));
+                self.pending_input.drain(..taken);
+            }
             return;
         }
         if let Ok(mut uart) = self.uart.try_borrow_mut() {

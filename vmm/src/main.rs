@@ -79,7 +79,7 @@ use moat_user::{println, sys, Sel};
 use vdev::virtio::block::BlockBackend;
 use vdev::virtio::net::NetBackend;
 use vdev::{BadGuestAddress, GuestMemory};
-use vmm::machine::{Action, Config, Entry, Machine, NamedPort, Stop, TimeSource};
+use vmm::machine::{Action, Config, Entry, Hvc0, Machine, NamedPort, Stop, TimeSource};
 use vmm::state;
 
 mod disk;
@@ -1270,7 +1270,12 @@ impl Guest {
         let mut machine = Machine::new(&config, mem, time, Box::new(host_cpuid))
             .ok_or(SetupError("machine", Status::BadParameter))?;
         machine
-            .add_pci_devices(disk, Box::new(TscEntropy(moat_user::rdtsc())), named)
+            .add_pci_devices(
+                disk,
+                Box::new(TscEntropy(moat_user::rdtsc())),
+                named,
+                Hvc0::from_cmdline(self.cmdline),
+            )
             .map_err(|_| SetupError("PCI devices", Status::BadParameter))?;
         if let Some((backend, mac)) = port {
             machine.connect_net(backend, mac);

@@ -35,6 +35,40 @@ const DEBIAN_DISK: &str = "debian.img";
 const MBTEST: &str = "mbtest";
 const MBTEST_SIZE: u64 = 1 << 20;
 
+/// The files of each of the recipe's other kernels: `pinned:NAME/bzImage`
+/// and `pinned:NAME/initramfs.cpio` (`linux::build_other`).
+const OTHER_KERNEL_FILES: [&str; 2] = ["bzImage", "initramfs.cpio"];
+
+/// The other kernel (guests/linux/recipe.toml) whose file `name` (after
+/// `pinned:`) is, and that file's path; `Err` says what is wrong with a
+/// name of that shape, `Ok(None)` that it has another shape.
+fn pinned_other_kernel(name: &str) -> Result<Option<(String, PathBuf)>, String> {
+    let Some((kernel, file)) = name.split_once('/') else {
+        return Ok(None);
+    };
+    let recipe = linux::load_recipe().map_err(|e| e.to_string())?;
+    if recipe.other_kernel(kernel).is_none() {
+        return Err(format!(
+            "\"{PINNED_PREFIX}{kernel}/...\": {} has no other kernel \"{kernel}\" (it has: {})",
+            linux::RECIPE,
+            linux::other_kernel_names(&recipe)
+        ));
+    }
+    if !OTHER_KERNEL_FILES.contains(&file) {
+        return Err(format!(
+            "an other kernel's pinned files are {}",
+            OTHER_KERNEL_FILES
+                .map(|f| format!("\"{PINNED_PREFIX}{kernel}/{f}\""))
+                .join(" and ")
+        ));
+    }
+    let path = crate::util::workspace_root()
+        .join(linux::OTHER_KERNELS_DIR)
+        .join(kernel)
+        .join(file);
+    Ok(Some((kernel.to_string(), path)))
+}
+
 /// Where a pinned file lies, and whether it is the Debian system's.
 fn pinned_path(name: &str) -> (PathBuf, bool) {
     let root = crate::util::workspace_root();
@@ -609,6 +643,8 @@ pub struct Plan {
     pub uses_pinned_linux: bool,
     /// Some file is the Debian example's (`cargo xtask debian build`).
     pub uses_pinned_debian: bool,
+    /// The other kernels (`pinned:NAME/...`) some file is of, each once.
+    pub other_kernels: Vec<String>,
     /// A guest's persistent disk: QEMU's virtio-blk device on this file.
     pub disk: Option<DiskPlan>,
     /// A guest's network through the virtual switch: QEMU's virtio-net
@@ -833,6 +869,11 @@ impl Planner<'_> {
         let text = value.get_ref();
         let (path, pinned) = match text.strip_prefix(PINNED_PREFIX) {
             Some(name) if PINNED_FILES.contains(&name) => (pinned_path(name).0, true),
+            Some(name) if name.contains('/') => match pinned_other_kernel(name) {
+                Ok(Some((_, path))) => (path, true),
+                Ok(None) => unreachable!("a name with '/' has the other kernels' shape"),
+                Err(why) => return self.err(value.span(), field, why),
+            },
             Some(name) => {
                 return self.err(
                     value.span(),
@@ -1125,6 +1166,15 @@ impl Planner<'_> {
         let mut files: Vec<PlannedModule> = Vec::new();
         let mut uses_pinned_linux = false;
         let mut uses_pinned_debian = false;
+        let mut other_kernels: Vec<String> = Vec::new();
+        let mut note_other_kernel = |value: &Spanned<String>| {
+            let name = value.get_ref().strip_prefix(PINNED_PREFIX).unwrap_or("");
+            if let Ok(Some((kernel, _))) = pinned_other_kernel(name) {
+                if !other_kernels.contains(&kernel) {
+                    other_kernels.push(kernel);
+                }
+            }
+        };
         let mut console: Option<usize> = None;
         let mut file_sizes: u64 = 0;
         let mut disk: Option<DiskPlan> = None;
@@ -1248,6 +1298,7 @@ impl Planner<'_> {
             let mut file_mappings = vec![format!("file kernel {kernel_module}")];
             let mut files_size = kernel_size;
             uses_pinned_linux |= k_pinned;
+            note_other_kernel(&g.kernel);
             if let (Some(initrd), Some(module)) = (&g.initrd, g.modules.first()) {
                 let span = module.span().start.min(initrd.span().start)
                     ..module.span().end.max(initrd.span().end);
@@ -1261,6 +1312,7 @@ impl Planner<'_> {
                 let (path, pinned, size) = self.guest_file(initrd, &f("initrd"))?;
                 uses_pinned_linux |= pinned;
                 uses_pinned_debian |= path == pinned_path(DEBIAN_INITRD).0;
+                note_other_kernel(initrd);
                 let module = file_module(&mut files, &path, "initrd", i);
                 file_mappings.push(format!("file initrd {module}"));
                 files_size += size;
@@ -1271,6 +1323,7 @@ impl Planner<'_> {
                 let m = module.get_ref();
                 let (path, pinned, size) = self.guest_file(&m.file, &format!("{field}.file"))?;
                 uses_pinned_linux |= pinned;
+                note_other_kernel(&m.file);
                 let name = file_module(&mut files, &path, "mod", i);
                 file_mappings.push(format!("file mod{} {name}", n + 1));
                 files_size += size;
@@ -1636,6 +1689,7 @@ impl Planner<'_> {
             cpus,
             uses_pinned_linux,
             uses_pinned_debian,
+            other_kernels,
             disk,
             net,
         })
@@ -1925,6 +1979,9 @@ pub fn build_pinned(plan: &Plan) -> crate::Result<bool> {
         debian::build()?;
     } else if plan.uses_pinned_linux {
         linux::build()?;
+    }
+    for name in &plan.other_kernels {
+        linux::build_other(name)?;
     }
     Ok(plan.uses_pinned_linux || plan.uses_pinned_debian)
 }
@@ -2685,6 +2742,57 @@ mod tests {
         assert!(
             message.contains("the pinned guest has no file \"vmlinuz\""),
             "{message}"
+        );
+    }
+
+    /// `pinned:NAME/bzImage` and `pinned:NAME/initramfs.cpio`: the other
+    /// kernels of guests/linux/recipe.toml, each built when named.
+    #[test]
+    fn other_kernels_are_pinned_by_name() {
+        let text = GUEST
+            .replace("\"bzImage\"", "\"pinned:6.12/bzImage\"")
+            .replace("\"initrd.cpio\"", "\"pinned:6.12/initramfs.cpio\"");
+        let plan = plan(&text).unwrap();
+        assert_eq!(plan.other_kernels, ["6.12"]);
+        assert!(plan.uses_pinned_linux);
+        let dir = crate::util::workspace_root().join("target/linux/kernels/6.12");
+        for file in ["bzImage", "initramfs.cpio"] {
+            let source = ModuleSource::File(dir.join(file));
+            assert!(plan.modules.iter().any(|m| m.source == source), "{file}");
+        }
+        // Two guests, two other kernels and the pinned one.
+        let two = format!(
+            "{text}{}",
+            GUEST
+                .replace("\"g\"", "\"h\"")
+                .replace("\"bzImage\"", "\"pinned:cloud/bzImage\"")
+                .replace("\"initrd.cpio\"", "\"pinned:initramfs.cpio\"")
+        );
+        assert_eq!(
+            plan_with(&two, &GuestOverride::default())
+                .unwrap()
+                .other_kernels,
+            ["6.12", "cloud"]
+        );
+        assert!(plan_with(GUEST, &GuestOverride::default())
+            .unwrap()
+            .other_kernels
+            .is_empty());
+
+        let (line, _, field, message) =
+            error(&GUEST.replace("\"bzImage\"", "\"pinned:5.10/bzImage\""));
+        assert_eq!((line, field.as_str()), (3, "guest[0].kernel"));
+        assert!(
+            message.contains("has no other kernel \"5.10\" (it has: \"6.12\", \"cloud\")"),
+            "{message}"
+        );
+        let (_, _, field, message) =
+            error(&GUEST.replace("\"initrd.cpio\"", "\"pinned:cloud/initrd.img\""));
+        assert_eq!(field, "guest[0].initrd");
+        assert_eq!(
+            message,
+            "an other kernel's pinned files are \"pinned:cloud/bzImage\" and \
+             \"pinned:cloud/initramfs.cpio\""
         );
     }
 

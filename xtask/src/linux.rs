@@ -82,7 +82,21 @@ pub struct Recipe {
     pub busybox: Package,
     /// The modules `/init` loads; their dependencies are added.
     pub modules: Vec<String>,
+    /// Other kernels a user is likely to bring, each booted with the same
+    /// `/init` and tools (`pinned:NAME/bzImage`, [`build_other`]).
+    pub other_kernels: Vec<OtherKernel>,
 }
+
+/// One of the recipe's `[[other_kernel]]` tables.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OtherKernel {
+    /// Its name in `pinned:NAME/bzImage` and under [`OTHER_KERNELS_DIR`].
+    pub name: String,
+    pub package: Package,
+}
+
+/// Where the other kernels' guests are built, each in a folder of its name.
+pub const OTHER_KERNELS_DIR: &str = "target/linux/kernels";
 
 /// The recipe file as written: every key required, no other key.
 #[derive(serde::Deserialize)]
@@ -94,11 +108,46 @@ struct RecipeFile {
     busybox_version: String,
     /// Module names separated by spaces.
     modules: String,
+    #[serde(default)]
+    other_kernel: Vec<OtherKernelFile>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OtherKernelFile {
+    name: String,
+    package: String,
+    version: String,
 }
 
 impl Recipe {
     pub fn parse(text: &str) -> Result<Recipe, String> {
         let file: RecipeFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut other_kernels: Vec<OtherKernel> = Vec::new();
+        for k in file.other_kernel {
+            let good_name = !k.name.is_empty()
+                && k.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+                && !k.name.starts_with('.');
+            if !good_name {
+                return Err(format!(
+                    "other_kernel: name \"{}\": use letters, digits, '.', '-' and '_' \
+                     (it names a folder)",
+                    k.name
+                ));
+            }
+            if other_kernels.iter().any(|o| o.name == k.name) {
+                return Err(format!("other_kernel: name \"{}\" twice", k.name));
+            }
+            other_kernels.push(OtherKernel {
+                name: k.name,
+                package: Package {
+                    name: k.package,
+                    version: k.version,
+                },
+            });
+        }
         Ok(Recipe {
             kernel: Package {
                 name: file.kernel_package,
@@ -109,21 +158,29 @@ impl Recipe {
                 version: file.busybox_version,
             },
             modules: file.modules.split_whitespace().map(String::from).collect(),
+            other_kernels,
         })
+    }
+
+    /// The other kernel called `name`.
+    pub fn other_kernel(&self, name: &str) -> Option<&OtherKernel> {
+        self.other_kernels.iter().find(|k| k.name == name)
     }
 }
 
-fn load_recipe() -> Result<Recipe> {
-    let text = fs::read_to_string(RECIPE).context(|| format!("cannot read {RECIPE}"))?;
+pub(crate) fn load_recipe() -> Result<Recipe> {
+    let path = util::workspace_root().join(RECIPE);
+    let text = fs::read_to_string(&path).context(|| format!("cannot read {RECIPE}"))?;
     Recipe::parse(&text).map_err(|e| Error::Other(format!("{RECIPE}: {e}")))
 }
 
-/// Everything the initramfs and kernel are made from, as text: equal keys
-/// mean equal outputs.
-pub fn cache_key(recipe: &Recipe, init: &[u8], tools: &[Tool]) -> String {
+/// Everything a guest's initramfs and kernel are made from, as text:
+/// equal keys mean equal outputs. `kernel` is the recipe's or one of its
+/// other kernels.
+pub fn cache_key(kernel: &Package, recipe: &Recipe, init: &[u8], tools: &[Tool]) -> String {
     let mut key = format!(
         "layout {LAYOUT}\nkernel {}\nbusybox {}\nmodules {}\ninit fnv1a64:{:016x}\n",
-        recipe.kernel.spec(),
+        kernel.spec(),
         recipe.busybox.spec(),
         recipe.modules.join(" "),
         fnv1a64(init)
@@ -296,17 +353,21 @@ impl ModuleTree {
         Ok(ModuleTree { files, builtin })
     }
 
-    /// The module's bytes, as `insmod` takes them.
+    /// The module's bytes, as `insmod` takes them: uncompressed (Debian's
+    /// 6.1 kernels ship plain `.ko` files, its 6.12 kernels `.ko.xz`).
     fn read(&self, name: &str) -> Result<Vec<u8>> {
         let path = self.files.get(name).ok_or_else(|| unknown_module(name))?;
-        if path.extension().and_then(|e| e.to_str()) != Some("ko") {
-            // Debian 12 ships plain .ko files; later kernels compress them.
-            return Err(Error::Other(format!(
-                "{}: compressed modules are not supported yet",
+        let bytes = fs::read(path).context(|| format!("cannot read {}", path.display()))?;
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("ko") => Ok(bytes),
+            Some("xz") => {
+                unxz(&bytes).map_err(|e| Error::Other(format!("{}: {e}", path.display())))
+            }
+            _ => Err(Error::Other(format!(
+                "{}: only plain and xz-compressed modules are supported",
                 path.display()
-            )));
+            ))),
         }
-        fs::read(path).context(|| format!("cannot read {}", path.display()))
     }
 
     /// `None` for a built-in module, else what its `.modinfo` says it needs.
@@ -319,6 +380,14 @@ impl ModuleTree {
             .map(Some)
             .map_err(|e| Error::Other(format!("module {name}: {e}")))
     }
+}
+
+/// An xz file's contents.
+pub fn unxz(xz: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    lzma_rs::xz_decompress(&mut &xz[..], &mut out)
+        .map_err(|e| format!("not a valid xz file: {e}"))?;
+    Ok(out)
 }
 
 fn unknown_module(name: &str) -> Error {
@@ -660,26 +729,61 @@ pub struct Guest {
 /// Fetches, unpacks and builds whatever is not cached; returns the guest.
 pub fn build() -> Result<Guest> {
     let recipe = load_recipe()?;
+    build_guest(&recipe, &recipe.kernel, Path::new(LINUX_DIR))
+}
+
+/// The test guest with the recipe's other kernel `name` instead of the
+/// pinned one: the same `/init`, busybox and tools, that kernel's modules
+/// (those it has built in left out), under `OTHER_KERNELS_DIR/name`.
+pub fn build_other(name: &str) -> Result<Guest> {
+    let recipe = load_recipe()?;
+    let other = recipe.other_kernel(name).ok_or_else(|| {
+        Error::Other(format!(
+            "{RECIPE} has no other_kernel named \"{name}\" (it has: {})",
+            other_kernel_names(&recipe)
+        ))
+    })?;
+    build_guest(
+        &recipe,
+        &other.package,
+        &Path::new(OTHER_KERNELS_DIR).join(name),
+    )
+}
+
+pub(crate) fn other_kernel_names(recipe: &Recipe) -> String {
+    let names: Vec<_> = recipe
+        .other_kernels
+        .iter()
+        .map(|k| format!("\"{}\"", k.name))
+        .collect();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// The guest of `kernel` (the pinned one or an other) in `out`.
+fn build_guest(recipe: &Recipe, kernel: &Package, out: &Path) -> Result<Guest> {
     let init = fs::read(INIT).context(|| format!("cannot read {INIT}"))?;
     let tools = build_tools()?;
-    let root = Path::new(LINUX_DIR);
     let guest = Guest {
-        kernel: root.join("bzImage"),
-        initramfs: root.join("initramfs.cpio"),
+        kernel: out.join("bzImage"),
+        initramfs: out.join("initramfs.cpio"),
     };
-    let key = cache_key(&recipe, &init, &tools);
-    let key_file = root.join("build.key");
+    let key = cache_key(kernel, recipe, &init, &tools);
+    let key_file = out.join("build.key");
     let cached = fs::read_to_string(&key_file).is_ok_and(|k| k == key)
         && guest.kernel.is_file()
         && guest.initramfs.is_file();
     if cached {
-        println!("linux: up to date ({})", recipe.kernel.spec());
+        println!("linux: up to date ({})", kernel.spec());
         return Ok(guest);
     }
-    fs::create_dir_all(root).context(|| format!("cannot create {}", root.display()))?;
+    fs::create_dir_all(out).context(|| format!("cannot create {}", out.display()))?;
     emu::remove_stale(&key_file)?;
 
-    let (parts, vmlinuz) = unpack_pinned(&recipe, &recipe.modules)?;
+    let (parts, vmlinuz) = unpack_kernel(kernel, &recipe.busybox, &recipe.modules)?;
     println!(
         "linux: kernel {}, modules in load order: {}",
         parts.release,
@@ -722,17 +826,21 @@ pub(crate) struct InitrdParts {
 /// Debian example's initrd, `debian.rs`).
 pub(crate) fn pinned_modules_and_busybox(wanted: &[String]) -> Result<InitrdParts> {
     let recipe = load_recipe()?;
-    Ok(unpack_pinned(&recipe, wanted)?.0)
+    Ok(unpack_kernel(&recipe.kernel, &recipe.busybox, wanted)?.0)
 }
 
-/// Unpacks the pinned kernel and busybox packages (cached): the parts of
-/// an initrd with the modules `wanted` and what they need, and the
-/// kernel's `vmlinuz`.
-fn unpack_pinned(recipe: &Recipe, wanted: &[String]) -> Result<(InitrdParts, PathBuf)> {
+/// Unpacks a kernel and the busybox package (cached): the parts of an
+/// initrd with the modules `wanted` and what they need, and the kernel's
+/// `vmlinuz`.
+fn unpack_kernel(
+    kernel: &Package,
+    busybox: &Package,
+    wanted: &[String],
+) -> Result<(InitrdParts, PathBuf)> {
     let root = Path::new(LINUX_DIR);
     fs::create_dir_all(root).context(|| format!("cannot create {}", root.display()))?;
-    let kernel_pkg = unpacked(&recipe.kernel, root)?;
-    let busybox_pkg = unpacked(&recipe.busybox, root)?;
+    let kernel_pkg = unpacked(kernel, root)?;
+    let busybox_pkg = unpacked(busybox, root)?;
     let release_dir = only_entry(&kernel_pkg.join("lib/modules"), "")?;
     let release = release_dir
         .file_name()
@@ -1603,6 +1711,57 @@ mod tests {
         let r = Recipe::parse(&text).unwrap();
         assert!(r.kernel.name.starts_with("linux-image-6.1.0-"));
         assert!(r.modules.contains(&"virtio_pci".to_string()));
+        let names: Vec<_> = r.other_kernels.iter().map(|k| k.name.as_str()).collect();
+        assert_eq!(names, ["6.12", "cloud"]);
+        assert!(r
+            .other_kernel("cloud")
+            .unwrap()
+            .package
+            .name
+            .ends_with("-cloud-amd64"));
+    }
+
+    #[test]
+    fn other_kernels_parse_and_reject() {
+        let base = "kernel_package = \"k\"\nkernel_version = \"1\"\nbusybox_package = \"b\"\n\
+                    busybox_version = \"2\"\nmodules = \"m\"\n";
+        let other = |name: &str| {
+            format!("[[other_kernel]]\nname = \"{name}\"\npackage = \"p\"\nversion = \"3\"\n")
+        };
+        let r = Recipe::parse(&format!("{base}{}{}", other("6.12"), other("cloud_2"))).unwrap();
+        assert_eq!(r.other_kernels.len(), 2);
+        assert_eq!(r.other_kernel("6.12").unwrap().package.spec(), "p=3");
+        assert!(r.other_kernel("6.1").is_none());
+        assert!(Recipe::parse(base).unwrap().other_kernels.is_empty());
+        for bad in ["", "a/b", "..", ".hidden", "a b"] {
+            let e = Recipe::parse(&format!("{base}{}", other(bad))).unwrap_err();
+            assert!(e.contains("it names a folder"), "{bad}: {e}");
+        }
+        let twice = Recipe::parse(&format!("{base}{}{}", other("x"), other("x")));
+        assert_eq!(twice.unwrap_err(), "other_kernel: name \"x\" twice");
+        let extra = format!("{base}{}flavour = \"rt\"\n", other("x"));
+        assert!(Recipe::parse(&extra).is_err(), "unknown key");
+        let missing = format!("{base}[[other_kernel]]\nname = \"x\"\npackage = \"p\"\n");
+        assert!(Recipe::parse(&missing).is_err(), "no version");
+    }
+
+    #[test]
+    fn xz_modules_unpack_and_bad_ones_are_errors() {
+        // `printf 'hello module\n' | xz --check=crc32`, as Debian compresses
+        // its modules.
+        const XZ: &[u8] = &[
+            0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00, 0x00, 0x01, 0x69, 0x22, 0xde, 0x36, 0x02, 0x00,
+            0x21, 0x01, 0x16, 0x00, 0x00, 0x00, 0x74, 0x2f, 0xe5, 0xa3, 0x01, 0x00, 0x0c, 0x68,
+            0x65, 0x6c, 0x6c, 0x6f, 0x20, 0x6d, 0x6f, 0x64, 0x75, 0x6c, 0x65, 0x0a, 0x00, 0x00,
+            0x00, 0x00, 0xba, 0xcd, 0xce, 0x9a, 0x00, 0x01, 0x21, 0x0d, 0x75, 0xdc, 0xa8, 0xd2,
+            0x90, 0x42, 0x99, 0x0d, 0x01, 0x00, 0x00, 0x00, 0x00, 0x01, 0x59, 0x5a,
+        ];
+        assert_eq!(unxz(XZ).unwrap(), b"hello module\n");
+        assert!(unxz(&XZ[..XZ.len() / 2]).is_err());
+        assert!(unxz(b"\x7fELF not compressed").is_err());
+        let mut bad = XZ.to_vec();
+        bad[30] ^= 0xff;
+        assert!(unxz(&bad).is_err());
     }
 
     #[test]
@@ -1613,21 +1772,27 @@ mod tests {
         )
         .unwrap();
         let tools = [tool("at", b"\x7fELF at"), tool("stress", b"\x7fELF stress")];
-        let key = cache_key(&r, b"#!/bin/sh\n", &tools);
-        assert_eq!(key, cache_key(&r, b"#!/bin/sh\n", &tools));
-        assert_ne!(key, cache_key(&r, b"#!/bin/sh \n", &tools));
+        let key = cache_key(&r.kernel, &r, b"#!/bin/sh\n", &tools);
+        assert_eq!(key, cache_key(&r.kernel, &r, b"#!/bin/sh\n", &tools));
+        assert_ne!(key, cache_key(&r.kernel, &r, b"#!/bin/sh \n", &tools));
         // A rebuilt tool, a tool more or less.
         let rebuilt = [tools[0].clone(), tool("stress", b"\x7fELF stress2")];
-        assert_ne!(key, cache_key(&r, b"#!/bin/sh\n", &rebuilt));
-        assert_ne!(key, cache_key(&r, b"#!/bin/sh\n", &tools[..1]));
+        assert_ne!(key, cache_key(&r.kernel, &r, b"#!/bin/sh\n", &rebuilt));
+        assert_ne!(key, cache_key(&r.kernel, &r, b"#!/bin/sh\n", &tools[..1]));
         let mut other = Recipe {
             modules: strings(&["m", "n"]),
             ..r
         };
-        assert_ne!(key, cache_key(&other, b"#!/bin/sh\n", &tools));
+        assert_ne!(
+            key,
+            cache_key(&other.kernel, &other, b"#!/bin/sh\n", &tools)
+        );
         other.modules = strings(&["m"]);
         other.kernel.version = "1a".into();
-        assert_ne!(key, cache_key(&other, b"#!/bin/sh\n", &tools));
+        assert_ne!(
+            key,
+            cache_key(&other.kernel, &other, b"#!/bin/sh\n", &tools)
+        );
     }
 
     fn tool(name: &'static str, bytes: &[u8]) -> Tool {

@@ -219,6 +219,9 @@ pub enum SystemConfig {
     File(&'static str),
     /// A configuration's text.
     Text(&'static str),
+    /// The default configuration with the quick form's `--append TEXT`
+    /// (`cargo xtask run --append TEXT`).
+    Append(&'static str),
 }
 
 /// The system test `soak_short`, and the shape of every soak.
@@ -372,6 +375,53 @@ disk = "target/systest/"#,
             $dir,
             "/user.img\"\n"
         )
+    };
+}
+
+/// One guest with the recipe's other kernel `$kernel` (guests/linux/
+/// recipe.toml, `[[other_kernel]]`) and its initramfs, on the test disk,
+/// with the kernel command line `$cmdline` and `/init`'s disk checks.
+macro_rules! other_kernel_config {
+    ($kernel:literal, $cmdline:literal) => {
+        concat!(
+            "[[guest]]\nname = \"linux\"\nkernel = \"pinned:",
+            $kernel,
+            "/bzImage\"\ninitrd = \"pinned:",
+            $kernel,
+            "/initramfs.cpio\"\ncmdline = \"",
+            $cmdline,
+            "\"\ntest-disk = true\n"
+        )
+    };
+}
+
+/// What a guest with an other kernel must show: that kernel's banner,
+/// then every `/init` check, over the disk check's reboot, and a clean
+/// power-off.
+macro_rules! other_kernel_checks {
+    ($banner:literal) => {
+        [
+            all($banner),
+            all("MOAT-INIT start"),
+            all("MOAT-CHECK blk-read ok"),
+            all("MOAT-CHECK blk-write ok"),
+            all("MOAT-INIT reboot"),
+            all("vmm: guest reset (reset"),
+            all($banner),
+            all("MOAT-INIT start"),
+            all("MOAT-CHECK blk-persist ok"),
+            all("MOAT-CHECK cpu-hypervisor ok"),
+            all("MOAT-CHECK clocksource ok kvm-clock"),
+            all("MOAT-CHECK virtio-console ok"),
+            all("MOAT-CHECK virtio-block ok"),
+            all("MOAT-CHECK virtio-net ok"),
+            all("MOAT-CHECK virtio-rng ok"),
+            all("MOAT-CHECK hvc0 ok"),
+            all("MOAT-CHECK net-ping ok"),
+            all("MOAT-INIT done checks="),
+            all("failed=0"),
+            all("vmm: guest stopped: power-off"),
+        ]
     };
 }
 
@@ -2311,6 +2361,78 @@ hostfwd = ["{free-port}:8080"]
         only_on: Some(Emulator::Qemu),
         ..BASE
     },
+    // `cargo xtask run --append "console=hvc0 earlycon=…"`: the pinned
+    // guest's console is the virtio console, its early boot log on COM1
+    // until hvc0 is up (virtio_console is a module there: /init loads the
+    // modules before it opens the console). The VMM shows hvc0's output
+    // raw and types into it; every check passes, and the shell on hvc0
+    // answers what is typed.
+    SysTest {
+        name: "console_hvc0",
+        config: Some(SystemConfig::Append(
+            "console=hvc0 earlycon=uart8250,io,0x3f8 panic=-1 moat.modem=1 moat.ipc=20 moat.shell=1",
+        )),
+        expect: &[
+            all("Linux version 6.1."),
+            all("earlycon: uart8250 at I/O port 0x3f8"),
+            all("MOAT-INIT start"),
+            all("MOAT-CHECK insmod-virtio_console ok"),
+            all("MOAT-CHECK blk-read ok"),
+            all("MOAT-INIT reboot"),
+            all("vmm: guest reset (reset"),
+            all("MOAT-INIT start"),
+            all("MOAT-CHECK blk-persist ok"),
+            all("MOAT-CHECK virtio-console ok"),
+            all("MOAT-CHECK hvc0 ok a console: hvc0 "),
+            all("MOAT-CHECK modem-AT ok"),
+            all("MOAT-INIT done checks="),
+            all("failed=0"),
+            all("MOAT-TYPED-42"),
+            all("vmm: guest stopped: power-off"),
+        ],
+        forbid: &["FAIL", "faulted"],
+        stop: Stop::WhenDecided,
+        check: Some(console_hvc0_check),
+        // The shell on hvc0 answers what is typed, then ends, and the
+        // guest powers off.
+        console: &[
+            typed("MOAT-INIT done checks=", "echo MOAT-TYPED-$((6*7))\n"),
+            typed("MOAT-TYPED-42", "exit\n"),
+        ],
+        only_on: Some(Emulator::Qemu),
+        ..BASE
+    },
+    // Other kernels a user is likely to bring (guests/linux/recipe.toml,
+    // `[[other_kernel]]`; docs/configuration.md, "Other kernels"), each
+    // with the same /init from its own initramfs: every check passes on
+    // both boots. QEMU only: `linux` runs the VMM's paths on Bochs. 6.12
+    // has virtio-console built in: its console is hvc0 from before /init
+    // on (the early log on COM1 until then); the cloud kernel's is COM1.
+    SysTest {
+        name: "kernel_6_12",
+        config: Some(SystemConfig::Text(other_kernel_config!(
+            "6.12",
+            "console=hvc0 earlycon=uart8250,io,0x3f8 panic=-1"
+        ))),
+        expect: &other_kernel_checks!("Linux version 6.12.118+deb12-amd64"),
+        check: Some(kernel_6_12_check),
+        forbid: &["FAIL", "faulted"],
+        stop: Stop::WhenDecided,
+        only_on: Some(Emulator::Qemu),
+        ..BASE
+    },
+    SysTest {
+        name: "kernel_cloud",
+        config: Some(SystemConfig::Text(other_kernel_config!(
+            "cloud",
+            "console=ttyS0 panic=-1"
+        ))),
+        expect: &other_kernel_checks!("Linux version 6.1.0-50-cloud-amd64"),
+        forbid: &["FAIL", "faulted"],
+        stop: Stop::WhenDecided,
+        only_on: Some(Emulator::Qemu),
+        ..BASE
+    },
     // The Linux guest's network is a port of the virtual switch on QEMU's
     // virtio-net device (user networking): it pings the uplink's gateway
     // (10.0.2.2, QEMU's) and the native `peer` on its own port, and
@@ -2764,6 +2886,47 @@ fn linux_check(output: &str) -> Vec<Part> {
 /// A guest that owns the console: its bytes reach the terminal raw.
 fn console_guest_check(output: &str) -> Vec<Part> {
     vec![clock_part(output), ansi_part(output, true)]
+}
+
+/// `console_hvc0`: the guest's bytes reach the terminal raw, and the boot
+/// log left COM1 for hvc0 (the kernel's own lines after the handover).
+fn console_hvc0_check(output: &str) -> Vec<Part> {
+    let handover = "console [hvc0] enabled";
+    vec![
+        clock_part(output),
+        ansi_part(output, true),
+        Part {
+            name: "earlycon-until-hvc0".to_string(),
+            result: if output.contains(handover) {
+                Ok(handover.to_string())
+            } else {
+                Err(format!("no '{handover}'"))
+            },
+        },
+    ]
+}
+
+/// `kernel_6_12`: hvc0 took over from the early console on COM1 before
+/// `/init` started, on both boots.
+fn kernel_6_12_check(output: &str) -> Vec<Part> {
+    let boots: Vec<&str> = output.split("Linux version ").skip(1).collect();
+    let before_init = |boot: &str| {
+        let init = boot.find("Run /init as init process")?;
+        let hvc0 = boot.find("console [hvc0] enabled")?;
+        (hvc0 < init).then_some(())
+    };
+    let good = boots.iter().filter(|b| before_init(b).is_some()).count();
+    vec![Part {
+        name: "hvc0-before-init".to_string(),
+        result: if boots.len() == 2 && good == 2 {
+            Ok("console [hvc0] enabled before /init on both boots".to_string())
+        } else {
+            Err(format!(
+                "{good} of {} boots enabled hvc0 before /init",
+                boots.len()
+            ))
+        },
+    }]
 }
 
 /// `vmm_blk`: the guest's disk came from the block service and its flush
@@ -3398,6 +3561,13 @@ fn config_boot_spec(
     let overrides = crate::config::GuestOverride::default();
     let plan = match config {
         SystemConfig::File(path) => crate::config::load_pinned_aware(Path::new(path), &overrides)?,
+        SystemConfig::Append(append) => crate::config::load_pinned_aware(
+            Path::new(crate::config::DEFAULT_CONFIG),
+            &crate::config::GuestOverride {
+                append: Some(append.to_string()),
+                ..overrides
+            },
+        )?,
         SystemConfig::Text(text) => {
             let name = format!("system test {}", test.name);
             let text = &text.replace(FREE_PORT, &crate::net::free_port()?.to_string());

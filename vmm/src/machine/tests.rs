@@ -387,6 +387,7 @@ fn pci_enumerates_the_virtio_devices() {
             Some(Box::new(MemDisk::new(vec![0; 4096]))),
             Box::new(Zeros),
             NamedPort::Echo,
+            Hvc0::Echo,
         )
         .unwrap();
     let mut ids = Vec::new();
@@ -427,6 +428,7 @@ fn the_dump_shows_exits_interrupts_and_every_queue() {
             Some(Box::new(MemDisk::new(vec![0; 4096]))),
             Box::new(Zeros),
             NamedPort::Echo,
+            Hvc0::Echo,
         )
         .unwrap();
     let mut state = out(0x3f8, 1, u64::from(b'x'));
@@ -666,7 +668,7 @@ impl NetBackend for FakePort {
 fn a_connected_switch_port_is_polled_and_taken_back() {
     let mut s = setup();
     s.machine
-        .add_pci_devices(None, Box::new(Zeros), NamedPort::Echo)
+        .add_pci_devices(None, Box::new(Zeros), NamedPort::Echo, Hvc0::Echo)
         .unwrap();
     let port = FakePort::default();
     port.0.borrow_mut().0.extend([vec![1; 60], vec![2; 60]]);
@@ -683,4 +685,25 @@ fn a_connected_switch_port_is_polled_and_taken_back() {
     // The machine is left with the echo peer, which has nothing by itself.
     s.machine.poll_net();
     assert!(!s.machine.take_net().expect("the echo peer").ready());
+}
+
+#[test]
+fn hvc0_is_a_console_when_the_command_line_names_it() {
+    let role = |cmdline: &str| Hvc0::from_cmdline(cmdline.as_bytes());
+    assert_eq!(role(""), Hvc0::Echo);
+    assert_eq!(role("console=ttyS0 panic=-1"), Hvc0::Echo);
+    assert_eq!(role("xconsole=hvc0 console=hvc01"), Hvc0::Echo);
+    assert_eq!(
+        role("console=hvc0 earlycon=uart8250,io,0x3f8"),
+        Hvc0::Console { input: true }
+    );
+    // The last `console=` is /dev/console, the one typed at.
+    assert_eq!(
+        role("console=hvc0\tconsole=ttyS0,115200"),
+        Hvc0::Console { input: false }
+    );
+    assert_eq!(
+        role("console=ttyS0 console=hvc0,9600"),
+        Hvc0::Console { input: true }
+    );
 }
