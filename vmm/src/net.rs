@@ -72,6 +72,15 @@ impl NetBackend for SwitchPort {
     }
 
     fn poll(&mut self) -> Option<Vec<u8>> {
+        if let Some(starts) = self.port.switch_started() {
+            // The first start is the one the VMM may have met already
+            // running or not: only later ones are restarts.
+            if starts > 1 {
+                println!(
+                    "vmm: network: the switch restarted (start {starts}); frames it held are lost"
+                );
+            }
+        }
         let len = self.port.receive(&mut self.buf)?;
         Some(self.buf[..len].to_vec())
     }

@@ -153,13 +153,24 @@ const NET_QUOTA: u64 = 128 << 10;
 const NET_PRIORITY: u8 = 20;
 const NET_DMA: u64 = 136 << 10;
 const NET_REGION: u64 = 132 << 10;
+/// Where the switch maps client N's region: N strides past the first.
+const NET_REGION_STRIDE: u64 = MAPPING_SLOT / 16;
+/// The switch's restarts after a crash: its clients' rings and
+/// semaphores outlive it, and a new instance resumes them.
+const NET_RESTART: &str = "5 backoff 10ms";
 /// The VMM's semaphores for its switch port (`vmm/src/net.rs`): the
 /// switch's at 32, the port's at 33.
 const VMM_NET_SEMAPHORES: u64 = 32;
 /// The switch's semaphore in the `net` component, and its client's.
 const NET_SWITCH_SM: u64 = 30;
-/// A guest's MAC address on the switch (the VMM's default).
-pub const GUEST_MAC: &str = "52:54:00:12:34:56";
+/// The first guest's MAC address on the switch (the VMM's default); the
+/// next guest with a port gets the next address, and so on.
+const GUEST_MAC_FIRST: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+/// The address the first guest with a port configures (QEMU's user
+/// networking's default guest address); the next gets the next.
+const GUEST_ADDRESS_FIRST: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 0, 2, 15);
+/// Guests with a port at most: one port of the switch's is the uplink.
+const MAX_NET_GUESTS: usize = 7;
 
 /// The emulated machine: the kernel, tasks, boot structures and the
 /// kernel's reserve, besides the modules and the root's pool and quota.
@@ -652,24 +663,61 @@ pub struct Plan {
     pub net: Option<NetPlan>,
 }
 
-/// A guest's network, as planned; the host ports are checked free by
-/// [`NetPlan::prepare`] before anything boots.
+/// The guests' network, as planned: one port of the virtual switch per
+/// guest with `hostfwd`, in the order of the file; the host ports are
+/// checked free by [`NetPlan::prepare`] before anything boots.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetPlan {
+    pub ports: Vec<NetPort>,
+}
+
+/// One guest's port: client `index` of the switch (its region `nINDEX`),
+/// with its MAC address, the address the guest is expected to configure
+/// (where its forwards go) and the forwards.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetPort {
     pub guest: String,
+    pub index: usize,
+    pub mac: String,
+    pub address: std::net::Ipv4Addr,
     pub forwards: Vec<crate::net::Forward>,
+}
+
+impl NetPort {
+    fn new(guest: &str, index: usize, forwards: Vec<crate::net::Forward>) -> Self {
+        let [a, b, c, d, e, f] = GUEST_MAC_FIRST;
+        let [w, x, y, z] = GUEST_ADDRESS_FIRST.octets();
+        Self {
+            guest: guest.to_string(),
+            index,
+            mac: format!(
+                "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{:02x}",
+                f + index as u8
+            ),
+            address: std::net::Ipv4Addr::new(w, x, y, z + index as u8),
+            forwards,
+        }
+    }
 }
 
 impl NetPlan {
     pub fn prepare(&self) -> Result<(), String> {
-        for f in &self.forwards {
-            crate::net::check_free(f.host).map_err(|e| format!("guest '{}': {e}", self.guest))?;
+        for port in &self.ports {
+            for f in &port.forwards {
+                crate::net::check_free(f.host)
+                    .map_err(|e| format!("guest '{}': {e}", port.guest))?;
+            }
         }
         Ok(())
     }
 
     pub fn qemu_args(&self) -> Vec<String> {
-        crate::net::qemu_args(&self.forwards)
+        let forwards: Vec<_> = self
+            .ports
+            .iter()
+            .flat_map(|p| p.forwards.iter().map(|f| (p.address, *f)))
+            .collect();
+        crate::net::qemu_args(&forwards)
     }
 }
 
@@ -1178,7 +1226,7 @@ impl Planner<'_> {
         let mut console: Option<usize> = None;
         let mut file_sizes: u64 = 0;
         let mut disk: Option<DiskPlan> = None;
-        let mut net: Option<NetPlan> = None;
+        let mut net_ports: Vec<NetPort> = Vec::new();
         for (i, g) in file.guests.iter().enumerate() {
             let f = |name: &str| format!("guest[{i}].{name}");
             let name = g.name.get_ref().as_str();
@@ -1368,7 +1416,7 @@ impl Planner<'_> {
             };
             let guest_disk = self.guest_disk(g, &f, disk.as_ref())?;
             uses_pinned_debian |= guest_disk.as_ref().is_some_and(|d| d.template.is_some());
-            let guest_net = self.guest_net(g, &f, net.as_ref())?;
+            let guest_net = self.guest_net(g, &f, &net_ports)?;
             line.push('\n');
             let cmdline_module = format!("{name}.cmdline");
             files.push(PlannedModule {
@@ -1393,8 +1441,12 @@ impl Planner<'_> {
             if guest_disk.is_some() {
                 mappings.push(format!("shared c0 {}", manifest_size(BLK_REGION)));
             }
-            if guest_net.is_some() {
-                mappings.push(format!("shared n0 {}", manifest_size(NET_REGION)));
+            if let Some(port) = &guest_net {
+                mappings.push(format!(
+                    "shared n{} {}",
+                    port.index,
+                    manifest_size(NET_REGION)
+                ));
             }
             mappings.push(format!("file cmdline {cmdline_module}"));
             manifest += &format!(
@@ -1500,8 +1552,8 @@ impl Planner<'_> {
                         ),
                     );
                 }
-                args.push(format!("net=n0 mac={GUEST_MAC}"));
-                net = Some(planned);
+                args.push(format!("net=n{} mac={}", planned.index, planned.mac));
+                net_ports.push(planned);
             }
             if !args.is_empty() {
                 manifest += &format!("    args {}\n", args.join(" "));
@@ -1556,38 +1608,55 @@ impl Planner<'_> {
             quotas += BLK_QUOTA;
             extra_components += 1;
         }
-        // The virtual switch for the guest's network: the `net` driver with
-        // QEMU's virtio-net device as the uplink, the guest's VMM client 0.
+        // The virtual switch for the guests' network: the `net` driver with
+        // QEMU's virtio-net device as the uplink, the guests' VMMs its
+        // clients, each on its own port.
+        let net = (!net_ports.is_empty()).then_some(NetPlan { ports: net_ports });
         if let Some(n) = &net {
             let what = format!(
                 "the virtual switch, which guest '{}' needs for its `hostfwd`",
-                n.guest
+                n.ports[0].guest
             );
             self.service_name_free(file, NET_COMPONENT, &what)?;
             manifest += &format!(
                 "component {NET_COMPONENT}\n    module net\n    priority {NET_PRIORITY}\n    \
-                 memory {}\n    quota {}\n    restart 0\n    pci dev 1af4:1041 at {:#x}\n    \
-                 dma dma {} at {:#x}\n    shared n0 {} at {:#x}\n    args n0.mac={GUEST_MAC}\n",
+                 memory {}\n    quota {}\n    restart {NET_RESTART}\n    pci dev 1af4:1041 at {:#x}\n    \
+                 dma dma {} at {:#x}\n",
                 manifest_size(NET_MEMORY),
                 manifest_size(NET_QUOTA),
                 MAPPING_BASE + MAPPING_SLOT,
                 manifest_size(NET_DMA),
                 MAPPING_BASE + 2 * MAPPING_SLOT,
-                manifest_size(NET_REGION),
-                MAPPING_BASE,
             );
-            trailer += &format!(
-                "semaphore netswitch up {0} at {1} updown {NET_COMPONENT} at {NET_SWITCH_SM}\n\
-                 semaphore netport up {NET_COMPONENT} at {3} down {0} at {2}\n",
-                n.guest,
-                VMM_NET_SEMAPHORES,
-                VMM_NET_SEMAPHORES + 1,
-                NET_SWITCH_SM + 1,
-            );
+            let mut macs = Vec::new();
+            let mut switch_sm =
+                format!("semaphore netswitch updown {NET_COMPONENT} at {NET_SWITCH_SM}");
+            for port in &n.ports {
+                let k = port.index;
+                manifest += &format!(
+                    "    shared n{k} {} at {:#x}\n",
+                    manifest_size(NET_REGION),
+                    MAPPING_BASE + k as u64 * NET_REGION_STRIDE,
+                );
+                macs.push(format!("n{k}.mac={}", port.mac));
+                switch_sm += &format!(" up {} at {VMM_NET_SEMAPHORES}", port.guest);
+            }
+            manifest += &format!("    args {}\n", macs.join(" "));
+            trailer += &switch_sm;
+            trailer.push('\n');
+            for port in &n.ports {
+                trailer += &format!(
+                    "semaphore netport{0} up {NET_COMPONENT} at {1} down {2} at {3}\n",
+                    port.index,
+                    NET_SWITCH_SM + 1 + port.index as u64,
+                    port.guest,
+                    VMM_NET_SEMAPHORES + 1,
+                );
+            }
             if !tasks.iter().any(|t| t == NET_COMPONENT) {
                 tasks.push(NET_COMPONENT.to_string());
             }
-            pool += NET_MEMORY + DEFAULT_STACK + NET_DMA + 2 * NET_REGION;
+            pool += NET_MEMORY + DEFAULT_STACK + NET_DMA + 2 * NET_REGION * n.ports.len() as u64;
             quotas += NET_QUOTA;
             extra_components += 1;
         }
@@ -1695,27 +1764,29 @@ impl Planner<'_> {
         })
     }
 
-    /// A guest's network through the switch (`hostfwd`), checked: one
-    /// guest may have one for now (one uplink, whose forwards reach the
-    /// guest address QEMU's user networking gives, 10.0.2.15), each a
-    /// `HOST_PORT:GUEST_PORT`, no host port twice.
+    /// A guest's port on the switch (`hostfwd`), checked: at most
+    /// [`MAX_NET_GUESTS`] guests have one, each forward a
+    /// `HOST_PORT:GUEST_PORT`, no host port twice (in any guest). The
+    /// guest gets the next MAC address and guest address after those
+    /// `taken` has.
     fn guest_net(
         &self,
         g: &GuestEntry,
         f: &dyn Fn(&str) -> String,
-        planned: Option<&NetPlan>,
-    ) -> Result<Option<NetPlan>, ConfigError> {
+        taken: &[NetPort],
+    ) -> Result<Option<NetPort>, ConfigError> {
         let Some(list) = &g.hostfwd else {
             return Ok(None);
         };
-        if let Some(other) = planned {
+        if taken.len() >= MAX_NET_GUESTS {
             return self.err(
                 list.span(),
                 &f("hostfwd"),
                 format!(
-                    "guest '{}' already has the network; one guest may have `hostfwd` for now \
-                     (one uplink)",
-                    other.guest
+                    "the virtual switch has {MAX_NET_GUESTS} ports for guests, and guests '{}' \
+                     to '{}' have them",
+                    taken[0].guest,
+                    taken[taken.len() - 1].guest
                 ),
             );
         }
@@ -1730,12 +1801,22 @@ impl Planner<'_> {
                     format!("host port {} forwarded twice", forward.host),
                 );
             }
+            if let Some(other) = taken
+                .iter()
+                .find(|p| p.forwards.iter().any(|o| o.host == forward.host))
+            {
+                return self.err(
+                    entry.span(),
+                    &f("hostfwd"),
+                    format!(
+                        "host port {} is forwarded to guest '{}' already",
+                        forward.host, other.guest
+                    ),
+                );
+            }
             forwards.push(forward);
         }
-        Ok(Some(NetPlan {
-            guest: g.name.get_ref().clone(),
-            forwards,
-        }))
+        Ok(Some(NetPort::new(g.name.get_ref(), taken.len(), forwards)))
     }
 
     /// A guest's persistent disk (`disk`, `disk-size`), checked: one
@@ -2444,9 +2525,13 @@ mod tests {
         let names: Vec<_> = m.components.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["clock", "g", "blk", "net"]);
         let net = plan.net.clone().unwrap();
-        assert_eq!(net.guest, "g");
+        assert_eq!(net.ports.len(), 1);
+        let port = &net.ports[0];
+        assert_eq!(port.guest, "g");
+        assert_eq!(port.mac, "52:54:00:12:34:56");
+        assert_eq!(port.address.to_string(), "10.0.2.15");
         assert_eq!(
-            net.forwards,
+            port.forwards,
             [
                 crate::net::Forward {
                     host: 8080,
@@ -2471,8 +2556,9 @@ mod tests {
             "    dma dma 136K at ",
             "    shared n0 132K at ",
             "    args n0.mac=52:54:00:12:34:56\n",
-            "semaphore netswitch up g at 32 updown net at 30\n",
-            "semaphore netport up net at 31 down g at 33\n",
+            "    restart 5 backoff 10ms\n",
+            "semaphore netswitch updown net at 30 up g at 32\n",
+            "semaphore netport0 up net at 31 down g at 33\n",
         ] {
             assert!(switch.contains(line), "{line} in {switch}");
         }
@@ -2482,13 +2568,84 @@ mod tests {
         assert!(image
             .contains(&"virtio-blk-pci,drive=d0,disable-legacy=on,disable-modern=off".to_string()));
         assert!(image.contains(
-            &"user,id=n0,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=tcp:127.0.0.1:2222-:22".to_string()
+            &"user,id=n0,hostfwd=tcp:127.0.0.1:8080-10.0.2.15:80,\
+              hostfwd=tcp:127.0.0.1:2222-10.0.2.15:22"
+                .to_string()
         ));
         // An empty list: the switch and the uplink, nothing forwarded.
         let plan = super::tests::plan(&format!("{DISK_GUEST}hostfwd = []\n")).unwrap();
-        assert!(plan.net.unwrap().forwards.is_empty());
+        assert!(plan.net.unwrap().ports[0].forwards.is_empty());
         assert!(plan.manifest.contains("component net\n"));
         assert!(super::tests::plan(DISK_GUEST).unwrap().net.is_none());
+    }
+
+    #[test]
+    fn each_guest_with_hostfwd_has_its_own_port() {
+        let two = format!(
+            "{DISK_GUEST}hostfwd = [\"8080:80\"]\n[[guest]]\nname = \"h\"\nkernel = \"bz\"\n\
+             initrd = \"rd\"\nhostfwd = [\"2222:22\"]\n"
+        );
+        let planned = plan(&two).unwrap();
+        let plan_of = plan;
+        let plan = planned;
+        let m = root_parse(&plan.manifest);
+        let names: Vec<_> = m.components.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["clock", "g", "h", "net"]);
+        let ports = &plan.net.as_ref().unwrap().ports;
+        let seen: Vec<_> = ports
+            .iter()
+            .map(|p| {
+                (
+                    p.guest.as_str(),
+                    p.index,
+                    p.mac.as_str(),
+                    p.address.to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("g", 0, "52:54:00:12:34:56", "10.0.2.15".to_string()),
+                ("h", 1, "52:54:00:12:34:57", "10.0.2.16".to_string()),
+            ]
+        );
+        let h = &plan.manifest[plan.manifest.find("component h").unwrap()..];
+        let h = &h[..h.find("component net").unwrap()];
+        assert!(h.contains("    shared n1 132K at "), "{h}");
+        assert!(h.contains(" net=n1 mac=52:54:00:12:34:57"), "{h}");
+        let switch = &plan.manifest[plan.manifest.find("component net").unwrap()..];
+        for line in [
+            "    shared n0 132K at 0x10000000000\n",
+            "    shared n1 132K at 0x11000000000\n",
+            "    args n0.mac=52:54:00:12:34:56 n1.mac=52:54:00:12:34:57\n",
+            "semaphore netswitch updown net at 30 up g at 32 up h at 32\n",
+            "semaphore netport0 up net at 31 down g at 33\n",
+            "semaphore netport1 up net at 32 down h at 33\n",
+        ] {
+            assert!(switch.contains(line), "{line} in {switch}");
+        }
+        // The root task's parser agrees: both guests are the switch's
+        // clients, so it stops when both are done.
+        let net = names.iter().position(|&n| n == "net").unwrap();
+        assert!(m.serves(net, 1) && m.serves(net, 2));
+        assert_eq!(
+            crate::image::boot_spec_devices(&plan)[3],
+            "user,id=n0,hostfwd=tcp:127.0.0.1:8080-10.0.2.15:80,\
+             hostfwd=tcp:127.0.0.1:2222-10.0.2.16:22"
+        );
+        // Seven guests have ports; an eighth is refused.
+        let mut eight = String::new();
+        for i in 0..8 {
+            eight += &format!(
+                "[[guest]]\nname = \"g{i}\"\nkernel = \"bz\"\ninitrd = \"rd\"\nhostfwd = []\n\
+                 memory = \"64M\"\n"
+            );
+        }
+        let (_, _, field, message) = error(&eight);
+        assert_eq!(field, "guest[7].hostfwd");
+        assert!(message.contains("7 ports for guests"), "{message}");
+        assert!(plan_of(&eight.replacen("hostfwd = []\n", "", 1)).is_ok());
     }
 
     #[test]
@@ -2516,10 +2673,10 @@ mod tests {
                 "invalid type",
             ),
             (
-                "hostfwd = []\n[[guest]]\nname = \"h\"\nkernel = \"bz\"\ninitrd = \"rd\"\n\
-                 hostfwd = []\n",
+                "hostfwd = [\"8080:80\"]\n[[guest]]\nname = \"h\"\nkernel = \"bz\"\n\
+                 initrd = \"rd\"\nhostfwd = [\"8080:22\"]\n",
                 "guest[1].hostfwd",
-                "guest 'g' already has the network",
+                "host port 8080 is forwarded to guest 'g' already",
             ),
             (
                 "hostfwd = []\n[[component]]\nname = \"net\"\nmodule = \"echo\"\n",
@@ -2543,8 +2700,8 @@ mod tests {
         root_parse(&plan.manifest);
         assert!(plan.manifest.contains("component net\n"));
         let net = plan.net.unwrap();
-        assert_eq!(net.guest, "linux");
-        assert_eq!(net.forwards[0].host, 18080);
+        assert_eq!(net.ports[0].guest, "linux");
+        assert_eq!(net.ports[0].forwards[0].host, 18080);
     }
 
     #[test]

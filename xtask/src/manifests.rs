@@ -886,11 +886,55 @@ semaphore brokennet up net at 34 down broken at 31
 "
 );
 
+/// The switch crashed and restarted under a running guest (test
+/// `net_restart`): `net` as in [`VMM_NET`] with only `peer` beside the
+/// guest, restarted up to three times, and crashing on purpose when a
+/// client sends a frame of 1276 bytes (the guest's `ping -s 1234`).
+pub const NET_RESTART: &str = concat!(
+    linux_neighbours!(),
+    clock_driver!(),
+    "\
+component net
+    module net
+    priority 20
+    memory 256K
+    quota 128K
+    restart 3 backoff 10ms
+    pci dev 1af4:1041 at 0x20000000000
+    dma dma 136K at 0x30000000000
+    shared n0 132K at 0x10000000000
+    shared n1 132K at 0x11000000000
+    args n0.mac=52:54:00:12:34:56 n1.mac=52:54:00:00:00:20 crash-len=1276
+component peer
+    module netpeer
+    priority 10
+    memory 256K
+    quota 64K
+    restart 0
+    shared n1 132K at 0x10000000000
+    args name=peer port=n1 mode=echo mac=52:54:00:00:00:20 ip=10.0.2.20
+",
+    linux_vmm!(),
+    "\
+    file disk disk.img at 0x32000000000
+    file cmdline cmdline at 0x33000000000
+    shared n0 132K at 0x34000000000
+    uses echo at 20
+    uses modem at 21
+    uses clock at 22
+    args clock=22 modem=21 vm-portals=20 user-hypercalls net=n0 mac=52:54:00:12:34:56
+irq 255 to linux
+semaphore netsw updown net at 30 up linux at 32 up peer at 30
+semaphore guestnet up net at 31 down linux at 33
+semaphore peernet up net at 32 down peer at 31
+"
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const ALL: [&str; 32] = [
+    const ALL: [&str; 33] = [
         STALL,
         IPC_PINGPONG,
         SUPERVISION,
@@ -923,6 +967,7 @@ mod tests {
         BLK,
         VMM_BLK,
         VMM_NET,
+        NET_RESTART,
     ];
 
     /// The components each manifest names, in order.

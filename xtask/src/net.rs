@@ -63,12 +63,15 @@ pub fn free_port() -> Result<u16> {
 
 /// QEMU's arguments for the uplink: the `q35` machine (its MCFG gives the
 /// driver its device's configuration page), user networking with the
-/// forwards, and the virtio-net device (modern interface only, as the
-/// driver expects).
-pub fn qemu_args(forwards: &[Forward]) -> Vec<String> {
+/// forwards (each to a guest's address), and the virtio-net device
+/// (modern interface only, as the driver expects).
+pub fn qemu_args(forwards: &[(Ipv4Addr, Forward)]) -> Vec<String> {
     let mut netdev = String::from("user,id=n0");
-    for f in forwards {
-        netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:{}", f.host, f.guest));
+    for (to, f) in forwards {
+        netdev.push_str(&format!(
+            ",hostfwd=tcp:127.0.0.1:{}-{to}:{}",
+            f.host, f.guest
+        ));
     }
     [
         "-machine".to_string(),
@@ -129,18 +132,25 @@ mod tests {
     #[test]
     fn qemu_gets_the_forwards_and_they_are_found_again() {
         let args = qemu_args(&[
-            Forward {
-                host: 18080,
-                guest: 80,
-            },
-            Forward {
-                host: 2222,
-                guest: 22,
-            },
+            (
+                Ipv4Addr::new(10, 0, 2, 15),
+                Forward {
+                    host: 18080,
+                    guest: 80,
+                },
+            ),
+            (
+                Ipv4Addr::new(10, 0, 2, 16),
+                Forward {
+                    host: 2222,
+                    guest: 22,
+                },
+            ),
         ]);
         assert_eq!(
             args[3],
-            "user,id=n0,hostfwd=tcp:127.0.0.1:18080-:80,hostfwd=tcp:127.0.0.1:2222-:22"
+            "user,id=n0,hostfwd=tcp:127.0.0.1:18080-10.0.2.15:80,\
+             hostfwd=tcp:127.0.0.1:2222-10.0.2.16:22"
         );
         assert!(args[5].starts_with("virtio-net-pci,netdev=n0,"));
         assert_eq!(forwarded_port(&args), Some(18080));

@@ -44,7 +44,7 @@ pub fn run(opts: &RunOpts) -> Result<ExitCode> {
             return Err(crate::Error::Other(format!(
                 "guest '{}': `hostfwd` needs QEMU: Bochs has no virtio-net device for the net \
                  driver (its NICs are the NE2000 and E1000); run with --emu qemu",
-                net.guest
+                net.ports[0].guest
             )));
         }
         net.prepare().map_err(crate::Error::Other)?;
@@ -100,12 +100,19 @@ pub fn run(opts: &RunOpts) -> Result<ExitCode> {
                     disk.size >> 20
                 );
             }
-            if let Some(net) = &plan.net {
-                for f in &net.forwards {
+            for port in plan.net.iter().flat_map(|n| &n.ports) {
+                println!(
+                    "run: guest '{}': switch port {} (MAC {}), expected at {}",
+                    port.guest,
+                    port.index + 1,
+                    port.mac,
+                    port.address
+                );
+                for f in &port.forwards {
                     println!(
                         "run: guest '{}': 127.0.0.1:{} on the host reaches its port {} \
-                         (10.0.2.15) through the virtual switch",
-                        net.guest, f.host, f.guest
+                         ({}) through the virtual switch",
+                        port.guest, f.host, f.guest, port.address
                     );
                 }
             }

@@ -452,6 +452,17 @@ const VMM_NET_MODULES: &[ModuleSpec] = linux_beside_modem!(
 );
 const VMM_NET_GUEST_PORT: u16 = 8080;
 
+/// The Linux guest on a switch that crashes (test `net_restart`), beside
+/// `peer`; the guest's `ping -s 1234` is the 1276-byte frame that crashes
+/// it.
+const NET_RESTART_MODULES: &[ModuleSpec] = linux_beside_modem!(
+    "net_restart",
+    manifests::NET_RESTART,
+    "console=ttyS0 panic=-1 moat.modem=1 moat.ipc=20 moat.netpeer=10.0.2.20 moat.netcrash=1234",
+    component("net"),
+    component("netpeer")
+);
+
 /// `vmm_net`: the switch's lines, which interleave with the guest's in
 /// any order.
 fn vmm_net_check(serial: &str) -> Vec<Part> {
@@ -2466,6 +2477,66 @@ hostfwd = ["{free-port}:8080"]
         hostfwd: Some(VMM_NET_GUEST_PORT),
         ..BASE
     },
+    // Two Linux guests, each under its own VMM on its own port of the
+    // switch (xtask's plan: MACs ...:56 and ...:57, addresses 10.0.2.15
+    // and .16): each pings the uplink's gateway and the other guest
+    // through the switch; `second` then panics, and `linux`, once
+    // `second` no longer answers, pings the gateway again.
+    SysTest {
+        name: "two_guests_net",
+        config: Some(SystemConfig::Text(TWO_GUESTS_NET)),
+        expect: &[
+            all("roottask: started 'linux'"),
+            all("roottask: started 'second'"),
+            all("vmm: guest stopped: kernel panic (pvpanic)"),
+            all("roottask: component 'second' exited with code 1"),
+            all("vmm: guest stopped: power-off"),
+            all("roottask: component 'net' stopped: its clients are done"),
+            all(NO_TASKS_LEFT),
+        ],
+        forbid: &["FAIL", "faulted"],
+        check: Some(two_guests_net_check),
+        slow: 4,
+        only_on: Some(Emulator::Qemu),
+        ..BASE
+    },
+    // The switch crashes under a running guest (the guest's 1276-byte
+    // frame is its test trigger): the root task restarts it, the new
+    // instance resumes the guest's and `peer`'s rings, both clients are
+    // told, and the guest's pings to QEMU's gateway and to `peer` are
+    // answered again.
+    SysTest {
+        name: "net_restart",
+        modules: NET_RESTART_MODULES,
+        kernel_args: &["pool=400"],
+        expect: &[
+            all("MOAT-CHECK net-ping ok"),
+            all("MOAT-CHECK net-peer ok"),
+            all("net: crashing on purpose: client 0 sent a frame of 1276 bytes (crash-len)"),
+            all("roottask: component 'net' faulted"),
+            all("roottask: component 'net' restarted (restart 1)"),
+            all("net: restarted (start 2): resuming the clients' rings"),
+            all("MOAT-CHECK net-restart ok 10.0.2.2 answers again after "),
+            all("MOAT-INIT done checks="),
+            all("failed=0"),
+        ],
+        forbid: &["FAIL", "roottask: component 'linux' faulted"],
+        stop: Stop::WhenDecided,
+        memory_mib: 1024,
+        check: Some(net_restart_check),
+        slow: 2,
+        only_on: Some(Emulator::Qemu),
+        // The uplink (`crate::net::qemu_args` without forwards).
+        qemu_args: &[
+            "-machine",
+            "q35",
+            "-netdev",
+            "user,id=n0",
+            "-device",
+            "virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01,disable-legacy=on,disable-modern=off",
+        ],
+        ..BASE
+    },
     // One guest panics (and is not restarted); the other goes on to the
     // end of its checks and powers off.
     SysTest {
@@ -2686,6 +2757,113 @@ cmdline = "console=ttyS0 panic=-1 moat.panic=1 moat.cpus=2"
 vcpus = 2
 on-panic = "stop"
 "#;
+
+/// `net_restart`: both clients saw the restart (the VMM once a frame
+/// came after it, `peer` at once), in any order with the guest's lines.
+fn net_restart_check(serial: &str) -> Vec<Part> {
+    [
+        (
+            "vmm_told",
+            "vmm: network: the switch restarted (start 2); frames it held are lost",
+        ),
+        (
+            "peer_told",
+            "peer: the switch restarted (start 2); carrying on",
+        ),
+    ]
+    .iter()
+    .map(|(name, line)| Part {
+        name: name.to_string(),
+        result: if serial.contains(line) {
+            Ok(line.to_string())
+        } else {
+            Err(format!("missing '{line}'"))
+        },
+    })
+    .collect()
+}
+
+/// `two_guests_net`: two guests with a port each (`hostfwd = []`: the
+/// network, nothing forwarded); `second` waits 30 s after its checks so
+/// that `linux` surely reaches it, then panics.
+const TWO_GUESTS_NET: &str = r#"
+[[guest]]
+name = "linux"
+kernel = "pinned:bzImage"
+initrd = "pinned:initramfs.cpio"
+cmdline = "console=ttyS0 panic=-1 moat.netpeer=10.0.2.16 moat.netgone=10.0.2.16"
+memory = "192M"
+test-disk = true
+hostfwd = []
+
+[[guest]]
+name = "second"
+kernel = "pinned:bzImage"
+initrd = "pinned:initramfs.cpio"
+cmdline = "console=ttyS0 panic=-1 moat.ip=10.0.2.16 moat.netpeer=10.0.2.15 moat.linger=30 moat.panic=1"
+memory = "192M"
+test-disk = true
+hostfwd = []
+on-panic = "stop"
+"#;
+
+/// `two_guests_net`: the two guests' lines interleave in any order, so
+/// each is looked for anywhere; the check after the panic must come
+/// after it.
+fn two_guests_net_check(serial: &str) -> Vec<Part> {
+    let count = |line: &str| serial.matches(line).count();
+    let mut parts: Vec<Part> = [
+        ("port_linux", "net: port 1: client 0, MAC 52:54:00:12:34:56"),
+        (
+            "port_second",
+            "net: port 2: client 1, MAC 52:54:00:12:34:57",
+        ),
+        (
+            "vmm_linux",
+            "vmm: network on a switch port, MAC 52:54:00:12:34:56",
+        ),
+        (
+            "vmm_second",
+            "vmm: network on a switch port, MAC 52:54:00:12:34:57",
+        ),
+        ("linux_to_second", "MOAT-CHECK net-peer ok 10.0.2.16: "),
+        ("second_to_linux", "MOAT-CHECK net-peer ok 10.0.2.15: "),
+    ]
+    .iter()
+    .map(|(name, line)| Part {
+        name: name.to_string(),
+        result: match serial.find(line) {
+            Some(at) => Ok(serial[at..].lines().next().unwrap_or("").to_string()),
+            None => Err(format!("missing '{line}'")),
+        },
+    })
+    .collect();
+    for (name, line, want) in [
+        ("gateway", "MOAT-CHECK net-ping ok", 2),
+        ("both_done", "failed=0", 2),
+    ] {
+        let n = count(line);
+        parts.push(Part {
+            name: name.to_string(),
+            result: if n == want {
+                Ok(format!("{n} × '{line}'"))
+            } else {
+                Err(format!("{n} × '{line}', want {want}"))
+            },
+        });
+    }
+    let panic = serial.find("vmm: guest stopped: kernel panic (pvpanic)");
+    let gone = serial.find("MOAT-CHECK net-peer-gone ok");
+    parts.push(Part {
+        name: "after_the_panic".to_string(),
+        result: match (panic, gone) {
+            (Some(p), Some(g)) if g > p => Ok(serial[g..].lines().next().unwrap_or("").to_string()),
+            (Some(_), Some(_)) => Err("net-peer-gone before the panic".to_string()),
+            _ => Err("no panic, or no net-peer-gone".to_string()),
+        },
+    });
+    parts
+}
 
 /// `two_guests_panic`: `linux` makes its checks (disk, reboot, hypercall)
 /// while `crash`, above it and with less to check, panics at the end of
@@ -3692,10 +3870,12 @@ pub(crate) fn prepare(
             }
             if let Some(guest_port) = test.hostfwd {
                 let host_port = crate::net::free_port()?;
-                args.extend(crate::net::qemu_args(&[crate::net::Forward {
+                let forward = crate::net::Forward {
                     host: host_port,
                     guest: guest_port,
-                }]));
+                };
+                let guest = std::net::Ipv4Addr::new(10, 0, 2, 15);
+                args.extend(crate::net::qemu_args(&[(guest, forward)]));
             }
             Ok(Launch::Qemu(args))
         }

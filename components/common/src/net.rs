@@ -9,6 +9,7 @@
 //! | --- | --- |
 //! | 0x000 | `tx_head` (u32, client), `tx_tail` (u32, switch) |
 //! | 0x008 | `rx_head` (u32, switch), `rx_tail` (u32, client) |
+//! | 0x010 | `switch_starts` (u32, switch): bumped by each start of the switch |
 //! | 0x1000 | tx ring: [`RING`] slots of [`SLOT`] bytes, client → switch |
 //! | 0x1000 + RING × SLOT | rx ring: [`RING`] slots, switch → client |
 //!
@@ -24,6 +25,11 @@
 //! counted; so is one whose source is not its port's MAC (spoofed). A
 //! ring whose head is further ahead of its tail than [`RING`] is broken:
 //! the switch ignores that client from then on.
+//!
+//! The region outlives the switch: a restarted switch resumes both rings
+//! at the indices it finds, bumps `switch_starts` and ups every client's
+//! semaphore, so a client learns of the restart (frames the old switch
+//! held, and what it learned, are lost) and carries on.
 
 pub const RING: u32 = 32;
 pub const SLOT: usize = 2048;
@@ -31,6 +37,7 @@ pub const TX_HEAD: usize = 0x00;
 pub const TX_TAIL: usize = 0x04;
 pub const RX_HEAD: usize = 0x08;
 pub const RX_TAIL: usize = 0x0c;
+pub const SWITCH_STARTS: usize = 0x10;
 pub const TX_RING: usize = 0x1000;
 pub const RX_RING: usize = TX_RING + RING as usize * SLOT;
 /// The smallest region that holds both rings.

@@ -20,6 +20,8 @@ pub struct Port {
     switch: Sel,
     tx_head: u32,
     rx_tail: u32,
+    /// The switch's `switch_starts` when last looked at.
+    switch_starts: u32,
     /// Frames the tx ring had no room for.
     pub full: u64,
 }
@@ -37,8 +39,21 @@ impl Port {
             switch,
             tx_head: region.read::<u32>(net::TX_HEAD as u64),
             rx_tail: region.read::<u32>(net::RX_TAIL as u64),
+            switch_starts: region.read::<u32>(net::SWITCH_STARTS as u64),
             full: 0,
         })
+    }
+
+    /// The switch's starts so far, if it (re)started since the last call
+    /// (or since [`new`](Self::new)): a restarted switch lost the frames
+    /// it held, but the rings go on.
+    pub fn switch_started(&mut self) -> Option<u32> {
+        let starts = self.region.read::<u32>(net::SWITCH_STARTS as u64);
+        if starts == self.switch_starts {
+            return None;
+        }
+        self.switch_starts = starts;
+        Some(starts)
     }
 
     /// Queues a frame for the switch (without telling it: see

@@ -19,6 +19,13 @@
 //! N has frames. Frames are checked and forwarded by `common::net`'s
 //! [`Switch`]; what it drops is counted, and the first drop of each kind
 //! on each port is reported.
+//!
+//! The root task restarts it when it crashes (the manifest's `restart`):
+//! the regions and semaphores outlive it, so a new instance resets the
+//! device, resumes every client's rings where they stand, bumps their
+//! `switch_starts` and ups their semaphores. For the system test that
+//! shows it, `crash-len=N` makes it fault on purpose when a client sends
+//! a frame of exactly N bytes.
 #![no_std]
 #![no_main]
 
@@ -129,6 +136,10 @@ fn main(args: &str) -> i32 {
             wake: false,
         });
     }
+    let crash_len = match args::number(args, "crash-len", 0) {
+        Ok(len) => len as usize,
+        Err(_) => return fail("crash-len= is not a number"),
+    };
     let mut switch = Switch::new(ports);
     for (i, mac) in macs.iter().enumerate() {
         if let Some(mac) = mac {
@@ -143,7 +154,25 @@ fn main(args: &str) -> i32 {
         clients,
         switch,
         reported: [[false; 6]; net::MAX_PORTS],
+        crash_len,
     };
+    // Each client learns that this instance started (its `switch_starts`
+    // moves) and looks at its rings: after a restart, frames may wait.
+    let mut starts = 0;
+    for client in node.clients.iter_mut().flatten() {
+        starts = client
+            .region
+            .read::<u32>(net::SWITCH_STARTS as u64)
+            .wrapping_add(1);
+        client
+            .region
+            .write::<u32>(net::SWITCH_STARTS as u64, starts);
+        client.wake = true;
+    }
+    if starts > 1 {
+        println!("net: restarted (start {starts}): resuming the clients' rings");
+    }
+    let _ = sys::sm_up(SWITCH_SM);
     loop {
         if let Err(status) = sys::sm_down(SWITCH_SM, 0, false) {
             println!("net: FAIL sm_down: {status}");
@@ -170,6 +199,8 @@ struct Node {
     switch: Switch,
     /// Drops reported, per port and kind (the first of each only).
     reported: [[bool; 6]; net::MAX_PORTS],
+    /// A client's frame of this length crashes us (0: none does).
+    crash_len: usize,
 }
 
 impl Node {
@@ -204,6 +235,9 @@ impl Node {
                         moved = true;
                         self.switch.count_drop(i + 1, Drop::Oversized);
                         self.dropped(i + 1, Drop::Oversized);
+                    }
+                    Taken::Frame(len) if self.crash_len != 0 && len == self.crash_len => {
+                        crash(i, len)
                     }
                     Taken::Frame(len) => {
                         moved = true;
@@ -263,6 +297,15 @@ impl Node {
             ),
         }
     }
+}
+
+/// Faults on purpose (`crash-len=`), so that the root task restarts us.
+fn crash(client: usize, len: usize) -> ! {
+    println!("net: crashing on purpose: client {client} sent a frame of {len} bytes (crash-len)");
+    // SAFETY: not safe: the write faults on purpose (nothing is mapped at
+    // the bottom of the address space), which is the point.
+    unsafe { core::ptr::write_volatile(0x28 as *mut u64, 1) };
+    sys::exit(3)
 }
 
 #[derive(Clone, Copy)]

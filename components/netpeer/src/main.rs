@@ -98,6 +98,9 @@ fn echo(name: &str, args: &str, port: &mut Port, mac: Mac) -> i32 {
             println!("{name}: FAIL sm_down");
             return 1;
         }
+        if let Some(starts) = port.switch_started().filter(|&s| s > 1) {
+            println!("{name}: the switch restarted (start {starts}); carrying on");
+        }
         while let Some(len) = port.receive(&mut frame) {
             peer.send(&frame[..len]);
             while let Some(reply) = peer.poll() {
