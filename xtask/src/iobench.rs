@@ -9,10 +9,12 @@
 //! the `blk` component, the VMM's virtio-blk) and the network the switch's
 //! (QEMU's virtio-net on user networking, the `net` component, the VMM's
 //! virtio-net); directly, the guest drives QEMU's virtio-blk-pci and
-//! virtio-net-pci itself. QEMU runs with `-icount shift=0,sleep=off` in
-//! both, so the guest's clock advances one nanosecond per instruction
-//! while a CPU runs. Prints a table, writes `target/bench/io.json`
-//! (docs/benchmarks.md).
+//! virtio-net-pci itself. QEMU runs with `-icount shift=0`, so the guest's
+//! clock advances one nanosecond per instruction while a CPU runs: once
+//! with `sleep=off` (idle time jumps to the next timer: instruction counts,
+//! but a wait for the host's I/O becomes whole timer periods) and once
+//! with `sleep=on` (idle time passes with the host's clock). Prints a
+//! table per mode, writes `target/bench/io.json` (docs/benchmarks.md).
 
 use std::fmt::Write as _;
 use std::fs;
@@ -41,7 +43,48 @@ pub const GUEST_PORT: u16 = 8080;
 const DISK_BYTES: u64 = 128 << 20;
 /// The guest's RAM, as the Moat configuration's default.
 const GUEST_MIB: u32 = 256;
-const ICOUNT: [&str; 2] = ["-icount", "shift=0,sleep=off"];
+
+/// How the guest's clock passes while every CPU idles (QEMU's
+/// `-icount shift=0,sleep=...`); while a CPU runs, 1 ns per instruction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Idle {
+    /// `sleep=off`: at once to the next timer's deadline (deterministic
+    /// while nothing waits for the host).
+    Jumps,
+    /// `sleep=on`: with the host's clock.
+    Real,
+}
+
+impl Idle {
+    const BOTH: [Idle; 2] = [Idle::Jumps, Idle::Real];
+
+    fn icount(self) -> &'static str {
+        match self {
+            Idle::Jumps => "shift=0,sleep=off",
+            Idle::Real => "shift=0,sleep=on",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Idle::Jumps => "sleep-off",
+            Idle::Real => "sleep-on",
+        }
+    }
+
+    fn meaning(self) -> &'static str {
+        match self {
+            Idle::Jumps => {
+                "guest clock: 1 ns per instruction; idle time jumps to the next timer \
+                 (waits for the host's I/O are not counted, but the jumps are)"
+            }
+            Idle::Real => {
+                "guest clock: 1 ns per instruction; idle time passes with the host's clock \
+                 (waits for the host's I/O count as they take)"
+            }
+        }
+    }
+}
 const TIMEOUT: Duration = Duration::from_secs(900);
 /// How long the host's peer tries to reach the guest's listener.
 const CONNECT_FOR: Duration = Duration::from_secs(60);
@@ -50,9 +93,12 @@ const DONE: &str = "MOAT-IOBENCH done";
 const DISK_DONE: &str = "iobench: rand-read ";
 const GUEST_STOPPED: &str = "vmm: guest stopped";
 
-const METHOD: &str = "one boot of each, direct first, QEMU TCG with -icount shift=0,sleep=off \
-(the guest's clock advances 1 ns per instruction while a CPU runs, and jumps to the next timer \
-when every CPU is idle); the same bzImage, initramfs and kernel arguments \
+const METHOD: &str = "two clock modes, each one boot direct then one under Moat, QEMU TCG with \
+-icount shift=0 (the guest's clock advances 1 ns per instruction while a CPU runs) and \
+sleep=off (while every CPU idles the clock jumps to the next timer's deadline: instruction \
+counts where nothing waits for the host, but waits for the host's I/O become whole timer \
+periods) or sleep=on (idle time passes with the host's clock); the same bzImage, initramfs \
+and kernel arguments \
 (moat.iobench=8080), 256 MiB guest RAM, a fresh sparse 128 MiB raw image each; direct = QEMU \
 boots Linux itself with virtio-blk-pci and virtio-net-pci (user networking, hostfwd); moat = \
 the same QEMU devices driven by the blk and net components, the guest on the VMM's virtio-blk \
@@ -452,7 +498,6 @@ fn direct_args(guest: &linux::Guest, dir: &Path, serial: &Path) -> Result<Vec<St
         host: crate::net::free_port()?,
         guest: GUEST_PORT,
     }]));
-    args.extend(ICOUNT.map(String::from));
     args.push("-no-reboot".into());
     Ok(args)
 }
@@ -475,61 +520,80 @@ pub fn run(opts: &BenchOpts) -> Result<ExitCode> {
     let dir = Path::new(BENCH_DIR).join(IO);
     fs::create_dir_all(&dir).context(|| format!("cannot create {}", dir.display()))?;
     println!(
-        "bench io: the Linux guest directly under QEMU, then under Moat, both with {} \
-         (logs in {}/)",
-        ICOUNT.join(" "),
+        "bench io: the Linux guest directly under QEMU, then under Moat, with -icount \
+         shift=0,sleep=off, then both again with sleep=on (logs in {}/)",
         dir.display()
     );
-    let mut results = Vec::new();
-    for kind in [Kind::Direct, Kind::Moat] {
-        let serial: PathBuf = dir.join(format!("{}.log", kind.name()));
-        let args = match kind {
-            Kind::Direct => direct_args(&guest, &dir, &serial)?,
-            Kind::Moat => {
-                let test = &systest::BENCH_IO;
-                let boot = systest::boot_spec(test, &artifacts)?;
-                match systest::prepare(test, emu::Emulator::Qemu, &boot, &serial)? {
-                    Launch::Qemu(args) => args,
-                    Launch::Bochs(_) => unreachable!("prepared for QEMU"),
+    let mut modes = Vec::new();
+    let mut complete = true;
+    for idle in Idle::BOTH {
+        let mut results = Vec::new();
+        for kind in [Kind::Direct, Kind::Moat] {
+            let serial: PathBuf = dir.join(format!("{}-{}.log", kind.name(), idle.name()));
+            let mut args = match kind {
+                Kind::Direct => direct_args(&guest, &dir, &serial)?,
+                Kind::Moat => {
+                    let test = &systest::BENCH_IO;
+                    let boot = systest::boot_spec(test, &artifacts)?;
+                    match systest::prepare(test, emu::Emulator::Qemu, &boot, &serial)? {
+                        Launch::Qemu(args) => args,
+                        Launch::Bochs(_) => unreachable!("prepared for QEMU"),
+                    }
                 }
-            }
+            };
+            args.extend(["-icount".to_string(), idle.icount().to_string()]);
+            let result = run_boot(kind, &args, &serial)?;
+            println!(
+                "{} io [{} {}]: {} figures, {}{} ({}; serial {})",
+                if result.complete() { "ok  " } else { "FAIL" },
+                kind.name(),
+                idle.name(),
+                result.guest.rounds.len() + usize::from(result.guest.random.is_some()),
+                match &result.peer {
+                    Some(Ok(_)) => "host peer ok".to_string(),
+                    Some(Err(e)) => format!("host peer: {e}"),
+                    None => "no host peer".to_string(),
+                },
+                result
+                    .guest
+                    .failures
+                    .iter()
+                    .map(|f| format!("; guest FAIL {f}"))
+                    .collect::<String>(),
+                result.note,
+                serial.display()
+            );
+            complete &= result.complete();
+            results.push(result);
+        }
+        let [direct, moat] = &results[..] else {
+            unreachable!("two boots")
         };
-        let result = run_boot(kind, &args, &serial)?;
-        println!(
-            "{} io [{}]: {} figures, {}{} ({}; serial {})",
-            if result.complete() { "ok  " } else { "FAIL" },
-            kind.name(),
-            result.guest.rounds.len() + usize::from(result.guest.random.is_some()),
-            match &result.peer {
-                Some(Ok(_)) => "host peer ok".to_string(),
-                Some(Err(e)) => format!("host peer: {e}"),
-                None => "no host peer".to_string(),
-            },
-            result
-                .guest
-                .failures
-                .iter()
-                .map(|f| format!("; guest FAIL {f}"))
-                .collect::<String>(),
-            result.note,
-            serial.display()
-        );
-        results.push(result);
+        modes.push(Mode {
+            idle,
+            rows: rows(direct, moat),
+            exits: moat.exits.clone(),
+        });
     }
-    let [direct, moat] = &results[..] else {
-        unreachable!("two boots")
-    };
-    let rows = rows(direct, moat);
-    print!("\n{}", table(&rows, moat.exits.as_ref()));
+    for mode in &modes {
+        print!("\n{}", table(mode));
+    }
     let json_path = Path::new(BENCH_DIR).join(format!("{IO}.json"));
-    fs::write(&json_path, to_json(&rows, moat.exits.as_ref()))
+    fs::write(&json_path, to_json(&modes))
         .context(|| format!("cannot write {}", json_path.display()))?;
     println!("bench io: wrote {}", json_path.display());
-    Ok(if direct.complete() && moat.complete() {
+    Ok(if complete {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The figures of one clock mode: a direct and a Moat boot.
+pub struct Mode {
+    pub idle: Idle,
+    pub rows: Vec<Figure>,
+    pub exits: Option<Exits>,
 }
 
 // ---------------------------------------------------------------- figures
@@ -655,17 +719,25 @@ fn unit_name(unit: Unit) -> &'static str {
     }
 }
 
-pub fn table(rows: &[Figure], exits: Option<&Exits>) -> String {
+pub fn table(mode: &Mode) -> String {
+    let (rows, exits) = (&mode.rows, mode.exits.as_ref());
     let cell = |f: &Figure, s: Option<Summary>| {
         s.map_or("-".into(), |s| {
             format!("{} ({})", shown(f.unit, s.median), shown(f.unit, s.min))
         })
     };
     let mut out = format!(
-        "{:<24} {:<6} {:<6} {:>18} {:>18} {:>14}\n",
-        "figure", "clock", "unit", "direct med (best)", "moat med (best)", "time ratio"
+        "-icount {}: {}\n{:<24} {:<6} {:<6} {:>18} {:>18} {:>14}\n",
+        mode.idle.icount(),
+        mode.idle.meaning(),
+        "figure",
+        "clock",
+        "unit",
+        "direct med (best)",
+        "moat med (best)",
+        "time ratio"
     );
-    for f in rows {
+    for f in rows.iter() {
         let ratio = f
             .ratio()
             .map_or("-".into(), |r| format!("{:.2} ({:.2})", r.median, r.min));
@@ -707,8 +779,9 @@ fn json_summary(s: Option<Summary>) -> Value {
     )
 }
 
-pub fn to_json(rows: &[Figure], exits: Option<&Exits>) -> String {
-    let entries: Vec<Value> = rows
+fn mode_json(mode: &Mode) -> Value {
+    let entries: Vec<Value> = mode
+        .rows
         .iter()
         .map(|f| {
             let (unit, bytes) = match f.unit {
@@ -742,7 +815,7 @@ pub fn to_json(rows: &[Figure], exits: Option<&Exits>) -> String {
             entry
         })
         .collect();
-    let exits = exits.map_or(Value::Null, |e| {
+    let exits = mode.exits.as_ref().map_or(Value::Null, |e| {
         let mut map = serde_json::Map::new();
         map.insert("total".into(), json!(e.total));
         for (name, count) in &e.by_reason {
@@ -750,12 +823,20 @@ pub fn to_json(rows: &[Figure], exits: Option<&Exits>) -> String {
         }
         Value::Object(map)
     });
+    json!({
+        "icount": mode.idle.icount(),
+        "clock": mode.idle.meaning(),
+        "results": entries,
+        "moat_exits": exits,
+    })
+}
+
+pub fn to_json(modes: &[Mode]) -> String {
     bench::json_text(&json!({
         "benchmark": IO,
         "emulator": "qemu",
         "method": METHOD,
-        "results": entries,
-        "moat_exits": exits,
+        "modes": modes.iter().map(mode_json).collect::<Vec<_>>(),
     }))
 }
 
@@ -879,7 +960,13 @@ iobench: tcp-send round=3 bytes=8388608 ns=1";
         assert_eq!(rows[5].ratio().unwrap().min, 4.0);
         assert_eq!(rows[6].ratio(), None);
         assert_eq!(rows[8].direct.unwrap().median, 20.0);
-        let text = table(&rows, None);
+        let mode = Mode {
+            idle: Idle::Jumps,
+            rows,
+            exits: None,
+        };
+        let text = table(&mode);
+        assert!(text.starts_with("-icount shift=0,sleep=off: "), "{text}");
         let line = |name: &str| text.lines().find(|l| l.starts_with(name)).unwrap();
         let read = line("disk seq read");
         assert!(
@@ -891,11 +978,13 @@ iobench: tcp-send round=3 bytes=8388608 ns=1";
             random.contains(" us ") && random.contains("80.0 (60.0)"),
             "{text}"
         );
-        let json: Value = serde_json::from_str(&to_json(&rows, None)).unwrap();
-        assert_eq!(json["results"][1]["mib_per_s"]["direct"]["median"], 128.0);
-        assert_eq!(json["results"][2]["unit"], "ns");
-        assert_eq!(json["results"][2]["direct"]["min"], 60000.0);
-        assert_eq!(json["results"][8]["unit"], "s");
+        let json: Value = serde_json::from_str(&to_json(&[mode])).unwrap();
+        let results = &json["modes"][0]["results"];
+        assert_eq!(json["modes"][0]["icount"], "shift=0,sleep=off");
+        assert_eq!(results[1]["mib_per_s"]["direct"]["median"], 128.0);
+        assert_eq!(results[2]["unit"], "ns");
+        assert_eq!(results[2]["direct"]["min"], 60000.0);
+        assert_eq!(results[8]["unit"], "s");
     }
 
     #[test]

@@ -3071,8 +3071,8 @@ pub static BENCH_SMP: [SysTest; 6] = [
 
 /// `cargo xtask bench io`: the Linux test guest on a scratch disk of the
 /// block service and a port of the switch with a forwarded TCP port,
-/// running `iobench` (`moat.iobench=`) under QEMU with `-icount`; the
-/// direct boot it is compared with is `iobench::direct_args`'.
+/// running `iobench` (`moat.iobench=`); `bench io` adds QEMU's `-icount`,
+/// and boots the guest directly to compare (`iobench::direct_args`).
 pub static BENCH_IO: SysTest = SysTest {
     name: "bench_io",
     config: Some(SystemConfig::Text(
@@ -3093,7 +3093,6 @@ hostfwd = ["{free-port}:8080"]
     ],
     forbid: &["iobench: FAIL", "faulted"],
     stop: Stop::WhenDecided,
-    qemu_args: &["-icount", "shift=0,sleep=off"],
     only_on: Some(Emulator::Qemu),
     ..BASE
 };
