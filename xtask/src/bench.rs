@@ -86,7 +86,7 @@ pub fn spec(benchmark: Benchmark) -> Option<Spec> {
             cases: &EXITS_CASES,
             method: EXITS_METHOD,
         },
-        Benchmark::Linux | Benchmark::All | Benchmark::Smp => return None,
+        Benchmark::Linux | Benchmark::All | Benchmark::Smp | Benchmark::Io => return None,
     })
 }
 
@@ -119,6 +119,7 @@ pub fn run(opts: &BenchOpts) -> Result<ExitCode> {
         return match opts.benchmark {
             Benchmark::All => run_all(opts),
             Benchmark::Smp => run_smp(opts),
+            Benchmark::Io => crate::iobench::run(opts),
             _ => run_linux(opts),
         };
     };

@@ -87,6 +87,9 @@ pub enum Benchmark {
     /// Many CPUs: IPC throughput with one pair per CPU on 1, 2 and 4 CPUs,
     /// and the cross-CPU wake-up (QEMU multi-threaded TCG, wall clock).
     Smp,
+    /// Disk and TCP throughput and disk latency of the Linux guest under
+    /// Moat against the same guest booted by QEMU itself (QEMU only).
+    Io,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -243,7 +246,8 @@ System configurations, field by field: docs/configuration.md.")]
     /// ipc.json), `exits` (a CPUID exit, the guest IPC hypercall, a native
     /// call; exits.json), `linux` (SLOW: the Linux guest booted by the
     /// emulator itself and under Moat, wall time and uptime to /init;
-    /// linux.json)
+    /// linux.json), `smp` (many CPUs; smp.json), `io` (SLOW, QEMU: disk
+    /// and TCP of the Linux guest under Moat and booted directly; io.json)
     Bench {
         #[arg(value_enum, default_value = "all")]
         benchmark: Benchmark,

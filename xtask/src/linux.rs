@@ -50,6 +50,7 @@ pub const TOOLS: &[&str] = &[
     "portbench",
     "probe",
     "hostile",
+    "iobench",
 ];
 const TOOLS_TARGET: &str = "x86_64-unknown-linux-musl";
 const TOOLS_TARGET_DIR: &str = "target/guest-tools";

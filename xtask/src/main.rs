@@ -16,6 +16,7 @@ mod emu;
 mod fuzz;
 mod harness;
 mod image;
+mod iobench;
 mod kvm;
 mod linux;
 mod manifests;

@@ -3412,6 +3412,34 @@ pub static BENCH_SMP: [SysTest; 6] = [
     bench_parjob_test!("bench_parjob2", 2),
 ];
 
+/// `cargo xtask bench io`: the Linux test guest on a scratch disk of the
+/// block service and a port of the switch with a forwarded TCP port,
+/// running `iobench` (`moat.iobench=`); `bench io` adds QEMU's `-icount`,
+/// and boots the guest directly to compare (`iobench::direct_args`).
+pub static BENCH_IO: SysTest = SysTest {
+    name: "bench_io",
+    config: Some(SystemConfig::Text(
+        r#"
+[[guest]]
+name = "linux"
+kernel = "pinned:bzImage"
+initrd = "pinned:initramfs.cpio"
+cmdline = "console=ttyS0 panic=-1 moat.iobench=8080"
+disk = "target/bench/io/moat-disk.img"
+disk-size = "128M"
+hostfwd = ["{free-port}:8080"]
+"#,
+    )),
+    expect: &[
+        all("MOAT-IOBENCH done"),
+        all("vmm: guest stopped: power-off"),
+    ],
+    forbid: &["iobench: FAIL", "faulted"],
+    stop: Stop::WhenDecided,
+    only_on: Some(Emulator::Qemu),
+    ..BASE
+};
+
 /// `cargo xtask bench exits`: `testvmm` in bench mode (see its `bench.rs`).
 pub static BENCH_EXITS: SysTest = SysTest {
     name: "bench_exits",

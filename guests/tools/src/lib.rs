@@ -2,7 +2,8 @@
 //! calls and instructions so that it runs in host tests: command lines, the
 //! AT conversation, the IPC benchmark's payloads and statistics, the
 //! stress load's patterns and self-checks, the hostile tool's view of
-//! the bare-metal hostile guest's plan.
+//! the bare-metal hostile guest's plan, the I/O benchmark's offsets,
+//! stamps and lines.
 // `deny`, not `forbid`: one module, `hypercall`, allows unsafe code for
 // the instruction the tools share.
 #![deny(unsafe_code)]
@@ -12,6 +13,7 @@ pub mod at;
 pub mod hostile;
 #[allow(unsafe_code)]
 pub mod hypercall;
+pub mod iobench;
 pub mod ipc;
 pub mod pingpong;
 pub mod portbench;
