@@ -168,7 +168,7 @@ const NET_SWITCH_SM: u64 = 30;
 const GUEST_MAC_FIRST: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 /// The address the first guest with a port configures (QEMU's user
 /// networking's default guest address); the next gets the next.
-const GUEST_ADDRESS_FIRST: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 0, 2, 15);
+pub const GUEST_ADDRESS_FIRST: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 0, 2, 15);
 /// Guests with a port at most: one port of the switch's is the uplink.
 const MAX_NET_GUESTS: usize = 7;
 

@@ -494,10 +494,15 @@ fn direct_args(guest: &linux::Guest, dir: &Path, serial: &Path) -> Result<Vec<St
         template: None,
     };
     args.extend(plan.qemu_args());
-    args.extend(crate::net::qemu_args(&[crate::net::Forward {
-        host: crate::net::free_port()?,
-        guest: GUEST_PORT,
-    }]));
+    // The directly booted guest takes the first guest address (/init's
+    // default), as the first guest of a configuration does.
+    args.extend(crate::net::qemu_args(&[(
+        crate::config::GUEST_ADDRESS_FIRST,
+        crate::net::Forward {
+            host: crate::net::free_port()?,
+            guest: GUEST_PORT,
+        },
+    )]));
     args.push("-no-reboot".into());
     Ok(args)
 }
