@@ -616,8 +616,9 @@ impl Kernel {
         }
     }
 
-    /// An activation whose caller died ran on the caller's SC: the SC is
-    /// left idle (its owner may bind it again or revoke it).
+    /// An activation whose caller died ran on the caller's SC: the SC goes
+    /// back along its chain of calls (`return_sc`), or is left idle if no
+    /// one there can run on it (its owner may bind it again or revoke it).
     fn release_orphan_sc(&mut self, handler: EcId) {
         let sc = self.ecs.get_mut(handler).and_then(|h| h.sc.take());
         if let Some(sc) = sc {
@@ -629,9 +630,43 @@ impl Kernel {
                     if let Some(gone) = self.scs.remove(sc) {
                         self.cpus[gone.cpu].run.release(gone.priority);
                     }
+                    return;
                 }
             }
+            self.return_sc(sc);
         }
+    }
+
+    /// Gives an SC that nobody holds to the EC at the end of its chain of
+    /// calls — from its bound EC along the handlers each waits for a reply
+    /// from — if that EC runs without an SC: a caller whose handler died
+    /// while the SC was lent on further (the handler itself waiting in a
+    /// call, e.g. on its exception portal) was answered `Dead` at once but
+    /// had nothing to run on; the SC reaches it when the last activation
+    /// on it ends. (Without this, a VMM whose call to the modem was cut by
+    /// the modem's crash never ran again.)
+    fn return_sc(&mut self, sc: crate::kernel::ScId) {
+        let Some(mut ec) = self.scs.get(sc).map(|s| s.bound) else {
+            return;
+        };
+        // A chain is at most as long as there are ECs; bounded anyway.
+        for _ in 0..64 {
+            match self.ecs.get(ec).map(|e| e.state) {
+                Some(EcState::WaitReply(next)) => ec = next,
+                _ => break,
+            }
+        }
+        let Some(e) = self.ecs.get_mut(ec) else {
+            return;
+        };
+        if e.state != EcState::Running || e.sc.is_some() {
+            return;
+        }
+        e.sc = Some(sc);
+        if let Some(s) = self.scs.get_mut(sc) {
+            s.holder = Some(ec);
+        }
+        self.make_ready(ec);
     }
 
     // ---- exceptions ----

@@ -12,6 +12,8 @@ pub struct Sc {
     /// The EC running on it now (the bound EC, or a handler it was
     /// donated to), if any.
     pub holder: Option<EcId>,
+    /// The global EC it was made for (its calls lend it on from there).
+    pub bound: EcId,
     pub priority: u8,
     /// The CPU whose run queue it is on when ready: its EC's.
     pub cpu: usize,
@@ -70,6 +72,7 @@ impl Kernel {
         }
         let sc = Sc {
             holder: Some(ec),
+            bound: ec,
             priority,
             cpu,
             budget: Budget::new(budget_us),
