@@ -112,6 +112,17 @@ component ping
 "
 );
 
+/// `ping` alone: a server of its own faults in its call and the server's
+/// exception handler destroys it before replying (`lent-fault`).
+pub const LENT_FAULT: &str = "\
+component ping
+    module ping
+    priority 10
+    memory 256K
+    quota 64K
+    args lent-fault
+";
+
 /// `ping` is destroyed while `echo` handles its slow call: echo's reply
 /// comes back `Aborted`; `ticker` keeps echo's service wanted meanwhile.
 pub const CALLER_DIES: &str = concat!(

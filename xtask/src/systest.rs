@@ -1695,6 +1695,26 @@ pub const TESTS: &[SysTest] = &[
         ..BASE
     },
     SysTest {
+        // The caller's SC, lent to a server and on to the server's
+        // exception handler, comes back when the server is destroyed
+        // before that handler replies.
+        name: "lent_fault",
+        modules: &[
+            ROOTTASK,
+            manifest("lent_fault", manifests::LENT_FAULT),
+            component("ping"),
+        ],
+        expect: &[
+            all("ping: lent-fault: the server faults in the call"),
+            all("ping: lent-fault: the exception handler destroyed the server"),
+            all("ping: lent-fault: the call came back dead and this EC runs again"),
+            all("roottask: component 'ping' finished"),
+        ],
+        forbid: &["ping: FAIL", "roottask: component 'ping' faulted"],
+        stop: Stop::WhenDecided,
+        ..BASE
+    },
+    SysTest {
         name: "caller_dies",
         modules: &[
             ROOTTASK,

@@ -4,12 +4,15 @@
 //! `ping: N calls, payload checked`; with `bench`, instead the round-trip
 //! benchmark: `iterations=N` (default 10000) timed calls per case, one line
 //! `bench ipc <case> median=<ticks> min=<ticks> iterations=<n>` per case;
-//! with `throughput` or `wakeup-cpu=K`, the SMP benchmarks (`smp`).
+//! with `throughput` or `wakeup-cpu=K`, the SMP benchmarks (`smp`); with
+//! `lent-fault`, a server of its own that faults in a call and is destroyed
+//! by its exception handler (`chain`).
 #![no_std]
 #![no_main]
 
 extern crate alloc;
 
+mod chain;
 mod smp;
 
 use alloc::vec::Vec;
@@ -36,6 +39,9 @@ fn main(args: &str) -> i32 {
     };
     if args::flag(args, "crash-server") {
         return crash_server(args::tsc_hz(args));
+    }
+    if args::flag(args, "lent-fault") {
+        return chain::lent_fault();
     }
     if args::flag(args, "die-during-call") {
         return die_during_call(args::tsc_hz(args));
