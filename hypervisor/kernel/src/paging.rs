@@ -397,6 +397,58 @@ impl AddressSpace {
     }
 }
 
+impl AddressSpace {
+    /// Frees at most `budget` of the tables below top-level entries
+    /// `owned`, the deepest first, clearing each entry that pointed to a
+    /// freed table (so the next call goes on where this one stopped);
+    /// whether none are left. The root stays ([`AddressSpace::free_tables`]
+    /// frees it): a dying PD's tables go in steps, between which other
+    /// CPUs may take the kernel lock.
+    pub fn free_tables_some(
+        &self,
+        mem: &mut impl TableMemory,
+        owned: Range<usize>,
+        budget: &mut usize,
+    ) -> bool {
+        for i in owned.start..owned.end.min(ENTRIES) {
+            if !free_entry(mem, self.root, i, 3, budget) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Frees the table entry `index` of `table` points to (of `level`) and the
+/// tables below it, within `budget`, and clears the entry; whether it did.
+fn free_entry(
+    mem: &mut impl TableMemory,
+    table: u64,
+    index: usize,
+    level: u32,
+    budget: &mut usize,
+) -> bool {
+    let entry = mem.read_entry(table, index);
+    if entry & PRESENT == 0 || entry & HUGE != 0 || level == 0 {
+        return true;
+    }
+    let child = entry & ADDR_MASK;
+    if level > 1 {
+        for i in 0..ENTRIES {
+            if !free_entry(mem, child, i, level - 1, budget) {
+                return false;
+            }
+        }
+    }
+    if *budget == 0 {
+        return false;
+    }
+    *budget -= 1;
+    mem.free_table(child);
+    mem.write_entry(table, index, 0);
+    true
+}
+
 /// Frees the table `entry` points to (at `level`) and all tables below it.
 fn free_subtree(mem: &mut impl TableMemory, entry: u64, level: u32) {
     if entry & PRESENT == 0 || entry & HUGE != 0 || level == 0 {
@@ -782,5 +834,47 @@ mod tests {
         assert_eq!(mem.freed, 4);
         assert_eq!(mem.tables.len(), before - 4);
         assert_eq!(kernel.translate(&mem, kva).unwrap().phys, 0x10_0000);
+    }
+
+    #[test]
+    fn tables_go_in_steps_of_the_budget_and_the_rest_with_the_root() {
+        let mut mem = FakeMemory::new(256);
+        let mut space = AddressSpace::new(&mut mem).unwrap();
+        // 8 page tables under one PD table under one PDPT, and a page
+        // under a second PDPT (its PD and page table): 13 below the root.
+        for i in 0..8u64 {
+            let virt = 0x40_0000_0000 + i * M2;
+            space
+                .map(&mut mem, virt, 0x5000, PageSize::Size4K, MapFlags::USER)
+                .unwrap();
+        }
+        space
+            .map(
+                &mut mem,
+                0x80_0000_0000,
+                0x6000,
+                PageSize::Size4K,
+                MapFlags::USER,
+            )
+            .unwrap();
+        let below_root = mem.tables.len() - 1;
+        assert_eq!(below_root, 13);
+        let mut steps = 0;
+        loop {
+            let mut budget = 4;
+            let done = space.free_tables_some(&mut mem, LOWER_HALF, &mut budget);
+            steps += 1;
+            if done {
+                break;
+            }
+            assert_eq!(budget, 0, "a step that stops has used its budget");
+            assert!(steps < 10);
+        }
+        assert_eq!(steps, below_root.div_ceil(4));
+        assert_eq!(mem.freed, below_root);
+        assert_eq!(space.translate(&mem, 0x40_0000_0000), None);
+        space.free_tables(&mut mem, LOWER_HALF);
+        assert_eq!(mem.freed, below_root + 1);
+        assert!(mem.tables.is_empty());
     }
 }

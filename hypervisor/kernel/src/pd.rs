@@ -43,6 +43,9 @@ pub struct Pd {
     pub ceiling: u8,
     /// How many of `spaces` a dying PD has destroyed.
     pub spaces_gone: usize,
+    /// A dying PD with no capability left: every CPU is off its tables,
+    /// which now go in steps.
+    pub retired: bool,
     /// A VM's guest-physical space (EPT or NPT); its memory space maps
     /// there instead of `space`.
     pub guest: Option<Guest>,
@@ -125,6 +128,14 @@ impl Guest {
         match self {
             Guest::Ept(space) => space.unmap(mem, gpa).map(|(_, _, _flush)| ()).is_ok(),
             Guest::Npt(space) => space.unmap(mem, gpa).map(|(_, _, _flush)| ()).is_ok(),
+        }
+    }
+
+    /// See [`GuestSpace::free_tables_some`].
+    fn free_tables_some(&mut self, mem: &mut impl TableMemory, budget: &mut usize) -> bool {
+        match self {
+            Guest::Ept(space) => space.free_tables_some(mem, budget),
+            Guest::Npt(space) => space.free_tables_some(mem, budget),
         }
     }
 
@@ -239,6 +250,7 @@ impl Kernel {
             dying: false,
             ceiling: moat_abi::PRIORITIES - 1,
             spaces_gone: 0,
+            retired: false,
             io_bitmap: None,
             guest: None,
             user_hypercalls: false,
@@ -540,12 +552,45 @@ impl Kernel {
                 return false;
             }
         }
-        let root = self.pds.get(id).map(|p| p.space.root());
+        let root = self
+            .pds
+            .get(id)
+            .filter(|p| !p.retired)
+            .map(|p| p.space.root());
         if let Some(root) = root {
             // No CPU may walk the tables freed below: each one that has
             // them loaded moves to the kernel's own.
             self.sync_tlbs();
             crate::arch::x86_64::ipi::shootdown(Some(root));
+            if let Some(pd) = self.pds.get_mut(id) {
+                pd.retired = true;
+            }
+        }
+        // The tables go TEARDOWN_STEP at a time (a VM's guest memory and
+        // its VMM's mapping of it are hundreds of tables: freed at once,
+        // they held the lock for milliseconds on Bochs).
+        loop {
+            let Some(pd) = self.pds.get_mut(id) else {
+                return true;
+            };
+            let Pd {
+                space,
+                guest,
+                quota,
+                ..
+            } = pd;
+            let mut mem = ChargedTables { quota };
+            let mut budget = TEARDOWN_STEP;
+            let done = guest
+                .as_mut()
+                .is_none_or(|g| g.free_tables_some(&mut mem, &mut budget))
+                && space.free_tables_some(&mut mem, LOWER_HALF, &mut budget);
+            if done {
+                break;
+            }
+            if self.next_doomed() != Some(Object::Pd(id)) || preempt() {
+                return false;
+            }
         }
         if let Some(pd) = self.pds.remove(id) {
             if pd.io_bitmap.is_some() {

@@ -368,6 +368,25 @@ impl<F: EntryFormat> GuestSpace<F> {
         None
     }
 
+    /// Frees at most `budget` of the tables below the root — those kept
+    /// behind folded regions first, then the tree's, the deepest first,
+    /// clearing each entry that pointed to a freed table (so the next call
+    /// goes on where this one stopped); whether none are left. `destroy`
+    /// then frees the root. For a dying VM, whose space no vCPU uses any
+    /// more: its tables go in steps, between which other CPUs may take the
+    /// kernel lock.
+    pub fn free_tables_some(&mut self, mem: &mut impl TableMemory, budget: &mut usize) -> bool {
+        while let Some(&(_, table)) = self.folded.last() {
+            if *budget == 0 {
+                return false;
+            }
+            *budget -= 1;
+            self.folded.pop();
+            mem.free_table(table);
+        }
+        (0..ENTRIES).all(|i| free_entry::<F>(mem, self.root, i, 4, budget))
+    }
+
     /// Frees all tables of the space. The mapped frames are the caller's
     /// business; the returned flush must be done before the tables' frames
     /// are reused, since the CPU may still cache entries from them.
@@ -383,6 +402,33 @@ impl<F: EntryFormat> GuestSpace<F> {
     fn flush(&self) -> Flush<F> {
         Flush::new(FlushScope::Space(self.context()))
     }
+}
+
+/// Frees the table entry `index` of `table` (of `level`) points to and
+/// the tables below it, within `budget`, and clears the entry; whether it
+/// did.
+fn free_entry<F: EntryFormat>(
+    mem: &mut impl TableMemory,
+    table: u64,
+    index: usize,
+    level: u32,
+    budget: &mut usize,
+) -> bool {
+    let entry = mem.read_entry(table, index);
+    if !F::is_present(entry) || is_leaf::<F>(entry, level) {
+        return true;
+    }
+    let child = entry & ADDR_MASK;
+    if !(0..ENTRIES).all(|i| free_entry::<F>(mem, child, i, level - 1, budget)) {
+        return false;
+    }
+    if *budget == 0 {
+        return false;
+    }
+    *budget -= 1;
+    mem.free_table(child);
+    mem.write_entry(table, index, 0);
+    true
 }
 
 /// Frees the table at `table` (of `level`) and every table below it.
@@ -423,6 +469,40 @@ pub(crate) mod tests {
         protect_and_flush::<F>();
         out_of_memory_and_destroy::<F>();
         fold_and_unfold::<F>();
+        free_in_steps::<F>();
+    }
+
+    /// A space's tables go a budget at a time, the folded ones included;
+    /// `destroy` then frees only the root.
+    fn free_in_steps<F: EntryFormat>() {
+        let mut mem = FakeMemory::new(64);
+        let mut space = GuestSpace::<F>::new(&mut mem).unwrap();
+        let rw = GuestRights::READ | GuestRights::WRITE;
+        map_region(&mut mem, &mut space, 0x4020_0000, 0x1_0060_0000, rw);
+        space.map(&mut mem, 0, 0, PageSize::Size4K, rw).unwrap();
+        space
+            .map(&mut mem, 1 << 39, 0, PageSize::Size2M, rw)
+            .unwrap();
+        // Below the root: an L3 shared by page 0 and the folded region,
+        // an L2 and L1 for page 0, an L2 and the kept L1 for the folded
+        // region, an L3 and L2 for the 2M page.
+        let below_root = mem.tables.len() - 1;
+        assert_eq!(below_root, 7);
+        let mut steps = 0;
+        loop {
+            let mut budget = 2;
+            steps += 1;
+            if space.free_tables_some(&mut mem, &mut budget) {
+                break;
+            }
+            assert_eq!(budget, 0);
+        }
+        assert_eq!(steps, below_root.div_ceil(2));
+        assert_eq!(mem.freed, below_root);
+        assert_eq!(space.translate(&mem, 0), None);
+        let _ = space.destroy(&mut mem);
+        assert_eq!(mem.freed, below_root + 1);
+        assert!(mem.tables.is_empty());
     }
 
     /// Maps the 512 pages of the 2 MiB region at `gpa` to `hpa` on.
