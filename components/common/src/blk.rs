@@ -11,6 +11,12 @@
 //! | 0x240 | response ring: [`RING`] × 16-byte [`Response`] |
 //! | 0x1000 | data: the buffers requests name, by offset in the region |
 //!
+//! One request moves up to [`MAX_SECTORS`] (1 MiB) between the disk and a
+//! buffer anywhere in the data area, as long as it fits there: a region's
+//! size bounds its client's transfers (the VMM's guest disk gets 1 MiB +
+//! 4 KiB, the test clients 64 KiB). The service moves it through its own
+//! DMA pages, in as many device requests as they need.
+//!
 //! Heads and tails count up for ever (wrapping u32); entry `i` lives at
 //! `i % RING`. A client writes a request, then bumps `req_head`, then ups
 //! the service's semaphore; the service copies each request out before it
@@ -32,8 +38,9 @@ pub const REQUEST_SIZE: usize = 32;
 pub const RESPONSES: usize = REQUESTS + RING as usize * REQUEST_SIZE;
 pub const RESPONSE_SIZE: usize = 16;
 pub const DATA: u64 = 0x1000;
-/// Most sectors one request moves (one DMA page of the service).
-pub const MAX_SECTORS: u32 = 8;
+/// Most sectors one request moves (1 MiB); the client's buffer must also
+/// lie in its region's data area.
+pub const MAX_SECTORS: u32 = 2048;
 
 /// Operations.
 pub mod op {
@@ -298,6 +305,61 @@ mod tests {
     }
 
     #[test]
+    fn large_requests_fill_the_data_area_and_no_more() {
+        // The whole data area of a 64 KiB region in one request.
+        let whole = ((REGION - DATA) / SECTOR) as u32;
+        assert_eq!(
+            check(&req(op::WRITE, 100, whole, DATA), DISK, REGION),
+            Ok(Action::Write {
+                sector: 2148,
+                count: whole,
+                buffer: DATA
+            })
+        );
+        let bad = |r: Request, region| check(&r, DISK, region).unwrap_err();
+        assert_eq!(
+            bad(req(op::READ, 0, whole + 1, DATA), REGION),
+            status::BAD_BUFFER
+        );
+        assert_eq!(
+            bad(req(op::READ, 0, whole, DATA + SECTOR), REGION),
+            status::BAD_BUFFER
+        );
+        // The most a request moves, in a region big enough for it.
+        let big = DATA + u64::from(MAX_SECTORS) * SECTOR;
+        let disk = Disk {
+            start: 0,
+            sectors: 1 << 20,
+        };
+        assert_eq!(
+            check(&req(op::READ, 7, MAX_SECTORS, DATA), disk, big),
+            Ok(Action::Read {
+                sector: 7,
+                count: MAX_SECTORS,
+                buffer: DATA
+            })
+        );
+        assert_eq!(
+            check(&req(op::READ, 0, MAX_SECTORS + 1, DATA), disk, 2 * big).unwrap_err(),
+            status::BAD_COUNT
+        );
+        assert_eq!(
+            check(&req(op::READ, 0, u32::MAX, DATA), disk, u64::MAX).unwrap_err(),
+            status::BAD_COUNT
+        );
+        // Past the disk's end by one sector, with a buffer that fits.
+        assert_eq!(
+            check(
+                &req(op::WRITE, (1 << 20) - 2047, MAX_SECTORS, DATA),
+                disk,
+                big
+            )
+            .unwrap_err(),
+            status::OUT_OF_RANGE
+        );
+    }
+
+    #[test]
     fn every_accepted_request_stays_inside_disk_and_region() {
         let mut rng = crate::rng::Xorshift::new(13);
         for _ in 0..100_000 {
@@ -310,7 +372,11 @@ mod tests {
             let r = Request {
                 id: 0,
                 op: (rng.next_u64() % 6) as u32,
-                count: (rng.next_u64() % 12) as u32,
+                count: match rng.next_u64() % 3 {
+                    0 => (rng.next_u64() % 12) as u32,
+                    1 => (rng.next_u64() % u64::from(MAX_SECTORS + 16)) as u32,
+                    _ => rng.next_u64() as u32,
+                },
                 sector: pick(&mut rng, DISK.sectors),
                 buffer: pick(&mut rng, REGION),
             };
