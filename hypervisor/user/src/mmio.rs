@@ -75,7 +75,8 @@ impl Window {
 
     /// Copies `out.len()` bytes from `offset` on (with string moves, which
     /// the compiler neither elides nor splits: as volatile, as the other
-    /// side may write meanwhile).
+    /// side may write meanwhile). For shared and DMA memory, not device
+    /// registers: the accesses' widths are the string moves'.
     pub fn read_bytes(&self, offset: u64, out: &mut [u8]) {
         let from = self.span(offset, out.len() as u64);
         // SAFETY: `span` checked the source lies inside the window (mapped
