@@ -52,7 +52,7 @@ const USED_AT: u64 = 0x2000;
 const HEADER_PAGE: u64 = 3;
 const STATUS_AT: u64 = 0x10;
 const DATA_PAGE: u64 = 4;
-const PAGE: u64 = 4096;
+const PAGE: u64 = blk::PAGE;
 /// Most bounce pages used (1 MiB, `blk::MAX_SECTORS`).
 const MAX_DATA_PAGES: usize = 256;
 const MAX_PAGES: usize = DATA_PAGE as usize + MAX_DATA_PAGES;
@@ -449,22 +449,14 @@ impl Device {
         } else {
             DESC_NEXT
         };
-        // The data pages, physically adjacent ones in one descriptor.
+        // The data pages, physically adjacent ones in one descriptor: at
+        // most `max_transfer` bytes, so at most `size - 2` descriptors.
         let mut index = 1u16;
-        let mut left = bytes.min(self.max_transfer());
-        let mut page = DATA_PAGE as usize;
-        while left > 0 {
-            let start = self.phys[page];
-            let mut len = left.min(PAGE);
-            page += 1;
-            while len < left && page < self.pages && self.phys[page] == start + len {
-                len += (left - len).min(PAGE);
-                page += 1;
-            }
-            self.descriptor(u64::from(index), start, len as u32, flags, index + 1);
+        let pages = &self.phys[DATA_PAGE as usize..self.pages];
+        blk::bounce_segments(pages, bytes.min(self.max_transfer()), |address, len| {
+            self.descriptor(u64::from(index), address, len as u32, flags, index + 1);
             index += 1;
-            left -= len;
-        }
+        });
         self.descriptor(u64::from(index), status_phys, 1, DESC_WRITE, 0);
         let slot = u64::from(self.avail_idx % self.size);
         self.dma.write::<u16>(AVAIL_AT + 4 + slot * 2, 0);

@@ -208,6 +208,31 @@ pub fn slot(base: usize, size: usize, index: u32) -> usize {
     base + (index % RING) as usize * size
 }
 
+/// Size of the service's DMA pages.
+pub const PAGE: u64 = 4096;
+
+/// The device segments of a transfer of `bytes` from the start of a
+/// bounce buffer whose pages lie at the physical addresses `pages`, in
+/// order: each page's part, physically adjacent pages merged into one
+/// segment; `each` gets every segment's address and length. Never more
+/// than the pages hold (the rest of `bytes` is left out), never a segment
+/// of 0 bytes.
+pub fn bounce_segments(pages: &[u64], bytes: u64, mut each: impl FnMut(u64, u64)) {
+    let mut left = bytes.min(pages.len() as u64 * PAGE);
+    let mut page = 0;
+    while left > 0 {
+        let start = pages[page];
+        let mut len = left.min(PAGE);
+        page += 1;
+        while len < left && page < pages.len() && start.checked_add(len) == Some(pages[page]) {
+            len += (left - len).min(PAGE);
+            page += 1;
+        }
+        each(start, len);
+        left -= len;
+    }
+}
+
 /// A disk description from the service's arguments: `START,SECTORS`.
 pub fn parse_disk(text: &str) -> Option<Disk> {
     let (start, sectors) = text.split_once(',')?;
@@ -398,6 +423,48 @@ mod tests {
                 assert!(buffer >= DATA && buffer + count * SECTOR <= REGION);
             }
         }
+    }
+
+    fn segments(pages: &[u64], bytes: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        bounce_segments(pages, bytes, |address, len| out.push((address, len)));
+        out
+    }
+
+    #[test]
+    fn bounce_pages_become_merged_segments() {
+        // Adjacent pages: one segment; a partial last page.
+        let adjacent = [0x10000, 0x11000, 0x12000, 0x13000];
+        assert_eq!(segments(&adjacent, 4 * PAGE), [(0x10000, 4 * PAGE)]);
+        assert_eq!(
+            segments(&adjacent, 2 * PAGE + 512),
+            [(0x10000, 2 * PAGE + 512)]
+        );
+        assert_eq!(segments(&adjacent, 512), [(0x10000, 512)]);
+        assert_eq!(segments(&adjacent, 0), []);
+        // Scattered and reversed pages stay apart; runs merge.
+        let scattered = [0x50000, 0x20000, 0x21000, 0x1f000, 0x30000];
+        assert_eq!(
+            segments(&scattered, 5 * PAGE),
+            [
+                (0x50000, PAGE),
+                (0x20000, 2 * PAGE),
+                (0x1f000, PAGE),
+                (0x30000, PAGE)
+            ]
+        );
+        assert_eq!(
+            segments(&scattered, PAGE + 1024),
+            [(0x50000, PAGE), (0x20000, 1024)]
+        );
+        // Never past the pages, whatever is asked; no wrap at the top.
+        assert_eq!(segments(&adjacent, u64::MAX), [(0x10000, 4 * PAGE)]);
+        let top = [u64::MAX - PAGE + 1, 0];
+        assert_eq!(
+            segments(&top, 2 * PAGE),
+            [(u64::MAX - PAGE + 1, PAGE), (0, PAGE)]
+        );
+        assert_eq!(segments(&[], PAGE), []);
     }
 
     #[test]
