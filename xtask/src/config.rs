@@ -140,8 +140,8 @@ const BLK_COMPONENT: &str = "blk";
 const BLK_MEMORY: u64 = 256 << 10;
 const BLK_QUOTA: u64 = 128 << 10;
 const BLK_PRIORITY: u8 = 20;
-const BLK_DMA: u64 = 16 << 10;
-const BLK_REGION: u64 = 64 << 10;
+const BLK_DMA: u64 = (16 << 10) + (1 << 20);
+const BLK_REGION: u64 = (1 << 20) + (4 << 10);
 /// The VMM's semaphores for the block service (`vmm/src/disk.rs`): the
 /// service's at 30, the answers' at 31; its services stay below.
 const VMM_BLK_SEMAPHORES: u64 = 30;
@@ -2438,13 +2438,13 @@ mod tests {
         assert_eq!(names, ["clock", "g", "blk"]);
         let vmm = &plan.manifest[plan.manifest.find("component g").unwrap()..];
         let vmm = &vmm[..vmm.find("component blk").unwrap()];
-        assert!(vmm.contains("    shared c0 64K at "), "{vmm}");
+        assert!(vmm.contains("    shared c0 1028K at "), "{vmm}");
         assert!(vmm.contains(" blk=c0"), "{vmm}");
         let blk = &plan.manifest[plan.manifest.find("component blk").unwrap()..];
         for line in [
             "    pci dev 1af4:1042 at ",
-            "    dma dma 16K at ",
-            "    shared c0 64K at ",
+            "    dma dma 1040K at ",
+            "    shared c0 1028K at ",
             "    args c0.disk=0,16384\n",
             "semaphore blkreq up g at 30 down blk at 30\n",
             "semaphore blkanswer up blk at 31 down g at 31\n",

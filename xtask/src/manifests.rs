@@ -762,7 +762,7 @@ component blk
     quota 128K
     restart 0
     pci dev 1af4:1042 at 0x20000000000
-    dma dma 16K at 0x30000000000
+    dma dma 32K at 0x30000000000
     shared c0 64K at 0x10000000000
     shared c1 64K at 0x11000000000
     args ",

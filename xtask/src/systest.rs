@@ -1590,16 +1590,16 @@ pub const TESTS: &[SysTest] = &[
             all("roottask: pci 00:"),
             all("blk: virtio-blk ready: 4096 sectors, flush supported"),
             all("blk: first completion interrupt arrived"),
-            all("blktest-a: wrote, flushed and read back 16 sectors"),
-            all("blktest-a: 8 bad requests refused"),
+            all("blktest-a: wrote, flushed and read back 64 sectors"),
+            all("blktest-a: 9 bad requests refused"),
             all("roottask: component 'blktest-a' finished"),
         ],
         check: Some(blk_second_client),
         second_boot: &[
             all("blktest-a: second boot read back what the first wrote"),
-            all("blktest-a: 8 bad requests refused"),
+            all("blktest-a: 9 bad requests refused"),
             all("blktest-b: second boot read back what the first wrote"),
-            all("blktest-b: 8 bad requests refused"),
+            all("blktest-b: 9 bad requests refused"),
         ],
         forbid: &[
             "blk: FAIL",
@@ -1646,7 +1646,7 @@ pub const TESTS: &[SysTest] = &[
             all("MOAT-CHECK disk-boot ok boot 3: found boot 2's data"),
             all("MOAT-CHECK blk-persist ok"),
             all("blktest: second boot read back what the first wrote"),
-            all("blktest: 8 bad requests refused"),
+            all("blktest: 9 bad requests refused"),
             all("MOAT-INIT done checks="),
             all("roottask: component 'linux' finished"),
         ],
@@ -3147,8 +3147,8 @@ fn vmm_blk_check(output: &str) -> Vec<Part> {
             "boot2",
             "MOAT-CHECK disk-boot ok boot 2: found boot 1's data",
         ),
-        ("native", "blktest: wrote, flushed and read back 16 sectors"),
-        ("isolation", "blktest: 8 bad requests refused"),
+        ("native", "blktest: wrote, flushed and read back 64 sectors"),
+        ("isolation", "blktest: 9 bad requests refused"),
     ] {
         parts.push(Part {
             name: format!("vmm_blk/{name}"),
@@ -4120,8 +4120,8 @@ fn host_tcp(port: u16) {
 /// first's in any order.
 fn blk_second_client(serial: &str) -> Vec<Part> {
     [
-        "blktest-b: wrote, flushed and read back 16 sectors",
-        "blktest-b: 8 bad requests refused",
+        "blktest-b: wrote, flushed and read back 64 sectors",
+        "blktest-b: 9 bad requests refused",
         "roottask: component 'blktest-b' finished",
     ]
     .iter()

@@ -2,18 +2,24 @@
 //! (virtio 1.x, modern interface) and the block service in front of it.
 //!
 //! From the manifest it gets the device (`pci dev 1af4:1042`: its
-//! configuration page, BARs and MSIs), DMA memory (`dma dma 16K`: it
-//! learns the pages' physical addresses with `mem_phys`), and per client a
+//! configuration page, BARs and MSIs), DMA memory (`dma dma SIZE`: four
+//! pages for the queue and a request's header, the rest — up to 1 MiB —
+//! the data bounce buffer; it learns every page's physical address with
+//! `mem_phys`, and the pages need not be contiguous), and per client a
 //! shared region `cN` (`shared`), the client's disk `cN.disk=START,SECTORS`
 //! (sectors of the device), semaphores: selector 30 the clients up when
 //! they queued requests, 31 + N it ups when client N has responses. The
 //! protocol and the checks are `common::blk`; every request is copied out
 //! of the ring before it is checked, data go through the driver's own DMA
-//! page (no client memory is ever given to the device), and a client's
+//! pages (no client memory is ever given to the device), and a client's
 //! requests reach only its own sectors.
 //!
-//! One request is on the device at a time; completion comes as an MSI-X
-//! message to the kernel's MSI, which ups the driver's semaphore 40.
+//! A client's request (up to `blk::MAX_SECTORS`) goes to the device as one
+//! descriptor chain — header, the bounce pages (physically adjacent ones
+//! merged into one descriptor), status — or, if it is larger than the
+//! bounce buffer, as several in turn. One request is on the device at a
+//! time; completion comes as an MSI-X message to the kernel's MSI, which
+//! ups the driver's semaphore 40.
 #![no_std]
 #![no_main]
 
@@ -35,25 +41,30 @@ const FEATURE_FLUSH: u32 = 1 << 9;
 const BLK_T_IN: u32 = 0;
 const BLK_T_OUT: u32 = 1;
 const BLK_T_FLUSH: u32 = 4;
-const QUEUE_ENTRIES: u16 = 16;
+const QUEUE_ENTRIES: u16 = 256;
 
-// The DMA memory: page 0 the queue, page 1 request header and status,
-// page 2 the data bounce buffer.
+// The DMA memory: page 0 the descriptor table, page 1 the available ring,
+// page 2 the used ring, page 3 request header and status, pages 4.. the
+// data bounce buffer.
 const DESC_AT: u64 = 0;
-const AVAIL_AT: u64 = 0x100;
-const USED_AT: u64 = 0x200;
-const HEADER_PAGE: u64 = 1;
+const AVAIL_AT: u64 = 0x1000;
+const USED_AT: u64 = 0x2000;
+const HEADER_PAGE: u64 = 3;
 const STATUS_AT: u64 = 0x10;
-const DATA_PAGE: u64 = 2;
-const PAGE: u64 = 4096;
+const DATA_PAGE: u64 = 4;
+const PAGE: u64 = blk::PAGE;
+/// Most bounce pages used (1 MiB, `blk::MAX_SECTORS`).
+const MAX_DATA_PAGES: usize = 256;
+const MAX_PAGES: usize = DATA_PAGE as usize + MAX_DATA_PAGES;
 /// How long one request may take on the device.
 const REQUEST_TIMEOUT_MS: u64 = 5000;
 
 struct Device {
     notify: Window,
     dma: Window,
-    /// Physical addresses of the DMA pages.
-    phys: [u64; 3],
+    /// Physical addresses of the DMA pages (`pages` of them).
+    phys: [u64; MAX_PAGES],
+    pages: usize,
     size: u16,
     avail_idx: u16,
     used_idx: u16,
@@ -247,28 +258,48 @@ impl Client {
                 sector,
                 count,
                 buffer,
-            }) => {
-                let bytes = u64::from(count) * blk::SECTOR;
-                let status = device.transfer(BLK_T_IN, sector, bytes);
-                if status == status::OK {
-                    self.region
-                        .copy_from(buffer, &device.dma, DATA_PAGE * PAGE, bytes);
-                }
-                status
-            }
+            }) => self.move_data(device, BLK_T_IN, sector, count, buffer),
             Ok(Action::Write {
                 sector,
                 count,
                 buffer,
-            }) => {
-                let bytes = u64::from(count) * blk::SECTOR;
-                device
-                    .dma
-                    .copy_from(DATA_PAGE * PAGE, &self.region, buffer, bytes);
-                device.transfer(BLK_T_OUT, sector, bytes)
-            }
+            }) => self.move_data(device, BLK_T_OUT, sector, count, buffer),
         };
         response
+    }
+
+    /// A checked read or write, in as many device requests as the bounce
+    /// buffer needs; the first failure ends it with its status.
+    fn move_data(
+        &self,
+        device: &mut Device,
+        kind: u32,
+        sector: u64,
+        count: u32,
+        buffer: u64,
+    ) -> u32 {
+        let total = u64::from(count) * blk::SECTOR;
+        let piece = device.max_transfer();
+        let mut done = 0;
+        while done < total {
+            let bytes = (total - done).min(piece);
+            let at = sector + done / blk::SECTOR;
+            if kind == BLK_T_OUT {
+                device
+                    .dma
+                    .copy_from(DATA_PAGE * PAGE, &self.region, buffer + done, bytes);
+            }
+            let status = device.transfer(kind, at, bytes);
+            if status != status::OK {
+                return status;
+            }
+            if kind == BLK_T_IN {
+                self.region
+                    .copy_from(buffer + done, &device.dma, DATA_PAGE * PAGE, bytes);
+            }
+            done += bytes;
+        }
+        status::OK
     }
 }
 
@@ -288,11 +319,12 @@ impl Device {
         msi: u64,
         tsc_hz: u64,
     ) -> Result<Device, &'static str> {
-        if dma.len() < 3 * PAGE {
-            return Err("the dma mapping is smaller than 3 pages");
+        if dma.len() < (DATA_PAGE + 1) * PAGE {
+            return Err("the dma mapping is smaller than 5 pages");
         }
-        let mut phys = [0; 3];
-        for (i, p) in phys.iter_mut().enumerate() {
+        let pages = ((dma.len() / PAGE) as usize).min(MAX_PAGES);
+        let mut phys = [0; MAX_PAGES];
+        for (i, p) in phys.iter_mut().enumerate().take(pages) {
             *p = sys::mem_phys(dma.base() / PAGE + i as u64)
                 .map_err(|_| "mem_phys refused the dma pages")?;
         }
@@ -306,7 +338,7 @@ impl Device {
             sys::irq_assign_msi(IRQ_SM, msi).map_err(|_| "irq_assign of the MSI")?;
         transport.enable_msix(&config, &bar, address, data)?;
         let flush = transport.negotiate(FEATURE_FLUSH)? & FEATURE_FLUSH != 0;
-        for page in 0..3 {
+        for page in 0..DATA_PAGE {
             for offset in (0..PAGE).step_by(8) {
                 dma.write::<u64>(page * PAGE + offset, 0);
             }
@@ -321,10 +353,14 @@ impl Device {
         transport.driver_ok();
         let device_cfg = transport.device;
         let capacity = device_cfg.read::<u32>(0) as u64 | (device_cfg.read::<u32>(4) as u64) << 32;
+        if size < 3 {
+            return Err("the device's queue holds fewer than 3 descriptors");
+        }
         Ok(Device {
             notify,
             dma,
             phys,
+            pages,
             size,
             avail_idx: 0,
             used_idx: 0,
@@ -334,6 +370,13 @@ impl Device {
             tsc_hz,
             outstanding: false,
         })
+    }
+
+    /// The most bytes one device request moves: the bounce buffer, and
+    /// as many pages as the queue has descriptors beside header and status.
+    fn max_transfer(&self) -> u64 {
+        let pages = (self.pages - DATA_PAGE as usize).min(usize::from(self.size) - 2);
+        pages as u64 * PAGE
     }
 
     fn descriptor(&self, index: u64, address: u64, len: u32, flags: u16, next: u16) {
@@ -382,6 +425,8 @@ impl Device {
     /// waits for that completion (an error again while it does not come)
     /// instead of reusing buffers the device may still write, and of
     /// taking the old completion for its own.
+    /// `bytes` (at most [`max_transfer`](Self::max_transfer)) come from or
+    /// go to the bounce buffer's start.
     fn transfer(&mut self, kind: u32, sector: u64, bytes: u64) -> u32 {
         if self.outstanding {
             if !self.wait_completion() {
@@ -399,17 +444,20 @@ impl Device {
         self.dma.write::<u8>(header + STATUS_AT, 0xff);
         let status_phys = self.phys[HEADER_PAGE as usize] + STATUS_AT;
         self.descriptor(0, self.phys[HEADER_PAGE as usize], 16, DESC_NEXT, 1);
-        if bytes > 0 {
-            let flags = if kind == BLK_T_IN {
-                DESC_NEXT | DESC_WRITE
-            } else {
-                DESC_NEXT
-            };
-            self.descriptor(1, self.phys[DATA_PAGE as usize], bytes as u32, flags, 2);
-            self.descriptor(2, status_phys, 1, DESC_WRITE, 0);
+        let flags = if kind == BLK_T_IN {
+            DESC_NEXT | DESC_WRITE
         } else {
-            self.descriptor(1, status_phys, 1, DESC_WRITE, 0);
-        }
+            DESC_NEXT
+        };
+        // The data pages, physically adjacent ones in one descriptor: at
+        // most `max_transfer` bytes, so at most `size - 2` descriptors.
+        let mut index = 1u16;
+        let pages = &self.phys[DATA_PAGE as usize..self.pages];
+        blk::bounce_segments(pages, bytes.min(self.max_transfer()), |address, len| {
+            self.descriptor(u64::from(index), address, len as u32, flags, index + 1);
+            index += 1;
+        });
+        self.descriptor(u64::from(index), status_phys, 1, DESC_WRITE, 0);
         let slot = u64::from(self.avail_idx % self.size);
         self.dma.write::<u16>(AVAIL_AT + 4 + slot * 2, 0);
         fence(Ordering::SeqCst);

@@ -2,8 +2,8 @@
 //! (`disk`) and semaphores (30: up the service, 31: its answers) it asks
 //! for its disk's size, and then:
 //! - if sector 0 holds no mark of its own: writes a pattern over sectors
-//!   0..16 and a mark in sector 0, flushes, reads everything back and
-//!   compares (`NAME: wrote, flushed and read back 16 sectors`);
+//!   0..64 (in one 32 KiB request) and a mark in sector 0, flushes, reads everything back and
+//!   compares (`NAME: wrote, flushed and read back 64 sectors`);
 //! - if the mark is there (a second boot on the same image): checks the
 //!   pattern (`NAME: second boot read back what the first wrote`);
 //! - then sends what it must not: sectors past its disk, a sector count
@@ -25,7 +25,7 @@ moat_user::entry!(main);
 
 const SERVICE_SM: u64 = 30;
 const REPLY_SM: u64 = 31;
-const SECTORS: u32 = 16;
+const SECTORS: u32 = 64;
 const MARK: &[u8; 8] = b"MOATBLK1";
 
 /// The shared client, with this component's name on its failures.
@@ -89,7 +89,9 @@ fn run(c: &mut Client) -> Result<(), ()> {
     println!("{name}: its disk has {sectors} sectors");
     let data = blk::DATA;
     let span = u64::from(SECTORS) * blk::SECTOR;
-    let step = blk::MAX_SECTORS;
+    // Written in one request of 32 KiB, read back in two (multi-page
+    // requests: the service's DMA pages need not be contiguous).
+    let step = SECTORS;
     // Sector 0: is our mark there?
     c.ok(op::READ, 0, 1, data)?;
     let mut mark = [0u8; 8];
@@ -111,9 +113,9 @@ fn run(c: &mut Client) -> Result<(), ()> {
             c.region().write::<u8>(data + i, 0);
         }
     }
-    for first in (0..SECTORS).step_by(step as usize) {
+    for first in (0..SECTORS).step_by(step as usize / 2) {
         let buffer = data + u64::from(first) * blk::SECTOR;
-        c.ok(op::READ, u64::from(first), step, buffer)?;
+        c.ok(op::READ, u64::from(first), step / 2, buffer)?;
     }
     for i in 8..span {
         let want = pattern(name, i / blk::SECTOR, i % blk::SECTOR);
@@ -138,6 +140,14 @@ fn run(c: &mut Client) -> Result<(), ()> {
         (op::READ, 0, blk::MAX_SECTORS + 1, data, status::BAD_COUNT),
         (op::READ, 0, 1, 0, status::BAD_BUFFER),
         (op::READ, 0, 8, region - 512, status::BAD_BUFFER),
+        // One sector more than the data area holds.
+        (
+            op::READ,
+            0,
+            ((region - data) / blk::SECTOR) as u32 + 1,
+            data,
+            status::BAD_BUFFER,
+        ),
         (77, 0, 1, data, status::UNSUPPORTED),
     ];
     for &(op, sector, count, buffer, want) in &bad {

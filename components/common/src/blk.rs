@@ -11,6 +11,12 @@
 //! | 0x240 | response ring: [`RING`] × 16-byte [`Response`] |
 //! | 0x1000 | data: the buffers requests name, by offset in the region |
 //!
+//! One request moves up to [`MAX_SECTORS`] (1 MiB) between the disk and a
+//! buffer anywhere in the data area, as long as it fits there: a region's
+//! size bounds its client's transfers (the VMM's guest disk gets 1 MiB +
+//! 4 KiB, the test clients 64 KiB). The service moves it through its own
+//! DMA pages, in as many device requests as they need.
+//!
 //! Heads and tails count up for ever (wrapping u32); entry `i` lives at
 //! `i % RING`. A client writes a request, then bumps `req_head`, then ups
 //! the service's semaphore; the service copies each request out before it
@@ -32,8 +38,9 @@ pub const REQUEST_SIZE: usize = 32;
 pub const RESPONSES: usize = REQUESTS + RING as usize * REQUEST_SIZE;
 pub const RESPONSE_SIZE: usize = 16;
 pub const DATA: u64 = 0x1000;
-/// Most sectors one request moves (one DMA page of the service).
-pub const MAX_SECTORS: u32 = 8;
+/// Most sectors one request moves (1 MiB); the client's buffer must also
+/// lie in its region's data area.
+pub const MAX_SECTORS: u32 = 2048;
 
 /// Operations.
 pub mod op {
@@ -201,6 +208,31 @@ pub fn slot(base: usize, size: usize, index: u32) -> usize {
     base + (index % RING) as usize * size
 }
 
+/// Size of the service's DMA pages.
+pub const PAGE: u64 = 4096;
+
+/// The device segments of a transfer of `bytes` from the start of a
+/// bounce buffer whose pages lie at the physical addresses `pages`, in
+/// order: each page's part, physically adjacent pages merged into one
+/// segment; `each` gets every segment's address and length. Never more
+/// than the pages hold (the rest of `bytes` is left out), never a segment
+/// of 0 bytes.
+pub fn bounce_segments(pages: &[u64], bytes: u64, mut each: impl FnMut(u64, u64)) {
+    let mut left = bytes.min(pages.len() as u64 * PAGE);
+    let mut page = 0;
+    while left > 0 {
+        let start = pages[page];
+        let mut len = left.min(PAGE);
+        page += 1;
+        while len < left && page < pages.len() && start.checked_add(len) == Some(pages[page]) {
+            len += (left - len).min(PAGE);
+            page += 1;
+        }
+        each(start, len);
+        left -= len;
+    }
+}
+
 /// A disk description from the service's arguments: `START,SECTORS`.
 pub fn parse_disk(text: &str) -> Option<Disk> {
     let (start, sectors) = text.split_once(',')?;
@@ -298,6 +330,61 @@ mod tests {
     }
 
     #[test]
+    fn large_requests_fill_the_data_area_and_no_more() {
+        // The whole data area of a 64 KiB region in one request.
+        let whole = ((REGION - DATA) / SECTOR) as u32;
+        assert_eq!(
+            check(&req(op::WRITE, 100, whole, DATA), DISK, REGION),
+            Ok(Action::Write {
+                sector: 2148,
+                count: whole,
+                buffer: DATA
+            })
+        );
+        let bad = |r: Request, region| check(&r, DISK, region).unwrap_err();
+        assert_eq!(
+            bad(req(op::READ, 0, whole + 1, DATA), REGION),
+            status::BAD_BUFFER
+        );
+        assert_eq!(
+            bad(req(op::READ, 0, whole, DATA + SECTOR), REGION),
+            status::BAD_BUFFER
+        );
+        // The most a request moves, in a region big enough for it.
+        let big = DATA + u64::from(MAX_SECTORS) * SECTOR;
+        let disk = Disk {
+            start: 0,
+            sectors: 1 << 20,
+        };
+        assert_eq!(
+            check(&req(op::READ, 7, MAX_SECTORS, DATA), disk, big),
+            Ok(Action::Read {
+                sector: 7,
+                count: MAX_SECTORS,
+                buffer: DATA
+            })
+        );
+        assert_eq!(
+            check(&req(op::READ, 0, MAX_SECTORS + 1, DATA), disk, 2 * big).unwrap_err(),
+            status::BAD_COUNT
+        );
+        assert_eq!(
+            check(&req(op::READ, 0, u32::MAX, DATA), disk, u64::MAX).unwrap_err(),
+            status::BAD_COUNT
+        );
+        // Past the disk's end by one sector, with a buffer that fits.
+        assert_eq!(
+            check(
+                &req(op::WRITE, (1 << 20) - 2047, MAX_SECTORS, DATA),
+                disk,
+                big
+            )
+            .unwrap_err(),
+            status::OUT_OF_RANGE
+        );
+    }
+
+    #[test]
     fn every_accepted_request_stays_inside_disk_and_region() {
         let mut rng = crate::rng::Xorshift::new(13);
         for _ in 0..100_000 {
@@ -310,7 +397,11 @@ mod tests {
             let r = Request {
                 id: 0,
                 op: (rng.next_u64() % 6) as u32,
-                count: (rng.next_u64() % 12) as u32,
+                count: match rng.next_u64() % 3 {
+                    0 => (rng.next_u64() % 12) as u32,
+                    1 => (rng.next_u64() % u64::from(MAX_SECTORS + 16)) as u32,
+                    _ => rng.next_u64() as u32,
+                },
                 sector: pick(&mut rng, DISK.sectors),
                 buffer: pick(&mut rng, REGION),
             };
@@ -332,6 +423,48 @@ mod tests {
                 assert!(buffer >= DATA && buffer + count * SECTOR <= REGION);
             }
         }
+    }
+
+    fn segments(pages: &[u64], bytes: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        bounce_segments(pages, bytes, |address, len| out.push((address, len)));
+        out
+    }
+
+    #[test]
+    fn bounce_pages_become_merged_segments() {
+        // Adjacent pages: one segment; a partial last page.
+        let adjacent = [0x10000, 0x11000, 0x12000, 0x13000];
+        assert_eq!(segments(&adjacent, 4 * PAGE), [(0x10000, 4 * PAGE)]);
+        assert_eq!(
+            segments(&adjacent, 2 * PAGE + 512),
+            [(0x10000, 2 * PAGE + 512)]
+        );
+        assert_eq!(segments(&adjacent, 512), [(0x10000, 512)]);
+        assert_eq!(segments(&adjacent, 0), []);
+        // Scattered and reversed pages stay apart; runs merge.
+        let scattered = [0x50000, 0x20000, 0x21000, 0x1f000, 0x30000];
+        assert_eq!(
+            segments(&scattered, 5 * PAGE),
+            [
+                (0x50000, PAGE),
+                (0x20000, 2 * PAGE),
+                (0x1f000, PAGE),
+                (0x30000, PAGE)
+            ]
+        );
+        assert_eq!(
+            segments(&scattered, PAGE + 1024),
+            [(0x50000, PAGE), (0x20000, 1024)]
+        );
+        // Never past the pages, whatever is asked; no wrap at the top.
+        assert_eq!(segments(&adjacent, u64::MAX), [(0x10000, 4 * PAGE)]);
+        let top = [u64::MAX - PAGE + 1, 0];
+        assert_eq!(
+            segments(&top, 2 * PAGE),
+            [(u64::MAX - PAGE + 1, PAGE), (0, PAGE)]
+        );
+        assert_eq!(segments(&[], PAGE), []);
     }
 
     #[test]

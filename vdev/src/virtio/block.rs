@@ -3,7 +3,6 @@
 //! gives the guest `VIRTIO_BLK_S_IOERR`); [`MemDisk`] keeps the disk in
 //! RAM, the VMM's other back end is a client of the block service.
 
-use alloc::vec;
 use alloc::vec::Vec;
 
 use super::queue::{Chain, QueueError, QUEUE_SIZE_MAX};
@@ -32,7 +31,9 @@ const SEG_MAX: u32 = QUEUE_SIZE_MAX as u32 - 2;
 /// num_queues: the fields up to those a driver reads only with features
 /// this device does not offer.
 const CONFIG_LEN: usize = 36;
-const CHUNK: usize = 4096;
+/// Most bytes handed to the back end at once (a guest's 1 MiB request is
+/// one call); the buffer grows to what requests need, up to this.
+const CHUNK: usize = 1 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IoError;
@@ -137,7 +138,7 @@ impl<B: BlockBackend> Block<B> {
         Self {
             backend,
             id: padded,
-            scratch: vec![0; CHUNK],
+            scratch: Vec::new(),
         }
     }
 
@@ -147,6 +148,12 @@ impl<B: BlockBackend> Block<B> {
 
     pub fn backend_mut(&mut self) -> &mut B {
         &mut self.backend
+    }
+
+    fn grow_scratch(&mut self, len: usize) {
+        if self.scratch.len() < len {
+            self.scratch.resize(len, 0);
+        }
     }
 
     /// The sector range of a transfer of `len` bytes, if it is whole
@@ -181,6 +188,7 @@ impl<B: BlockBackend> Block<B> {
                 let mut writer = chain.writer(data_in);
                 while writer.remaining() > 0 {
                     let len = writer.remaining().min(CHUNK as u64) as usize;
+                    self.grow_scratch(len);
                     if self.backend.read(sector, &mut self.scratch[..len]).is_err() {
                         return Ok((S_IOERR, writer.done()));
                     }
@@ -195,6 +203,7 @@ impl<B: BlockBackend> Block<B> {
                 }
                 while reader.remaining() > 0 {
                     let len = reader.remaining().min(CHUNK as u64) as usize;
+                    self.grow_scratch(len);
                     reader.read(mem, &mut self.scratch[..len])?;
                     if self.backend.write(sector, &self.scratch[..len]).is_err() {
                         return Ok((S_IOERR, 0));
@@ -276,6 +285,7 @@ mod tests {
     use crate::virtio::mock::{Driver, Machine};
     use crate::virtio::pci::{common, STATUS_NEEDS_RESET};
     use crate::virtio::{VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1};
+    use alloc::vec;
 
     const FEATURES: u64 =
         VIRTIO_F_VERSION_1 | VIRTIO_F_RING_INDIRECT_DESC | BLK_F_FLUSH | BLK_F_SEG_MAX;
