@@ -5,11 +5,16 @@
 //! machine. The guest's MAC address is `mac=` (the one the switch fixes
 //! for this port), else `machine::GUEST_MAC`.
 //!
-//! Frames the guest sends go into the port's transmit ring (dropped and
-//! counted when it is full, as on a congested wire); frames for the guest
-//! come from its receive ring: the VMM's net EC waits on
-//! [`PORT_SM`] and wakes the vCPU loop, which hands them to the device
-//! (`Machine::poll_net`) before it enters the guest again.
+//! Frames the guest sends go into the port's transmit ring; while it is
+//! full they wait in the guest's transmit queue (the device takes no more,
+//! so the guest's driver stops its queue: flow control, not loss) and the
+//! switch is asked to up [`PORT_SM`] when it took one. Frames for the
+//! guest come from its receive ring. The VMM's net EC waits on
+//! [`PORT_SM`] and runs the device (`Machine::poll_net`: the receive ring
+//! into the guest's buffers, as far as its backlog has room, and the
+//! transmit queue into the ring); the vCPU loop does the same before each
+//! entry. Taking a frame from a receive ring the switch waits on ups the
+//! switch (`Port::receive`).
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -87,5 +92,9 @@ impl NetBackend for SwitchPort {
 
     fn ready(&self) -> bool {
         self.port.has_frame()
+    }
+
+    fn can_send(&mut self) -> bool {
+        self.port.can_queue()
     }
 }

@@ -39,6 +39,13 @@ pub trait NetBackend {
     fn ready(&self) -> bool {
         false
     }
+    /// Whether [`send`](Self::send) can take a frame now. A peer that says
+    /// no keeps the guest's frames in its transmit queue (flow control,
+    /// not loss) and must have its owner run the device again when it
+    /// has room ([`Net::tx_waiting`]).
+    fn can_send(&mut self) -> bool {
+        true
+    }
 }
 
 impl<B: NetBackend + ?Sized> NetBackend for alloc::boxed::Box<B> {
@@ -51,6 +58,9 @@ impl<B: NetBackend + ?Sized> NetBackend for alloc::boxed::Box<B> {
     fn ready(&self) -> bool {
         (**self).ready()
     }
+    fn can_send(&mut self) -> bool {
+        (**self).can_send()
+    }
 }
 
 pub struct Net<B> {
@@ -59,6 +69,8 @@ pub struct Net<B> {
     backlog: VecDeque<Vec<u8>>,
     rx_dropped: u64,
     tx_dropped: u64,
+    /// The guest's frames wait in its transmit queue for the peer.
+    tx_waiting: bool,
 }
 
 impl<B: NetBackend> Net<B> {
@@ -69,6 +81,7 @@ impl<B: NetBackend> Net<B> {
             backlog: VecDeque::new(),
             rx_dropped: 0,
             tx_dropped: 0,
+            tx_waiting: false,
         }
     }
 
@@ -103,6 +116,12 @@ impl<B: NetBackend> Net<B> {
         self.backlog.len() < RX_BACKLOG && self.backend.ready()
     }
 
+    /// Whether the guest's frames wait for the peer to have room: run the
+    /// device (`VirtioPci::update`) when it may have some.
+    pub fn tx_waiting(&self) -> bool {
+        self.tx_waiting
+    }
+
     /// The MAC address the guest reads from the configuration space.
     pub fn set_mac(&mut self, mac: [u8; 6]) {
         self.mac = mac;
@@ -124,7 +143,14 @@ impl<B: NetBackend> Net<B> {
 
     fn transmit(&mut self, io: &mut DeviceIo<'_>) -> Result<(), QueueError> {
         let mem = io.mem();
-        while let Some(chain) = io.pop(TX_QUEUE)? {
+        loop {
+            self.tx_waiting = !self.backend.can_send();
+            if self.tx_waiting {
+                break;
+            }
+            let Some(chain) = io.pop(TX_QUEUE)? else {
+                break;
+            };
             let len = chain.readable_len();
             if (NET_HDR_LEN as u64..=(NET_HDR_LEN + MAX_FRAME) as u64).contains(&len) {
                 let mut packet = vec![0u8; len as usize];
@@ -509,6 +535,47 @@ mod tests {
         assert_eq!(accepted, RX_BACKLOG);
         assert!(!device.update(|net| net.receive(&vec![0; MAX_FRAME + 1])));
         assert_eq!(device.device().dropped(), (6, 0));
+    }
+
+    /// A peer with room for `room` frames at a time.
+    struct Narrow {
+        room: usize,
+        sent: Vec<Vec<u8>>,
+    }
+
+    impl NetBackend for Narrow {
+        fn send(&mut self, frame: &[u8]) {
+            assert!(self.room > 0, "sent to a peer without room");
+            self.room -= 1;
+            self.sent.push(frame.to_vec());
+        }
+        fn can_send(&mut self) -> bool {
+            self.room > 0
+        }
+    }
+
+    #[test]
+    fn frames_wait_in_the_transmit_queue_while_the_peer_has_no_room() {
+        let m = Machine::new();
+        let (device, mut driver) = up(
+            &m,
+            Narrow {
+                room: 1,
+                sent: Vec::new(),
+            },
+        );
+        transmit(&mut driver, b"first-frame-----");
+        transmit(&mut driver, b"second-frame----");
+        assert!(driver.used(TX_QUEUE).is_some());
+        assert_eq!(driver.used(TX_QUEUE), None, "the second waits, not dropped");
+        assert!(device.borrow().device().tx_waiting());
+        device.borrow_mut().update(|net| net.backend_mut().room = 4);
+        assert!(driver.used(TX_QUEUE).is_some());
+        let device = device.borrow();
+        assert!(!device.device().tx_waiting());
+        assert_eq!(device.device().backend().sent.len(), 2);
+        assert_eq!(device.device().backend().sent[1], b"second-frame----");
+        assert_eq!(device.device().dropped(), (0, 0));
     }
 
     fn arp_request(target: [u8; 4]) -> Vec<u8> {
