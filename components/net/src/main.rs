@@ -18,7 +18,11 @@
 //! device's MSI-X message (both queues' vector), 31 + N by us when client
 //! N has frames. Frames are checked and forwarded by `common::net`'s
 //! [`Switch`]; what it drops is counted, and the first drop of each kind
-//! on each port is reported.
+//! on each port is reported. A frame whose one destination has no room
+//! is not dropped at once: it stays in the device's receive queue or the
+//! sender's transmit ring, and that source waits, until the destination
+//! makes room (it ups us: `common::net`'s `rx_wanted`) or [`HOLD_MS`]
+//! pass.
 //!
 //! The root task restarts it when it crashes (the manifest's `restart`):
 //! the regions and semaphores outlive it, so a new instance resets the
