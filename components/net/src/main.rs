@@ -74,7 +74,7 @@ const MAX_PASSES: usize = 8;
 /// How long a frame for a port without room is held where it is (the
 /// device's receive queue, the sender's transmit ring) before it is
 /// dropped; after that, frames for that port are dropped at once until
-/// it has room again.
+/// it has emptied its ring.
 const HOLD_MS: u64 = 20;
 
 fn fail(what: &str) -> i32 {
@@ -225,7 +225,7 @@ struct Node {
     /// at its destination.
     held_since: [Option<u64>; net::MAX_PORTS],
     /// Per destination port: a frame for it waited [`HOLD_MS`] in vain;
-    /// frames for it are dropped at once until it has room.
+    /// frames for it are dropped at once until it has emptied its ring.
     stalled: [bool; net::MAX_PORTS],
 }
 
@@ -301,12 +301,10 @@ impl Node {
             self.held_since[from] = None;
             return false;
         };
-        if self.has_room(to) {
+        if self.stalled[to] && self.drained(to) {
             self.stalled[to] = false;
-            self.held_since[from] = None;
-            return false;
         }
-        if self.stalled[to] {
+        if self.stalled[to] || self.has_room(to) {
             self.held_since[from] = None;
             return false;
         }
@@ -336,6 +334,17 @@ impl Node {
             return self.device.can_transmit();
         }
         self.client_mut(to).is_some_and(|(_, c)| c.has_room())
+    }
+
+    /// Whether a stalled port has caught up: a client has emptied its
+    /// receive ring (not merely made room for one frame, so that one
+    /// that reads a frame now and then cannot hold up the others again
+    /// and again), the device has a transmit buffer.
+    fn drained(&mut self, to: usize) -> bool {
+        if to == UPLINK {
+            return self.device.can_transmit();
+        }
+        self.client_mut(to).is_none_or(|(_, c)| c.is_empty())
     }
 
     /// Port `port`'s client, with its index.
@@ -483,6 +492,11 @@ impl Client {
         }
         let tail = self.region.read::<u32>(net::RX_TAIL as u64);
         matches!(net::pending(self.rx_head, tail), Some(n) if n < net::RING)
+    }
+
+    /// Whether its receive ring is empty.
+    fn is_empty(&self) -> bool {
+        self.broken || self.region.read::<u32>(net::RX_TAIL as u64) == self.rx_head
     }
 
     /// Asks it to up us when it takes a frame from its receive ring;
