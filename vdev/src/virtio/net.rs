@@ -28,8 +28,13 @@ const CONFIG_LEN: usize = 12;
 
 /// The other end of the wire.
 pub trait NetBackend {
-    /// A frame the guest sent (header stripped).
+    /// A frame the guest sent (header stripped). The peer need not pass
+    /// it on before [`flush`](Self::flush).
     fn send(&mut self, frame: &[u8]);
+    /// The end of a round of [`send`](Self::send)s: a peer that batches
+    /// passes them on (one notification for the round, not one per
+    /// frame).
+    fn flush(&mut self) {}
     /// A frame for the guest, if the peer has one ready.
     fn poll(&mut self) -> Option<Vec<u8>> {
         None
@@ -51,6 +56,9 @@ pub trait NetBackend {
 impl<B: NetBackend + ?Sized> NetBackend for alloc::boxed::Box<B> {
     fn send(&mut self, frame: &[u8]) {
         (**self).send(frame)
+    }
+    fn flush(&mut self) {
+        (**self).flush()
     }
     fn poll(&mut self) -> Option<Vec<u8>> {
         (**self).poll()
@@ -142,6 +150,18 @@ impl<B: NetBackend> Net<B> {
     }
 
     fn transmit(&mut self, io: &mut DeviceIo<'_>) -> Result<(), QueueError> {
+        let sent = self.send_queued(io);
+        // Also when the queue broke: what was sent before goes on.
+        self.backend.flush();
+        sent?;
+        // Bounded by the backlog: a peer that always has more cannot keep
+        // the device here, and what does not fit waits at the peer.
+        self.pull();
+        Ok(())
+    }
+
+    /// Hands the peer the guest's frames while it has room.
+    fn send_queued(&mut self, io: &mut DeviceIo<'_>) -> Result<(), QueueError> {
         let mem = io.mem();
         loop {
             self.tx_waiting = !self.backend.can_send();
@@ -161,9 +181,6 @@ impl<B: NetBackend> Net<B> {
             }
             io.push(TX_QUEUE, &chain, 0)?;
         }
-        // Bounded by the backlog: a peer that always has more cannot keep
-        // the device here, and what does not fit waits at the peer.
-        self.pull();
         Ok(())
     }
 
@@ -386,12 +403,38 @@ mod tests {
     #[derive(Default)]
     struct Wire {
         sent: Vec<Vec<u8>>,
+        flushes: usize,
     }
 
     impl NetBackend for Wire {
         fn send(&mut self, frame: &[u8]) {
             self.sent.push(frame.to_vec());
         }
+        fn flush(&mut self) {
+            self.flushes += 1;
+        }
+    }
+
+    #[test]
+    fn one_flush_per_round_of_frames() {
+        let m = Machine::new();
+        let (device, mut driver) = up(&m, Wire::default());
+        let before = device.borrow().device().backend().flushes;
+        for frame in [b"first-frame-----", b"second-frame----"] {
+            let header = driver.m.alloc_data(&[0; NET_HDR_LEN]);
+            let data = driver.m.alloc_data(frame);
+            driver.add(
+                TX_QUEUE,
+                &[
+                    (header, NET_HDR_LEN as u32, false),
+                    (data, frame.len() as u32, false),
+                ],
+            );
+        }
+        driver.kick(TX_QUEUE);
+        let device = device.borrow();
+        assert_eq!(device.device().backend().sent.len(), 2);
+        assert_eq!(device.device().backend().flushes, before + 1);
     }
 
     fn up<B: NetBackend + 'static>(
