@@ -28,9 +28,9 @@
 //! semaphore. The switch waits for a client only a bounded time
 //! (`net`'s `HOLD_MS`), holding the frame where it is — in the device's
 //! receive queue or the sender's transmit ring —, then drops it (counted)
-//! and drops further frames for that client at once until it has
-//! emptied its ring, so a client that stops reading, or reads a frame
-//! now and then, holds up the others at most once per ring it empties. A frame shorter than an Ethernet header, longer than
+//! and for a second after that drops frames for that client at once
+//! when its ring is full, so a client that keeps its ring full holds up
+//! the others for at most a fiftieth of the time. A frame shorter than an Ethernet header, longer than
 //! [`MAX_FRAME`], or with a group or zero source address is dropped and
 //! counted; so is one whose source is not its port's MAC (spoofed). A
 //! ring whose head is further ahead of its tail than [`RING`] is broken:

@@ -73,9 +73,12 @@ const DMA_PAGES: usize = (TX_BUFFERS_PAGE + QUEUE_ENTRIES as u64 * BUFFER / PAGE
 const MAX_PASSES: usize = 8;
 /// How long a frame for a port without room is held where it is (the
 /// device's receive queue, the sender's transmit ring) before it is
-/// dropped; after that, frames for that port are dropped at once until
-/// it has emptied its ring.
+/// dropped.
 const HOLD_MS: u64 = 20;
+/// After a hold ran out, frames for that port that find no room are
+/// dropped at once for this many [`HOLD_MS`]: a port that keeps its
+/// ring full holds the others up for at most 1/50 of the time.
+const HOLD_COOLDOWN: u64 = 50;
 
 fn fail(what: &str) -> i32 {
     println!("net: FAIL {what}");
@@ -166,7 +169,7 @@ fn main(args: &str) -> i32 {
         crash_len,
         hold_ticks: args::tsc_hz(args) / 1000 * HOLD_MS,
         held_since: [None; net::MAX_PORTS],
-        stalled: [false; net::MAX_PORTS],
+        no_hold_until: [0; net::MAX_PORTS],
     };
     // Each client learns that this instance started (its `switch_starts`
     // moves) and looks at its rings: after a restart, frames may wait.
@@ -224,9 +227,9 @@ struct Node {
     /// Per source port: since when (TSC) its next frame waits for room
     /// at its destination.
     held_since: [Option<u64>; net::MAX_PORTS],
-    /// Per destination port: a frame for it waited [`HOLD_MS`] in vain;
-    /// frames for it are dropped at once until it has emptied its ring.
-    stalled: [bool; net::MAX_PORTS],
+    /// Per destination port: until when (TSC) frames for it are not held
+    /// (a frame for it waited [`HOLD_MS`] in vain: [`HOLD_COOLDOWN`]).
+    no_hold_until: [u64; net::MAX_PORTS],
 }
 
 impl Node {
@@ -295,23 +298,21 @@ impl Node {
     /// client without room is asked to up us when it makes some, and
     /// told at once that it has frames; the device's transmit queue ups
     /// us by its interrupt. After [`HOLD_MS`] the frame goes on (to be
-    /// dropped and counted), and the port counts as stalled.
+    /// dropped and counted), and frames for that port are not held for
+    /// a while ([`HOLD_COOLDOWN`]).
     fn must_hold(&mut self, from: usize, frame: &[u8]) -> bool {
         let Some(to) = self.switch.destination(frame).filter(|&to| to != from) else {
             self.held_since[from] = None;
             return false;
         };
-        if self.stalled[to] && self.drained(to) {
-            self.stalled[to] = false;
-        }
-        if self.stalled[to] || self.has_room(to) {
+        let now = moat_user::rdtsc();
+        if self.has_room(to) || now < self.no_hold_until[to] {
             self.held_since[from] = None;
             return false;
         }
-        let now = moat_user::rdtsc();
         let since = *self.held_since[from].get_or_insert(now);
         if now.wrapping_sub(since) >= self.hold_ticks {
-            self.stalled[to] = true;
+            self.no_hold_until[to] = now.saturating_add(self.hold_ticks * HOLD_COOLDOWN);
             self.held_since[from] = None;
             return false;
         }
@@ -334,17 +335,6 @@ impl Node {
             return self.device.can_transmit();
         }
         self.client_mut(to).is_some_and(|(_, c)| c.has_room())
-    }
-
-    /// Whether a stalled port has caught up: a client has emptied its
-    /// receive ring (not merely made room for one frame, so that one
-    /// that reads a frame now and then cannot hold up the others again
-    /// and again), the device has a transmit buffer.
-    fn drained(&mut self, to: usize) -> bool {
-        if to == UPLINK {
-            return self.device.can_transmit();
-        }
-        self.client_mut(to).is_none_or(|(_, c)| c.is_empty())
     }
 
     /// Port `port`'s client, with its index.
@@ -492,11 +482,6 @@ impl Client {
         }
         let tail = self.region.read::<u32>(net::RX_TAIL as u64);
         matches!(net::pending(self.rx_head, tail), Some(n) if n < net::RING)
-    }
-
-    /// Whether its receive ring is empty.
-    fn is_empty(&self) -> bool {
-        self.broken || self.region.read::<u32>(net::RX_TAIL as u64) == self.rx_head
     }
 
     /// Asks it to up us when it takes a frame from its receive ring;
