@@ -61,6 +61,8 @@ pub fn switch(data: &[u8]) {
         for (i, b) in dst.iter().chain(&src).enumerate().take(len) {
             bytes[i] = *b;
         }
+        let destination = switch.destination(&bytes);
+        assert!(destination.is_none_or(|to| to < ports), "no such port");
         let decision = switch.forward(from, &bytes);
         if from >= ports {
             assert!(
@@ -78,6 +80,7 @@ pub fn switch(data: &[u8]) {
         }
         match decision {
             Forward::Port(to) => {
+                assert_eq!(destination, Some(to), "flow control looks elsewhere");
                 assert_ne!(to, from, "back where it came from");
                 assert!(to < ports);
                 if let Some(&(_, mac)) = fixed.iter().find(|(p, _)| *p == to) {

@@ -10,7 +10,7 @@ use moat_abi::vcpu::{exit_reason, Segment as AbiSegment, VcpuState};
 use vdev::virtio::rng::SplitMix64;
 use vdev::GuestMemory;
 use vmm::cpu::{access, cr0, cr4, efer};
-use vmm::machine::{Config, Machine, NamedPort, TimeSource};
+use vmm::machine::{Config, Hvc0, Machine, NamedPort, TimeSource};
 use vmm::{CpuState, NotRam, Outcome, Platform, Segment};
 
 use crate::{for_each_op, Ram};
@@ -424,6 +424,7 @@ pub fn exit(data: &[u8]) {
             ]))),
             Box::new(SplitMix64(7)),
             NamedPort::Echo,
+            Hvc0::Echo,
         )
         .expect("the PCI devices");
     for_each_op(&mut u, |op| match op {

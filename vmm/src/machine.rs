@@ -909,13 +909,14 @@ impl Machine {
 
     /// Hands the guest the frames its network back end has (a switch port
     /// whose frames arrive by themselves), as far as the device's backlog
-    /// has room; called before each entry.
+    /// has room, and the back end the guest's frames that waited for room;
+    /// called before each entry.
     pub fn poll_net(&mut self) {
         let Some(virtio) = &self.virtio else { return };
         let Ok(mut net) = virtio.net.try_borrow_mut() else {
             return;
         };
-        if net.device().wants_pull() {
+        if net.device().wants_pull() || net.device().tx_waiting() {
             net.update(|net| net.pull());
         }
     }

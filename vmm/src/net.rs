@@ -5,11 +5,17 @@
 //! machine. The guest's MAC address is `mac=` (the one the switch fixes
 //! for this port), else `machine::GUEST_MAC`.
 //!
-//! Frames the guest sends go into the port's transmit ring (dropped and
-//! counted when it is full, as on a congested wire); frames for the guest
-//! come from its receive ring: the VMM's net EC waits on
-//! [`PORT_SM`] and wakes the vCPU loop, which hands them to the device
-//! (`Machine::poll_net`) before it enters the guest again.
+//! Frames the guest sends go into the port's transmit ring (the switch is
+//! upped once per round of the device's transmit queue); while it is
+//! full they wait in the guest's transmit queue (the device takes no more,
+//! so the guest's driver stops its queue: flow control, not loss) and the
+//! switch is asked to up [`PORT_SM`] when it took one. Frames for the
+//! guest come from its receive ring. The VMM's net EC waits on
+//! [`PORT_SM`] and runs the device (`Machine::poll_net`: the receive ring
+//! into the guest's buffers, as far as its backlog has room, and the
+//! transmit queue into the ring); the vCPU loop does the same before each
+//! entry. Taking a frame from a receive ring the switch waits on ups the
+//! switch (`Port::receive`).
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -48,6 +54,7 @@ pub fn port(vmm_args: &str) -> Result<Option<(SwitchPort, [u8; 6])>, &'static st
         SwitchPort {
             port,
             buf: Box::new([0; MAX_FRAME]),
+            queued: false,
         },
         mac,
     )))
@@ -56,11 +63,14 @@ pub fn port(vmm_args: &str) -> Result<Option<(SwitchPort, [u8; 6])>, &'static st
 pub struct SwitchPort {
     port: Port,
     buf: Box<[u8; MAX_FRAME]>,
+    /// Frames queued since the switch was last told.
+    queued: bool,
 }
 
 impl NetBackend for SwitchPort {
     fn send(&mut self, frame: &[u8]) {
-        if self.port.send(frame) {
+        if self.port.queue(frame) {
+            self.queued = true;
             return;
         }
         if self.port.full.is_power_of_two() {
@@ -68,6 +78,12 @@ impl NetBackend for SwitchPort {
                 "vmm: network: the switch port's ring is full: {} frames dropped",
                 self.port.full
             );
+        }
+    }
+
+    fn flush(&mut self) {
+        if core::mem::take(&mut self.queued) {
+            self.port.notify();
         }
     }
 
@@ -87,5 +103,9 @@ impl NetBackend for SwitchPort {
 
     fn ready(&self) -> bool {
         self.port.has_frame()
+    }
+
+    fn can_send(&mut self) -> bool {
+        self.port.can_queue()
     }
 }

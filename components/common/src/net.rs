@@ -10,6 +10,8 @@
 //! | 0x000 | `tx_head` (u32, client), `tx_tail` (u32, switch) |
 //! | 0x008 | `rx_head` (u32, switch), `rx_tail` (u32, client) |
 //! | 0x010 | `switch_starts` (u32, switch): bumped by each start of the switch |
+//! | 0x014 | `rx_wanted` (u32, switch sets, client clears): a frame for the client waits for room in its rx ring |
+//! | 0x018 | `tx_wanted` (u32, client sets, switch clears): the client waits for room in its tx ring |
 //! | 0x1000 | tx ring: [`RING`] slots of [`SLOT`] bytes, client → switch |
 //! | 0x1000 + RING × SLOT | rx ring: [`RING`] slots, switch → client |
 //!
@@ -19,8 +21,16 @@
 //! slot, then bumps its head, then ups the other side's semaphore; the
 //! consumer copies the slot out before it looks at it (the other side may
 //! change it at any time), then bumps its tail. A full ring is the
-//! producer's to handle: a client waits or drops, the switch drops (and
-//! counts). A frame shorter than an Ethernet header, longer than
+//! producer's to handle, by flow control rather than loss: the producer
+//! sets the ring's `*_wanted` word, looks at the ring once more (the
+//! consumer may have taken a slot meanwhile), and waits; a consumer that
+//! takes a slot and finds the word set clears it and ups the producer's
+//! semaphore. The switch waits for a client only a bounded time
+//! (`net`'s `HOLD_MS`), holding the frame where it is — in the device's
+//! receive queue or the sender's transmit ring —, then drops it (counted)
+//! and for a second after that drops frames for that client at once
+//! when its ring is full, so a client that keeps its ring full holds up
+//! the others for at most a fiftieth of the time. A frame shorter than an Ethernet header, longer than
 //! [`MAX_FRAME`], or with a group or zero source address is dropped and
 //! counted; so is one whose source is not its port's MAC (spoofed). A
 //! ring whose head is further ahead of its tail than [`RING`] is broken:
@@ -38,6 +48,8 @@ pub const TX_TAIL: usize = 0x04;
 pub const RX_HEAD: usize = 0x08;
 pub const RX_TAIL: usize = 0x0c;
 pub const SWITCH_STARTS: usize = 0x10;
+pub const RX_WANTED: usize = 0x14;
+pub const TX_WANTED: usize = 0x18;
 pub const TX_RING: usize = 0x1000;
 pub const RX_RING: usize = TX_RING + RING as usize * SLOT;
 /// The smallest region that holds both rings.
@@ -200,6 +212,19 @@ impl Switch {
 
     pub fn stats(&self, port: usize) -> PortStats {
         self.stats.get(port).copied().unwrap_or_default()
+    }
+
+    /// The one port a frame would go to, by its destination address (a
+    /// client's fixed one or a learned one); `None` for a frame too short
+    /// to have one, a group destination or an unknown one (flooded).
+    /// Checks nothing else and changes nothing: for flow control before
+    /// [`forward`](Self::forward).
+    pub fn destination(&self, frame: &[u8]) -> Option<usize> {
+        let dst: Mac = frame.get(0..6)?.try_into().ok()?;
+        if is_group(&dst) {
+            return None;
+        }
+        self.fixed_port(&dst).or_else(|| self.learned_port(&dst))
     }
 
     fn fixed_port(&self, mac: &Mac) -> Option<usize> {
@@ -392,6 +417,20 @@ mod tests {
         assert!(s.fix(1, A));
         assert!(s.fix(2, B));
         s
+    }
+
+    #[test]
+    fn destination_names_the_one_port_and_changes_nothing() {
+        let mut s = switch();
+        let before = s.stats(UPLINK);
+        assert_eq!(s.destination(&frame(A, HOST)), Some(1));
+        assert_eq!(s.destination(&frame(HOST, A)), None, "unknown: flooded");
+        assert_eq!(s.destination(&frame(BROADCAST, HOST)), None);
+        assert_eq!(s.destination(&[0; 4]), None);
+        assert_eq!(s.stats(UPLINK), before);
+        assert_eq!(s.learned_port(&HOST), None);
+        s.forward(UPLINK, &frame(A, HOST));
+        assert_eq!(s.destination(&frame(HOST, A)), Some(UPLINK));
     }
 
     #[test]

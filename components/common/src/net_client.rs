@@ -56,6 +56,24 @@ impl Port {
         Some(starts)
     }
 
+    /// Whether the tx ring has room for a frame. If not, the switch is
+    /// asked to up this port's semaphore once it has taken one (the
+    /// ring's `tx_wanted`), so a sender that waits instead of dropping
+    /// learns when to try again.
+    pub fn can_queue(&mut self) -> bool {
+        let room = |port: &Self| {
+            let tail = port.region.read::<u32>(net::TX_TAIL as u64);
+            matches!(net::pending(port.tx_head, tail), Some(n) if n < net::RING)
+        };
+        if room(self) {
+            return true;
+        }
+        self.region.write::<u32>(net::TX_WANTED as u64, 1);
+        fence(Ordering::SeqCst);
+        // The switch may have taken a slot before it could see the word.
+        room(self)
+    }
+
     /// Queues a frame for the switch (without telling it: see
     /// [`notify`](Self::notify)); false if the ring is full or the frame
     /// longer than a slot holds.
@@ -109,6 +127,12 @@ impl Port {
         fence(Ordering::SeqCst);
         self.rx_tail = self.rx_tail.wrapping_add(1);
         self.region.write::<u32>(net::RX_TAIL as u64, self.rx_tail);
+        fence(Ordering::SeqCst);
+        // The switch holds a frame for us until there is room: tell it.
+        if self.region.read::<u32>(net::RX_WANTED as u64) != 0 {
+            self.region.write::<u32>(net::RX_WANTED as u64, 0);
+            self.notify();
+        }
         Some(len)
     }
 

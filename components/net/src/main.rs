@@ -18,7 +18,11 @@
 //! device's MSI-X message (both queues' vector), 31 + N by us when client
 //! N has frames. Frames are checked and forwarded by `common::net`'s
 //! [`Switch`]; what it drops is counted, and the first drop of each kind
-//! on each port is reported.
+//! on each port is reported. A frame whose one destination has no room
+//! is not dropped at once: it stays in the device's receive queue or the
+//! sender's transmit ring, and that source waits, until the destination
+//! makes room (it ups us: `common::net`'s `rx_wanted`) or [`HOLD_MS`]
+//! pass.
 //!
 //! The root task restarts it when it crashes (the manifest's `restart`):
 //! the regions and semaphores outlive it, so a new instance resets the
@@ -67,6 +71,14 @@ const DMA_PAGES: usize = (TX_BUFFERS_PAGE + QUEUE_ENTRIES as u64 * BUFFER / PAGE
 /// client cannot keep the switch from waiting on its semaphore for long,
 /// and what is left is found at the next wake-up).
 const MAX_PASSES: usize = 8;
+/// How long a frame for a port without room is held where it is (the
+/// device's receive queue, the sender's transmit ring) before it is
+/// dropped.
+const HOLD_MS: u64 = 20;
+/// After a hold ran out, frames for that port that find no room are
+/// dropped at once for this many [`HOLD_MS`]: a port that keeps its
+/// ring full holds the others up for at most 1/50 of the time.
+const HOLD_COOLDOWN: u64 = 50;
 
 fn fail(what: &str) -> i32 {
     println!("net: FAIL {what}");
@@ -155,6 +167,9 @@ fn main(args: &str) -> i32 {
         switch,
         reported: [[false; 6]; net::MAX_PORTS],
         crash_len,
+        hold_ticks: args::tsc_hz(args) / 1000 * HOLD_MS,
+        held_since: [None; net::MAX_PORTS],
+        no_hold_until: [0; net::MAX_PORTS],
     };
     // Each client learns that this instance started (its `switch_starts`
     // moves) and looks at its rings: after a restart, frames may wait.
@@ -174,9 +189,20 @@ fn main(args: &str) -> i32 {
     }
     let _ = sys::sm_up(SWITCH_SM);
     loop {
-        if let Err(status) = sys::sm_down(SWITCH_SM, 0, false) {
-            println!("net: FAIL sm_down: {status}");
-            return 1;
+        // A held frame is looked at again when its port makes room (it
+        // ups us) or when its time is up, whichever comes first.
+        let deadline = node
+            .held_since
+            .iter()
+            .flatten()
+            .min()
+            .map_or(0, |since| since + node.hold_ticks.max(1));
+        match sys::sm_down(SWITCH_SM, deadline, false) {
+            Ok(()) | Err(moat_user::abi::Status::Timeout) => {}
+            Err(status) => {
+                println!("net: FAIL sm_down: {status}");
+                return 1;
+            }
         }
         for _ in 0..MAX_PASSES {
             if !node.pass() {
@@ -184,12 +210,7 @@ fn main(args: &str) -> i32 {
             }
         }
         node.device.kick();
-        for (i, client) in node.clients.iter_mut().enumerate() {
-            if let Some(client) = client.as_mut().filter(|c| c.wake) {
-                client.wake = false;
-                let _ = sys::sm_up(CLIENT_SM_BASE + i as u64);
-            }
-        }
+        node.wake_clients();
     }
 }
 
@@ -201,6 +222,14 @@ struct Node {
     reported: [[bool; 6]; net::MAX_PORTS],
     /// A client's frame of this length crashes us (0: none does).
     crash_len: usize,
+    /// [`HOLD_MS`] in TSC ticks.
+    hold_ticks: u64,
+    /// Per source port: since when (TSC) its next frame waits for room
+    /// at its destination.
+    held_since: [Option<u64>; net::MAX_PORTS],
+    /// Per destination port: until when (TSC) frames for it are not held
+    /// (a frame for it waited [`HOLD_MS`] in vain: [`HOLD_COOLDOWN`]).
+    no_hold_until: [u64; net::MAX_PORTS],
 }
 
 impl Node {
@@ -211,9 +240,14 @@ impl Node {
         self.device.reclaim_tx();
         let mut frame = [0u8; MAX_FRAME];
         for _ in 0..QUEUE_ENTRIES {
-            let Some(len) = self.device.receive(&mut frame) else {
+            let Some((id, len)) = self.device.peek_rx(&mut frame) else {
+                self.held_since[UPLINK] = None;
                 break;
             };
+            if matches!(len, Some(len) if self.must_hold(UPLINK, &frame[..len])) {
+                break;
+            }
+            self.device.take_rx(id);
             moved = true;
             match len {
                 Some(len) => self.route(UPLINK, &frame[..len]),
@@ -225,7 +259,17 @@ impl Node {
                 let Some(client) = self.clients[i].as_mut() else {
                     break;
                 };
-                match client.take(&mut frame) {
+                let taken = client.peek(&mut frame);
+                if matches!(taken, Taken::Nothing | Taken::Broken) {
+                    self.held_since[i + 1] = None;
+                }
+                if matches!(taken, Taken::Frame(len) if self.must_hold(i + 1, &frame[..len])) {
+                    break;
+                }
+                if let Some(client) = self.clients[i].as_mut() {
+                    client.advance(&taken);
+                }
+                match taken {
                     Taken::Nothing => break,
                     Taken::Broken => {
                         println!("net: client {i}'s transmit ring is broken: ignored from now on");
@@ -247,6 +291,67 @@ impl Node {
             }
         }
         moved
+    }
+
+    /// Whether the frame at the front of port `from`'s queue must stay
+    /// there for now: it has one destination and that has no room. A
+    /// client without room is asked to up us when it makes some, and
+    /// told at once that it has frames; the device's transmit queue ups
+    /// us by its interrupt. After [`HOLD_MS`] the frame goes on (to be
+    /// dropped and counted), and frames for that port are not held for
+    /// a while ([`HOLD_COOLDOWN`]).
+    fn must_hold(&mut self, from: usize, frame: &[u8]) -> bool {
+        let Some(to) = self.switch.destination(frame).filter(|&to| to != from) else {
+            self.held_since[from] = None;
+            return false;
+        };
+        let now = moat_user::rdtsc();
+        if self.has_room(to) || now < self.no_hold_until[to] {
+            self.held_since[from] = None;
+            return false;
+        }
+        let since = *self.held_since[from].get_or_insert(now);
+        if now.wrapping_sub(since) >= self.hold_ticks {
+            self.no_hold_until[to] = now.saturating_add(self.hold_ticks * HOLD_COOLDOWN);
+            self.held_since[from] = None;
+            return false;
+        }
+        if let Some((i, client)) = self.client_mut(to) {
+            if client.want_room() {
+                // It made room meanwhile.
+                self.held_since[from] = None;
+                return false;
+            }
+            if core::mem::take(&mut client.wake) {
+                let _ = sys::sm_up(CLIENT_SM_BASE + i as u64);
+            }
+        }
+        true
+    }
+
+    /// Whether port `to` can take a frame now.
+    fn has_room(&mut self, to: usize) -> bool {
+        if to == UPLINK {
+            return self.device.can_transmit();
+        }
+        self.client_mut(to).is_some_and(|(_, c)| c.has_room())
+    }
+
+    /// Port `port`'s client, with its index.
+    fn client_mut(&mut self, port: usize) -> Option<(usize, &mut Client)> {
+        let i = port.checked_sub(1)?;
+        Some((i, self.clients.get_mut(i)?.as_mut()?))
+    }
+
+    /// Ups the semaphore of each client given frames (or room in its
+    /// transmit ring, which it waited for) since it was last told.
+    fn wake_clients(&mut self) {
+        for (i, client) in self.clients.iter_mut().enumerate() {
+            if let Some(client) = client.as_mut().filter(|c| c.wake) {
+                client.wake = false;
+                let _ = sys::sm_up(CLIENT_SM_BASE + i as u64);
+            }
+        }
     }
 
     fn route(&mut self, from: usize, frame: &[u8]) {
@@ -328,8 +433,9 @@ enum Taken {
 }
 
 impl Client {
-    /// The next frame of its transmit ring, copied out.
-    fn take(&mut self, frame: &mut [u8; MAX_FRAME]) -> Taken {
+    /// The next frame of its transmit ring, copied out but left there
+    /// until [`advance`](Self::advance).
+    fn peek(&mut self, frame: &mut [u8; MAX_FRAME]) -> Taken {
         if self.broken {
             return Taken::Nothing;
         }
@@ -351,18 +457,44 @@ impl Client {
             self.region.read_bytes(at + 4, &mut frame[..len as usize]);
             Taken::Frame(len as usize)
         };
+        taken
+    }
+
+    /// Takes the frame [`peek`](Self::peek) saw off the transmit ring;
+    /// a client that waits for room is woken (after this pass).
+    fn advance(&mut self, taken: &Taken) {
+        if !matches!(taken, Taken::Frame(_) | Taken::TooLong) {
+            return;
+        }
         self.tx_tail = self.tx_tail.wrapping_add(1);
         self.region.write::<u32>(net::TX_TAIL as u64, self.tx_tail);
-        taken
+        fence(Ordering::SeqCst);
+        if self.region.read::<u32>(net::TX_WANTED as u64) != 0 {
+            self.region.write::<u32>(net::TX_WANTED as u64, 0);
+            self.wake = true;
+        }
+    }
+
+    /// Whether its receive ring has room for a frame.
+    fn has_room(&self) -> bool {
+        if self.broken {
+            return true;
+        }
+        let tail = self.region.read::<u32>(net::RX_TAIL as u64);
+        matches!(net::pending(self.rx_head, tail), Some(n) if n < net::RING)
+    }
+
+    /// Asks it to up us when it takes a frame from its receive ring;
+    /// true if it has made room meanwhile.
+    fn want_room(&self) -> bool {
+        self.region.write::<u32>(net::RX_WANTED as u64, 1);
+        fence(Ordering::SeqCst);
+        self.has_room()
     }
 
     /// Puts a frame in its receive ring; false if the ring is full.
     fn put(&mut self, frame: &[u8]) -> bool {
-        if self.broken {
-            return false;
-        }
-        let tail = self.region.read::<u32>(net::RX_TAIL as u64);
-        if !matches!(net::pending(self.rx_head, tail), Some(n) if n < net::RING) {
+        if self.broken || !self.has_room() {
             return false;
         }
         let at = net::slot(net::RX_RING, self.rx_head) as u64;
@@ -515,6 +647,13 @@ impl Device {
 
     /// The next used entry of a queue: (descriptor id, length written).
     fn next_used(dma: &Window, queue: &mut Queue) -> Option<(u16, u32)> {
+        let used = Self::peek_used(dma, queue)?;
+        queue.used_idx = queue.used_idx.wrapping_add(1);
+        Some(used)
+    }
+
+    /// The next used entry of a queue, left there.
+    fn peek_used(dma: &Window, queue: &Queue) -> Option<(u16, u32)> {
         fence(Ordering::SeqCst);
         if dma.read::<u16>(queue.page + USED_AT + 2) == queue.used_idx {
             return None;
@@ -523,19 +662,19 @@ impl Device {
         let at = queue.page + USED_AT + 4 + slot * 8;
         let id = dma.read::<u32>(at);
         let len = dma.read::<u32>(at + 4);
-        queue.used_idx = queue.used_idx.wrapping_add(1);
         // An id that is no descriptor of ours becomes one that is none.
         Some((u16::try_from(id).unwrap_or(u16::MAX), len))
     }
 
-    /// A received frame copied into `frame`: `Some(Some(len))`, or
-    /// `Some(None)` for one the device made too long for us; `None` if
-    /// there is none.
-    fn receive(&mut self, frame: &mut [u8; MAX_FRAME]) -> Option<Option<usize>> {
-        let (id, len) = Self::next_used(&self.dma, &mut self.rx)?;
+    /// The next received frame copied into `frame`, left in the queue
+    /// until [`take_rx`](Self::take_rx): its descriptor id and
+    /// `Some(len)`, or `None` for one the device made too long for us;
+    /// `None` if there is none.
+    fn peek_rx(&mut self, frame: &mut [u8; MAX_FRAME]) -> Option<(u16, Option<usize>)> {
+        let (id, len) = Self::peek_used(&self.dma, &self.rx)?;
         if id >= self.rx.size {
-            // Not a descriptor of ours: nothing to give back.
-            return Some(None);
+            // Not a descriptor of ours.
+            return Some((id, None));
         }
         let (offset, _) = self.buffer(RX_BUFFERS_PAGE, id);
         let len = u64::from(len).saturating_sub(NET_HDR);
@@ -544,9 +683,17 @@ impl Device {
                 .read_bytes(offset + NET_HDR, &mut frame[..len as usize]);
             len as usize
         });
-        self.post_rx(id);
-        self.rx_posted = true;
-        Some(result)
+        Some((id, result))
+    }
+
+    /// Takes the frame [`peek_rx`](Self::peek_rx) saw off the queue and
+    /// gives its buffer back to the device.
+    fn take_rx(&mut self, id: u16) {
+        self.rx.used_idx = self.rx.used_idx.wrapping_add(1);
+        if id < self.rx.size {
+            self.post_rx(id);
+            self.rx_posted = true;
+        }
     }
 
     /// Takes back the transmit buffers the device is done with.
@@ -559,12 +706,17 @@ impl Device {
         }
     }
 
-    /// Queues a frame for the wire; false if every buffer is in flight.
-    fn transmit(&mut self, frame: &[u8]) -> bool {
+    /// Whether a transmit buffer is free (or can be taken back).
+    fn can_transmit(&mut self) -> bool {
         if self.tx_free_len == 0 {
             self.reclaim_tx();
         }
-        if self.tx_free_len == 0 {
+        self.tx_free_len > 0
+    }
+
+    /// Queues a frame for the wire; false if every buffer is in flight.
+    fn transmit(&mut self, frame: &[u8]) -> bool {
+        if !self.can_transmit() {
             return false;
         }
         self.tx_free_len -= 1;

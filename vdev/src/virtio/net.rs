@@ -28,8 +28,13 @@ const CONFIG_LEN: usize = 12;
 
 /// The other end of the wire.
 pub trait NetBackend {
-    /// A frame the guest sent (header stripped).
+    /// A frame the guest sent (header stripped). The peer need not pass
+    /// it on before [`flush`](Self::flush).
     fn send(&mut self, frame: &[u8]);
+    /// The end of a round of [`send`](Self::send)s: a peer that batches
+    /// passes them on (one notification for the round, not one per
+    /// frame).
+    fn flush(&mut self) {}
     /// A frame for the guest, if the peer has one ready.
     fn poll(&mut self) -> Option<Vec<u8>> {
         None
@@ -39,17 +44,30 @@ pub trait NetBackend {
     fn ready(&self) -> bool {
         false
     }
+    /// Whether [`send`](Self::send) can take a frame now. A peer that says
+    /// no keeps the guest's frames in its transmit queue (flow control,
+    /// not loss) and must have its owner run the device again when it
+    /// has room ([`Net::tx_waiting`]).
+    fn can_send(&mut self) -> bool {
+        true
+    }
 }
 
 impl<B: NetBackend + ?Sized> NetBackend for alloc::boxed::Box<B> {
     fn send(&mut self, frame: &[u8]) {
         (**self).send(frame)
     }
+    fn flush(&mut self) {
+        (**self).flush()
+    }
     fn poll(&mut self) -> Option<Vec<u8>> {
         (**self).poll()
     }
     fn ready(&self) -> bool {
         (**self).ready()
+    }
+    fn can_send(&mut self) -> bool {
+        (**self).can_send()
     }
 }
 
@@ -59,6 +77,8 @@ pub struct Net<B> {
     backlog: VecDeque<Vec<u8>>,
     rx_dropped: u64,
     tx_dropped: u64,
+    /// The guest's frames wait in its transmit queue for the peer.
+    tx_waiting: bool,
 }
 
 impl<B: NetBackend> Net<B> {
@@ -69,6 +89,7 @@ impl<B: NetBackend> Net<B> {
             backlog: VecDeque::new(),
             rx_dropped: 0,
             tx_dropped: 0,
+            tx_waiting: false,
         }
     }
 
@@ -103,6 +124,12 @@ impl<B: NetBackend> Net<B> {
         self.backlog.len() < RX_BACKLOG && self.backend.ready()
     }
 
+    /// Whether the guest's frames wait for the peer to have room: run the
+    /// device (`VirtioPci::update`) when it may have some.
+    pub fn tx_waiting(&self) -> bool {
+        self.tx_waiting
+    }
+
     /// The MAC address the guest reads from the configuration space.
     pub fn set_mac(&mut self, mac: [u8; 6]) {
         self.mac = mac;
@@ -123,8 +150,27 @@ impl<B: NetBackend> Net<B> {
     }
 
     fn transmit(&mut self, io: &mut DeviceIo<'_>) -> Result<(), QueueError> {
+        let sent = self.send_queued(io);
+        // Also when the queue broke: what was sent before goes on.
+        self.backend.flush();
+        sent?;
+        // Bounded by the backlog: a peer that always has more cannot keep
+        // the device here, and what does not fit waits at the peer.
+        self.pull();
+        Ok(())
+    }
+
+    /// Hands the peer the guest's frames while it has room.
+    fn send_queued(&mut self, io: &mut DeviceIo<'_>) -> Result<(), QueueError> {
         let mem = io.mem();
-        while let Some(chain) = io.pop(TX_QUEUE)? {
+        loop {
+            self.tx_waiting = !self.backend.can_send();
+            if self.tx_waiting {
+                break;
+            }
+            let Some(chain) = io.pop(TX_QUEUE)? else {
+                break;
+            };
             let len = chain.readable_len();
             if (NET_HDR_LEN as u64..=(NET_HDR_LEN + MAX_FRAME) as u64).contains(&len) {
                 let mut packet = vec![0u8; len as usize];
@@ -135,9 +181,6 @@ impl<B: NetBackend> Net<B> {
             }
             io.push(TX_QUEUE, &chain, 0)?;
         }
-        // Bounded by the backlog: a peer that always has more cannot keep
-        // the device here, and what does not fit waits at the peer.
-        self.pull();
         Ok(())
     }
 
@@ -360,12 +403,38 @@ mod tests {
     #[derive(Default)]
     struct Wire {
         sent: Vec<Vec<u8>>,
+        flushes: usize,
     }
 
     impl NetBackend for Wire {
         fn send(&mut self, frame: &[u8]) {
             self.sent.push(frame.to_vec());
         }
+        fn flush(&mut self) {
+            self.flushes += 1;
+        }
+    }
+
+    #[test]
+    fn one_flush_per_round_of_frames() {
+        let m = Machine::new();
+        let (device, mut driver) = up(&m, Wire::default());
+        let before = device.borrow().device().backend().flushes;
+        for frame in [b"first-frame-----", b"second-frame----"] {
+            let header = driver.m.alloc_data(&[0; NET_HDR_LEN]);
+            let data = driver.m.alloc_data(frame);
+            driver.add(
+                TX_QUEUE,
+                &[
+                    (header, NET_HDR_LEN as u32, false),
+                    (data, frame.len() as u32, false),
+                ],
+            );
+        }
+        driver.kick(TX_QUEUE);
+        let device = device.borrow();
+        assert_eq!(device.device().backend().sent.len(), 2);
+        assert_eq!(device.device().backend().flushes, before + 1);
     }
 
     fn up<B: NetBackend + 'static>(
@@ -509,6 +578,47 @@ mod tests {
         assert_eq!(accepted, RX_BACKLOG);
         assert!(!device.update(|net| net.receive(&vec![0; MAX_FRAME + 1])));
         assert_eq!(device.device().dropped(), (6, 0));
+    }
+
+    /// A peer with room for `room` frames at a time.
+    struct Narrow {
+        room: usize,
+        sent: Vec<Vec<u8>>,
+    }
+
+    impl NetBackend for Narrow {
+        fn send(&mut self, frame: &[u8]) {
+            assert!(self.room > 0, "sent to a peer without room");
+            self.room -= 1;
+            self.sent.push(frame.to_vec());
+        }
+        fn can_send(&mut self) -> bool {
+            self.room > 0
+        }
+    }
+
+    #[test]
+    fn frames_wait_in_the_transmit_queue_while_the_peer_has_no_room() {
+        let m = Machine::new();
+        let (device, mut driver) = up(
+            &m,
+            Narrow {
+                room: 1,
+                sent: Vec::new(),
+            },
+        );
+        transmit(&mut driver, b"first-frame-----");
+        transmit(&mut driver, b"second-frame----");
+        assert!(driver.used(TX_QUEUE).is_some());
+        assert_eq!(driver.used(TX_QUEUE), None, "the second waits, not dropped");
+        assert!(device.borrow().device().tx_waiting());
+        device.borrow_mut().update(|net| net.backend_mut().room = 4);
+        assert!(driver.used(TX_QUEUE).is_some());
+        let device = device.borrow();
+        assert!(!device.device().tx_waiting());
+        assert_eq!(device.device().backend().sent.len(), 2);
+        assert_eq!(device.device().backend().sent[1], b"second-frame----");
+        assert_eq!(device.device().dropped(), (0, 0));
     }
 
     fn arp_request(target: [u8; 4]) -> Vec<u8> {
