@@ -731,9 +731,11 @@ macro_rules! hostile_vmm {
 /// Two hostile guests side by side (one with a disk), each making its
 /// seeded actions against its own VMM, beside `echo` (which both VMs may
 /// call) and a `ticker` above them that must count on without a gap.
-pub const HOSTILE: &str = concat!(
-    echo_server!(),
-    "\
+macro_rules! hostile_system {
+    () => {
+        concat!(
+            echo_server!(),
+            "\
 component ticker
     module ticker
     priority 20
@@ -741,12 +743,23 @@ component ticker
     quota 64K
     args count=100 period_ms=20
 ",
-    hostile_vmm!(
-        "hostile_a",
-        "cmdline_a",
-        "    file disk disk.img at 0x32000000000\n"
-    ),
-    hostile_vmm!("hostile_b", "cmdline_b", ""),
+            hostile_vmm!(
+                "hostile_a",
+                "cmdline_a",
+                "    file disk disk.img at 0x32000000000\n"
+            ),
+            hostile_vmm!("hostile_b", "cmdline_b", "")
+        )
+    };
+}
+
+pub const HOSTILE: &str = hostile_system!();
+
+/// `HOSTILE` with the real-time `modem` beside the hostile guests
+/// (`hostile_modem`, opt-in: it misses frames today, issue 11).
+pub const HOSTILE_MODEM: &str = concat!(
+    hostile_system!(),
+    modem_component!("    args report_every=1000\n"),
 );
 
 /// The `blk` driver on QEMU's virtio-blk device, serving two clients

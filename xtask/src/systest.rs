@@ -1850,32 +1850,30 @@ pub const TESTS: &[SysTest] = &[
         modules: HOSTILE_MODULES,
         // Two VMMs with 32 MiB guests, 4 MiB heaps and 2 MiB images.
         kernel_args: &["pool=128"],
-        expect: &[
-            all("roottask: started 'hostile_a'"),
-            all("roottask: started 'hostile_b'"),
-            all("ticker: done"),
-            all("hostile: triple fault next"),
-            all("vmm: guest stopped: triple fault"),
-            all("hostile: triple fault next"),
-            all("vmm: guest stopped: triple fault"),
-            // The second guest's VMM gone too (its whole line: the run is
-            // decided, and Bochs stopped, only once it is out).
-            all("exited with code 1 (no restarts left)"),
-        ],
-        forbid: &[
-            "hostile: FAIL",
-            "panicked",
-            "vmm: FAIL",
-            "roottask: component 'hostile_a' faulted",
-            "roottask: component 'hostile_b' faulted",
-            "roottask: component 'echo' faulted",
-            "ticker: FAIL",
-            "roottask: component 'ticker' faulted",
-        ],
+        expect: HOSTILE_EXPECT,
+        forbid: HOSTILE_FORBID,
         sequences: &[TICKER_100],
         stop: Stop::WhenDecided,
         check: Some(hostile_check),
         // 2 x 100,000 actions, most of them exits: ~4 minutes on Bochs.
+        slow: 3,
+        ..BASE
+    },
+    SysTest {
+        // Opt-in (`--filter hostile_modem`), failing today: the same two
+        // hostile guests with the real-time `modem` beside them. On QEMU
+        // the modem misses about half its frames while the guests make
+        // port I/O to the UART or the PIT, and timer interrupts arrive
+        // 1-7 ms late (issue 11; docs/fuzzing.md).
+        name: "hostile_modem",
+        opt_in: true,
+        modules: HOSTILE_MODEM_MODULES,
+        kernel_args: &["pool=128"],
+        expect: HOSTILE_EXPECT,
+        forbid: HOSTILE_FORBID,
+        sequences: &[TICKER_100],
+        stop: Stop::WhenDecided,
+        check: Some(hostile_check),
         slow: 3,
         ..BASE
     },
@@ -2940,20 +2938,51 @@ const TESTVM_VERDICTS: &[Expect] = &[
     all("roottask: component 'testvmm' finished"),
 ];
 
+/// What `hostile` and `hostile_modem` must show.
+const HOSTILE_EXPECT: &[Expect] = &[
+    all("roottask: started 'hostile_a'"),
+    all("roottask: started 'hostile_b'"),
+    all("ticker: done"),
+    all("hostile: triple fault next"),
+    all("vmm: guest stopped: triple fault"),
+    all("hostile: triple fault next"),
+    all("vmm: guest stopped: triple fault"),
+    // The second guest's VMM gone too (its whole line: the run is
+    // decided, and Bochs stopped, only once it is out).
+    all("exited with code 1 (no restarts left)"),
+];
+
+/// What they must not show.
+const HOSTILE_FORBID: &[&str] = &[
+    "hostile: FAIL",
+    "panicked",
+    "vmm: FAIL",
+    "roottask: component 'hostile_a' faulted",
+    "roottask: component 'hostile_b' faulted",
+    "roottask: component 'echo' faulted",
+    "roottask: component 'modem' faulted",
+    "ticker: FAIL",
+    "roottask: component 'ticker' faulted",
+];
+
 /// The hostile guests' boot modules: the bare-metal guest once, a command
-/// line (seed and count) per guest, a blank 64 KiB disk for `hostile_a`.
-const HOSTILE_MODULES: &[ModuleSpec] = &[
+/// line (seed and count) per guest, a blank 64 KiB disk for `hostile_a`,
+/// beside `echo` and `ticker` (and what else the manifest names).
+macro_rules! hostile_modules {
+    ($name:literal, $manifest:expr $(, $extra:literal)*) => {
+        &[
     ROOTTASK,
-    manifest("hostile", manifests::HOSTILE),
+    manifest($name, $manifest),
     component("echo"),
     component("ticker"),
+    $(component($extra),)*
     component("vmm"),
     component("hostile"),
     ModuleSpec {
         name: "cmdline_a",
         content: Content::Text {
             text: HOSTILE_CMDLINES[0].1,
-            dir: "hostile",
+            dir: $name,
         },
         args: &[],
     },
@@ -2961,7 +2990,7 @@ const HOSTILE_MODULES: &[ModuleSpec] = &[
         name: "cmdline_b",
         content: Content::Text {
             text: HOSTILE_CMDLINES[1].1,
-            dir: "hostile",
+            dir: $name,
         },
         args: &[],
     },
@@ -2969,11 +2998,17 @@ const HOSTILE_MODULES: &[ModuleSpec] = &[
         name: "disk.img",
         content: Content::Zeros {
             len: 64 * 1024,
-            dir: "hostile",
+            dir: $name,
         },
         args: &[],
     },
-];
+]
+    };
+}
+
+const HOSTILE_MODULES: &[ModuleSpec] = hostile_modules!("hostile", manifests::HOSTILE);
+const HOSTILE_MODEM_MODULES: &[ModuleSpec] =
+    hostile_modules!("hostile_modem", manifests::HOSTILE_MODEM, "modem");
 
 /// Each hostile guest's seed, its command line, and the summary line its
 /// run must print.
@@ -3270,6 +3305,28 @@ fn hostile_check(output: &str) -> Vec<Part> {
                 "{intact} canaries intact, {stopped} triple faults reported"
             ))
         },
+    });
+    // With the native modem beside them (`hostile_modem`), it keeps its
+    // deadlines from the first guest's start to the second's end (QEMU's
+    // SVM or Bochs' VMX, whose timer is coarser: `soak::judge_modem`).
+    if !output.contains("modem: serving") {
+        return parts;
+    }
+    let emu = if output.contains("cpu: svm") {
+        Emulator::Qemu
+    } else {
+        Emulator::Bochs
+    };
+    let modem = match (
+        output.find("hostile: seed"),
+        output.rfind("exited with code 1 (no restarts left)"),
+    ) {
+        (Some(from), Some(to)) => crate::soak::judge_modem_between(output, from, to, 2, emu),
+        _ => Err("no stretch from the first guest's start to the last one's end".to_string()),
+    };
+    parts.push(Part {
+        name: "hostile/modem".to_string(),
+        result: modem,
     });
     parts
 }
