@@ -6,7 +6,11 @@
 //! Through the service the guest's writes reach the machine's disk (the
 //! host's image file under QEMU) and its flushes the device's flush; a
 //! request the service fails or does not answer is an I/O error for the
-//! guest (`VIRTIO_BLK_S_IOERR`), never the VMM's end.
+//! guest (`VIRTIO_BLK_S_IOERR`), never the VMM's end. A restarted
+//! service serves the request its dead instance left in the ring, so a
+//! crash of the service costs the guest a slower answer, not an error
+//! (unless the restart takes longer than the answer timeout); the VMM
+//! logs that the service restarted.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -56,17 +60,30 @@ pub struct ServiceDisk {
     sectors: u64,
     errors: u32,
     flushes: u64,
+    /// The service's starts last seen (its `service_starts`).
+    starts: u32,
 }
 
 impl ServiceDisk {
     pub fn connect(mut client: Client) -> Result<Self, blk_client::Error> {
         let sectors = client.sectors()?;
+        let starts = client.service_starts();
         Ok(Self {
             client,
             sectors,
             errors: 0,
             flushes: 0,
+            starts,
         })
+    }
+
+    /// Logs a restart of the service seen since the last request.
+    fn note_restart(&mut self) {
+        let starts = self.client.service_starts();
+        if starts != self.starts {
+            self.starts = starts;
+            println!("vmm: disk: the block service restarted (start {starts}); going on");
+        }
     }
 
     fn failed(&mut self, what: &str, sector: u64, error: blk_client::Error) -> IoError {
@@ -84,21 +101,21 @@ impl BlockBackend for ServiceDisk {
     }
 
     fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        self.client
-            .read(sector, buf)
-            .map_err(|e| self.failed("read", sector, e))
+        let result = self.client.read(sector, buf);
+        self.note_restart();
+        result.map_err(|e| self.failed("read", sector, e))
     }
 
     fn write(&mut self, sector: u64, data: &[u8]) -> Result<(), IoError> {
-        self.client
-            .write(sector, data)
-            .map_err(|e| self.failed("write", sector, e))
+        let result = self.client.write(sector, data);
+        self.note_restart();
+        result.map_err(|e| self.failed("write", sector, e))
     }
 
     fn flush(&mut self) -> Result<(), IoError> {
-        self.client
-            .flush()
-            .map_err(|e| self.failed("flush", 0, e))?;
+        let result = self.client.flush();
+        self.note_restart();
+        result.map_err(|e| self.failed("flush", 0, e))?;
         self.flushes += 1;
         if self.flushes == 1 {
             println!("vmm: disk: the guest's first flush reached the block service's device");

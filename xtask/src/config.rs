@@ -155,9 +155,9 @@ const NET_DMA: u64 = 136 << 10;
 const NET_REGION: u64 = 132 << 10;
 /// Where the switch maps client N's region: N strides past the first.
 const NET_REGION_STRIDE: u64 = MAPPING_SLOT / 16;
-/// The switch's restarts after a crash: its clients' rings and
-/// semaphores outlive it, and a new instance resumes them.
-const NET_RESTART: &str = "5 backoff 10ms";
+/// The drivers' (`blk`, `net`) restarts after a crash: their clients'
+/// rings and semaphores outlive them, and a new instance resumes them.
+const DRIVER_RESTART: &str = "5 backoff 10ms";
 /// The VMM's semaphores for its switch port (`vmm/src/net.rs`): the
 /// switch's at 32, the port's at 33.
 const VMM_NET_SEMAPHORES: u64 = 32;
@@ -1583,7 +1583,7 @@ impl Planner<'_> {
             self.service_name_free(file, BLK_COMPONENT, &what)?;
             manifest += &format!(
                 "component {BLK_COMPONENT}\n    module blk\n    priority {BLK_PRIORITY}\n    \
-                 memory {}\n    quota {}\n    restart 0\n    pci dev 1af4:1042 at {:#x}\n    \
+                 memory {}\n    quota {}\n    restart {DRIVER_RESTART}\n    pci dev 1af4:1042 at {:#x}\n    \
                  dma dma {} at {:#x}\n    shared c0 {} at {:#x}\n    args c0.disk=0,{}\n",
                 manifest_size(BLK_MEMORY),
                 manifest_size(BLK_QUOTA),
@@ -1620,7 +1620,7 @@ impl Planner<'_> {
             self.service_name_free(file, NET_COMPONENT, &what)?;
             manifest += &format!(
                 "component {NET_COMPONENT}\n    module net\n    priority {NET_PRIORITY}\n    \
-                 memory {}\n    quota {}\n    restart {NET_RESTART}\n    pci dev 1af4:1041 at {:#x}\n    \
+                 memory {}\n    quota {}\n    restart {DRIVER_RESTART}\n    pci dev 1af4:1041 at {:#x}\n    \
                  dma dma {} at {:#x}\n",
                 manifest_size(NET_MEMORY),
                 manifest_size(NET_QUOTA),

@@ -842,6 +842,40 @@ semaphore testdisk up blk at 32 down blktest at 31
 "
 );
 
+/// The block service crashed and restarted under a running guest (test
+/// `blk_restart`): `blk` as in [`VMM_BLK`] with the guest's VMM its only
+/// client, restarted up to three times, its first instance crashing on
+/// purpose when it is to serve a read of the guest's sector 1500 (which
+/// the guest's first disk check reads).
+pub const BLK_RESTART: &str = concat!(
+    linux_neighbours!(),
+    clock_driver!(),
+    "\
+component blk
+    module blk
+    priority 20
+    memory 256K
+    quota 128K
+    restart 3 backoff 10ms
+    pci dev 1af4:1042 at 0x20000000000
+    dma dma 32K at 0x30000000000
+    shared c0 64K at 0x10000000000
+    args c0.disk=0,1536 crash-sector=1500
+",
+    linux_vmm!(),
+    "\
+    file cmdline cmdline at 0x33000000000
+    shared c0 64K at 0x34000000000
+    uses echo at 20
+    uses modem at 21
+    uses clock at 22
+    args clock=22 modem=21 vm-portals=20 user-hypercalls blk=c0
+irq 255 to linux
+semaphore blkreq up linux at 30 down blk at 30
+semaphore guestdisk up blk at 31 down linux at 31
+"
+);
+
 /// The Linux guest on a port of the virtual switch (`net`, on QEMU's
 /// virtio-net device, user networking as the uplink), beside two native
 /// components with ports of their own: `peer`, which answers ARP and ping
@@ -958,7 +992,7 @@ semaphore peernet up net at 32 down peer at 31
 mod tests {
     use super::*;
 
-    const ALL: [&str; 33] = [
+    const ALL: [&str; 34] = [
         STALL,
         IPC_PINGPONG,
         SUPERVISION,
@@ -992,6 +1026,7 @@ mod tests {
         VMM_BLK,
         VMM_NET,
         NET_RESTART,
+        BLK_RESTART,
     ];
 
     /// The components each manifest names, in order.

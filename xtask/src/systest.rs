@@ -452,6 +452,16 @@ const VMM_NET_MODULES: &[ModuleSpec] = linux_beside_modem!(
 );
 const VMM_NET_GUEST_PORT: u16 = 8080;
 
+/// The Linux guest on a block service that crashes (test `blk_restart`)
+/// when it is to serve the guest's read of sector 1500, which `/init`'s
+/// first disk check reads; its `moat.persist` mark as in `vmm_blk`.
+const BLK_RESTART_MODULES: &[ModuleSpec] = linux_beside_modem!(
+    "blk_restart",
+    manifests::BLK_RESTART,
+    "console=ttyS0 panic=-1 moat.modem=1 moat.ipc=20 moat.persist=1100",
+    component("blk")
+);
+
 /// The Linux guest on a switch that crashes (test `net_restart`), beside
 /// `peer`; the guest's `ping -s 1234` is the 1276-byte frame that crashes
 /// it.
@@ -1650,6 +1660,38 @@ pub const TESTS: &[SysTest] = &[
             all("MOAT-INIT done checks="),
             all("roottask: component 'linux' finished"),
         ],
+        slow: 2,
+        only_on: Some(Emulator::Qemu),
+        ..BASE
+    },
+    // The block service crashes under a running guest, on the guest's
+    // read of sector 1500 in its first disk check (the test trigger): the
+    // root task restarts it, the new instance serves the read the old
+    // one left in the ring, and the guest sees no error: its disk checks
+    // (the data read, written, flushed and found again after its reboot)
+    // all pass.
+    SysTest {
+        name: "blk_restart",
+        modules: BLK_RESTART_MODULES,
+        kernel_args: &["pool=400"],
+        qemu_args: &[
+            "-machine",
+            "q35",
+            "-drive",
+            "if=none,file=target/systest/blk_restart/disk.img,format=raw,id=d0",
+            "-device",
+            "virtio-blk-pci,drive=d0,disable-legacy=on,disable-modern=off",
+        ],
+        expect: LINUX_CHECKS,
+        forbid: &[
+            "FAIL",
+            "vmm: disk error",
+            "roottask: component 'linux' faulted",
+            "blk: a completion came without its interrupt",
+        ],
+        stop: Stop::WhenDecided,
+        memory_mib: 1024,
+        check: Some(blk_restart_check),
         slow: 2,
         only_on: Some(Emulator::Qemu),
         ..BASE
@@ -3199,6 +3241,47 @@ fn vmm_blk_check(output: &str) -> Vec<Part> {
         name: "vmm_blk/image".to_string(),
         result: persisted_on_image(output, &image, VMM_BLK_PERSIST_SECTOR),
     });
+    parts
+}
+
+/// `blk_restart`: the first instance of `blk` crashed on the guest's read
+/// of sector 1500, the root task restarted it, the new one served what
+/// waited, the guest's VMM saw it, and the guest's data went on to
+/// persist (its mark found after its reboot).
+fn blk_restart_check(output: &str) -> Vec<Part> {
+    let mut parts = linux_check(output);
+    for (name, line) in [
+        (
+            "crash",
+            "blk: crashing on purpose: client 0 reads sector 1500 (crash-sector)",
+        ),
+        ("faulted", "roottask: component 'blk' faulted"),
+        (
+            "restarted",
+            "roottask: component 'blk' restarted (restart 1",
+        ),
+        (
+            "resumed",
+            "blk: restarted (start 2): serving the clients' rings where they stand",
+        ),
+        (
+            "vmm_told",
+            "vmm: disk: the block service restarted (start 2); going on",
+        ),
+        (
+            "boot2",
+            "MOAT-CHECK disk-boot ok boot 2: found boot 1's data",
+        ),
+    ] {
+        parts.push(Part {
+            name: format!("blk_restart/{name}"),
+            result: if output.contains(line) {
+                Ok(line.to_string())
+            } else {
+                Err(format!("missing '{line}'"))
+            },
+        });
+    }
     parts
 }
 

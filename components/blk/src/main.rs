@@ -24,7 +24,7 @@
 #![no_main]
 
 use common::args;
-use common::blk::{self, status, Action, Disk, Request, Response};
+use common::blk::{self, op, status, Action, Disk, Request, Response};
 use common::virtio_pci::{Transport, DESC_NEXT, DESC_WRITE};
 use core::sync::atomic::{fence, Ordering};
 use moat_user::mmio::{window_arg, Window};
@@ -96,6 +96,13 @@ fn main(args: &str) -> i32 {
     let Some(msi) = args::parse_number(msi) else {
         return fail("bad MSI argument");
     };
+    let crash_sector = match args::value(args, "crash-sector") {
+        None => None,
+        Some(text) => match args::parse_number(text) {
+            Some(sector) => Some(sector),
+            None => return fail("crash-sector= is not a number"),
+        },
+    };
     let mut device = match Device::start(args, config, dma, msi, tsc_hz) {
         Ok(device) => device,
         Err(what) => return fail(what),
@@ -139,18 +146,45 @@ fn main(args: &str) -> i32 {
             broken: false,
         });
     }
+    // Each region counts the service's starts; after a restart requests
+    // may wait in the rings, announced by ups the dead instance consumed,
+    // so the rings are served before the first wait.
+    let mut starts = 0;
+    for client in clients.iter_mut().flatten() {
+        starts = client
+            .region
+            .read::<u32>(blk::SERVICE_STARTS as u64)
+            .wrapping_add(1);
+        client
+            .region
+            .write::<u32>(blk::SERVICE_STARTS as u64, starts);
+    }
+    if starts > 1 {
+        println!("blk: restarted (start {starts}): serving the clients' rings where they stand");
+    }
+    // Only the first instance crashes on purpose.
+    let crash_sector = crash_sector.filter(|_| starts <= 1);
     loop {
-        if let Err(status) = sys::sm_down(REQUEST_SM, 0, false) {
-            return fail_status("sm_down", status);
-        }
         for (i, client) in clients.iter_mut().enumerate() {
             if let Some(client) = client {
-                if client.serve(&mut device) {
+                if client.serve(&mut device, i, crash_sector) {
                     let _ = sys::sm_up(REPLY_SM_BASE + i as u64);
                 }
             }
         }
+        if let Err(status) = sys::sm_down(REQUEST_SM, 0, false) {
+            return fail_status("sm_down", status);
+        }
     }
+}
+
+/// Faults on purpose (`crash-sector=`), so that the root task restarts us.
+fn crash(client: usize, sector: u64) -> ! {
+    println!("blk: crashing on purpose: client {client} reads sector {sector} (crash-sector)");
+    // SAFETY: not safe: the write faults on purpose (nothing is mapped at
+    // the bottom of the address space), which is the point.
+    unsafe { core::ptr::write_volatile(0x28 as *mut u64, 1) };
+    sys::exit(3)
 }
 
 fn fail_status(what: &str, status: moat_user::abi::Status) -> i32 {
@@ -205,8 +239,9 @@ struct Client {
 }
 
 impl Client {
-    /// Answers what the client queued; true if it answered anything.
-    fn serve(&mut self, device: &mut Device) -> bool {
+    /// Answers what the client queued; true if it answered anything. A
+    /// read covering `crash_sector` of its disk crashes us instead.
+    fn serve(&mut self, device: &mut Device, index: usize, crash_sector: Option<u64>) -> bool {
         if self.broken {
             return false;
         }
@@ -226,6 +261,11 @@ impl Client {
             let at = blk::slot(blk::REQUESTS, blk::REQUEST_SIZE, self.tail) as u64;
             self.region.read_bytes(at, &mut bytes);
             let request = Request::decode(&bytes);
+            let covers =
+                |n: u64| n >= request.sector && n - request.sector < u64::from(request.count);
+            if let Some(n) = crash_sector.filter(|&n| request.op == op::READ && covers(n)) {
+                crash(index, n);
+            }
             let response = self.execute(device, &request);
             let at = blk::slot(blk::RESPONSES, blk::RESPONSE_SIZE, self.resp_head) as u64;
             self.region.write_bytes(at, &response.encode());

@@ -7,6 +7,7 @@
 //! | --- | --- |
 //! | 0x000 | `req_head` (u32, client), `req_tail` (u32, service) |
 //! | 0x008 | `resp_head` (u32, service), `resp_tail` (u32, client) |
+//! | 0x010 | `service_starts` (u32, service): bumped by each start of the service |
 //! | 0x040 | request ring: [`RING`] × 32-byte [`Request`] |
 //! | 0x240 | response ring: [`RING`] × 16-byte [`Response`] |
 //! | 0x1000 | data: the buffers requests name, by offset in the region |
@@ -26,6 +27,12 @@
 //! start of the client's own disk (its part of the device, per manifest);
 //! a request outside it, with a buffer outside the region's data area, or
 //! malformed gets an error status and touches nothing.
+//!
+//! The service moves `req_tail` past a request only once it has answered
+//! it, so a service that crashes and is restarted (the region outlives
+//! it) finds the request it was serving still in the ring and serves it
+//! then: its client's wait only grows longer (and a read, write or flush
+//! may reach the device twice, which changes nothing).
 
 pub const SECTOR: u64 = 512;
 pub const RING: u32 = 16;
@@ -33,6 +40,7 @@ pub const REQ_HEAD: usize = 0x00;
 pub const REQ_TAIL: usize = 0x04;
 pub const RESP_HEAD: usize = 0x08;
 pub const RESP_TAIL: usize = 0x0c;
+pub const SERVICE_STARTS: usize = 0x10;
 pub const REQUESTS: usize = 0x40;
 pub const REQUEST_SIZE: usize = 32;
 pub const RESPONSES: usize = REQUESTS + RING as usize * REQUEST_SIZE;

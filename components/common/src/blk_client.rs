@@ -6,7 +6,9 @@
 //! semaphore and the client's answer semaphore are capabilities the
 //! manifest gives. An answer that does not come within the timeout is an
 //! error; an answer that comes later (to a request already given up) is
-//! skipped when it arrives, so the rings stay in step.
+//! skipped when it arrives, so the rings stay in step. A service that
+//! crashes is restarted and serves what waits in the ring (see
+//! [`crate::blk`]): to the client that is a slower answer.
 
 use core::sync::atomic::{fence, Ordering};
 
@@ -59,6 +61,12 @@ impl Client {
 
     pub fn region(&self) -> &Window {
         &self.region
+    }
+
+    /// How many times the service has started on this region (its
+    /// `service_starts`): it moves when a restarted service takes over.
+    pub fn service_starts(&self) -> u32 {
+        self.region.read::<u32>(blk::SERVICE_STARTS as u64)
     }
 
     /// Sends one request and waits for its answer, whatever its status.
