@@ -476,48 +476,41 @@ const NET_RESTART_MODULES: &[ModuleSpec] = linux_beside_modem!(
 /// `vmm_net`: the switch's lines, which interleave with the guest's in
 /// any order.
 fn vmm_net_check(serial: &str) -> Vec<Part> {
-    [
-        (
-            "uplink",
-            "net: virtio-net ready: uplink MAC 52:54:00:00:00:01",
-        ),
-        ("guest_port", "net: port 1: client 0, MAC 52:54:00:12:34:56"),
-        (
-            "vmm_port",
-            "vmm: network on a switch port, MAC 52:54:00:12:34:56",
-        ),
-        ("peer", "peer: answering ARP and ping for 10.0.2.20"),
-        (
-            "hostile_sent",
-            "hostile: 13 malformed or spoofed frames and ",
-        ),
-        (
-            "runt",
-            "net: client 2: dropped a frame (runt; first of its kind)",
-        ),
-        (
-            "oversized",
-            "net: client 2: dropped a frame (oversized; first of its kind)",
-        ),
-        (
-            "bad_source",
-            "net: client 2: dropped a frame (bad source; first of its kind)",
-        ),
-        (
-            "spoofed",
-            "net: client 2: dropped a frame (spoofed; first of its kind)",
-        ),
-    ]
-    .iter()
-    .map(|(name, line)| Part {
-        name: name.to_string(),
-        result: if serial.contains(line) {
-            Ok(line.to_string())
-        } else {
-            Err(format!("missing '{line}'"))
-        },
-    })
-    .collect()
+    lines_present(
+        serial,
+        &[
+            (
+                "uplink",
+                "net: virtio-net ready: uplink MAC 52:54:00:00:00:01",
+            ),
+            ("guest_port", "net: port 1: client 0, MAC 52:54:00:12:34:56"),
+            (
+                "vmm_port",
+                "vmm: network on a switch port, MAC 52:54:00:12:34:56",
+            ),
+            ("peer", "peer: answering ARP and ping for 10.0.2.20"),
+            (
+                "hostile_sent",
+                "hostile: 13 malformed or spoofed frames and ",
+            ),
+            (
+                "runt",
+                "net: client 2: dropped a frame (runt; first of its kind)",
+            ),
+            (
+                "oversized",
+                "net: client 2: dropped a frame (oversized; first of its kind)",
+            ),
+            (
+                "bad_source",
+                "net: client 2: dropped a frame (bad source; first of its kind)",
+            ),
+            (
+                "spoofed",
+                "net: client 2: dropped a frame (spoofed; first of its kind)",
+            ),
+        ],
+    )
 }
 
 /// The demo: the Linux guest in its demo mode (`moat.demo=1`) beside
@@ -1027,6 +1020,21 @@ fn every_ping_finished_twice(serial: &str) -> Vec<Part> {
             },
         },
     ]
+}
+
+/// A part per `(name, text)`: passed if the serial log has the text,
+/// showing the rest of its line.
+fn lines_present(serial: &str, lines: &[(&str, &str)]) -> Vec<Part> {
+    lines
+        .iter()
+        .map(|(name, line)| Part {
+            name: name.to_string(),
+            result: match serial.find(line) {
+                Some(at) => Ok(serial[at..].lines().next().unwrap_or("").to_string()),
+                None => Err(format!("missing '{line}'")),
+            },
+        })
+        .collect()
 }
 
 /// `demo_smp`: the demo's own verdicts, the modem on CPU 1, and with a
@@ -2823,26 +2831,19 @@ on-panic = "stop"
 /// `net_restart`: both clients saw the restart (the VMM once a frame
 /// came after it, `peer` at once), in any order with the guest's lines.
 fn net_restart_check(serial: &str) -> Vec<Part> {
-    [
-        (
-            "vmm_told",
-            "vmm: network: the switch restarted (start 2); frames it held are lost",
-        ),
-        (
-            "peer_told",
-            "peer: the switch restarted (start 2); carrying on",
-        ),
-    ]
-    .iter()
-    .map(|(name, line)| Part {
-        name: name.to_string(),
-        result: if serial.contains(line) {
-            Ok(line.to_string())
-        } else {
-            Err(format!("missing '{line}'"))
-        },
-    })
-    .collect()
+    lines_present(
+        serial,
+        &[
+            (
+                "vmm_told",
+                "vmm: network: the switch restarted (start 2); frames it held are lost",
+            ),
+            (
+                "peer_told",
+                "peer: the switch restarted (start 2); carrying on",
+            ),
+        ],
+    )
 }
 
 /// `two_guests_net`: two guests with a port each (`hostfwd = []`: the
@@ -2874,32 +2875,26 @@ on-panic = "stop"
 /// after it.
 fn two_guests_net_check(serial: &str) -> Vec<Part> {
     let count = |line: &str| serial.matches(line).count();
-    let mut parts: Vec<Part> = [
-        ("port_linux", "net: port 1: client 0, MAC 52:54:00:12:34:56"),
-        (
-            "port_second",
-            "net: port 2: client 1, MAC 52:54:00:12:34:57",
-        ),
-        (
-            "vmm_linux",
-            "vmm: network on a switch port, MAC 52:54:00:12:34:56",
-        ),
-        (
-            "vmm_second",
-            "vmm: network on a switch port, MAC 52:54:00:12:34:57",
-        ),
-        ("linux_to_second", "MOAT-CHECK net-peer ok 10.0.2.16: "),
-        ("second_to_linux", "MOAT-CHECK net-peer ok 10.0.2.15: "),
-    ]
-    .iter()
-    .map(|(name, line)| Part {
-        name: name.to_string(),
-        result: match serial.find(line) {
-            Some(at) => Ok(serial[at..].lines().next().unwrap_or("").to_string()),
-            None => Err(format!("missing '{line}'")),
-        },
-    })
-    .collect();
+    let mut parts: Vec<Part> = lines_present(
+        serial,
+        &[
+            ("port_linux", "net: port 1: client 0, MAC 52:54:00:12:34:56"),
+            (
+                "port_second",
+                "net: port 2: client 1, MAC 52:54:00:12:34:57",
+            ),
+            (
+                "vmm_linux",
+                "vmm: network on a switch port, MAC 52:54:00:12:34:56",
+            ),
+            (
+                "vmm_second",
+                "vmm: network on a switch port, MAC 52:54:00:12:34:57",
+            ),
+            ("linux_to_second", "MOAT-CHECK net-peer ok 10.0.2.16: "),
+            ("second_to_linux", "MOAT-CHECK net-peer ok 10.0.2.15: "),
+        ],
+    );
     for (name, line, want) in [
         ("gateway", "MOAT-CHECK net-ping ok", 2),
         ("both_done", "failed=0", 2),
