@@ -1895,20 +1895,7 @@ pub const TESTS: &[SysTest] = &[
     // Issue 11 item 3: two bare-metal hostile guests (guests/hostile), each
     // 100,000 seeded actions against the real VMM and its devices, then a
     // triple fault; judged per guest by `hostile_check`.
-    SysTest {
-        name: "hostile",
-        modules: HOSTILE_MODULES,
-        // Two VMMs with 32 MiB guests, 4 MiB heaps and 2 MiB images.
-        kernel_args: &["pool=128"],
-        expect: HOSTILE_EXPECT,
-        forbid: HOSTILE_FORBID,
-        sequences: &[TICKER_100],
-        stop: Stop::WhenDecided,
-        check: Some(hostile_check),
-        // 2 x 100,000 actions, most of them exits: ~4 minutes on Bochs.
-        slow: 3,
-        ..BASE
-    },
+    HOSTILE_TEST,
     SysTest {
         // Opt-in (`--filter hostile_modem`), failing today: the same two
         // hostile guests with the real-time `modem` beside them. On QEMU
@@ -1918,14 +1905,7 @@ pub const TESTS: &[SysTest] = &[
         name: "hostile_modem",
         opt_in: true,
         modules: HOSTILE_MODEM_MODULES,
-        kernel_args: &["pool=128"],
-        expect: HOSTILE_EXPECT,
-        forbid: HOSTILE_FORBID,
-        sequences: &[TICKER_100],
-        stop: Stop::WhenDecided,
-        check: Some(hostile_check),
-        slow: 3,
-        ..BASE
+        ..HOSTILE_TEST
     },
     SysTest {
         name: "linux",
@@ -2976,6 +2956,22 @@ const TESTVM_VERDICTS: &[Expect] = &[
     all("testvmm: all guests done"),
     all("roottask: component 'testvmm' finished"),
 ];
+
+/// `hostile`: two hostile guests beside `echo` and `ticker`.
+const HOSTILE_TEST: SysTest = SysTest {
+    name: "hostile",
+    modules: HOSTILE_MODULES,
+    // Two VMMs with 32 MiB guests, 4 MiB heaps and 2 MiB images.
+    kernel_args: &["pool=128"],
+    expect: HOSTILE_EXPECT,
+    forbid: HOSTILE_FORBID,
+    sequences: &[TICKER_100],
+    stop: Stop::WhenDecided,
+    check: Some(hostile_check),
+    // 2 x 100,000 actions, most of them exits: ~4 minutes on Bochs.
+    slow: 3,
+    ..BASE
+};
 
 /// What `hostile` and `hostile_modem` must show.
 const HOSTILE_EXPECT: &[Expect] = &[
